@@ -1,0 +1,292 @@
+"""The one error hierarchy of remotemedia.
+
+Every error the library raises on purpose derives from :class:`RemoteMediaError`, so
+``except RemoteMediaError`` catches them all. Errors about bad input also derive from the
+builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``KeyError``), so
+``except ValueError`` keeps working as well.
+
+::
+
+    RemoteMediaError
+    +-- PipelineValidationError (ValueError)   empty pipeline, bad connections, cycles
+    |   +-- ManifestError                      malformed manifest dict / JSON
+    |   +-- UnknownNodeTypeError (KeyError)    node_type not in the registry
+    +-- NodeTypeError (TypeError)              wrong item types, missing process()/initialize()
+    +-- SerializationError                     a node could not be cloudpickled
+    +-- NodeError                              process() raised in a worker
+    |   +-- NodeInitError                      unpickling or initialize() failed in a worker
+    +-- WorkerError                            a worker process misbehaved
+    |   +-- WorkerStartTimeout                 READY did not arrive in time
+    |   +-- WorkerCrashed                      a worker died unexpectedly
+    |   +-- NodeFatalError                     a node gave up (restart limit, load failure)
+    +-- EndOfStream                            recv() after the stream was closed and drained
+    +-- SupervisorError                        misuse of a Supervisor (state, options)
+    +-- TransportError                         raised by the Rust bridge (iceoryx2)
+        +-- ServiceError                       creating/opening a service failed
+        +-- PortError                          creating a publisher/subscriber/listener failed
+        +-- LoanError                          no shared-memory chunk could be loaned
+        +-- SendError                          publishing a frame failed
+        +-- ReceiveError                       receiving a frame failed
+        +-- WaitError                          waiting for an event failed
+
+The transport errors are raised directly by ``remotemedia._ipc_bridge`` (PyO3's
+``import_exception!``), so there is exactly one class per error, defined here.
+
+A worker's traceback travels back to the parent as text and becomes the ``__cause__`` of the
+raised :class:`NodeError`, as in :mod:`concurrent.futures.process`::
+
+    try:
+        pipeline.run([1, 2, 3])
+    except NodeError as e:
+        print(e.node, e.pid)      # which node, which worker process
+        print(e.__cause__)        # the worker-side traceback
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    "RemoteMediaError",
+    "PipelineValidationError",
+    "ManifestError",
+    "UnknownNodeTypeError",
+    "NodeTypeError",
+    "SerializationError",
+    "NodeError",
+    "NodeInitError",
+    "RemoteTraceback",
+    "WorkerError",
+    "WorkerStartTimeout",
+    "WorkerCrashed",
+    "NodeFatalError",
+    "EndOfStream",
+    "SupervisorError",
+    "TransportError",
+    "ServiceError",
+    "PortError",
+    "LoanError",
+    "SendError",
+    "ReceiveError",
+    "WaitError",
+]
+
+
+class RemoteMediaError(Exception):
+    """Base class of every error raised by remotemedia."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class PipelineValidationError(RemoteMediaError, ValueError):
+    """The pipeline definition is invalid (empty, bad connection, cycle, duplicate id).
+
+    Raised before any process is started.
+    """
+
+
+class ManifestError(PipelineValidationError):
+    """A manifest (dict or JSON string) is malformed.
+
+    ``where`` locates the problem inside the manifest, e.g. ``"nodes[2].params"``.
+    """
+
+    def __init__(self, message: str, where: Optional[str] = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UnknownNodeTypeError(ManifestError, KeyError):
+    """A manifest names a ``node_type`` that is not registered."""
+
+    def __init__(self, node_type: str, registered: Sequence[str], where: Optional[str] = None) -> None:
+        self.node_type = node_type
+        self.registered = sorted(registered)
+        msg = (
+            f"unknown node_type {node_type!r}; registered types: {', '.join(self.registered) or '(none)'}. "
+            "Register a class with @remotemedia.register_node or import the module that defines it."
+        )
+        super().__init__(msg, where)
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return Exception.__str__(self)
+
+
+class NodeTypeError(RemoteMediaError, TypeError):
+    """An object handed to the runtime is not a usable Node (wrong type, missing methods)."""
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+class SerializationError(RemoteMediaError):
+    """A node could not be serialized (cleanup-then-cloudpickle) or deserialized.
+
+    Attributes:
+        node_name: the node's name.
+        attribute_path: dotted path of the attribute that failed, e.g. ``"model.session._lock"``
+            (``None`` when the failure is not tied to one attribute).
+        reason: what went wrong.
+        suggestion: how to fix it.
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        reason: str,
+        suggestion: str = "",
+        attribute_path: Optional[str] = None,
+    ) -> None:
+        self.node_name = node_name
+        self.reason = reason
+        self.suggestion = suggestion
+        self.attribute_path = attribute_path
+        where = f" (attribute {attribute_path!r})" if attribute_path else ""
+        msg = f"Cannot serialize node {node_name!r}{where}: {reason}"
+        if suggestion:
+            msg += f"\nSuggestion: {suggestion}"
+        super().__init__(msg)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.node_name, self.reason, self.suggestion, self.attribute_path))
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised in a worker process.
+
+    Set as ``__cause__`` of :class:`NodeError` so that the worker's traceback is printed
+    with the parent's.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb.rstrip()}\n"""'
+
+
+class NodeError(RemoteMediaError):
+    """A node raised an exception in its worker process.
+
+    Attributes:
+        node: name of the node.
+        pid: pid of the worker process (``None`` if unknown).
+        seq: sequence number of the input frame being processed, when known.
+        exc_type: qualified name of the original exception type.
+        original: the original exception when it could be unpickled, else ``None``.
+
+    The worker's formatted traceback is attached as ``__cause__`` (a :class:`RemoteTraceback`).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        message: str,
+        pid: Optional[int] = None,
+        seq: Optional[int] = None,
+        exc_type: Optional[str] = None,
+        original: Optional[BaseException] = None,
+        traceback: Optional[str] = None,
+    ) -> None:
+        self.node = node
+        self.pid = pid
+        self.seq = seq
+        self.exc_type = exc_type
+        self.original = original
+        self.traceback = traceback
+        where = f"node {node!r}" + (f" (pid {pid})" if pid else "")
+        at = f" on frame {seq}" if seq is not None else ""
+        kind = f"{exc_type}: " if exc_type else ""
+        super().__init__(f"{where} failed{at}: {kind}{message}")
+        if traceback:
+            self.__cause__ = RemoteTraceback(traceback)
+
+
+class NodeInitError(NodeError):
+    """A worker could not unpickle its node or the node's ``initialize()`` raised."""
+
+
+class WorkerError(RemoteMediaError):
+    """A worker process misbehaved (did not start, crashed, gave up)."""
+
+    def __init__(self, node: str, message: str, pid: Optional[int] = None) -> None:
+        self.node = node
+        self.pid = pid
+        where = f"node {node!r}" + (f" (pid {pid})" if pid else "")
+        super().__init__(f"{where}: {message}")
+
+
+class WorkerStartTimeout(WorkerError):
+    """A worker did not report READY within ``init_timeout`` seconds."""
+
+
+class WorkerCrashed(WorkerError):
+    """A worker process exited or was killed unexpectedly."""
+
+
+class NodeFatalError(WorkerError):
+    """A node went FATAL: it will not be restarted and the pipeline stops.
+
+    Attributes:
+        exit_status: the worker's last exit code (negative: killed by that signal).
+        last_traceback: the last traceback the worker reported, if any.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        message: str,
+        pid: Optional[int] = None,
+        exit_status: Optional[int] = None,
+        last_traceback: Optional[str] = None,
+    ) -> None:
+        self.exit_status = exit_status
+        self.last_traceback = last_traceback
+        super().__init__(node, message, pid)
+        if last_traceback:
+            self.__cause__ = RemoteTraceback(last_traceback)
+
+
+class EndOfStream(RemoteMediaError):
+    """The output stream is closed and every frame has been received."""
+
+
+class SupervisorError(RemoteMediaError):
+    """A Supervisor was used wrongly (e.g. ``send()`` after ``close()``) or failed to start."""
+
+
+# --------------------------------------------------------------------------- transport (Rust)
+
+
+class TransportError(RemoteMediaError):
+    """Base class of the errors raised by the iceoryx2 bridge ``remotemedia._ipc_bridge``."""
+
+
+class ServiceError(TransportError):
+    """Creating or opening an iceoryx2 service failed (incompatible settings or version,
+    permissions, stale resources)."""
+
+
+class PortError(TransportError):
+    """Creating a publisher, subscriber, notifier or listener failed."""
+
+
+class LoanError(TransportError):
+    """No shared-memory chunk could be loaned (pool exhausted, too many loans)."""
+
+
+class SendError(TransportError):
+    """Publishing a frame failed."""
+
+
+class ReceiveError(TransportError):
+    """Receiving a frame failed (e.g. the subscriber's borrow limit is reached)."""
+
+
+class WaitError(TransportError):
+    """Waiting for an event failed."""

@@ -1,0 +1,48 @@
+//! `remotemedia._ipc_bridge`: the iceoryx2 frame transport of remotemedia.
+//!
+//! Mechanism only. The bridge moves frames (a small fixed header plus a payload laid out by
+//! [`layout`]) through iceoryx2 publish-subscribe services, wakes waiters through iceoryx2 event
+//! services, and exposes dead-node cleanup. Everything that is policy (naming of services,
+//! queue depths, pickling, acknowledgements, restarts) is decided in Python.
+//!
+//! ```text
+//!  producer process                              consumer process
+//!  ----------------                              ----------------
+//!  Publisher.send(header, meta, buffers)         Listener.wait(timeout, fds)   (GIL released)
+//!    loan chunk -> memcpy (GIL released)           poll(listener fd + extra fds)
+//!    -> iceoryx2 send ------ shared memory -----> Subscriber.receive() -> Sample
+//!  Notifier.notify() ------- unix datagram -----> (wake-up)                  |
+//!                                                 memoryview(Sample) zero-copy, read-only;
+//!                                                 the chunk returns to the producer when
+//!                                                 the last view is gone
+//! ```
+
+pub mod errors;
+pub mod event;
+pub mod layout;
+pub mod node;
+pub mod pubsub;
+
+use pyo3::prelude::*;
+
+/// The iceoryx2 release this bridge is built against. The Python `iceoryx2` package must be the
+/// same release: services record it and refuse peers of another one.
+pub const ICEORYX2_VERSION: &str = "0.10.0";
+
+#[pymodule]
+fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__iceoryx2_version__", ICEORYX2_VERSION)?;
+    m.add("BUFFER_ALIGN", layout::BUFFER_ALIGN)?;
+    m.add("KIND_DATA", pubsub::KIND_DATA)?;
+    m.add_class::<node::Node>()?;
+    m.add_class::<pubsub::Publisher>()?;
+    m.add_class::<pubsub::Subscriber>()?;
+    m.add_class::<pubsub::Sample>()?;
+    m.add_class::<pubsub::Loan>()?;
+    m.add_class::<event::Notifier>()?;
+    m.add_class::<event::Listener>()?;
+    m.add_function(wrap_pyfunction!(node::list_nodes, m)?)?;
+    m.add_function(wrap_pyfunction!(node::remove_stale_resources, m)?)?;
+    m.add_function(wrap_pyfunction!(pubsub::monotonic_ns, m)?)?;
+    Ok(())
+}

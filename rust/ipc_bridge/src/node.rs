@@ -1,0 +1,129 @@
+//! iceoryx2 nodes: one per process, configured with the run's file prefix.
+
+use iceoryx2::config::Config;
+use iceoryx2::node::{NodeState, NodeView};
+use iceoryx2::prelude::*;
+use pyo3::prelude::*;
+
+use crate::errors::{port_err, service_err};
+
+pub type Svc = ipc_threadsafe::Service;
+
+/// Builds the iceoryx2 configuration of one run: every file it creates (in /dev/shm and under
+/// the root path) starts with `prefix`, which is how a run finds, and removes, what it owns.
+pub fn make_config(prefix: &str, root: Option<&str>) -> PyResult<Config> {
+    let mut cfg = Config::default();
+    cfg.global.prefix = FileName::new(prefix.as_bytes()).map_err(|e| {
+        service_err(
+            format!("invalid iceoryx2 file prefix {prefix:?} (use [A-Za-z0-9_.-], at most 255 bytes)"),
+            e,
+        )
+    })?;
+    if let Some(root) = root {
+        let path = Path::new(root.as_bytes())
+            .map_err(|e| service_err(format!("invalid iceoryx2 root path {root:?}"), e))?;
+        cfg.global.set_root_path(&path);
+    }
+    Ok(cfg)
+}
+
+/// An iceoryx2 node of this process. Ports created from it keep it alive.
+///
+/// Signal handling of iceoryx2 is disabled: signals belong to the Python process.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct Node {
+    pub(crate) inner: iceoryx2::node::Node<Svc>,
+    #[pyo3(get)]
+    prefix: String,
+    #[pyo3(get)]
+    name: String,
+}
+
+#[pymethods]
+impl Node {
+    #[new]
+    #[pyo3(signature = (prefix, name = "", root = None))]
+    fn new(prefix: &str, name: &str, root: Option<&str>) -> PyResult<Self> {
+        let config = make_config(prefix, root)?;
+        let mut builder = NodeBuilder::new()
+            .config(&config)
+            .signal_handling_mode(SignalHandlingMode::Disabled);
+        if !name.is_empty() {
+            let node_name = NodeName::new(name)
+                .map_err(|e| port_err(format!("invalid node name {name:?}"), e))?;
+            builder = builder.name(&node_name);
+        }
+        let inner = builder
+            .create::<Svc>()
+            .map_err(|e| port_err(format!("creating iceoryx2 node {name:?} with prefix {prefix:?}"), e))?;
+        Ok(Self { inner, prefix: prefix.to_owned(), name: name.to_owned() })
+    }
+
+    /// Removes the stale resources of every dead node of this prefix (crashed processes).
+    /// Returns `(cleaned, failed)`.
+    fn cleanup_dead_nodes(&self, py: Python<'_>) -> (u64, u64) {
+        let state = py.detach(|| self.inner.try_cleanup_dead_nodes());
+        (state.cleanups, state.failed_cleanups)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ipc_bridge.Node name={:?} prefix={:?}>", self.name, self.prefix)
+    }
+}
+
+/// Lists the iceoryx2 nodes of `prefix` as `(state, pid, name)` tuples, `state` being one of
+/// `"alive"`, `"dead"`, `"inaccessible"`, `"undefined"`.
+#[pyfunction]
+#[pyo3(signature = (prefix, root = None))]
+pub fn list_nodes(prefix: &str, root: Option<&str>) -> PyResult<Vec<(String, Option<u32>, String)>> {
+    let config = make_config(prefix, root)?;
+    let mut out = Vec::new();
+    iceoryx2::node::Node::<Svc>::list(&config, |state| {
+        let details = |d: &Option<iceoryx2::node::NodeDetails>| match d {
+            Some(d) => (Some(d.process_id().value() as u32), d.name().as_str().to_owned()),
+            None => (None, String::new()),
+        };
+        match state {
+            NodeState::Alive(v) => {
+                let (pid, name) = details(v.details());
+                out.push(("alive".into(), pid, name));
+            }
+            NodeState::Dead(v) => {
+                let (pid, name) = details(v.details());
+                out.push(("dead".into(), pid, name));
+            }
+            NodeState::Inaccessible(_) => out.push(("inaccessible".into(), None, String::new())),
+            NodeState::Undefined(_) => out.push(("undefined".into(), None, String::new())),
+        }
+        CallbackProgression::Continue
+    })
+    .map_err(|e| service_err(format!("listing iceoryx2 nodes of prefix {prefix:?}"), e))?;
+    Ok(out)
+}
+
+/// Removes the stale resources of every dead node of `prefix`, without creating a node.
+/// Returns `(cleaned, failed)`.
+#[pyfunction]
+#[pyo3(signature = (prefix, root = None))]
+pub fn remove_stale_resources(py: Python<'_>, prefix: &str, root: Option<&str>) -> PyResult<(u64, u64)> {
+    let config = make_config(prefix, root)?;
+    py.detach(|| {
+        let mut dead = Vec::new();
+        iceoryx2::node::Node::<Svc>::list(&config, |state| {
+            if let NodeState::Dead(v) = state {
+                dead.push(v);
+            }
+            CallbackProgression::Continue
+        })
+        .map_err(|e| format!("listing iceoryx2 nodes of prefix {prefix:?}: {e:?}"))?;
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for v in dead {
+            match v.try_remove_stale_resources() {
+                Ok(()) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        Ok::<_, String>((ok, failed))
+    })
+    .map_err(|msg| service_err(msg, "cleanup"))
+}

@@ -1,0 +1,635 @@
+//! Frame publish/subscribe over iceoryx2 `[u8]` services with a [`FrameHeader`] user header.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use iceoryx2::port::publisher::Publisher as IoxPublisher;
+use iceoryx2::port::update_connections::UpdateConnections;
+use iceoryx2::port::subscriber::Subscriber as IoxSubscriber;
+use iceoryx2::prelude::*;
+use iceoryx2::sample::Sample as IoxSample;
+use iceoryx2::sample_mut_uninit::SampleMutUninit;
+use iceoryx2::service::port_factory::publish_subscribe::PortFactory;
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, transport_err};
+use crate::layout;
+use crate::node::{Node, Svc};
+
+/// Kind of an ordinary data frame; other kinds are defined by Python.
+pub const KIND_DATA: u32 = 0;
+
+/// Copies above this size release the GIL while they run.
+const GIL_FREE_COPY: usize = 64 * 1024;
+
+/// Fixed header of every frame, stored in the iceoryx2 user header (no serialization).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, ZeroCopySend)]
+#[type_name("RemoteMediaFrameHeaderV1")]
+pub struct FrameHeader {
+    /// Sequence number on this edge.
+    pub seq: u64,
+    /// Index of the pipeline input (or source item) this frame derives from.
+    pub origin: u64,
+    /// Application stream id.
+    pub stream_id: u64,
+    /// CLOCK_MONOTONIC ns when the originating input entered the pipeline.
+    pub created_ns: u64,
+    /// CLOCK_MONOTONIC ns when this frame was published.
+    pub sent_ns: u64,
+    /// Frame kind (data, end of stream, ack, ...), defined by Python.
+    pub kind: u32,
+    /// Free flags, defined by Python.
+    pub flags: u32,
+    /// Length of the meta bytes in the payload.
+    pub meta_len: u32,
+    /// Number of out-of-band buffers in the payload.
+    pub nbufs: u32,
+}
+
+type Factory = PortFactory<Svc, [u8], FrameHeader>;
+type Uninit = SampleMutUninit<Svc, [core::mem::MaybeUninit<u8>], FrameHeader>;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `time.monotonic_ns()` (system-wide on Linux,
+/// so timestamps compare across processes).
+#[pyfunction]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ChannelOpts {
+    max_publishers: usize,
+    max_subscribers: usize,
+    buffer_size: usize,
+    max_borrowed: usize,
+    history: usize,
+    safe_overflow: bool,
+    max_nodes: usize,
+}
+
+fn open_service(node: &Node, name: &str, o: ChannelOpts) -> PyResult<Factory> {
+    let service_name = ServiceName::new(name)
+        .map_err(|e| service_err(format!("invalid service name {name:?}"), e))?;
+    node.inner
+        .service_builder(&service_name)
+        .publish_subscribe::<[u8]>()
+        .user_header::<FrameHeader>()
+        .max_publishers(o.max_publishers)
+        .max_subscribers(o.max_subscribers)
+        .subscriber_max_buffer_size(o.buffer_size)
+        .subscriber_max_borrowed_samples(o.max_borrowed)
+        .history_size(o.history)
+        .enable_safe_overflow(o.safe_overflow)
+        .max_nodes(o.max_nodes)
+        .open_or_create()
+        .map_err(|e| {
+            service_err(
+                format!(
+                    "opening frame service {name:?} ({o:?}); both ends must use the same settings \
+                     and the same iceoryx2 release ({})",
+                    crate::ICEORYX2_VERSION
+                ),
+                e,
+            )
+        })
+}
+
+/// A borrowed Python buffer (PyBUF_SIMPLE: contiguous bytes), released on drop.
+struct RawBuffer {
+    view: Box<ffi::Py_buffer>,
+}
+
+impl RawBuffer {
+    fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, ffi::PyBUF_SIMPLE) };
+        if rc == -1 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        Ok(Self { view })
+    }
+    fn ptr(&self) -> *const u8 {
+        self.view.buf as *const u8
+    }
+    fn len(&self) -> usize {
+        self.view.len as usize
+    }
+}
+
+impl Drop for RawBuffer {
+    fn drop(&mut self) {
+        Python::attach(|_| unsafe { ffi::PyBuffer_Release(&mut *self.view) });
+    }
+}
+
+/// Raw copy job that may cross into a GIL-free closure: the source buffers stay exported (and
+/// the destination chunk loaned) for the whole copy.
+struct CopyJob {
+    parts: Vec<(usize, usize, usize)>, // (src ptr, dst offset, len)
+    dst: usize,
+}
+unsafe impl Send for CopyJob {}
+
+impl CopyJob {
+    fn run(&self) {
+        for &(src, off, len) in &self.parts {
+            unsafe { core::ptr::copy_nonoverlapping(src as *const u8, (self.dst as *mut u8).add(off), len) };
+        }
+    }
+}
+
+fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, flags: u32) -> FrameHeader {
+    FrameHeader { seq, origin, stream_id, created_ns, sent_ns: 0, kind, flags, meta_len: 0, nbufs: 0 }
+}
+
+/// Publishing end of one frame service.
+///
+/// Frames are copied into a loaned shared-memory chunk (the copy releases the GIL above 64 KiB)
+/// and sent. `send()` never blocks: the service discards a frame when the subscriber's queue is
+/// full, and reports it by returning 0 (the caller keeps the frame and sends it again).
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct Publisher {
+    publisher: Mutex<Option<IoxPublisher<Svc, [u8], FrameHeader>>>,
+    #[pyo3(get)]
+    service: String,
+    _factory: Factory,
+    _node: Py<Node>,
+}
+
+impl Publisher {
+    fn with<R>(&self, f: impl FnOnce(&IoxPublisher<Svc, [u8], FrameHeader>) -> PyResult<R>) -> PyResult<R> {
+        let guard = self.publisher.lock().expect("publisher mutex poisoned");
+        match guard.as_ref() {
+            Some(p) => f(p),
+            None => Err(transport_err(format!("publisher of {:?} is closed", self.service))),
+        }
+    }
+
+    fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
+        // iceoryx2 cannot loan an empty slice; one byte keeps header-only frames uniform.
+        p.loan_slice_uninit(total.max(1)).map_err(|e| {
+            loan_err(
+                format!("loaning {total} bytes on {:?} (shared memory exhausted or too many frames held)", self.service),
+                e,
+            )
+        })
+    }
+}
+
+#[pymethods]
+impl Publisher {
+    /// Creates the publisher of service `service` (created on first use).
+    #[new]
+    #[pyo3(signature = (node, service, *, max_subscribers = 2, buffer_size = 16, max_borrowed = 8,
+                        history = 0, safe_overflow = false, max_publishers = 1, max_nodes = 16,
+                        initial_max_slice_len = 4096, max_loaned = 2))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        node: Py<Node>,
+        service: &str,
+        max_subscribers: usize,
+        buffer_size: usize,
+        max_borrowed: usize,
+        history: usize,
+        safe_overflow: bool,
+        max_publishers: usize,
+        max_nodes: usize,
+        initial_max_slice_len: usize,
+        max_loaned: usize,
+    ) -> PyResult<Self> {
+        let opts = ChannelOpts {
+            max_publishers,
+            max_subscribers,
+            buffer_size,
+            max_borrowed,
+            history,
+            safe_overflow,
+            max_nodes,
+        };
+        let factory = open_service(node.get(), service, opts)?;
+        let publisher = factory
+            .publisher_builder()
+            .initial_max_slice_len(initial_max_slice_len.max(1))
+            .allocation_strategy(AllocationStrategy::PowerOfTwo)
+            .backpressure_strategy(BackpressureStrategy::DiscardData)
+            .max_loaned_samples(max_loaned)
+            .create()
+            .map_err(|e| port_err(format!("creating publisher on {service:?}"), e))?;
+        Ok(Self { publisher: Mutex::new(Some(publisher)), service: service.to_owned(), _factory: factory, _node: node })
+    }
+
+    /// Sends one frame: `meta` and every buffer of `buffers` (any contiguous buffer-protocol
+    /// objects) are copied into one shared-memory chunk. Returns the number of subscribers
+    /// that received it (0: nobody connected, or the subscriber's queue was full).
+    #[pyo3(signature = (seq, kind, meta, buffers = Vec::new(), *, origin = 0, stream_id = 0, created_ns = 0, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        py: Python<'_>,
+        seq: u64,
+        kind: u32,
+        meta: &Bound<'_, PyAny>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        flags: u32,
+    ) -> PyResult<usize> {
+        let meta_buf = RawBuffer::get(meta)?;
+        let bufs = buffers.iter().map(RawBuffer::get).collect::<PyResult<Vec<_>>>()?;
+        let lens: Vec<usize> = bufs.iter().map(RawBuffer::len).collect();
+        let lay = layout::compute(meta_buf.len(), &lens).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if meta_buf.len() > u32::MAX as usize || bufs.len() > u32::MAX as usize {
+            return Err(PyValueError::new_err("frame meta larger than 4 GiB"));
+        }
+        self.with(|p| {
+            let mut sample = self.loan_uninit(p, lay.total)?;
+            let dst = sample.payload_mut().as_mut_ptr() as usize;
+            unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
+            let mut parts = Vec::with_capacity(bufs.len() + 1);
+            parts.push((meta_buf.ptr() as usize, lay.meta_offset, meta_buf.len()));
+            for (b, &off) in bufs.iter().zip(&lay.buffer_offsets) {
+                parts.push((b.ptr() as usize, off, b.len()));
+            }
+            let job = CopyJob { parts, dst };
+            if lay.total >= GIL_FREE_COPY {
+                py.detach(|| job.run());
+            } else {
+                job.run();
+            }
+            let mut h = header(seq, kind, origin, stream_id, created_ns, flags);
+            h.meta_len = meta_buf.len() as u32;
+            h.nbufs = bufs.len() as u32;
+            h.sent_ns = monotonic_ns();
+            *sample.user_header_mut() = h;
+            let sample = unsafe { sample.assume_init() };
+            sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e))
+        })
+    }
+
+    /// Loans a chunk for a frame whose single out-of-band buffer of `nbytes` bytes is written in
+    /// place (zero-copy send). `meta_reserve` bytes are kept for the meta written by
+    /// `Loan.send()`.
+    #[pyo3(signature = (nbytes, meta_reserve = 4032))]
+    fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
+        let this = slf.get();
+        let lay = layout::compute(meta_reserve, &[nbytes]).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let sample = this.with(|p| this.loan_uninit(p, lay.total))?;
+        let mut sample = sample;
+        let base = sample.payload_mut().as_mut_ptr() as usize;
+        Ok(Loan {
+            inner: Mutex::new(Some(sample)),
+            base,
+            data_offset: lay.buffer_offsets[0],
+            nbytes,
+            meta_reserve,
+            publisher: slf.unbind(),
+        })
+    }
+
+    /// Connects to subscribers that appeared since the last send (e.g. a restarted consumer).
+    fn update_connections(&self) -> PyResult<()> {
+        self.with(|p| p.update_connections().map_err(|e| send_err(format!("updating connections of {:?}", self.service), e)))
+    }
+
+    /// Releases the port (further calls raise TransportError).
+    fn close(&self) {
+        self.publisher.lock().expect("publisher mutex poisoned").take();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ipc_bridge.Publisher service={:?}>", self.service)
+    }
+}
+
+/// A chunk loaned for an in-place frame: a writable buffer of `nbytes` bytes. `send()` hands it
+/// to the subscribers without any copy; afterwards it can no longer be exported.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct Loan {
+    inner: Mutex<Option<Uninit>>,
+    base: usize,
+    data_offset: usize,
+    #[pyo3(get)]
+    nbytes: usize,
+    meta_reserve: usize,
+    publisher: Py<Publisher>,
+}
+
+#[pymethods]
+impl Loan {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        if this.inner.lock().expect("loan mutex poisoned").is_none() {
+            return Err(PyBufferError::new_err("this loaned frame was already sent"));
+        }
+        let ptr = this.base + this.data_offset;
+        unsafe { fill_view(view, flags, ptr, this.nbytes, false, slf.into_any()) }
+    }
+
+    /// True until `send()` (or `discard()`) was called.
+    #[getter]
+    fn pending(&self) -> bool {
+        self.inner.lock().expect("loan mutex poisoned").is_some()
+    }
+
+    /// Writes `meta` into the reserved space and sends the frame. Returns the number of
+    /// subscribers reached.
+    #[pyo3(signature = (seq, kind, meta, *, origin = 0, stream_id = 0, created_ns = 0, flags = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        seq: u64,
+        kind: u32,
+        meta: &Bound<'_, PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        flags: u32,
+    ) -> PyResult<usize> {
+        let meta_buf = RawBuffer::get(meta)?;
+        if meta_buf.len() > self.meta_reserve {
+            return Err(PyValueError::new_err(format!(
+                "frame meta of {} bytes exceeds the {} bytes reserved in the loan",
+                meta_buf.len(),
+                self.meta_reserve
+            )));
+        }
+        let mut sample = self
+            .inner
+            .lock()
+            .expect("loan mutex poisoned")
+            .take()
+            .ok_or_else(|| transport_err("this loaned frame was already sent"))?;
+        let lens = [self.nbytes];
+        let lay = layout::Layout { meta_offset: layout::ENTRY_SIZE, buffer_offsets: vec![self.data_offset], total: 0 };
+        unsafe {
+            layout::write_table(self.base as *mut u8, &lay, &lens);
+            core::ptr::copy_nonoverlapping(meta_buf.ptr(), (self.base as *mut u8).add(layout::ENTRY_SIZE), meta_buf.len());
+        }
+        let mut h = header(seq, kind, origin, stream_id, created_ns, flags);
+        h.meta_len = meta_buf.len() as u32;
+        h.nbufs = 1;
+        h.sent_ns = monotonic_ns();
+        *sample.user_header_mut() = h;
+        let sample = unsafe { sample.assume_init() };
+        let service = self.publisher.get().service.clone();
+        sample.send().map_err(|e| send_err(format!("sending loaned frame {seq} on {service:?}"), e))
+    }
+
+    /// Returns the chunk to the pool without sending it.
+    fn discard(&self) {
+        self.inner.lock().expect("loan mutex poisoned").take();
+    }
+}
+
+/// Receiving end of one frame service.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct Subscriber {
+    subscriber: Mutex<Option<IoxSubscriber<Svc, [u8], FrameHeader>>>,
+    borrowed: Arc<AtomicUsize>,
+    #[pyo3(get)]
+    max_borrowed: usize,
+    #[pyo3(get)]
+    service: String,
+    _factory: Factory,
+    _node: Py<Node>,
+}
+
+#[pymethods]
+impl Subscriber {
+    /// Creates the subscriber of service `service` (created on first use, with the same
+    /// settings as the publisher's).
+    #[new]
+    #[pyo3(signature = (node, service, *, max_subscribers = 2, buffer_size = 16, max_borrowed = 8,
+                        history = 0, safe_overflow = false, max_publishers = 1, max_nodes = 16))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        node: Py<Node>,
+        service: &str,
+        max_subscribers: usize,
+        buffer_size: usize,
+        max_borrowed: usize,
+        history: usize,
+        safe_overflow: bool,
+        max_publishers: usize,
+        max_nodes: usize,
+    ) -> PyResult<Self> {
+        let opts = ChannelOpts {
+            max_publishers,
+            max_subscribers,
+            buffer_size,
+            max_borrowed,
+            history,
+            safe_overflow,
+            max_nodes,
+        };
+        let factory = open_service(node.get(), service, opts)?;
+        let subscriber = factory
+            .subscriber_builder()
+            .buffer_size(buffer_size)
+            .create()
+            .map_err(|e| port_err(format!("creating subscriber on {service:?}"), e))?;
+        // Attach now: samples published before the first connection check would be lost.
+        let _ = subscriber.has_samples();
+        Ok(Self {
+            subscriber: Mutex::new(Some(subscriber)),
+            borrowed: Arc::new(AtomicUsize::new(0)),
+            max_borrowed,
+            service: service.to_owned(),
+            _factory: factory,
+            _node: node,
+        })
+    }
+
+    /// Returns the next frame, or None when the queue is empty. Never blocks.
+    ///
+    /// Raises ReceiveError when `max_borrowed` frames are still referenced from Python; the
+    /// caller decides what to do (Python copies frames out before that limit is reached).
+    fn receive(&self) -> PyResult<Option<Sample>> {
+        let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
+        let sub = guard
+            .as_ref()
+            .ok_or_else(|| transport_err(format!("subscriber of {:?} is closed", self.service)))?;
+        let Some(sample) = sub.receive().map_err(|e| {
+            receive_err(
+                format!(
+                    "receiving on {:?} with {} of {} frames still held",
+                    self.service,
+                    self.borrowed.load(Ordering::Relaxed),
+                    self.max_borrowed
+                ),
+                e,
+            )
+        })?
+        else {
+            return Ok(None);
+        };
+        let h = *sample.user_header();
+        let payload: &[u8] = sample.payload();
+        let parsed = layout::parse(payload, h.meta_len as usize, h.nbufs as usize)
+            .map_err(|e| receive_err(format!("malformed frame {} on {:?}", h.seq, self.service), e.to_string()))?;
+        let ptr = payload.as_ptr() as usize;
+        let len = payload.len();
+        self.borrowed.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(Sample {
+            inner: Mutex::new(Some(sample)),
+            ptr,
+            len,
+            header: h,
+            meta: parsed.meta,
+            buffers: parsed.buffers,
+            borrowed: self.borrowed.clone(),
+        }))
+    }
+
+    /// True when at least one frame is queued.
+    fn has_samples(&self) -> PyResult<bool> {
+        let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
+        match guard.as_ref() {
+            Some(s) => s
+                .has_samples()
+                .map_err(|e| receive_err(format!("checking {:?}", self.service), e)),
+            None => Ok(false),
+        }
+    }
+
+    /// Number of received frames still referenced (not yet returned to the publisher).
+    #[getter]
+    fn borrowed(&self) -> usize {
+        self.borrowed.load(Ordering::Acquire)
+    }
+
+    /// Releases the port.
+    fn close(&self) {
+        self.subscriber.lock().expect("subscriber mutex poisoned").take();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ipc_bridge.Subscriber service={:?}>", self.service)
+    }
+}
+
+/// One received frame. Exposes its payload through the (read-only) buffer protocol; the
+/// shared-memory chunk goes back to the publisher when the Sample and every view of it are gone.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct Sample {
+    inner: Mutex<Option<IoxSample<Svc, [u8], FrameHeader>>>,
+    ptr: usize,
+    len: usize,
+    header: FrameHeader,
+    meta: (usize, usize),
+    buffers: Vec<(usize, usize)>,
+    borrowed: Arc<AtomicUsize>,
+}
+
+impl Drop for Sample {
+    fn drop(&mut self) {
+        if self.inner.get_mut().map(|s| s.take().is_some()).unwrap_or(false) {
+            self.borrowed.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[pymethods]
+impl Sample {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        unsafe { fill_view(view, flags, this.ptr, this.len, true, slf.into_any()) }
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.header.seq
+    }
+    #[getter]
+    fn origin(&self) -> u64 {
+        self.header.origin
+    }
+    #[getter]
+    fn stream_id(&self) -> u64 {
+        self.header.stream_id
+    }
+    #[getter]
+    fn created_ns(&self) -> u64 {
+        self.header.created_ns
+    }
+    #[getter]
+    fn sent_ns(&self) -> u64 {
+        self.header.sent_ns
+    }
+    #[getter]
+    fn kind(&self) -> u32 {
+        self.header.kind
+    }
+    #[getter]
+    fn flags(&self) -> u32 {
+        self.header.flags
+    }
+    /// `(start, end)` of the meta bytes in the payload.
+    #[getter]
+    fn meta(&self) -> (usize, usize) {
+        self.meta
+    }
+    /// `(offset, len)` of every out-of-band buffer in the payload.
+    #[getter]
+    fn buffers(&self) -> Vec<(usize, usize)> {
+        self.buffers.clone()
+    }
+    /// Address of the payload (for tests that check where the memory lies).
+    #[getter]
+    fn address(&self) -> usize {
+        self.ptr
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ipc_bridge.Sample seq={} kind={} len={}>", self.header.seq, self.header.kind, self.len)
+    }
+}
+
+/// Fills a one-dimensional byte view. Read-only views refuse PyBUF_WRITABLE requests.
+unsafe fn fill_view(
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+    ptr: usize,
+    len: usize,
+    readonly: bool,
+    owner: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("Py_buffer view is null"));
+    }
+    if readonly && (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+        return Err(PyBufferError::new_err(
+            "a received frame is read-only shared memory; copy it (e.g. numpy.array(x)) to modify it",
+        ));
+    }
+    unsafe {
+        (*view).obj = owner.into_ptr();
+        (*view).buf = ptr as *mut c_void;
+        (*view).len = len as ffi::Py_ssize_t;
+        (*view).readonly = readonly as c_int;
+        (*view).itemsize = 1;
+        (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
+            c"B".as_ptr() as *mut _
+        } else {
+            core::ptr::null_mut()
+        };
+        (*view).ndim = 1;
+        (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND { &mut (*view).len } else { core::ptr::null_mut() };
+        (*view).strides =
+            if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES { &mut (*view).itemsize } else { core::ptr::null_mut() };
+        (*view).suboffsets = core::ptr::null_mut();
+        (*view).internal = core::ptr::null_mut();
+    }
+    Ok(())
+}
