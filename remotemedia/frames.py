@@ -1,0 +1,127 @@
+"""Frames: what travels between stages, and how a Python object becomes shared memory.
+
+A frame is a small fixed header (in the iceoryx2 user header, see
+``rust/ipc_bridge/src/pubsub.rs``) plus a payload::
+
+    header : seq | origin | stream_id | created_ns | sent_ns | kind | flags | meta_len | nbufs
+    payload: [buffer table][meta = pickle protocol 5][buf 0][buf 1]...   (64-byte aligned)
+
+Any picklable object can be a frame. ``pickle`` protocol 5 moves the memory of numpy arrays
+(alone or inside dicts, tuples, lists, dataclasses) *out of band*: the sender copies each array
+once into the shared-memory chunk, and the receiver rebuilds the arrays as read-only views on
+that chunk, with no copy. Objects the standard pickler rejects (lambdas, local classes) fall
+back to cloudpickle.
+
+A received view keeps its chunk borrowed until the last reference to it is gone. A subscriber
+may only hold ``max_borrowed`` chunks; :func:`decode` copies a frame out of shared memory
+(and releases the chunk at once) when the caller says so, which is how the runtime keeps a
+node that hoards frames from stalling its upstream.
+
+Example::
+
+    >>> import numpy as np
+    >>> meta, bufs = encode({"audio": np.zeros(4, np.float32), "rate": 16000})
+    >>> len(bufs)          # the array travels out of band
+    1
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import cloudpickle
+
+__all__ = ["Kind", "Frame", "FrameInfo", "encode", "decode", "decode_bytes"]
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds (the ``kind`` header field)."""
+
+    DATA = 0
+    #: End of stream on this edge; no frame follows.
+    EOS = 1
+    #: Cumulative acknowledgement (ack services only): ``seq`` is the highest committed frame.
+    ACK = 2
+
+
+@dataclass
+class Frame:
+    """Wraps a value to set frame metadata when a node emits it.
+
+    A node normally returns plain values; return ``Frame(value, stream_id=2)`` to tag the
+    output with a stream id (downstream outputs inherit the id of their input).
+
+    Example::
+
+        class Splitter(Source):
+            def generate(self):
+                for i in range(10):
+                    yield Frame(f"chunk {i}", stream_id=i % 2)
+    """
+
+    value: Any
+    stream_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """Header of the frame a node is processing, available as ``node.current_frame``.
+
+    Attributes:
+        seq: sequence number on the edge it arrived on.
+        origin: index of the pipeline input (or source item) it derives from.
+        stream_id: stream id (0 unless a node set one).
+        created_ns: ``time.monotonic_ns()`` when the originating input entered the pipeline.
+        sent_ns: ``time.monotonic_ns()`` when the upstream stage published it.
+        source: name of the upstream node (``"__input__"`` for pipeline inputs).
+    """
+
+    seq: int
+    origin: int
+    stream_id: int
+    created_ns: int
+    sent_ns: int
+    source: str
+
+
+_PROTOCOL = 5
+
+
+def encode(obj: Any) -> Tuple[bytes, List[memoryview]]:
+    """Serialize ``obj`` into meta bytes plus out-of-band buffers (raw byte views).
+
+    The buffers reference the object's memory (no copy is made here); the transport copies
+    them into shared memory.
+    """
+    bufs: List[pickle.PickleBuffer] = []
+    try:
+        meta = pickle.dumps(obj, protocol=_PROTOCOL, buffer_callback=bufs.append)
+    except Exception:
+        bufs = []
+        meta = cloudpickle.dumps(obj, protocol=_PROTOCOL, buffer_callback=bufs.append)
+    return meta, [b.raw() for b in bufs]
+
+
+def decode(sample: Any, copy: bool = False) -> Any:
+    """Rebuild the object of a received sample (an ``_ipc_bridge.Sample``).
+
+    With ``copy=False`` numpy arrays are read-only views on the shared-memory chunk, which
+    stays borrowed while any of them lives. With ``copy=True`` the payload is copied once into
+    private memory (arrays are then writable) and the chunk can be released immediately.
+    """
+    m0, m1 = sample.meta
+    if copy:
+        data = bytearray(memoryview(sample))
+        mv = memoryview(data)
+    else:
+        mv = memoryview(sample)
+    buffers = [mv[o : o + n] for o, n in sample.buffers]
+    return pickle.loads(mv[m0:m1], buffers=buffers)
+
+
+def decode_bytes(meta: bytes, buffers: List[Any]) -> Any:
+    """Inverse of :func:`encode` for in-process use (tests, replay)."""
+    return pickle.loads(meta, buffers=buffers)

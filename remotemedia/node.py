@@ -1,0 +1,168 @@
+"""The Node contract: ``initialize()`` / ``process(data)`` / ``cleanup()``.
+
+A node is configured in the parent process (load a model, capture a closure, fill a lookup
+table), then handed to the runtime. The supervisor calls ``cleanup()`` on it, cloudpickles it,
+and the worker process unpickles it and calls ``initialize()`` before the first frame::
+
+    parent:  node = MyNode(threshold=0.5); node.model = load()     # configured state
+             node.cleanup(); blob = cloudpickle.dumps(node)         # release handles
+    worker:  node = cloudpickle.loads(blob); node.initialize()      # reacquire them
+             for frame in inputs: outputs = node.process(frame)
+             node.cleanup()                                        # at end of stream
+
+``process(data)`` may return one value (any value, a list included), ``None`` for no output,
+or be a generator / async generator that yields several outputs; ``async def process`` is
+awaited. A :class:`Source` has no input: its ``generate()`` yields the frames.
+
+Example::
+
+    from remotemedia import Node, Pipeline
+
+    class Scale(Node):
+        def __init__(self, factor: float, **kw):
+            super().__init__(**kw)
+            self.factor = factor
+
+        def process(self, data):
+            return data * self.factor
+
+    Pipeline([Scale(2.0), Scale(10.0)]).run([1, 2, 3])   # -> [20.0, 40.0, 60.0]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterator, Optional
+
+from .errors import NodeTypeError
+from .frames import FrameInfo
+
+__all__ = ["Node", "Source", "NodeOptions", "RESTART_POLICIES", "ON_ERROR_POLICIES", "QUEUE_POLICIES"]
+
+#: Restart policies of a node's worker (see ``supervisor`` for their meaning).
+RESTART_POLICIES = ("never", "on-failure", "always")
+#: What happens when ``process()`` raises: stop the pipeline with NodeError, or drop the frame.
+ON_ERROR_POLICIES = ("raise", "skip")
+#: Queue policies of the edges into a node.
+QUEUE_POLICIES = ("block", "drop_oldest", "latest")
+
+
+class NodeOptions(dict):
+    """Per-node runtime options; a dict restricted to the known keys.
+
+    Keys: ``restart_policy``, ``max_restarts``, ``restart_window``, ``init_timeout``,
+    ``process_timeout``, ``memory_limit``, ``on_error``, ``queue_policy``, ``queue_depth``,
+    ``poison_threshold``, ``snapshot_interval``. Unset keys fall back to the Supervisor's.
+    """
+
+    KEYS = (
+        "restart_policy",
+        "max_restarts",
+        "restart_window",
+        "init_timeout",
+        "process_timeout",
+        "memory_limit",
+        "on_error",
+        "queue_policy",
+        "queue_depth",
+        "poison_threshold",
+        "snapshot_interval",
+        "backoff_base",
+        "backoff_max",
+    )
+
+    def __init__(self, node_name: str = "?", **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.KEYS))
+        if unknown:
+            raise NodeTypeError(
+                f"node {node_name!r}: unknown runtime option(s) {', '.join(unknown)}; "
+                f"valid options: {', '.join(self.KEYS)}"
+            )
+        super().__init__(**options)
+
+
+class Node:
+    """Base class of every pipeline stage.
+
+    Args:
+        name: unique name in the pipeline (default: the class name, suffixed when repeated).
+        options: per-node runtime options (restart policy, timeouts, queue policy, ...), see
+            :class:`NodeOptions`. They override the Supervisor-wide options for this node.
+        **config: free configuration, kept in ``self.config`` and in manifests as ``params``.
+
+    Subclasses override :meth:`process` and, when they hold resources that cannot be pickled
+    (sessions, sockets, locks, GPU contexts), :meth:`initialize` and :meth:`cleanup`.
+
+    Optional hooks:
+        ``flush()``: called once at end of stream; its return value / yielded values are
+            emitted like ``process`` outputs (for buffering nodes).
+        ``snapshot()`` / ``restore(state)``: runtime state saved periodically and handed to a
+            restarted worker.
+    """
+
+    #: Set by the worker to the header of the frame being processed.
+    current_frame: Optional[FrameInfo] = None
+
+    def __init__(self, name: Optional[str] = None, *, options: Optional[Dict[str, Any]] = None, **config: Any) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise NodeTypeError(f"Node name must be a non-empty string, got {name!r}")
+        self.name: str = name or type(self).__name__
+        self._auto_name = name is None
+        self.config: Dict[str, Any] = dict(config)
+        self.options: NodeOptions = NodeOptions(self.name, **(options or {}))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def initialize(self) -> None:
+        """Acquire resources. Runs in the worker, after unpickling, before the first frame."""
+
+    def process(self, data: Any) -> Any:
+        """Handle one input frame and return the output (``None``: no output)."""
+        raise NotImplementedError(f"{type(self).__name__}.process() is not implemented")
+
+    def cleanup(self) -> None:
+        """Release resources. Runs before pickling (in the parent) and at the end of a run."""
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def logger(self) -> logging.Logger:
+        """A logger named after the node (records are forwarded by the worker)."""
+        return logging.getLogger(f"remotemedia.node.{self.name}")
+
+    def to_manifest(self) -> Dict[str, Any]:
+        """This node as a manifest v1 entry (its configured *state* is not included)."""
+        from .registry import type_name_of
+
+        entry: Dict[str, Any] = {"id": self.name, "node_type": type_name_of(type(self)), "params": dict(self.config)}
+        if self.options:
+            entry["options"] = dict(self.options)
+        return entry
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r}>"
+
+
+class Source(Node):
+    """A node without input: :meth:`generate` yields the frames of the stream.
+
+    ``generate`` may be a generator or an async generator. The stream ends when it returns
+    (or when the supervisor is asked to stop, which closes the generator).
+
+    Example::
+
+        class Counter(Source):
+            def __init__(self, n: int, **kw):
+                super().__init__(**kw)
+                self.n = n
+
+            def generate(self):
+                yield from range(self.n)
+    """
+
+    def generate(self) -> Iterator[Any]:
+        """Yield the frames of the stream."""
+        raise NotImplementedError(f"{type(self).__name__}.generate() is not implemented")
+
+    def process(self, data: Any) -> Any:
+        raise NodeTypeError(f"source {self.name!r} has no input; connect nothing into it")

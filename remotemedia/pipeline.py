@@ -1,0 +1,284 @@
+"""Pipeline: a validated DAG of nodes.
+
+``Pipeline(nodes)`` chains the nodes in order; ``connections`` describe any DAG (fan-out,
+fan-in). Nodes may be configured instances, manifest entries (dicts), or both mixed. Every
+check runs in the constructor, before any process exists.
+
+Nodes without an upstream connection that are not :class:`~remotemedia.Source` receive the
+pipeline inputs; the outputs of nodes without a downstream connection go back to the caller.
+
+Example::
+
+    from remotemedia import Pipeline
+    from remotemedia.nodes import MapNode, PassThroughNode
+
+    p = Pipeline(
+        [PassThroughNode(name="a"), MapNode(lambda x: x + 1, name="b"),
+         MapNode(lambda x: x * 10, name="c"), {"id": "d", "node_type": "PassThroughNode"}],
+        connections=[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+    )
+    sorted(p.run([1]))     # -> [2, 10]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict, deque
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import NodeTypeError, PipelineValidationError
+from .manifest import MANIFEST_VERSION, load_manifest, node_from_entry, parse_connections
+from .node import Node, Source
+
+__all__ = ["Pipeline", "INPUT", "OUTPUT"]
+
+#: Pseudo node names of the caller's side of the pipeline.
+INPUT = "__input__"
+OUTPUT = "__output__"
+
+
+def _check_node(node: Node, position: int) -> None:
+    for method in ("process", "initialize", "cleanup"):
+        if not callable(getattr(node, method, None)):
+            raise NodeTypeError(
+                f"item {position} ({type(node).__name__} {node.name!r}) has no callable {method}(); "
+                "a Node must define initialize(), process(data) and cleanup()"
+            )
+    if isinstance(node, Source) and not callable(getattr(node, "generate", None)):
+        raise NodeTypeError(f"item {position} (source {node.name!r}) has no callable generate()")
+
+
+def _coerce_items(items: Sequence[Any]) -> List[Node]:
+    bad = [(i, type(x).__name__) for i, x in enumerate(items) if not isinstance(x, (Node, Mapping))]
+    if bad:
+        listing = ", ".join(f"position {i}: {t}" for i, t in bad)
+        raise NodeTypeError(
+            f"pipeline items must be Node instances or manifest node dicts; invalid items at {listing}"
+        )
+    nodes: List[Node] = []
+    for i, item in enumerate(items):
+        node = item if isinstance(item, Node) else node_from_entry(item, f"nodes[{i}]")
+        _check_node(node, i)
+        nodes.append(node)
+    return nodes
+
+
+def _assign_names(nodes: List[Node]) -> None:
+    explicit: Dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        if not getattr(n, "_auto_name", False):
+            if n.name in explicit:
+                raise PipelineValidationError(
+                    f"duplicate node name {n.name!r} at positions {explicit[n.name]} and {i}; node names must be unique"
+                )
+            explicit[n.name] = i
+    if len({id(n) for n in nodes}) != len(nodes):
+        raise PipelineValidationError("the same Node instance appears twice; create one instance per stage")
+    used = set(explicit)
+    counts: Dict[str, int] = defaultdict(int)
+    for n in nodes:
+        if getattr(n, "_auto_name", False):
+            base = type(n).__name__
+            name = base
+            while name in used:
+                counts[base] += 1
+                name = f"{base}_{counts[base]}"
+            n.name = name
+            used.add(name)
+
+
+class Pipeline:
+    """A validated DAG of nodes.
+
+    Args:
+        nodes: Node instances and/or manifest node dicts (``{"id", "node_type", "params"}``),
+            or a whole manifest (dict or JSON string).
+        connections: ``[("a", "b"), ...]`` or ``[{"from": "a", "to": "b"}, ...]``; linear in
+            list order when omitted.
+        name: pipeline name (used in logs, service names and the CLI).
+
+    Raises:
+        PipelineValidationError (a ValueError): empty pipeline, duplicate names, unknown
+            connection endpoints, cycles, a connection into a Source.
+        NodeTypeError (a TypeError): items that are not nodes, nodes without process().
+        UnknownNodeTypeError / ManifestError: bad manifest entries.
+    """
+
+    def __init__(
+        self,
+        nodes: Union[Sequence[Any], Mapping[str, Any], str],
+        connections: Optional[Sequence[Any]] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        if isinstance(nodes, (Mapping, str, bytes)):
+            nodes, manifest_connections, manifest_name = load_manifest(nodes)
+            connections = connections if connections is not None else manifest_connections
+            name = name or manifest_name
+        elif isinstance(nodes, Pipeline):
+            connections = connections if connections is not None else nodes.connections
+            name = name or nodes.name
+            nodes = list(nodes.nodes)
+        elif not isinstance(nodes, Sequence):
+            raise NodeTypeError(
+                f"Pipeline expects a list of nodes or a manifest, got {type(nodes).__name__}"
+            )
+        if len(nodes) == 0:
+            raise PipelineValidationError("cannot build an empty pipeline: give at least one node")
+        self.nodes: List[Node] = _coerce_items(list(nodes))
+        _assign_names(self.nodes)
+        self.name: str = name or "pipeline"
+        self._by_name: Dict[str, Node] = {n.name: n for n in self.nodes}
+        if connections is None:
+            conns = [(a.name, b.name) for a, b in zip(self.nodes, self.nodes[1:])]
+        else:
+            conns = parse_connections(list(connections))
+        self.connections: List[Tuple[str, str]] = self._validate_connections(conns)
+        self.order: List[str] = self._toposort()
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate_connections(self, conns: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+        seen = set()
+        for i, (a, b) in enumerate(conns):
+            for end in (a, b):
+                if end not in self._by_name:
+                    raise PipelineValidationError(
+                        f"connection {i} ({a!r} -> {b!r}) names unknown node {end!r}; nodes are: "
+                        f"{', '.join(self._by_name)}"
+                    )
+            if a == b:
+                raise PipelineValidationError(f"connection {i} connects node {a!r} to itself")
+            if (a, b) in seen:
+                raise PipelineValidationError(f"connection {i} ({a!r} -> {b!r}) is listed twice")
+            if isinstance(self._by_name[b], Source):
+                raise PipelineValidationError(
+                    f"connection {i} ({a!r} -> {b!r}) feeds source {b!r}; a Source has no input"
+                )
+            seen.add((a, b))
+        return list(conns)
+
+    def _toposort(self) -> List[str]:
+        indeg = {n: 0 for n in self._by_name}
+        succ: Dict[str, List[str]] = defaultdict(list)
+        for a, b in self.connections:
+            succ[a].append(b)
+            indeg[b] += 1
+        ready = deque(n.name for n in self.nodes if indeg[n.name] == 0)
+        order: List[str] = []
+        while ready:
+            n = ready.popleft()
+            order.append(n)
+            for m in succ[n]:
+                indeg[m] -= 1
+                if indeg[m] == 0:
+                    ready.append(m)
+        if len(order) != len(self.nodes):
+            raise PipelineValidationError(f"connections contain a cycle: {' -> '.join(self._find_cycle(succ))}")
+        return order
+
+    def _find_cycle(self, succ: Mapping[str, List[str]]) -> List[str]:
+        color: Dict[str, int] = {}
+        stack: List[str] = []
+
+        def dfs(n: str) -> Optional[List[str]]:
+            color[n] = 1
+            stack.append(n)
+            for m in succ.get(n, []):
+                if color.get(m) == 1:
+                    return stack[stack.index(m) :] + [m]
+                if m not in color:
+                    found = dfs(m)
+                    if found:
+                        return found
+            stack.pop()
+            color[n] = 2
+            return None
+
+        for n in self._by_name:
+            if n not in color:
+                found = dfs(n)
+                if found:
+                    return found
+        return ["?"]
+
+    # ------------------------------------------------------------------ graph queries
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        return self._by_name[name]
+
+    def upstream(self, name: str) -> List[str]:
+        """Names of the nodes feeding ``name`` (``[INPUT]`` for input nodes)."""
+        ups = [a for a, b in self.connections if b == name]
+        if not ups and not isinstance(self._by_name[name], Source):
+            return [INPUT]
+        return ups
+
+    def downstream(self, name: str) -> List[str]:
+        """Names of the nodes fed by ``name`` (``[OUTPUT]`` for terminal nodes)."""
+        return [b for a, b in self.connections if a == name] or [OUTPUT]
+
+    def edges(self) -> List[Tuple[str, str]]:
+        """Every edge, including those from INPUT and to OUTPUT, in a stable order."""
+        out: List[Tuple[str, str]] = []
+        for name in self.order:
+            for up in self.upstream(name):
+                if up == INPUT:
+                    out.append((INPUT, name))
+        out.extend(self.connections)
+        for name in self.order:
+            if self.downstream(name) == [OUTPUT]:
+                out.append((name, OUTPUT))
+        return out
+
+    @property
+    def sources(self) -> List[Node]:
+        return [n for n in self.nodes if isinstance(n, Source)]
+
+    @property
+    def input_nodes(self) -> List[Node]:
+        """Nodes that receive the pipeline inputs."""
+        return [self._by_name[n] for n in self.order if self.upstream(n) == [INPUT]]
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, inputs: Optional[Iterable[Any]] = None, **options: Any) -> List[Any]:
+        """Run the pipeline on the multiprocess runtime and return the terminal outputs.
+
+        Outputs are ordered by the input they derive from. ``options`` go to the
+        :class:`~remotemedia.Supervisor`.
+        """
+        from supervisor.arbiter import Supervisor
+
+        with Supervisor(self, **options) as sup:
+            report = sup.run(inputs)
+        return report.outputs
+
+    # ------------------------------------------------------------------ manifests
+
+    def serialize(self, description: Optional[str] = None) -> Dict[str, Any]:
+        """The pipeline as a manifest v1 dict (node *state* is not included; run instances
+        to keep it)."""
+        meta: Dict[str, Any] = {"name": self.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if description:
+            meta["description"] = description
+        return {
+            "version": MANIFEST_VERSION,
+            "metadata": meta,
+            "nodes": [n.to_manifest() for n in self.nodes],
+            "connections": [{"from": a, "to": b} for a, b in self.connections],
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        """:meth:`serialize` as a JSON string."""
+        return json.dumps(self.serialize(**kw), default=repr)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r}: {len(self.nodes)} nodes, {len(self.connections)} connections>"

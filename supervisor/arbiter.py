@@ -1,0 +1,1117 @@
+"""The supervisor: spawns one worker per node, moves the caller's frames in and out, watches
+the workers, and shuts everything down cleanly.
+
+::
+
+    caller thread                     arbiter thread (owns every iceoryx2 port)
+    -------------                     -----------------------------------------
+    Supervisor(nodes)                 spawn workers (subprocess, memfd node blob)
+    start() ........ waits READY .... Setup -> Ready from every worker -> Start sources
+    send(x) -> input queue --wake-->  encode once -> __input__ edges (iceoryx2)
+    recv()  <- output queue <-------  __output__ edges -> decode -> ack
+    close() / stop() / signals ---->  EOS on inputs / Drain sources / Abort + SIGKILL
+                                      reap_workers()   Popen.poll() of each child
+                                      murder_workers() deadlines: init, stop, abort
+                                      manage_workers() restarts (policy, backoff)
+    run() returns the RunReport  <--  every output edge ended, every worker exited:
+                                      close ports, purge the run's shared memory
+
+The arbiter thread has a single wait point: ``Listener.wait()`` on its iceoryx2 inbox plus
+the control sockets of its workers and a wake-up pipe for the caller's commands. Signal
+handlers (installed by :meth:`Supervisor.run` in the main thread) only enqueue a command.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import cloudpickle
+
+from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import (
+    EndOfStream,
+    NodeError,
+    NodeFatalError,
+    NodeInitError,
+    NodeTypeError,
+    PipelineValidationError,
+    RemoteMediaError,
+    SupervisorError,
+    WorkerCrashed,
+    WorkerStartTimeout,
+)
+from remotemedia.frames import FrameInfo, Kind, decode, encode
+from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
+from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
+from remotemedia.serialization import DEFAULT_MAX_SIZE, serialize_node
+
+from . import resources
+from .channels import InPort, OutPort, split_frame
+from .protocol import (
+    EXIT_ABORTED,
+    EXIT_LOAD_ERROR,
+    EXIT_OK,
+    EXIT_SETUP_ERROR,
+    Abort,
+    ChannelClosed,
+    Commit,
+    ControlChannel,
+    Done,
+    Drain,
+    EdgeSpec,
+    Gap,
+    Heartbeat,
+    Hello,
+    InitFailed,
+    NodeFailed,
+    Ready,
+    Replay,
+    RestoreState,
+    Setup,
+    Start,
+    WorkerSpec,
+    socketpair,
+)
+from .states import ProcessState, StateMachine
+
+__all__ = ["Supervisor", "RunReport", "as_pipeline", "describe_exit"]
+
+log = logging.getLogger("remotemedia.supervisor")
+
+_LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:  # a program that exits without stopping its supervisors
+    for sup in list(_LIVE):
+        try:
+            sup.kill()
+            sup.join(5.0)
+        except Exception:
+            pass
+
+
+def as_pipeline(obj: Any, name: Optional[str] = None) -> Pipeline:
+    """A Pipeline from a Pipeline, a list of nodes / manifest entries, a manifest dict or a
+    JSON string."""
+    if isinstance(obj, Pipeline):
+        return obj
+    if isinstance(obj, (list, tuple, dict, str, bytes)):
+        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name)
+    if isinstance(obj, Node):
+        return Pipeline([obj], name=name)
+    raise NodeTypeError(
+        f"expected a Pipeline, a list of Node instances / manifest dicts, a manifest dict or a JSON "
+        f"string, got {type(obj).__name__}"
+    )
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """``"exit code 3"`` / ``"signal SIGKILL"``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass
+class RunReport:
+    """What :meth:`Supervisor.run` returns.
+
+    Attributes:
+        outputs: the terminal nodes' outputs, ordered by the input they derive from.
+        duration: seconds from start() to the end of the run.
+        nodes: per node: frames_in, frames_out, errors, restarts, latency summary, pid(s).
+        stopped: True when the run ended early on stop() or a signal.
+    """
+
+    pipeline: str
+    duration: float
+    outputs: List[Any] = field(default_factory=list)
+    nodes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def frames(self) -> Dict[str, int]:
+        """Frames each node emitted."""
+        return {n: s.get("frames_out", 0) for n, s in self.nodes.items()}
+
+
+_DEFAULTS: Dict[str, Any] = dict(
+    restart_policy="on-failure",
+    max_restarts=5,
+    restart_window=60.0,
+    backoff_base=0.1,
+    backoff_max=5.0,
+    init_timeout=60.0,
+    process_timeout=None,
+    memory_limit=None,
+    on_error="raise",
+    queue_policy="block",
+    queue_depth=32,
+    poison_threshold=3,
+    snapshot_interval=None,
+)
+
+
+class WorkerHandle:
+    """The supervisor's view of one worker process."""
+
+    def __init__(self, name: str, index: int, blob: bytes, spec: WorkerSpec, options: Dict[str, Any]) -> None:
+        self.name = name
+        self.index = index
+        self.blob = blob
+        self.spec = spec
+        self.options = options
+        self.sm = StateMachine(name)
+        self.proc: Optional[subprocess.Popen] = None
+        self.chan: Optional[ControlChannel] = None
+        self.pid: Optional[int] = None
+        self.spawned_at = 0.0
+        self.ready_at: Optional[float] = None
+        self.restore = RestoreState()
+        self.stats: Dict[str, Any] = {}
+        self.done = False
+        self.starts = 0
+        self.restarts = 0
+        self.last_traceback: Optional[str] = None
+        self.exit_status: Optional[int] = None
+        self.kill_at: Optional[float] = None
+        self.last_heartbeat = 0.0
+
+    @property
+    def state(self) -> ProcessState:
+        return self.sm.state
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+class _Cmd:
+    CLOSE = "close"
+    STOP = "stop"
+    KILL = "kill"
+    ITER = "iter"
+
+
+class Supervisor:
+    """Runs a pipeline as supervised worker processes.
+
+    Args:
+        nodes_or_pipeline: a :class:`Pipeline`, a list of Node instances and/or manifest node
+            dicts, a manifest dict or a JSON string.
+        name: pipeline name (defaults to the pipeline's).
+        init_timeout: seconds a worker may take to unpickle and ``initialize()``.
+        stop_timeout: seconds a drain (stop(), SIGTERM) may take before workers are aborted.
+        kill_timeout: seconds an aborted worker gets for ``cleanup()`` before SIGKILL.
+        queue_depth: frames in flight per edge (consumer queue and producer window).
+        max_borrowed: received frames a consumer may hold zero-copy per edge; past that,
+            frames are copied out of shared memory so a hoarding node never stalls the edge.
+        max_node_size: refuse nodes whose pickle exceeds this many bytes (default 100 MB).
+        on_error: ``"raise"`` (a process() exception stops the pipeline with NodeError) or
+            ``"skip"`` (log it, drop the frame, continue).
+        restart_policy, max_restarts, restart_window, process_timeout, memory_limit,
+        poison_threshold, snapshot_interval: supervision options (see the README).
+        heartbeat_interval: seconds between worker heartbeats.
+        env: extra environment variables for the workers.
+        log_level: logging level of the workers.
+
+    Every option except the first three can also be set per node with
+    ``Node(..., options={...})``.
+
+    Example::
+
+        from remotemedia import Supervisor
+        from remotemedia.nodes import MapNode
+
+        with Supervisor([MapNode(lambda x: x * 2)]) as sup:
+            sup.send(21)
+            assert sup.recv(timeout=10) == 42
+            sup.close()
+    """
+
+    def __init__(
+        self,
+        nodes_or_pipeline: Any,
+        *,
+        name: Optional[str] = None,
+        init_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+        kill_timeout: float = 5.0,
+        queue_depth: int = 32,
+        max_borrowed: int = 8,
+        max_node_size: Optional[int] = DEFAULT_MAX_SIZE,
+        on_error: str = "raise",
+        restart_policy: str = "on-failure",
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        process_timeout: Optional[float] = None,
+        memory_limit: Optional[int] = None,
+        poison_threshold: int = 3,
+        snapshot_interval: Optional[float] = None,
+        backoff_base: float = 0.1,
+        backoff_max: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        env: Optional[Dict[str, str]] = None,
+        log_level: int = logging.WARNING,
+    ) -> None:
+        self.pipeline = as_pipeline(nodes_or_pipeline, name)
+        self.name = name or self.pipeline.name
+        if queue_depth < 1:
+            raise SupervisorError(f"queue_depth must be >= 1, got {queue_depth}")
+        if max_borrowed < 2:
+            raise SupervisorError(f"max_borrowed must be >= 2, got {max_borrowed}")
+        self.defaults = dict(_DEFAULTS)
+        self.defaults.update(
+            restart_policy=restart_policy,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            init_timeout=init_timeout,
+            process_timeout=process_timeout,
+            memory_limit=memory_limit,
+            on_error=on_error,
+            queue_depth=queue_depth,
+            poison_threshold=poison_threshold,
+            snapshot_interval=snapshot_interval,
+        )
+        self.stop_timeout = stop_timeout
+        self.kill_timeout = kill_timeout
+        self.max_borrowed = max_borrowed
+        self.max_node_size = max_node_size
+        self.heartbeat_interval = heartbeat_interval
+        self.env = dict(env or {})
+        self.log_level = log_level
+        self.node_options = {n.name: self._node_options(n) for n in self.pipeline.nodes}
+
+        self.run_id, self.prefix = resources.new_run()
+        self.workers: Dict[str, WorkerHandle] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._outq: "queue.Queue[Tuple[str, Any, Any]]" = queue.Queue()
+        self._inq: "queue.Queue[Any]" = queue.Queue(maxsize=max(2, 2 * queue_depth))
+        self._cmds: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed_by_user = False
+        self._eos_delivered = False
+        self._started_at: Optional[float] = None
+        self._ended_at: Optional[float] = None
+        self._stopped = False
+        self._phase = "new"  # new -> booting -> running -> draining/aborting -> finished
+
+    # ================================================================== options
+
+    def _node_options(self, node: Node) -> Dict[str, Any]:
+        opts = dict(self.defaults)
+        opts.update({k: v for k, v in (node.options or {}).items() if v is not None})
+        where = f"node {node.name!r}"
+        if opts["restart_policy"] not in RESTART_POLICIES:
+            raise SupervisorError(f"{where}: restart_policy must be one of {RESTART_POLICIES}, got {opts['restart_policy']!r}")
+        if opts["on_error"] not in ON_ERROR_POLICIES:
+            raise SupervisorError(f"{where}: on_error must be one of {ON_ERROR_POLICIES}, got {opts['on_error']!r}")
+        if opts["queue_policy"] not in QUEUE_POLICIES:
+            raise SupervisorError(f"{where}: queue_policy must be one of {QUEUE_POLICIES}, got {opts['queue_policy']!r}")
+        for key in ("queue_depth", "poison_threshold"):
+            if not isinstance(opts[key], int) or opts[key] < 1:
+                raise SupervisorError(f"{where}: {key} must be a positive int, got {opts[key]!r}")
+        for key in ("init_timeout", "restart_window", "backoff_base", "backoff_max"):
+            if not isinstance(opts[key], (int, float)) or opts[key] <= 0:
+                raise SupervisorError(f"{where}: {key} must be a positive number of seconds, got {opts[key]!r}")
+        return opts
+
+    # ================================================================== caller API
+
+    def start(self) -> "Supervisor":
+        """Serialize the nodes, spawn the workers and wait until every one is READY.
+
+        Raises SerializationError (nothing was started), NodeInitError (a node failed to
+        unpickle or initialize; its traceback is the cause), WorkerStartTimeout, WorkerCrashed.
+        Everything started is stopped and cleaned up before the error is raised.
+        """
+        if self._thread is not None:
+            raise SupervisorError(f"supervisor of {self.name!r} was already started")
+        blobs = {n.name: serialize_node(n, self.max_node_size) for n in self.pipeline.nodes}
+        self._build(blobs)
+        self._started_at = time.monotonic()
+        self._phase = "booting"
+        _LIVE.add(self)
+        self._thread = threading.Thread(target=self._thread_main, name=f"remotemedia-arbiter-{self.name}", daemon=True)
+        self._thread.start()
+        while not (self._ready.wait(0.1) or self._finished.is_set()):
+            pass
+        if not self._ready.is_set():
+            self.join()
+            raise self._error or SupervisorError(f"pipeline {self.name!r} failed to start")
+        return self
+
+    def send(self, value: Any, timeout: Optional[float] = None) -> None:
+        """Feed one input to the pipeline's input nodes. Blocks while the input queue is full
+        (backpressure); raises TimeoutError after ``timeout`` seconds."""
+        self._check_running("send()")
+        if self._closed_by_user:
+            raise SupervisorError("send() after close(): the input stream is closed")
+        if not self._input_edges:
+            raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); nothing to send to")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._raise_if_failed()
+            try:
+                self._inq.put(value, timeout=0.1)
+                break
+            except queue.Full:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"send(): the input queue stayed full for {timeout} s") from None
+                if self._finished.is_set():
+                    raise SupervisorError("send(): the pipeline has stopped")
+        self._wake()
+
+    def recv(self, timeout: Optional[float] = None) -> Any:
+        """The next output of the terminal node(s).
+
+        Raises the builtin TimeoutError when nothing arrives within ``timeout`` seconds,
+        :class:`EndOfStream` once the stream is closed and every output was received, and
+        the pipeline's error (NodeError, NodeFatalError, ...) if it failed.
+        """
+        return self.recv_frame(timeout)[0]
+
+    def recv_frame(self, timeout: Optional[float] = None) -> Tuple[Any, FrameInfo]:
+        """Like :meth:`recv`, with the frame header (``FrameInfo``: seq, origin, stream id,
+        timestamps, source node)."""
+        if self._thread is None:
+            raise SupervisorError("recv() before start(): use `with Supervisor(...) as sup:` or call start()")
+        if self._eos_delivered:
+            raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            try:
+                kind, value, info = self._outq.get(timeout=wait)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"recv(): no output within {timeout} s") from None
+                continue
+            if kind == "data":
+                return value, info
+            if kind == "eos":
+                self._eos_delivered = True
+                self._outq.put(("eos", None, None))
+                raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
+            if kind == "error":
+                self._outq.put(("error", value, None))
+                raise value
+
+    def __iter__(self) -> Iterator[Any]:
+        """Iterate over the outputs until EndOfStream."""
+        while True:
+            try:
+                yield self.recv()
+            except EndOfStream:
+                return
+
+    def close(self) -> None:
+        """End the input stream (end of stream travels through the pipeline once every
+        queued input was sent)."""
+        if not self._closed_by_user:
+            self._closed_by_user = True
+            self._command(_Cmd.CLOSE)
+
+    def stop(self) -> None:
+        """Graceful stop: sources stop, inputs end, frames in flight drain, every worker runs
+        cleanup() and exits. Escalates to abort after ``stop_timeout`` seconds."""
+        self._closed_by_user = True
+        self._command(_Cmd.STOP)
+
+    def kill(self) -> None:
+        """Abort now: workers get Abort (cleanup() then exit), SIGKILL after kill_timeout."""
+        self._closed_by_user = True
+        self._command(_Cmd.KILL)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the run has ended and everything was cleaned up. True when it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def worker_pids(self) -> Dict[str, Optional[int]]:
+        """Node name -> pid of its current worker process (None while not running)."""
+        return {n: (w.pid if w.alive else None) for n, w in self.workers.items()}
+
+    def states(self) -> Dict[str, str]:
+        """Node name -> worker state (STARTING, RUNNING, EXITED, ...)."""
+        return {n: w.state.value for n, w in self.workers.items()}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._finished.is_set()
+
+    def run(self, inputs: Optional[Iterable[Any]] = None) -> RunReport:
+        """Run until the sources are exhausted (and ``inputs``, if given, are all processed)
+        and every frame is drained, or until SIGINT/SIGTERM (then drain and stop cleanly; a
+        second signal aborts). Returns a :class:`RunReport` with the outputs.
+
+        Raises the pipeline's error (NodeError, NodeInitError, NodeFatalError, ...) after
+        everything was stopped and cleaned up.
+        """
+        restore = self._install_signal_handlers()
+        try:
+            if self._thread is None:
+                self.start()
+            if inputs is not None:
+                if not self._input_edges:
+                    raise SupervisorError(
+                        f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs"
+                    )
+                if isinstance(inputs, (str, bytes, dict)):
+                    raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
+                self._command(_Cmd.ITER, iter(inputs))
+            elif not self._closed_by_user:
+                self.close()
+            outputs: List[Tuple[int, int, Any]] = []
+            n = 0
+            while True:
+                try:
+                    kind, value, info = self._outq.get(timeout=0.1)
+                except queue.Empty:
+                    if self._finished.is_set() and self._outq.empty():
+                        break
+                    continue
+                if kind == "data":
+                    outputs.append((info.origin, n, value))
+                    n += 1
+                elif kind == "error":
+                    self.join()
+                    raise value
+            self.join()
+            if self._error is not None:
+                raise self._error
+            outputs.sort(key=lambda t: (t[0], t[1]))
+            return self.report([v for _, _, v in outputs])
+        finally:
+            restore()
+
+    def report(self, outputs: Optional[List[Any]] = None) -> RunReport:
+        """Statistics of the run so far."""
+        end = self._ended_at or time.monotonic()
+        nodes = {}
+        for name, w in self.workers.items():
+            s = dict(w.stats)
+            s.update(state=w.state.value, pid=w.pid, restarts=w.restarts, exit_status=w.exit_status)
+            nodes[name] = s
+        return RunReport(self.name, end - (self._started_at or end), outputs or [], nodes, self._stopped)
+
+    def __enter__(self) -> "Supervisor":
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.kill()
+            self.join()
+            return
+        self.close()
+        # Outputs nobody asked for are dropped; the stream still drains to a clean end.
+        deadline = time.monotonic() + self.stop_timeout
+        while not self._finished.is_set():
+            if time.monotonic() > deadline:
+                self.stop()
+                deadline = float("inf")
+            self._finished.wait(0.1)
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+    # ================================================================== plumbing for the caller
+
+    def _check_running(self, what: str) -> None:
+        if self._thread is None:
+            raise SupervisorError(f"{what} before start(): use `with Supervisor(...) as sup:` or call start()")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _wake(self) -> None:
+        fd = self._wake_w
+        if fd < 0:  # the run is over; closed descriptors may have been reused
+            return
+        try:
+            os.write(fd, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _command(self, cmd: str, arg: Any = None) -> None:
+        self._cmds.put((cmd, arg))
+        self._wake()
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        count = [0]
+
+        def handler(signum: int, frame: Any) -> None:
+            # Only enqueue: the arbiter thread acts on it.
+            count[0] += 1
+            self._stopped = True
+            if count[0] == 1:
+                log.warning("%s: %s received, draining (send it again to abort)", self.name, signal.Signals(signum).name)
+                self._command(_Cmd.STOP)
+            else:
+                self._command(_Cmd.KILL)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+    # ================================================================== graph -> specs
+
+    def _build(self, blobs: Dict[str, bytes]) -> None:
+        p = self.pipeline
+        index_of = {n.name: i for i, n in enumerate(p.nodes)}
+        inbox = lambda name: "in/sup" if name in (INPUT, OUTPUT) else f"in/w{index_of[name]}"  # noqa: E731
+        edges: List[EdgeSpec] = []
+        for i, (src, dst) in enumerate(p.edges()):
+            consumer_opts = self.node_options.get(dst, self.defaults)
+            edges.append(
+                EdgeSpec(
+                    index=i,
+                    src=src,
+                    dst=dst,
+                    data_service=f"e{i}/data",
+                    ack_service=f"e{i}/ack",
+                    src_inbox=inbox(src),
+                    dst_inbox=inbox(dst),
+                    depth=consumer_opts["queue_depth"],
+                    max_borrowed=self.max_borrowed,
+                    policy=consumer_opts["queue_policy"],
+                )
+            )
+        self.edges = edges
+        self._input_edges = [e for e in edges if e.src == INPUT]
+        self._output_edges = [e for e in edges if e.dst == OUTPUT]
+        for node in p.nodes:
+            i = index_of[node.name]
+            opts = self.node_options[node.name]
+            spec = WorkerSpec(
+                name=node.name,
+                index=i,
+                run_id=self.run_id,
+                prefix=self.prefix,
+                inbox=inbox(node.name),
+                in_edges=tuple(e for e in edges if e.dst == node.name),
+                out_edges=tuple(e for e in edges if e.src == node.name),
+                is_source=isinstance(node, Source),
+                on_error=opts["on_error"],
+                heartbeat_interval=self.heartbeat_interval,
+                log_level=self.log_level,
+            )
+            self.workers[node.name] = WorkerHandle(node.name, i, blobs[node.name], spec, opts)
+
+    # ================================================================== arbiter thread
+
+    def _thread_main(self) -> None:
+        try:
+            resources.cleanup_stale_runs()
+            self._iox = bridge.Node(self.prefix, "supervisor")
+            self._inbox = bridge.Listener(self._iox, "in/sup")
+            self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
+            self._out_ports = [InPort(self._iox, e) for e in self._output_edges]
+            self._input_iter: Optional[Iterator[Any]] = None
+            self._inputs_closed = False
+            self._input_count = 0
+            self._stop_deadline: Optional[float] = None
+            for w in self.workers.values():
+                self.spawn_worker(w)
+            while self._phase != "finished":
+                self._tick()
+        except BaseException as e:  # noqa: BLE001 - the caller must see every failure
+            log.exception("supervisor %s failed", self.name)
+            self._fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
+        finally:
+            self._shutdown()
+
+    def _tick(self) -> None:
+        fds = [self._wake_r] + [w.chan.fileno() for w in self.workers.values() if w.chan is not None and not w.chan.closed]
+        self._inbox.wait(self._next_timeout(), fds)
+        self._drain_wake()
+        self._handle_commands()
+        for w in list(self.workers.values()):
+            self._read_control(w)
+        self._collect_outputs()
+        self._feed_inputs()
+        self.reap_workers()
+        self.murder_workers()
+        self._check_done()
+
+    def _next_timeout(self) -> float:
+        t = 0.5
+        if any(w.chan is not None and w.chan.closed and w.alive for w in self.workers.values()):
+            t = 0.01  # a channel hung up: reap the process promptly
+        if self._phase in ("draining", "aborting"):
+            t = min(t, 0.05)
+        for p in self._in_ports:
+            r = p.next_retry
+            if r is not None:
+                t = min(t, max(0.0, r - time.monotonic()))
+        if self._input_iter is not None or not self._inq.empty():
+            if all(p.can_send() for p in self._in_ports):
+                t = 0.0
+        return t
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                cmd, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == _Cmd.CLOSE:
+                self._inputs_closed = True
+            elif cmd == _Cmd.ITER:
+                self._input_iter = arg
+            elif cmd == _Cmd.STOP:
+                self._begin_drain("stop requested")
+            elif cmd == _Cmd.KILL:
+                self._begin_abort("kill requested")
+
+    # ------------------------------------------------------------------ control messages
+
+    def _read_control(self, w: WorkerHandle) -> None:
+        if w.chan is None or w.chan.closed:
+            return
+        try:
+            msgs = w.chan.receive()
+        except ChannelClosed:
+            return
+        for msg in msgs:
+            self._on_message(w, msg)
+
+    def _on_message(self, w: WorkerHandle, msg: Any) -> None:
+        if isinstance(msg, Hello):
+            w.pid = msg.pid
+        elif isinstance(msg, Ready):
+            w.ready_at = time.monotonic()
+            w.last_heartbeat = w.ready_at
+            if w.state is ProcessState.STARTING:
+                w.sm.change(ProcessState.RUNNING, f"ready after {msg.init_seconds:.2f}s")
+            self._on_worker_ready(w)
+        elif isinstance(msg, InitFailed):
+            w.last_traceback = msg.traceback
+            err = NodeInitError(
+                w.name,
+                f"{msg.stage} failed: {msg.message}",
+                pid=w.pid,
+                exc_type=msg.exc_type,
+                traceback=msg.traceback,
+            )
+            self._fail(err)
+        elif isinstance(msg, NodeFailed):
+            w.last_traceback = msg.traceback
+            original = None
+            if msg.exc_blob is not None:
+                try:
+                    original = cloudpickle.loads(msg.exc_blob)
+                except Exception:
+                    original = None
+            if msg.fatal:
+                self._fail(
+                    NodeError(
+                        w.name,
+                        msg.message,
+                        pid=w.pid,
+                        seq=msg.seq,
+                        exc_type=msg.exc_type,
+                        original=original,
+                        traceback=msg.traceback,
+                    )
+                )
+            else:
+                log.warning("node %s (pid %s) skipped frame %s: %s: %s", w.name, w.pid, msg.seq, msg.exc_type, msg.message)
+        elif isinstance(msg, Commit):
+            w.restore.in_seqs.update(msg.in_seqs)
+            w.restore.out_next.update(msg.out_next)
+            if msg.source_position is not None:
+                w.restore.source_position = msg.source_position
+            if msg.snapshot is not None:
+                w.restore.snapshot = msg.snapshot
+        elif isinstance(msg, Gap):
+            self._replay_to(msg.edge, msg.expected - 1)
+        elif isinstance(msg, Heartbeat):
+            w.stats = msg.stats
+            w.last_heartbeat = time.monotonic()
+        elif isinstance(msg, Done):
+            w.stats = msg.stats
+            w.done = True
+
+    def _on_worker_ready(self, w: WorkerHandle) -> None:
+        # Producers resend whatever this worker has not committed (nothing on a first start).
+        for e in w.spec.in_edges:
+            self._replay_to(e.index, w.restore.in_seqs.get(e.index, -1))
+        if self._phase == "booting":
+            if all(x.state is ProcessState.RUNNING for x in self.workers.values()):
+                self._phase = "running"
+                for x in self.workers.values():
+                    if x.spec.is_source:
+                        self._send(x, Start())
+                self._ready.set()
+                log.info("pipeline %s: %d workers ready", self.name, len(self.workers))
+        elif w.spec.is_source:
+            self._send(w, Start())
+            if self._phase == "draining":
+                self._send(w, Drain())
+
+    def _replay_to(self, edge_index: int, after: int) -> None:
+        e = self.edges[edge_index]
+        if e.src == INPUT:
+            for p in self._in_ports:
+                if p.spec.index == edge_index:
+                    p.replay(after)
+        else:
+            producer = self.workers[e.src]
+            if producer.state is ProcessState.RUNNING:
+                self._send(producer, Replay(edge_index, after))
+
+    def _send(self, w: WorkerHandle, msg: Any) -> None:
+        if w.chan is None or w.chan.closed:
+            return
+        try:
+            w.chan.send(msg)
+        except ChannelClosed:
+            pass
+
+    # ------------------------------------------------------------------ frames in and out
+
+    def _feed_inputs(self) -> None:
+        for p in self._in_ports:
+            p.poll_acks()
+            p.resend_due()
+        if not self._in_ports or self._phase not in ("running", "draining"):
+            return
+        while all(p.can_send() for p in self._in_ports):
+            value, have = self._next_input()
+            if not have:
+                break
+            value, stream_id = split_frame(value)
+            meta, bufs = encode(value)
+            now = time.monotonic_ns()
+            for p in self._in_ports:
+                p.send(Kind.DATA, meta, bufs, self._input_count, stream_id or 0, now)
+            self._input_count += 1
+        if (
+            self._inputs_closed
+            and self._input_iter is None
+            and self._inq.empty()
+            and not any(p.eos_sent for p in self._in_ports)
+        ):
+            for p in self._in_ports:
+                if p.can_send():
+                    p.send(Kind.EOS, b"", [], self._input_count, 0, 0)
+
+    def _next_input(self) -> Tuple[Any, bool]:
+        try:
+            return self._inq.get_nowait(), True
+        except queue.Empty:
+            pass
+        if self._input_iter is not None:
+            try:
+                return next(self._input_iter), True
+            except StopIteration:
+                self._input_iter = None
+                self._inputs_closed = True
+            except Exception as e:
+                self._input_iter = None
+                self._fail(SupervisorError(f"the inputs iterator raised {type(e).__name__}: {e}"))
+        return None, False
+
+    def _collect_outputs(self) -> None:
+        for p in self._out_ports:
+            last = None
+            while True:
+                s = p.receive()
+                if s is None:
+                    break
+                last = s.seq
+                if s.kind == Kind.EOS:
+                    continue
+                info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.spec.src)
+                value = decode(s, copy=p.should_copy())
+                del s
+                self._outq.put(("data", value, info))
+            if last is not None:
+                p.ack(last)
+        if self._out_ports and all(p.eos for p in self._out_ports) and not getattr(self, "_eos_queued", False):
+            self._eos_queued = True
+            self._outq.put(("eos", None, None))
+
+    # ------------------------------------------------------------------ processes
+
+    def spawn_worker(self, w: WorkerHandle) -> None:
+        """Start (or restart) the worker of one node."""
+        parent_sock, child_sock = socketpair()
+        blob_fd = os.memfd_create(f"remotemedia-{w.name}", 0)
+        try:
+            view = memoryview(w.blob)
+            while view:
+                n = os.write(blob_fd, view)
+                view = view[n:]
+            env = dict(os.environ)
+            env.update(self.env)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [os.path.abspath(p or os.getcwd()) for p in sys.path if p is not None]
+                + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            )
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            cmd = [
+                sys.executable,
+                "-m",
+                "supervisor.worker",
+                "--fd",
+                str(child_sock.fileno()),
+                "--blob-fd",
+                str(blob_fd),
+                "--ppid",
+                str(os.getpid()),
+                "--name",
+                w.name,
+            ]
+            w.sm.change(ProcessState.STARTING, "spawn")
+            w.proc = subprocess.Popen(
+                cmd,
+                pass_fds=(child_sock.fileno(), blob_fd),
+                process_group=0,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+            os.close(blob_fd)
+        w.pid = w.proc.pid
+        w.chan = ControlChannel(parent_sock)
+        w.spawned_at = time.monotonic()
+        w.ready_at = None
+        w.done = False
+        w.exit_status = None
+        w.kill_at = None
+        w.starts += 1
+        restore = w.restore if w.starts > 1 else None
+        self._send(w, Setup(w.spec, restore))
+        log.info("spawned worker for node %s (pid %d)", w.name, w.pid)
+
+    def reap_workers(self) -> None:
+        """Collect the exit status of every worker that exited (each child by its own
+        Popen.poll())."""
+        for w in self.workers.values():
+            if w.proc is None or w.proc.returncode is not None:
+                continue
+            rc = w.proc.poll()
+            if rc is None:
+                continue
+            self._read_control(w)  # messages written just before exiting
+            w.exit_status = rc
+            if w.chan is not None:
+                w.chan.close()
+            self._on_exit(w, rc)
+            try:
+                cleaned, _failed = self._iox.cleanup_dead_nodes()
+            except Exception as e:  # pragma: no cover - cleanup must not kill the arbiter
+                log.debug("dead-node cleanup failed: %s", e)
+
+    def _on_exit(self, w: WorkerHandle, rc: int) -> None:
+        state = w.state
+        how = describe_exit(rc)
+        if rc == EXIT_OK and w.done:
+            if state in (ProcessState.RUNNING, ProcessState.STOPPING):
+                w.sm.change(ProcessState.EXITED, "end of stream")
+            return
+        if state is ProcessState.STOPPING or self._phase == "aborting":
+            w.sm.change(ProcessState.STOPPED if state is ProcessState.STOPPING else ProcessState.EXITED, how)
+            return
+        if rc == EXIT_LOAD_ERROR:
+            w.sm.change(ProcessState.FATAL, "load error")
+            if self._error is None:
+                self._fail(NodeFatalError(w.name, f"could not load the node ({how})", w.pid, rc, w.last_traceback))
+            return
+        # An unexpected exit.
+        if state is ProcessState.STARTING:
+            w.sm.change(ProcessState.FATAL, f"died during initialize() ({how})")
+            self._fail(
+                NodeInitError(
+                    w.name,
+                    f"the worker died during unpickling/initialize() ({how}) before reporting READY",
+                    pid=w.pid,
+                    traceback=w.last_traceback,
+                )
+            )
+            return
+        w.sm.change(ProcessState.EXITED, how)
+        self._fail(WorkerCrashed(w.name, f"worker exited unexpectedly ({how})", w.pid))
+
+    def murder_workers(self) -> None:
+        """Enforce deadlines: init timeout, stop timeout, kill timeout."""
+        now = time.monotonic()
+        for w in self.workers.values():
+            if not w.alive:
+                continue
+            if w.state is ProcessState.STARTING and now - w.spawned_at > w.options["init_timeout"]:
+                self._fail(
+                    WorkerStartTimeout(
+                        w.name,
+                        f"initialize() did not finish within init_timeout={w.options['init_timeout']} s",
+                        w.pid,
+                    )
+                )
+                self._signal(w, signal.SIGKILL)
+            if w.kill_at is not None and now >= w.kill_at:
+                log.warning("node %s (pid %s) did not stop in time; SIGKILL", w.name, w.pid)
+                self._signal(w, signal.SIGKILL)
+                w.kill_at = None
+        if self._phase == "draining" and self._stop_deadline is not None and now > self._stop_deadline:
+            log.warning("pipeline %s did not drain within %.1f s; aborting", self.name, self.stop_timeout)
+            self._begin_abort("drain timeout")
+
+    def _signal(self, w: WorkerHandle, sig: int) -> None:
+        if not w.alive or w.proc is None:
+            return
+        try:
+            # The worker leads its own process group: take its children with it.
+            os.killpg(w.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            w.proc.send_signal(sig)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _fail(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = err
+            self._outq.put(("error", err, None))
+            log.error("pipeline %s failed: %s", self.name, err)
+        self._begin_abort(str(err))
+
+    def _begin_drain(self, reason: str) -> None:
+        if self._phase in ("draining", "aborting", "finished"):
+            return
+        if self._phase == "booting":
+            self._begin_abort(reason)
+            return
+        self._stopped = True
+        self._phase = "draining"
+        self._inputs_closed = True
+        self._input_iter = None
+        self._stop_deadline = time.monotonic() + self.stop_timeout
+        for w in self.workers.values():
+            if w.spec.is_source:
+                self._send(w, Drain())
+        log.info("pipeline %s: draining (%s)", self.name, reason)
+
+    def _begin_abort(self, reason: str) -> None:
+        if self._phase in ("aborting", "finished"):
+            return
+        self._phase = "aborting"
+        deadline = time.monotonic() + self.kill_timeout
+        for w in self.workers.values():
+            if w.alive:
+                if w.state in (ProcessState.STARTING, ProcessState.RUNNING):
+                    w.sm.change(ProcessState.STOPPING, reason)
+                self._send(w, Abort())
+                w.kill_at = deadline
+        log.info("pipeline %s: aborting (%s)", self.name, reason)
+
+    def _check_done(self) -> None:
+        if self._phase == "aborting":
+            if not any(w.alive for w in self.workers.values()):
+                self._phase = "finished"
+            return
+        if self._phase not in ("running", "draining"):
+            return
+        outputs_done = all(p.eos for p in self._out_ports)
+        workers_done = all(
+            (not w.alive) and w.done and w.state is ProcessState.EXITED for w in self.workers.values()
+        )
+        if outputs_done and workers_done:
+            self._phase = "finished"
+
+    def _shutdown(self) -> None:
+        """Make sure nothing is left: processes, ports, shared memory."""
+        try:
+            for w in self.workers.values():
+                if w.alive:
+                    self._signal(w, signal.SIGKILL)
+            for w in self.workers.values():
+                if w.proc is not None:
+                    try:
+                        w.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+                        log.error("worker %s (pid %s) did not die", w.name, w.pid)
+                    if w.exit_status is None:
+                        w.exit_status = w.proc.returncode
+                if w.chan is not None:
+                    w.chan.close()
+            for p in getattr(self, "_in_ports", []):
+                p.close()
+            for p in getattr(self, "_out_ports", []):
+                p.close()
+            self._in_ports, self._out_ports = [], []
+            self._inbox = None  # type: ignore[assignment]
+            self._iox = None  # type: ignore[assignment]
+            left = resources.purge(self.prefix)
+            if left:
+                log.warning("could not remove shared-memory files of run %s: %s", self.run_id, left)
+        except BaseException as e:  # noqa: BLE001
+            log.exception("shutdown of %s failed", self.name)
+            if self._error is None:
+                self._error = SupervisorError(f"shutdown failed: {e!r}")
+        finally:
+            self._ended_at = time.monotonic()
+            self._phase = "finished"
+            if not getattr(self, "_eos_queued", False) and self._error is None:
+                self._outq.put(("eos", None, None))
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            for fd in (wake_r, wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._finished.set()
+            _LIVE.discard(self)

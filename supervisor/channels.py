@@ -1,0 +1,304 @@
+"""Edge ends: how frames cross one edge without loss, duplication or deadlock.
+
+Every edge ``A -> B`` is two iceoryx2 services (frames, and acks going back) plus the two
+processes' inbox events. Each frame carries a sequence number that is contiguous per edge.
+
+::
+
+        A (OutPort)                                      B (InPort)
+        -----------                                      ----------
+        seq = next_seq++                                 accept only seq == expected
+        retained[seq] = frame        -- data service -->   seq <  expected: duplicate, drop
+        publish; notify B's inbox                          seq >  expected: gap, drop (+ Gap)
+                                                          process ...
+        drop retained <= acked       <-- ack service --  ack(committed seq); notify A's inbox
+        window: len(retained) < depth
+
+*Flow control.* A lossless edge (policy ``block``) lets at most ``depth`` unacknowledged
+frames (and ``max_bytes`` of them) be in flight; the consumer's queue holds ``depth``
+frames, so a send normally never overflows it. The publisher never blocks inside iceoryx2
+(``DiscardData``): if a send is discarded anyway (a replay racing live frames, a consumer that
+is gone) it returns 0, the frame stays retained, and the producer sends it again later, in
+order. Nothing waits on a dead peer while holding the GIL.
+
+*Replay.* Retained frames are the replay log. When a consumer restarts, the supervisor tells
+the producer ``Replay(after=<consumer's last commit>)`` and every retained frame after it is
+sent again; the consumer drops what it already has. Acks are *commits*: a consumer
+acknowledges an input only when every output derived from it has itself been committed
+downstream, so a crash anywhere never loses a frame that some upstream has already dropped.
+
+*Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and ack nothing: the iceoryx2
+queue overwrites its oldest frame, and the consumer counts the holes as drops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, List, Optional, Tuple
+
+from remotemedia import _ipc_bridge as bridge
+from remotemedia.frames import Kind
+
+from .protocol import EdgeSpec
+
+__all__ = ["OutPort", "InPort", "Retained", "ack_channel_options"]
+
+_EMPTY = b""
+
+
+def ack_channel_options() -> dict:
+    # Acks are cumulative, so only the newest matters: a one-slot overwriting queue.
+    return dict(max_subscribers=2, max_publishers=2, buffer_size=1, max_borrowed=1, safe_overflow=True)
+
+
+@dataclass
+class Retained:
+    seq: int
+    kind: int
+    meta: Any
+    buffers: List[Any]
+    origin: int
+    stream_id: int
+    created_ns: int
+    nbytes: int
+
+
+class OutPort:
+    """Producer end of an edge."""
+
+    def __init__(self, node: Any, spec: EdgeSpec, next_seq: int = 0) -> None:
+        self.spec = spec
+        self.lossless = spec.lossless
+        self.pub = bridge.Publisher(node, spec.data_service, **spec.channel_options())
+        self.ack_sub = (
+            bridge.Subscriber(node, spec.ack_service, **ack_channel_options()) if self.lossless else None
+        )
+        self.notifier = bridge.Notifier(node, spec.dst_inbox)
+        self.next_seq = next_seq
+        self.acked = next_seq - 1
+        self.retained: Deque[Retained] = deque()
+        self.retained_bytes = 0
+        # seq of the first retained frame not known to be delivered (None: all delivered)
+        self.undelivered: Optional[int] = None
+        self._retry_at = 0.0
+        self._retry_delay = 0.002
+        self.sent = 0
+        self.resent = 0
+        self.discarded = 0
+        self.eos_sent = False
+
+    # -------------------------------------------------------------- sending
+
+    def can_send(self) -> bool:
+        if not self.lossless:
+            return True
+        if not self.retained:
+            return True
+        return len(self.retained) < self.spec.depth and self.retained_bytes < self.spec.max_bytes
+
+    def send(
+        self,
+        kind: int,
+        meta: Any,
+        buffers: List[Any],
+        origin: int = 0,
+        stream_id: int = 0,
+        created_ns: int = 0,
+    ) -> int:
+        """Queue one frame (the caller checked ``can_send``) and publish it if the edge is in
+        order. Returns the frame's seq."""
+        seq = self.next_seq
+        self.next_seq += 1
+        if kind == Kind.EOS:
+            self.eos_sent = True
+        if not self.lossless:
+            self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
+            self.sent += 1
+            self._notify()
+            return seq
+        nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
+        r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
+        self.retained.append(r)
+        self.retained_bytes += nbytes
+        if self.undelivered is None:
+            if self._publish(r):
+                self.sent += 1
+                self._notify()
+            else:
+                self.undelivered = seq
+                self._schedule_retry(reset=True)
+        return seq
+
+    def _publish(self, r: Retained) -> bool:
+        n = self.pub.send(
+            r.seq, r.kind, r.meta, r.buffers, origin=r.origin, stream_id=r.stream_id, created_ns=r.created_ns
+        )
+        if n == 0:
+            self.discarded += 1
+        return n > 0
+
+    def _notify(self) -> None:
+        self.notifier.notify()
+
+    def _schedule_retry(self, reset: bool = False) -> None:
+        if reset:
+            self._retry_delay = 0.002
+        else:
+            self._retry_delay = min(self._retry_delay * 2, 0.1)
+        self._retry_at = time.monotonic() + self._retry_delay
+
+    # -------------------------------------------------------------- acks and resends
+
+    def poll_acks(self) -> bool:
+        """Consume acks; drop what they cover. True when something was acknowledged."""
+        if self.ack_sub is None:
+            return False
+        newest = None
+        while True:
+            s = self.ack_sub.receive()
+            if s is None:
+                break
+            newest = s.seq
+            del s
+        if newest is None or newest <= self.acked:
+            return False
+        self.acked = newest
+        while self.retained and self.retained[0].seq <= newest:
+            r = self.retained.popleft()
+            self.retained_bytes -= r.nbytes
+        if self.undelivered is not None and self.undelivered <= newest:
+            self.undelivered = self.retained[0].seq if self.retained else None
+        return True
+
+    def replay(self, after: int) -> None:
+        """Send again every retained frame with seq > after (a consumer restarted)."""
+        if not self.lossless:
+            return
+        self.pub.update_connections()
+        first = next((r.seq for r in self.retained if r.seq > after), None)
+        if first is not None and (self.undelivered is None or first < self.undelivered):
+            self.undelivered = first
+        self._retry_at = 0.0
+        self.resend_due(force=True)
+
+    def resend_due(self, force: bool = False) -> bool:
+        """Send the undelivered tail in order, if its retry time has come. True when the
+        whole tail went out."""
+        if self.undelivered is None:
+            return True
+        now = time.monotonic()
+        if not force and now < self._retry_at:
+            return False
+        sent_any = False
+        for r in self.retained:
+            if r.seq < self.undelivered:
+                continue
+            if not self._publish(r):
+                self.undelivered = r.seq
+                if sent_any:
+                    self._notify()
+                self._schedule_retry(reset=sent_any)
+                return False
+            sent_any = True
+            self.resent += 1
+        self.undelivered = None
+        if sent_any:
+            self._notify()
+        return True
+
+    @property
+    def next_retry(self) -> Optional[float]:
+        return self._retry_at if self.undelivered is not None else None
+
+    @property
+    def fully_acked(self) -> bool:
+        return not self.retained
+
+    def close(self) -> None:
+        self.retained.clear()
+        self.retained_bytes = 0
+        self.pub.close()
+        if self.ack_sub is not None:
+            self.ack_sub.close()
+
+
+class InPort:
+    """Consumer end of an edge."""
+
+    def __init__(self, node: Any, spec: EdgeSpec, expected: int = 0) -> None:
+        self.spec = spec
+        self.lossless = spec.lossless
+        self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
+        self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options()) if self.lossless else None
+        self.ack_notifier = bridge.Notifier(node, spec.src_inbox) if self.lossless else None
+        self.expected = expected
+        self.eos = False
+        self.eos_seq: Optional[int] = None
+        self.last_ack = expected - 1
+        self.gap_since: Optional[float] = None
+        self.gap_reported_at = 0.0
+        self.received = 0
+        self.duplicates = 0
+        self.dropped = 0  # frames lost on a lossy edge
+
+    def receive(self) -> Optional[Any]:
+        """The next in-order frame (a bridge Sample), or None."""
+        while True:
+            s = self.sub.receive()
+            if s is None:
+                return None
+            seq = s.seq
+            if seq < self.expected:
+                self.duplicates += 1
+                continue
+            if seq > self.expected:
+                if self.lossless:
+                    if self.gap_since is None:
+                        self.gap_since = time.monotonic()
+                    continue
+                self.dropped += seq - self.expected
+            self.expected = seq + 1
+            self.gap_since = None
+            self.received += 1
+            if s.kind == Kind.EOS:
+                self.eos = True
+                self.eos_seq = seq
+            return s
+
+    def ack(self, seq: int) -> None:
+        """Tell the producer that every frame up to ``seq`` is committed."""
+        if self.ack_pub is None or seq <= self.last_ack:
+            return
+        self.ack_pub.send(seq, Kind.ACK, _EMPTY)
+        self.last_ack = seq
+        assert self.ack_notifier is not None
+        self.ack_notifier.notify()
+
+    def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]:
+        """The seq to ask a replay from, when a gap has lasted ``min_age`` and was not reported
+        in the last ``interval`` seconds."""
+        if self.gap_since is None or now - self.gap_since < min_age or now - self.gap_reported_at < interval:
+            return None
+        self.gap_reported_at = now
+        return self.expected
+
+    def should_copy(self) -> bool:
+        """True when the next frame must be copied out of shared memory so that the borrow
+        limit is never reached (a node holding on to frames must not stall the edge)."""
+        return self.sub.borrowed >= self.sub.max_borrowed - 1
+
+    def close(self) -> None:
+        self.sub.close()
+        if self.ack_pub is not None:
+            self.ack_pub.close()
+
+
+def split_frame(value: Any) -> Tuple[Any, Optional[int]]:
+    """Unwrap a :class:`remotemedia.frames.Frame`."""
+    from remotemedia.frames import Frame
+
+    if isinstance(value, Frame):
+        return value.value, value.stream_id
+    return value, None

@@ -1,0 +1,298 @@
+"""Control protocol between the supervisor and its workers.
+
+Each worker is connected to the supervisor by one ``socketpair`` (inherited as a file
+descriptor, never by fork). Messages are length-prefixed pickles of the small dataclasses
+below; frames never travel here, they go through iceoryx2. EOF on the socket means the peer
+died, which is how both sides notice a crash without polling.
+
+::
+
+    supervisor                                   worker
+    ----------                                   ------
+    Setup(spec, restore) + memfd     ------->    unpickle, initialize(), open ports
+                                     <-------    Hello(pid)  (before unpickling)
+                                     <-------    Ready | InitFailed(traceback)
+    Replay(edge, after)              ------->    resend retained frames > after
+    Drain / Abort                    ------->    stop generating / stop now
+                                     <-------    Commit(acks, next seqs), Gap(edge, want)
+                                     <-------    NodeFailed(seq, traceback), Heartbeat(stats)
+                                     <-------    Done(stats)  then exit 0
+
+Exit codes of a worker (reserved, as gunicorn's WORKER_BOOT_ERROR / APP_LOAD_ERROR)::
+
+    0   end of stream processed, cleanup() done
+    3   EXIT_LOAD_ERROR: the node could not be unpickled or initialize() raised (not retried)
+    4   EXIT_SETUP_ERROR: the worker could not open its ports / talk to the supervisor
+    5   EXIT_ABORTED: stopped on request (Abort) after cleanup()
+"""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_LOAD_ERROR",
+    "EXIT_SETUP_ERROR",
+    "EXIT_ABORTED",
+    "EdgeSpec",
+    "WorkerSpec",
+    "Setup",
+    "Hello",
+    "Ready",
+    "InitFailed",
+    "NodeFailed",
+    "Commit",
+    "Gap",
+    "Heartbeat",
+    "Done",
+    "Replay",
+    "Start",
+    "Drain",
+    "RestoreState",
+    "Abort",
+    "ControlChannel",
+    "ChannelClosed",
+]
+
+EXIT_OK = 0
+EXIT_LOAD_ERROR = 3
+EXIT_SETUP_ERROR = 4
+EXIT_ABORTED = 5
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """One edge of the pipeline graph, as both of its ends see it."""
+
+    index: int
+    src: str  # node name, or "__input__"
+    dst: str  # node name, or "__output__"
+    data_service: str
+    ack_service: str
+    src_inbox: str  # event service that wakes the producer (acks)
+    dst_inbox: str  # event service that wakes the consumer (frames)
+    depth: int  # frames in flight (consumer queue size == producer window)
+    max_borrowed: int  # frames the consumer may hold zero-copy
+    policy: str = "block"  # block | drop_oldest | latest
+    max_bytes: int = 512 * 1024 * 1024  # bytes in flight before the producer waits
+
+    @property
+    def lossless(self) -> bool:
+        return self.policy == "block"
+
+    def channel_options(self) -> Dict[str, Any]:
+        """Settings both ends pass to the bridge (they must match)."""
+        return dict(
+            max_subscribers=2,
+            buffer_size=self.depth,
+            max_borrowed=self.max_borrowed,
+            safe_overflow=not self.lossless,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs besides its node."""
+
+    name: str
+    index: int
+    run_id: str
+    prefix: str
+    inbox: str
+    in_edges: Tuple[EdgeSpec, ...]
+    out_edges: Tuple[EdgeSpec, ...]
+    is_source: bool
+    on_error: str = "raise"
+    heartbeat_interval: float = 1.0
+    ack_every: int = 0  # 0: depth // 4
+    log_level: int = 20
+
+
+@dataclass
+class RestoreState:
+    """Where a restarted worker resumes (its last commit)."""
+
+    in_seqs: Dict[int, int] = field(default_factory=dict)  # edge -> last committed seq
+    out_next: Dict[int, int] = field(default_factory=dict)  # edge -> next seq to assign
+    snapshot: Optional[bytes] = None
+    source_position: int = 0  # items of generate() already committed
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass
+class Setup:
+    """The node itself arrives through an inherited memfd (``--blob-fd``), so a 100 MB model
+    never blocks this socket."""
+
+    spec: WorkerSpec
+    restore: Optional[RestoreState] = None
+
+
+@dataclass
+class Hello:
+    pid: int
+
+
+@dataclass
+class Ready:
+    pid: int
+    init_seconds: float
+
+
+@dataclass
+class InitFailed:
+    stage: str  # "unpickle" | "initialize" | "setup"
+    exc_type: str
+    message: str
+    traceback: str
+
+
+@dataclass
+class NodeFailed:
+    seq: Optional[int]
+    origin: Optional[int]
+    exc_type: str
+    message: str
+    traceback: str
+    exc_blob: Optional[bytes] = None  # the pickled exception, when it pickles
+    fatal: bool = True  # False: the frame was skipped (on_error="skip")
+
+
+@dataclass
+class Commit:
+    in_seqs: Dict[int, int]
+    out_next: Dict[int, int]
+    source_position: Optional[int] = None
+    snapshot: Optional[bytes] = None
+
+
+@dataclass
+class Gap:
+    edge: int
+    expected: int
+
+
+@dataclass
+class Heartbeat:
+    stats: Dict[str, Any]
+
+
+@dataclass
+class Done:
+    stats: Dict[str, Any]
+
+
+@dataclass
+class Replay:
+    edge: int
+    after: int
+
+
+@dataclass
+class Start:
+    """Sources: every worker is READY, start generating."""
+
+
+@dataclass
+class Drain:
+    """Sources: stop generating and end the stream. Others ignore it."""
+
+
+@dataclass
+class Abort:
+    """Stop now: cleanup() and exit EXIT_ABORTED, without draining."""
+
+
+# --------------------------------------------------------------------------- channel
+
+
+class ChannelClosed(Exception):
+    """The peer closed its end (it exited or crashed)."""
+
+
+_LEN = struct.Struct("!I")
+
+
+class ControlChannel:
+    """Length-prefixed pickled messages over a stream socket.
+
+    ``send`` blocks until the message is written; ``receive`` never blocks and returns every
+    complete message that has arrived.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(True)
+        self._buf = bytearray()
+        self.closed = False
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "ControlChannel":
+        return cls(socket.socket(fileno=fd))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, msg: Any) -> None:
+        data = pickle.dumps(msg, protocol=5)
+        try:
+            self.sock.sendall(_LEN.pack(len(data)) + data)
+        except (BrokenPipeError, ConnectionResetError, OSError) as e:
+            self.closed = True
+            raise ChannelClosed(str(e)) from e
+
+    def receive(self) -> List[Any]:
+        """Every complete message available now; raises ChannelClosed on EOF once the
+        buffered messages have been returned."""
+        eof = False
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except (ConnectionResetError, OSError) as e:
+                if getattr(e, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            self._buf += chunk
+        out = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if len(self._buf) < 4 + n:
+                break
+            out.append(pickle.loads(bytes(self._buf[4 : 4 + n])))
+            del self._buf[: 4 + n]
+        if eof:
+            self.closed = True
+            if not out:
+                raise ChannelClosed("peer closed the control channel")
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def socketpair() -> Tuple[socket.socket, socket.socket]:
+    """A connected pair; the child's end is inheritable (for ``pass_fds``)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child.set_inheritable(True)
+    return parent, child

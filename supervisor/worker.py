@@ -1,0 +1,589 @@
+"""Worker process: runs one node. Entry point ``python -m supervisor.worker``.
+
+::
+
+    supervisor ---Setup(spec)---> worker: read node blob (memfd) -> cloudpickle.loads
+                                          -> restore(snapshot) -> initialize()
+                                          -> open iceoryx2 ports -> Ready
+    loop (one wait point: inbox listener + control socket):
+        control messages (Replay, Start, Drain, Abort)
+        acks from downstream -> drop retained frames -> commits -> acks upstream
+        resend undelivered frames
+        next input frame (or next generate() item) -> process() -> emit outputs
+    end of stream on every input -> flush() -> EOS downstream -> wait for acks
+        -> cleanup() -> Done -> exit 0
+
+The worker never decides policy: it reports (Ready, InitFailed, NodeFailed, Commit, Gap,
+Heartbeat, Done) and obeys. Exit codes are listed in :mod:`supervisor.protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+
+import cloudpickle
+
+from remotemedia import _ipc_bridge as bridge
+from remotemedia.frames import FrameInfo, Kind, decode, encode
+
+from .channels import InPort, OutPort, split_frame
+from .protocol import (
+    EXIT_ABORTED,
+    EXIT_LOAD_ERROR,
+    EXIT_OK,
+    EXIT_SETUP_ERROR,
+    Abort,
+    ChannelClosed,
+    Commit,
+    ControlChannel,
+    Done,
+    Drain,
+    Gap,
+    Heartbeat,
+    Hello,
+    InitFailed,
+    NodeFailed,
+    Ready,
+    Replay,
+    RestoreState,
+    Setup,
+    Start,
+    WorkerSpec,
+)
+from .stats import LatencyStats
+
+log = logging.getLogger("remotemedia.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+class _Abort(Exception):
+    """Unwinds the worker when the supervisor says Abort or disappears."""
+
+
+def _die_with_parent(expected_ppid: int) -> None:
+    # PDEATHSIG fires when the *thread* that spawned us exits; the supervisor spawns from
+    # its arbiter thread, which lives as long as any worker. The ppid check closes the race
+    # where the parent died before prctl().
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+    if os.getppid() != expected_ppid:
+        os._exit(EXIT_SETUP_ERROR)
+
+
+def _format_exc(e: BaseException) -> Tuple[str, str, str, Optional[bytes]]:
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        blob: Optional[bytes] = cloudpickle.dumps(e)
+    except Exception:
+        blob = None
+    return f"{type(e).__module__}.{type(e).__qualname__}", str(e), tb, blob
+
+
+class Runner:
+    """The worker's main loop around one initialized node."""
+
+    def __init__(self, node: Any, spec: WorkerSpec, chan: ControlChannel, restore: Optional[RestoreState]) -> None:
+        self.node = node
+        self.spec = spec
+        self.chan = chan
+        self.restore = restore or RestoreState()
+        self.iox = bridge.Node(spec.prefix, f"w{spec.index}")
+        self.inbox = bridge.Listener(self.iox, spec.inbox)
+        # Inputs first: a restarted worker must be attached before anyone replays to it.
+        self.inputs: List[InPort] = [
+            InPort(self.iox, e, expected=self.restore.in_seqs.get(e.index, -1) + 1) for e in spec.in_edges
+        ]
+        self.outputs: List[OutPort] = [
+            OutPort(self.iox, e, next_seq=self.restore.out_next.get(e.index, 0)) for e in spec.out_edges
+        ]
+        self.by_edge_in = {p.spec.index: p for p in self.inputs}
+        self.by_edge_out = {p.spec.index: p for p in self.outputs}
+        self.started = not spec.is_source
+        self.draining = False
+        self.aborted = False
+        self.failed = False  # process() raised with on_error="raise": wait for Abort
+        # commit markers: (edge or None for the source, seq/position, out_next after it)
+        self.markers: Deque[Tuple[Optional[int], int, Dict[int, int]]] = deque()
+        self.committed: Dict[int, int] = {p.spec.index: p.expected - 1 for p in self.inputs}
+        self.source_position = self.restore.source_position
+        self.committed_position = self.source_position
+        self.commit_dirty = False
+        self._commit_out_next: Dict[int, int] = self.out_next()
+        self.ack_every = spec.ack_every or max(1, min((e.depth for e in spec.in_edges), default=4) // 4)
+        self.frames_in = 0
+        self.frames_out = 0
+        self.errors = 0
+        self.latency = LatencyStats()
+        self.next_heartbeat = time.monotonic() + spec.heartbeat_interval
+        self._rr = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._gen: Optional[Iterator[Any]] = None
+        self._current_origin = 0
+        self._current_stream = 0
+        self._current_created = 0
+
+    # ------------------------------------------------------------------ control
+
+    def pump(self) -> None:
+        """Everything that must keep going even while the node is busy emitting."""
+        try:
+            msgs = self.chan.receive()
+        except ChannelClosed:
+            raise _Abort("supervisor closed the control channel") from None
+        for msg in msgs:
+            if isinstance(msg, Replay):
+                port = self.by_edge_out.get(msg.edge)
+                if port is not None:
+                    port.replay(msg.after)
+            elif isinstance(msg, Start):
+                self.started = True
+            elif isinstance(msg, Drain):
+                self.draining = True
+            elif isinstance(msg, Abort):
+                raise _Abort("abort requested")
+        progressed = False
+        for p in self.outputs:
+            if p.poll_acks():
+                progressed = True
+            p.resend_due()
+        if progressed or self.markers:
+            self.advance_commits()
+        now = time.monotonic()
+        for p in self.inputs:
+            want = p.gap_to_report(now)
+            if want is not None:
+                self.chan.send(Gap(p.spec.index, want))
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.spec.heartbeat_interval
+            self.chan.send(Heartbeat(self.stats()))
+
+    def wait(self, timeout: float) -> None:
+        deadline = self.next_heartbeat
+        for p in self.outputs:
+            r = p.next_retry
+            if r is not None:
+                deadline = min(deadline, r)
+        timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        self.inbox.wait(timeout, [self.chan.fileno()])
+
+    # ------------------------------------------------------------------ commits
+
+    def out_next(self) -> Dict[int, int]:
+        return {p.spec.index: p.next_seq for p in self.outputs}
+
+    def advance_commits(self, force_flush: bool = False) -> None:
+        acked = {p.spec.index: (p.acked if p.lossless else p.next_seq - 1) for p in self.outputs}
+        while self.markers:
+            edge, seq, out_next = self.markers[0]
+            if any(acked[e] < n - 1 for e, n in out_next.items()):
+                break
+            self.markers.popleft()
+            if edge is None:
+                self.committed_position = seq
+            else:
+                self.committed[edge] = seq
+            self.commit_dirty = True
+            self._commit_out_next = out_next
+        if self.commit_dirty:
+            behind = max((self.committed[p.spec.index] - p.last_ack for p in self.inputs), default=self.ack_every)
+            if force_flush or behind >= self.ack_every or not self.markers:
+                self.flush_commit()
+
+    def flush_commit(self) -> None:
+        if not self.commit_dirty:
+            return
+        self.commit_dirty = False
+        # The supervisor must know the commit before upstream may forget the frames.
+        self.chan.send(
+            Commit(
+                in_seqs=dict(self.committed),
+                out_next=dict(self._commit_out_next),
+                source_position=self.committed_position if self.spec.is_source else None,
+            )
+        )
+        for p in self.inputs:
+            p.ack(self.committed[p.spec.index])
+
+    # ------------------------------------------------------------------ emitting
+
+    def emit(self, value: Any) -> None:
+        value, stream_id = split_frame(value)
+        if stream_id is None:
+            stream_id = self._current_stream
+        meta, bufs = encode(value)
+        for port in self.outputs:
+            while not port.can_send():
+                self.flush_commit()
+                self.pump()
+                if port.can_send():
+                    break
+                self.wait(0.05)
+            port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
+        self.frames_out += 1
+
+    def emit_result(self, result: Any) -> None:
+        if inspect.isawaitable(result):
+            result = self.event_loop().run_until_complete(result)
+        if inspect.isgenerator(result):
+            for item in result:
+                if item is not None:
+                    self.emit(item)
+        elif inspect.isasyncgen(result):
+            loop = self.event_loop()
+            while True:
+                try:
+                    item = loop.run_until_complete(result.__anext__())
+                except StopAsyncIteration:
+                    break
+                if item is not None:
+                    self.emit(item)
+        elif result is not None:
+            self.emit(result)
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+    # ------------------------------------------------------------------ inputs
+
+    def step_input(self) -> bool:
+        n = len(self.inputs)
+        for i in range(n):
+            port = self.inputs[(self._rr + i) % n]
+            if port.eos:
+                continue
+            sample = port.receive()
+            if sample is None:
+                continue
+            self._rr = (self._rr + i + 1) % n
+            if sample.kind == Kind.EOS:
+                return True
+            self.handle_frame(port, sample)
+            return True
+        return False
+
+    def handle_frame(self, port: InPort, sample: Any) -> None:
+        seq = sample.seq
+        info = FrameInfo(seq, sample.origin, sample.stream_id, sample.created_ns, sample.sent_ns, port.spec.src)
+        copy = port.should_copy()
+        data = decode(sample, copy=copy)
+        del sample
+        self._current_origin, self._current_stream, self._current_created = info.origin, info.stream_id, info.created_ns
+        self.frames_in += 1
+        self.node.current_frame = info
+        t0 = time.perf_counter_ns()
+        try:
+            self.emit_result(self.node.process(data))
+        except _Abort:
+            raise
+        except Exception as e:
+            self.errors += 1
+            exc_type, message, tb, blob = _format_exc(e)
+            fatal = self.spec.on_error == "raise"
+            self.chan.send(NodeFailed(seq, info.origin, exc_type, message, tb, blob, fatal=fatal))
+            if fatal:
+                self.failed = True
+        finally:
+            self.latency.add(time.perf_counter_ns() - t0)
+            self.node.current_frame = None
+        self.markers.append((port.spec.index, seq, self.out_next()))
+        self.advance_commits()
+
+    # ------------------------------------------------------------------ source
+
+    def start_source(self) -> None:
+        gen = self.node.generate()
+        if inspect.isasyncgen(gen):
+            gen = self._sync_agen(gen)
+        elif not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
+            gen = iter(gen)
+        # A restarted deterministic source skips what was already committed downstream.
+        for _ in range(self.source_position):
+            try:
+                next(gen)
+            except StopIteration:
+                break
+        self._gen = gen
+
+    def _sync_agen(self, agen: Any) -> Iterator[Any]:
+        loop = self.event_loop()
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def step_source(self) -> bool:
+        if self._gen is None:
+            self.start_source()
+        assert self._gen is not None
+        if self.draining:
+            self._close_gen()
+            return False
+        t0 = time.perf_counter_ns()
+        try:
+            item = next(self._gen)
+        except StopIteration:
+            self._gen = None
+            self.draining = True
+            return False
+        except _Abort:
+            raise
+        except Exception as e:
+            self.errors += 1
+            exc_type, message, tb, blob = _format_exc(e)
+            self.chan.send(NodeFailed(None, self.source_position, exc_type, message, tb, blob, fatal=True))
+            self.failed = True
+            return False
+        self._current_origin = self.source_position
+        self._current_stream = 0
+        self._current_created = time.monotonic_ns()
+        if item is not None:
+            self.emit(item)
+        self.latency.add(time.perf_counter_ns() - t0)
+        self.source_position += 1
+        self.frames_in += 1
+        self.markers.append((None, self.source_position, self.out_next()))
+        self.advance_commits()
+        return True
+
+    def _close_gen(self) -> None:
+        gen, self._gen = self._gen, None
+        if gen is not None and hasattr(gen, "close"):
+            try:
+                gen.close()
+            except Exception:
+                log.exception("closing generate() of %s", self.spec.name)
+
+    # ------------------------------------------------------------------ end of stream
+
+    def inputs_done(self) -> bool:
+        if self.spec.is_source:
+            return self.draining and self._gen is None
+        return all(p.eos for p in self.inputs)
+
+    def finish(self) -> None:
+        """Every input ended: flush, end the outputs, wait until they are committed."""
+        flush = getattr(self.node, "flush", None)
+        if callable(flush) and not self.failed:
+            self._current_origin = self.source_position if self.spec.is_source else self._current_origin
+            try:
+                self.emit_result(flush())
+            except _Abort:
+                raise
+            except Exception as e:
+                exc_type, message, tb, blob = _format_exc(e)
+                self.chan.send(NodeFailed(None, None, exc_type, message, tb, blob, fatal=self.spec.on_error == "raise"))
+                if self.spec.on_error == "raise":
+                    self.failed = True
+                    return
+        for port in self.outputs:
+            while not port.can_send():
+                self.pump()
+                self.wait(0.05)
+            port.send(Kind.EOS, b"", [], self._current_origin, 0, 0)
+        # The EOS inputs commit only once our own EOS is committed downstream: a restart
+        # after this point must still see the end of its inputs.
+        out_next = self.out_next()
+        if self.spec.is_source:
+            self.markers.append((None, self.source_position, out_next))
+        for p in self.inputs:
+            if p.eos_seq is not None:
+                self.markers.append((p.spec.index, p.eos_seq, out_next))
+        while True:
+            self.pump()
+            self.advance_commits(force_flush=True)
+            if all(p.fully_acked for p in self.outputs) and not self.markers:
+                break
+            self.wait(0.1)
+        self.flush_commit()
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        while True:
+            self.pump()
+            if self.failed:
+                self.flush_commit()
+                self.wait(0.5)
+                continue
+            did = False
+            if self.spec.is_source:
+                if self.started and not self.inputs_done() and all(p.can_send() for p in self.outputs):
+                    did = self.step_source()
+            elif all(p.can_send() for p in self.outputs):
+                did = self.step_input()
+            if did:
+                continue
+            if self.inputs_done():
+                self.finish()
+                if self.failed:
+                    continue
+                return EXIT_OK
+            self.advance_commits(force_flush=True)
+            self.wait(self.spec.heartbeat_interval)
+
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "errors": self.errors,
+            "latency": self.latency.summary(),
+            "edges_in": {
+                p.spec.index: {"received": p.received, "duplicates": p.duplicates, "dropped": p.dropped, "queued": None}
+                for p in self.inputs
+            },
+            "edges_out": {
+                p.spec.index: {
+                    "sent": p.sent,
+                    "resent": p.resent,
+                    "discarded": p.discarded,
+                    "in_flight": len(p.retained),
+                }
+                for p in self.outputs
+            },
+        }
+
+    def close(self) -> None:
+        for p in self.outputs:
+            p.close()
+        for p in self.inputs:
+            p.close()
+        self.outputs = []
+        self.inputs = []
+        if self._loop is not None:
+            self._loop.close()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # The supervisor asks politely first (Abort on the control socket); SIGTERM comes only
+    # for a worker stuck in Python code, and raising here is what unwinds it so that
+    # cleanup() still runs. A worker stuck in C code is SIGKILLed after the grace period.
+    raise _Abort("SIGTERM")
+
+
+def _configure_logging(spec: WorkerSpec) -> None:
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s [{spec.name} pid={os.getpid()}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _read_blob(fd: int) -> bytes:
+    with os.fdopen(fd, "rb", closefd=True) as f:
+        f.seek(0)
+        return f.read()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supervisor.worker")
+    parser.add_argument("--fd", type=int, required=True, help="control socket fd")
+    parser.add_argument("--blob-fd", type=int, required=True, help="memfd holding the pickled node")
+    parser.add_argument("--ppid", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args(argv)
+
+    _die_with_parent(args.ppid)
+    # The supervisor orchestrates shutdown: Ctrl-C in a terminal must not kill workers
+    # mid-frame. SIGTERM (sent only when a worker does not stop on request) exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    chan = ControlChannel.from_fd(args.fd)
+    try:
+        chan.send(Hello(os.getpid()))
+        setup = None
+        while setup is None:
+            msgs = _blocking_receive(chan)
+            setup = next((m for m in msgs if isinstance(m, Setup)), None)
+    except (ChannelClosed, _Abort):
+        return EXIT_SETUP_ERROR
+    spec = setup.spec
+    _configure_logging(spec)
+
+    t0 = time.monotonic()
+    stage = "unpickle"
+    try:
+        blob = _read_blob(args.blob_fd)
+        node = cloudpickle.loads(blob)
+        del blob
+        if setup.restore is not None and setup.restore.snapshot is not None and callable(getattr(node, "restore", None)):
+            stage = "restore"
+            node.restore(cloudpickle.loads(setup.restore.snapshot))
+        stage = "initialize"
+        node.initialize()
+    except BaseException as e:  # noqa: BLE001 - everything must reach the supervisor
+        exc_type, message, tb, _ = _format_exc(e)
+        try:
+            chan.send(InitFailed(stage, exc_type, message, tb))
+        except ChannelClosed:
+            pass
+        return EXIT_LOAD_ERROR
+
+    try:
+        runner = Runner(node, spec, chan, setup.restore)
+    except BaseException as e:  # noqa: BLE001
+        exc_type, message, tb, _ = _format_exc(e)
+        try:
+            chan.send(InitFailed("setup", exc_type, message, tb))
+        except ChannelClosed:
+            pass
+        _safe_cleanup(node, spec)
+        return EXIT_SETUP_ERROR
+
+    code = EXIT_OK
+    try:
+        chan.send(Ready(os.getpid(), time.monotonic() - t0))
+        code = runner.run()
+    except _Abort:
+        code = EXIT_ABORTED
+    except ChannelClosed:
+        code = EXIT_ABORTED
+    finally:
+        stats = runner.stats()
+        _safe_cleanup(node, spec)
+        runner.close()
+    if code == EXIT_OK:
+        try:
+            chan.send(Done(stats))
+        except ChannelClosed:
+            pass
+    return code
+
+
+def _safe_cleanup(node: Any, spec: WorkerSpec) -> None:
+    try:
+        node.cleanup()
+    except Exception:
+        log.exception("cleanup() of node %s raised", spec.name)
+
+
+def _blocking_receive(chan: ControlChannel) -> List[Any]:
+    import select
+
+    while True:
+        msgs = chan.receive()
+        if msgs:
+            return msgs
+        select.select([chan.fileno()], [], [], 1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
