@@ -66,6 +66,7 @@ from .protocol import (
     EXIT_OK,
     EXIT_SETUP_ERROR,
     Abort,
+    Acked,
     ChannelClosed,
     Commit,
     ControlChannel,
@@ -147,6 +148,7 @@ class RunReport:
     outputs: List[Any] = field(default_factory=list)
     nodes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     stopped: bool = False
+    output_count: int = 0
 
     @property
     def frames(self) -> Dict[str, int]:
@@ -468,10 +470,19 @@ class Supervisor:
     def running(self) -> bool:
         return self._thread is not None and not self._finished.is_set()
 
-    def run(self, inputs: Optional[Iterable[Any]] = None) -> RunReport:
+    def run(
+        self,
+        inputs: Optional[Iterable[Any]] = None,
+        on_output: Optional[Callable[[Any, FrameInfo], None]] = None,
+    ) -> RunReport:
         """Run until the sources are exhausted (and ``inputs``, if given, are all processed)
         and every frame is drained, or until SIGINT/SIGTERM (then drain and stop cleanly; a
         second signal aborts). Returns a :class:`RunReport` with the outputs.
+
+        ``inputs`` may be any iterable, also an endless generator: it is consumed as the
+        pipeline accepts frames. With ``on_output``, each output is handed to
+        ``on_output(value, frame_info)`` as it arrives instead of being collected (for
+        long-running services).
 
         Raises the pipeline's error (NodeError, NodeInitError, NodeFatalError, ...) after
         everything was stopped and cleaned up.
@@ -500,7 +511,10 @@ class Supervisor:
                         break
                     continue
                 if kind == "data":
-                    outputs.append((info.origin, n, value))
+                    if on_output is not None:
+                        on_output(value, info)
+                    else:
+                        outputs.append((info.origin, n, value))
                     n += 1
                 elif kind == "error":
                     self.join()
@@ -509,7 +523,9 @@ class Supervisor:
             if self._error is not None:
                 raise self._error
             outputs.sort(key=lambda t: (t[0], t[1]))
-            return self.report([v for _, _, v in outputs])
+            report = self.report([v for _, _, v in outputs])
+            report.output_count = n
+            return report
         finally:
             restore()
 
@@ -769,6 +785,9 @@ class Supervisor:
                 w.restore.source_position = msg.source_position
             if msg.snapshot is not None:
                 w.restore.snapshot = msg.snapshot
+            if msg.final:
+                for edge, seq in msg.in_seqs.items():
+                    self._relay_ack(edge, seq)
         elif isinstance(msg, Gap):
             self._replay_to(msg.edge, msg.expected - 1)
         elif isinstance(msg, Heartbeat):
@@ -805,6 +824,15 @@ class Supervisor:
             producer = self.workers[e.src]
             if producer.state is ProcessState.RUNNING:
                 self._send(producer, Replay(edge_index, after))
+
+    def _relay_ack(self, edge_index: int, seq: int) -> None:
+        e = self.edges[edge_index]
+        if e.src == INPUT:
+            for p in self._in_ports:
+                if p.spec.index == edge_index:
+                    p.apply_ack(seq)
+        else:
+            self._send(self.workers[e.src], Acked(edge_index, seq))
 
     def _send(self, w: WorkerHandle, msg: Any) -> None:
         if w.chan is None or w.chan.closed:
@@ -1025,7 +1053,7 @@ class Supervisor:
         if self._error is None:
             self._error = err
             self._outq.put(("error", err, None))
-            log.error("pipeline %s failed: %s", self.name, err)
+            log.info("pipeline %s failed: %s", self.name, err)
         self._begin_abort(str(err))
 
     def _begin_drain(self, reason: str) -> None:

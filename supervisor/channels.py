@@ -162,7 +162,11 @@ class OutPort:
                 break
             newest = s.seq
             del s
-        if newest is None or newest <= self.acked:
+        return newest is not None and self.apply_ack(newest)
+
+    def apply_ack(self, newest: int) -> bool:
+        """Frames <= ``newest`` are committed downstream: forget them."""
+        if newest <= self.acked:
             return False
         self.acked = newest
         while self.retained and self.retained[0].seq <= newest:

@@ -15,6 +15,7 @@ died, which is how both sides notice a crash without polling.
     Replay(edge, after)              ------->    resend retained frames > after
     Drain / Abort                    ------->    stop generating / stop now
                                      <-------    Commit(acks, next seqs), Gap(edge, want)
+    Acked(edge, seq) (relayed final) ------->    drop retained frames <= seq
                                      <-------    NodeFailed(seq, traceback), Heartbeat(stats)
                                      <-------    Done(stats)  then exit 0
 
@@ -49,6 +50,7 @@ __all__ = [
     "NodeFailed",
     "Commit",
     "Gap",
+    "Acked",
     "Heartbeat",
     "Done",
     "Replay",
@@ -175,6 +177,18 @@ class Commit:
     out_next: Dict[int, int]
     source_position: Optional[int] = None
     snapshot: Optional[bytes] = None
+    #: The worker is about to exit: the supervisor relays these acks to the producers,
+    #: because iceoryx2 discards samples of a publisher that is gone, and the last acks of
+    #: an exiting worker could otherwise vanish with it.
+    final: bool = False
+
+
+@dataclass
+class Acked:
+    """Relayed final ack of a consumer that exited: frames <= seq on ``edge`` are committed."""
+
+    edge: int
+    seq: int
 
 
 @dataclass

@@ -44,6 +44,7 @@ from .protocol import (
     EXIT_OK,
     EXIT_SETUP_ERROR,
     Abort,
+    Acked,
     ChannelClosed,
     Commit,
     ControlChannel,
@@ -91,7 +92,9 @@ def _format_exc(e: BaseException) -> Tuple[str, str, str, Optional[bytes]]:
         blob: Optional[bytes] = cloudpickle.dumps(e)
     except Exception:
         blob = None
-    return f"{type(e).__module__}.{type(e).__qualname__}", str(e), tb, blob
+    mod = type(e).__module__
+    name = type(e).__qualname__ if mod == "builtins" else f"{mod}.{type(e).__qualname__}"
+    return name, str(e), tb, blob
 
 
 class Runner:
@@ -146,7 +149,11 @@ class Runner:
         except ChannelClosed:
             raise _Abort("supervisor closed the control channel") from None
         for msg in msgs:
-            if isinstance(msg, Replay):
+            if isinstance(msg, Acked):
+                port = self.by_edge_out.get(msg.edge)
+                if port is not None and port.apply_ack(msg.seq):
+                    self.advance_commits()
+            elif isinstance(msg, Replay):
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:
                     port.replay(msg.after)
@@ -204,8 +211,8 @@ class Runner:
             if force_flush or behind >= self.ack_every or not self.markers:
                 self.flush_commit()
 
-    def flush_commit(self) -> None:
-        if not self.commit_dirty:
+    def flush_commit(self, final: bool = False) -> None:
+        if not self.commit_dirty and not final:
             return
         self.commit_dirty = False
         # The supervisor must know the commit before upstream may forget the frames.
@@ -214,6 +221,7 @@ class Runner:
                 in_seqs=dict(self.committed),
                 out_next=dict(self._commit_out_next),
                 source_position=self.committed_position if self.spec.is_source else None,
+                final=final,
             )
         )
         for p in self.inputs:
@@ -412,7 +420,7 @@ class Runner:
             if all(p.fully_acked for p in self.outputs) and not self.markers:
                 break
             self.wait(0.1)
-        self.flush_commit()
+        self.flush_commit(final=True)
 
     # ------------------------------------------------------------------ main loop
 

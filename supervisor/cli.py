@@ -1,0 +1,236 @@
+"""``remotemedia-supervisor``: run a pipeline file under the supervisor.
+
+::
+
+    remotemedia-supervisor start examples/audio_levels.py       # a Python pipeline file
+    remotemedia-supervisor start pipeline.json                  # a manifest
+    remotemedia-supervisor start p.py --input numbers.txt       # one input per line
+    remotemedia-supervisor validate p.py                        # check it without running
+
+A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
+``build()`` returning one. Classes defined in the file travel to the workers by value.
+
+Exit codes: 0 the run completed (also after a graceful SIGINT/SIGTERM stop); 1 the pipeline
+failed (a node raised, a worker could not start, a node went FATAL); 2 the command line or the
+pipeline file is invalid (missing file, syntax error, no pipeline object, invalid pipeline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Dict, List, Optional
+
+import click
+import cloudpickle
+
+from remotemedia.errors import RemoteMediaError, SerializationError
+from remotemedia.frames import FrameInfo
+from remotemedia.pipeline import Pipeline
+
+__all__ = ["main", "load_pipeline", "PipelineFileError"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class PipelineFileError(click.ClickException):
+    """The pipeline file cannot be used; exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+_MODULE_NAME = "__remotemedia_pipeline__"
+
+
+def load_pipeline(path: str, name: Optional[str] = None) -> Pipeline:
+    """Load a Pipeline from a ``.py`` file (``pipeline`` or ``build()``) or a ``.json``
+    manifest. Raises :class:`PipelineFileError` with a message saying what to fix."""
+    if not os.path.exists(path):
+        raise PipelineFileError(f"pipeline file not found: {path}")
+    if os.path.isdir(path):
+        raise PipelineFileError(f"{path} is a directory; give a .py pipeline file or a .json manifest")
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return Pipeline(text, name=name)
+        except RemoteMediaError as e:
+            raise PipelineFileError(f"invalid manifest {path}: {e}") from e
+        except TypeError as e:
+            raise PipelineFileError(f"invalid manifest {path}: {e}") from e
+    abspath = os.path.abspath(path)
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, abspath)
+    if spec is None or spec.loader is None:
+        raise PipelineFileError(f"cannot load {path}: not a Python file (expected .py or .json)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE_NAME] = module
+    # The file is not importable by the workers: its classes and functions go by value.
+    cloudpickle.register_pickle_by_value(module)
+    script_dir = os.path.dirname(abspath)
+    if script_dir not in sys.path:
+        sys.path.insert(0, script_dir)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise PipelineFileError(f"syntax error in {path}, line {e.lineno}: {e.msg}\n    {(e.text or '').rstrip()}") from e
+    except Exception as e:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])
+        raise PipelineFileError(f"error while executing {path}: {type(e).__name__}: {e}\n{tb}") from e
+    obj: Any = getattr(module, "pipeline", None)
+    if obj is None:
+        build = getattr(module, "build", None)
+        if build is None:
+            raise PipelineFileError(
+                f"{path} defines neither `pipeline` nor `build()`; add e.g.\n"
+                "    pipeline = Pipeline([...])\nor\n    def build(): return Pipeline([...])"
+            )
+        if not callable(build):
+            raise PipelineFileError(f"`build` in {path} is not callable")
+        try:
+            obj = build()
+        except Exception as e:
+            raise PipelineFileError(f"build() in {path} raised {type(e).__name__}: {e}") from e
+    try:
+        if isinstance(obj, Pipeline):
+            return Pipeline(obj, name=name) if name else obj
+        if isinstance(obj, (list, tuple, dict, str)):
+            return Pipeline(list(obj) if isinstance(obj, tuple) else obj, name=name or os.path.splitext(os.path.basename(path))[0])
+    except (RemoteMediaError, TypeError, ValueError) as e:
+        raise PipelineFileError(f"invalid pipeline in {path}: {e}") from e
+    raise PipelineFileError(
+        f"`pipeline` in {path} is a {type(obj).__name__}; expected a Pipeline, a list of nodes or a manifest"
+    )
+
+
+def _summarize(value: Any, limit: int = 160) -> str:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None  # type: ignore[assignment]
+
+    def short(v: Any) -> Any:
+        if np is not None and isinstance(v, np.ndarray):
+            return f"<ndarray {v.dtype} {tuple(v.shape)}>"
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)) and len(v) > 8:
+            return f"<{type(v).__name__} of {len(v)}>"
+        if isinstance(v, (bytes, bytearray)) and len(v) > 32:
+            return f"<{type(v).__name__} of {len(v)} bytes>"
+        return v
+
+    text = repr(short(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _print_report(report: Any) -> None:
+    click.echo(f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s", err=True)
+    width = max([4] + [len(n) for n in report.nodes])
+    click.echo(f"  {'node':<{width}}  {'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
+    for name, s in report.nodes.items():
+        lat = (s.get("latency") or {}).get("p50_ms")
+        click.echo(
+            f"  {name:<{width}}  {s.get('state', '?'):<8} {s.get('frames_in', 0):>8} {s.get('frames_out', 0):>8} "
+            f"{s.get('restarts', 0):>8}  {'-' if lat is None else f'{lat:.3f}'}",
+            err=True,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="remotemedia")
+def main() -> None:
+    """Run remotemedia pipelines as supervised worker processes."""
+
+
+@main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=True))
+@click.option("--name", help="Pipeline name (logs, status).")
+@click.option("--input", "input_file", type=click.File("r"), help="Feed each line of this file ('-' for stdin) as one input.")
+@click.option("--json-input", is_flag=True, help="Parse each input line as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not print the outputs.")
+@click.option("--log-level", default="WARNING", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--init-timeout", type=float, default=60.0, show_default=True, help="Seconds for a node's initialize().")
+@click.option("--stop-timeout", type=float, default=30.0, show_default=True, help="Seconds to drain on stop before aborting.")
+@click.option("--restart-policy", type=click.Choice(["never", "on-failure", "always"]), default="on-failure", show_default=True)
+@click.option("--max-restarts", type=int, default=5, show_default=True)
+@click.option("--queue-depth", type=int, default=32, show_default=True, help="Frames in flight per edge.")
+def start(
+    pipeline_file: str,
+    name: Optional[str],
+    input_file: Any,
+    json_input: bool,
+    quiet: bool,
+    log_level: str,
+    init_timeout: float,
+    stop_timeout: float,
+    restart_policy: str,
+    max_restarts: int,
+    queue_depth: int,
+) -> None:
+    """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
+    sources are exhausted, or until SIGINT/SIGTERM (drain, then exit 0)."""
+    from supervisor.arbiter import Supervisor
+
+    level = getattr(logging, log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    pipeline = load_pipeline(pipeline_file, name)
+    try:
+        sup = Supervisor(
+            pipeline,
+            init_timeout=init_timeout,
+            stop_timeout=stop_timeout,
+            restart_policy=restart_policy,
+            max_restarts=max_restarts,
+            queue_depth=queue_depth,
+            log_level=level,
+        )
+    except RemoteMediaError as e:
+        raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
+
+    inputs = None
+    if input_file is not None:
+        if not pipeline.input_nodes:
+            raise PipelineFileError(f"--input given but {pipeline_file} has no input nodes (every root is a Source)")
+        lines = (line.rstrip("\n") for line in input_file)
+        inputs = (json.loads(line) for line in lines) if json_input else lines
+
+    def show(value: Any, info: FrameInfo) -> None:
+        if not quiet:
+            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
+
+    try:
+        report = sup.run(inputs, on_output=show)
+    except SerializationError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except RemoteMediaError as e:
+        click.echo(f"error: {e}", err=True)
+        cause = e.__cause__
+        if cause is not None:
+            click.echo(str(cause), err=True)
+        sys.exit(EXIT_FAILED)
+    _print_report(report)
+
+
+@main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=True))
+def validate(pipeline_file: str) -> None:
+    """Check PIPELINE_FILE without starting anything: load, validate, serialize each node."""
+    from remotemedia.serialization import serialize_node
+
+    pipeline = load_pipeline(pipeline_file)
+    for node in pipeline.nodes:
+        try:
+            serialize_node(node)
+        except SerializationError as e:
+            raise PipelineFileError(str(e)) from e
+    click.echo(f"{pipeline_file}: OK: {len(pipeline.nodes)} nodes, {len(pipeline.connections)} connections")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
