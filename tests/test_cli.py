@@ -1,0 +1,124 @@
+"""The remotemedia-supervisor CLI, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args: str, timeout: float = 120, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def test_main_example_runs():
+    r = cli("start", "examples/audio_levels.py")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[gate #")]
+    assert len(lines) == 20
+    assert "'state': 'QUIET'" in lines[0]  # the lambda configured in the parent ran in the worker
+    assert "20 outputs" in r.stderr
+
+
+def test_json_manifest_runs():
+    r = cli("start", "examples/tone.json")
+    assert r.returncode == 0, r.stderr
+    assert len([l for l in r.stdout.splitlines() if l.startswith("[level #")]) == 10
+
+
+def test_class_defined_in_pipeline_script(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from remotemedia import Node, Pipeline
+            from remotemedia.nodes import RangeSource
+
+            TABLE = {i: i * i for i in range(10)}
+
+            class Square(Node):          # defined here, not importable by the workers
+                def __init__(self, table, **kw):
+                    super().__init__(**kw)
+                    self.table = table
+                def process(self, x):
+                    return ("sq", self.table[x])
+
+            pipeline = Pipeline([RangeSource(5), Square(TABLE)])
+            """
+        )
+    )
+    r = cli("start", str(script))
+    assert r.returncode == 0, r.stderr
+    assert [l.split("] ")[1] for l in r.stdout.splitlines()] == [repr(("sq", i * i)) for i in range(5)]
+
+
+def test_input_file(tmp_path):
+    script = tmp_path / "upper.py"
+    script.write_text("from remotemedia.nodes import MapNode\npipeline = [MapNode(str.upper)]\n")
+    data = tmp_path / "in.txt"
+    data.write_text("a\nb\nc\n")
+    r = cli("start", str(script), "--input", str(data))
+    assert r.returncode == 0, r.stderr
+    assert [l.split("] ")[1] for l in r.stdout.splitlines()] == ["'A'", "'B'", "'C'"]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "not found"),
+        ("def broken(:\n", "syntax error"),
+        ("x = 1\n", "neither `pipeline` nor `build()`"),
+        ("pipeline = 42\n", "expected a Pipeline"),
+        ("pipeline = []\n", "empty"),
+        (
+            "from remotemedia import Pipeline\nfrom remotemedia.nodes import PassThroughNode as P\n"
+            "pipeline = Pipeline([P(name='a'), P(name='b')], connections=[('a','b'),('b','a')])\n",
+            "cycle",
+        ),
+        ("raise RuntimeError('boom at import')\n", "boom at import"),
+    ],
+    ids=["missing", "syntax", "no-object", "wrong-type", "empty", "cycle", "import-error"],
+)
+def test_bad_pipeline_files_exit_2(tmp_path, content, needle):
+    path = tmp_path / "p.py"
+    if content is not None:
+        path.write_text(content)
+    r = cli("start", str(path))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr
+
+
+def test_bad_manifest_exits_2(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"version": "v1", "nodes": [{"id": "x", "node_type": "Nope"}]}))
+    r = cli("start", str(path))
+    assert r.returncode == 2 and "unknown node_type 'Nope'" in r.stderr and "PassThroughNode" in r.stderr
+
+
+def test_node_failure_exits_1(tmp_path):
+    path = tmp_path / "f.py"
+    path.write_text(
+        "from remotemedia import Node\nfrom remotemedia.nodes import RangeSource\n"
+        "class F(Node):\n    def process(self, x):\n        raise KeyError('missing-key')\n"
+        "pipeline = [RangeSource(3), F(name='f')]\n"
+    )
+    r = cli("start", str(path))
+    assert r.returncode == 1
+    assert "node 'f'" in r.stderr and "missing-key" in r.stderr and "Traceback" in r.stderr
+
+
+def test_validate_command():
+    r = cli("validate", "examples/video_motion.py")
+    assert r.returncode == 0 and "4 nodes, 4 connections" in r.stdout
