@@ -80,6 +80,8 @@ fn open_service(node: &Node, name: &str, o: ChannelOpts) -> PyResult<Factory> {
         .service_builder(&service_name)
         .publish_subscribe::<[u8]>()
         .user_header::<FrameHeader>()
+        // Buffer offsets are multiples of BUFFER_ALIGN; the payload start must be too.
+        .payload_alignment(Alignment::new(layout::BUFFER_ALIGN).expect("power of two"))
         .max_publishers(o.max_publishers)
         .max_subscribers(o.max_subscribers)
         .subscriber_max_buffer_size(o.buffer_size)

@@ -1,0 +1,183 @@
+"""The Rust bridge (remotemedia._ipc_bridge) used directly, in one process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import secrets
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from remotemedia import _ipc_bridge as b
+from remotemedia.errors import ServiceError, TransportError
+from remotemedia.frames import decode, encode
+from supervisor import resources
+
+from conftest import shm_mapping_of
+
+
+@pytest.fixture
+def node():
+    prefix = f"rm_{os.getpid()}x{secrets.token_hex(4)}_"
+    n = b.Node(prefix, "test")
+    yield n
+    del n
+    assert resources.purge(prefix) == []
+
+
+def pair(node, name="e/data", **kw):
+    return b.Publisher(node, name, **kw), b.Subscriber(node, name, **kw)
+
+
+def test_version_pinned_to_python_package():
+    import importlib.metadata
+
+    assert b.__iceoryx2_version__ == importlib.metadata.version("iceoryx2") == "0.10.0"
+
+
+def test_roundtrip_header_and_zero_copy(node):
+    pub, sub = pair(node)
+    arr = np.arange(1 << 20, dtype=np.float32)
+    meta, bufs = encode({"a": arr, "t": "hi"})
+    assert pub.send(7, 0, meta, bufs, origin=3, stream_id=9, created_ns=123) == 1
+    s = sub.receive()
+    assert (s.seq, s.kind, s.origin, s.stream_id, s.created_ns) == (7, 0, 3, 9, 123)
+    assert s.sent_ns <= time.monotonic_ns()
+    obj = decode(s)
+    assert obj["t"] == "hi" and np.array_equal(obj["a"], arr)
+    # the array is a view on the sample's shared memory, 64-byte aligned, read-only
+    assert obj["a"].ctypes.data == s.address + s.buffers[0][0]
+    assert obj["a"].ctypes.data % b.BUFFER_ALIGN == 0
+    assert shm_mapping_of(obj["a"].ctypes.data).startswith("/dev/shm/" + node.prefix)
+    assert not obj["a"].flags.writeable
+    with pytest.raises((BufferError, TypeError)):
+        (ctypes.c_char * 4).from_buffer(s)  # a writable view of a received frame is refused
+    assert sub.receive() is None
+
+
+def test_sample_released_when_last_view_is_gone(node):
+    pub, sub = pair(node)
+    meta, bufs = encode(np.ones(1000))
+    pub.send(0, 0, meta, bufs)
+    s = sub.receive()
+    arr = decode(s)
+    assert sub.borrowed == 1
+    del s
+    assert sub.borrowed == 1  # the array still references the chunk
+    view = arr[10:20]
+    del arr
+    assert sub.borrowed == 1
+    del view
+    assert sub.borrowed == 0
+
+
+def test_copy_decode_releases_chunk(node):
+    pub, sub = pair(node)
+    meta, bufs = encode(np.arange(10))
+    pub.send(0, 0, meta, bufs)
+    s = sub.receive()
+    arr = decode(s, copy=True)
+    del s
+    assert sub.borrowed == 0 and np.array_equal(arr, np.arange(10))
+
+
+def test_borrow_limit_is_a_typed_error(node):
+    from remotemedia.errors import ReceiveError
+
+    pub, sub = pair(node, max_borrowed=2, buffer_size=4)
+    for i in range(3):
+        pub.send(i, 0, b"x")
+    held = [sub.receive(), sub.receive()]
+    with pytest.raises(ReceiveError, match="2 of 2"):
+        sub.receive()
+    del held
+    assert sub.receive().seq == 2
+
+
+def test_full_queue_discards_instead_of_blocking(node):
+    pub, sub = pair(node, buffer_size=2)
+    assert [pub.send(i, 0, b"x") for i in range(3)] == [1, 1, 0]
+    assert [sub.receive().seq, sub.receive().seq] == [0, 1]
+
+
+def test_no_subscriber_returns_zero(node):
+    pub = b.Publisher(node, "lonely")
+    assert pub.send(0, 0, b"x") == 0
+
+
+def test_mismatched_settings_raise_service_error(node):
+    keep = b.Publisher(node, "svc", buffer_size=4)  # noqa: F841 - keeps the service alive
+    with pytest.raises(ServiceError, match="DoesNotSupportRequestedMinBufferSize"):
+        b.Subscriber(node, "svc", buffer_size=8)
+    assert issubclass(ServiceError, TransportError)
+
+
+def test_loan_sends_without_copy(node):
+    pub, sub = pair(node)
+    loan = pub.loan(4096)
+    view = np.frombuffer(loan, dtype=np.uint8)
+    view[:] = 7
+    meta = pickle.dumps("meta")
+    assert loan.send(1, 0, meta) == 1
+    assert not loan.pending
+    with pytest.raises(BufferError):
+        memoryview(loan)
+    s = sub.receive()
+    (off, n), = s.buffers
+    assert n == 4096 and bytes(memoryview(s)[off : off + 4]) == b"\x07" * 4
+    m0, m1 = s.meta
+    assert pickle.loads(memoryview(s)[m0:m1]) == "meta"
+
+
+def test_wait_releases_gil_and_times_out(node):
+    lis = b.Listener(node, "inbox")
+    ticks = []
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    t0 = time.monotonic()
+    assert lis.wait(0.3) == (False, [])
+    elapsed = time.monotonic() - t0
+    stop.set()
+    t.join()
+    assert 0.28 <= elapsed < 1.0
+    assert len(ticks) > 50  # the other thread ran while we waited
+
+
+def test_wait_wakes_on_notify_and_on_fd(node):
+    lis = b.Listener(node, "inbox")
+    nt = b.Notifier(node, "inbox")
+    assert nt.notify() == 1
+    t0 = time.monotonic()
+    assert lis.wait(5.0) == (True, [])
+    assert time.monotonic() - t0 < 0.5
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        assert lis.wait(5.0, [r]) == (False, [r])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_idle_wait_uses_no_cpu(node):
+    lis = b.Listener(node, "inbox")
+    t0 = time.process_time()
+    lis.wait(0.5)
+    assert time.process_time() - t0 < 0.05
+
+
+def test_list_nodes_and_stale_cleanup(node):
+    states = b.list_nodes(node.prefix)
+    assert ("alive", os.getpid(), "test") in states
+    assert b.remove_stale_resources(node.prefix) == (0, 0)
