@@ -24,6 +24,7 @@ handlers (installed by :meth:`Supervisor.run` in the main thread) only enqueue a
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import queue
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import cloudpickle
+import psutil
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import (
@@ -70,6 +72,7 @@ from .protocol import (
     ChannelClosed,
     Commit,
     ControlChannel,
+    DeadLetter,
     Done,
     Drain,
     EdgeSpec,
@@ -86,6 +89,7 @@ from .protocol import (
     WorkerSpec,
     socketpair,
 )
+from .scoreboard import Scoreboard
 from .states import ProcessState, StateMachine
 
 __all__ = ["Supervisor", "RunReport", "as_pipeline", "describe_exit"]
@@ -118,6 +122,18 @@ def as_pipeline(obj: Any, name: Optional[str] = None) -> Pipeline:
         f"expected a Pipeline, a list of Node instances / manifest dicts, a manifest dict or a JSON "
         f"string, got {type(obj).__name__}"
     )
+
+
+def _private_rss(pid: Optional[int]) -> Optional[int]:
+    """Resident memory that is the worker's own (anonymous pages): shared-memory frames the
+    worker merely maps do not count against its limit."""
+    if pid is None:
+        return None
+    try:
+        mi = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return None
+    return max(0, mi.rss - getattr(mi, "shared", 0))
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -196,7 +212,21 @@ class WorkerHandle:
         self.last_traceback: Optional[str] = None
         self.exit_status: Optional[int] = None
         self.kill_at: Optional[float] = None
+        self.kill_reason: Optional[str] = None
         self.last_heartbeat = 0.0
+        self.restart_at: Optional[float] = None
+        self.restart_times: Deque[float] = deque()
+        self.board: Optional[Scoreboard] = None
+        self.out_fds: Dict[int, bytearray] = {}  # captured stdout/stderr pipe -> partial line
+        self.tail: Deque[str] = deque(maxlen=60)  # last lines the worker wrote
+        self.poison: Optional[Tuple[int, int]] = None  # frame being processed at the last crash
+        self.poison_count = 0
+        self.dead_letters = 0
+        self.memory_kills = 0
+        self.hang_kills = 0
+        self.last_recovery: Optional[float] = None  # seconds from crash to replacement READY
+        self.crashed_at: Optional[float] = None
+        self.next_mem_check = 0.0
 
     @property
     def state(self) -> ProcessState:
@@ -233,6 +263,9 @@ class Supervisor:
         restart_policy, max_restarts, restart_window, process_timeout, memory_limit,
         poison_threshold, snapshot_interval: supervision options (see the README).
         heartbeat_interval: seconds between worker heartbeats.
+        heartbeat_timeout: a worker whose loop has not turned for this long (while not inside
+            process()) is killed and restarted (default max(10 s, 5 heartbeats)).
+        dead_letter_dir: directory where poison frames are written (raw payload + JSON header).
         env: extra environment variables for the workers.
         log_level: logging level of the workers.
 
@@ -272,6 +305,8 @@ class Supervisor:
         backoff_base: float = 0.1,
         backoff_max: float = 5.0,
         heartbeat_interval: float = 1.0,
+        heartbeat_timeout: Optional[float] = None,
+        dead_letter_dir: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         log_level: int = logging.WARNING,
     ) -> None:
@@ -301,6 +336,8 @@ class Supervisor:
         self.max_borrowed = max_borrowed
         self.max_node_size = max_node_size
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout if heartbeat_timeout is not None else max(10.0, 5 * heartbeat_interval)
+        self.dead_letter_dir = os.path.abspath(dead_letter_dir) if dead_letter_dir else None
         self.env = dict(env or {})
         self.log_level = log_level
         self.node_options = {n.name: self._node_options(n) for n in self.pipeline.nodes}
@@ -649,6 +686,8 @@ class Supervisor:
                 on_error=opts["on_error"],
                 heartbeat_interval=self.heartbeat_interval,
                 log_level=self.log_level,
+                snapshot_interval=opts["snapshot_interval"],
+                dead_letter_dir=self.dead_letter_dir,
             )
             self.workers[node.name] = WorkerHandle(node.name, i, blobs[node.name], spec, opts)
 
@@ -676,16 +715,22 @@ class Supervisor:
             self._shutdown()
 
     def _tick(self) -> None:
-        fds = [self._wake_r] + [w.chan.fileno() for w in self.workers.values() if w.chan is not None and not w.chan.closed]
+        fds = [self._wake_r]
+        for w in self.workers.values():
+            if w.chan is not None and not w.chan.closed:
+                fds.append(w.chan.fileno())
+            fds.extend(w.out_fds)
         self._inbox.wait(self._next_timeout(), fds)
         self._drain_wake()
         self._handle_commands()
         for w in list(self.workers.values()):
+            self._read_output(w)
             self._read_control(w)
         self._collect_outputs()
         self._feed_inputs()
         self.reap_workers()
         self.murder_workers()
+        self.manage_workers()
         self._check_done()
 
     def _next_timeout(self) -> float:
@@ -694,6 +739,13 @@ class Supervisor:
             t = 0.01  # a channel hung up: reap the process promptly
         if self._phase in ("draining", "aborting"):
             t = min(t, 0.05)
+        now = time.monotonic()
+        for w in self.workers.values():
+            for deadline in (w.restart_at, w.kill_at):
+                if deadline is not None:
+                    t = min(t, max(0.0, deadline - now))
+            if w.alive and (w.options["process_timeout"] or w.options["memory_limit"]):
+                t = min(t, 0.1)
         for p in self._in_ports:
             r = p.next_retry
             if r is not None:
@@ -745,9 +797,15 @@ class Supervisor:
             w.last_heartbeat = w.ready_at
             if w.state is ProcessState.STARTING:
                 w.sm.change(ProcessState.RUNNING, f"ready after {msg.init_seconds:.2f}s")
+            if w.crashed_at is not None:
+                w.last_recovery = w.ready_at - w.crashed_at
+                w.crashed_at = None
+                log.warning("node %s recovered in %.3f s (pid %s)", w.name, w.last_recovery, w.pid)
             self._on_worker_ready(w)
         elif isinstance(msg, InitFailed):
             w.last_traceback = msg.traceback
+            if w.starts > 1:
+                return  # a restart that failed to load: exit code 3 makes it FATAL in _on_exit
             err = NodeInitError(
                 w.name,
                 f"{msg.stage} failed: {msg.message}",
@@ -787,7 +845,9 @@ class Supervisor:
                 w.restore.snapshot = msg.snapshot
             if msg.final:
                 for edge, seq in msg.in_seqs.items():
-                    self._relay_ack(edge, seq)
+                    self._relay_ack(edge, seq + 1, seq + 1)
+        elif isinstance(msg, DeadLetter):
+            w.dead_letters += 1
         elif isinstance(msg, Gap):
             self._replay_to(msg.edge, msg.expected - 1)
         elif isinstance(msg, Heartbeat):
@@ -825,14 +885,14 @@ class Supervisor:
             if producer.state is ProcessState.RUNNING:
                 self._send(producer, Replay(edge_index, after))
 
-    def _relay_ack(self, edge_index: int, seq: int) -> None:
+    def _relay_ack(self, edge_index: int, processed: int, committed: int) -> None:
         e = self.edges[edge_index]
         if e.src == INPUT:
             for p in self._in_ports:
                 if p.spec.index == edge_index:
-                    p.apply_ack(seq)
+                    p.apply_ack(processed, committed)
         else:
-            self._send(self.workers[e.src], Acked(edge_index, seq))
+            self._send(self.workers[e.src], Acked(edge_index, processed, committed))
 
     def _send(self, w: WorkerHandle, msg: Any) -> None:
         if w.chan is None or w.chan.closed:
@@ -901,7 +961,7 @@ class Supervisor:
                 del s
                 self._outq.put(("data", value, info))
             if last is not None:
-                p.ack(last)
+                p.ack(last + 1, last + 1)  # the caller's queue is the end of the line
         if self._out_ports and all(p.eos for p in self._out_ports) and not getattr(self, "_eos_queued", False):
             self._eos_queued = True
             self._outq.put(("eos", None, None))
@@ -924,6 +984,7 @@ class Supervisor:
                 + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
             )
             env.setdefault("PYTHONUNBUFFERED", "1")
+            env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault still leaves a traceback
             cmd = [
                 sys.executable,
                 "-m",
@@ -937,13 +998,18 @@ class Supervisor:
                 "--name",
                 w.name,
             ]
-            w.sm.change(ProcessState.STARTING, "spawn")
+            if w.board is None:
+                w.board = Scoreboard(os.path.join(resources.SHM_DIR, f"{self.prefix}wk{w.index}.board"), create=True)
+            w.board.reset()
+            w.sm.change(ProcessState.STARTING, "spawn" if w.starts == 0 else "restart")
             w.proc = subprocess.Popen(
                 cmd,
                 pass_fds=(child_sock.fileno(), blob_fd),
                 process_group=0,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 close_fds=True,
             )
         except BaseException:
@@ -954,15 +1020,64 @@ class Supervisor:
             os.close(blob_fd)
         w.pid = w.proc.pid
         w.chan = ControlChannel(parent_sock)
+        w.out_fds = {}
+        for pipe in (w.proc.stdout, w.proc.stderr):
+            assert pipe is not None
+            os.set_blocking(pipe.fileno(), False)
+            w.out_fds[pipe.fileno()] = bytearray()
         w.spawned_at = time.monotonic()
+        w.kill_reason = None
+        w.restart_at = None
         w.ready_at = None
         w.done = False
         w.exit_status = None
         w.kill_at = None
         w.starts += 1
         restore = w.restore if w.starts > 1 else None
-        self._send(w, Setup(w.spec, restore))
+        spec = w.spec
+        if w.board is not None:
+            spec = dataclasses.replace(spec, scoreboard=w.board.path)
+        self._send(w, Setup(spec, restore))
         log.info("spawned worker for node %s (pid %d)", w.name, w.pid)
+
+    def _read_output(self, w: WorkerHandle, final: bool = False) -> None:
+        """Forward what the worker wrote to stdout/stderr, one prefixed line at a time, and
+        keep the last lines (the traceback of a crash is usually there)."""
+        for fd in list(w.out_fds):
+            buf = w.out_fds[fd]
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    final = True
+                    break
+                buf += chunk
+            *lines, rest = buf.split(b"\n")
+            if final and rest:
+                lines.append(rest)
+                rest = b""
+            w.out_fds[fd] = bytearray(rest)
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                w.tail.append(line)
+                self._emit_worker_line(w, line)
+
+    def _emit_worker_line(self, w: WorkerHandle, line: str) -> None:
+        try:
+            sys.stderr.write(f"[{w.name} {w.pid}] {line}\n")
+        except (OSError, ValueError):
+            pass
+
+    def _close_output(self, w: WorkerHandle) -> None:
+        self._read_output(w, final=True)
+        for pipe in (w.proc.stdout, w.proc.stderr) if w.proc is not None else ():
+            if pipe is not None:
+                pipe.close()
+        w.out_fds = {}
 
     def reap_workers(self) -> None:
         """Collect the exit status of every worker that exited (each child by its own
@@ -974,67 +1089,176 @@ class Supervisor:
             if rc is None:
                 continue
             self._read_control(w)  # messages written just before exiting
+            self._close_output(w)
             w.exit_status = rc
+            w.kill_at = None
             if w.chan is not None:
                 w.chan.close()
-            self._on_exit(w, rc)
             try:
-                cleaned, _failed = self._iox.cleanup_dead_nodes()
+                self._iox.cleanup_dead_nodes()
             except Exception as e:  # pragma: no cover - cleanup must not kill the arbiter
                 log.debug("dead-node cleanup failed: %s", e)
+            self._on_exit(w, rc)
+
+    def _crash_report(self, w: WorkerHandle) -> Optional[str]:
+        """The best traceback we have: the structured one, else the worker's last output."""
+        if w.last_traceback:
+            return w.last_traceback
+        tail = "\n".join(w.tail).strip()
+        return tail or None
 
     def _on_exit(self, w: WorkerHandle, rc: int) -> None:
         state = w.state
         how = describe_exit(rc)
+        if w.kill_reason:
+            how = f"{w.kill_reason}; {how}"
         if rc == EXIT_OK and w.done:
             if state in (ProcessState.RUNNING, ProcessState.STOPPING):
                 w.sm.change(ProcessState.EXITED, "end of stream")
             return
-        if state is ProcessState.STOPPING or self._phase == "aborting":
+        if state is ProcessState.STOPPING or self._phase in ("aborting", "finished"):
             w.sm.change(ProcessState.STOPPED if state is ProcessState.STOPPING else ProcessState.EXITED, how)
             return
         if rc == EXIT_LOAD_ERROR:
             w.sm.change(ProcessState.FATAL, "load error")
             if self._error is None:
-                self._fail(NodeFatalError(w.name, f"could not load the node ({how})", w.pid, rc, w.last_traceback))
+                self._fail(NodeFatalError(w.name, f"could not load the node ({how})", w.pid, rc, self._crash_report(w)))
             return
-        # An unexpected exit.
-        if state is ProcessState.STARTING:
-            w.sm.change(ProcessState.FATAL, f"died during initialize() ({how})")
-            self._fail(
-                NodeInitError(
+        if state is ProcessState.STARTING and self._phase == "booting":
+            # The first start must work: fail fast with what we know.
+            w.sm.change(ProcessState.FATAL, f"failed to start ({how})")
+            if w.kill_reason and "init_timeout" in w.kill_reason:
+                err: RemoteMediaError = WorkerStartTimeout(w.name, w.kill_reason, w.pid)
+            else:
+                err = NodeInitError(
                     w.name,
                     f"the worker died during unpickling/initialize() ({how}) before reporting READY",
                     pid=w.pid,
-                    traceback=w.last_traceback,
+                    traceback=self._crash_report(w),
                 )
-            )
+            self._fail(err)
             return
         w.sm.change(ProcessState.EXITED, how)
-        self._fail(WorkerCrashed(w.name, f"worker exited unexpectedly ({how})", w.pid))
+        self._after_failure(w, rc, how)
+
+    def _after_failure(self, w: WorkerHandle, rc: int, how: str) -> None:
+        """Apply the restart policy to a worker that exited unexpectedly."""
+        now = time.monotonic()
+        policy = w.options["restart_policy"]
+        w.crashed_at = w.crashed_at or now
+        self._track_poison(w)
+        if policy == "never" or (policy == "on-failure" and rc == 0):
+            why = "restart_policy='never'" if policy == "never" else "it exited with code 0 before the end of its stream"
+            self._go_fatal(w, rc, f"worker exited unexpectedly ({how}); not restarted: {why}")
+            return
+        window = w.options["restart_window"]
+        while w.restart_times and now - w.restart_times[0] > window:
+            w.restart_times.popleft()
+        if len(w.restart_times) >= w.options["max_restarts"]:
+            self._go_fatal(
+                w,
+                rc,
+                f"restart limit reached: {len(w.restart_times)} restarts within {window:g} s "
+                f"(max_restarts={w.options['max_restarts']}); last exit: {how}",
+            )
+            return
+        delay = min(w.options["backoff_base"] * (2 ** len(w.restart_times)), w.options["backoff_max"])
+        w.restart_times.append(now)
+        w.sm.change(ProcessState.BACKOFF, f"{how}; restart in {delay:.2f} s")
+        w.restart_at = now + delay
+        log.warning("node %s (pid %s) %s; restarting in %.2f s", w.name, w.pid, how, delay)
+
+    def _go_fatal(self, w: WorkerHandle, rc: int, message: str) -> None:
+        w.sm.change(ProcessState.FATAL, message)
+        self._fail(NodeFatalError(w.name, message, w.pid, rc, self._crash_report(w)))
+
+    def _track_poison(self, w: WorkerHandle) -> None:
+        """Count crashes on the same input frame; past the threshold, dead-letter it."""
+        if w.board is None:
+            return
+        b = w.board.read()
+        if not b["busy_since_ns"] or b["busy_edge"] < 0:
+            w.poison, w.poison_count = None, 0
+            return
+        frame = (b["busy_edge"], b["busy_seq"])
+        w.poison_count = w.poison_count + 1 if frame == w.poison else 1
+        w.poison = frame
+        if w.poison_count >= w.options["poison_threshold"]:
+            edge, seq = frame
+            log.error(
+                "node %s crashed %d times in a row on frame %d from %s: dead-lettering it\n%s",
+                w.name,
+                w.poison_count,
+                seq,
+                self.edges[edge].src,
+                self._crash_report(w) or "(no traceback)",
+            )
+            w.restore.skip.setdefault(edge, []).append(seq)
+            w.poison, w.poison_count = None, 0
+
+    def manage_workers(self) -> None:
+        """Start the workers whose backoff delay has passed."""
+        if self._phase not in ("running", "draining"):
+            return
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.state is ProcessState.BACKOFF and w.restart_at is not None and now >= w.restart_at:
+                w.restarts += 1
+                self.spawn_worker(w)
 
     def murder_workers(self) -> None:
-        """Enforce deadlines: init timeout, stop timeout, kill timeout."""
+        """Enforce deadlines: init timeout, per-frame timeout, heartbeat, memory, kills."""
         now = time.monotonic()
+        now_ns = time.monotonic_ns()
         for w in self.workers.values():
             if not w.alive:
                 continue
-            if w.state is ProcessState.STARTING and now - w.spawned_at > w.options["init_timeout"]:
-                self._fail(
-                    WorkerStartTimeout(
-                        w.name,
-                        f"initialize() did not finish within init_timeout={w.options['init_timeout']} s",
-                        w.pid,
-                    )
-                )
-                self._signal(w, signal.SIGKILL)
-            if w.kill_at is not None and now >= w.kill_at:
-                log.warning("node %s (pid %s) did not stop in time; SIGKILL", w.name, w.pid)
-                self._signal(w, signal.SIGKILL)
-                w.kill_at = None
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    log.warning("node %s (pid %s) did not exit after SIGTERM; SIGKILL", w.name, w.pid)
+                    self._signal(w, signal.SIGKILL)
+                    w.kill_at = None
+                continue
+            if w.kill_reason:
+                continue
+            opts = w.options
+            if w.state is ProcessState.STARTING and now - w.spawned_at > opts["init_timeout"]:
+                self._murder(w, f"initialize() did not finish within init_timeout={opts['init_timeout']:g} s", hard=True)
+                continue
+            if w.state is not ProcessState.RUNNING or w.board is None:
+                continue
+            busy = w.board.get("busy_since_ns")
+            if busy and opts["process_timeout"] and (now_ns - busy) / 1e9 > opts["process_timeout"]:
+                w.hang_kills += 1
+                seq = w.board.get("busy_seq")
+                self._murder(w, f"process() of frame {seq} exceeded process_timeout={opts['process_timeout']:g} s")
+                continue
+            beat = w.board.get("heartbeat_ns")
+            stale = (now_ns - beat) / 1e9 if beat else 0.0
+            if not busy and stale > self.heartbeat_timeout:
+                w.hang_kills += 1
+                self._murder(w, f"no heartbeat for {stale:.1f} s (worker loop stuck)")
+                continue
+            if opts["memory_limit"] and now >= w.next_mem_check:
+                w.next_mem_check = now + 0.25
+                rss = _private_rss(w.pid)
+                if rss is not None and rss > opts["memory_limit"]:
+                    w.memory_kills += 1
+                    self._murder(w, f"memory limit exceeded: {rss / 2**20:.0f} MiB private RSS > {opts['memory_limit'] / 2**20:.0f} MiB")
         if self._phase == "draining" and self._stop_deadline is not None and now > self._stop_deadline:
             log.warning("pipeline %s did not drain within %.1f s; aborting", self.name, self.stop_timeout)
             self._begin_abort("drain timeout")
+
+    def _murder(self, w: WorkerHandle, reason: str, hard: bool = False) -> None:
+        """Kill a misbehaving worker (SIGTERM, SIGKILL after kill_timeout); its exit is then
+        handled like a crash, under the restart policy."""
+        log.error("node %s (pid %s): %s; killing it", w.name, w.pid, reason)
+        w.kill_reason = reason
+        if hard:
+            self._signal(w, signal.SIGKILL)
+        else:
+            self._signal(w, signal.SIGTERM)
+            w.kill_at = time.monotonic() + self.kill_timeout
 
     def _signal(self, w: WorkerHandle, sig: int) -> None:
         if not w.alive or w.proc is None:

@@ -11,12 +11,16 @@ processes' inbox events. Each frame carries a sequence number that is contiguous
         retained[seq] = frame        -- data service -->   seq <  expected: duplicate, drop
         publish; notify B's inbox                          seq >  expected: gap, drop (+ Gap)
                                                           process ...
-        drop retained <= acked       <-- ack service --  ack(committed seq); notify A's inbox
-        window: len(retained) < depth
+        in flight = next_seq - processed  <-- ack ---    ack(processed, committed); notify A
+        drop retained < committed
 
-*Flow control.* A lossless edge (policy ``block``) lets at most ``depth`` unacknowledged
-frames (and ``max_bytes`` of them) be in flight; the consumer's queue holds ``depth``
-frames, so a send normally never overflows it. The publisher never blocks inside iceoryx2
+An ack carries two counts: *processed* (frames the consumer has taken off its queue and
+handled) drives flow control; *committed* (frames whose every derived output is itself
+committed downstream, and which the supervisor knows about) lets the producer forget them.
+
+*Flow control.* A lossless edge (policy ``block``) lets at most ``depth`` frames (and about
+``max_bytes`` of them) be in flight, i.e. sent but not processed; the consumer's queue holds
+``depth`` frames, so a send normally never overflows it. The publisher never blocks inside iceoryx2
 (``DiscardData``): if a send is discarded anyway (a replay racing live frames, a consumer that
 is gone) it returns 0, the frame stays retained, and the producer sends it again later, in
 order. Nothing waits on a dead peer while holding the GIL.
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Deque, List, Optional, Tuple
 
 from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import TransportError
 from remotemedia.frames import Kind
 
 from .protocol import EdgeSpec
@@ -77,9 +82,11 @@ class OutPort:
         )
         self.notifier = bridge.Notifier(node, spec.dst_inbox)
         self.next_seq = next_seq
-        self.acked = next_seq - 1
+        self.processed = next_seq  # count of frames the consumer has processed
+        self.committed = next_seq  # count of frames the consumer has committed
         self.retained: Deque[Retained] = deque()
         self.retained_bytes = 0
+        self.last_nbytes = 0
         # seq of the first retained frame not known to be delivered (None: all delivered)
         self.undelivered: Optional[int] = None
         self._retry_at = 0.0
@@ -91,12 +98,17 @@ class OutPort:
 
     # -------------------------------------------------------------- sending
 
+    @property
+    def in_flight(self) -> int:
+        return self.next_seq - self.processed
+
     def can_send(self) -> bool:
         if not self.lossless:
             return True
-        if not self.retained:
+        n = self.in_flight
+        if n <= 0:
             return True
-        return len(self.retained) < self.spec.depth and self.retained_bytes < self.spec.max_bytes
+        return n < self.spec.depth and n * self.last_nbytes < self.spec.max_bytes
 
     def send(
         self,
@@ -119,6 +131,7 @@ class OutPort:
             self._notify()
             return seq
         nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
+        self.last_nbytes = nbytes
         r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
         self.retained.append(r)
         self.retained_bytes += nbytes
@@ -140,7 +153,10 @@ class OutPort:
         return n > 0
 
     def _notify(self) -> None:
-        self.notifier.notify()
+        try:
+            self.notifier.notify()
+        except TransportError:
+            pass  # the consumer is gone; it is woken by its restart, not by us
 
     def _schedule_retry(self, reset: bool = False) -> None:
         if reset:
@@ -152,7 +168,7 @@ class OutPort:
     # -------------------------------------------------------------- acks and resends
 
     def poll_acks(self) -> bool:
-        """Consume acks; drop what they cover. True when something was acknowledged."""
+        """Consume acks. True when the consumer made progress."""
         if self.ack_sub is None:
             return False
         newest = None
@@ -160,27 +176,36 @@ class OutPort:
             s = self.ack_sub.receive()
             if s is None:
                 break
-            newest = s.seq
+            newest = (s.seq, s.origin)
             del s
-        return newest is not None and self.apply_ack(newest)
+        return newest is not None and self.apply_ack(*newest)
 
-    def apply_ack(self, newest: int) -> bool:
-        """Frames <= ``newest`` are committed downstream: forget them."""
-        if newest <= self.acked:
-            return False
-        self.acked = newest
-        while self.retained and self.retained[0].seq <= newest:
-            r = self.retained.popleft()
-            self.retained_bytes -= r.nbytes
-        if self.undelivered is not None and self.undelivered <= newest:
-            self.undelivered = self.retained[0].seq if self.retained else None
-        return True
+    def apply_ack(self, processed: int, committed: int) -> bool:
+        """The consumer processed ``processed`` frames and committed ``committed``; forget
+        the committed ones. True on progress."""
+        progress = False
+        if processed > self.processed:
+            self.processed = min(processed, self.next_seq)
+            progress = True
+        if committed > self.committed:
+            self.committed = committed
+            progress = True
+            while self.retained and self.retained[0].seq < committed:
+                r = self.retained.popleft()
+                self.retained_bytes -= r.nbytes
+            if self.undelivered is not None and self.undelivered < committed:
+                self.undelivered = self.retained[0].seq if self.retained else None
+        if progress and self.undelivered is not None:
+            self._retry_at = 0.0  # room was made: resend now
+        return progress
 
     def replay(self, after: int) -> None:
         """Send again every retained frame with seq > after (a consumer restarted)."""
         if not self.lossless:
             return
         self.pub.update_connections()
+        # The restarted consumer has processed nothing beyond its commit.
+        self.processed = min(self.processed, after + 1)
         first = next((r.seq for r in self.retained if r.seq > after), None)
         if first is not None and (self.undelivered is None or first < self.undelivered):
             self.undelivered = first
@@ -240,7 +265,8 @@ class InPort:
         self.expected = expected
         self.eos = False
         self.eos_seq: Optional[int] = None
-        self.last_ack = expected - 1
+        self.acked_processed = expected
+        self.acked_committed = expected
         self.gap_since: Optional[float] = None
         self.gap_reported_at = 0.0
         self.received = 0
@@ -271,14 +297,20 @@ class InPort:
                 self.eos_seq = seq
             return s
 
-    def ack(self, seq: int) -> None:
-        """Tell the producer that every frame up to ``seq`` is committed."""
-        if self.ack_pub is None or seq <= self.last_ack:
+    def ack(self, processed: int, committed: int) -> None:
+        """Tell the producer how many frames are processed and committed (counts)."""
+        if self.ack_pub is None:
             return
-        self.ack_pub.send(seq, Kind.ACK, _EMPTY)
-        self.last_ack = seq
+        if processed <= self.acked_processed and committed <= self.acked_committed:
+            return
+        self.acked_processed = max(processed, self.acked_processed)
+        self.acked_committed = max(committed, self.acked_committed)
+        self.ack_pub.send(self.acked_processed, Kind.ACK, _EMPTY, origin=self.acked_committed)
         assert self.ack_notifier is not None
-        self.ack_notifier.notify()
+        try:
+            self.ack_notifier.notify()
+        except TransportError:
+            pass
 
     def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]:
         """The seq to ask a replay from, when a gap has lasted ``min_age`` and was not reported

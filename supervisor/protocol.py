@@ -51,6 +51,7 @@ __all__ = [
     "Commit",
     "Gap",
     "Acked",
+    "DeadLetter",
     "Heartbeat",
     "Done",
     "Replay",
@@ -85,7 +86,7 @@ class EdgeSpec:
     depth: int  # frames in flight (consumer queue size == producer window)
     max_borrowed: int  # frames the consumer may hold zero-copy
     policy: str = "block"  # block | drop_oldest | latest
-    max_bytes: int = 512 * 1024 * 1024  # bytes in flight before the producer waits
+    max_bytes: int = 256 * 1024 * 1024  # bytes in flight before the producer waits
 
     @property
     def lossless(self) -> bool:
@@ -93,8 +94,10 @@ class EdgeSpec:
 
     def channel_options(self) -> Dict[str, Any]:
         """Settings both ends pass to the bridge (they must match)."""
+        # Two of each: a restarted process attaches before its dead predecessor is cleaned up.
         return dict(
             max_subscribers=2,
+            max_publishers=2,
             buffer_size=self.depth,
             max_borrowed=self.max_borrowed,
             safe_overflow=not self.lossless,
@@ -117,6 +120,9 @@ class WorkerSpec:
     heartbeat_interval: float = 1.0
     ack_every: int = 0  # 0: depth // 4
     log_level: int = 20
+    scoreboard: str = ""  # path of the shared status block (see supervisor.scoreboard)
+    snapshot_interval: Optional[float] = None  # None: 1 s when the node defines snapshot()
+    dead_letter_dir: Optional[str] = None
 
 
 @dataclass
@@ -127,6 +133,7 @@ class RestoreState:
     out_next: Dict[int, int] = field(default_factory=dict)  # edge -> next seq to assign
     snapshot: Optional[bytes] = None
     source_position: int = 0  # items of generate() already committed
+    skip: Dict[int, List[int]] = field(default_factory=dict)  # edge -> poison seqs to dead-letter
 
 
 # --------------------------------------------------------------------------- messages
@@ -185,10 +192,20 @@ class Commit:
 
 @dataclass
 class Acked:
-    """Relayed final ack of a consumer that exited: frames <= seq on ``edge`` are committed."""
+    """Relayed final ack of a consumer that exited (counts of processed / committed frames)."""
+
+    edge: int
+    processed: int
+    committed: int
+
+
+@dataclass
+class DeadLetter:
+    """The worker skipped a poison frame instead of processing it."""
 
     edge: int
     seq: int
+    path: Optional[str] = None  # where the frame was written, if a dead-letter dir is set
 
 
 @dataclass

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import ctypes
 import inspect
+import json
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ from .protocol import (
     ChannelClosed,
     Commit,
     ControlChannel,
+    DeadLetter,
     Done,
     Drain,
     Gap,
@@ -62,6 +64,7 @@ from .protocol import (
     Start,
     WorkerSpec,
 )
+from .scoreboard import Scoreboard
 from .stats import LatencyStats
 
 log = logging.getLogger("remotemedia.worker")
@@ -97,6 +100,18 @@ def _format_exc(e: BaseException) -> Tuple[str, str, str, Optional[bytes]]:
     return name, str(e), tb, blob
 
 
+class _Marker:
+    """A point of the input stream the node can be restarted from."""
+
+    __slots__ = ("positions", "source_position", "out_next", "snapshot")
+
+    def __init__(self, positions: Dict[int, int], source_position: int, out_next: Dict[int, int], snapshot: Optional[bytes]) -> None:
+        self.positions = positions  # edge -> last processed seq
+        self.source_position = source_position
+        self.out_next = out_next  # edge -> next seq after the outputs of this point
+        self.snapshot = snapshot
+
+
 class Runner:
     """The worker's main loop around one initialized node."""
 
@@ -105,6 +120,7 @@ class Runner:
         self.spec = spec
         self.chan = chan
         self.restore = restore or RestoreState()
+        self.board = Scoreboard(spec.scoreboard) if spec.scoreboard else None
         self.iox = bridge.Node(spec.prefix, f"w{spec.index}")
         self.inbox = bridge.Listener(self.iox, spec.inbox)
         # Inputs first: a restarted worker must be attached before anyone replays to it.
@@ -116,21 +132,27 @@ class Runner:
         ]
         self.by_edge_in = {p.spec.index: p for p in self.inputs}
         self.by_edge_out = {p.spec.index: p for p in self.outputs}
+        self.skip = {edge: set(seqs) for edge, seqs in self.restore.skip.items()}
         self.started = not spec.is_source
         self.draining = False
-        self.aborted = False
         self.failed = False  # process() raised with on_error="raise": wait for Abort
-        # commit markers: (edge or None for the source, seq/position, out_next after it)
-        self.markers: Deque[Tuple[Optional[int], int, Dict[int, int]]] = deque()
-        self.committed: Dict[int, int] = {p.spec.index: p.expected - 1 for p in self.inputs}
+        self.processed: Dict[int, int] = {p.spec.index: p.expected - 1 for p in self.inputs}
+        self.committed: Dict[int, int] = dict(self.processed)
         self.source_position = self.restore.source_position
         self.committed_position = self.source_position
+        self.markers: Deque[_Marker] = deque()
         self.commit_dirty = False
-        self._commit_out_next: Dict[int, int] = self.out_next()
+        self.commit_out_next: Dict[int, int] = self.out_next()
+        self.commit_snapshot: Optional[bytes] = None
+        has_snapshot = callable(getattr(node, "snapshot", None)) and callable(getattr(node, "restore", None))
+        interval = spec.snapshot_interval if spec.snapshot_interval is not None else 1.0
+        self.snapshot_interval: Optional[float] = interval if has_snapshot else None
+        self.next_snapshot = time.monotonic() + (interval or 0.0)
         self.ack_every = spec.ack_every or max(1, min((e.depth for e in spec.in_edges), default=4) // 4)
         self.frames_in = 0
         self.frames_out = 0
         self.errors = 0
+        self.dead_letters = 0
         self.latency = LatencyStats()
         self.next_heartbeat = time.monotonic() + spec.heartbeat_interval
         self._rr = 0
@@ -144,6 +166,8 @@ class Runner:
 
     def pump(self) -> None:
         """Everything that must keep going even while the node is busy emitting."""
+        if self.board is not None:
+            self.board.beat()
         try:
             msgs = self.chan.receive()
         except ChannelClosed:
@@ -151,8 +175,8 @@ class Runner:
         for msg in msgs:
             if isinstance(msg, Acked):
                 port = self.by_edge_out.get(msg.edge)
-                if port is not None and port.apply_ack(msg.seq):
-                    self.advance_commits()
+                if port is not None:
+                    port.apply_ack(msg.processed, msg.committed)
             elif isinstance(msg, Replay):
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:
@@ -163,12 +187,10 @@ class Runner:
                 self.draining = True
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
-        progressed = False
         for p in self.outputs:
-            if p.poll_acks():
-                progressed = True
+            p.poll_acks()
             p.resend_due()
-        if progressed or self.markers:
+        if self.markers:
             self.advance_commits()
         now = time.monotonic()
         for p in self.inputs:
@@ -185,6 +207,8 @@ class Runner:
             r = p.next_retry
             if r is not None:
                 deadline = min(deadline, r)
+        if self.snapshot_interval is not None and self.uncommitted_progress():
+            deadline = min(deadline, self.next_snapshot)
         timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         self.inbox.wait(timeout, [self.chan.fileno()])
 
@@ -193,39 +217,57 @@ class Runner:
     def out_next(self) -> Dict[int, int]:
         return {p.spec.index: p.next_seq for p in self.outputs}
 
+    def uncommitted_progress(self) -> bool:
+        last = self.markers[-1] if self.markers else None
+        if last is not None:
+            return last.positions != self.processed or last.source_position != self.source_position
+        return self.processed != self.committed or self.source_position != self.committed_position
+
+    def mark(self, force_snapshot: bool = False) -> None:
+        """Record the current point as a candidate commit (with a snapshot of the node's
+        runtime state when it has one and one is due)."""
+        snap = None
+        if self.snapshot_interval is not None:
+            now = time.monotonic()
+            if not force_snapshot and now < self.next_snapshot:
+                return
+            self.next_snapshot = now + self.snapshot_interval
+            snap = cloudpickle.dumps(self.node.snapshot())
+        self.markers.append(_Marker(dict(self.processed), self.source_position, self.out_next(), snap))
+
     def advance_commits(self, force_flush: bool = False) -> None:
-        acked = {p.spec.index: (p.acked if p.lossless else p.next_seq - 1) for p in self.outputs}
         while self.markers:
-            edge, seq, out_next = self.markers[0]
-            if any(acked[e] < n - 1 for e, n in out_next.items()):
+            m = self.markers[0]
+            if any(self.by_edge_out[e].lossless and self.by_edge_out[e].committed < n for e, n in m.out_next.items()):
                 break
             self.markers.popleft()
-            if edge is None:
-                self.committed_position = seq
-            else:
-                self.committed[edge] = seq
+            self.committed = m.positions
+            self.committed_position = m.source_position
+            self.commit_out_next = m.out_next
+            if m.snapshot is not None:
+                self.commit_snapshot = m.snapshot
             self.commit_dirty = True
-            self._commit_out_next = out_next
-        if self.commit_dirty:
-            behind = max((self.committed[p.spec.index] - p.last_ack for p in self.inputs), default=self.ack_every)
-            if force_flush or behind >= self.ack_every or not self.markers:
+        behind = max((self.processed[i] + 1 - p.acked_processed for i, p in self.by_edge_in.items()), default=0)
+        if self.commit_dirty or behind > 0:
+            if force_flush or behind >= self.ack_every or (self.commit_dirty and not self.markers):
                 self.flush_commit()
 
     def flush_commit(self, final: bool = False) -> None:
-        if not self.commit_dirty and not final:
-            return
-        self.commit_dirty = False
-        # The supervisor must know the commit before upstream may forget the frames.
-        self.chan.send(
-            Commit(
-                in_seqs=dict(self.committed),
-                out_next=dict(self._commit_out_next),
-                source_position=self.committed_position if self.spec.is_source else None,
-                final=final,
+        if self.commit_dirty or final:
+            self.commit_dirty = False
+            snap, self.commit_snapshot = self.commit_snapshot, None
+            # The supervisor must know the commit before upstream may forget the frames.
+            self.chan.send(
+                Commit(
+                    in_seqs=dict(self.committed),
+                    out_next=dict(self.commit_out_next),
+                    source_position=self.committed_position if self.spec.is_source else None,
+                    snapshot=snap,
+                    final=final,
+                )
             )
-        )
-        for p in self.inputs:
-            p.ack(self.committed[p.spec.index])
+        for i, p in self.by_edge_in.items():
+            p.ack(self.processed[i] + 1, self.committed[i] + 1)
 
     # ------------------------------------------------------------------ emitting
 
@@ -235,14 +277,27 @@ class Runner:
             stream_id = self._current_stream
         meta, bufs = encode(value)
         for port in self.outputs:
-            while not port.can_send():
-                self.flush_commit()
-                self.pump()
-                if port.can_send():
-                    break
-                self.wait(0.05)
+            if not port.can_send():
+                self.wait_for_room(port)
             port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
         self.frames_out += 1
+        if self.board is not None:
+            self.board.set("frames_out", self.frames_out)
+
+    def wait_for_room(self, port: OutPort) -> None:
+        """Backpressure: wait until ``port`` may send. Time spent here is not processing
+        time, so the per-frame deadline is paused meanwhile."""
+        busy = self.board.read() if self.board is not None else None
+        if self.board is not None:
+            self.board.idle()
+        while not port.can_send():
+            self.flush_commit()
+            self.pump()
+            if port.can_send():
+                break
+            self.wait(0.05)
+        if busy is not None and busy["busy_since_ns"] and self.board is not None:
+            self.board.busy(busy["busy_edge"], busy["busy_seq"])
 
     def emit_result(self, result: Any) -> None:
         if inspect.isawaitable(result):
@@ -288,30 +343,66 @@ class Runner:
 
     def handle_frame(self, port: InPort, sample: Any) -> None:
         seq = sample.seq
-        info = FrameInfo(seq, sample.origin, sample.stream_id, sample.created_ns, sample.sent_ns, port.spec.src)
-        copy = port.should_copy()
-        data = decode(sample, copy=copy)
-        del sample
-        self._current_origin, self._current_stream, self._current_created = info.origin, info.stream_id, info.created_ns
-        self.frames_in += 1
-        self.node.current_frame = info
-        t0 = time.perf_counter_ns()
-        try:
-            self.emit_result(self.node.process(data))
-        except _Abort:
-            raise
-        except Exception as e:
-            self.errors += 1
-            exc_type, message, tb, blob = _format_exc(e)
-            fatal = self.spec.on_error == "raise"
-            self.chan.send(NodeFailed(seq, info.origin, exc_type, message, tb, blob, fatal=fatal))
-            if fatal:
-                self.failed = True
-        finally:
-            self.latency.add(time.perf_counter_ns() - t0)
-            self.node.current_frame = None
-        self.markers.append((port.spec.index, seq, self.out_next()))
+        edge = port.spec.index
+        if seq in self.skip.get(edge, ()):
+            self.dead_letter(port, sample)
+            del sample
+        else:
+            info = FrameInfo(seq, sample.origin, sample.stream_id, sample.created_ns, sample.sent_ns, port.spec.src)
+            data = decode(sample, copy=port.should_copy())
+            del sample
+            self._current_origin, self._current_stream, self._current_created = info.origin, info.stream_id, info.created_ns
+            self.frames_in += 1
+            self.node.current_frame = info
+            if self.board is not None:
+                self.board.busy(edge, seq)
+            t0 = time.perf_counter_ns()
+            try:
+                self.emit_result(self.node.process(data))
+            except _Abort:
+                raise
+            except Exception as e:
+                self.errors += 1
+                exc_type, message, tb, blob = _format_exc(e)
+                fatal = self.spec.on_error == "raise"
+                self.chan.send(NodeFailed(seq, info.origin, exc_type, message, tb, blob, fatal=fatal))
+                if fatal:
+                    self.failed = True
+            finally:
+                self.latency.add(time.perf_counter_ns() - t0)
+                self.node.current_frame = None
+                if self.board is not None:
+                    self.board.idle()
+                    self.board.set("frames_in", self.frames_in)
+        self.processed[edge] = seq
+        self.mark()
         self.advance_commits()
+
+    def dead_letter(self, port: InPort, sample: Any) -> None:
+        """Skip a poison frame; keep a copy of it when a dead-letter directory is set."""
+        self.dead_letters += 1
+        path = None
+        if self.spec.dead_letter_dir:
+            os.makedirs(self.spec.dead_letter_dir, exist_ok=True)
+            base = os.path.join(self.spec.dead_letter_dir, f"{self.spec.name}-e{port.spec.index}-s{sample.seq}")
+            with open(base + ".frame", "wb") as f:
+                f.write(memoryview(sample))
+            with open(base + ".json", "w") as f:
+                json.dump(
+                    {
+                        "node": self.spec.name,
+                        "edge": port.spec.index,
+                        "from": port.spec.src,
+                        "seq": sample.seq,
+                        "origin": sample.origin,
+                        "meta": list(sample.meta),
+                        "buffers": [list(b) for b in sample.buffers],
+                    },
+                    f,
+                )
+            path = base + ".frame"
+        log.error("dead-lettered poison frame %d from %s%s", sample.seq, port.spec.src, f" to {path}" if path else "")
+        self.chan.send(DeadLetter(port.spec.index, sample.seq, path))
 
     # ------------------------------------------------------------------ source
 
@@ -344,6 +435,8 @@ class Runner:
         if self.draining:
             self._close_gen()
             return False
+        if self.board is not None:
+            self.board.busy(-1, self.source_position)
         t0 = time.perf_counter_ns()
         try:
             item = next(self._gen)
@@ -359,6 +452,9 @@ class Runner:
             self.chan.send(NodeFailed(None, self.source_position, exc_type, message, tb, blob, fatal=True))
             self.failed = True
             return False
+        finally:
+            if self.board is not None:
+                self.board.idle()
         self._current_origin = self.source_position
         self._current_stream = 0
         self._current_created = time.monotonic_ns()
@@ -367,7 +463,7 @@ class Runner:
         self.latency.add(time.perf_counter_ns() - t0)
         self.source_position += 1
         self.frames_in += 1
-        self.markers.append((None, self.source_position, self.out_next()))
+        self.mark()
         self.advance_commits()
         return True
 
@@ -390,7 +486,6 @@ class Runner:
         """Every input ended: flush, end the outputs, wait until they are committed."""
         flush = getattr(self.node, "flush", None)
         if callable(flush) and not self.failed:
-            self._current_origin = self.source_position if self.spec.is_source else self._current_origin
             try:
                 self.emit_result(flush())
             except _Abort:
@@ -402,18 +497,15 @@ class Runner:
                     self.failed = True
                     return
         for port in self.outputs:
-            while not port.can_send():
-                self.pump()
-                self.wait(0.05)
+            if not port.can_send():
+                self.wait_for_room(port)
             port.send(Kind.EOS, b"", [], self._current_origin, 0, 0)
-        # The EOS inputs commit only once our own EOS is committed downstream: a restart
-        # after this point must still see the end of its inputs.
-        out_next = self.out_next()
-        if self.spec.is_source:
-            self.markers.append((None, self.source_position, out_next))
+        # The end of the inputs is committed only once our own end is committed downstream:
+        # a restart after this point must still see the end of its inputs.
         for p in self.inputs:
             if p.eos_seq is not None:
-                self.markers.append((p.spec.index, p.eos_seq, out_next))
+                self.processed[p.spec.index] = p.eos_seq
+        self.mark(force_snapshot=True)
         while True:
             self.pump()
             self.advance_commits(force_flush=True)
@@ -444,6 +536,8 @@ class Runner:
                 if self.failed:
                     continue
                 return EXIT_OK
+            if self.snapshot_interval is not None and self.uncommitted_progress() and time.monotonic() >= self.next_snapshot:
+                self.mark()
             self.advance_commits(force_flush=True)
             self.wait(self.spec.heartbeat_interval)
 
@@ -452,9 +546,10 @@ class Runner:
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "errors": self.errors,
+            "dead_letters": self.dead_letters,
             "latency": self.latency.summary(),
             "edges_in": {
-                p.spec.index: {"received": p.received, "duplicates": p.duplicates, "dropped": p.dropped, "queued": None}
+                p.spec.index: {"received": p.received, "duplicates": p.duplicates, "dropped": p.dropped}
                 for p in self.inputs
             },
             "edges_out": {
@@ -462,7 +557,8 @@ class Runner:
                     "sent": p.sent,
                     "resent": p.resent,
                     "discarded": p.discarded,
-                    "in_flight": len(p.retained),
+                    "in_flight": p.in_flight,
+                    "retained": len(p.retained),
                 }
                 for p in self.outputs
             },
@@ -477,6 +573,8 @@ class Runner:
         self.inputs = []
         if self._loop is not None:
             self._loop.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -489,7 +587,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def _configure_logging(spec: WorkerSpec) -> None:
     logging.basicConfig(
         level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s [{spec.name} pid={os.getpid()}] %(name)s: %(message)s",
+        # The supervisor prefixes each line with the node, pid and time.
+        format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -532,11 +631,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         blob = _read_blob(args.blob_fd)
         node = cloudpickle.loads(blob)
         del blob
+        stage = "initialize"
+        node.initialize()
+        # Runtime state of the last commit wins over what initialize() set up.
         if setup.restore is not None and setup.restore.snapshot is not None and callable(getattr(node, "restore", None)):
             stage = "restore"
             node.restore(cloudpickle.loads(setup.restore.snapshot))
-        stage = "initialize"
-        node.initialize()
     except BaseException as e:  # noqa: BLE001 - everything must reach the supervisor
         exc_type, message, tb, _ = _format_exc(e)
         try:
