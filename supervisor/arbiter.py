@@ -960,8 +960,9 @@ class Supervisor:
                 value = decode(s, copy=p.should_copy())
                 del s
                 self._outq.put(("data", value, info))
-            if last is not None:
-                p.ack(last + 1, last + 1)  # the caller's queue is the end of the line
+            if last is not None or p.dup_pending:
+                n = p.expected  # the caller's queue is the end of the line: received = committed
+                p.ack(n, n)
         if self._out_ports and all(p.eos for p in self._out_ports) and not getattr(self, "_eos_queued", False):
             self._eos_queued = True
             self._outq.put(("eos", None, None))
@@ -1033,7 +1034,10 @@ class Supervisor:
         w.exit_status = None
         w.kill_at = None
         w.starts += 1
-        restore = w.restore if w.starts > 1 else None
+        restore = None
+        if w.starts > 1:
+            restore = w.restore
+            restore.out_committed = {e.index: self._committed_count(e) for e in w.spec.out_edges}
         spec = w.spec
         if w.board is not None:
             spec = dataclasses.replace(spec, scoreboard=w.board.path)
@@ -1079,6 +1083,12 @@ class Supervisor:
                 pipe.close()
         w.out_fds = {}
 
+    def _committed_count(self, e: EdgeSpec) -> int:
+        """Frames of edge ``e`` its consumer has committed, as far as the supervisor knows."""
+        if e.dst == OUTPUT:
+            return next((p.expected for p in self._out_ports if p.spec.index == e.index), 0)
+        return self.workers[e.dst].restore.in_seqs.get(e.index, -1) + 1
+
     def reap_workers(self) -> None:
         """Collect the exit status of every worker that exited (each child by its own
         Popen.poll())."""
@@ -1112,9 +1122,10 @@ class Supervisor:
         how = describe_exit(rc)
         if w.kill_reason:
             how = f"{w.kill_reason}; {how}"
-        if rc == EXIT_OK and w.done:
+        if w.done:
+            # Its stream was complete (Done arrived); how it exited afterwards does not matter.
             if state in (ProcessState.RUNNING, ProcessState.STOPPING):
-                w.sm.change(ProcessState.EXITED, "end of stream")
+                w.sm.change(ProcessState.EXITED, "end of stream" if rc == EXIT_OK else f"end of stream, then {how}")
             return
         if state is ProcessState.STOPPING or self._phase in ("aborting", "finished"):
             w.sm.change(ProcessState.STOPPED if state is ProcessState.STOPPING else ProcessState.EXITED, how)

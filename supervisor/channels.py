@@ -73,7 +73,7 @@ class Retained:
 class OutPort:
     """Producer end of an edge."""
 
-    def __init__(self, node: Any, spec: EdgeSpec, next_seq: int = 0) -> None:
+    def __init__(self, node: Any, spec: EdgeSpec, next_seq: int = 0, committed: int = 0) -> None:
         self.spec = spec
         self.lossless = spec.lossless
         self.pub = bridge.Publisher(node, spec.data_service, **spec.channel_options())
@@ -82,8 +82,8 @@ class OutPort:
         )
         self.notifier = bridge.Notifier(node, spec.dst_inbox)
         self.next_seq = next_seq
-        self.processed = next_seq  # count of frames the consumer has processed
-        self.committed = next_seq  # count of frames the consumer has committed
+        # counts of frames the consumer has processed / committed
+        self.processed = self.committed = max(next_seq, committed)
         self.retained: Deque[Retained] = deque()
         self.retained_bytes = 0
         self.last_nbytes = 0
@@ -130,6 +130,8 @@ class OutPort:
             self.sent += 1
             self._notify()
             return seq
+        if seq < self.committed:
+            return seq  # regenerated after a restart, and already committed downstream
         nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
         self.last_nbytes = nbytes
         r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
@@ -271,6 +273,7 @@ class InPort:
         self.gap_reported_at = 0.0
         self.received = 0
         self.duplicates = 0
+        self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
 
     def receive(self) -> Optional[Any]:
@@ -281,7 +284,10 @@ class InPort:
                 return None
             seq = s.seq
             if seq < self.expected:
+                # A restarted producer regenerates what we already have. It cannot know our
+                # position (its ack subscriber is new): answer with an ack.
                 self.duplicates += 1
+                self.dup_pending = True
                 continue
             if seq > self.expected:
                 if self.lossless:
@@ -297,11 +303,14 @@ class InPort:
                 self.eos_seq = seq
             return s
 
-    def ack(self, processed: int, committed: int) -> None:
-        """Tell the producer how many frames are processed and committed (counts)."""
+    def ack(self, processed: int, committed: int, force: bool = False) -> None:
+        """Tell the producer how many frames are processed and committed (counts); unchanged
+        counts are sent again only with ``force`` or after a duplicate arrived."""
         if self.ack_pub is None:
             return
-        if processed <= self.acked_processed and committed <= self.acked_committed:
+        force = force or self.dup_pending
+        self.dup_pending = False
+        if not force and processed <= self.acked_processed and committed <= self.acked_committed:
             return
         self.acked_processed = max(processed, self.acked_processed)
         self.acked_committed = max(committed, self.acked_committed)

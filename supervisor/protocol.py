@@ -134,6 +134,9 @@ class RestoreState:
     snapshot: Optional[bytes] = None
     source_position: int = 0  # items of generate() already committed
     skip: Dict[int, List[int]] = field(default_factory=dict)  # edge -> poison seqs to dead-letter
+    # out edge -> frames its consumer has already committed: regenerated frames below that
+    # count are neither sent nor kept (the consumer may even have finished and exited)
+    out_committed: Dict[int, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- messages

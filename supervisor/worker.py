@@ -128,7 +128,13 @@ class Runner:
             InPort(self.iox, e, expected=self.restore.in_seqs.get(e.index, -1) + 1) for e in spec.in_edges
         ]
         self.outputs: List[OutPort] = [
-            OutPort(self.iox, e, next_seq=self.restore.out_next.get(e.index, 0)) for e in spec.out_edges
+            OutPort(
+                self.iox,
+                e,
+                next_seq=self.restore.out_next.get(e.index, 0),
+                committed=self.restore.out_committed.get(e.index, 0),
+            )
+            for e in spec.out_edges
         ]
         self.by_edge_in = {p.spec.index: p for p in self.inputs}
         self.by_edge_out = {p.spec.index: p for p in self.outputs}
@@ -192,6 +198,9 @@ class Runner:
             p.resend_due()
         if self.markers:
             self.advance_commits()
+        for i, p in self.by_edge_in.items():
+            if p.dup_pending:
+                p.ack(self.processed[i] + 1, self.committed[i] + 1)
         now = time.monotonic()
         for p in self.inputs:
             want = p.gap_to_report(now)
