@@ -572,7 +572,16 @@ class Supervisor:
         nodes = {}
         for name, w in self.workers.items():
             s = dict(w.stats)
-            s.update(state=w.state.value, pid=w.pid, restarts=w.restarts, exit_status=w.exit_status)
+            s.update(
+                state=w.state.value,
+                pid=w.pid,
+                restarts=w.restarts,
+                exit_status=w.exit_status,
+                last_recovery_s=w.last_recovery,
+                hang_kills=w.hang_kills,
+                memory_kills=w.memory_kills,
+                dead_letters=w.dead_letters,
+            )
             nodes[name] = s
         return RunReport(self.name, end - (self._started_at or end), outputs or [], nodes, self._stopped)
 

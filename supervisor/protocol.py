@@ -283,7 +283,8 @@ class ControlChannel:
         try:
             self.sock.sendall(_LEN.pack(len(data)) + data)
         except (BrokenPipeError, ConnectionResetError, OSError) as e:
-            self.closed = True
+            # Not `closed`: the peer may have exited after writing messages we have yet to
+            # read (its last Commit, Done); receive() still returns them.
             raise ChannelClosed(str(e)) from e
 
     def receive(self) -> List[Any]:

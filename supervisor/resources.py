@@ -16,7 +16,10 @@ import logging
 import os
 import re
 import secrets
+import time
 from typing import Iterable, List, Set, Tuple
+
+import psutil
 
 from remotemedia import _ipc_bridge as bridge
 
@@ -106,7 +109,7 @@ def cleanup_stale_runs() -> List[str]:
     """Remove the leftovers of every dead run; returns the prefixes cleaned."""
     cleaned = []
     for prefix in stale_prefixes():
-        alive = [n for n in _safe_list(prefix) if n[0] == "alive"]
+        alive = _alive_nodes(prefix)
         if alive:
             # a worker of that run still holds its node (e.g. orphaned); leave it alone
             log.warning("stale run %s still has live iceoryx2 nodes %s; not cleaning", prefix, alive)
@@ -118,6 +121,27 @@ def cleanup_stale_runs() -> List[str]:
             log.info("removed the shared-memory leftovers of dead run %s", prefix)
         cleaned.append(prefix)
     return cleaned
+
+
+def _alive_nodes(prefix: str, grace: float = 2.0) -> List[Tuple[str, object, str]]:
+    """Nodes of ``prefix`` that are really alive. A process that is exiting (or a zombie)
+    still holds its node lock for a moment: wait for those, up to ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = [n for n in _safe_list(prefix) if n[0] == "alive"]
+        dying = [n for n in alive if not _pid_running(n[1])]
+        if not dying or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def _pid_running(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _safe_list(prefix: str) -> List[Tuple[str, object, str]]:
