@@ -157,6 +157,8 @@ class RunReport:
         duration: seconds from start() to the end of the run.
         nodes: per node: frames_in, frames_out, errors, restarts, latency summary, pid(s).
         stopped: True when the run ended early on stop() or a signal.
+        killed: True when the workers were SIGKILLed on request (a second signal): frames
+            in flight were lost.
     """
 
     pipeline: str
@@ -164,6 +166,7 @@ class RunReport:
     outputs: List[Any] = field(default_factory=list)
     nodes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     stopped: bool = False
+    killed: bool = False
     output_count: int = 0
 
     @property
@@ -241,6 +244,7 @@ class _Cmd:
     CLOSE = "close"
     STOP = "stop"
     KILL = "kill"
+    SIGKILL = "sigkill"
     ITER = "iter"
 
 
@@ -359,6 +363,7 @@ class Supervisor:
         self._started_at: Optional[float] = None
         self._ended_at: Optional[float] = None
         self._stopped = False
+        self.killed = False  # workers were SIGKILLed on request (second signal)
         self._phase = "new"  # new -> booting -> running -> draining/aborting -> finished
 
     # ================================================================== options
@@ -583,7 +588,7 @@ class Supervisor:
                 dead_letters=w.dead_letters,
             )
             nodes[name] = s
-        return RunReport(self.name, end - (self._started_at or end), outputs or [], nodes, self._stopped)
+        return RunReport(self.name, end - (self._started_at or end), outputs or [], nodes, self._stopped, killed=self.killed)
 
     def __enter__(self) -> "Supervisor":
         if self._thread is None:
@@ -641,10 +646,10 @@ class Supervisor:
             count[0] += 1
             self._stopped = True
             if count[0] == 1:
-                log.warning("%s: %s received, draining (send it again to abort)", self.name, signal.Signals(signum).name)
+                log.warning("%s: %s received, draining (send it again to kill)", self.name, signal.Signals(signum).name)
                 self._command(_Cmd.STOP)
             else:
-                self._command(_Cmd.KILL)
+                self._command(_Cmd.SIGKILL)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -785,6 +790,8 @@ class Supervisor:
                 self._begin_drain("stop requested")
             elif cmd == _Cmd.KILL:
                 self._begin_abort("kill requested")
+            elif cmd == _Cmd.SIGKILL:
+                self._begin_abort("second signal", hard=True)
 
     # ------------------------------------------------------------------ control messages
 
@@ -1316,7 +1323,17 @@ class Supervisor:
                 self._send(w, Drain())
         log.info("pipeline %s: draining (%s)", self.name, reason)
 
-    def _begin_abort(self, reason: str) -> None:
+    def _begin_abort(self, reason: str, hard: bool = False) -> None:
+        if hard:
+            self.killed = True
+            for w in self.workers.values():
+                if w.alive:
+                    if w.state in (ProcessState.STARTING, ProcessState.RUNNING):
+                        w.sm.change(ProcessState.STOPPING, reason)
+                    self._signal(w, signal.SIGKILL)
+            self._phase = "aborting"
+            log.warning("pipeline %s: SIGKILL to every worker (%s)", self.name, reason)
+            return
         if self._phase in ("aborting", "finished"):
             return
         self._phase = "aborting"

@@ -159,6 +159,10 @@ def main() -> None:
 @click.option("--restart-policy", type=click.Choice(["never", "on-failure", "always"]), default="on-failure", show_default=True)
 @click.option("--max-restarts", type=int, default=5, show_default=True)
 @click.option("--queue-depth", type=int, default=32, show_default=True, help="Frames in flight per edge.")
+@click.option("--process-timeout", type=float, default=None, help="Seconds one process() call may take before the worker is restarted.")
+@click.option("--memory-limit", type=float, default=None, help="MiB of private memory per worker before it is restarted.")
+@click.option("--poison-threshold", type=int, default=3, show_default=True, help="Crashes on one frame before it is dead-lettered.")
+@click.option("--dead-letter-dir", type=click.Path(file_okay=False), default=None, help="Write dead-lettered frames here.")
 def start(
     pipeline_file: str,
     name: Optional[str],
@@ -171,6 +175,10 @@ def start(
     restart_policy: str,
     max_restarts: int,
     queue_depth: int,
+    process_timeout: Optional[float],
+    memory_limit: Optional[float],
+    poison_threshold: int,
+    dead_letter_dir: Optional[str],
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM (drain, then exit 0)."""
@@ -187,6 +195,10 @@ def start(
             restart_policy=restart_policy,
             max_restarts=max_restarts,
             queue_depth=queue_depth,
+            process_timeout=process_timeout,
+            memory_limit=int(memory_limit * 2**20) if memory_limit else None,
+            poison_threshold=poison_threshold,
+            dead_letter_dir=dead_letter_dir,
             log_level=level,
         )
     except RemoteMediaError as e:
@@ -215,6 +227,9 @@ def start(
             click.echo(str(cause), err=True)
         sys.exit(EXIT_FAILED)
     _print_report(report)
+    if report.killed:
+        click.echo("error: workers were killed before the stream drained; frames in flight were lost", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

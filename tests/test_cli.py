@@ -122,3 +122,39 @@ def test_node_failure_exits_1(tmp_path):
 def test_validate_command():
     r = cli("validate", "examples/video_motion.py")
     assert r.returncode == 0 and "4 nodes, 4 connections" in r.stdout
+
+
+def test_fatal_node_exits_1_naming_node_status_and_traceback(tmp_path):
+    path = tmp_path / "segv.py"
+    path.write_text(
+        "import ctypes\nfrom remotemedia import Node\nfrom remotemedia.nodes import RangeSource\n"
+        "class Segv(Node):\n    def process(self, x):\n        if x == 2:\n            ctypes.string_at(0)\n        return x\n"
+        "pipeline = [RangeSource(5), Segv(name='segv')]\n"
+    )
+    r = cli("start", str(path), "--max-restarts", "1", "--poison-threshold", "100")
+    assert r.returncode == 1
+    assert "node 'segv'" in r.stderr and "restart limit reached" in r.stderr and "signal SIGSEGV" in r.stderr
+    assert "Segmentation fault" in r.stderr and "in process" in r.stderr  # the worker's last traceback
+
+
+def test_second_sigterm_kills_immediately(tmp_path):
+    import signal
+    import time
+
+    path = tmp_path / "slow.py"
+    path.write_text(
+        "import time\nfrom remotemedia import Node, Source\n"
+        "class Forever(Source):\n    def generate(self):\n        i = 0\n        while True:\n            yield i\n            i += 1\n"
+        "class Stuck(Node):\n    def process(self, x):\n        time.sleep(60)\n"
+        "pipeline = [Forever(name='src'), Stuck(name='stuck')]\n"
+    )
+    p = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "start", str(path), "--stop-timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(2.0)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert p.returncode == 1 and "SIGKILL to every worker" in err and "frames in flight were lost" in err
