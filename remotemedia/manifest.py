@@ -70,13 +70,16 @@ def node_from_entry(entry: Any, where: str, default_id: Optional[str] = None) ->
     node_type = entry.get("node_type")
     if not isinstance(node_type, str) or not node_type:
         raise ManifestError("missing or empty 'node_type' (the registered name of the node class)", where)
+    auto_name = "id" not in entry and default_id is None
     node_id = entry.get("id", default_id or node_type)
     if not isinstance(node_id, str) or not node_id:
         raise ManifestError(f"'id' must be a non-empty string, got {node_id!r}", where)
-    params = entry.get("params", {}) or {}
+    params = entry.get("params")
+    if params is None:
+        params = {}
     if not isinstance(params, Mapping):
         raise ManifestError(f"'params' must be an object, got {type(params).__name__}", f"{where}.params")
-    options = entry.get("options") or None
+    options = entry.get("options")
     if options is not None and not isinstance(options, Mapping):
         raise ManifestError(f"'options' must be an object, got {type(options).__name__}", f"{where}.options")
     cls = get_node_class(node_type, f"{where}.node_type")
@@ -84,10 +87,20 @@ def node_from_entry(entry: Any, where: str, default_id: Optional[str] = None) ->
     for reserved in ("name", "options"):
         if reserved in kwargs:
             raise ManifestError(f"'{reserved}' is reserved; set it with the entry's 'id' / 'options'", f"{where}.params")
+    if options:
+        from .node import NodeOptions
+
+        try:
+            NodeOptions(node_id, **options)
+        except NodeTypeError as e:
+            raise ManifestError(str(e), f"{where}.options") from None
     try:
-        return cls(name=node_id, options=dict(options) if options else None, **kwargs)
+        node = cls(name=node_id, options=dict(options) if options else None, **kwargs)
     except TypeError as e:
         raise ManifestError(f"cannot construct {node_type} with params {sorted(kwargs)}: {e}", f"{where}.params") from e
+    if auto_name:
+        node._auto_name = True  # several id-less entries of one type get _1, _2 suffixes
+    return node
 
 
 def parse_connections(raw: Any, where: str = "connections") -> List[Tuple[str, str]]:
@@ -129,7 +142,9 @@ def load_manifest(manifest: Union[str, bytes, Mapping[str, Any]]) -> Tuple[List[
         raise ManifestError("'nodes' must be a list of node entries", "nodes")
     nodes = [node_from_entry(e, f"nodes[{i}]") for i, e in enumerate(raw_nodes)]
     connections = parse_connections(data["connections"]) if data.get("connections") is not None else None
-    meta = data.get("metadata") or {}
+    meta = data.get("metadata")
+    if meta is None:
+        meta = {}
     if not isinstance(meta, Mapping):
         raise ManifestError("'metadata' must be an object", "metadata")
     name = meta.get("name")

@@ -5,6 +5,7 @@ Generic: :class:`PassThroughNode`, :class:`MapNode`, :class:`FilterNode`, :class
 Audio (float32 numpy chunks): :class:`SineSource`, :class:`GainNode`, :class:`RMSNode`,
 :class:`ChunkerNode`, :class:`ResampleNode`.
 Video (uint8 HxWx3 numpy frames): :class:`SyntheticVideoSource`, :class:`FrameDiffNode`.
+Files: :class:`FileLinesSource` (text lines), :class:`WavFileSource` (PCM WAV as float32).
 
 Example manifest::
 
@@ -17,6 +18,8 @@ Example manifest::
 from __future__ import annotations
 
 import importlib
+import os
+import wave
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 import numpy as np
@@ -39,6 +42,8 @@ __all__ = [
     "ResampleNode",
     "SyntheticVideoSource",
     "FrameDiffNode",
+    "FileLinesSource",
+    "WavFileSource",
 ]
 
 
@@ -145,6 +150,9 @@ class RangeSource(Source):
     def generate(self) -> Iterator[int]:
         yield from range(self.start, self.stop, self.step)
 
+    def __len__(self) -> int:
+        return len(range(self.start, self.stop, self.step))
+
 
 @register_node
 class SineSource(Source):
@@ -168,11 +176,18 @@ class SineSource(Source):
         self.seconds, self.amplitude = seconds, amplitude
 
     def generate(self) -> Iterator[dict]:
-        total = int(self.seconds * self.sample_rate)
+        total = self._total()
         for index, start in enumerate(range(0, total, self.chunk)):
             t = np.arange(start, min(start + self.chunk, total), dtype=np.float64) / self.sample_rate
             samples = (self.amplitude * np.sin(2 * np.pi * self.frequency * t)).astype(np.float32)
             yield {"samples": samples, "sample_rate": self.sample_rate, "index": index}
+
+    def _total(self) -> int:
+        # round, not int(): 2.01 s * 16000 Hz is 32159.999... in floating point
+        return int(round(self.seconds * self.sample_rate))
+
+    def __len__(self) -> int:
+        return -(-self._total() // self.chunk)
 
 
 def _samples(data: Any) -> np.ndarray:
@@ -293,13 +308,75 @@ class SyntheticVideoSource(Source):
         side = max(4, min(self.width, self.height) // 8)
         for i in range(self.frames):
             frame = np.empty((self.height, self.width, 3), dtype=np.uint8)
-            frame[..., 0] = base + i
-            frame[..., 1] = base[::-1] + 2 * i
+            # uint8 arithmetic wraps on purpose; NumPy 2 refuses Python ints > 255 here
+            frame[..., 0] = base + np.uint8(i % 256)
+            frame[..., 1] = base[::-1] + np.uint8((2 * i) % 256)
             frame[..., 2] = 128
             x = (i * 7) % max(1, self.width - side)
             y = (i * 3) % max(1, self.height - side)
             frame[y : y + side, x : x + side] = 255
             yield {"frame": frame, "index": i, "pts": i / self.fps}
+
+    def __len__(self) -> int:
+        return self.frames
+
+
+@register_node
+class FileLinesSource(Source):
+    """Yields the lines of a text file (without the newline). Its length is known, so the CLI
+    shows a progress bar."""
+
+    def __init__(self, path: str, name: Optional[str] = None, **kw: Any) -> None:
+        super().__init__(name, path=path, **kw)
+        self.path = os.path.abspath(path)
+        if not os.path.isfile(self.path):
+            raise NodeTypeError(f"FileLinesSource: no such file {path!r}")
+
+    def generate(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+    def __len__(self) -> int:
+        with open(self.path, "rb") as f:
+            return sum(1 for _ in f)
+
+
+@register_node
+class WavFileSource(Source):
+    """Reads a PCM WAV file (8/16/32-bit) as float32 chunks of ``chunk`` frames, shaped
+    (frames,) for mono and (frames, channels) otherwise. Emits dicts
+    ``{"samples", "sample_rate", "index"}`` like :class:`SineSource`."""
+
+    def __init__(self, path: str, chunk: int = 1024, name: Optional[str] = None, **kw: Any) -> None:
+        super().__init__(name, path=path, chunk=chunk, **kw)
+        self.path = os.path.abspath(path)
+        self.chunk = chunk
+        try:
+            with wave.open(self.path, "rb") as w:
+                self.sample_rate, self.channels = w.getframerate(), w.getnchannels()
+                self.width, self.nframes = w.getsampwidth(), w.getnframes()
+        except (OSError, wave.Error, EOFError) as e:
+            raise NodeTypeError(f"WavFileSource: cannot read {path!r} as a PCM WAV file: {e}") from e
+        if self.width not in (1, 2, 4):
+            raise NodeTypeError(f"WavFileSource: {self.width * 8}-bit samples are not supported (use 8, 16 or 32)")
+
+    def generate(self) -> Iterator[dict]:
+        dtype, scale, offset = {1: (np.uint8, 128.0, 128.0), 2: (np.int16, 32768.0, 0.0), 4: (np.int32, 2**31, 0.0)}[self.width]
+        with wave.open(self.path, "rb") as w:
+            index = 0
+            while True:
+                raw = w.readframes(self.chunk)
+                if not raw:
+                    return
+                x = (np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale
+                if self.channels > 1:
+                    x = x.reshape(-1, self.channels)
+                yield {"samples": x, "sample_rate": self.sample_rate, "index": index}
+                index += 1
+
+    def __len__(self) -> int:
+        return -(-self.nframes // self.chunk)
 
 
 @register_node

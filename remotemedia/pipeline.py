@@ -67,6 +67,10 @@ def _coerce_items(items: Sequence[Any]) -> List[Node]:
 def _assign_names(nodes: List[Node]) -> None:
     explicit: Dict[str, int] = {}
     for i, n in enumerate(nodes):
+        if n.name in (INPUT, OUTPUT):
+            raise PipelineValidationError(
+                f"node name {n.name!r} at position {i} is reserved for the caller's side of the pipeline; rename the node"
+            )
         if not getattr(n, "_auto_name", False):
             if n.name in explicit:
                 raise PipelineValidationError(

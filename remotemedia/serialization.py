@@ -62,7 +62,8 @@ class _LimitedWriter(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:  # type: ignore[override]
-        n = len(b) if not isinstance(b, memoryview) else b.nbytes
+        # The pickler also hands over pickle.PickleBuffer objects (large numpy arrays).
+        n = memoryview(b).nbytes
         self.size += n
         if self.limit is not None and self.size > self.limit:
             raise _SizeExceeded()

@@ -89,7 +89,11 @@ from .protocol import (
     WorkerSpec,
     socketpair,
 )
+from .control import ControlServer
+from .logs import LogSink, parse_worker_line
+from .monitor import WorkerSampler, build_status
 from .scoreboard import Scoreboard
+from .systemd import SystemdNotifier
 from .states import ProcessState, StateMachine
 
 __all__ = ["Supervisor", "RunReport", "as_pipeline", "describe_exit"]
@@ -221,6 +225,8 @@ class WorkerHandle:
         self.restart_times: Deque[float] = deque()
         self.board: Optional[Scoreboard] = None
         self.out_fds: Dict[int, bytearray] = {}  # captured stdout/stderr pipe -> partial line
+        self.out_streams: Dict[int, str] = {}
+        self.sampler = WorkerSampler()
         self.tail: Deque[str] = deque(maxlen=60)  # last lines the worker wrote
         self.poison: Optional[Tuple[int, int]] = None  # frame being processed at the last crash
         self.poison_count = 0
@@ -272,6 +278,9 @@ class Supervisor:
         dead_letter_dir: directory where poison frames are written (raw payload + JSON header).
         env: extra environment variables for the workers.
         log_level: logging level of the workers.
+        log_format: ``"text"`` or ``"json"`` for the workers' captured output and logs.
+        control: serve the control socket (``remotemedia-supervisor status/stop``).
+        metrics_port: serve Prometheus metrics on this port (needs prometheus-client).
 
     Every option except the first three can also be set per node with
     ``Node(..., options={...})``.
@@ -313,6 +322,10 @@ class Supervisor:
         dead_letter_dir: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         log_level: int = logging.WARNING,
+        log_format: str = "text",
+        control: bool = True,
+        metrics_port: Optional[int] = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self.pipeline = as_pipeline(nodes_or_pipeline, name)
         self.name = name or self.pipeline.name
@@ -344,6 +357,20 @@ class Supervisor:
         self.dead_letter_dir = os.path.abspath(dead_letter_dir) if dead_letter_dir else None
         self.env = dict(env or {})
         self.log_level = log_level
+        try:
+            self.log_sink = LogSink(log_format)
+        except ValueError as e:
+            raise SupervisorError(str(e)) from None
+        self.control_enabled = control
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self._control: Optional[ControlServer] = None
+        self._metrics_server: Any = None
+        self._notifier = SystemdNotifier()
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
+        self._next_sample = 0.0
+        self.totals = self._source_totals()
         self.node_options = {n.name: self._node_options(n) for n in self.pipeline.nodes}
 
         self.run_id, self.prefix = resources.new_run()
@@ -718,6 +745,12 @@ class Supervisor:
             self._inputs_closed = False
             self._input_count = 0
             self._stop_deadline: Optional[float] = None
+            if self.control_enabled:
+                self._control = ControlServer(self.name, self._on_control)
+            if self.metrics_port is not None:
+                from .metrics import serve_metrics
+
+                self._metrics_server = serve_metrics(self, self.metrics_port, self.metrics_host)
             for w in self.workers.values():
                 self.spawn_worker(w)
             while self._phase != "finished":
@@ -734,9 +767,13 @@ class Supervisor:
             if w.chan is not None and not w.chan.closed:
                 fds.append(w.chan.fileno())
             fds.extend(w.out_fds)
+        if self._control is not None:
+            fds.extend(self._control.fds())
         self._inbox.wait(self._next_timeout(), fds)
         self._drain_wake()
         self._handle_commands()
+        if self._control is not None:
+            self._control.poll()
         for w in list(self.workers.values()):
             self._read_output(w)
             self._read_control(w)
@@ -745,6 +782,7 @@ class Supervisor:
         self.reap_workers()
         self.murder_workers()
         self.manage_workers()
+        self._service_tick()
         self._check_done()
 
     def _next_timeout(self) -> float:
@@ -885,10 +923,84 @@ class Supervisor:
                         self._send(x, Start())
                 self._ready.set()
                 log.info("pipeline %s: %d workers ready", self.name, len(self.workers))
+                self._notifier.notify("READY=1", f"STATUS={self.status_line()}")
         elif w.spec.is_source:
             self._send(w, Start())
             if self._phase == "draining":
                 self._send(w, Drain())
+
+    # ------------------------------------------------------------------ service: status, systemd
+
+    def _service_tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sample:
+            self._next_sample = now + 0.5
+            for w in self.workers.values():
+                b = w.board.read() if w.board is not None and w.alive else None
+                w.sampler.sample(w.pid if w.alive else None, b["frames_in"] if b else 0, b["frames_out"] if b else 0)
+        if not self._notifier.enabled or self._phase not in ("running", "draining"):
+            return
+        if now >= self._next_status:
+            self._next_status = now + 2.0
+            self._notifier.notify(f"STATUS={self.status_line()}")
+        wd = self._notifier.watchdog_interval
+        if wd and now >= self._next_watchdog:
+            sick = self.unhealthy_workers()
+            if not sick:
+                self._notifier.notify("WATCHDOG=1")
+                self._next_watchdog = now + wd
+            else:
+                self._next_watchdog = now + min(wd, 0.5)
+                log.warning("watchdog withheld: %s", "; ".join(sick))
+
+    def unhealthy_workers(self) -> List[str]:
+        """Running workers whose loop has not turned within heartbeat_timeout (hung in
+        process() or deadlocked). Restarting ones are not counted: the supervisor is handling
+        them."""
+        now_ns = time.monotonic_ns()
+        out = []
+        for w in self.workers.values():
+            if w.state is not ProcessState.RUNNING or not w.alive or w.board is None:
+                continue
+            beat = w.board.get("heartbeat_ns")
+            if beat and (now_ns - beat) / 1e9 > self.heartbeat_timeout:
+                out.append(f"{w.name} (pid {w.pid}) silent for {(now_ns - beat) / 1e9:.1f} s")
+        return out
+
+    def status_line(self) -> str:
+        up = sum(1 for w in self.workers.values() if w.alive and w.state is ProcessState.RUNNING)
+        fps = sum(w.sampler.fps_out for w in self.workers.values() if w.spec.out_edges and any(e.dst == OUTPUT for e in w.spec.out_edges))
+        return f"{up}/{len(self.workers)} workers up, {fps:.1f} frames/s out, phase {self._phase}"
+
+    def status(self) -> Dict[str, Any]:
+        """Per-node figures (state, pid, restarts, frames, frames/s, latency, RSS, CPU, queues),
+        the data behind ``remotemedia-supervisor status``."""
+        return build_status(self)
+
+    def progress(self) -> Optional[Tuple[int, int]]:
+        """``(items generated, total)`` when every source knows its length, else None."""
+        if self.totals is None:
+            return None
+        done = sum(self.workers[name].sampler.total_in for name in self.totals)
+        return min(done, sum(self.totals.values())), sum(self.totals.values())
+
+    def _source_totals(self) -> Optional[Dict[str, int]]:
+        totals = {}
+        for n in self.pipeline.sources:
+            try:
+                totals[n.name] = len(n)  # type: ignore[arg-type]
+            except TypeError:
+                return None
+        return totals or None
+
+    def _on_control(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "stop":
+            self._begin_drain("stop requested over the control socket")
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}; use 'status' or 'stop'"}
 
     def _replay_to(self, edge_index: int, after: int) -> None:
         e = self.edges[edge_index]
@@ -1038,10 +1150,11 @@ class Supervisor:
         w.pid = w.proc.pid
         w.chan = ControlChannel(parent_sock)
         w.out_fds = {}
-        for pipe in (w.proc.stdout, w.proc.stderr):
+        for pipe, stream in ((w.proc.stdout, "stdout"), (w.proc.stderr, "stderr")):
             assert pipe is not None
             os.set_blocking(pipe.fileno(), False)
             w.out_fds[pipe.fileno()] = bytearray()
+            w.out_streams[pipe.fileno()] = stream
         w.spawned_at = time.monotonic()
         w.kill_reason = None
         w.restart_at = None
@@ -1081,16 +1194,11 @@ class Supervisor:
                 lines.append(rest)
                 rest = b""
             w.out_fds[fd] = bytearray(rest)
+            stream = w.out_streams.get(fd, "stderr")
             for raw in lines:
-                line = raw.decode("utf-8", "replace")
-                w.tail.append(line)
-                self._emit_worker_line(w, line)
-
-    def _emit_worker_line(self, w: WorkerHandle, line: str) -> None:
-        try:
-            sys.stderr.write(f"[{w.name} {w.pid}] {line}\n")
-        except (OSError, ValueError):
-            pass
+                rec = parse_worker_line(raw.decode("utf-8", "replace"), stream)
+                w.tail.append(rec["msg"] + ("\n" + rec["exc"] if rec.get("exc") else ""))
+                self.log_sink.write(rec, w.name, w.pid)
 
     def _close_output(self, w: WorkerHandle) -> None:
         self._read_output(w, final=True)
@@ -1315,6 +1423,7 @@ class Supervisor:
             return
         self._stopped = True
         self._phase = "draining"
+        self._notifier.notify("STOPPING=1", f"STATUS=draining ({reason})")
         self._inputs_closed = True
         self._input_iter = None
         self._stop_deadline = time.monotonic() + self.stop_timeout
@@ -1337,6 +1446,7 @@ class Supervisor:
         if self._phase in ("aborting", "finished"):
             return
         self._phase = "aborting"
+        self._notifier.notify("STOPPING=1", f"STATUS=stopping ({reason})")
         deadline = time.monotonic() + self.kill_timeout
         for w in self.workers.values():
             if w.alive:
@@ -1381,6 +1491,18 @@ class Supervisor:
             for p in getattr(self, "_out_ports", []):
                 p.close()
             self._in_ports, self._out_ports = [], []
+            for w in self.workers.values():
+                if w.board is not None:
+                    w.board.close(unlink=True)
+                    w.board = None
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server = None
+            self._notifier.notify("STOPPING=1")
+            self._notifier.close()
             self._inbox = None  # type: ignore[assignment]
             self._iox = None  # type: ignore[assignment]
             left = resources.purge(self.prefix)

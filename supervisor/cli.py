@@ -32,6 +32,8 @@ from remotemedia.errors import RemoteMediaError, SerializationError
 from remotemedia.frames import FrameInfo
 from remotemedia.pipeline import Pipeline
 
+from .logs import LogSink, configure_cli_logging
+
 __all__ = ["main", "load_pipeline", "PipelineFileError"]
 
 EXIT_FAILED = 1
@@ -163,6 +165,11 @@ def main() -> None:
 @click.option("--memory-limit", type=float, default=None, help="MiB of private memory per worker before it is restarted.")
 @click.option("--poison-threshold", type=int, default=3, show_default=True, help="Crashes on one frame before it is dead-lettered.")
 @click.option("--dead-letter-dir", type=click.Path(file_okay=False), default=None, help="Write dead-lettered frames here.")
+@click.option("--heartbeat-timeout", type=float, default=None, help="Seconds without a worker heartbeat before it counts as hung (default 10).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Format of the log lines on stderr.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (127.0.0.1).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics endpoint.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar for sources of known length (default: when stderr is a terminal).")
 def start(
     pipeline_file: str,
     name: Optional[str],
@@ -179,13 +186,19 @@ def start(
     memory_limit: Optional[float],
     poison_threshold: int,
     dead_letter_dir: Optional[str],
+    heartbeat_timeout: Optional[float],
+    log_format: str,
+    metrics_port: Optional[int],
+    metrics_host: str,
+    progress: Optional[bool],
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM (drain, then exit 0)."""
     from supervisor.arbiter import Supervisor
 
     level = getattr(logging, log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    sink = LogSink(log_format)
+    configure_cli_logging(level, sink)
     pipeline = load_pipeline(pipeline_file, name)
     try:
         sup = Supervisor(
@@ -199,7 +212,11 @@ def start(
             memory_limit=int(memory_limit * 2**20) if memory_limit else None,
             poison_threshold=poison_threshold,
             dead_letter_dir=dead_letter_dir,
+            heartbeat_timeout=heartbeat_timeout,
             log_level=level,
+            log_format=log_format,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
     except RemoteMediaError as e:
         raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
@@ -215,7 +232,11 @@ def start(
         if not quiet:
             click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
 
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    bar = _ProgressBar(sup) if show_progress and sup.totals else None
     try:
+        if bar is not None:
+            bar.start()
         report = sup.run(inputs, on_output=show)
     except SerializationError as e:
         click.echo(f"error: {e}", err=True)
@@ -226,10 +247,173 @@ def start(
         if cause is not None:
             click.echo(str(cause), err=True)
         sys.exit(EXIT_FAILED)
+    finally:
+        if bar is not None:
+            bar.stop()
     _print_report(report)
     if report.killed:
         click.echo("error: workers were killed before the stream drained; frames in flight were lost", err=True)
         sys.exit(EXIT_FAILED)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr for sources of known length (terminals only)."""
+
+    def __init__(self, sup: Any, width: int = 30) -> None:
+        import threading
+
+        self.sup = sup
+        self.width = width
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="remotemedia-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _draw(self) -> None:
+        p = self.sup.progress()
+        if p is None:
+            return
+        done, total = p
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% {done}/{total}")
+        sys.stderr.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._draw()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+        self._draw()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every running pipeline.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(name: Optional[str], all_: bool, as_json: bool) -> None:
+    """Show the nodes of running pipeline NAME (or of every one with --all)."""
+    from .control import find_endpoints, request
+    from .monitor import format_table
+
+    if not name and not all_:
+        eps = find_endpoints()
+        if len(eps) != 1:
+            names = ", ".join(sorted({n for n, _, _ in eps})) or "none"
+            raise PipelineFileError(f"give a pipeline NAME or --all (running: {names})")
+    else:
+        eps = find_endpoints(None if all_ else name)
+    if not eps:
+        click.echo(f"no running pipeline{' named ' + repr(name) if name else ''} (looked in {_runtime_dir()})", err=True)
+        sys.exit(EXIT_FAILED)
+    results = []
+    for sup_name, path, pid in eps:
+        try:
+            resp = request(path, {"cmd": "status"})
+        except (OSError, RemoteMediaError, ValueError) as e:
+            click.echo(f"{sup_name} (pid {pid}): no answer: {e}", err=True)
+            continue
+        if resp.get("ok"):
+            results.append(resp["status"])
+    if as_json:
+        click.echo(json.dumps(results if all_ or len(results) != 1 else results[0], indent=2, default=repr))
+    else:
+        click.echo("\n\n".join(format_table(st) for st in results))
+    if not results:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the supervisor has exited.")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+def stop(name: str, wait: bool, timeout: float) -> None:
+    """Drain and stop running pipeline NAME (like SIGTERM)."""
+    import time
+
+    from .control import find_endpoints, request
+
+    eps = find_endpoints(name)
+    if not eps:
+        click.echo(f"no running pipeline named {name!r} (looked in {_runtime_dir()})", err=True)
+        sys.exit(EXIT_FAILED)
+    for sup_name, path, pid in eps:
+        resp = request(path, {"cmd": "stop"})
+        if not resp.get("ok"):
+            click.echo(f"{sup_name} (pid {pid}): {resp.get('error')}", err=True)
+            sys.exit(EXIT_FAILED)
+        click.echo(f"stopping {sup_name} (pid {pid})")
+    if wait:
+        deadline = time.monotonic() + timeout
+        while any(_pid_alive(pid) for _, _, pid in eps):
+            if time.monotonic() > deadline:
+                click.echo("timed out waiting for the supervisor to exit", err=True)
+                sys.exit(EXIT_FAILED)
+            time.sleep(0.1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _runtime_dir() -> str:
+    from .control import runtime_dir
+
+    return runtime_dir()
+
+
+@main.command("systemd-unit")
+@click.argument("pipeline_file", type=click.Path(dir_okay=True))
+@click.option("--name", help="Pipeline / unit name (default: the pipeline's).")
+@click.option("--user", help="Run the service as this user (User=).")
+@click.option("--stop-timeout", type=float, default=30.0, show_default=True)
+@click.option("--watchdog-sec", type=float, default=30.0, show_default=True)
+@click.option("--install", is_flag=True, help="Write the unit to --unit-dir and reload systemd.")
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False))
+def systemd_unit(
+    pipeline_file: str,
+    name: Optional[str],
+    user: Optional[str],
+    stop_timeout: float,
+    watchdog_sec: float,
+    install: bool,
+    unit_dir: str,
+) -> None:
+    """Print (or install) a Type=notify systemd unit that runs PIPELINE_FILE."""
+    import subprocess
+
+    from .systemd import render_unit, unit_name
+
+    pipeline = load_pipeline(pipeline_file, name)
+    name = name or pipeline.name
+    text = render_unit(pipeline_file, name, user=user, stop_timeout=stop_timeout, watchdog_sec=watchdog_sec)
+    if not install:
+        click.echo(text, nl=False)
+        return
+    path = os.path.join(unit_dir, unit_name(name))
+    try:
+        os.makedirs(unit_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {path}: {e} (run as root, or choose --unit-dir)") from e
+    click.echo(f"wrote {path}")
+    if unit_dir == "/etc/systemd/system":
+        r = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if r.returncode != 0:
+            click.echo(f"warning: systemctl daemon-reload failed: {r.stderr.strip()}", err=True)
+        click.echo(f"start it with: systemctl enable --now {unit_name(name)}")
 
 
 @main.command()

@@ -64,6 +64,7 @@ from .protocol import (
     Start,
     WorkerSpec,
 )
+from .logs import WorkerLogHandler
 from .scoreboard import Scoreboard
 from .stats import LatencyStats
 
@@ -594,12 +595,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _configure_logging(spec: WorkerSpec) -> None:
-    logging.basicConfig(
-        level=spec.log_level,
-        # The supervisor prefixes each line with the node, pid and time.
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Records go to the supervisor as marked JSON lines on stderr; it adds node, pid, time.
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(WorkerLogHandler())
+    root.setLevel(spec.log_level)
 
 
 def _read_blob(fd: int) -> bytes:

@@ -1,0 +1,155 @@
+"""Per-node figures for status, metrics and systemd: frames/s, latency, RSS, CPU, queues.
+
+The supervisor samples every worker about once a second with psutil (RSS, CPU%) and its
+scoreboard (frame counters), and keeps the latest ``process()`` latency summary each worker
+sends with its heartbeat. :func:`build_status` turns that into the dict served by the control
+socket and printed by ``remotemedia-supervisor status``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+import psutil
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .arbiter import Supervisor, WorkerHandle
+
+__all__ = ["WorkerSampler", "build_status", "format_table"]
+
+
+class WorkerSampler:
+    """Rates and resource use of one worker process."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[psutil.Process] = None
+        self.pid: Optional[int] = None
+        self.last_t = 0.0
+        self.last_in = 0
+        self.last_out = 0
+        self.fps_in = 0.0
+        self.fps_out = 0.0
+        self.rss: Optional[int] = None
+        self.cpu: Optional[float] = None
+        self.total_in = 0  # counters carried over restarts
+        self.total_out = 0
+        self._base_in = 0
+        self._base_out = 0
+
+    def sample(self, pid: Optional[int], frames_in: int, frames_out: int) -> None:
+        now = time.monotonic()
+        if pid != self.pid:
+            # a new process: its counters restart at 0
+            self._base_in, self._base_out = self.total_in, self.total_out
+            self.last_in = self.last_out = 0
+            self.pid = pid
+            self.proc = None
+            self.last_t = now
+            if pid is not None:
+                try:
+                    self.proc = psutil.Process(pid)
+                    self.proc.cpu_percent(None)
+                except psutil.Error:
+                    self.proc = None
+        self.total_in = self._base_in + frames_in
+        self.total_out = self._base_out + frames_out
+        dt = now - self.last_t
+        if dt >= 0.5:
+            self.fps_in = max(0.0, (frames_in - self.last_in) / dt)
+            self.fps_out = max(0.0, (frames_out - self.last_out) / dt)
+            self.last_in, self.last_out, self.last_t = frames_in, frames_out, now
+            if self.proc is not None:
+                try:
+                    with self.proc.oneshot():
+                        self.rss = self.proc.memory_info().rss
+                        self.cpu = self.proc.cpu_percent(None)
+                except psutil.Error:
+                    self.rss = self.cpu = None
+        if pid is None:
+            self.fps_in = self.fps_out = 0.0
+            self.rss = self.cpu = None
+
+
+def build_status(sup: "Supervisor") -> Dict[str, Any]:
+    """Everything ``status`` shows, as plain JSON-able data."""
+    nodes: Dict[str, Any] = {}
+    in_flight: Dict[int, int] = {}
+    dropped: Dict[int, int] = {}
+    for p in getattr(sup, "_in_ports", []):
+        in_flight[p.spec.index] = p.in_flight
+    for w in sup.workers.values():
+        for e, s in (w.stats.get("edges_out") or {}).items():
+            in_flight[int(e)] = s.get("in_flight", 0)
+        for e, s in (w.stats.get("edges_in") or {}).items():
+            dropped[int(e)] = s.get("dropped", 0)
+    for name, w in sup.workers.items():
+        sm = w.sampler
+        lat = w.stats.get("latency") or {}
+        nodes[name] = {
+            "state": w.state.value,
+            "pid": w.pid if w.alive else None,
+            "restarts": w.restarts,
+            "frames_in": sm.total_in,
+            "frames_out": sm.total_out,
+            "fps_in": round(sm.fps_in, 2),
+            "fps_out": round(sm.fps_out, 2),
+            "p50_ms": lat.get("p50_ms"),
+            "p99_ms": lat.get("p99_ms"),
+            "rss_bytes": sm.rss,
+            "cpu_percent": sm.cpu,
+            "dead_letters": w.dead_letters,
+            "memory_kills": w.memory_kills,
+            "hang_kills": w.hang_kills,
+            "inputs": [
+                {
+                    "edge": e.index,
+                    "from": e.src,
+                    "policy": e.policy,
+                    "depth": e.depth,
+                    "queued": in_flight.get(e.index, 0),
+                    "dropped": dropped.get(e.index, 0),
+                }
+                for e in w.spec.in_edges
+            ],
+        }
+    return {
+        "name": sup.name,
+        "pid": _os_getpid(),
+        "run_id": sup.run_id,
+        "phase": sup._phase,
+        "uptime_s": round(time.monotonic() - (sup._started_at or time.monotonic()), 3),
+        "workers_up": sum(1 for w in sup.workers.values() if w.alive and w.state.value == "RUNNING"),
+        "workers": len(sup.workers),
+        "nodes": nodes,
+    }
+
+
+def _os_getpid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec)
+
+
+def format_table(status: Dict[str, Any]) -> str:
+    """The human view of one status dict."""
+    lines = [
+        f"{status['name']}  (supervisor pid {status['pid']}, {status['phase']}, up {status['uptime_s']:.0f} s, "
+        f"{status['workers_up']}/{status['workers']} workers up)"
+    ]
+    head = f"  {'node':<16} {'state':<9} {'pid':>7} {'rst':>4} {'in':>9} {'out':>9} {'fps':>8} {'p50ms':>8} {'p99ms':>8} {'rss MiB':>8} {'cpu%':>6}  inputs (queued/depth drops)"
+    lines.append(head)
+    for name, n in status["nodes"].items():
+        rss = None if n["rss_bytes"] is None else n["rss_bytes"] / 2**20
+        inputs = ", ".join(f"{i['from']}:{i['queued']}/{i['depth']} {i['dropped']}" for i in n["inputs"])
+        lines.append(
+            f"  {name[:16]:<16} {n['state']:<9} {_fmt(n['pid']):>7} {n['restarts']:>4} {n['frames_in']:>9} {n['frames_out']:>9} "
+            f"{n['fps_out']:>8.1f} {_fmt(n['p50_ms'], '.3f'):>8} {_fmt(n['p99_ms'], '.3f'):>8} {_fmt(rss, '.1f'):>8} {_fmt(n['cpu_percent'], '.1f'):>6}  {inputs}"
+        )
+    return "\n".join(lines)
