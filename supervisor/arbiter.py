@@ -1224,6 +1224,9 @@ class Supervisor:
                 continue
             self._read_control(w)  # messages written just before exiting
             self._close_output(w)
+            if w.board is not None:  # its last counters outlive it
+                b = w.board.read()
+                w.sampler.sample(w.pid, b["frames_in"], b["frames_out"])
             w.exit_status = rc
             w.kill_at = None
             if w.chan is not None:

@@ -130,7 +130,17 @@ def _summarize(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _print_report(report: Any) -> None:
+def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
+    if sink is not None and sink.fmt == "json":
+        sink.write(
+            {
+                "level": "INFO",
+                "logger": "remotemedia.report",
+                "msg": f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s",
+                "report": {"outputs": report.output_count, "duration_s": report.duration, "stopped": report.stopped, "nodes": report.nodes},
+            }
+        )
+        return
     click.echo(f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s", err=True)
     width = max([4] + [len(n) for n in report.nodes])
     click.echo(f"  {'node':<{width}}  {'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
@@ -158,6 +168,7 @@ def main() -> None:
 @click.option("--log-level", default="WARNING", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--init-timeout", type=float, default=60.0, show_default=True, help="Seconds for a node's initialize().")
 @click.option("--stop-timeout", type=float, default=30.0, show_default=True, help="Seconds to drain on stop before aborting.")
+@click.option("--kill-timeout", type=float, default=5.0, show_default=True, help="Seconds a stopping worker gets for cleanup() before SIGKILL.")
 @click.option("--restart-policy", type=click.Choice(["never", "on-failure", "always"]), default="on-failure", show_default=True)
 @click.option("--max-restarts", type=int, default=5, show_default=True)
 @click.option("--queue-depth", type=int, default=32, show_default=True, help="Frames in flight per edge.")
@@ -179,6 +190,7 @@ def start(
     log_level: str,
     init_timeout: float,
     stop_timeout: float,
+    kill_timeout: float,
     restart_policy: str,
     max_restarts: int,
     queue_depth: int,
@@ -205,6 +217,7 @@ def start(
             pipeline,
             init_timeout=init_timeout,
             stop_timeout=stop_timeout,
+            kill_timeout=kill_timeout,
             restart_policy=restart_policy,
             max_restarts=max_restarts,
             queue_depth=queue_depth,
@@ -239,21 +252,28 @@ def start(
             bar.start()
         report = sup.run(inputs, on_output=show)
     except SerializationError as e:
-        click.echo(f"error: {e}", err=True)
+        _error(sink, str(e))
         sys.exit(EXIT_USAGE)
     except RemoteMediaError as e:
-        click.echo(f"error: {e}", err=True)
         cause = e.__cause__
-        if cause is not None:
-            click.echo(str(cause), err=True)
+        _error(sink, str(e), str(cause) if cause is not None else None)
         sys.exit(EXIT_FAILED)
     finally:
         if bar is not None:
             bar.stop()
-    _print_report(report)
+    _print_report(report, sink)
     if report.killed:
-        click.echo("error: workers were killed before the stream drained; frames in flight were lost", err=True)
+        _error(sink, "workers were killed before the stream drained; frames in flight were lost")
         sys.exit(EXIT_FAILED)
+
+
+def _error(sink: LogSink, message: str, detail: Optional[str] = None) -> None:
+    if sink.fmt == "json":
+        sink.write({"level": "ERROR", "logger": "remotemedia.cli", "msg": f"error: {message}", "detail": detail})
+        return
+    click.echo(f"error: {message}", err=True)
+    if detail:
+        click.echo(detail, err=True)
 
 
 class _ProgressBar:
@@ -358,12 +378,13 @@ def stop(name: str, wait: bool, timeout: float) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # exited, not yet reaped
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
 
 

@@ -87,6 +87,11 @@ def parse_worker_line(line: str, stream: str) -> Dict[str, Any]:
     }
 
 
+def _ts(rec: Dict[str, Any]) -> float:
+    ts = rec.get("ts")
+    return time.time() if ts is None else float(ts)
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
@@ -104,11 +109,12 @@ class LogSink:
 
     def format(self, rec: Dict[str, Any], node: Optional[str], pid: Optional[int]) -> str:
         if self.fmt == "json":
-            out = {"ts": _iso(rec.get("ts") or time.time()), "level": rec.get("level", "INFO"), "node": node, "pid": pid}
+            out = {"ts": _iso(_ts(rec)), "level": rec.get("level", "INFO"), "node": node, "pid": pid}
             out["logger"] = rec.get("logger")
             out["msg"] = rec.get("msg", "")
-            if rec.get("exc"):
-                out["exc"] = rec["exc"]
+            for k, v in rec.items():
+                if k not in out and k != "ts" and v is not None:
+                    out[k] = v
             return json.dumps(out, default=repr)
         who = f"[{node} {pid}] " if node else ""
         msg = rec.get("msg", "")
@@ -119,7 +125,7 @@ class LogSink:
         if self.journal:
             prio = _SYSLOG.get(logging.getLevelName(level) if isinstance(level, str) else level, 6)
             return "\n".join(f"<{prio}>{line}" for line in body.split("\n"))
-        return f"{_iso(rec.get('ts') or time.time())} {body}"
+        return f"{_iso(_ts(rec))} {body}"
 
     def write(self, rec: Dict[str, Any], node: Optional[str] = None, pid: Optional[int] = None) -> None:
         line = self.format(rec, node, pid)

@@ -473,6 +473,8 @@ class Runner:
         self.latency.add(time.perf_counter_ns() - t0)
         self.source_position += 1
         self.frames_in += 1
+        if self.board is not None:
+            self.board.set("frames_in", self.frames_in)
         self.mark()
         self.advance_commits()
         return True

@@ -1,0 +1,389 @@
+"""Running as a service: systemd notify/watchdog, unit files, status/stop, metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from remotemedia import Node, Source, Supervisor
+from remotemedia.nodes import PassThroughNode, RangeSource
+from supervisor.control import find_endpoints, request
+from supervisor.logs import LogSink, parse_worker_line
+from supervisor.systemd import SystemdNotifier, render_unit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    monkeypatch.setenv("REMOTEMEDIA_RUNTIME_DIR", str(d))
+    return d
+
+
+def cli_proc(args, env=None, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, **(env or {})),
+        **kw,
+    )
+
+
+TICKER = textwrap.dedent(
+    """
+    import logging, os, time
+    from remotemedia import Node, Pipeline, Source
+
+    class Ticker(Source):
+        def generate(self):
+            i = 0
+            while True:
+                time.sleep(0.01)
+                yield i
+                i += 1
+
+    class Work(Node):
+        def __init__(self, hang_at=None, **kw):
+            super().__init__(**kw)
+            self.hang_at = hang_at
+        def process(self, x):
+            if x == 3:
+                print(f"hello from print {{x}}")
+                self.logger.warning("a warning with %s", "args")
+            if self.hang_at is not None and x == self.hang_at:
+                time.sleep(3600)
+            return x
+
+    pipeline = Pipeline([Ticker(name="ticker"), Work(name="work", hang_at={hang_at})], name={name!r})
+    """
+)
+
+
+def write_ticker(tmp_path, name="svc", hang_at=None):
+    p = tmp_path / f"{name}.py"
+    p.write_text(TICKER.format(name=name, hang_at=hang_at))
+    return p
+
+
+# --------------------------------------------------------------------------- systemd notify
+
+
+def test_notifier_disabled_without_socket():
+    n = SystemdNotifier(env={})
+    assert not n.enabled and n.notify("READY=1") is False and n.watchdog_interval is None
+
+
+def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(0.2)
+    script = write_ticker(tmp_path, hang_at=150)  # the worker hangs after ~1.5 s
+    proc = cli_proc(
+        [
+            "start",
+            str(script),
+            "--quiet",
+            "--heartbeat-timeout",
+            "1",
+            "--stop-timeout",
+            "2",
+            "--kill-timeout",
+            "1",
+        ],
+        env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000", "REMOTEMEDIA_RUNTIME_DIR": str(tmp_path / "run")},
+    )
+    msgs = []
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 6.0:
+            try:
+                data = srv.recv(4096).decode()
+            except socket.timeout:
+                continue
+            msgs.append((time.monotonic() - t0, data))
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                msgs.append((time.monotonic() - t0, srv.recv(4096).decode()))
+            except socket.timeout:
+                pass
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        srv.close()
+    texts = [m for _, m in msgs]
+    ready = next(i for i, m in enumerate(texts) if "READY=1" in m)
+    assert not any("WATCHDOG=1" in m for m in texts[:ready]), "watchdog before READY"
+    assert "STATUS=" in texts[ready] and "workers up" in texts[ready]
+    dogs = [t for t, m in msgs if "WATCHDOG=1" in m]
+    assert len(dogs) >= 5  # every ~0.1 s while healthy
+    # the worker hangs at frame 150 (~1.5 s); heartbeats go stale 1 s later: the watchdog stops
+    last_dog = dogs[-1]
+    assert last_dog < 4.5, f"watchdog kept going while a worker hung (last at {last_dog:.1f} s)"
+    assert any("STOPPING=1" in m for m in texts[ready:])
+    assert "watchdog withheld: work" in err
+
+
+# --------------------------------------------------------------------------- unit file
+
+
+def test_systemd_unit_renders_and_verifies(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "systemd-unit", "examples/audio_levels.py", "--name", "audio", "--user", "root"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    unit = r.stdout
+    for needle in (
+        "Type=notify",
+        f"ExecStart={sys.executable} -m supervisor.cli start {os.path.join(ROOT, 'examples/audio_levels.py')} --name audio",
+        "WatchdogSec=30",
+        "Restart=on-failure",
+        "KillMode=mixed",
+        "TimeoutStopSec=45",
+        "User=root",
+        "NoNewPrivileges=yes",
+    ):
+        assert needle in unit, needle
+    path = tmp_path / "remotemedia-audio.service"
+    path.write_text(unit)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("REMOTEMEDIA_REQUIRE_SYSTEMD"):
+            pytest.fail("systemd-analyze is required (CI installs Debian's systemd package)")
+        pytest.skip("systemd-analyze not installed")
+    v = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    assert "remotemedia-audio.service" not in v.stderr, v.stderr  # no warnings about our unit
+
+
+def test_systemd_unit_install(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "systemd-unit", "examples/tone.json", "--install", "--unit-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "remotemedia-tone-json.service").read_text()
+    assert "Type=notify" in text and "tone.json" in text
+
+
+# --------------------------------------------------------------------------- status / stop
+
+
+def status_json(name):
+    r = subprocess.run([sys.executable, "-m", "supervisor.cli", "status", name, "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_status_shows_every_node_with_moving_counters(runtime_dir):
+    class Ticker(Source):
+        def generate(self):
+            i = 0
+            while True:
+                time.sleep(0.005)
+                yield i
+                i += 1
+
+    sup = Supervisor([Ticker(name="ticker"), PassThroughNode(name="pass"), PassThroughNode(name="sink")], name="live")
+    t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not find_endpoints("live") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.2)
+        a = status_json("live")
+        time.sleep(1.2)
+        b = status_json("live")
+        assert set(a["nodes"]) == {"ticker", "pass", "sink"}
+        for name in ("ticker", "pass", "sink"):
+            na, nb = a["nodes"][name], b["nodes"][name]
+            assert nb["frames_out"] > na["frames_out"] > 0
+            assert nb["state"] == "RUNNING" and isinstance(nb["pid"], int)
+            assert nb["fps_out"] > 10
+            assert nb["rss_bytes"] > 1e6 and nb["cpu_percent"] is not None
+            assert nb["p50_ms"] is not None and nb["p99_ms"] >= nb["p50_ms"]
+        (inp,) = b["nodes"]["sink"]["inputs"]
+        assert inp["from"] == "pass" and inp["depth"] == 32 and inp["dropped"] == 0 and inp["queued"] >= 0
+        table = subprocess.run([sys.executable, "-m", "supervisor.cli", "status", "live"], capture_output=True, text=True, cwd=ROOT)
+        assert table.returncode == 0 and "ticker" in table.stdout and "RUNNING" in table.stdout and "p99ms" in table.stdout
+        every = subprocess.run([sys.executable, "-m", "supervisor.cli", "status", "--all", "--json"], capture_output=True, text=True, cwd=ROOT)
+        assert [s["name"] for s in json.loads(every.stdout)] == ["live"]
+    finally:
+        sup.stop()
+        t.join(30)
+    assert not find_endpoints("live")  # the socket is removed at exit
+
+
+def test_stop_command_drains_and_exits_0(tmp_path, runtime_dir):
+    script = write_ticker(tmp_path, name="stopme")
+    proc = cli_proc(["start", str(script)], env={"REMOTEMEDIA_RUNTIME_DIR": str(runtime_dir)})
+    try:
+        deadline = time.monotonic() + 15
+        while not find_endpoints("stopme"):
+            assert time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no endpoint"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-m", "supervisor.cli", "stop", "stopme"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    seen = [int(l.split("] ")[1]) for l in out.splitlines() if l.startswith("[work #")]
+    assert seen and seen == list(range(len(seen)))  # drained: nothing lost at the end
+
+
+def test_stop_unknown_name_fails(runtime_dir):
+    r = subprocess.run([sys.executable, "-m", "supervisor.cli", "stop", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "no running pipeline named 'nope'" in r.stderr
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by other users, unlike a venv under /root
+
+PROBE = (
+    "import json,socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.settimeout(3)\n"
+    "try:\n"
+    " s.connect(sys.argv[1])\n"
+    "except PermissionError:\n"
+    " print('denied'); sys.exit()\n"
+    "try:\n"
+    " s.sendall(b'{\"cmd\": \"status\"}\\n'); print('answered' if s.recv(100) else 'closed')\n"
+    "except ConnectionError:\n"
+    " print('closed')\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON), reason="needs root and a system python to act as a second user")
+def test_second_user_cannot_connect(tmp_path_factory, monkeypatch):
+    base = tempfile.mkdtemp(prefix="rm-ctl-", dir="/tmp")
+    os.chmod(base, 0o711)  # others may traverse: only our own permissions can stop them
+    run = os.path.join(base, "run")
+    monkeypatch.setenv("REMOTEMEDIA_RUNTIME_DIR", run)
+    sup = Supervisor([PassThroughNode()], name="private").start()
+    try:
+        ((_, path, _),) = find_endpoints("private")
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        assert oct(os.stat(run).st_mode & 0o777) == "0o700"
+
+        def probe():
+            r = subprocess.run([SYSTEM_PYTHON, "-c", PROBE, path], capture_output=True, text=True, user=65534, group=65534, cwd="/")
+            return r.stdout.strip() or r.stderr.strip()
+
+        assert probe() == "denied"
+        # even with the file permissions opened up, the peer-uid check refuses the other user
+        os.chmod(run, 0o755)
+        os.chmod(path, 0o777)
+        assert probe() == "closed"
+        assert request(path, {"cmd": "status"})["ok"]  # the owner can
+    finally:
+        sup.close()
+        sup.join()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- metrics, logs, progress
+
+
+def test_prometheus_endpoint(runtime_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sup = Supervisor([RangeSource(10**9, name="src"), PassThroughNode(name="p")], name="metrics", metrics_port=port)
+    t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
+    t.start()
+    try:
+        time.sleep(1.5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        sup.stop()
+        t.join(30)
+    assert 'remotemedia_node_frames_out_total{node="p",pipeline="metrics"}' in body
+    assert 'remotemedia_node_up{node="src",pipeline="metrics"} 1.0' in body
+    assert 'remotemedia_node_process_latency_seconds{node="p",pipeline="metrics",quantile="0.99"}' in body
+    assert 'remotemedia_edge_queued_frames{node="p",pipeline="metrics",source="src"}' in body
+
+
+def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):
+    script = write_ticker(tmp_path, name="logs")
+    proc = cli_proc(["start", str(script), "--quiet", "--log-format", "json", "--log-level", "INFO"])
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
+    work = [r for r in records if r.get("node") == "work"]
+    assert any(r["msg"] == "hello from print 3" and r["logger"] == "stdout" for r in work)
+    warn = [r for r in work if r["msg"] == "a warning with args"]
+    assert warn and warn[0]["level"] == "WARNING" and warn[0]["logger"] == "remotemedia.node.work"
+    assert all(isinstance(r["pid"], int) and r["ts"].endswith("Z") for r in work)
+    assert any(r["node"] is None and "draining" in r["msg"] for r in records)  # the supervisor's own
+
+
+def test_text_logs_under_journal_have_no_timestamp():
+    import io
+
+    buf = io.StringIO()
+    LogSink("text", stream=buf, journal=True).write({"level": "ERROR", "logger": "x", "msg": "boom", "ts": 0.0}, "n", 7)
+    assert buf.getvalue() == "<3>ERROR [n 7] x: boom\n"
+    buf = io.StringIO()
+    LogSink("text", stream=buf, journal=False).write({"level": "INFO", "logger": "x", "msg": "hi", "ts": 0.0}, "n", 7)
+    assert buf.getvalue() == "1970-01-01T00:00:00.000Z INFO [n 7] x: hi\n"
+    assert parse_worker_line("plain", "stdout")["level"] == "INFO"
+
+
+def test_progress_bar_on_tty_only(tmp_path):
+    import pty
+
+    script = tmp_path / "fin.py"
+    script.write_text("from remotemedia.nodes import RangeSource, PassThroughNode\npipeline = [RangeSource(300), PassThroughNode()]\n")
+    # on a terminal
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "start", str(script), "--quiet"], stdout=subprocess.DEVNULL, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    tty_err = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert "100.0% 300/300" in tty_err and "\r[" in tty_err
+    # not on a pipe
+    r = subprocess.run([sys.executable, "-m", "supervisor.cli", "start", str(script), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "\r" not in r.stderr and "%" not in r.stderr
