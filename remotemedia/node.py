@@ -125,6 +125,34 @@ class Node:
 
     # ------------------------------------------------------------------ helpers
 
+    def allocate(self, shape: Any, dtype: Any = "uint8") -> Any:
+        """A writable numpy array for an output frame, in shared memory when running in a
+        worker: fill it and return it (alone, as the whole output) and the frame is sent
+        without any copy. Outside a worker (tests, in-process use) it is ``numpy.empty``.
+
+        Do not touch the array after returning it: it now belongs to the consumer. Arrays
+        allocated but not returned are given back after ``process()``.
+
+        Example::
+
+            class Render(Node):
+                def process(self, data):
+                    out = self.allocate((1080, 1920, 3), "uint8")
+                    draw_into(out, data)        # writes straight into shared memory
+                    return out
+        """
+        alloc = getattr(self, "_remotemedia_allocator", None)
+        if alloc is None:
+            import numpy as np
+
+            return np.empty(shape, dtype)
+        return alloc(shape, dtype)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_remotemedia_allocator", None)  # bound to a worker's ports
+        return state
+
     @property
     def logger(self) -> logging.Logger:
         """A logger named after the node (records are forwarded by the worker)."""

@@ -281,6 +281,8 @@ class Supervisor:
         log_format: ``"text"`` or ``"json"`` for the workers' captured output and logs.
         control: serve the control socket (``remotemedia-supervisor status/stop``).
         metrics_port: serve Prometheus metrics on this port (needs prometheus-client).
+        spin_us: workers spin (GIL released, adaptive) up to this many microseconds for the
+            next frame before blocking; 0 always blocks.
 
     Every option except the first three can also be set per node with
     ``Node(..., options={...})``.
@@ -326,6 +328,7 @@ class Supervisor:
         control: bool = True,
         metrics_port: Optional[int] = None,
         metrics_host: str = "127.0.0.1",
+        spin_us: int = 50,
     ) -> None:
         self.pipeline = as_pipeline(nodes_or_pipeline, name)
         self.name = name or self.pipeline.name
@@ -361,6 +364,9 @@ class Supervisor:
             self.log_sink = LogSink(log_format)
         except ValueError as e:
             raise SupervisorError(str(e)) from None
+        if spin_us < 0:
+            raise SupervisorError(f"spin_us must be >= 0, got {spin_us}")
+        self.spin_us = spin_us
         self.control_enabled = control
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
@@ -729,6 +735,7 @@ class Supervisor:
                 log_level=self.log_level,
                 snapshot_interval=opts["snapshot_interval"],
                 dead_letter_dir=self.dead_letter_dir,
+                spin_us=self.spin_us,
             )
             self.workers[node.name] = WorkerHandle(node.name, i, blobs[node.name], spec, opts)
 

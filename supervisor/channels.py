@@ -31,8 +31,9 @@ sent again; the consumer drops what it already has. Acks are *commits*: a consum
 acknowledges an input only when every output derived from it has itself been committed
 downstream, so a crash anywhere never loses a frame that some upstream has already dropped.
 
-*Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and ack nothing: the iceoryx2
-queue overwrites its oldest frame, and the consumer counts the holes as drops.
+*Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and never wait: the iceoryx2
+queue overwrites its oldest frame, and the consumer counts the holes as drops. Their acks
+only tell the producer that the end of the stream was taken.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from .protocol import EdgeSpec
 __all__ = ["OutPort", "InPort", "Retained", "ack_channel_options"]
 
 _EMPTY = b""
+#: Chunks a producer may hold loaned at once: allocate() buffers plus the one a copying send
+#: needs.
+MAX_LOANED = 8
 
 
 def ack_channel_options() -> dict:
@@ -68,6 +72,10 @@ class Retained:
     stream_id: int
     created_ns: int
     nbytes: int
+    # The buffer is a view of a chunk this publisher loaned and sent (zero-copy output).
+    # The chunk stays intact until this publisher loans again, so the view is copied to
+    # private memory just before that ("copy on reuse"), unless it was committed by then.
+    loaned: bool = False
 
 
 class OutPort:
@@ -76,10 +84,10 @@ class OutPort:
     def __init__(self, node: Any, spec: EdgeSpec, next_seq: int = 0, committed: int = 0) -> None:
         self.spec = spec
         self.lossless = spec.lossless
-        self.pub = bridge.Publisher(node, spec.data_service, **spec.channel_options())
-        self.ack_sub = (
-            bridge.Subscriber(node, spec.ack_service, **ack_channel_options()) if self.lossless else None
-        )
+        self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
+        # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
+        # was taken, because iceoryx2 drops the samples of a publisher that is gone.
+        self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
         self.notifier = bridge.Notifier(node, spec.dst_inbox)
         self.next_seq = next_seq
         # counts of frames the consumer has processed / committed
@@ -92,6 +100,7 @@ class OutPort:
         self._retry_at = 0.0
         self._retry_delay = 0.002
         self.sent = 0
+        self.zero_copy = 0  # frames sent from a loaned chunk, without a copy
         self.resent = 0
         self.discarded = 0
         self.eos_sent = False
@@ -138,6 +147,7 @@ class OutPort:
         self.retained.append(r)
         self.retained_bytes += nbytes
         if self.undelivered is None:
+            self._secure()
             if self._publish(r):
                 self.sent += 1
                 self._notify()
@@ -145,6 +155,55 @@ class OutPort:
                 self.undelivered = seq
                 self._schedule_retry(reset=True)
         return seq
+
+    def send_loan(self, loan: Any, meta: bytes, buffer: Any, origin: int = 0, stream_id: int = 0, created_ns: int = 0) -> int:
+        """Send a frame whose single buffer was written in place in ``loan`` (zero copy).
+        ``buffer`` is the caller's view of the loaned memory, kept for replay."""
+        seq = self.next_seq
+        self.next_seq += 1
+        if not self.lossless:
+            loan.send(seq, Kind.DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
+            self.sent += 1
+            self.zero_copy += 1
+            self._notify()
+            return seq
+        if seq < self.committed:
+            loan.discard()
+            return seq
+        nbytes = len(meta) + memoryview(buffer).nbytes
+        self.last_nbytes = nbytes
+        if self.undelivered is not None:
+            # Out of order now: it must wait its turn like any frame, from private memory.
+            r = Retained(seq, Kind.DATA, meta, [bytes(memoryview(buffer))], origin, stream_id, created_ns, nbytes)
+            loan.discard()
+            self.retained.append(r)
+            self.retained_bytes += nbytes
+            return seq
+        r = Retained(seq, Kind.DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
+        self.retained.append(r)
+        self.retained_bytes += nbytes
+        if loan.send(seq, Kind.DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns) > 0:
+            self.sent += 1
+            self.zero_copy += 1
+            self._notify()
+        else:
+            self.discarded += 1
+            self.undelivered = seq
+            self._schedule_retry(reset=True)
+        return seq
+
+    def loan(self, nbytes: int) -> Any:
+        """A chunk of this edge's publisher for an in-place output frame."""
+        self._secure()
+        return self.pub.loan(nbytes)
+
+    def _secure(self) -> None:
+        """Copy-on-reuse: before this publisher loans a chunk again, retained frames that still
+        point into chunks it sent get a private copy (their chunk may be the next loan)."""
+        for r in self.retained:
+            if r.loaned:
+                r.buffers = [bytes(memoryview(b)) for b in r.buffers]
+                r.loaned = False
 
     def _publish(self, r: Retained) -> bool:
         n = self.pub.send(
@@ -222,6 +281,7 @@ class OutPort:
         now = time.monotonic()
         if not force and now < self._retry_at:
             return False
+        self._secure()
         sent_any = False
         for r in self.retained:
             if r.seq < self.undelivered:
@@ -245,6 +305,8 @@ class OutPort:
 
     @property
     def fully_acked(self) -> bool:
+        if not self.lossless:
+            return self.processed >= self.next_seq
         return not self.retained
 
     def close(self) -> None:
@@ -262,8 +324,8 @@ class InPort:
         self.spec = spec
         self.lossless = spec.lossless
         self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
-        self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options()) if self.lossless else None
-        self.ack_notifier = bridge.Notifier(node, spec.src_inbox) if self.lossless else None
+        self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
+        self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
         self.expected = expected
         self.eos = False
         self.eos_seq: Optional[int] = None

@@ -123,6 +123,7 @@ class WorkerSpec:
     scoreboard: str = ""  # path of the shared status block (see supervisor.scoreboard)
     snapshot_interval: Optional[float] = None  # None: 1 s when the node defines snapshot()
     dead_letter_dir: Optional[str] = None
+    spin_us: int = 50  # adaptive spin before blocking (0: always block)
 
 
 @dataclass

@@ -34,11 +34,13 @@ from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import cloudpickle
+import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import LoanError
 from remotemedia.frames import FrameInfo, Kind, decode, encode
 
-from .channels import InPort, OutPort, split_frame
+from .channels import MAX_LOANED, InPort, OutPort, split_frame
 from .protocol import (
     EXIT_ABORTED,
     EXIT_LOAD_ERROR,
@@ -168,6 +170,9 @@ class Runner:
         self._current_origin = 0
         self._current_stream = 0
         self._current_created = 0
+        self._loans: Dict[int, Any] = {}
+        self._loan_warned = False
+        node._remotemedia_allocator = self.allocate
 
     # ------------------------------------------------------------------ control
 
@@ -220,7 +225,12 @@ class Runner:
         if self.snapshot_interval is not None and self.uncommitted_progress():
             deadline = min(deadline, self.next_snapshot)
         timeout = max(0.0, min(timeout, deadline - time.monotonic()))
-        self.inbox.wait(timeout, [self.chan.fileno()])
+        # Spin only on what would let us make progress: inputs we are ready to take (not
+        # while blocked on a full output), and acks.
+        watch = [p.ack_sub for p in self.outputs if p.ack_sub is not None]
+        if not self.failed and all(p.can_send() for p in self.outputs) and self.started:
+            watch += [p.sub for p in self.inputs if not p.eos]
+        self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
 
     # ------------------------------------------------------------------ commits
 
@@ -281,15 +291,55 @@ class Runner:
 
     # ------------------------------------------------------------------ emitting
 
+    def allocate(self, shape: Any, dtype: Any) -> np.ndarray:
+        """Node.allocate() in a worker: a writable array over a chunk loaned from the first
+        output edge, so that returning it sends the frame without a copy."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) if np.ndim(shape) else int(shape)
+        nbytes = count * dtype.itemsize
+        if not self.outputs or nbytes == 0:
+            return np.empty(shape, dtype)
+        port = self.outputs[0]
+        if not port.can_send():
+            self.wait_for_room(port)
+        try:
+            if len(self._loans) >= MAX_LOANED - 2:  # keep chunks for the copying sends
+                raise LoanError(f"{len(self._loans)} allocated buffers are still outstanding")
+            loan = port.loan(nbytes)
+        except LoanError as e:
+            if not self._loan_warned:
+                self._loan_warned = True
+                log.warning("node %s: allocate() falls back to private memory (%s); return or drop "
+                            "allocated buffers before allocating more", self.spec.name, e)
+            return np.empty(shape, dtype)
+        arr = np.frombuffer(loan, dtype=dtype, count=count).reshape(shape)
+        self._loans[loan.address] = loan
+        return arr
+
+    def _release_loans(self) -> None:
+        for loan in self._loans.values():
+            if loan.pending:
+                loan.discard()
+        self._loans.clear()
+
     def emit(self, value: Any) -> None:
         value, stream_id = split_frame(value)
         if stream_id is None:
             stream_id = self._current_stream
         meta, bufs = encode(value)
-        for port in self.outputs:
+        loan = None
+        if self._loans and len(bufs) == 1:
+            view = np.frombuffer(bufs[0], dtype=np.uint8)
+            loan = self._loans.pop(view.__array_interface__["data"][0], None)
+            if loan is not None and (loan.nbytes != view.nbytes or not loan.pending):
+                loan = None
+        for i, port in enumerate(self.outputs):
             if not port.can_send():
                 self.wait_for_room(port)
-            port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
+            if i == 0 and loan is not None:
+                port.send_loan(loan, meta, bufs[0], self._current_origin, stream_id, self._current_created)
+            else:
+                port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
@@ -369,9 +419,12 @@ class Runner:
             t0 = time.perf_counter_ns()
             try:
                 self.emit_result(self.node.process(data))
+                if self._loans:
+                    self._release_loans()  # allocated but not returned
             except _Abort:
                 raise
             except Exception as e:
+                self._release_loans()
                 self.errors += 1
                 exc_type, message, tb, blob = _format_exc(e)
                 fatal = self.spec.on_error == "raise"
@@ -470,6 +523,8 @@ class Runner:
         self._current_created = time.monotonic_ns()
         if item is not None:
             self.emit(item)
+        if self._loans:
+            self._release_loans()
         self.latency.add(time.perf_counter_ns() - t0)
         self.source_position += 1
         self.frames_in += 1
@@ -511,6 +566,13 @@ class Runner:
         for port in self.outputs:
             if not port.can_send():
                 self.wait_for_room(port)
+            # On a lossy edge the end-of-stream frame would overwrite the newest data frame:
+            # let the consumer take what is queued first.
+            while not port.lossless and not port.fully_acked:
+                self.pump()
+                if port.fully_acked:
+                    break
+                self.wait(0.05)
             port.send(Kind.EOS, b"", [], self._current_origin, 0, 0)
         # The end of the inputs is committed only once our own end is committed downstream:
         # a restart after this point must still see the end of its inputs.
@@ -567,6 +629,7 @@ class Runner:
             "edges_out": {
                 p.spec.index: {
                     "sent": p.sent,
+                    "zero_copy": p.zero_copy,
                     "resent": p.resent,
                     "discarded": p.discarded,
                     "in_flight": p.in_flight,

@@ -2,6 +2,8 @@
 //! that has something for it holds a Notifier on the same service.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use iceoryx2::port::listener::Listener as IoxListener;
 use iceoryx2::port::notifier::Notifier as IoxNotifier;
@@ -11,6 +13,7 @@ use pyo3::prelude::*;
 
 use crate::errors::{port_err, service_err, transport_err, wait_err};
 use crate::node::{Node, Svc};
+use crate::pubsub::Subscriber;
 
 fn open_event(node: &Node, name: &str, max_notifiers: usize) -> PyResult<PortFactory<Svc>> {
     let service_name =
@@ -62,6 +65,7 @@ impl Notifier {
 pub struct Listener {
     listener: Mutex<IoxListener<Svc>>,
     fd: i32,
+    spin_ns: AtomicU64,
     #[pyo3(get)]
     service: String,
     _factory: PortFactory<Svc>,
@@ -86,7 +90,14 @@ impl Listener {
             .create()
             .map_err(|e| port_err(format!("creating listener on {service:?}"), e))?;
         let fd = unsafe { listener.file_descriptor().native_handle() };
-        Ok(Self { listener: Mutex::new(listener), fd, service: service.to_owned(), _factory: factory, _node: node })
+        Ok(Self {
+            listener: Mutex::new(listener),
+            fd,
+            spin_ns: AtomicU64::new(0),
+            service: service.to_owned(),
+            _factory: factory,
+            _node: node,
+        })
     }
 
     /// File descriptor that becomes readable when a notification is pending (for selectors).
@@ -102,38 +113,87 @@ impl Listener {
     /// Waits until notified, until one of `fds` is readable, or until `timeout` seconds passed
     /// (`None`: no timeout). Returns `(notified, ready_fds)`.
     ///
+    /// With `spin_us > 0` the wait first spins (GIL released) for up to that many
+    /// microseconds, watching the `watch` subscribers' queues in shared memory and the
+    /// listener, before it blocks in `ppoll()`. The spin budget adapts: it doubles when a spin
+    /// catches the next frame and halves when it does not, so a busy pipeline gets
+    /// microsecond wake-ups and an idle one stops spinning (no CPU). Extra fds are only
+    /// checked by the blocking part.
+    ///
     /// Returns early with `(False, [])` when a signal interrupts the wait, after running the
     /// Python signal handlers (so KeyboardInterrupt propagates).
-    #[pyo3(signature = (timeout = None, fds = Vec::new()))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>, fds: Vec<i32>) -> PyResult<(bool, Vec<i32>)> {
+    #[pyo3(signature = (timeout = None, fds = Vec::new(), spin_us = 0, watch = Vec::new()))]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        fds: Vec<i32>,
+        spin_us: u64,
+        watch: Vec<Py<Subscriber>>,
+    ) -> PyResult<(bool, Vec<i32>)> {
         if self.drain_inner()? > 0 {
             return Ok((true, Vec::new()));
         }
-        let timeout_ms: CInt = match timeout {
-            None => -1,
-            Some(t) if t <= 0.0 => 0,
-            // Round up so that a short timeout never degenerates into a busy loop.
-            Some(t) => ((t * 1000.0).ceil().min(i32::MAX as f64)) as CInt,
-        };
+        let start = Instant::now();
+        let limit = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        if spin_us > 0 && limit.is_none_or(|l| !l.is_zero()) {
+            let max = spin_us * 1000;
+            let budget = self.spin_ns.load(Ordering::Relaxed).min(max);
+            let budget = Duration::from_nanos(if budget == 0 { max.min(2_000) } else { budget });
+            let budget = limit.map_or(budget, |l| budget.min(l));
+            let caught = py.detach(|| {
+                loop {
+                    if watch.iter().any(|s| s.get().peek()) {
+                        return true;
+                    }
+                    if self.listener.lock().map(|l| l.try_wait(|_| {}).unwrap_or(0) > 0).unwrap_or(false) {
+                        return true;
+                    }
+                    if start.elapsed() >= budget {
+                        return false;
+                    }
+                    std::hint::spin_loop();
+                }
+            });
+            let cur = budget.as_nanos() as u64;
+            if caught {
+                self.spin_ns.store((cur * 2).clamp(2_000, max), Ordering::Relaxed);
+                return Ok((true, Vec::new()));
+            }
+            self.spin_ns.store(cur / 2, Ordering::Relaxed);
+        }
+        let remaining = limit.map(|l| l.saturating_sub(start.elapsed()));
+        let ts = remaining.map(|r| libc::timespec { tv_sec: r.as_secs() as libc::time_t, tv_nsec: r.subsec_nanos() as libc::c_long });
         let mut pfds: Vec<libc::pollfd> = std::iter::once(self.fd)
             .chain(fds.iter().copied())
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
+        let blocked = Instant::now();
         let (rc, errno) = py.detach(|| {
-            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+            let tsp = ts.as_ref().map_or(core::ptr::null(), |t| t as *const libc::timespec);
+            let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, tsp, core::ptr::null()) };
             (rc, std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
         });
+        if spin_us > 0 && rc > 0 && blocked.elapsed() < Duration::from_micros(spin_us * 4) {
+            // Woken soon after giving up the spin: traffic is flowing, spin again next time.
+            self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
+        }
         if rc < 0 {
             if errno == libc::EINTR {
                 py.check_signals()?;
                 return Ok((false, Vec::new()));
             }
-            return Err(transport_err(format!("poll() on {:?} failed: errno {errno}", self.service)));
+            return Err(transport_err(format!("ppoll() on {:?} failed: errno {errno}", self.service)));
         }
         let notified = pfds[0].revents != 0 && self.drain_inner()? > 0;
         let ready = pfds[1..].iter().filter(|p| p.revents != 0).map(|p| p.fd).collect();
         Ok((notified, ready))
     }
+
+    /// Current adaptive spin budget in nanoseconds (for tests and benchmarks).
+    #[getter]
+    fn spin_budget_ns(&self) -> u64 {
+        self.spin_ns.load(Ordering::Relaxed)
+    }
 }
 
-type CInt = libc::c_int;

@@ -334,6 +334,12 @@ impl Loan {
         unsafe { fill_view(view, flags, ptr, this.nbytes, false, slf.into_any()) }
     }
 
+    /// Address of the writable data region (to recognise the array later).
+    #[getter]
+    fn address(&self) -> usize {
+        self.base + self.data_offset
+    }
+
     /// True until `send()` (or `discard()`) was called.
     #[getter]
     fn pending(&self) -> bool {
@@ -401,6 +407,16 @@ pub struct Subscriber {
     service: String,
     _factory: Factory,
     _node: Py<Node>,
+}
+
+impl Subscriber {
+    /// True when a frame is queued; no GIL needed (used while spinning).
+    pub(crate) fn peek(&self) -> bool {
+        match self.subscriber.lock() {
+            Ok(g) => g.as_ref().map(|s| s.has_samples().unwrap_or(false)).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
 }
 
 #[pymethods]

@@ -1,0 +1,137 @@
+"""Zero-copy outputs, queue policies, adaptive waiting."""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+import numpy as np
+import psutil
+import pytest
+
+from remotemedia import Node, Pipeline, Source, Supervisor
+from remotemedia.nodes import PassThroughNode, RangeSource
+
+from conftest import shm_mapping_of
+
+
+class Render(Node):
+    """Produces frames in place in shared memory (allocate) and reports where they were."""
+
+    def __init__(self, shape, **kw):
+        super().__init__(**kw)
+        self.shape = shape
+
+    def process(self, i):
+        out = self.allocate(self.shape, np.uint8)
+        out[...] = i % 251
+        out.reshape(-1)[:8] = np.frombuffer(np.int64(i).tobytes(), np.uint8)
+        self.last_mapping = shm_mapping_of(out.ctypes.data)
+        return out
+
+
+class Check(Node):
+    def process(self, arr):
+        return (int(np.frombuffer(arr.reshape(-1)[:8].tobytes(), np.int64)[0]), int(arr.reshape(-1)[-1]), arr.shape,
+                shm_mapping_of(arr.ctypes.data).startswith("/dev/shm/rm_"))
+
+
+@pytest.mark.parametrize("shape", [(4096,), (1080, 1920, 3), (64 << 20,)], ids=["4KB", "1080p", "64MB"])
+def test_allocate_sends_without_copy(shape):
+    n = 20 if shape[0] < (1 << 20) else 5
+    sup = Supervisor([Render(shape, name="render"), Check(name="check")])
+    report = sup.run(range(n))
+    assert report.outputs == [(i, i % 251, shape, True) for i in range(n)]
+    out_edges = report.nodes["render"]["edges_out"]
+    ((_, edge),) = out_edges.items()
+    assert edge["zero_copy"] == n and edge["sent"] == n + 1  # every frame (not EOS) left from its loaned chunk
+
+
+def test_allocate_outside_a_worker_is_plain_memory():
+    arr = Render((4,), name="r").allocate((2, 3), "float32")
+    assert arr.shape == (2, 3) and arr.dtype == np.float32 and arr.flags.writeable
+
+
+class Unused(Node):
+    def process(self, i):
+        self.allocate((1000,), np.uint8)  # allocated, never returned: given back
+        spare = self.allocate((1000,), np.uint8)
+        spare[:] = 1
+        return {"not the loan": i}
+
+
+def test_unreturned_allocations_are_released():
+    out = Pipeline([Unused(), PassThroughNode()]).run(range(50))
+    assert out == [{"not the loan": i} for i in range(50)]
+
+
+class SlowSink(Node):
+    def process(self, x):
+        time.sleep(0.005)
+        return x
+
+
+class FastSource(Source):
+    def generate(self):
+        yield from range(300)
+
+
+@pytest.mark.parametrize("policy,depth", [("drop_oldest", 4), ("latest", 1)])
+def test_lossy_queue_policies_drop_and_count(policy, depth):
+    sink = SlowSink(name="sink", options={"queue_policy": policy, "queue_depth": depth})
+    report = Supervisor([FastSource(name="src"), sink]).run()
+    got = report.outputs
+    assert got == sorted(set(got)) and got[-1] == 299  # in order, newest kept
+    assert len(got) < 300
+    ((_, edge),) = report.nodes["sink"]["edges_in"].items()
+    assert edge["dropped"] == 300 - len(got)  # every missing frame is counted
+
+
+def test_block_policy_is_lossless_under_a_slow_consumer():
+    report = Supervisor([FastSource(name="src"), SlowSink(name="sink", options={"queue_depth": 4})]).run()
+    assert report.outputs == list(range(300))
+
+
+def test_idle_worker_uses_no_cpu():
+    with Supervisor([PassThroughNode(name="idle")]) as sup:
+        sup.send(1)
+        assert sup.recv(timeout=10) == 1
+        time.sleep(0.5)  # let the adaptive spin wind down
+        proc = psutil.Process(sup.worker_pids()["idle"])
+        t0 = sum(proc.cpu_times()[:2])
+        time.sleep(2.0)
+        used = sum(proc.cpu_times()[:2]) - t0
+        sup.close()
+    assert used < 0.04, f"idle worker used {used / 2.0:.1%} CPU"
+
+
+def test_busy_pipeline_spins_and_idle_one_stops():
+    from remotemedia import _ipc_bridge as b
+    from supervisor import resources
+
+    run_id, prefix = resources.new_run()
+    node = b.Node(prefix, "t")
+    try:
+        lis = b.Listener(node, "inbox")
+        nt = b.Notifier(node, "inbox")
+        pub = b.Publisher(node, "d")
+        sub = b.Subscriber(node, "d")
+        # traffic: a frame is already there when we wait -> caught while spinning
+        for _ in range(5):
+            pub.send(0, 0, b"x")
+            assert lis.wait(1.0, [], 200, [sub]) == (True, [])
+            sub.receive()
+        assert lis.spin_budget_ns >= 2000
+        # silence: the spins fail and the budget decays towards zero
+        for _ in range(12):
+            lis.wait(0.001, [], 200, [sub])
+        assert lis.spin_budget_ns < 2000
+        t0 = time.process_time()
+        lis.wait(0.3, [], 200, [sub])
+        assert time.process_time() - t0 < 0.02
+        nt.notify()
+        assert lis.wait(1.0, [], 200, [sub])[0]
+    finally:
+        del lis, nt, pub, sub, node
+        resources.purge(prefix)
