@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import enum
 import pickle
+import struct
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import cloudpickle
+import numpy as np
 
 __all__ = ["Kind", "Frame", "FrameInfo", "encode", "decode", "decode_bytes"]
 
@@ -66,8 +68,7 @@ class Frame:
     stream_id: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class FrameInfo:
+class FrameInfo(NamedTuple):
     """Header of the frame a node is processing, available as ``node.current_frame``.
 
     Attributes:
@@ -88,6 +89,24 @@ class FrameInfo:
 
 
 _PROTOCOL = 5
+# A bare contiguous numpy array (the common media frame) skips pickle: its meta is this tag,
+# the dtype and the shape. Pickle streams start with b"\x80", so the tag cannot collide.
+_ND_TAG = b"RMND"
+_ND_HEAD = struct.Struct("<4sBB")  # tag, len(dtype str), ndim
+
+
+def _encode_ndarray(a: np.ndarray) -> Tuple[bytes, List[memoryview]]:
+    dt = a.dtype.str.encode()
+    meta = _ND_HEAD.pack(_ND_TAG, len(dt), a.ndim) + dt + struct.pack(f"<{a.ndim}q", *a.shape)
+    return meta, [memoryview(a.reshape(-1).view(np.uint8))]
+
+
+def _decode_ndarray(meta: memoryview, buf: Any) -> np.ndarray:
+    _, dlen, ndim = _ND_HEAD.unpack_from(meta)
+    off = _ND_HEAD.size
+    dtype = np.dtype(bytes(meta[off : off + dlen]).decode())
+    shape = struct.unpack_from(f"<{ndim}q", meta, off + dlen)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def encode(obj: Any) -> Tuple[bytes, List[memoryview]]:
@@ -96,6 +115,8 @@ def encode(obj: Any) -> Tuple[bytes, List[memoryview]]:
     The buffers reference the object's memory (no copy is made here); the transport copies
     them into shared memory.
     """
+    if type(obj) is np.ndarray and obj.flags.c_contiguous and not obj.dtype.hasobject and obj.dtype.names is None:
+        return _encode_ndarray(obj)
     bufs: List[pickle.PickleBuffer] = []
     try:
         meta = pickle.dumps(obj, protocol=_PROTOCOL, buffer_callback=bufs.append)
@@ -119,9 +140,14 @@ def decode(sample: Any, copy: bool = False) -> Any:
     else:
         mv = memoryview(sample)
     buffers = [mv[o : o + n] for o, n in sample.buffers]
-    return pickle.loads(mv[m0:m1], buffers=buffers)
+    meta = mv[m0:m1]
+    if meta[:4] == _ND_TAG:
+        return _decode_ndarray(meta, buffers[0])
+    return pickle.loads(meta, buffers=buffers)
 
 
 def decode_bytes(meta: bytes, buffers: List[Any]) -> Any:
     """Inverse of :func:`encode` for in-process use (tests, replay)."""
+    if meta[:4] == _ND_TAG:
+        return _decode_ndarray(memoryview(meta), buffers[0])
     return pickle.loads(meta, buffers=buffers)

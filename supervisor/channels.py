@@ -94,6 +94,7 @@ class OutPort:
         self.processed = self.committed = max(next_seq, committed)
         self.retained: Deque[Retained] = deque()
         self.retained_bytes = 0
+        self.loaned_retained = 0  # retained frames whose buffer is still a sent chunk
         self.last_nbytes = 0
         # seq of the first retained frame not known to be delivered (None: all delivered)
         self.undelivered: Optional[int] = None
@@ -180,6 +181,7 @@ class OutPort:
             self.retained_bytes += nbytes
             return seq
         r = Retained(seq, Kind.DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
+        self.loaned_retained += 1
         self.retained.append(r)
         self.retained_bytes += nbytes
         if loan.send(seq, Kind.DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns) > 0:
@@ -200,10 +202,13 @@ class OutPort:
     def _secure(self) -> None:
         """Copy-on-reuse: before this publisher loans a chunk again, retained frames that still
         point into chunks it sent get a private copy (their chunk may be the next loan)."""
+        if not self.loaned_retained:
+            return
         for r in self.retained:
             if r.loaned:
                 r.buffers = [bytes(memoryview(b)) for b in r.buffers]
                 r.loaned = False
+        self.loaned_retained = 0
 
     def _publish(self, r: Retained) -> bool:
         n = self.pub.send(

@@ -75,6 +75,9 @@ log = logging.getLogger("remotemedia.worker")
 PR_SET_PDEATHSIG = 1
 
 
+_TRACE: Optional[List[int]] = [] if os.environ.get("REMOTEMEDIA_TRACE_HOP") else None
+
+
 class _Abort(Exception):
     """Unwinds the worker when the supervisor says Abort or disappears."""
 
@@ -151,6 +154,10 @@ class Runner:
         self.committed_position = self.source_position
         self.markers: Deque[_Marker] = deque()
         self.commit_dirty = False
+        self.reported: Dict[int, int] = dict(self.committed)  # last commit the supervisor knows
+        self._next_commit = 0.0
+        self._ctrl_ready = True
+        self._next_ctrl = 0.0
         self.commit_out_next: Dict[int, int] = self.out_next()
         self.commit_snapshot: Optional[bytes] = None
         has_snapshot = callable(getattr(node, "snapshot", None)) and callable(getattr(node, "restore", None))
@@ -172,14 +179,45 @@ class Runner:
         self._current_created = 0
         self._loans: Dict[int, Any] = {}
         self._loan_warned = False
+        self._woke_ns = 0
         node._remotemedia_allocator = self.allocate
 
     # ------------------------------------------------------------------ control
 
     def pump(self) -> None:
         """Everything that must keep going even while the node is busy emitting."""
+        now = time.monotonic()
         if self.board is not None:
             self.board.beat()
+        # The control socket is read when the last wait saw it readable, and at least every
+        # few milliseconds while busy: a recv() per frame would cost more than the frame.
+        if self._ctrl_ready or now >= self._next_ctrl:
+            self._ctrl_ready = False
+            self._next_ctrl = now + 0.005
+            self._read_control()
+        progress = False
+        for p in self.outputs:
+            if p.poll_acks():
+                progress = True
+            if p.undelivered is not None:
+                p.resend_due()
+        if progress and self.markers:
+            self.advance_commits()
+        elif self.commit_dirty and now >= self._next_commit:
+            self.flush_commit()
+        for i, p in self.by_edge_in.items():
+            if p.dup_pending:
+                p.ack(self.processed[i] + 1, self.reported[i] + 1)
+        for p in self.inputs:
+            if p.gap_since is not None:
+                want = p.gap_to_report(now)
+                if want is not None:
+                    self.chan.send(Gap(p.spec.index, want))
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.spec.heartbeat_interval
+            self.chan.send(Heartbeat(self.stats()))
+
+    def _read_control(self) -> None:
         try:
             msgs = self.chan.receive()
         except ChannelClosed:
@@ -199,22 +237,6 @@ class Runner:
                 self.draining = True
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
-        for p in self.outputs:
-            p.poll_acks()
-            p.resend_due()
-        if self.markers:
-            self.advance_commits()
-        for i, p in self.by_edge_in.items():
-            if p.dup_pending:
-                p.ack(self.processed[i] + 1, self.committed[i] + 1)
-        now = time.monotonic()
-        for p in self.inputs:
-            want = p.gap_to_report(now)
-            if want is not None:
-                self.chan.send(Gap(p.spec.index, want))
-        if now >= self.next_heartbeat:
-            self.next_heartbeat = now + self.spec.heartbeat_interval
-            self.chan.send(Heartbeat(self.stats()))
 
     def wait(self, timeout: float) -> None:
         deadline = self.next_heartbeat
@@ -230,7 +252,10 @@ class Runner:
         watch = [p.ack_sub for p in self.outputs if p.ack_sub is not None]
         if not self.failed and all(p.can_send() for p in self.outputs) and self.started:
             watch += [p.sub for p in self.inputs if not p.eos]
-        self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
+        _, ready = self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
+        self._woke_ns = time.perf_counter_ns()
+        if ready:
+            self._ctrl_ready = True
 
     # ------------------------------------------------------------------ commits
 
@@ -256,9 +281,13 @@ class Runner:
         self.markers.append(_Marker(dict(self.processed), self.source_position, self.out_next(), snap))
 
     def advance_commits(self, force_flush: bool = False) -> None:
+        """Move the commit point past every marker whose outputs are committed downstream,
+        and send acks: *processed* every ``ack_every`` frames (flow control), *committed*
+        batched with the Commit report to the supervisor (at most every 10 ms while busy)."""
         while self.markers:
             m = self.markers[0]
-            if any(self.by_edge_out[e].lossless and self.by_edge_out[e].committed < n for e, n in m.out_next.items()):
+            out = self.by_edge_out
+            if any(out[e].lossless and out[e].committed < n for e, n in m.out_next.items()):
                 break
             self.markers.popleft()
             self.committed = m.positions
@@ -267,10 +296,12 @@ class Runner:
             if m.snapshot is not None:
                 self.commit_snapshot = m.snapshot
             self.commit_dirty = True
-        behind = max((self.processed[i] + 1 - p.acked_processed for i, p in self.by_edge_in.items()), default=0)
-        if self.commit_dirty or behind > 0:
-            if force_flush or behind >= self.ack_every or (self.commit_dirty and not self.markers):
-                self.flush_commit()
+        if self.commit_dirty and (force_flush or time.monotonic() >= self._next_commit):
+            self.flush_commit()
+            return
+        for i, p in self.by_edge_in.items():
+            if force_flush or self.processed[i] + 1 - p.acked_processed >= self.ack_every:
+                p.ack(self.processed[i] + 1, self.reported[i] + 1)
 
     def flush_commit(self, final: bool = False) -> None:
         if self.commit_dirty or final:
@@ -286,8 +317,10 @@ class Runner:
                     final=final,
                 )
             )
+            self.reported = self.committed
+            self._next_commit = time.monotonic() + 0.01
         for i, p in self.by_edge_in.items():
-            p.ack(self.processed[i] + 1, self.committed[i] + 1)
+            p.ack(self.processed[i] + 1, self.reported[i] + 1)
 
     # ------------------------------------------------------------------ emitting
 
@@ -340,6 +373,9 @@ class Runner:
                 port.send_loan(loan, meta, bufs[0], self._current_origin, stream_id, self._current_created)
             else:
                 port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
+        if _TRACE is not None and self._woke_ns:
+            _TRACE.append(time.perf_counter_ns() - self._woke_ns)
+            self._woke_ns = 0
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
@@ -734,12 +770,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     code = EXIT_OK
     try:
         chan.send(Ready(os.getpid(), time.monotonic() - t0))
-        code = runner.run()
+        prof_dir = os.environ.get("REMOTEMEDIA_PROFILE_DIR")
+        if prof_dir:  # development aid: a cProfile of the worker loop per node
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                code = prof.runcall(runner.run)
+            finally:
+                prof.dump_stats(os.path.join(prof_dir, f"{spec.name}.prof"))
+        else:
+            code = runner.run()
     except _Abort:
         code = EXIT_ABORTED
     except ChannelClosed:
         code = EXIT_ABORTED
     finally:
+        if _TRACE:
+            t = sorted(_TRACE)
+            log.warning("wake->send us: p50 %.1f p90 %.1f n %d", t[len(t) // 2] / 1e3, t[int(len(t) * 0.9)] / 1e3, len(t))
         stats = runner.stats()
         _safe_cleanup(node, spec)
         runner.close()
@@ -769,4 +818,8 @@ def _blocking_receive(chan: ControlChannel) -> List[Any]:
 
 
 if __name__ == "__main__":
+    if os.environ.get("REMOTEMEDIA_TRACE_PATCH"):
+        import runpy
+
+        runpy.run_path(os.environ["REMOTEMEDIA_TRACE_PATCH"])
     sys.exit(main())

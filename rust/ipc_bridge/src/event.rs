@@ -152,7 +152,9 @@ impl Listener {
                     if start.elapsed() >= budget {
                         return false;
                     }
-                    std::hint::spin_loop();
+                    // Give the core to a process with work (the one about to send us a frame,
+                    // on a machine with fewer cores than stages) instead of burning it.
+                    unsafe { libc::sched_yield() };
                 }
             });
             let cur = budget.as_nanos() as u64;
