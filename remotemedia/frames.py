@@ -31,7 +31,7 @@ import enum
 import pickle
 import struct
 from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import cloudpickle
 import numpy as np
@@ -95,17 +95,38 @@ _ND_TAG = b"RMND"
 _ND_HEAD = struct.Struct("<4sBB")  # tag, len(dtype str), ndim
 
 
+# A stream repeats the same dtype and shape frame after frame: both directions are cached.
+_ENC_CACHE: Dict[Tuple[Any, Tuple[int, ...]], bytes] = {}
+_DEC_CACHE: Dict[bytes, Tuple[np.dtype, Tuple[int, ...]]] = {}
+
+
 def _encode_ndarray(a: np.ndarray) -> Tuple[bytes, List[memoryview]]:
-    dt = a.dtype.str.encode()
-    meta = _ND_HEAD.pack(_ND_TAG, len(dt), a.ndim) + dt + struct.pack(f"<{a.ndim}q", *a.shape)
-    return meta, [memoryview(a.reshape(-1).view(np.uint8))]
+    key = (a.dtype, a.shape)
+    meta = _ENC_CACHE.get(key)
+    if meta is None:
+        dt = a.dtype.str.encode()
+        meta = _ND_HEAD.pack(_ND_TAG, len(dt), a.ndim) + dt + struct.pack(f"<{a.ndim}q", *a.shape)
+        if len(_ENC_CACHE) > 256:
+            _ENC_CACHE.clear()
+        _ENC_CACHE[key] = meta
+    try:
+        view = memoryview(a).cast("B")
+    except (TypeError, ValueError):  # zero-size, or a dtype the buffer protocol cannot name
+        view = memoryview(a.reshape(-1).view(np.uint8))
+    return meta, [view]
 
 
-def _decode_ndarray(meta: memoryview, buf: Any) -> np.ndarray:
-    _, dlen, ndim = _ND_HEAD.unpack_from(meta)
-    off = _ND_HEAD.size
-    dtype = np.dtype(bytes(meta[off : off + dlen]).decode())
-    shape = struct.unpack_from(f"<{ndim}q", meta, off + dlen)
+def _decode_ndarray(meta: Any, buf: Any) -> np.ndarray:
+    key = bytes(meta)
+    hit = _DEC_CACHE.get(key)
+    if hit is None:
+        _, dlen, ndim = _ND_HEAD.unpack_from(key)
+        off = _ND_HEAD.size
+        hit = (np.dtype(key[off : off + dlen].decode()), struct.unpack_from(f"<{ndim}q", key, off + dlen))
+        if len(_DEC_CACHE) > 256:
+            _DEC_CACHE.clear()
+        _DEC_CACHE[key] = hit
+    dtype, shape = hit
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
@@ -131,19 +152,19 @@ def decode(sample: Any, copy: bool = False) -> Any:
 
     With ``copy=False`` numpy arrays are read-only views on the shared-memory chunk, which
     stays borrowed while any of them lives. With ``copy=True`` the payload is copied once into
-    private memory (arrays are then writable) and the chunk can be released immediately.
+    private memory (arrays stay read-only, like views) and the chunk is released immediately.
     """
     m0, m1 = sample.meta
     if copy:
-        data = bytearray(memoryview(sample))
-        mv = memoryview(data)
+        # bytes, not bytearray: arrays decoded from a copy are read-only too, like views
+        mv = memoryview(bytes(memoryview(sample)))
     else:
         mv = memoryview(sample)
-    buffers = [mv[o : o + n] for o, n in sample.buffers]
     meta = mv[m0:m1]
     if meta[:4] == _ND_TAG:
-        return _decode_ndarray(meta, buffers[0])
-    return pickle.loads(meta, buffers=buffers)
+        ((o, n),) = sample.buffers
+        return _decode_ndarray(meta, mv[o : o + n])
+    return pickle.loads(meta, buffers=[mv[o : o + n] for o, n in sample.buffers])
 
 
 def decode_bytes(meta: bytes, buffers: List[Any]) -> Any:

@@ -75,9 +75,6 @@ log = logging.getLogger("remotemedia.worker")
 PR_SET_PDEATHSIG = 1
 
 
-_TRACE: Optional[List[int]] = [] if os.environ.get("REMOTEMEDIA_TRACE_HOP") else None
-
-
 class _Abort(Exception):
     """Unwinds the worker when the supervisor says Abort or disappears."""
 
@@ -179,7 +176,6 @@ class Runner:
         self._current_created = 0
         self._loans: Dict[int, Any] = {}
         self._loan_warned = False
-        self._woke_ns = 0
         node._remotemedia_allocator = self.allocate
 
     # ------------------------------------------------------------------ control
@@ -253,7 +249,6 @@ class Runner:
         if not self.failed and all(p.can_send() for p in self.outputs) and self.started:
             watch += [p.sub for p in self.inputs if not p.eos]
         _, ready = self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
-        self._woke_ns = time.perf_counter_ns()
         if ready:
             self._ctrl_ready = True
 
@@ -373,9 +368,6 @@ class Runner:
                 port.send_loan(loan, meta, bufs[0], self._current_origin, stream_id, self._current_created)
             else:
                 port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
-        if _TRACE is not None and self._woke_ns:
-            _TRACE.append(time.perf_counter_ns() - self._woke_ns)
-            self._woke_ns = 0
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
@@ -396,6 +388,12 @@ class Runner:
             self.board.busy(busy["busy_edge"], busy["busy_seq"])
 
     def emit_result(self, result: Any) -> None:
+        if result is None:
+            return
+        t = type(result)
+        if t is np.ndarray or t is dict or t is bytes or t is str or t is tuple or t is list:
+            self.emit(result)  # the common cases, without the inspect checks below
+            return
         if inspect.isawaitable(result):
             result = self.event_loop().run_until_complete(result)
         if inspect.isgenerator(result):
@@ -626,20 +624,28 @@ class Runner:
 
     # ------------------------------------------------------------------ main loop
 
+    def step(self) -> bool:
+        """Handle one frame (or one generate() item) if possible."""
+        if self.failed:
+            return False
+        if self.spec.is_source:
+            if self.started and not self.inputs_done() and all(p.can_send() for p in self.outputs):
+                return self.step_source()
+            return False
+        if all(p.can_send() for p in self.outputs):
+            return self.step_input()
+        return False
+
     def run(self) -> int:
         while True:
+            # A frame first, housekeeping after: after a wake-up the frame is what is late.
+            did = self.step()
             self.pump()
             if self.failed:
                 self.flush_commit()
                 self.wait(0.5)
                 continue
-            did = False
-            if self.spec.is_source:
-                if self.started and not self.inputs_done() and all(p.can_send() for p in self.outputs):
-                    did = self.step_source()
-            elif all(p.can_send() for p in self.outputs):
-                did = self.step_input()
-            if did:
+            if did or self.step():  # the housekeeping may have unblocked us (Start, acks)
                 continue
             if self.inputs_done():
                 self.finish()
@@ -786,9 +792,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ChannelClosed:
         code = EXIT_ABORTED
     finally:
-        if _TRACE:
-            t = sorted(_TRACE)
-            log.warning("wake->send us: p50 %.1f p90 %.1f n %d", t[len(t) // 2] / 1e3, t[int(len(t) * 0.9)] / 1e3, len(t))
         stats = runner.stats()
         _safe_cleanup(node, spec)
         runner.close()
@@ -818,8 +821,4 @@ def _blocking_receive(chan: ControlChannel) -> List[Any]:
 
 
 if __name__ == "__main__":
-    if os.environ.get("REMOTEMEDIA_TRACE_PATCH"):
-        import runpy
-
-        runpy.run_path(os.environ["REMOTEMEDIA_TRACE_PATCH"])
     sys.exit(main())
