@@ -76,6 +76,7 @@ class Loan:
 
     nbytes: int
     pending: bool
+    address: int
     def __buffer__(self, flags: int) -> memoryview: ...
     def send(
         self,
@@ -139,9 +140,17 @@ class Notifier:
 
 class Listener:
     service: str
+    spin_budget_ns: int
     def __init__(self, node: Node, service: str, *, max_notifiers: int = 64) -> None: ...
     def fileno(self) -> int: ...
     def drain(self) -> int: ...
-    def wait(self, timeout: Optional[float] = None, fds: Sequence[int] = ...) -> Tuple[bool, List[int]]:
+    def wait(
+        self,
+        timeout: Optional[float] = None,
+        fds: Sequence[int] = ...,
+        spin_us: int = 0,
+        watch: Sequence[Subscriber] = ...,
+    ) -> Tuple[bool, List[int]]:
         """Block (GIL released) until notified, one of ``fds`` is readable, or ``timeout``
-        seconds passed. Returns ``(notified, ready_fds)``."""
+        seconds passed; with ``spin_us``, first spin (adaptive budget, sched_yield between
+        checks) watching the ``watch`` subscribers' queues. Returns ``(notified, ready_fds)``."""
