@@ -62,6 +62,15 @@ SYSTEMS = ["remotemedia", "remotemedia_loaned", "mp_queue", "iox_raw", "shm_pipe
 BASELINES = ["mp_queue", "iox_raw", "shm_pipe"]
 HOPS = 4
 STAMP = struct.Struct("<q")
+
+
+def stamp_bytes(t: int) -> np.ndarray:
+    # (no module-level Struct in node code: the nodes are cloudpickled by value from __main__)
+    return np.frombuffer(int(t).to_bytes(8, "little", signed=True), np.uint8)
+
+
+def read_stamp(a: Any) -> int:
+    return int.from_bytes(bytes(a[:8]), "little", signed=True)
 IDLE_S = 2.0
 
 
@@ -99,7 +108,7 @@ class BenchSource(Source):
             out = self.allocate(self.size, np.uint8) if self.loaned else frame
             if self.loaned:
                 out[8:64] = 1  # produced in place: touch a little, like a decoder would
-            out[:8] = np.frombuffer(STAMP.pack(now()), np.uint8)
+            out[:8] = stamp_bytes(now())
             yield out
 
 
@@ -123,9 +132,10 @@ class BenchSink(Node):
 
     def process(self, data):
         t = now()
-        self.lat.append(t - STAMP.unpack(bytes(data[:8]))[0])
+        s = read_stamp(data)
+        self.lat.append(t - s)
         if self.first is None:
-            self.first = STAMP.unpack(bytes(data[:8]))[0]
+            self.first = s
         self.last = t
         return None
 

@@ -199,7 +199,21 @@ def serialize_node(node: Any, max_size: Optional[int] = DEFAULT_MAX_SIZE, call_c
         reason = f"{type(err).__name__}: {err}"
         if attr:
             reason = f"attribute {attr!r} cannot be pickled ({reason})"
-        raise SerializationError(name, reason, f"{attr or 'the offending object'}: {_FIX}", attr) from e
+            fix = f"{attr}: {_FIX}"
+        elif _pickle_error(type(node)) is not None:
+            # cloudpickle sends a class defined in __main__ / a script by value, with the
+            # module globals its methods use
+            reason = (
+                f"class {type(node).__qualname__} cannot be pickled: a module-level object its methods "
+                f"use does not pickle ({reason})"
+            )
+            fix = (
+                "create that object inside the method or in initialize(), or move the class to an "
+                "importable module (then it is pickled by reference)"
+            )
+        else:
+            fix = f"the offending object: {_FIX}"
+        raise SerializationError(name, reason, fix, attr) from e
 
 
 def deserialize_node(blob: bytes, initialize: bool = True) -> Any:

@@ -538,3 +538,31 @@ class TestFrames:
         out, _ = _roundtrip([a, b])
         _same_array(a, out[0])
         _same_array(b, out[1])
+
+
+def test_class_pickled_by_value_with_unpicklable_global_is_explained():
+    import sys
+    import types
+
+    import cloudpickle
+
+    from remotemedia.errors import SerializationError
+    from remotemedia.serialization import serialize_node
+
+    mod = types.ModuleType("rm_dyn_script")
+    exec(
+        "import struct\nfrom remotemedia import Node\nS = struct.Struct('<q')\n"
+        "class Stamper(Node):\n    def process(self, x):\n        return S.pack(x)\n",
+        mod.__dict__,
+    )
+    sys.modules[mod.__name__] = mod
+    cloudpickle.register_pickle_by_value(mod)  # as the CLI does for a pipeline script
+    try:
+        with pytest.raises(SerializationError) as ei:
+            serialize_node(mod.Stamper())
+        msg = str(ei.value)
+        assert "class Stamper cannot be pickled" in msg and "module-level object" in msg and "_struct.Struct" in msg
+        assert "importable module" in ei.value.suggestion
+    finally:
+        cloudpickle.unregister_pickle_by_value(mod)
+        del sys.modules[mod.__name__]
