@@ -462,24 +462,38 @@ def _run_procs(procs, res, size, measure_idle, stage_slice):
 
 
 class CpuProbe:
-    """CPU% of a set of processes over marked windows."""
+    """CPU% of a set of processes over marked windows. A sampler thread keeps the last known
+    CPU times, so a window can end after the processes have exited."""
 
     def __init__(self, pids: List[int]) -> None:
+        import threading
+
         self.procs = [psutil.Process(p) for p in pids]
+        self.last = [0.0] * len(self.procs)
+        self._stop = threading.Event()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         self.t0 = 0.0
         self.c0: List[float] = []
         self.idle: Optional[List[float]] = None
         self.loaded: Optional[List[float]] = None
 
-    def _cpu(self) -> List[float]:
-        out = []
-        for p in self.procs:
+    def _sample(self) -> None:
+        for i, p in enumerate(self.procs):
             try:
                 t = p.cpu_times()
-                out.append(t.user + t.system)
+                self.last[i] = t.user + t.system
             except psutil.Error:
-                out.append(float("nan"))
-        return out
+                pass  # exited: keep its last value
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def _cpu(self) -> List[float]:
+        self._sample()
+        return list(self.last)
 
     def mark(self) -> None:
         self.t0, self.c0 = time.monotonic(), self._cpu()
@@ -493,6 +507,7 @@ class CpuProbe:
 
     def loaded_done(self) -> None:
         self.loaded = self._since()
+        self._stop.set()
 
     def result(self) -> Dict[str, Any]:
         return {"cpu_idle": self.idle, "cpu_loaded": self.loaded}
