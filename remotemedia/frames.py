@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import pickle
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import cloudpickle

@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ManifestError, NodeTypeError
 from .registry import get_node_class

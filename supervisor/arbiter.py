@@ -29,7 +29,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import cloudpickle
 import psutil
@@ -49,10 +48,8 @@ from remotemedia.errors import (
     NodeFatalError,
     NodeInitError,
     NodeTypeError,
-    PipelineValidationError,
     RemoteMediaError,
     SupervisorError,
-    WorkerCrashed,
     WorkerStartTimeout,
 )
 from remotemedia.frames import FrameInfo, Kind, decode, encode
@@ -63,10 +60,8 @@ from remotemedia.serialization import DEFAULT_MAX_SIZE, serialize_node
 from . import resources
 from .channels import InPort, OutPort, split_frame
 from .protocol import (
-    EXIT_ABORTED,
     EXIT_LOAD_ERROR,
     EXIT_OK,
-    EXIT_SETUP_ERROR,
     Abort,
     Acked,
     ChannelClosed,

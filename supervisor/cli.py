@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import click
 import cloudpickle

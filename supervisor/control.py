@@ -18,7 +18,6 @@ connections are file descriptors in its wait list); a client that stalls is drop
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os

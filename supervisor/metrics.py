@@ -34,7 +34,7 @@ class SupervisorCollector:
         self.sup = sup
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         st = self.sup.status()
         p = st["name"]

@@ -9,12 +9,12 @@ socket and printed by ``remotemedia-supervisor status``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import psutil
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .arbiter import Supervisor, WorkerHandle
+    from .arbiter import Supervisor
 
 __all__ = ["WorkerSampler", "build_status", "format_table"]
 
