@@ -336,6 +336,8 @@ class InPort:
         self.eos_seq: Optional[int] = None
         self.acked_processed = expected
         self.acked_committed = expected
+        self.notified_processed = expected
+        self.notify_every = max(1, spec.depth // 2)
         self.gap_since: Optional[float] = None
         self.gap_reported_at = 0.0
         self.received = 0
@@ -382,11 +384,20 @@ class InPort:
         self.acked_processed = max(processed, self.acked_processed)
         self.acked_committed = max(committed, self.acked_committed)
         self.ack_pub.send(self.acked_processed, Kind.ACK, _EMPTY, origin=self.acked_committed)
-        assert self.ack_notifier is not None
-        try:
-            self.ack_notifier.notify()
-        except TransportError:
-            pass
+        # Waking the producer costs it (and the CPU) a context switch per ack. It only waits
+        # for acks with a full window, and then we have half a window to take before it
+        # could be stuck: wake it every half window, at the end of the stream and on request.
+        # (It still reads every ack at its next turn, and a spinning producer sees them.)
+        if (
+            force
+            or self.acked_processed - self.notified_processed >= self.notify_every
+            or (self.eos_seq is not None and self.acked_processed > self.eos_seq)
+        ):
+            self.notified_processed = self.acked_processed
+            try:
+                self.ack_notifier.notify()
+            except TransportError:
+                pass
 
     def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]:
         """The seq to ask a replay from, when a gap has lasted ``min_age`` and was not reported

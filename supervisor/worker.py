@@ -242,6 +242,8 @@ class Runner:
                 deadline = min(deadline, r)
         if self.snapshot_interval is not None and self.uncommitted_progress():
             deadline = min(deadline, self.next_snapshot)
+        if self.commit_dirty:
+            deadline = min(deadline, self._next_commit)
         timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         # Spin only on what would let us make progress: inputs we are ready to take (not
         # while blocked on a full output), and acks.
@@ -275,7 +277,7 @@ class Runner:
             snap = cloudpickle.dumps(self.node.snapshot())
         self.markers.append(_Marker(dict(self.processed), self.source_position, self.out_next(), snap))
 
-    def advance_commits(self, force_flush: bool = False) -> None:
+    def advance_commits(self, force_flush: bool = False, force_acks: bool = False) -> None:
         """Move the commit point past every marker whose outputs are committed downstream,
         and send acks: *processed* every ``ack_every`` frames (flow control), *committed*
         batched with the Commit report to the supervisor (at most every 10 ms while busy)."""
@@ -295,7 +297,7 @@ class Runner:
             self.flush_commit()
             return
         for i, p in self.by_edge_in.items():
-            if force_flush or self.processed[i] + 1 - p.acked_processed >= self.ack_every:
+            if force_flush or force_acks or self.processed[i] + 1 - p.acked_processed >= self.ack_every:
                 p.ack(self.processed[i] + 1, self.reported[i] + 1)
 
     def flush_commit(self, final: bool = False) -> None:
@@ -654,7 +656,9 @@ class Runner:
                 return EXIT_OK
             if self.snapshot_interval is not None and self.uncommitted_progress() and time.monotonic() >= self.next_snapshot:
                 self.mark()
-            self.advance_commits(force_flush=True)
+            # Idle: tell upstream what we processed now; the commit report to the supervisor
+            # follows within 10 ms (a message per frame would wake it for every frame).
+            self.advance_commits(force_acks=True)
             self.wait(self.spec.heartbeat_interval)
 
     def stats(self) -> Dict[str, Any]:
