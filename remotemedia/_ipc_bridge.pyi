@@ -130,6 +130,7 @@ class Sample:
     meta: Tuple[int, int]
     buffers: List[Tuple[int, int]]
     address: int
+    info: Tuple[int, int, int, int, int, int]  # seq, origin, stream_id, created_ns, sent_ns, kind
     def __buffer__(self, flags: int) -> memoryview: ...
     def __len__(self) -> int: ...
 

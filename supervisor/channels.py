@@ -45,7 +45,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import TransportError
-from remotemedia.frames import Kind
+from remotemedia.frames import Frame, Kind
 
 from .protocol import EdgeSpec
 
@@ -420,8 +420,6 @@ class InPort:
 
 def split_frame(value: Any) -> Tuple[Any, Optional[int]]:
     """Unwrap a :class:`remotemedia.frames.Frame`."""
-    from remotemedia.frames import Frame
-
-    if isinstance(value, Frame):
+    if type(value) is Frame:
         return value.value, value.stream_id
     return value, None

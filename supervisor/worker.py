@@ -438,13 +438,13 @@ class Runner:
         return False
 
     def handle_frame(self, port: InPort, sample: Any) -> None:
-        seq = sample.seq
+        seq, origin, stream_id, created_ns, sent_ns, _ = sample.info
         edge = port.spec.index
-        if seq in self.skip.get(edge, ()):
+        if self.skip and seq in self.skip.get(edge, ()):
             self.dead_letter(port, sample)
             del sample
         else:
-            info = FrameInfo(seq, sample.origin, sample.stream_id, sample.created_ns, sample.sent_ns, port.spec.src)
+            info = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
             data = decode(sample, copy=port.should_copy())
             del sample
             self._current_origin, self._current_stream, self._current_created = info.origin, info.stream_id, info.created_ns

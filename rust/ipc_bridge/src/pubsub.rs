@@ -593,6 +593,13 @@ impl Sample {
     fn flags(&self) -> u32 {
         self.header.flags
     }
+    /// `(seq, origin, stream_id, created_ns, sent_ns, kind)` in one call.
+    #[getter]
+    fn info(&self) -> (u64, u64, u64, u64, u64, u32) {
+        let h = &self.header;
+        (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns, h.kind)
+    }
+
     /// `(start, end)` of the meta bytes in the payload.
     #[getter]
     fn meta(&self) -> (usize, usize) {
