@@ -204,6 +204,9 @@ class OutPort:
         point into chunks it sent get a private copy (their chunk may be the next loan)."""
         if not self.loaned_retained:
             return
+        self.poll_acks()  # frames committed meanwhile need no copy
+        if not self.loaned_retained:
+            return
         for r in self.retained:
             if r.loaned:
                 r.buffers = [bytes(memoryview(b)) for b in r.buffers]
@@ -259,6 +262,8 @@ class OutPort:
             while self.retained and self.retained[0].seq < committed:
                 r = self.retained.popleft()
                 self.retained_bytes -= r.nbytes
+                if r.loaned:
+                    self.loaned_retained -= 1
             if self.undelivered is not None and self.undelivered < committed:
                 self.undelivered = self.retained[0].seq if self.retained else None
         if progress and self.undelivered is not None:
@@ -268,6 +273,13 @@ class OutPort:
     def replay(self, after: int) -> None:
         """Send again every retained frame with seq > after (a consumer restarted)."""
         if not self.lossless:
+            # Nothing is kept on a lossy edge: what the dead consumer had queued is gone, so
+            # count it as taken, and repeat the end of the stream if it was already sent.
+            self.pub.update_connections()
+            self.processed = self.next_seq - (1 if self.eos_sent else 0)
+            if self.eos_sent:
+                self.pub.send(self.next_seq - 1, Kind.EOS, _EMPTY, [])
+                self._notify()
             return
         self.pub.update_connections()
         # The restarted consumer has processed nothing beyond its commit.
@@ -382,14 +394,17 @@ class InPort:
         if not force and processed <= self.acked_processed and committed <= self.acked_committed:
             return
         self.acked_processed = max(processed, self.acked_processed)
+        new_commit = committed > self.acked_committed
         self.acked_committed = max(committed, self.acked_committed)
         self.ack_pub.send(self.acked_processed, Kind.ACK, _EMPTY, origin=self.acked_committed)
-        # Waking the producer costs it (and the CPU) a context switch per ack. It only waits
-        # for acks with a full window, and then we have half a window to take before it
-        # could be stuck: wake it every half window, at the end of the stream and on request.
+        # Waking the producer costs it (and the CPU) a context switch per ack. For flow control
+        # it only waits with a full window, and then we have half a window to take before it
+        # could be stuck: wake it every half window. Commits (at most every 10 ms per worker)
+        # always wake it: its own commits, and its reuse of loaned chunks, wait on them.
         # (It still reads every ack at its next turn, and a spinning producer sees them.)
         if (
             force
+            or new_commit
             or self.acked_processed - self.notified_processed >= self.notify_every
             or (self.eos_seq is not None and self.acked_processed > self.eos_seq)
         ):
