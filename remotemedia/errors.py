@@ -17,7 +17,6 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     |   +-- NodeInitError                      unpickling or initialize() failed in a worker
     +-- WorkerError                            a worker process misbehaved
     |   +-- WorkerStartTimeout                 READY did not arrive in time
-    |   +-- WorkerCrashed                      a worker died unexpectedly
     |   +-- NodeFatalError                     a node gave up (restart limit, load failure)
     +-- EndOfStream                            recv() after the stream was closed and drained
     +-- SupervisorError                        misuse of a Supervisor (state, options)
@@ -58,7 +57,6 @@ __all__ = [
     "RemoteTraceback",
     "WorkerError",
     "WorkerStartTimeout",
-    "WorkerCrashed",
     "NodeFatalError",
     "EndOfStream",
     "SupervisorError",
@@ -223,10 +221,6 @@ class WorkerError(RemoteMediaError):
 
 class WorkerStartTimeout(WorkerError):
     """A worker did not report READY within ``init_timeout`` seconds."""
-
-
-class WorkerCrashed(WorkerError):
-    """A worker process exited or was killed unexpectedly."""
 
 
 class NodeFatalError(WorkerError):

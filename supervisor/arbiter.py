@@ -420,7 +420,8 @@ class Supervisor:
         """Serialize the nodes, spawn the workers and wait until every one is READY.
 
         Raises SerializationError (nothing was started), NodeInitError (a node failed to
-        unpickle or initialize; its traceback is the cause), WorkerStartTimeout, WorkerCrashed.
+        unpickle or initialize, or its worker died while loading; the traceback is the cause),
+        WorkerStartTimeout.
         Everything started is stopped and cleaned up before the error is raised.
         """
         if self._thread is not None:
