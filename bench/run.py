@@ -343,6 +343,10 @@ def run_iox_raw(size, n, interval, measure_idle):
     finally:
         from supervisor import resources
 
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
         resources.purge(f"bx{run}_")
 
 
