@@ -1170,6 +1170,7 @@ class Supervisor:
         if w.starts > 1:
             restore = w.restore
             restore.out_committed = {e.index: self._committed_count(e) for e in w.spec.out_edges}
+            restore.out_finished = {e.index: self._consumer_finished(e) for e in w.spec.out_edges}
         spec = w.spec
         if w.board is not None:
             spec = dataclasses.replace(spec, scoreboard=w.board.path)
@@ -1215,6 +1216,11 @@ class Supervisor:
         if e.dst == OUTPUT:
             return next((p.expected for p in self._out_ports if p.spec.index == e.index), 0)
         return self.workers[e.dst].restore.in_seqs.get(e.index, -1) + 1
+
+    def _consumer_finished(self, e: EdgeSpec) -> bool:
+        if e.dst == OUTPUT:
+            return any(p.eos for p in self._out_ports if p.spec.index == e.index)
+        return self.workers[e.dst].done
 
     def reap_workers(self) -> None:
         """Collect the exit status of every worker that exited (each child by its own

@@ -81,8 +81,11 @@ class Retained:
 class OutPort:
     """Producer end of an edge."""
 
-    def __init__(self, node: Any, spec: EdgeSpec, next_seq: int = 0, committed: int = 0) -> None:
+    def __init__(
+        self, node: Any, spec: EdgeSpec, next_seq: int = 0, committed: int = 0, consumer_finished: bool = False
+    ) -> None:
         self.spec = spec
+        self.consumer_finished = consumer_finished  # its stream already ended (restarts only)
         self.lossless = spec.lossless
         self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
         # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
@@ -141,7 +144,12 @@ class OutPort:
             self._notify()
             return seq
         if seq < self.committed:
-            return seq  # regenerated after a restart, and already committed downstream
+            if kind != Kind.EOS or self.consumer_finished:
+                return seq  # regenerated after a restart, and already committed downstream
+            # An end of stream the consumer has not seen: after a restart behind a lossy edge
+            # the outputs may number differently. It becomes the next frame the consumer takes.
+            seq = self.committed
+            self.next_seq = seq + 1
         nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
         self.last_nbytes = nbytes
         r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
@@ -365,6 +373,12 @@ class InPort:
                 return None
             seq = s.seq
             if seq < self.expected:
+                if s.kind == Kind.EOS and not self.eos:
+                    # see OutPort.send: an end of stream is never a duplicate
+                    self.eos = True
+                    self.eos_seq = self.expected - 1
+                    self.received += 1
+                    return s
                 # A restarted producer regenerates what we already have. It cannot know our
                 # position (its ack subscriber is new): answer with an ack.
                 self.duplicates += 1

@@ -138,6 +138,8 @@ class RestoreState:
     # out edge -> frames its consumer has already committed: regenerated frames below that
     # count are neither sent nor kept (the consumer may even have finished and exited)
     out_committed: Dict[int, int] = field(default_factory=dict)
+    # out edge -> its consumer has already ended its stream (took our end of stream)
+    out_finished: Dict[int, bool] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- messages

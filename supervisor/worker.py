@@ -136,6 +136,7 @@ class Runner:
                 e,
                 next_seq=self.restore.out_next.get(e.index, 0),
                 committed=self.restore.out_committed.get(e.index, 0),
+                consumer_finished=self.restore.out_finished.get(e.index, False),
             )
             for e in spec.out_edges
         ]

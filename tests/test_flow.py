@@ -135,3 +135,43 @@ def test_busy_pipeline_spins_and_idle_one_stops():
     finally:
         del lis, nt, pub, sub, node
         resources.purge(prefix)
+
+
+class CrashOnceLossy(Node):
+    def __init__(self, marker, **kw):
+        super().__init__(**kw)
+        self.marker = marker
+
+    def process(self, x):
+        time.sleep(0.002)
+        if x >= 150 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return x
+
+
+class EndCrash(Node):
+    """Dies the first time it is about to take the end of the stream (flush runs at EOS)."""
+
+    def __init__(self, marker, **kw):
+        super().__init__(**kw)
+        self.marker = marker
+
+    def process(self, x):
+        return x
+
+    def flush(self):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+
+
+@pytest.mark.parametrize("node_cls", [CrashOnceLossy, EndCrash], ids=["mid-stream", "at-end-of-stream"])
+def test_lossy_edge_consumer_restart_finishes(tmp_path, node_cls):
+    sink = node_cls(str(tmp_path / "crashed"), name="sink", options={"queue_policy": "drop_oldest", "queue_depth": 4})
+    t0 = time.monotonic()
+    report = Supervisor([FastSource(name="src"), sink], backoff_base=0.01).run()
+    assert time.monotonic() - t0 < 30  # no hang waiting for an end of stream that was lost
+    assert report.nodes["sink"]["restarts"] == 1
+    got = report.outputs
+    assert got == sorted(set(got)) and len(got) < 300 + 1
