@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .errors import NodeTypeError
 from .frames import FrameInfo
@@ -100,8 +100,26 @@ class Node:
             restarted worker.
     """
 
-    #: Set by the worker to the header of the frame being processed.
-    current_frame: Optional[FrameInfo] = None
+    # (seq, origin, stream_id, created_ns, sent_ns, source) of the frame being processed, set
+    # by the worker; the FrameInfo is only built when a node asks for it.
+    _remotemedia_frame: Optional[Tuple[int, int, int, int, int, str]] = None
+
+    @property
+    def current_frame(self) -> Optional[FrameInfo]:
+        """Header of the frame being processed (None outside ``process()``).
+
+        Example::
+
+            def process(self, data):
+                if self.current_frame.stream_id == 1:
+                    ...
+        """
+        raw = self._remotemedia_frame
+        return None if raw is None else FrameInfo(*raw)
+
+    @current_frame.setter
+    def current_frame(self, value: Optional[FrameInfo]) -> None:
+        self._remotemedia_frame = None if value is None else tuple(value)  # type: ignore[assignment]
 
     def __init__(self, name: Optional[str] = None, *, options: Optional[Dict[str, Any]] = None, **config: Any) -> None:
         if name is not None and (not isinstance(name, str) or not name):

@@ -1131,7 +1131,11 @@ class Supervisor:
                 w.name,
             ]
             if w.board is None:
-                w.board = Scoreboard(os.path.join(resources.SHM_DIR, f"{self.prefix}wk{w.index}.board"), create=True)
+                w.board = Scoreboard(
+                    os.path.join(resources.SHM_DIR, f"{self.prefix}wk{w.index}.board"),
+                    create=True,
+                    commit_slots=len(w.spec.in_edges) + len(w.spec.out_edges),
+                )
             w.board.reset()
             w.sm.change(ProcessState.STARTING, "spawn" if w.starts == 0 else "restart")
             w.proc = subprocess.Popen(
@@ -1215,7 +1219,24 @@ class Supervisor:
         """Frames of edge ``e`` its consumer has committed, as far as the supervisor knows."""
         if e.dst == OUTPUT:
             return next((p.expected for p in self._out_ports if p.spec.index == e.index), 0)
-        return self.workers[e.dst].restore.in_seqs.get(e.index, -1) + 1
+        w = self.workers[e.dst]
+        self._sync_commit(w)
+        return w.restore.in_seqs.get(e.index, -1) + 1
+
+    def _sync_commit(self, w: WorkerHandle) -> None:
+        """Take the worker's last commit point from its status block (where workers without
+        snapshots report commits, see ``Runner.flush_commit``) into its restore state."""
+        c = w.board.read_commit() if w.board is not None else None
+        if c is None:
+            return
+        source, seqs = c
+        n_in = len(w.spec.in_edges)
+        for e, seq in zip(w.spec.in_edges, seqs):
+            w.restore.in_seqs[e.index] = seq
+        for e, nxt in zip(w.spec.out_edges, seqs[n_in:]):
+            w.restore.out_next[e.index] = nxt
+        if w.spec.is_source:
+            w.restore.source_position = source
 
     def _consumer_finished(self, e: EdgeSpec) -> bool:
         if e.dst == OUTPUT:
@@ -1231,6 +1252,7 @@ class Supervisor:
             rc = w.proc.poll()
             if rc is None:
                 continue
+            self._sync_commit(w)  # before its board is reset for a restart
             self._read_control(w)  # messages written just before exiting
             self._close_output(w)
             if w.board is not None:  # its last counters outlive it

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Deque, List, Optional, Tuple
 
 from remotemedia import _ipc_bridge as bridge
@@ -62,20 +61,36 @@ def ack_channel_options() -> dict:
     return dict(max_subscribers=2, max_publishers=2, buffer_size=1, max_borrowed=1, safe_overflow=True)
 
 
-@dataclass
 class Retained:
-    seq: int
-    kind: int
-    meta: Any
-    buffers: List[Any]
-    origin: int
-    stream_id: int
-    created_ns: int
-    nbytes: int
-    # The buffer is a view of a chunk this publisher loaned and sent (zero-copy output).
-    # The chunk stays intact until this publisher loans again, so the view is copied to
-    # private memory just before that ("copy on reuse"), unless it was committed by then.
-    loaned: bool = False
+    """A sent frame kept for replay until the consumer commits it."""
+
+    # slots, not a dataclass: one is built per frame on the hot path
+    __slots__ = ("seq", "kind", "meta", "buffers", "origin", "stream_id", "created_ns", "nbytes", "loaned")
+
+    def __init__(
+        self,
+        seq: int,
+        kind: int,
+        meta: Any,
+        buffers: List[Any],
+        origin: int,
+        stream_id: int,
+        created_ns: int,
+        nbytes: int,
+        loaned: bool = False,
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.meta = meta
+        self.buffers = buffers
+        self.origin = origin
+        self.stream_id = stream_id
+        self.created_ns = created_ns
+        self.nbytes = nbytes
+        # The buffer is a view of a chunk this publisher loaned and sent (zero-copy output).
+        # The chunk stays intact until this publisher loans again, so the view is copied to
+        # private memory just before that ("copy on reuse"), unless it was committed by then.
+        self.loaned = loaned
 
 
 class OutPort:
@@ -150,17 +165,21 @@ class OutPort:
             # the outputs may number differently. It becomes the next frame the consumer takes.
             seq = self.committed
             self.next_seq = seq + 1
-        nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
+        if len(buffers) == 1:
+            nbytes = len(meta) + memoryview(buffers[0]).nbytes
+        else:
+            nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
         self.last_nbytes = nbytes
-        r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
-        self.retained.append(r)
+        self.retained.append(Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes))
         self.retained_bytes += nbytes
         if self.undelivered is None:
-            self._secure()
-            if self._publish(r):
+            if self.loaned_retained:
+                self._secure()
+            if self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns):
                 self.sent += 1
                 self._notify()
             else:
+                self.discarded += 1
                 self.undelivered = seq
                 self._schedule_retry(reset=True)
         return seq
@@ -364,6 +383,7 @@ class InPort:
         self.duplicates = 0
         self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
+        self.borrow_limit = self.sub.max_borrowed - 1
 
     def receive(self) -> Optional[Any]:
         """The next in-order frame (a bridge Sample), or None."""
@@ -419,7 +439,7 @@ class InPort:
         if (
             force
             or new_commit
-            or self.acked_processed - self.notified_processed >= self.notify_every
+            or (self.acked_processed - self.notified_processed >= self.notify_every and self._producer_may_wait())
             or (self.eos_seq is not None and self.acked_processed > self.eos_seq)
         ):
             self.notified_processed = self.acked_processed
@@ -427,6 +447,15 @@ class InPort:
                 self.ack_notifier.notify()
             except TransportError:
                 pass
+
+    def _producer_may_wait(self) -> bool:
+        # The producer waits for room only with ``depth`` frames in flight beyond what it last
+        # learned, and it learned at least ``notified_processed`` (it reads every ack before it
+        # blocks, and each notify since woke it). With our queue empty we hold every frame it
+        # sent, so ``expected`` bounds its next seq: below that line it cannot be waiting, and
+        # waking it would only cost both of us a context switch (a paced stream's case).
+        # With frames queued it may be refilling: wake it every half window to keep it busy.
+        return self.expected >= self.notified_processed + self.spec.depth or self.sub.has_samples()
 
     def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]:
         """The seq to ask a replay from, when a gap has lasted ``min_age`` and was not reported
@@ -439,7 +468,7 @@ class InPort:
     def should_copy(self) -> bool:
         """True when the next frame must be copied out of shared memory so that the borrow
         limit is never reached (a node holding on to frames must not stall the edge)."""
-        return self.sub.borrowed >= self.sub.max_borrowed - 1
+        return self.sub.borrowed >= self.borrow_limit
 
     def close(self) -> None:
         self.sub.close()

@@ -16,6 +16,15 @@ not looping at all (hang detection).
     32      frames_in
     40      frames_out
     48      pid
+    64      commit_gen     commits written by this incarnation (0: none yet)
+    72...   two commit buffers, the newest is number commit_gen % 2; each holds the
+            committed source position (sources), then the committed seq of every input edge
+            and the next seq of every output edge (the edge order of the worker's spec)
+
+The commit area is how a worker reports a commit point (see ``Runner.flush_commit``): a
+handful of stores instead of a pickled message per commit that would wake the supervisor
+100 times a second per worker. The supervisor reads it when it needs it (a worker exited, a
+producer restarts), and, as for everything here, it is still there after a crash.
 
 The file lives in /dev/shm under the run's prefix, so it is removed with the run.
 """
@@ -23,34 +32,67 @@ The file lives in /dev/shm under the run's prefix, so it is removed with the run
 from __future__ import annotations
 
 import mmap
+from array import array
 import os
 import time
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["Scoreboard", "FIELDS"]
 
 FIELDS = ("heartbeat_ns", "busy_since_ns", "busy_edge", "busy_seq", "frames_in", "frames_out", "pid")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
-_SIZE = 64
+_HEADER = 64
+_GEN = 8  # index of commit_gen
 
 
 class Scoreboard:
-    def __init__(self, path: str, create: bool = False) -> None:
+    """One worker's status block. ``commit_slots`` (creator only): how many seqs a commit
+    holds (input edges + output edges)."""
+
+    def __init__(self, path: str, create: bool = False, commit_slots: int = 0) -> None:
         self.path = path
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, _SIZE)
-            self._mm = mmap.mmap(fd, _SIZE)
+                os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots))
+            self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         self._q = memoryview(self._mm).cast("q")
+        # each of the two commit buffers: source position, then the seqs
+        self._width = (len(self._q) - _GEN - 1) // 2
+        self.commit_slots = self._width - 1
 
     def reset(self) -> None:
-        for i in range(len(FIELDS)):
+        for i in range(len(self._q)):
             self._q[i] = 0
         self._q[_INDEX["busy_edge"]] = -1
+
+    def write_commit(self, source_position: int, seqs: List[int]) -> None:
+        """Publish a commit point (worker side). Two buffers, used in turn: the generation
+        count moves to the new one only once it is complete, so a worker killed in the middle
+        of a write leaves the previous commit intact."""
+        q = self._q
+        gen = q[_GEN] + 1
+        base = _GEN + 1 + (gen & 1) * self._width
+        q[base] = source_position
+        q[base + 1 : base + 1 + len(seqs)] = array("q", seqs)
+        q[_GEN] = gen
+
+    def read_commit(self) -> Optional[Tuple[int, List[int]]]:
+        """The last complete commit point, ``(source_position, seqs)``, or None when this
+        incarnation of the worker has not written one yet."""
+        q = self._q
+        while True:
+            gen = q[_GEN]
+            if gen == 0:
+                return None
+            base = _GEN + 1 + (gen & 1) * self._width
+            source, seqs = q[base], q[base + 1 : base + self._width].tolist()
+            # One newer write goes to the other buffer; two would have reused this one.
+            if q[_GEN] - gen < 2:
+                return source, seqs
 
     def set(self, field: str, value: int) -> None:
         self._q[_INDEX[field]] = value
@@ -67,8 +109,12 @@ class Scoreboard:
         self._q[3] = seq
         self._q[1] = time.monotonic_ns()
 
-    def idle(self) -> None:
+    def idle(self, frames_in: int = -1) -> None:
+        """Not in process() any more; with ``frames_in``, also count the frame (one call
+        instead of two on the hot path)."""
         self._q[1] = 0
+        if frames_in >= 0:
+            self._q[4] = frames_in
 
     def read(self) -> Dict[str, int]:
         return {name: self._q[i] for i, name in enumerate(FIELDS)}

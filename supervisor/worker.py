@@ -39,6 +39,7 @@ import numpy as np
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import LoanError
 from remotemedia.frames import FrameInfo, Kind, decode, encode
+from remotemedia.node import Node
 
 from .channels import MAX_LOANED, InPort, OutPort, split_frame
 from .protocol import (
@@ -178,20 +179,24 @@ class Runner:
         self._loans: Dict[int, Any] = {}
         self._loan_warned = False
         node._remotemedia_allocator = self.allocate
+        # A Node builds current_frame only when asked (see Node.current_frame).
+        self._lazy_frame = isinstance(node, Node)
 
     # ------------------------------------------------------------------ control
 
-    def pump(self) -> None:
-        """Everything that must keep going even while the node is busy emitting."""
+    def pump(self) -> bool:
+        """Everything that must keep going even while the node is busy emitting. True when
+        something arrived that may let a blocked step go on (control messages, acks)."""
         now = time.monotonic()
         if self.board is not None:
             self.board.beat()
         # The control socket is read when the last wait saw it readable, and at least every
         # few milliseconds while busy: a recv() per frame would cost more than the frame.
+        news = False
         if self._ctrl_ready or now >= self._next_ctrl:
             self._ctrl_ready = False
             self._next_ctrl = now + 0.005
-            self._read_control()
+            news = self._read_control()
         progress = False
         for p in self.outputs:
             if p.poll_acks():
@@ -213,8 +218,9 @@ class Runner:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.spec.heartbeat_interval
             self.chan.send(Heartbeat(self.stats()))
+        return news or progress
 
-    def _read_control(self) -> None:
+    def _read_control(self) -> bool:
         try:
             msgs = self.chan.receive()
         except ChannelClosed:
@@ -234,6 +240,7 @@ class Runner:
                 self.draining = True
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
+        return bool(msgs)
 
     def wait(self, timeout: float) -> None:
         deadline = self.next_heartbeat
@@ -305,16 +312,27 @@ class Runner:
         if self.commit_dirty or final:
             self.commit_dirty = False
             snap, self.commit_snapshot = self.commit_snapshot, None
-            # The supervisor must know the commit before upstream may forget the frames.
-            self.chan.send(
-                Commit(
-                    in_seqs=dict(self.committed),
-                    out_next=dict(self.commit_out_next),
-                    source_position=self.committed_position if self.spec.is_source else None,
-                    snapshot=snap,
-                    final=final,
+            # The supervisor must know the commit before upstream may forget the frames: in
+            # the status block (a few stores, no wake-up) unless a snapshot goes with it, and
+            # by message when it must act on it (the final commit, relayed upstream).
+            board = self.board
+            via_board = board is not None and self.snapshot_interval is None
+            if via_board:
+                committed, out_next = self.committed, self.commit_out_next
+                board.write_commit(
+                    self.committed_position,
+                    [committed[e.index] for e in self.spec.in_edges] + [out_next[e.index] for e in self.spec.out_edges],
                 )
-            )
+            if final or not via_board:
+                self.chan.send(
+                    Commit(
+                        in_seqs=dict(self.committed),
+                        out_next=dict(self.commit_out_next),
+                        source_position=self.committed_position if self.spec.is_source else None,
+                        snapshot=snap,
+                        final=final,
+                    )
+                )
             self.reported = self.committed
             self._next_commit = time.monotonic() + 0.01
         for i, p in self.by_edge_in.items():
@@ -439,18 +457,23 @@ class Runner:
         return False
 
     def handle_frame(self, port: InPort, sample: Any) -> None:
+        # The hot path: every attribute lookup here costs every frame of every stage.
         seq, origin, stream_id, created_ns, sent_ns, _ = sample.info
         edge = port.spec.index
         if self.skip and seq in self.skip.get(edge, ()):
             self.dead_letter(port, sample)
             del sample
         else:
-            info = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
-            data = decode(sample, copy=port.should_copy())
+            data = decode(sample, port.sub.borrowed >= port.borrow_limit)
             del sample
-            self._current_origin, self._current_stream, self._current_created = info.origin, info.stream_id, info.created_ns
+            self._current_origin = origin
+            self._current_stream = stream_id
+            self._current_created = created_ns
             self.frames_in += 1
-            self.node.current_frame = info
+            if self._lazy_frame:
+                self.node._remotemedia_frame = (seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
+            else:
+                self.node.current_frame = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
             if self.board is not None:
                 self.board.busy(edge, seq)
             t0 = time.perf_counter_ns()
@@ -465,15 +488,17 @@ class Runner:
                 self.errors += 1
                 exc_type, message, tb, blob = _format_exc(e)
                 fatal = self.spec.on_error == "raise"
-                self.chan.send(NodeFailed(seq, info.origin, exc_type, message, tb, blob, fatal=fatal))
+                self.chan.send(NodeFailed(seq, origin, exc_type, message, tb, blob, fatal=fatal))
                 if fatal:
                     self.failed = True
             finally:
                 self.latency.add(time.perf_counter_ns() - t0)
-                self.node.current_frame = None
+                if self._lazy_frame:
+                    self.node._remotemedia_frame = None
+                else:
+                    self.node.current_frame = None
                 if self.board is not None:
-                    self.board.idle()
-                    self.board.set("frames_in", self.frames_in)
+                    self.board.idle(self.frames_in)
         self.processed[edge] = seq
         self.mark()
         self.advance_commits()
@@ -643,12 +668,12 @@ class Runner:
         while True:
             # A frame first, housekeeping after: after a wake-up the frame is what is late.
             did = self.step()
-            self.pump()
+            news = self.pump()
             if self.failed:
                 self.flush_commit()
                 self.wait(0.5)
                 continue
-            if did or self.step():  # the housekeeping may have unblocked us (Start, acks)
+            if did or (news and self.step()):  # the housekeeping may have unblocked us (Start, acks)
                 continue
             if self.inputs_done():
                 self.finish()

@@ -13,6 +13,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -321,15 +322,23 @@ def test_prometheus_endpoint(runtime_dir):
     sup = Supervisor([RangeSource(10**9, name="src"), PassThroughNode(name="p")], name="metrics", metrics_port=port)
     t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
     t.start()
+    want = 'remotemedia_node_process_latency_seconds{node="p",pipeline="metrics",quantile="0.99"}'
     try:
-        time.sleep(1.5)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        # latency quantiles arrive with the first heartbeat, a heartbeat interval after READY
+        deadline = time.monotonic() + 15
+        body = ""
+        while want not in body and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except urllib.error.URLError:
+                pass  # the endpoint starts with the supervisor's thread
     finally:
         sup.stop()
         t.join(30)
     assert 'remotemedia_node_frames_out_total{node="p",pipeline="metrics"}' in body
     assert 'remotemedia_node_up{node="src",pipeline="metrics"} 1.0' in body
-    assert 'remotemedia_node_process_latency_seconds{node="p",pipeline="metrics",quantile="0.99"}' in body
+    assert want in body
     assert 'remotemedia_edge_queued_frames{node="p",pipeline="metrics",source="src"}' in body
 
 

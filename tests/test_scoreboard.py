@@ -1,0 +1,66 @@
+"""The worker status block's commit area: what a restart resumes from."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from supervisor.scoreboard import Scoreboard
+
+
+@pytest.fixture
+def board_path():
+    path = f"/dev/shm/rmtest_{uuid.uuid4().hex}.board"
+    yield path
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def test_commit_round_trip_between_processes_views(board_path):
+    writer = Scoreboard(board_path, create=True, commit_slots=3)
+    writer.reset()
+    reader = Scoreboard(board_path)  # what the supervisor maps
+    try:
+        assert reader.commit_slots == 3
+        assert reader.read_commit() is None  # this incarnation committed nothing yet
+        writer.write_commit(7, [1, 2, 30])
+        assert reader.read_commit() == (7, [1, 2, 30])
+        writer.write_commit(8, [2, 3, 31])
+        assert reader.read_commit() == (8, [2, 3, 31])
+        writer.reset()  # a restart starts from the supervisor's copy, not from the board
+        assert reader.read_commit() is None
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_write_torn_by_a_crash_leaves_the_previous_commit(board_path):
+    board = Scoreboard(board_path, create=True, commit_slots=2)
+    board.reset()
+    try:
+        board.write_commit(0, [10, 20])
+        board.write_commit(0, [11, 21])
+        # A worker killed in the middle of its next write has filled part of the buffer the
+        # next generation would use, but not moved the generation count.
+        q = board._q
+        spare = 8 + 1 + ((q[8] + 1) & 1) * board._width
+        q[spare + 1] = 999
+        assert board.read_commit() == (0, [11, 21])
+    finally:
+        board.close()
+
+
+def test_the_other_fields_are_untouched_by_commits(board_path):
+    board = Scoreboard(board_path, create=True, commit_slots=1)
+    board.reset()
+    try:
+        board.busy(2, 41)
+        board.idle(5)
+        board.write_commit(3, [4])
+        state = board.read()
+        assert state["frames_in"] == 5 and state["busy_edge"] == 2 and state["busy_seq"] == 41
+        assert state["busy_since_ns"] == 0
+    finally:
+        board.close()
