@@ -143,6 +143,8 @@ class Runner:
         ]
         self.by_edge_in = {p.spec.index: p for p in self.inputs}
         self.by_edge_out = {p.spec.index: p for p in self.outputs}
+        # only lossless edges hold commits back (a lossy edge keeps nothing to replay)
+        self._lossless_out = [(p.spec.index, p) for p in self.outputs if p.lossless]
         self.skip = {edge: set(seqs) for edge, seqs in self.restore.skip.items()}
         self.started = not spec.is_source
         self.draining = False
@@ -191,11 +193,12 @@ class Runner:
         if self.board is not None:
             self.board.beat()
         # The control socket is read when the last wait saw it readable, and at least every
-        # few milliseconds while busy: a recv() per frame would cost more than the frame.
+        # 20 ms while busy (the wait does not poll it when a wake-up is already pending): a
+        # recv() per frame would cost more than the frame.
         news = False
         if self._ctrl_ready or now >= self._next_ctrl:
             self._ctrl_ready = False
-            self._next_ctrl = now + 0.005
+            self._next_ctrl = now + 0.02
             news = self._read_control()
         progress = False
         for p in self.outputs:
@@ -289,12 +292,13 @@ class Runner:
         """Move the commit point past every marker whose outputs are committed downstream,
         and send acks: *processed* every ``ack_every`` frames (flow control), *committed*
         batched with the Commit report to the supervisor (at most every 10 ms while busy)."""
-        while self.markers:
-            m = self.markers[0]
-            out = self.by_edge_out
-            if any(out[e].lossless and out[e].committed < n for e, n in m.out_next.items()):
+        markers = self.markers
+        while markers:
+            m = markers[0]
+            nxt = m.out_next
+            if self._lossless_out and any(p.committed < nxt[e] for e, p in self._lossless_out):
                 break
-            self.markers.popleft()
+            markers.popleft()
             self.committed = m.positions
             self.committed_position = m.source_position
             self.commit_out_next = m.out_next
