@@ -14,7 +14,9 @@ died, which is how both sides notice a crash without polling.
                                      <-------    Ready | InitFailed(traceback)
     Replay(edge, after)              ------->    resend retained frames > after
     Drain / Abort                    ------->    stop generating / stop now
-                                     <-------    Commit(acks, next seqs), Gap(edge, want)
+                                     <-------    Commit(seqs, snapshot) (nodes with snapshots,
+                                                 and every node's final commit), Gap(edge, want)
+    reads the status block  ........            commit points of nodes without snapshots
     Acked(edge, seq) (relayed final) ------->    drop retained frames <= seq
                                      <-------    NodeFailed(seq, traceback), Heartbeat(stats)
                                      <-------    Done(stats)  then exit 0
@@ -186,6 +188,10 @@ class NodeFailed:
 
 @dataclass
 class Commit:
+    """A commit point sent by message: when it carries a snapshot (which must arrive with its
+    positions) or is final. Other commit points are written to the worker's status block
+    (:meth:`supervisor.scoreboard.Scoreboard.write_commit`)."""
+
     in_seqs: Dict[int, int]
     out_next: Dict[int, int]
     source_position: Optional[int] = None

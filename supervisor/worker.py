@@ -14,7 +14,7 @@
         -> cleanup() -> Done -> exit 0
 
 The worker never decides policy: it reports (Ready, InitFailed, NodeFailed, Commit, Gap,
-Heartbeat, Done) and obeys. Exit codes are listed in :mod:`supervisor.protocol`.
+Heartbeat, Done, and commit points in its status block) and obeys. Exit codes are listed in :mod:`supervisor.protocol`.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ class Runner:
     def advance_commits(self, force_flush: bool = False, force_acks: bool = False) -> None:
         """Move the commit point past every marker whose outputs are committed downstream,
         and send acks: *processed* every ``ack_every`` frames (flow control), *committed*
-        batched with the Commit report to the supervisor (at most every 10 ms while busy)."""
+        batched with the commit report to the supervisor (at most every 10 ms while busy)."""
         markers = self.markers
         while markers:
             m = markers[0]
