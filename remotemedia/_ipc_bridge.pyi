@@ -16,6 +16,10 @@ KIND_DATA: int
 def monotonic_ns() -> int:
     """CLOCK_MONOTONIC in ns (same clock as ``time.monotonic_ns()``)."""
 
+def buffer_address(obj: Buffer) -> int:
+    """Address of the first byte of a contiguous buffer (e.g. a memoryview of a loaned
+    chunk)."""
+
 def list_nodes(prefix: str, root: Optional[str] = None) -> List[Tuple[str, Optional[int], str]]:
     """``(state, pid, name)`` of every iceoryx2 node of ``prefix``; state is ``"alive"``,
     ``"dead"``, ``"inaccessible"`` or ``"undefined"``."""

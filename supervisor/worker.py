@@ -25,6 +25,8 @@ import ctypes
 import inspect
 import json
 import logging
+import math
+import operator
 import os
 import signal
 import sys
@@ -348,7 +350,11 @@ class Runner:
         """Node.allocate() in a worker: a writable array over a chunk loaned from the first
         output edge, so that returning it sends the frame without a copy."""
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) if np.ndim(shape) else int(shape)
+        try:
+            count = operator.index(shape)  # an int, numpy's too
+        except TypeError:
+            shape = tuple(operator.index(n) for n in shape)
+            count = math.prod(shape)
         nbytes = count * dtype.itemsize
         if not self.outputs or nbytes == 0:
             return np.empty(shape, dtype)
@@ -382,9 +388,8 @@ class Runner:
         meta, bufs = encode(value)
         loan = None
         if self._loans and len(bufs) == 1:
-            view = np.frombuffer(bufs[0], dtype=np.uint8)
-            loan = self._loans.pop(view.__array_interface__["data"][0], None)
-            if loan is not None and (loan.nbytes != view.nbytes or not loan.pending):
+            loan = self._loans.pop(bridge.buffer_address(bufs[0]), None)
+            if loan is not None and (loan.nbytes != memoryview(bufs[0]).nbytes or not loan.pending):
                 loan = None
         for i, port in enumerate(self.outputs):
             if not port.can_send():

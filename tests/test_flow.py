@@ -48,6 +48,15 @@ def test_allocate_sends_without_copy(shape):
     assert edge["zero_copy"] == n and edge["sent"] == n + 1  # every frame (not EOS) left from its loaned chunk
 
 
+@pytest.mark.parametrize("shape", [4096, np.int64(4096), [64, np.int32(64)]], ids=["int", "numpy-int", "list"])
+def test_allocate_takes_any_shape_numpy_takes(shape):
+    report = Supervisor([Render(shape, name="render"), Check(name="check")]).run(range(3))
+    want = tuple(np.empty(shape, np.uint8).shape)
+    assert report.outputs == [(i, i % 251, want, True) for i in range(3)]
+    ((_, edge),) = report.nodes["render"]["edges_out"].items()
+    assert edge["zero_copy"] == 3
+
+
 def test_allocate_outside_a_worker_is_plain_memory():
     arr = Render((4,), name="r").allocate((2, 3), "float32")
     assert arr.shape == (2, 3) and arr.dtype == np.float32 and arr.flags.writeable

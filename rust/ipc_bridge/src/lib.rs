@@ -44,5 +44,6 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(node::list_nodes, m)?)?;
     m.add_function(wrap_pyfunction!(node::remove_stale_resources, m)?)?;
     m.add_function(wrap_pyfunction!(pubsub::monotonic_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(pubsub::buffer_address, m)?)?;
     Ok(())
 }

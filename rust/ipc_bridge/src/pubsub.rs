@@ -102,6 +102,14 @@ fn open_service(node: &Node, name: &str, o: ChannelOpts) -> PyResult<Factory> {
         })
 }
 
+/// Address of the first byte of a contiguous buffer-protocol object. The worker uses it to
+/// recognise a frame buffer that is one of its loaned chunks (numpy's `__array_interface__`
+/// would build a dict per frame for the same number).
+#[pyfunction]
+pub fn buffer_address(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    Ok(RawBuffer::get(obj)?.ptr() as usize)
+}
+
 /// A borrowed Python buffer (PyBUF_SIMPLE: contiguous bytes), released on drop.
 struct RawBuffer {
     view: Box<ffi::Py_buffer>,
