@@ -384,6 +384,7 @@ class InPort:
         self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
         self.borrow_limit = self.sub.max_borrowed - 1
+        self.last_sent_ns = 0  # publish time of the last frame taken (set by the worker)
 
     def receive(self) -> Optional[Any]:
         """The next in-order frame (a bridge Sample), or None."""
@@ -434,11 +435,11 @@ class InPort:
         # Waking the producer costs it (and the CPU) a context switch per ack. For flow control
         # it only waits with a full window, and then we have half a window to take before it
         # could be stuck: wake it every half window. Commits (at most every 10 ms per worker)
-        # always wake it: its own commits, and its reuse of loaned chunks, wait on them.
-        # (It still reads every ack at its next turn, and a spinning producer sees them.)
+        # wake it too, since its own commits, and its reuse of loaned chunks, wait on them;
+        # but not while it is streaming to us: it reads every ack at its next turn anyway.
         if (
             force
-            or new_commit
+            or (new_commit and not self._producer_streaming())
             or (self.acked_processed - self.notified_processed >= self.notify_every and self._producer_may_wait())
             or (self.eos_seq is not None and self.acked_processed > self.eos_seq)
         ):
@@ -447,6 +448,12 @@ class InPort:
                 self.ack_notifier.notify()
             except TransportError:
                 pass
+
+    def _producer_streaming(self) -> bool:
+        # It published a frame to us in the last 5 ms: it is busy and will look at its acks
+        # within a frame's time. (A pause leaves the commit to the next wake-up of the
+        # producer, at the latest its heartbeat.)
+        return bridge.monotonic_ns() - self.last_sent_ns < 5_000_000
 
     def _producer_may_wait(self) -> bool:
         # The producer waits for room only with ``depth`` frames in flight beyond what it last

@@ -258,11 +258,17 @@ class Runner:
         if self.commit_dirty:
             deadline = min(deadline, self._next_commit)
         timeout = max(0.0, min(timeout, deadline - time.monotonic()))
-        # Spin only on what would let us make progress: inputs we are ready to take (not
-        # while blocked on a full output), and acks.
-        watch = [p.ack_sub for p in self.outputs if p.ack_sub is not None]
-        if not self.failed and all(p.can_send() for p in self.outputs) and self.started:
-            watch += [p.sub for p in self.inputs if not p.eos]
+        # Spin only on what would let us go on: inputs when we may send, acks of the full
+        # outputs when we may not. (Acks of an output with room are no reason to burn a
+        # core: on a paced stream every ack would be "caught" and grow the spin, stealing
+        # the CPU from the very stage about to send us our next frame.)
+        blocked = [p.ack_sub for p in self.outputs if not p.can_send()]
+        if blocked:
+            watch = blocked
+        elif not self.failed and self.started:
+            watch = [p.sub for p in self.inputs if not p.eos]
+        else:
+            watch = []
         _, ready = self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
         if ready:
             self._ctrl_ready = True
@@ -475,6 +481,7 @@ class Runner:
         else:
             data = decode(sample, port.sub.borrowed >= port.borrow_limit)
             del sample
+            port.last_sent_ns = sent_ns
             self._current_origin = origin
             self._current_stream = stream_id
             self._current_created = created_ns
