@@ -120,6 +120,7 @@ class OutPort:
         self._retry_delay = 0.002
         self.sent = 0
         self.zero_copy = 0  # frames sent from a loaned chunk, without a copy
+        self.copied_on_reuse = 0  # of those, copied after all: not committed before the next loan
         self.resent = 0
         self.discarded = 0
         self.eos_sent = False
@@ -238,6 +239,7 @@ class OutPort:
             if r.loaned:
                 r.buffers = [bytes(memoryview(b)) for b in r.buffers]
                 r.loaned = False
+                self.copied_on_reuse += 1
         self.loaned_retained = 0
 
     def _publish(self, r: Retained) -> bool:
@@ -384,7 +386,6 @@ class InPort:
         self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
         self.borrow_limit = self.sub.max_borrowed - 1
-        self.last_sent_ns = 0  # publish time of the last frame taken (set by the worker)
 
     def receive(self) -> Optional[Any]:
         """The next in-order frame (a bridge Sample), or None."""
@@ -435,11 +436,12 @@ class InPort:
         # Waking the producer costs it (and the CPU) a context switch per ack. For flow control
         # it only waits with a full window, and then we have half a window to take before it
         # could be stuck: wake it every half window. Commits (at most every 10 ms per worker)
-        # wake it too, since its own commits, and its reuse of loaned chunks, wait on them;
-        # but not while it is streaming to us: it reads every ack at its next turn anyway.
+        # always wake it: its own commits, and so its producer's reuse of loaned chunks, wait
+        # on them (were the wake-up left to its next frame, a chain of stages would copy every
+        # big loaned frame once more).
         if (
             force
-            or (new_commit and not self._producer_streaming())
+            or new_commit
             or (self.acked_processed - self.notified_processed >= self.notify_every and self._producer_may_wait())
             or (self.eos_seq is not None and self.acked_processed > self.eos_seq)
         ):
@@ -448,12 +450,6 @@ class InPort:
                 self.ack_notifier.notify()
             except TransportError:
                 pass
-
-    def _producer_streaming(self) -> bool:
-        # It published a frame to us in the last 5 ms: it is busy and will look at its acks
-        # within a frame's time. (A pause leaves the commit to the next wake-up of the
-        # producer, at the latest its heartbeat.)
-        return bridge.monotonic_ns() - self.last_sent_ns < 5_000_000
 
     def _producer_may_wait(self) -> bool:
         # The producer waits for room only with ``depth`` frames in flight beyond what it last

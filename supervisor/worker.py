@@ -481,7 +481,6 @@ class Runner:
         else:
             data = decode(sample, port.sub.borrowed >= port.borrow_limit)
             del sample
-            port.last_sent_ns = sent_ns
             self._current_origin = origin
             self._current_stream = stream_id
             self._current_created = created_ns
@@ -644,6 +643,13 @@ class Runner:
         for port in self.outputs:
             if not port.can_send():
                 self.wait_for_room(port)
+            # Sending takes a chunk, maybe the chunk of a loaned frame the consumer has released
+            # but not yet committed (which would then be copied): give that commit a moment.
+            patience = time.monotonic() + 0.1
+            while port.loaned_retained and time.monotonic() < patience:
+                self.pump()
+                if port.loaned_retained:
+                    self.wait(0.01)
             # On a lossy edge the end-of-stream frame would overwrite the newest data frame:
             # let the consumer take what is queued first.
             while not port.lossless and not port.fully_acked:
@@ -718,6 +724,7 @@ class Runner:
                 p.spec.index: {
                     "sent": p.sent,
                     "zero_copy": p.zero_copy,
+                    "copied_on_reuse": p.copied_on_reuse,
                     "resent": p.resent,
                     "discarded": p.discarded,
                     "in_flight": p.in_flight,

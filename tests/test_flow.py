@@ -57,6 +57,45 @@ def test_allocate_takes_any_shape_numpy_takes(shape):
     assert edge["zero_copy"] == 3
 
 
+class Paced(Source):
+    def __init__(self, n, interval, **kw):
+        super().__init__(**kw)
+        self.n, self.interval = n, interval
+
+    def generate(self):
+        for i in range(self.n):
+            time.sleep(self.interval)
+            yield i
+
+
+class Stamp(Node):
+    """Writes its output in place: the frame's index in the first 8 bytes."""
+
+    def process(self, data):
+        out = self.allocate(1 << 20, np.uint8)
+        i = data if isinstance(data, int) else int(np.frombuffer(data[:8].tobytes(), np.int64)[0])
+        out[:8] = np.frombuffer(np.int64(i).tobytes(), np.uint8)
+        return out
+
+
+class Index(Node):
+    def process(self, data):
+        return int(np.frombuffer(data[:8].tobytes(), np.int64)[0])
+
+
+def test_a_chain_of_loaned_stages_never_copies_a_paced_stream():
+    # A loaned chunk is copied before its publisher loans again unless the consumer committed
+    # it by then; a commit needs the whole chain downstream to have committed, so commits must
+    # travel up the chain between two frames (each consumer wakes its producer on a commit).
+    nodes = [Paced(8, 0.15, name="src"), Stamp(name="a"), Stamp(name="b"), Stamp(name="c"), Index(name="sink")]
+    report = Supervisor(nodes).run()
+    assert report.outputs == list(range(8))
+    for name in ("a", "b", "c"):
+        ((_, edge),) = report.nodes[name]["edges_out"].items()
+        assert edge["zero_copy"] == 8, (name, edge)
+        assert edge["copied_on_reuse"] == 0, (name, edge)
+
+
 def test_allocate_outside_a_worker_is_plain_memory():
     arr = Render((4,), name="r").allocate((2, 3), "float32")
     assert arr.shape == (2, 3) and arr.dtype == np.float32 and arr.flags.writeable
