@@ -682,15 +682,21 @@ class Runner:
             if self.started and not self.inputs_done() and all(p.can_send() for p in self.outputs):
                 return self.step_source()
             return False
-        if all(p.can_send() for p in self.outputs):
-            return self.step_input()
-        return False
+        for p in self.outputs:
+            if not p.can_send():
+                return False
+        return self.step_input()
 
     def run(self) -> int:
+        just_pumped = False
         while True:
             # A frame first, housekeeping after: after a wake-up the frame is what is late.
             did = self.step()
-            news = self.pump()
+            # Housekeeping once per frame; an empty step right after a frame's needs none
+            # (what runs between sending a frame and sleeping delays the next stage when it
+            # shares our core).
+            news = self.pump() if did or not just_pumped else False
+            just_pumped = did
             if self.failed:
                 self.flush_commit()
                 self.wait(0.5)
