@@ -51,6 +51,9 @@ from .protocol import EdgeSpec
 __all__ = ["OutPort", "InPort", "Retained", "ack_channel_options"]
 
 _EMPTY = b""
+# Frame kinds as plain ints: an enum member lookup costs five times an int compare, and these
+# are read for every frame.
+KIND_DATA, KIND_EOS, KIND_ACK = int(Kind.DATA), int(Kind.EOS), int(Kind.ACK)
 #: Chunks a producer may hold loaned at once: allocate() buffers plus the one a copying send
 #: needs.
 MAX_LOANED = 8
@@ -152,7 +155,7 @@ class OutPort:
         order. Returns the frame's seq."""
         seq = self.next_seq
         self.next_seq += 1
-        if kind == Kind.EOS:
+        if kind == KIND_EOS:
             self.eos_sent = True
         if not self.lossless:
             self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
@@ -160,7 +163,7 @@ class OutPort:
             self._notify()
             return seq
         if seq < self.committed:
-            if kind != Kind.EOS or self.consumer_finished:
+            if kind != KIND_EOS or self.consumer_finished:
                 return seq  # regenerated after a restart, and already committed downstream
             # An end of stream the consumer has not seen: after a restart behind a lossy edge
             # the outputs may number differently. It becomes the next frame the consumer takes.
@@ -191,7 +194,7 @@ class OutPort:
         seq = self.next_seq
         self.next_seq += 1
         if not self.lossless:
-            loan.send(seq, Kind.DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
+            loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
             self.sent += 1
             self.zero_copy += 1
             self._notify()
@@ -203,16 +206,16 @@ class OutPort:
         self.last_nbytes = nbytes
         if self.undelivered is not None:
             # Out of order now: it must wait its turn like any frame, from private memory.
-            r = Retained(seq, Kind.DATA, meta, [bytes(memoryview(buffer))], origin, stream_id, created_ns, nbytes)
+            r = Retained(seq, KIND_DATA, meta, [bytes(memoryview(buffer))], origin, stream_id, created_ns, nbytes)
             loan.discard()
             self.retained.append(r)
             self.retained_bytes += nbytes
             return seq
-        r = Retained(seq, Kind.DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
+        r = Retained(seq, KIND_DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
         self.loaned_retained += 1
         self.retained.append(r)
         self.retained_bytes += nbytes
-        if loan.send(seq, Kind.DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns) > 0:
+        if loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns) > 0:
             self.sent += 1
             self.zero_copy += 1
             self._notify()
@@ -307,7 +310,7 @@ class OutPort:
             self.pub.update_connections()
             self.processed = self.next_seq - (1 if self.eos_sent else 0)
             if self.eos_sent:
-                self.pub.send(self.next_seq - 1, Kind.EOS, _EMPTY, [])
+                self.pub.send(self.next_seq - 1, KIND_EOS, _EMPTY, [])
                 self._notify()
             return
         self.pub.update_connections()
@@ -395,7 +398,7 @@ class InPort:
                 return None
             seq = s.seq
             if seq < self.expected:
-                if s.kind == Kind.EOS and not self.eos:
+                if s.kind == KIND_EOS and not self.eos:
                     # see OutPort.send: an end of stream is never a duplicate
                     self.eos = True
                     self.eos_seq = self.expected - 1
@@ -415,7 +418,7 @@ class InPort:
             self.expected = seq + 1
             self.gap_since = None
             self.received += 1
-            if s.kind == Kind.EOS:
+            if s.kind == KIND_EOS:
                 self.eos = True
                 self.eos_seq = seq
             return s
@@ -432,7 +435,7 @@ class InPort:
         self.acked_processed = max(processed, self.acked_processed)
         new_commit = committed > self.acked_committed
         self.acked_committed = max(committed, self.acked_committed)
-        self.ack_pub.send(self.acked_processed, Kind.ACK, _EMPTY, origin=self.acked_committed)
+        self.ack_pub.send(self.acked_processed, KIND_ACK, _EMPTY, origin=self.acked_committed)
         # Waking the producer costs it (and the CPU) a context switch per ack. For flow control
         # it only waits with a full window, and then we have half a window to take before it
         # could be stuck: wake it every half window. Commits (at most every 10 ms per worker)

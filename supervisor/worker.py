@@ -40,10 +40,10 @@ import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import LoanError
-from remotemedia.frames import FrameInfo, Kind, decode, encode
+from remotemedia.frames import FrameInfo, decode, encode
 from remotemedia.node import Node
 
-from .channels import MAX_LOANED, InPort, OutPort, split_frame
+from .channels import KIND_DATA, KIND_EOS, MAX_LOANED, InPort, OutPort, split_frame
 from .protocol import (
     EXIT_ABORTED,
     EXIT_LOAD_ERROR,
@@ -403,7 +403,7 @@ class Runner:
             if i == 0 and loan is not None:
                 port.send_loan(loan, meta, bufs[0], self._current_origin, stream_id, self._current_created)
             else:
-                port.send(Kind.DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
+                port.send(KIND_DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
@@ -465,7 +465,7 @@ class Runner:
             if sample is None:
                 continue
             self._rr = (self._rr + i + 1) % n
-            if sample.kind == Kind.EOS:
+            if sample.kind == KIND_EOS:
                 return True
             self.handle_frame(port, sample)
             return True
@@ -657,7 +657,7 @@ class Runner:
                 if port.fully_acked:
                     break
                 self.wait(0.05)
-            port.send(Kind.EOS, b"", [], self._current_origin, 0, 0)
+            port.send(KIND_EOS, b"", [], self._current_origin, 0, 0)
         # The end of the inputs is committed only once our own end is committed downstream:
         # a restart after this point must still see the end of its inputs.
         for p in self.inputs:
