@@ -18,13 +18,19 @@ Public names: :class:`Node`, :class:`Source`, :class:`Pipeline`, :class:`Supervi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import errors
 from .frames import Frame, FrameInfo
 from .node import Node, NodeOptions, Source
 from .pipeline import Pipeline
 from .registry import register_node, registered_types
 from . import nodes as nodes  # registers the built-in node types
-from .runtime import execute_pipeline, execute_pipeline_with_input
+
+if TYPE_CHECKING:
+    from supervisor.arbiter import RunReport, Supervisor
+
+    from .runtime import execute_pipeline, execute_pipeline_with_input
 
 __version__ = "0.1.0"
 
@@ -46,9 +52,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the supervisor package imports remotemedia: load it lazily
+def __getattr__(name: str):
+    # Loaded on first use: the supervisor package imports remotemedia (a cycle otherwise), and
+    # every worker process imports remotemedia without needing the runtime (asyncio) or the
+    # arbiter, whose imports would add to each worker's start-up.
     if name in ("Supervisor", "RunReport"):
         from supervisor import arbiter
 
         return getattr(arbiter, name)
+    if name in ("execute_pipeline", "execute_pipeline_with_input"):
+        from . import runtime
+
+        return getattr(runtime, name)
     raise AttributeError(f"module 'remotemedia' has no attribute {name!r}")

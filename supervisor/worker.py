@@ -20,7 +20,6 @@ Heartbeat, Done, and commit points in its status block) and obeys. Exit codes ar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import inspect
 import json
@@ -33,7 +32,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import cloudpickle
 import numpy as np
@@ -72,6 +71,9 @@ from .protocol import (
 from .logs import WorkerLogHandler
 from .scoreboard import Scoreboard
 from .stats import LatencyStats
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("remotemedia.worker")
 
@@ -450,6 +452,8 @@ class Runner:
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
+            import asyncio  # only async nodes need it, and it costs every worker's start-up
+
             self._loop = asyncio.new_event_loop()
         return self._loop
 
