@@ -14,7 +14,8 @@
         -> cleanup() -> Done -> exit 0
 
 The worker never decides policy: it reports (Ready, InitFailed, NodeFailed, Commit, Gap,
-Heartbeat, Done, and commit points in its status block) and obeys. Exit codes are listed in :mod:`supervisor.protocol`.
+Heartbeat, Done, and commit points in its status block) and obeys. Exit codes are listed in
+:mod:`supervisor.protocol`.
 """
 
 from __future__ import annotations
