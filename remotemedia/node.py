@@ -52,7 +52,8 @@ class NodeOptions(dict):
 
     Keys: ``restart_policy``, ``max_restarts``, ``restart_window``, ``init_timeout``,
     ``process_timeout``, ``memory_limit``, ``on_error``, ``queue_policy``, ``queue_depth``,
-    ``poison_threshold``, ``snapshot_interval``. Unset keys fall back to the Supervisor's.
+    ``queue_bytes``, ``poison_threshold``, ``snapshot_interval``. Unset keys fall back to the
+    Supervisor's.
     """
 
     KEYS = (
@@ -65,6 +66,7 @@ class NodeOptions(dict):
         "on_error",
         "queue_policy",
         "queue_depth",
+        "queue_bytes",
         "poison_threshold",
         "snapshot_interval",
         "backoff_base",

@@ -186,6 +186,7 @@ _DEFAULTS: Dict[str, Any] = dict(
     on_error="raise",
     queue_policy="block",
     queue_depth=32,
+    queue_bytes=256 << 20,
     poison_threshold=3,
     snapshot_interval=None,
 )
@@ -260,6 +261,8 @@ class Supervisor:
         stop_timeout: seconds a drain (stop(), SIGTERM) may take before workers are aborted.
         kill_timeout: seconds an aborted worker gets for ``cleanup()`` before SIGKILL.
         queue_depth: frames in flight per edge (consumer queue and producer window).
+        queue_bytes: bytes in flight per edge before the producer waits (default 256 MiB),
+            whatever ``queue_depth`` allows: it bounds the memory of big frames in flight.
         max_borrowed: received frames a consumer may hold zero-copy per edge; past that,
             frames are copied out of shared memory so a hoarding node never stalls the edge.
         max_node_size: refuse nodes whose pickle exceeds this many bytes (default 100 MB).
@@ -302,6 +305,7 @@ class Supervisor:
         stop_timeout: float = 30.0,
         kill_timeout: float = 5.0,
         queue_depth: int = 32,
+        queue_bytes: int = 256 << 20,
         max_borrowed: int = 8,
         max_node_size: Optional[int] = DEFAULT_MAX_SIZE,
         on_error: str = "raise",
@@ -343,6 +347,7 @@ class Supervisor:
             memory_limit=memory_limit,
             on_error=on_error,
             queue_depth=queue_depth,
+            queue_bytes=queue_bytes,
             poison_threshold=poison_threshold,
             snapshot_interval=snapshot_interval,
         )
@@ -406,7 +411,7 @@ class Supervisor:
             raise SupervisorError(f"{where}: on_error must be one of {ON_ERROR_POLICIES}, got {opts['on_error']!r}")
         if opts["queue_policy"] not in QUEUE_POLICIES:
             raise SupervisorError(f"{where}: queue_policy must be one of {QUEUE_POLICIES}, got {opts['queue_policy']!r}")
-        for key in ("queue_depth", "poison_threshold"):
+        for key in ("queue_depth", "queue_bytes", "poison_threshold"):
             if not isinstance(opts[key], int) or opts[key] < 1:
                 raise SupervisorError(f"{where}: {key} must be a positive int, got {opts[key]!r}")
         for key in ("init_timeout", "restart_window", "backoff_base", "backoff_max"):
@@ -709,6 +714,7 @@ class Supervisor:
                     depth=consumer_opts["queue_depth"],
                     max_borrowed=self.max_borrowed,
                     policy=consumer_opts["queue_policy"],
+                    max_bytes=consumer_opts["queue_bytes"],
                 )
             )
         self.edges = edges

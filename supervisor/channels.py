@@ -381,7 +381,11 @@ class InPort:
         self.acked_processed = expected
         self.acked_committed = expected
         self.notified_processed = expected
+        # The producer's window in frames: ``depth``, or fewer when ``max_bytes`` of its
+        # frames fill it first (estimated from the size of the frames we take).
+        self.window = spec.depth
         self.notify_every = max(1, spec.depth // 2)
+        self._frame_len = -1
         self.gap_since: Optional[float] = None
         self.gap_reported_at = 0.0
         self.received = 0
@@ -421,6 +425,14 @@ class InPort:
             if s.kind == KIND_EOS:
                 self.eos = True
                 self.eos_seq = seq
+            else:
+                n = len(s)
+                if n != self._frame_len:
+                    # A payload is a little larger than what the producer counts, so this
+                    # never overestimates its window.
+                    self._frame_len = n
+                    self.window = max(1, min(self.spec.depth, -(-self.spec.max_bytes // max(n, 1))))
+                    self.notify_every = max(1, self.window // 2)
             return s
 
     def ack(self, processed: int, committed: int, force: bool = False) -> None:
@@ -455,13 +467,14 @@ class InPort:
                 pass
 
     def _producer_may_wait(self) -> bool:
-        # The producer waits for room only with ``depth`` frames in flight beyond what it last
-        # learned, and it learned at least ``notified_processed`` (it reads every ack before it
-        # blocks, and each notify since woke it). With our queue empty we hold every frame it
-        # sent, so ``expected`` bounds its next seq: below that line it cannot be waiting, and
-        # waking it would only cost both of us a context switch (a paced stream's case).
-        # With frames queued it may be refilling: wake it every half window to keep it busy.
-        return self.expected >= self.notified_processed + self.spec.depth or self.sub.has_samples()
+        # The producer waits for room only with a full window (``depth`` frames, or
+        # ``max_bytes`` of them) in flight beyond what it last learned, and it learned at least
+        # ``notified_processed`` (it reads every ack before it blocks, and each notify since
+        # woke it). With our queue empty we hold every frame it sent, so ``expected`` bounds
+        # its next seq: below that line it cannot be waiting, and waking it would only cost
+        # both of us a context switch (a paced stream's case). With frames queued it may be
+        # refilling: wake it every half window to keep it busy.
+        return self.expected >= self.notified_processed + self.window or self.sub.has_samples()
 
     def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]:
         """The seq to ask a replay from, when a gap has lasted ``min_age`` and was not reported

@@ -320,7 +320,8 @@ class Runner:
             self.flush_commit()
             return
         for i, p in self.by_edge_in.items():
-            if force_flush or force_acks or self.processed[i] + 1 - p.acked_processed >= self.ack_every:
+            # (a quarter of the window, or less when big frames make the window small)
+            if force_flush or force_acks or self.processed[i] + 1 - p.acked_processed >= min(self.ack_every, p.notify_every):
                 p.ack(self.processed[i] + 1, self.reported[i] + 1)
 
     def flush_commit(self, final: bool = False) -> None:

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from remotemedia import Node, Pipeline, Source, Supervisor
+from remotemedia.errors import SupervisorError
 from remotemedia.nodes import PassThroughNode, RangeSource
 
 from conftest import shm_mapping_of
@@ -55,6 +56,22 @@ def test_allocate_takes_any_shape_numpy_takes(shape):
     assert report.outputs == [(i, i % 251, want, True) for i in range(3)]
     ((_, edge),) = report.nodes["render"]["edges_out"].items()
     assert edge["zero_copy"] == 3
+
+
+class BigFrames(Source):
+    def __init__(self, n, size, **kw):
+        super().__init__(**kw)
+        self.n, self.size = n, size
+
+    def generate(self):
+        frame = np.zeros(self.size, np.uint8)
+        for i in range(self.n):
+            yield (i, frame)
+
+
+class Index2(Node):
+    def process(self, pair):
+        return pair[0]
 
 
 class Paced(Source):
@@ -151,6 +168,26 @@ def test_a_producer_waiting_for_room_is_woken_by_its_consumer():
     elapsed = time.monotonic() - t0
     assert report.outputs == list(range(6000))
     assert elapsed < 6, f"6000 frames through a 2-frame window took {elapsed:.1f} s"
+
+
+def test_a_producer_waiting_for_bytes_is_woken_by_its_consumer():
+    # The same with a window that queue_bytes fills before queue_depth: 512 KiB frames, 1 MiB
+    # in flight (a 2-frame window of 32 allowed frames). The consumer sizes the window from the
+    # frames it takes; were it to assume 32, it would wake the producer every 16 frames only.
+    # (~3 s here, ~11 s when the consumer assumes the depth.)
+    t0 = time.monotonic()
+    report = Supervisor(
+        [BigFrames(4000, 512 << 10, name="src"), Index2(name="sink", options={"queue_bytes": 1 << 20})],
+        spin_us=0,  # a spinning producer would see the acks without being woken
+    ).run()
+    elapsed = time.monotonic() - t0
+    assert report.outputs == list(range(4000))
+    assert elapsed < 7, f"4000 frames through a 1 MiB window took {elapsed:.1f} s"
+
+
+def test_queue_bytes_must_be_a_positive_int():
+    with pytest.raises(SupervisorError, match="queue_bytes must be a positive int"):
+        Supervisor([PassThroughNode(name="p", options={"queue_bytes": 0})])
 
 
 def test_idle_worker_uses_no_cpu():
