@@ -172,6 +172,7 @@ def main() -> None:
 @click.option("--restart-policy", type=click.Choice(["never", "on-failure", "always"]), default="on-failure", show_default=True)
 @click.option("--max-restarts", type=int, default=5, show_default=True)
 @click.option("--queue-depth", type=int, default=32, show_default=True, help="Frames in flight per edge.")
+@click.option("--queue-bytes", type=float, default=256.0, show_default=True, help="MiB in flight per edge.")
 @click.option("--process-timeout", type=float, default=None, help="Seconds one process() call may take before the worker is restarted.")
 @click.option("--memory-limit", type=float, default=None, help="MiB of private memory per worker before it is restarted.")
 @click.option("--poison-threshold", type=int, default=3, show_default=True, help="Crashes on one frame before it is dead-lettered.")
@@ -194,6 +195,7 @@ def start(
     restart_policy: str,
     max_restarts: int,
     queue_depth: int,
+    queue_bytes: float,
     process_timeout: Optional[float],
     memory_limit: Optional[float],
     poison_threshold: int,
@@ -221,6 +223,7 @@ def start(
             restart_policy=restart_policy,
             max_restarts=max_restarts,
             queue_depth=queue_depth,
+            queue_bytes=int(queue_bytes * 2**20),
             process_timeout=process_timeout,
             memory_limit=int(memory_limit * 2**20) if memory_limit else None,
             poison_threshold=poison_threshold,

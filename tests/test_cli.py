@@ -74,6 +74,19 @@ def test_input_file(tmp_path):
     assert [l.split("] ")[1] for l in r.stdout.splitlines()] == ["'A'", "'B'", "'C'"]
 
 
+def test_queue_options(tmp_path):
+    script = tmp_path / "upper.py"
+    script.write_text("from remotemedia.nodes import MapNode\npipeline = [MapNode(str.upper)]\n")
+    data = tmp_path / "in.txt"
+    data.write_text("a\nb\n")
+    r = cli("start", str(script), "--input", str(data), "--queue-depth", "4", "--queue-bytes", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert [l.split("] ")[1] for l in r.stdout.splitlines()] == ["'A'", "'B'"]
+    r = cli("start", str(script), "--input", str(data), "--queue-bytes", "0")
+    assert r.returncode != 0
+    assert "queue_bytes must be a positive int" in r.stderr
+
+
 @pytest.mark.parametrize(
     "content,needle",
     [
