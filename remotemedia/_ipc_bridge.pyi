@@ -5,7 +5,7 @@ Errors raised are the classes of :mod:`remotemedia.errors` (``ServiceError``, ``
 ``LoanError``, ``SendError``, ``ReceiveError``, ``WaitError``, ``TransportError``).
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Buffer
 
@@ -70,6 +70,23 @@ class Publisher:
     ) -> int:
         """Copy ``meta`` and ``buffers`` (contiguous) into one chunk and publish it. Returns
         the number of subscribers reached."""
+    def learn_array(self, array_type: type, dtype: Any, shape: Tuple[int, ...], meta: bytes, nbytes: int) -> None:
+        """Let ``send_array`` encode arrays of exactly ``array_type``, this dtype object and this
+        shape by itself, as ``meta`` plus one buffer of ``nbytes`` (one entry, replaced by the
+        next call). Python decides what qualifies."""
+    def send_array(
+        self,
+        seq: int,
+        array: Any,
+        *,
+        origin: int = 0,
+        stream_id: int = 0,
+        created_ns: int = 0,
+        notifier: Optional[Notifier] = None,
+    ) -> int:
+        """Encode (with the learned meta), copy, publish and notify in one call. Returns the
+        subscribers reached (0: discarded), or -1 with nothing sent when ``array`` is not
+        like the learned one."""
     def loan(self, nbytes: int, meta_reserve: int = 4032) -> Loan:
         """A chunk whose single buffer of ``nbytes`` is written in place (zero-copy send)."""
     def update_connections(self) -> None: ...
@@ -117,6 +134,24 @@ class Subscriber:
     def receive(self) -> Optional[Sample]:
         """Next frame or None; never blocks. ReceiveError when ``max_borrowed`` frames are
         still referenced."""
+    def learn_array(
+        self,
+        meta: bytes,
+        payload_len: int,
+        frombuffer: Callable[..., Any],
+        dtype: Any,
+        count: int,
+        shape: Optional[Tuple[int, ...]] = None,
+    ) -> None:
+        """Let ``take`` decode frames with this meta and payload length by itself, as
+        ``frombuffer(sample, dtype, count=count, offset=...)`` reshaped to ``shape`` (one entry,
+        replaced by the next call)."""
+    def take(
+        self, expected: int, borrow_limit: int
+    ) -> Union[None, Sample, Tuple[Any, int, int, int, int, int]]:
+        """Next frame: ``(array, seq, origin, stream_id, created_ns, sent_ns)`` when it is data
+        frame ``expected`` like the learned one and fewer than ``borrow_limit`` frames are held;
+        otherwise the Sample; None when the queue is empty."""
     def has_samples(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -141,7 +176,10 @@ class Sample:
 class Notifier:
     service: str
     def __init__(self, node: Node, service: str, *, max_notifiers: int = 64) -> None: ...
-    def notify(self) -> int: ...
+    def notify(self) -> int:
+        """Wake every listener; returns how many there are. Then yields the CPU when
+        ``yield_unless_queued`` subscribers are set and none has a frame queued."""
+    def yield_unless_queued(self, subscribers: Sequence[Subscriber]) -> None: ...
 
 class Listener:
     service: str

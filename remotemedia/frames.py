@@ -91,7 +91,7 @@ class FrameInfo(NamedTuple):
 _PROTOCOL = 5
 # A bare contiguous numpy array (the common media frame) skips pickle: its meta is this tag,
 # the dtype and the shape. Pickle streams start with b"\x80", so the tag cannot collide.
-_ND_TAG = b"RMND"
+ND_TAG = _ND_TAG = b"RMND"
 _ND_HEAD = struct.Struct("<4sBB")  # tag, len(dtype str), ndim
 
 
@@ -165,6 +165,16 @@ def decode(sample: Any, copy: bool = False) -> Any:
         ((o, n),) = sample.buffers
         return _decode_ndarray(meta, mv[o : o + n])
     return pickle.loads(meta, buffers=[mv[o : o + n] for o, n in sample.buffers])
+
+
+def ndarray_meta(sample: Any) -> Optional[bytes]:
+    """The meta of a received sample when it carries a bare array (the fast-path encoding),
+    else None."""
+    m0, m1 = sample.meta
+    if m1 - m0 < 4 or len(sample.buffers) != 1:
+        return None
+    meta = bytes(memoryview(sample)[m0:m1])
+    return meta if meta[:4] == _ND_TAG else None
 
 
 def decode_bytes(meta: bytes, buffers: List[Any]) -> Any:

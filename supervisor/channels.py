@@ -42,9 +42,11 @@ import time
 from collections import deque
 from typing import Any, Deque, List, Optional, Tuple
 
+import numpy as np
+
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import TransportError
-from remotemedia.frames import Frame, Kind
+from remotemedia.frames import ND_TAG, Frame, Kind, ndarray_meta
 
 from .protocol import EdgeSpec
 
@@ -124,9 +126,12 @@ class OutPort:
         self.sent = 0
         self.zero_copy = 0  # frames sent from a loaned chunk, without a copy
         self.copied_on_reuse = 0  # of those, copied after all: not committed before the next loan
+        self.encoded_by_bridge = 0  # frames sent by send_array (the hot path)
         self.resent = 0
         self.discarded = 0
         self.eos_sent = False
+        self._array_meta: Optional[bytes] = None  # see send_array
+        self._array_nbytes = 0
 
     # -------------------------------------------------------------- sending
 
@@ -187,6 +192,49 @@ class OutPort:
                 self.undelivered = seq
                 self._schedule_retry(reset=True)
         return seq
+
+    def send_array(self, value: Any, origin: int, stream_id: int, created_ns: int) -> bool:
+        """The hot path of :meth:`send`: a bare array like the last one :meth:`learn_array`
+        saw is encoded, copied, published and notified by the bridge in one call (the caller
+        checked ``can_send``). False, with nothing sent, when the bridge cannot (then encode
+        and :meth:`send`)."""
+        meta = self._array_meta
+        if meta is None or self.undelivered is not None or self.loaned_retained:
+            return False
+        seq = self.next_seq
+        if seq < self.committed:
+            return False  # regenerated after a restart: send() knows what to skip
+        n = self.pub.send_array(
+            seq, value, origin=origin, stream_id=stream_id, created_ns=created_ns, notifier=self.notifier
+        )
+        if n < 0:
+            return False
+        self.next_seq = seq + 1
+        self.encoded_by_bridge += 1
+        if not self.lossless:
+            self.sent += 1
+            return True
+        nbytes = self._array_nbytes
+        self.last_nbytes = nbytes
+        self.retained.append(Retained(seq, KIND_DATA, meta, [value], origin, stream_id, created_ns, nbytes))
+        self.retained_bytes += nbytes
+        if n:
+            self.sent += 1
+        else:
+            self.discarded += 1
+            self.undelivered = seq
+            self._schedule_retry(reset=True)
+        return True
+
+    def learn_array(self, value: Any, meta: bytes, buffer: Any) -> None:
+        """Let :meth:`send_array` take arrays like ``value`` (a bare array that
+        :func:`remotemedia.frames.encode` turned into ``meta`` and ``buffer``)."""
+        if type(value) is not np.ndarray or meta[:4] != ND_TAG:
+            return
+        nbytes = memoryview(buffer).nbytes
+        self.pub.learn_array(np.ndarray, value.dtype, value.shape, meta, nbytes)
+        self._array_meta = meta
+        self._array_nbytes = len(meta) + nbytes
 
     def send_loan(self, loan: Any, meta: bytes, buffer: Any, origin: int = 0, stream_id: int = 0, created_ns: int = 0) -> int:
         """Send a frame whose single buffer was written in place in ``loan`` (zero copy).
@@ -392,6 +440,7 @@ class InPort:
         self.duplicates = 0
         self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
+        self.decoded_by_bridge = 0  # frames take() returned decoded (the hot path)
         self.borrow_limit = self.sub.max_borrowed - 1
 
     def receive(self) -> Optional[Any]:
@@ -400,40 +449,74 @@ class InPort:
             s = self.sub.receive()
             if s is None:
                 return None
-            seq = s.seq
-            if seq < self.expected:
-                if s.kind == KIND_EOS and not self.eos:
-                    # see OutPort.send: an end of stream is never a duplicate
-                    self.eos = True
-                    self.eos_seq = self.expected - 1
-                    self.received += 1
-                    return s
-                # A restarted producer regenerates what we already have. It cannot know our
-                # position (its ack subscriber is new): answer with an ack.
-                self.duplicates += 1
-                self.dup_pending = True
-                continue
-            if seq > self.expected:
-                if self.lossless:
-                    if self.gap_since is None:
-                        self.gap_since = time.monotonic()
-                    continue
-                self.dropped += seq - self.expected
-            self.expected = seq + 1
-            self.gap_since = None
+            s = self._accept(s)
+            if s is not None:
+                return s
+
+    def take(self) -> Optional[Any]:
+        """Like :meth:`receive`, but an in-order data frame carrying a bare array like the last
+        one :meth:`learn` saw comes decoded by the bridge, as ``(array, seq, origin,
+        stream_id, created_ns, sent_ns)`` (the hot path: no Sample, no Python decoding).
+        Anything else comes as a Sample."""
+        r = self.sub.take(self.expected, self.borrow_limit)
+        if type(r) is tuple:
+            self.expected += 1
             self.received += 1
-            if s.kind == KIND_EOS:
+            self.decoded_by_bridge += 1
+            self.gap_since = None
+            return r
+        if r is None:
+            return None
+        r = self._accept(r)
+        return r if r is not None else self.receive()
+
+    def learn(self, sample: Any, data: Any) -> None:
+        """Teach :meth:`take` to decode frames like ``sample`` (decoded in Python to the bare
+        array ``data``) by itself."""
+        meta = ndarray_meta(sample)
+        if meta is None or type(data) is not np.ndarray or not data.size:
+            return
+        self.sub.learn_array(
+            meta, len(sample), np.frombuffer, data.dtype, data.size, data.shape if data.ndim != 1 else None
+        )
+
+    def _accept(self, s: Any) -> Optional[Any]:
+        """Sequence checks of one received sample: the sample when it is the next frame,
+        None when it must be dropped (duplicate, or beyond a gap on a lossless edge)."""
+        seq = s.seq
+        if seq < self.expected:
+            if s.kind == KIND_EOS and not self.eos:
+                # see OutPort.send: an end of stream is never a duplicate
                 self.eos = True
-                self.eos_seq = seq
-            else:
-                n = len(s)
-                if n != self._frame_len:
-                    # A payload is a little larger than what the producer counts, so this
-                    # never overestimates its window.
-                    self._frame_len = n
-                    self.window = max(1, min(self.spec.depth, -(-self.spec.max_bytes // max(n, 1))))
-                    self.notify_every = max(1, self.window // 2)
-            return s
+                self.eos_seq = self.expected - 1
+                self.received += 1
+                return s
+            # A restarted producer regenerates what we already have. It cannot know our
+            # position (its ack subscriber is new): answer with an ack.
+            self.duplicates += 1
+            self.dup_pending = True
+            return None
+        if seq > self.expected:
+            if self.lossless:
+                if self.gap_since is None:
+                    self.gap_since = time.monotonic()
+                return None
+            self.dropped += seq - self.expected
+        self.expected = seq + 1
+        self.gap_since = None
+        self.received += 1
+        if s.kind == KIND_EOS:
+            self.eos = True
+            self.eos_seq = seq
+        else:
+            n = len(s)
+            if n != self._frame_len:
+                # A payload is a little larger than what the producer counts, so this
+                # never overestimates its window.
+                self._frame_len = n
+                self.window = max(1, min(self.spec.depth, -(-self.spec.max_bytes // max(n, 1))))
+                self.notify_every = max(1, self.window // 2)
+        return s
 
     def ack(self, processed: int, committed: int, force: bool = False) -> None:
         """Tell the producer how many frames are processed and committed (counts); unchanged

@@ -40,10 +40,10 @@ import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import LoanError
-from remotemedia.frames import FrameInfo, decode, encode
+from remotemedia.frames import Frame, FrameInfo, decode, encode
 from remotemedia.node import Node
 
-from .channels import KIND_DATA, KIND_EOS, MAX_LOANED, InPort, OutPort, split_frame
+from .channels import KIND_DATA, KIND_EOS, MAX_LOANED, InPort, OutPort
 from .protocol import (
     EXIT_ABORTED,
     EXIT_LOAD_ERROR,
@@ -147,6 +147,13 @@ class Runner:
             for e in spec.out_edges
         ]
         self.by_edge_in = {p.spec.index: p for p in self.inputs}
+        if self.inputs:
+            # A stage lets the consumer it wakes run first when it has no input waiting (see
+            # Notifier.yield_unless_queued): on a machine with fewer cores than stages this
+            # is most of a hop's latency. A source does not: it would only slow itself down.
+            subs = [p.sub for p in self.inputs]
+            for p in self.outputs:
+                p.notifier.yield_unless_queued(subs)
         self.by_edge_out = {p.spec.index: p for p in self.outputs}
         # only lossless edges hold commits back (a lossy edge keeps nothing to replay)
         self._lossless_out = [(p.spec.index, p) for p in self.outputs if p.lossless]
@@ -392,22 +399,36 @@ class Runner:
         self._loans.clear()
 
     def emit(self, value: Any) -> None:
-        value, stream_id = split_frame(value)
-        if stream_id is None:
+        if type(value) is Frame:
+            value, stream_id = value.value, value.stream_id
+            if stream_id is None:
+                stream_id = self._current_stream
+        else:
             stream_id = self._current_stream
-        meta, bufs = encode(value)
+        origin, created = self._current_origin, self._current_created
+        # A bare array goes out through the bridge's hot path (encoded, copied, published and
+        # notified in one call) on every edge that has seen its dtype and shape before.
+        fast = type(value) is np.ndarray and not self._loans
+        meta: Any = None
+        bufs: List[Any] = []
         loan = None
-        if self._loans and len(bufs) == 1:
-            loan = self._loans.pop(bridge.buffer_address(bufs[0]), None)
-            if loan is not None and (loan.nbytes != memoryview(bufs[0]).nbytes or not loan.pending):
-                loan = None
         for i, port in enumerate(self.outputs):
             if not port.can_send():
                 self.wait_for_room(port)
+            if fast and port.send_array(value, origin, stream_id, created):
+                continue
+            if meta is None:
+                meta, bufs = encode(value)
+                if self._loans and len(bufs) == 1:
+                    loan = self._loans.pop(bridge.buffer_address(bufs[0]), None)
+                    if loan is not None and (loan.nbytes != memoryview(bufs[0]).nbytes or not loan.pending):
+                        loan = None
             if i == 0 and loan is not None:
-                port.send_loan(loan, meta, bufs[0], self._current_origin, stream_id, self._current_created)
+                port.send_loan(loan, meta, bufs[0], origin, stream_id, created)
             else:
-                port.send(KIND_DATA, meta, bufs, self._current_origin, stream_id, self._current_created)
+                port.send(KIND_DATA, meta, bufs, origin, stream_id, created)
+                if fast and len(bufs) == 1:
+                    port.learn_array(value, meta, bufs[0])
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
@@ -467,59 +488,74 @@ class Runner:
             port = self.inputs[(self._rr + i) % n]
             if port.eos:
                 continue
-            sample = port.receive()
-            if sample is None:
+            # (frames to skip are dead-lettered from their Sample: no bridge decoding then)
+            got = port.receive() if self.skip else port.take()
+            if got is None:
                 continue
             self._rr = (self._rr + i + 1) % n
-            if sample.kind == KIND_EOS:
-                return True
-            self.handle_frame(port, sample)
+            if type(got) is tuple:  # decoded by the bridge
+                data, seq, origin, stream_id, created_ns, sent_ns = got
+                self.run_node(port, data, seq, origin, stream_id, created_ns, sent_ns)
+            elif got.kind != KIND_EOS:
+                self.handle_frame(port, got)
             return True
         return False
 
     def handle_frame(self, port: InPort, sample: Any) -> None:
-        # The hot path: every attribute lookup here costs every frame of every stage.
         seq, origin, stream_id, created_ns, sent_ns, _ = sample.info
         edge = port.spec.index
         if self.skip and seq in self.skip.get(edge, ()):
             self.dead_letter(port, sample)
             del sample
+            self.processed[edge] = seq
+            self.mark()
+            self.advance_commits()
+            return
+        data = decode(sample, port.sub.borrowed >= port.borrow_limit)
+        if type(data) is np.ndarray:
+            port.learn(sample, data)  # the next frames like it take the hot path
+        del sample
+        self.run_node(port, data, seq, origin, stream_id, created_ns, sent_ns)
+
+    def run_node(self, port: InPort, data: Any, seq: int, origin: int, stream_id: int, created_ns: int, sent_ns: int) -> None:
+        """process() one input frame and emit its outputs, then the bookkeeping that can wait
+        until they are sent: this is the hot path of every stage, every frame."""
+        self._current_origin = origin
+        self._current_stream = stream_id
+        self._current_created = created_ns
+        self.frames_in += 1
+        edge = port.spec.index
+        node = self.node
+        if self._lazy_frame:
+            node._remotemedia_frame = (seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
         else:
-            data = decode(sample, port.sub.borrowed >= port.borrow_limit)
-            del sample
-            self._current_origin = origin
-            self._current_stream = stream_id
-            self._current_created = created_ns
-            self.frames_in += 1
+            node.current_frame = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
+        board = self.board
+        if board is not None:
+            board.busy(edge, seq)
+        t0 = time.perf_counter_ns()
+        try:
+            self.emit_result(node.process(data))
+            if self._loans:
+                self._release_loans()  # allocated but not returned
+        except _Abort:
+            raise
+        except Exception as e:
+            self._release_loans()
+            self.errors += 1
+            exc_type, message, tb, blob = _format_exc(e)
+            fatal = self.spec.on_error == "raise"
+            self.chan.send(NodeFailed(seq, origin, exc_type, message, tb, blob, fatal=fatal))
+            if fatal:
+                self.failed = True
+        finally:
+            self.latency.add(time.perf_counter_ns() - t0)
             if self._lazy_frame:
-                self.node._remotemedia_frame = (seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
+                node._remotemedia_frame = None
             else:
-                self.node.current_frame = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
-            if self.board is not None:
-                self.board.busy(edge, seq)
-            t0 = time.perf_counter_ns()
-            try:
-                self.emit_result(self.node.process(data))
-                if self._loans:
-                    self._release_loans()  # allocated but not returned
-            except _Abort:
-                raise
-            except Exception as e:
-                self._release_loans()
-                self.errors += 1
-                exc_type, message, tb, blob = _format_exc(e)
-                fatal = self.spec.on_error == "raise"
-                self.chan.send(NodeFailed(seq, origin, exc_type, message, tb, blob, fatal=fatal))
-                if fatal:
-                    self.failed = True
-            finally:
-                self.latency.add(time.perf_counter_ns() - t0)
-                if self._lazy_frame:
-                    self.node._remotemedia_frame = None
-                else:
-                    self.node.current_frame = None
-                if self.board is not None:
-                    self.board.idle(self.frames_in)
+                node.current_frame = None
+            if board is not None:
+                board.idle(self.frames_in)
         self.processed[edge] = seq
         self.mark()
         self.advance_commits()
@@ -729,7 +765,12 @@ class Runner:
             "dead_letters": self.dead_letters,
             "latency": self.latency.summary(),
             "edges_in": {
-                p.spec.index: {"received": p.received, "duplicates": p.duplicates, "dropped": p.dropped}
+                p.spec.index: {
+                    "received": p.received,
+                    "duplicates": p.duplicates,
+                    "dropped": p.dropped,
+                    "decoded_by_bridge": p.decoded_by_bridge,
+                }
                 for p in self.inputs
             },
             "edges_out": {
@@ -737,6 +778,7 @@ class Runner:
                     "sent": p.sent,
                     "zero_copy": p.zero_copy,
                     "copied_on_reuse": p.copied_on_reuse,
+                    "encoded_by_bridge": p.encoded_by_bridge,
                     "resent": p.resent,
                     "discarded": p.discarded,
                     "in_flight": p.in_flight,

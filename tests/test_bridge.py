@@ -181,3 +181,79 @@ def test_list_nodes_and_stale_cleanup(node):
     states = b.list_nodes(node.prefix)
     assert ("alive", os.getpid(), "test") in states
     assert b.remove_stale_resources(node.prefix) == (0, 0)
+
+
+def _learn_rx(sub, sample, arr):
+    from remotemedia.frames import ndarray_meta
+
+    sub.learn_array(ndarray_meta(sample), len(sample), np.frombuffer, arr.dtype, arr.size,
+                    arr.shape if arr.ndim != 1 else None)
+
+
+def test_send_array_needs_a_learned_array(node):
+    pub, sub = pair(node)
+    nt_listener = b.Listener(node, "e/inbox")
+    nt = b.Notifier(node, "e/inbox")
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert pub.send_array(0, a, notifier=nt) == -1  # nothing learned: nothing sent
+    assert sub.receive() is None and nt_listener.drain() == 0
+    meta, bufs = encode(a)
+    pub.learn_array(np.ndarray, a.dtype, a.shape, meta, memoryview(bufs[0]).nbytes)
+    assert pub.send_array(5, a + 1, origin=2, stream_id=3, created_ns=4, notifier=nt) == 1
+    assert nt_listener.drain() == 1  # sent and notified in one call
+    s = sub.receive()
+    assert (s.seq, s.origin, s.stream_id, s.created_ns) == (5, 2, 3, 4)
+    assert np.array_equal(decode(s), a + 1)  # the same bytes as the Python encoder's
+    del s
+    # anything unlike the learned array is refused, not mis-encoded
+    unlike = [
+        a.astype(np.float64),                 # dtype
+        a.reshape(4, 3),                      # shape
+        np.asfortranarray(a),                 # not C-contiguous
+        a[:, ::2],                            # strided view
+        np.ma.masked_array(a),                # subclass
+        a.tolist(),                           # not an array
+    ]
+    for x in unlike:
+        assert pub.send_array(6, x) == -1, x
+    assert sub.receive() is None
+
+
+def test_take_decodes_learned_frames_only(node):
+    pub, sub = pair(node, max_borrowed=4)
+    a = np.arange(6, dtype=np.int16).reshape(2, 3)
+    meta, bufs = encode(a)
+    for seq in range(4):
+        pub.send(seq, 0, meta, [memoryview(a + seq).cast("B")])
+    s = sub.take(0, 3)
+    assert isinstance(s, b.Sample)  # nothing learned yet
+    _learn_rx(sub, s, decode(s))
+    del s
+    got = sub.take(1, 3)
+    assert isinstance(got, tuple)
+    arr, seq, origin, stream_id, created_ns, sent_ns = got
+    assert seq == 1 and np.array_equal(arr, a + 1) and arr.shape == (2, 3) and arr.dtype == np.int16
+    assert not arr.flags.writeable and sub.borrowed == 1  # a view on shared memory
+    assert isinstance(sub.take(5, 3), b.Sample)  # not the frame expected: Python decides
+    held = sub.take(3, 1)  # borrow limit reached: Python copies it out
+    assert isinstance(held, b.Sample)
+    del arr, got, held
+    assert sub.borrowed == 0
+    # another shape, or another kind, is not taken for the learned one
+    other = np.arange(6, dtype=np.int16).reshape(3, 2)
+    m2, b2 = encode(other)
+    pub.send(4, 0, m2, b2)
+    pub.send(5, 1, b"")
+    assert isinstance(sub.take(4, 3), b.Sample) and isinstance(sub.take(5, 3), b.Sample)
+    assert sub.take(6, 3) is None
+
+
+def test_notify_may_yield_and_still_wakes(node):
+    pub, sub = pair(node)
+    listener = b.Listener(node, "e/inbox")
+    nt = b.Notifier(node, "e/inbox")
+    nt.yield_unless_queued([sub])
+    assert nt.notify() == 1  # nothing queued: notifies, then yields
+    pub.send(0, 0, b"x")
+    assert nt.notify() == 1  # a frame queued: notifies without yielding
+    assert listener.drain() >= 1

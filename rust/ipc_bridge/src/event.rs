@@ -31,6 +31,7 @@ fn open_event(node: &Node, name: &str, max_notifiers: usize) -> PyResult<PortFac
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Notifier {
     notifier: IoxNotifier<Svc>,
+    yield_unless: Mutex<Vec<Py<Subscriber>>>,
     #[pyo3(get)]
     service: String,
     _factory: PortFactory<Svc>,
@@ -47,15 +48,44 @@ impl Notifier {
             .notifier_builder()
             .create()
             .map_err(|e| port_err(format!("creating notifier on {service:?}"), e))?;
-        Ok(Self { notifier, service: service.to_owned(), _factory: factory, _node: node })
+        Ok(Self { notifier, yield_unless: Mutex::new(Vec::new()), service: service.to_owned(), _factory: factory, _node: node })
+    }
+
+    /// Wakes every listener, ignoring failures (a consumer that is gone is woken by its
+    /// restart, not by us).
+    pub(crate) fn notify_quiet(&self, py: Python<'_>) {
+        if self.notifier.notify().is_ok() {
+            self.after_notify(py);
+        }
+    }
+
+    fn after_notify(&self, py: Python<'_>) {
+        let subs = self.yield_unless.lock().expect("notifier mutex poisoned");
+        if subs.is_empty() || subs.iter().any(|s| s.get().peek()) {
+            return;
+        }
+        drop(subs);
+        // The consumer we just woke is often queued on this very core (the kernel places a
+        // wakee next to its waker), behind the bookkeeping we would do next. With no input
+        // waiting we have nothing urgent: let it run first.
+        py.detach(|| unsafe { libc::sched_yield() });
     }
 
     /// Wakes every listener. Returns how many listeners were notified (0 when none is
     /// attached, e.g. while the consumer restarts).
-    fn notify(&self) -> PyResult<usize> {
-        self.notifier
+    fn notify(&self, py: Python<'_>) -> PyResult<usize> {
+        let n = self
+            .notifier
             .notify()
-            .map_err(|e| wait_err(format!("notifying {:?}", self.service), e))
+            .map_err(|e| wait_err(format!("notifying {:?}", self.service), e))?;
+        self.after_notify(py);
+        Ok(n)
+    }
+
+    /// After each wake-up it sends, give up the CPU (`sched_yield`) unless one of `subscribers`
+    /// has a frame queued. For a stage: its inputs. Empty (the default): never yield.
+    fn yield_unless_queued(&self, subscribers: Vec<Py<Subscriber>>) {
+        *self.yield_unless.lock().expect("notifier mutex poisoned") = subscribers;
     }
 }
 

@@ -14,9 +14,12 @@ use iceoryx2::service::port_factory::publish_subscribe::PortFactory;
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::intern;
+use pyo3::types::PyDict;
 
 use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, transport_err};
 use crate::layout;
+use crate::event::Notifier;
 use crate::node::{Node, Svc};
 
 /// Kind of an ordinary data frame; other kinds are defined by Python.
@@ -168,8 +171,19 @@ pub struct Publisher {
     publisher: Mutex<Option<IoxPublisher<Svc, [u8], FrameHeader>>>,
     #[pyo3(get)]
     service: String,
+    tx_cache: Mutex<Option<TxCache>>,
     _factory: Factory,
     _node: Py<Node>,
+}
+
+/// What `Publisher.send_array()` needs to encode an array by itself: the array type, dtype and
+/// shape it accepts, and the meta Python encoded for them (Python decides what qualifies).
+struct TxCache {
+    array_type: Py<PyAny>,
+    dtype: Py<PyAny>,
+    shape: Py<PyAny>,
+    meta: Vec<u8>,
+    nbytes: usize,
 }
 
 impl Publisher {
@@ -179,6 +193,38 @@ impl Publisher {
             Some(p) => f(p),
             None => Err(transport_err(format!("publisher of {:?} is closed", self.service))),
         }
+    }
+
+    /// Copies `meta` and the `(ptr, len)` buffers into one chunk and sends it.
+    fn send_parts(&self, py: Python<'_>, mut h: FrameHeader, meta: (usize, usize), bufs: &[(usize, usize)]) -> PyResult<usize> {
+        let lens: Vec<usize> = bufs.iter().map(|b| b.1).collect();
+        let lay = layout::compute(meta.1, &lens).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if meta.1 > u32::MAX as usize || bufs.len() > u32::MAX as usize {
+            return Err(PyValueError::new_err("frame meta larger than 4 GiB"));
+        }
+        let seq = h.seq;
+        self.with(|p| {
+            let mut sample = self.loan_uninit(p, lay.total)?;
+            let dst = sample.payload_mut().as_mut_ptr() as usize;
+            unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
+            let mut parts = Vec::with_capacity(bufs.len() + 1);
+            parts.push((meta.0, lay.meta_offset, meta.1));
+            for (&(ptr, len), &off) in bufs.iter().zip(&lay.buffer_offsets) {
+                parts.push((ptr, off, len));
+            }
+            let job = CopyJob { parts, dst };
+            if lay.total >= GIL_FREE_COPY {
+                py.detach(|| job.run());
+            } else {
+                job.run();
+            }
+            h.meta_len = meta.1 as u32;
+            h.nbufs = bufs.len() as u32;
+            h.sent_ns = monotonic_ns();
+            *sample.user_header_mut() = h;
+            let sample = unsafe { sample.assume_init() };
+            sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e))
+        })
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -231,7 +277,13 @@ impl Publisher {
             .max_loaned_samples(max_loaned)
             .create()
             .map_err(|e| port_err(format!("creating publisher on {service:?}"), e))?;
-        Ok(Self { publisher: Mutex::new(Some(publisher)), service: service.to_owned(), _factory: factory, _node: node })
+        Ok(Self {
+            publisher: Mutex::new(Some(publisher)),
+            service: service.to_owned(),
+            tx_cache: Mutex::new(None),
+            _factory: factory,
+            _node: node,
+        })
     }
 
     /// Sends one frame: `meta` and every buffer of `buffers` (any contiguous buffer-protocol
@@ -253,34 +305,66 @@ impl Publisher {
     ) -> PyResult<usize> {
         let meta_buf = RawBuffer::get(meta)?;
         let bufs = buffers.iter().map(RawBuffer::get).collect::<PyResult<Vec<_>>>()?;
-        let lens: Vec<usize> = bufs.iter().map(RawBuffer::len).collect();
-        let lay = layout::compute(meta_buf.len(), &lens).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        if meta_buf.len() > u32::MAX as usize || bufs.len() > u32::MAX as usize {
-            return Err(PyValueError::new_err("frame meta larger than 4 GiB"));
+        let parts: Vec<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
+        let h = header(seq, kind, origin, stream_id, created_ns, flags);
+        self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)
+    }
+
+    /// Tells `send_array()` which arrays it may encode by itself: exactly of type `array_type`,
+    /// with this dtype object and this shape, whose bytes Python encodes as `meta` followed by
+    /// one buffer of `nbytes` bytes. One entry: a new one replaces the last.
+    fn learn_array(
+        &self,
+        array_type: Py<PyAny>,
+        dtype: Py<PyAny>,
+        shape: Py<PyAny>,
+        meta: &[u8],
+        nbytes: usize,
+    ) {
+        *self.tx_cache.lock().expect("publisher cache poisoned") =
+            Some(TxCache { array_type, dtype, shape, meta: meta.to_vec(), nbytes });
+    }
+
+    /// The hot path of a stage's output: encodes `array` with the learned meta (see
+    /// `learn_array()`), copies it into a chunk, sends it and wakes `notifier`, in one call.
+    /// Returns the number of subscribers reached (0: discarded, as `send()`), or -1 without
+    /// sending anything when `array` is not like the learned one (the caller encodes it in
+    /// Python and calls `send()`).
+    #[pyo3(signature = (seq, array, *, origin = 0, stream_id = 0, created_ns = 0, notifier = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send_array(
+        &self,
+        py: Python<'_>,
+        seq: u64,
+        array: &Bound<'_, PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        notifier: Option<&Bound<'_, Notifier>>,
+    ) -> PyResult<isize> {
+        let guard = self.tx_cache.lock().expect("publisher cache poisoned");
+        let Some(c) = guard.as_ref() else { return Ok(-1) };
+        if array.get_type().as_ptr() != c.array_type.as_ptr()
+            || array.getattr(intern!(py, "dtype"))?.as_ptr() != c.dtype.as_ptr()
+            || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
+        {
+            return Ok(-1);
         }
-        self.with(|p| {
-            let mut sample = self.loan_uninit(p, lay.total)?;
-            let dst = sample.payload_mut().as_mut_ptr() as usize;
-            unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
-            let mut parts = Vec::with_capacity(bufs.len() + 1);
-            parts.push((meta_buf.ptr() as usize, lay.meta_offset, meta_buf.len()));
-            for (b, &off) in bufs.iter().zip(&lay.buffer_offsets) {
-                parts.push((b.ptr() as usize, off, b.len()));
+        // Type, dtype and shape match what Python vetted; only contiguity is left, and the
+        // simple buffer request refuses a non-contiguous array.
+        let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
+        if buf.len() != c.nbytes {
+            return Ok(-1);
+        }
+        let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
+        let n = self.send_parts(py, h, (c.meta.as_ptr() as usize, c.meta.len()), &[(buf.ptr() as usize, buf.len())])?;
+        drop(guard);
+        if n > 0 {
+            if let Some(nt) = notifier {
+                nt.get().notify_quiet(py);
             }
-            let job = CopyJob { parts, dst };
-            if lay.total >= GIL_FREE_COPY {
-                py.detach(|| job.run());
-            } else {
-                job.run();
-            }
-            let mut h = header(seq, kind, origin, stream_id, created_ns, flags);
-            h.meta_len = meta_buf.len() as u32;
-            h.nbufs = bufs.len() as u32;
-            h.sent_ns = monotonic_ns();
-            *sample.user_header_mut() = h;
-            let sample = unsafe { sample.assume_init() };
-            sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e))
-        })
+        }
+        Ok(n as isize)
     }
 
     /// Loans a chunk for a frame whose single out-of-band buffer of `nbytes` bytes is written in
@@ -409,6 +493,7 @@ impl Loan {
 pub struct Subscriber {
     subscriber: Mutex<Option<IoxSubscriber<Svc, [u8], FrameHeader>>>,
     borrowed: Arc<AtomicUsize>,
+    rx_cache: Mutex<Option<RxCache>>,
     #[pyo3(get)]
     max_borrowed: usize,
     #[pyo3(get)]
@@ -417,7 +502,56 @@ pub struct Subscriber {
     _node: Py<Node>,
 }
 
+/// What `Subscriber.take()` needs to decode a frame by itself: the meta Python decoded as a bare
+/// array, the payload length of such frames, and how to build the array (`frombuffer(sample,
+/// dtype, count, offset)`, then `reshape(shape)` unless `shape` is None).
+struct RxCache {
+    meta: Vec<u8>,
+    payload_len: usize,
+    frombuffer: Py<PyAny>,
+    dtype: Py<PyAny>,
+    count: usize,
+    shape: Option<Py<PyAny>>,
+}
+
 impl Subscriber {
+    fn receive_sample(&self) -> PyResult<Option<Sample>> {
+        let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
+        let sub = guard
+            .as_ref()
+            .ok_or_else(|| transport_err(format!("subscriber of {:?} is closed", self.service)))?;
+        let Some(sample) = sub.receive().map_err(|e| {
+            receive_err(
+                format!(
+                    "receiving on {:?} with {} of {} frames still held",
+                    self.service,
+                    self.borrowed.load(Ordering::Relaxed),
+                    self.max_borrowed
+                ),
+                e,
+            )
+        })?
+        else {
+            return Ok(None);
+        };
+        let h = *sample.user_header();
+        let payload: &[u8] = sample.payload();
+        let parsed = layout::parse(payload, h.meta_len as usize, h.nbufs as usize)
+            .map_err(|e| receive_err(format!("malformed frame {} on {:?}", h.seq, self.service), e.to_string()))?;
+        let ptr = payload.as_ptr() as usize;
+        let len = payload.len();
+        self.borrowed.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(Sample {
+            inner: Mutex::new(Some(sample)),
+            ptr,
+            len,
+            header: h,
+            meta: parsed.meta,
+            buffers: parsed.buffers,
+            borrowed: self.borrowed.clone(),
+        }))
+    }
+
     /// True when a frame is queued; no GIL needed (used while spinning).
     pub(crate) fn peek(&self) -> bool {
         match self.subscriber.lock() {
@@ -466,6 +600,7 @@ impl Subscriber {
         Ok(Self {
             subscriber: Mutex::new(Some(subscriber)),
             borrowed: Arc::new(AtomicUsize::new(0)),
+            rx_cache: Mutex::new(None),
             max_borrowed,
             service: service.to_owned(),
             _factory: factory,
@@ -478,40 +613,64 @@ impl Subscriber {
     /// Raises ReceiveError when `max_borrowed` frames are still referenced from Python; the
     /// caller decides what to do (Python copies frames out before that limit is reached).
     fn receive(&self) -> PyResult<Option<Sample>> {
-        let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
-        let sub = guard
-            .as_ref()
-            .ok_or_else(|| transport_err(format!("subscriber of {:?} is closed", self.service)))?;
-        let Some(sample) = sub.receive().map_err(|e| {
-            receive_err(
-                format!(
-                    "receiving on {:?} with {} of {} frames still held",
-                    self.service,
-                    self.borrowed.load(Ordering::Relaxed),
-                    self.max_borrowed
-                ),
-                e,
-            )
-        })?
-        else {
-            return Ok(None);
+        self.receive_sample()
+    }
+
+    /// Tells `take()` how to decode frames whose meta is `meta` and whose payload is
+    /// `payload_len` bytes: `frombuffer(sample, dtype, count=count, offset=<buffer offset>)`,
+    /// reshaped to `shape` unless it is None. One entry: a new one replaces the last.
+    #[pyo3(signature = (meta, payload_len, frombuffer, dtype, count, shape = None))]
+    fn learn_array(
+        &self,
+        meta: &[u8],
+        payload_len: usize,
+        frombuffer: Py<PyAny>,
+        dtype: Py<PyAny>,
+        count: usize,
+        shape: Option<Py<PyAny>>,
+    ) {
+        *self.rx_cache.lock().expect("subscriber cache poisoned") =
+            Some(RxCache { meta: meta.to_vec(), payload_len, frombuffer, dtype, count, shape });
+    }
+
+    /// The hot path of a stage's input. Receives the next frame; when it is the data frame
+    /// `expected` carrying an array like the learned one (see `learn_array()`), and fewer than
+    /// `borrow_limit` frames are held, returns `(array, seq, origin, stream_id, created_ns,
+    /// sent_ns)` with `array` a read-only view on shared memory. Any other frame comes back as
+    /// a `Sample` for Python to handle; None when the queue is empty.
+    fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
+        let fast_ok = self.borrowed.load(Ordering::Acquire) < borrow_limit;
+        let Some(sample) = self.receive_sample()? else { return Ok(None) };
+        let h = &sample.header;
+        let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
+        let cache = match guard.as_ref() {
+            Some(c)
+                if fast_ok
+                    && h.seq == expected
+                    && h.kind == KIND_DATA
+                    && sample.buffers.len() == 1
+                    && sample.len == c.payload_len
+                    && sample.meta.1 - sample.meta.0 == c.meta.len()
+                    && unsafe {
+                        std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
+                    } == c.meta.as_slice() =>
+            {
+                c
+            }
+            _ => return Ok(Some(Py::new(py, sample)?.into_any())),
         };
-        let h = *sample.user_header();
-        let payload: &[u8] = sample.payload();
-        let parsed = layout::parse(payload, h.meta_len as usize, h.nbufs as usize)
-            .map_err(|e| receive_err(format!("malformed frame {} on {:?}", h.seq, self.service), e.to_string()))?;
-        let ptr = payload.as_ptr() as usize;
-        let len = payload.len();
-        self.borrowed.fetch_add(1, Ordering::AcqRel);
-        Ok(Some(Sample {
-            inner: Mutex::new(Some(sample)),
-            ptr,
-            len,
-            header: h,
-            meta: parsed.meta,
-            buffers: parsed.buffers,
-            borrowed: self.borrowed.clone(),
-        }))
+        let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        let offset = sample.buffers[0].0;
+        let obj = Py::new(py, sample)?;
+        let kw = PyDict::new(py);
+        kw.set_item(intern!(py, "count"), cache.count)?;
+        kw.set_item(intern!(py, "offset"), offset)?;
+        let mut arr = cache.frombuffer.bind(py).call((obj, cache.dtype.bind(py)), Some(&kw))?;
+        if let Some(shape) = &cache.shape {
+            arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
+        }
+        let t = (arr, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
+        Ok(Some(t.into_any().unbind()))
     }
 
     /// True when at least one frame is queued.
