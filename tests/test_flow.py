@@ -294,14 +294,14 @@ class Mixed(Source):
                 yield a
 
 
-class Check(Node):
-    """Passes arrays on and records what it saw, to compare with a direct run."""
+class PassOn(Node):
+    """Returns its input: a view on shared memory, sent on by the hot path."""
 
     def process(self, data):
         return data
 
 
-class Summary(Node):
+class Describe(Node):
     def process(self, data):
         if isinstance(data, dict):
             return ("dict", data["i"], data["a"].dtype.str, data["a"].shape, data["a"].tobytes())
@@ -311,7 +311,7 @@ class Summary(Node):
 def _expected_mixed():
     out = []
     for d in Mixed().generate():
-        out.append(Summary().process(d))
+        out.append(Describe().process(d))
     return out
 
 
@@ -319,7 +319,7 @@ def test_bridge_hot_path_keeps_every_frame_exact():
     # Bare arrays are decoded and encoded by the bridge once an edge has seen their dtype and
     # shape; everything else (and the first frame of each new shape) goes through Python.
     # Either way the frames must arrive unchanged and in order.
-    nodes = [Mixed(name="src"), Check(name="a"), Check(name="b"), Summary(name="sum")]
+    nodes = [Mixed(name="src"), PassOn(name="a"), PassOn(name="b"), Describe(name="sum")]
     report = Supervisor(nodes).run()
     expected = _expected_mixed()
     assert len(report.outputs) == len(expected)
@@ -334,7 +334,7 @@ def test_bridge_hot_path_keeps_every_frame_exact():
             assert got == want, i
     # All but the first frame of each shape and the pickled ones. (A pass-through stage keeps
     # the arrays it sends, views on its input, until they are committed downstream: under
-    # load its input reaches the borrow limit and Python copies frames out. Summary keeps
+    # load its input reaches the borrow limit and Python copies frames out. Describe keeps
     # nothing, so its input shows the decoding side.)
     fast = 240 - 3 - 10 - 6
     for name in ("src", "a", "b"):
