@@ -78,7 +78,6 @@ class Publisher:
         self,
         seq: int,
         array: Any,
-        *,
         origin: int = 0,
         stream_id: int = 0,
         created_ns: int = 0,

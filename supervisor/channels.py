@@ -107,6 +107,7 @@ class OutPort:
         self.spec = spec
         self.consumer_finished = consumer_finished  # its stream already ended (restarts only)
         self.lossless = spec.lossless
+        self.depth, self.max_bytes = spec.depth, spec.max_bytes
         self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
         # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
         # was taken, because iceoryx2 drops the samples of a publisher that is gone.
@@ -142,10 +143,8 @@ class OutPort:
     def can_send(self) -> bool:
         if not self.lossless:
             return True
-        n = self.in_flight
-        if n <= 0:
-            return True
-        return n < self.spec.depth and n * self.last_nbytes < self.spec.max_bytes
+        n = self.next_seq - self.processed  # in flight (read for every frame: no property)
+        return n <= 0 or (n < self.depth and n * self.last_nbytes < self.max_bytes)
 
     def send(
         self,
@@ -204,9 +203,7 @@ class OutPort:
         seq = self.next_seq
         if seq < self.committed:
             return False  # regenerated after a restart: send() knows what to skip
-        n = self.pub.send_array(
-            seq, value, origin=origin, stream_id=stream_id, created_ns=created_ns, notifier=self.notifier
-        )
+        n = self.pub.send_array(seq, value, origin, stream_id, created_ns, self.notifier)
         if n < 0:
             return False
         self.next_seq = seq + 1
@@ -419,6 +416,7 @@ class InPort:
 
     def __init__(self, node: Any, spec: EdgeSpec, expected: int = 0) -> None:
         self.spec = spec
+        self.index, self.src = spec.index, spec.src
         self.lossless = spec.lossless
         self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
         self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())

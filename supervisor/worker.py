@@ -159,6 +159,7 @@ class Runner:
         self._lossless_out = [(p.spec.index, p) for p in self.outputs if p.lossless]
         self.skip = {edge: set(seqs) for edge, seqs in self.restore.skip.items()}
         self.started = not spec.is_source
+        self._is_source = spec.is_source
         self.draining = False
         self.failed = False  # process() raised with on_error="raise": wait for Abort
         self.processed: Dict[int, int] = {p.spec.index: p.expected - 1 for p in self.inputs}
@@ -483,19 +484,20 @@ class Runner:
     # ------------------------------------------------------------------ inputs
 
     def step_input(self) -> bool:
-        n = len(self.inputs)
+        inputs = self.inputs
+        n = len(inputs)
         for i in range(n):
-            port = self.inputs[(self._rr + i) % n]
+            port = inputs[(self._rr + i) % n] if n > 1 else inputs[0]
             if port.eos:
                 continue
             # (frames to skip are dead-lettered from their Sample: no bridge decoding then)
             got = port.receive() if self.skip else port.take()
             if got is None:
                 continue
-            self._rr = (self._rr + i + 1) % n
+            if n > 1:
+                self._rr = (self._rr + i + 1) % n
             if type(got) is tuple:  # decoded by the bridge
-                data, seq, origin, stream_id, created_ns, sent_ns = got
-                self.run_node(port, data, seq, origin, stream_id, created_ns, sent_ns)
+                self.run_node(port, *got)
             elif got.kind != KIND_EOS:
                 self.handle_frame(port, got)
             return True
@@ -524,12 +526,12 @@ class Runner:
         self._current_stream = stream_id
         self._current_created = created_ns
         self.frames_in += 1
-        edge = port.spec.index
+        edge = port.index
         node = self.node
         if self._lazy_frame:
-            node._remotemedia_frame = (seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
+            node._remotemedia_frame = (seq, origin, stream_id, created_ns, sent_ns, port.src)
         else:
-            node.current_frame = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.spec.src)
+            node.current_frame = FrameInfo(seq, origin, stream_id, created_ns, sent_ns, port.src)
         board = self.board
         if board is not None:
             board.busy(edge, seq)
@@ -720,7 +722,7 @@ class Runner:
         """Handle one frame (or one generate() item) if possible."""
         if self.failed:
             return False
-        if self.spec.is_source:
+        if self._is_source:
             if self.started and not self.inputs_done() and all(p.can_send() for p in self.outputs):
                 return self.step_source()
             return False

@@ -330,7 +330,7 @@ impl Publisher {
     /// Returns the number of subscribers reached (0: discarded, as `send()`), or -1 without
     /// sending anything when `array` is not like the learned one (the caller encodes it in
     /// Python and calls `send()`).
-    #[pyo3(signature = (seq, array, *, origin = 0, stream_id = 0, created_ns = 0, notifier = None))]
+    #[pyo3(signature = (seq, array, origin = 0, stream_id = 0, created_ns = 0, notifier = None))]
     #[allow(clippy::too_many_arguments)]
     fn send_array(
         &self,
