@@ -31,6 +31,14 @@ sent again; the consumer drops what it already has. Acks are *commits*: a consum
 acknowledges an input only when every output derived from it has itself been committed
 downstream, so a crash anywhere never loses a frame that some upstream has already dropped.
 
+*Hot path.* Most frames of a media stream are bare arrays of one dtype and shape. After an
+edge has carried one such frame through Python (``encode``/``decode``), each end teaches its
+bridge port the encoding (``learn_array``), and the following frames like it cross in one
+bridge call per end: :meth:`OutPort.send_array` (encode, copy, publish, notify) and
+:meth:`InPort.take` (receive, check the seq, decode to a read-only view). Anything else (a new
+shape, a pickled object, a duplicate, a gap, end of stream, a consumer at its borrow limit)
+takes the Python path above; the books (sequence numbers, retention, acks) are the same.
+
 *Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and never wait: the iceoryx2
 queue overwrites its oldest frame, and the consumer counts the holes as drops. Their acks
 only tell the producer that the end of the stream was taken.

@@ -10,6 +10,8 @@
         acks from downstream -> drop retained frames -> commits -> acks upstream
         resend undelivered frames
         next input frame (or next generate() item) -> process() -> emit outputs
+            (a bare array like the edge's last one: InPort.take() decodes it and
+             OutPort.send_array() sends it, one bridge call each; then the books)
     end of stream on every input -> flush() -> EOS downstream -> wait for acks
         -> cleanup() -> Done -> exit 0
 

@@ -15,6 +15,11 @@
 //!                                                 memoryview(Sample) zero-copy, read-only;
 //!                                                 the chunk returns to the producer when
 //!                                                 the last view is gone
+//!
+//!  hot path (a bare array like the one Python taught the port with `learn_array`):
+//!  Publisher.send_array(seq, array, .., notifier)  Subscriber.take(expected, borrow_limit)
+//!    encode + copy + send + notify, one call         -> (array view, seq, origin, ...) or
+//!                                                       the Sample when it is anything else
 //! ```
 
 pub mod errors;

@@ -342,23 +342,26 @@ impl Publisher {
         created_ns: u64,
         notifier: Option<&Bound<'_, Notifier>>,
     ) -> PyResult<isize> {
-        let guard = self.tx_cache.lock().expect("publisher cache poisoned");
-        let Some(c) = guard.as_ref() else { return Ok(-1) };
-        if array.get_type().as_ptr() != c.array_type.as_ptr()
-            || array.getattr(intern!(py, "dtype"))?.as_ptr() != c.dtype.as_ptr()
-            || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
-        {
-            return Ok(-1);
-        }
-        // Type, dtype and shape match what Python vetted; only contiguity is left, and the
-        // simple buffer request refuses a non-contiguous array.
-        let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
-        if buf.len() != c.nbytes {
-            return Ok(-1);
-        }
+        let (meta, buf) = {
+            let guard = self.tx_cache.lock().expect("publisher cache poisoned");
+            let Some(c) = guard.as_ref() else { return Ok(-1) };
+            if array.get_type().as_ptr() != c.array_type.as_ptr()
+                || array.getattr(intern!(py, "dtype"))?.as_ptr() != c.dtype.as_ptr()
+                || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
+            {
+                return Ok(-1);
+            }
+            // Type, dtype and shape match what Python vetted; only contiguity is left, and the
+            // simple buffer request refuses a non-contiguous array.
+            let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
+            if buf.len() != c.nbytes {
+                return Ok(-1);
+            }
+            // (the guard is not held across the copy, which may release the GIL)
+            (c.meta.clone(), buf)
+        };
         let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
-        let n = self.send_parts(py, h, (c.meta.as_ptr() as usize, c.meta.len()), &[(buf.ptr() as usize, buf.len())])?;
-        drop(guard);
+        let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(buf.ptr() as usize, buf.len())])?;
         if n > 0 {
             if let Some(nt) = notifier {
                 nt.get().notify_quiet(py);
@@ -642,31 +645,34 @@ impl Subscriber {
         let fast_ok = self.borrowed.load(Ordering::Acquire) < borrow_limit;
         let Some(sample) = self.receive_sample()? else { return Ok(None) };
         let h = &sample.header;
-        let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
-        let cache = match guard.as_ref() {
-            Some(c)
-                if fast_ok
-                    && h.seq == expected
-                    && h.kind == KIND_DATA
-                    && sample.buffers.len() == 1
-                    && sample.len == c.payload_len
-                    && sample.meta.1 - sample.meta.0 == c.meta.len()
-                    && unsafe {
-                        std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
-                    } == c.meta.as_slice() =>
-            {
-                c
+        // (nothing is called back into Python while the cache is locked)
+        let (frombuffer, dtype, count, shape) = {
+            let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
+            match guard.as_ref() {
+                Some(c)
+                    if fast_ok
+                        && h.seq == expected
+                        && h.kind == KIND_DATA
+                        && sample.buffers.len() == 1
+                        && sample.len == c.payload_len
+                        && sample.meta.1 - sample.meta.0 == c.meta.len()
+                        && unsafe {
+                            std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
+                        } == c.meta.as_slice() =>
+                {
+                    (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
+                }
+                _ => return Ok(Some(Py::new(py, sample)?.into_any())),
             }
-            _ => return Ok(Some(Py::new(py, sample)?.into_any())),
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
         let offset = sample.buffers[0].0;
         let obj = Py::new(py, sample)?;
         let kw = PyDict::new(py);
-        kw.set_item(intern!(py, "count"), cache.count)?;
+        kw.set_item(intern!(py, "count"), count)?;
         kw.set_item(intern!(py, "offset"), offset)?;
-        let mut arr = cache.frombuffer.bind(py).call((obj, cache.dtype.bind(py)), Some(&kw))?;
-        if let Some(shape) = &cache.shape {
+        let mut arr = frombuffer.bind(py).call((obj, dtype.bind(py)), Some(&kw))?;
+        if let Some(shape) = shape {
             arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
         }
         let t = (arr, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
