@@ -36,8 +36,7 @@ edge has carried one such frame through Python (``encode``/``decode``), each end
 bridge port the encoding (``learn_array``), and the following frames like it cross in one
 bridge call per end: :meth:`OutPort.send_array` (encode, copy, publish, notify) and
 :meth:`InPort.take` (receive, check the seq, decode to a read-only view). Anything else (a new
-shape, a pickled object, a duplicate, a gap, end of stream, a consumer at its borrow limit)
-takes the Python path above; the books (sequence numbers, retention, acks) are the same.
+shape, a pickled object, a duplicate, a gap, end of stream) takes the Python path above; the books (sequence numbers, retention, acks) are the same.
 
 *Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and never wait: the iceoryx2
 queue overwrites its oldest frame, and the consumer counts the holes as drops. Their acks
@@ -447,6 +446,7 @@ class InPort:
         self.dup_pending = False
         self.dropped = 0  # frames lost on a lossy edge
         self.decoded_by_bridge = 0  # frames take() returned decoded (the hot path)
+        self._learned: Optional[Tuple[bytes, int]] = None
         self.borrow_limit = self.sub.max_borrowed - 1
 
     def receive(self) -> Optional[Any]:
@@ -482,6 +482,10 @@ class InPort:
         meta = ndarray_meta(sample)
         if meta is None or type(data) is not np.ndarray or not data.size:
             return
+        key = (meta, len(sample))
+        if key == self._learned:
+            return  # (a frame the bridge passed on for another reason: a gap, a duplicate)
+        self._learned = key
         self.sub.learn_array(
             meta, len(sample), np.frombuffer, data.dtype, data.size, data.shape if data.ndim != 1 else None
         )

@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::intern;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, transport_err};
 use crate::layout;
@@ -637,12 +637,14 @@ impl Subscriber {
     }
 
     /// The hot path of a stage's input. Receives the next frame; when it is the data frame
-    /// `expected` carrying an array like the learned one (see `learn_array()`), and fewer than
-    /// `borrow_limit` frames are held, returns `(array, seq, origin, stream_id, created_ns,
-    /// sent_ns)` with `array` a read-only view on shared memory. Any other frame comes back as
+    /// `expected` carrying an array like the learned one (see `learn_array()`), returns
+    /// `(array, seq, origin, stream_id, created_ns, sent_ns)` with `array` read-only: a view on
+    /// shared memory while fewer than `borrow_limit` frames are held, else a private copy (the
+    /// chunk goes back at once, as Python's `decode(copy=True)`). Any other frame comes back as
     /// a `Sample` for Python to handle; None when the queue is empty.
     fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
-        let fast_ok = self.borrowed.load(Ordering::Acquire) < borrow_limit;
+        // (counted before this frame, as Python's decode(copy=...) decision is)
+        let copy = self.borrowed.load(Ordering::Acquire) >= borrow_limit;
         let Some(sample) = self.receive_sample()? else { return Ok(None) };
         let h = &sample.header;
         // (nothing is called back into Python while the cache is locked)
@@ -650,8 +652,7 @@ impl Subscriber {
             let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
             match guard.as_ref() {
                 Some(c)
-                    if fast_ok
-                        && h.seq == expected
+                    if h.seq == expected
                         && h.kind == KIND_DATA
                         && sample.buffers.len() == 1
                         && sample.len == c.payload_len
@@ -666,12 +667,19 @@ impl Subscriber {
             }
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
-        let offset = sample.buffers[0].0;
-        let obj = Py::new(py, sample)?;
+        let (offset, nbytes) = sample.buffers[0];
         let kw = PyDict::new(py);
         kw.set_item(intern!(py, "count"), count)?;
-        kw.set_item(intern!(py, "offset"), offset)?;
-        let mut arr = frombuffer.bind(py).call((obj, dtype.bind(py)), Some(&kw))?;
+        let source = if copy {
+            let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
+            let private = PyBytes::new(py, data).into_any();
+            drop(sample); // the chunk goes back to the publisher now
+            private
+        } else {
+            kw.set_item(intern!(py, "offset"), offset)?;
+            Py::new(py, sample)?.into_bound(py).into_any()
+        };
+        let mut arr = frombuffer.bind(py).call((source, dtype.bind(py)), Some(&kw))?;
         if let Some(shape) = shape {
             arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
         }
