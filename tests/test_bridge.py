@@ -217,6 +217,14 @@ def test_send_array_needs_a_learned_array(node):
     for x in unlike:
         assert pub.send_array(6, x) == -1, x
     assert sub.receive() is None
+    # a flexible dtype is a new object with every array: equal is enough
+    u = np.array(["ab", "c"], dtype="<U4")
+    meta, bufs = encode(u)
+    pub.learn_array(np.ndarray, u.dtype, u.shape, meta, memoryview(bufs[0]).nbytes)
+    v = np.array(["xy", "z"], dtype="<U4")
+    assert v.dtype is not u.dtype and pub.send_array(7, v) == 1
+    assert np.array_equal(decode(sub.receive()), v)
+    assert pub.send_array(8, np.array(["xy", "z"], dtype="<U3")) == -1
 
 
 def test_take_decodes_learned_frames_only(node):

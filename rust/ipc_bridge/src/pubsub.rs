@@ -345,8 +345,13 @@ impl Publisher {
         let (meta, buf) = {
             let guard = self.tx_cache.lock().expect("publisher cache poisoned");
             let Some(c) = guard.as_ref() else { return Ok(-1) };
-            if array.get_type().as_ptr() != c.array_type.as_ptr()
-                || array.getattr(intern!(py, "dtype"))?.as_ptr() != c.dtype.as_ptr()
+            if array.get_type().as_ptr() != c.array_type.as_ptr() {
+                return Ok(-1);
+            }
+            // Builtin dtypes are singletons; flexible ones (strings, datetimes with a unit, other
+            // byte orders) are new objects with every array, so identity falls back to equality.
+            let dtype = array.getattr(intern!(py, "dtype"))?;
+            if (dtype.as_ptr() != c.dtype.as_ptr() && !dtype.eq(c.dtype.bind(py))?)
                 || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
             {
                 return Ok(-1);
