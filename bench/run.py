@@ -27,6 +27,7 @@ Measured:
     cpu         CPU% of each stage process while idle (2 s, no frames) and while loaded
     flatness    remotemedia_loaned at 4 KiB, 6.2 MB and 64 MiB, all paced at 20 ms (the main
                 table paces each size differently, which confounds size with idleness)
+    group       the 3 stages as one Group (one worker, 2 hops) against one worker each
     ready       Supervisor start() to every worker READY, 10 pass-through nodes
     serialize   serialize_node() time for a typical node (config + lambda) and a 10 MB model
 
@@ -55,7 +56,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from remotemedia import Node, Source, Supervisor  # noqa: E402
+from remotemedia import Group, Node, Source, Supervisor  # noqa: E402
 from remotemedia.nodes import MapNode, PassThroughNode  # noqa: E402
 from remotemedia.serialization import serialize_node  # noqa: E402
 
@@ -145,15 +146,21 @@ class BenchSink(Node):
         return {"lat": self.lat, "first": self.first, "last": self.last}
 
 
-def run_remotemedia(size: int, n: int, interval: float, loaned: bool, measure_idle: bool) -> Dict[str, Any]:
+def run_remotemedia(
+    size: int, n: int, interval: float, loaned: bool, measure_idle: bool, grouped: bool = False
+) -> Dict[str, Any]:
     stage = LoanStage if loaned else CopyStage
-    nodes = [BenchSource(n, size, interval, loaned, IDLE_S if measure_idle else 0.2, name="source")]
-    nodes += [stage(name=f"s{i}") for i in range(1, 4)]
+    nodes: List[Any] = [BenchSource(n, size, interval, loaned, IDLE_S if measure_idle else 0.2, name="source")]
+    stages = [stage(name=f"s{i}") for i in range(1, 4)]
+    if grouped:  # the three stages in one worker: source -> [s1 s2 s3] -> sink, two hops
+        nodes.append(Group(stages, name="s1"))
+    else:
+        nodes += stages
     nodes += [BenchSink(name="sink")]
     sup = Supervisor(nodes, queue_depth=8, control=False)
     sup.start()
     pids = {k: v for k, v in sup.worker_pids().items()}
-    cpu = CpuProbe([pids["s1"], pids["s2"], pids["s3"]])
+    cpu = CpuProbe([pids[k] for k in ("s1", "s2", "s3") if k in pids])
     if measure_idle:
         time.sleep(0.4)
         cpu.mark()
@@ -566,6 +573,24 @@ def bench_flatness(quick: bool) -> Dict[str, Any]:
     return {"interval_s": FLAT_INTERVAL, "frames": n, "hop_p50_us": p50, "ratio_64MiB_4KiB": p50[str(64 << 20)] / p50["4096"]}
 
 
+def bench_group(quick: bool) -> Dict[str, Any]:
+    """The 3 pass-through stages of the main pipeline as one Group (one worker) against one
+    worker each, 4 KiB paced at 2 ms, runs alternating. Latency is end to end (source to
+    sink), since the grouped pipeline has two hops instead of four."""
+    n = 250 if quick else 1000
+    e2e: Dict[str, List[float]] = {"separate": [], "group": []}
+    fps: Dict[str, List[float]] = {"separate": [], "group": []}
+    for _ in range(2):
+        for label in e2e:
+            grouped = label == "group"
+            e2e[label].append(run_remotemedia(4096, n, 0.002, False, False, grouped)["e2e_p50_us"])
+            fps[label].append(run_remotemedia(4096, n * 10, 0.0, False, False, grouped)["fps"])
+    p50 = {k: statistics.median(v) for k, v in e2e.items()}
+    thr = {k: statistics.median(v) for k, v in fps.items()}
+    return {"e2e_p50_us": p50, "fps": thr, "latency_ratio": p50["group"] / p50["separate"],
+            "throughput_ratio": thr["group"] / thr["separate"]}
+
+
 def bench_ready(n_nodes: int = 10, repeat: int = 3) -> Dict[str, float]:
     times = []
     for _ in range(repeat):
@@ -657,6 +682,14 @@ def render(results: Dict[str, Any]) -> str:
             f"Loaned outputs, every size paced at {flat['interval_s'] * 1000:.0f} ms: hop p50 {sizes}; "
             f"64 MiB / 4 KiB = {flat['ratio_64MiB_4KiB']:.2f}"
         )
+    grp = ex.get("group")
+    if grp:
+        lines.append(
+            f"3 stages as one Group vs one worker each (4 KiB, paced 2 ms): end to end p50 "
+            f"{grp['e2e_p50_us']['group']:.0f} µs vs {grp['e2e_p50_us']['separate']:.0f} µs "
+            f"(ratio {grp['latency_ratio']:.2f}); throughput {grp['fps']['group']:.0f} vs "
+            f"{grp['fps']['separate']:.0f} frames/s (ratio {grp['throughput_ratio']:.2f})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -694,6 +727,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--no-group", action="store_true", help="skip the Group comparison")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     systems = args.systems.split(",")
@@ -718,6 +752,8 @@ def main() -> None:
                 print(f"error: {e}", flush=True)
         results["runs"][str(size)] = per
     results["extra"] = {**bench_ready(), **bench_serialize()}
+    if "remotemedia" in systems and not args.no_group:
+        results["extra"]["group"] = bench_group(args.quick)
     if "remotemedia_loaned" in systems:
         results["extra"]["flat"] = bench_flatness(args.quick)
     os.makedirs(args.out, exist_ok=True)

@@ -13,7 +13,7 @@ Example::
 
 Public names: :class:`Node`, :class:`Source`, :class:`Pipeline`, :class:`Supervisor`,
 :func:`execute_pipeline`, :func:`execute_pipeline_with_input`, :func:`register_node`,
-:class:`Frame`; errors live in :mod:`remotemedia.errors`.
+:class:`Frame`, :class:`Group` (several nodes in one worker); errors live in :mod:`remotemedia.errors`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from . import errors
 from .frames import Frame, FrameInfo
 from .node import Node, NodeOptions, Source
 from .pipeline import Pipeline
+from .group import Group
 from .registry import register_node, registered_types
 from . import nodes as nodes  # registers the built-in node types
 
@@ -39,6 +40,7 @@ __all__ = [
     "Source",
     "NodeOptions",
     "Pipeline",
+    "Group",
     "Supervisor",
     "RunReport",
     "execute_pipeline",
