@@ -58,8 +58,9 @@ class Group(Node):
         options: runtime options of the stage (restart policy, timeouts, queue policy...).
 
     Raises:
-        NodeTypeError: no members, a member that is not a Node, a Source among them, the same
-            instance twice, or two members of the same explicit name.
+        NodeTypeError: no members, a member that is not a Node, a Source among them, a member
+            with runtime options, the same instance twice, or two members of the same explicit
+            name.
     """
 
     def __init__(self, nodes: Sequence[Any], name: Optional[str] = None, *, options: Optional[Dict[str, Any]] = None) -> None:
@@ -249,6 +250,11 @@ def _members(nodes: Any, group: Optional[str]) -> List[Node]:
                 "before the group in the pipeline"
             )
         _check_node(n, i)
+        if n.options:
+            raise NodeTypeError(
+                f"{label}: member {n.name!r} has runtime options ({', '.join(sorted(n.options))}); inside a "
+                "group they would not apply (the group is supervised as one node): set them on the Group"
+            )
         members.append(n)
     try:
         _assign_names(members)  # unique names, auto-named members suffixed as in a pipeline

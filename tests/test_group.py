@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from remotemedia import Frame, Group, Node, Pipeline, Source, Supervisor
-from remotemedia.errors import NodeError, NodeInitError, NodeTypeError
+from remotemedia.errors import ManifestError, NodeError, NodeInitError, NodeTypeError
 from remotemedia.nodes import BatchNode, FilterNode, MapNode, PassThroughNode, RangeSource
 
 from conftest import shm_mapping_of
@@ -208,11 +208,12 @@ def test_group_in_a_manifest_round_trips():
         ([RangeSource(3)], "is a Source"),
         ([PassThroughNode(name="x"), PassThroughNode(name="x")], "duplicate node name 'x'"),
         ([{"node_type": "NoSuchNode"}], "NoSuchNode"),
+        ([PassThroughNode(options={"on_error": "skip"})], "set them on the Group"),
     ],
-    ids=["empty", "string", "not-a-node", "source", "duplicate", "unknown-type"],
+    ids=["empty", "string", "not-a-node", "source", "duplicate", "unknown-type", "member-options"],
 )
 def test_bad_groups_are_refused_clearly(members, message):
-    with pytest.raises((NodeTypeError, Exception)) as ei:
+    with pytest.raises((NodeTypeError, ManifestError)) as ei:
         Group(members, name="g")
     assert message in str(ei.value)
     same = PassThroughNode()
