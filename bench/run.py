@@ -580,11 +580,14 @@ def bench_group(quick: bool) -> Dict[str, Any]:
     n = 250 if quick else 1000
     e2e: Dict[str, List[float]] = {"separate": [], "group": []}
     fps: Dict[str, List[float]] = {"separate": [], "group": []}
-    for _ in range(2):
+    # latency runs first, alternating, then throughput runs: a back-to-back run's tear-down
+    # must not overlap the next paced run
+    for _ in range(3):
         for label in e2e:
-            grouped = label == "group"
-            e2e[label].append(run_remotemedia(4096, n, 0.002, False, False, grouped)["e2e_p50_us"])
-            fps[label].append(run_remotemedia(4096, n * 10, 0.0, False, False, grouped)["fps"])
+            e2e[label].append(run_remotemedia(4096, n, 0.002, False, False, label == "group")["e2e_p50_us"])
+    for _ in range(2):
+        for label in fps:
+            fps[label].append(run_remotemedia(4096, n * 10, 0.0, False, False, label == "group")["fps"])
     p50 = {k: statistics.median(v) for k, v in e2e.items()}
     thr = {k: statistics.median(v) for k, v in fps.items()}
     return {"e2e_p50_us": p50, "fps": thr, "latency_ratio": p50["group"] / p50["separate"],
