@@ -267,3 +267,39 @@ def test_notify_may_yield_and_still_wakes(node):
     pub.send(0, 0, b"x")
     assert nt.notify() == 1  # a frame queued: notifies without yielding
     assert listener.drain() >= 1
+
+
+def test_two_threads_sending_big_frames_do_not_deadlock(node):
+    # A big copy releases the GIL; it used to do so while holding the port's lock, so a second
+    # thread sending on the same port (GIL held, waiting for the lock) deadlocked both. Run in
+    # a child process: a deadlock would take the GIL with it.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import threading
+        import numpy as np
+        from remotemedia import _ipc_bridge as b
+        n = b.Node({node.prefix!r}, "threads")
+        pub = b.Publisher(n, "mt", buffer_size=8, max_loaned=4)
+        sub = b.Subscriber(n, "mt", buffer_size=8)
+        frame = np.zeros(1 << 20, np.uint8)
+        done = []
+        def send():
+            for i in range(300):
+                pub.send(i, 0, b"", [frame])
+            done.append(1)
+        def drain():
+            while len(done) < 2:
+                s = sub.receive()
+                del s
+        ts = [threading.Thread(target=send) for _ in range(2)] + [threading.Thread(target=drain)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

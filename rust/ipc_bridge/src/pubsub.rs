@@ -203,28 +203,29 @@ impl Publisher {
             return Err(PyValueError::new_err("frame meta larger than 4 GiB"));
         }
         let seq = h.seq;
-        self.with(|p| {
-            let mut sample = self.loan_uninit(p, lay.total)?;
-            let dst = sample.payload_mut().as_mut_ptr() as usize;
-            unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
-            let mut parts = Vec::with_capacity(bufs.len() + 1);
-            parts.push((meta.0, lay.meta_offset, meta.1));
-            for (&(ptr, len), &off) in bufs.iter().zip(&lay.buffer_offsets) {
-                parts.push((ptr, off, len));
-            }
-            let job = CopyJob { parts, dst };
-            if lay.total >= GIL_FREE_COPY {
-                py.detach(|| job.run());
-            } else {
-                job.run();
-            }
-            h.meta_len = meta.1 as u32;
-            h.nbufs = bufs.len() as u32;
-            h.sent_ns = monotonic_ns();
-            *sample.user_header_mut() = h;
-            let sample = unsafe { sample.assume_init() };
-            sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e))
-        })
+        // The port lock is held to loan and to send, not across the copy: a big copy releases
+        // the GIL, and another thread waiting for this lock with the GIL held would deadlock
+        // with us (iceoryx2 ports are not thread-safe, so the lock itself must stay).
+        let mut sample = self.with(|p| self.loan_uninit(p, lay.total))?;
+        let dst = sample.payload_mut().as_mut_ptr() as usize;
+        unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
+        let mut parts = Vec::with_capacity(bufs.len() + 1);
+        parts.push((meta.0, lay.meta_offset, meta.1));
+        for (&(ptr, len), &off) in bufs.iter().zip(&lay.buffer_offsets) {
+            parts.push((ptr, off, len));
+        }
+        let job = CopyJob { parts, dst };
+        if lay.total >= GIL_FREE_COPY {
+            py.detach(|| job.run());
+        } else {
+            job.run();
+        }
+        h.meta_len = meta.1 as u32;
+        h.nbufs = bufs.len() as u32;
+        h.sent_ns = monotonic_ns();
+        *sample.user_header_mut() = h;
+        let sample = unsafe { sample.assume_init() };
+        self.with(|_| sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e)))
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -486,8 +487,10 @@ impl Loan {
         h.sent_ns = monotonic_ns();
         *sample.user_header_mut() = h;
         let sample = unsafe { sample.assume_init() };
-        let service = self.publisher.get().service.clone();
-        sample.send().map_err(|e| send_err(format!("sending loaned frame {seq} on {service:?}"), e))
+        let publisher = self.publisher.get();
+        publisher.with(|_| {
+            sample.send().map_err(|e| send_err(format!("sending loaned frame {seq} on {:?}", publisher.service), e))
+        })
     }
 
     /// Returns the chunk to the pool without sending it.
