@@ -32,6 +32,15 @@ def test_main_example_runs():
     assert "20 outputs" in r.stderr
 
 
+def test_grouped_example_runs_in_two_workers():
+    r = cli("start", "examples/grouped_levels.py")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[meter #")]
+    assert len(lines) == 20 and "'state': 'QUIET'" in lines[0]
+    table = r.stderr[r.stderr.index("node "):]
+    assert "meter" in table and "gain" not in table  # three nodes, one stage
+
+
 def test_json_manifest_runs():
     r = cli("start", "examples/tone.json")
     assert r.returncode == 0, r.stderr
