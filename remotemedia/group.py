@@ -17,7 +17,8 @@ stream (its outputs go through the members after it), ``snapshot()``/``restore()
 ``current_frame`` and ``cleanup()`` (in reverse order). Only the last member's
 ``allocate()`` gives shared memory (its output leaves the worker); the others get private
 arrays. The group is supervised as one node: it restarts as a whole, its runtime options
-(``options=``) apply to it as a whole, and its stats are the group's.
+(``options=``) apply to it as a whole, and its stats are the group's, with per-member counts
+and mean times under ``members``.
 
 Example::
 
@@ -36,6 +37,7 @@ In a manifest, a group is an entry of type ``Group`` whose ``params.nodes`` list
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from .errors import NodeTypeError
@@ -69,6 +71,7 @@ class Group(Node):
         self.nodes: List[Node] = members
         self._loop: Any = None
         self._live: List[Node] = []
+        self._stats: List[List[int]] = [[0, 0, 0, 0] for _ in members]  # in, out, errors, ns
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,6 +133,20 @@ class Group(Node):
 
         return restore
 
+    def member_stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per member: frames in and out of ``process()``, errors raised, and mean time per
+        input frame. The worker adds them to the group's stats as ``members`` (run report,
+        heartbeats)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for m, (n_in, n_out, errors, ns) in zip(self.nodes, self._stats):
+            out[m.name] = {
+                "frames_in": n_in,
+                "frames_out": n_out,
+                "errors": errors,
+                "mean_ms": round(ns / n_in / 1e6, 4) if n_in else None,
+            }
+        return out
+
     def to_manifest(self) -> Dict[str, Any]:
         entry = super().to_manifest()
         entry["params"] = {"nodes": [m.to_manifest() for m in self.nodes]}
@@ -150,13 +167,21 @@ class Group(Node):
                 # shared memory (a loaned chunk handed to another member would never be sent)
                 m._remotemedia_allocator = self.__dict__.get("_remotemedia_allocator")  # type: ignore[attr-defined]
             nxt: List[Any] = []
+            st = self._stats[i]
+            t0 = time.perf_counter_ns()
             try:
                 for item in items:
                     if type(item) is Frame:
                         item, stream_id = item.value, (item.stream_id if item.stream_id is not None else stream_id)
+                    st[0] += 1
                     nxt.extend(self._call(m, m.process, item))
+            except BaseException:
+                st[2] += 1
+                raise
             finally:
                 m._remotemedia_frame = None
+                st[3] += time.perf_counter_ns() - t0
+            st[1] += len(nxt)
             items = nxt
             if not items:
                 break
@@ -215,6 +240,7 @@ class Group(Node):
         state = super().__getstate__()
         state["_loop"] = None
         state["_live"] = []
+        state["_stats"] = [[0, 0, 0, 0] for _ in self.nodes]
         return state
 
     def __repr__(self) -> str:

@@ -778,6 +778,16 @@ class Runner:
             self.wait(self.spec.heartbeat_interval)
 
     def stats(self) -> Dict[str, Any]:
+        out = self._stats()
+        member_stats = getattr(self.node, "member_stats", None)  # a Group's members
+        if callable(member_stats):
+            try:
+                out["members"] = member_stats()
+            except Exception:
+                log.exception("member_stats() of %s", self.spec.name)
+        return out
+
+    def _stats(self) -> Dict[str, Any]:
         return {
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,

@@ -118,6 +118,10 @@ def test_group_runs_members_in_one_worker_in_order():
     want = [(x + 1, pids["g"]) for i in range(6) for x in (i + 1, i + 1001) if x % 2 == 0]
     assert report.outputs == want
     # the same chain, one worker per node, gives the same frames
+    members = report.nodes["g"]["members"]
+    assert list(members) == ["MapNode", "Twice", "FilterNode", "AsyncAdd", "Pid"]
+    assert [(v["frames_in"], v["frames_out"]) for v in members.values()] == [(6, 6), (6, 12), (12, 6), (6, 6), (6, 6)]
+    assert all(v["errors"] == 0 and v["mean_ms"] >= 0 for v in members.values())
     plain = [MapNode(lambda x: x + 1), Twice(), FilterNode(lambda x: x % 2 == 0), AsyncAdd()]
     assert [o[0] for o in report.outputs] == Pipeline([RangeSource(6), *plain]).run()
 
