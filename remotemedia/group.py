@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .errors import NodeTypeError
 from .frames import Frame
-from .node import Node, Source
+from .node import Node, Source, iterate_async
 from .registry import register_node
 
 __all__ = ["Group"]
@@ -203,19 +203,11 @@ class Group(Node):
             if inspect.isgenerator(r):
                 return [x for x in r if x is not None]
             if inspect.isasyncgen(r):
-                return [x for x in self._drain_async(r) if x is not None]
+                return [x for x in iterate_async(self._event_loop(), r) if x is not None]
             return [r]
         except BaseException as e:
             e.add_note(f"in {getattr(fn, '__name__', 'process')}() of {m.name!r}, member of group {self.name!r}")
             raise
-
-    def _drain_async(self, agen: Any) -> Iterator[Any]:
-        loop = self._event_loop()
-        while True:
-            try:
-                yield loop.run_until_complete(agen.__anext__())
-            except StopAsyncIteration:
-                return
 
     def _event_loop(self) -> Any:
         if self._loop is None:

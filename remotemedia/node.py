@@ -47,6 +47,16 @@ ON_ERROR_POLICIES = ("raise", "skip")
 QUEUE_POLICIES = ("block", "drop_oldest", "latest")
 
 
+def iterate_async(loop: Any, agen: Any) -> Iterator[Any]:
+    """Drive an async generator (an ``async def process``/``generate`` that yields) from
+    synchronous code on ``loop``, one item at a time. Used by the worker and by Group."""
+    while True:
+        try:
+            yield loop.run_until_complete(agen.__anext__())
+        except StopAsyncIteration:
+            return
+
+
 class NodeOptions(dict):
     """Per-node runtime options; a dict restricted to the known keys.
 

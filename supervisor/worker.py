@@ -43,7 +43,7 @@ import numpy as np
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import LoanError
 from remotemedia.frames import Frame, FrameInfo, decode, encode
-from remotemedia.node import Node
+from remotemedia.node import Node, iterate_async
 
 from .channels import KIND_DATA, KIND_EOS, MAX_LOANED, InPort, OutPort
 from .protocol import (
@@ -466,12 +466,7 @@ class Runner:
                 if item is not None:
                     self.emit(item)
         elif inspect.isasyncgen(result):
-            loop = self.event_loop()
-            while True:
-                try:
-                    item = loop.run_until_complete(result.__anext__())
-                except StopAsyncIteration:
-                    break
+            for item in iterate_async(self.event_loop(), result):
                 if item is not None:
                     self.emit(item)
         elif result is not None:
@@ -611,7 +606,7 @@ class Runner:
     def start_source(self) -> None:
         gen = self.node.generate()
         if inspect.isasyncgen(gen):
-            gen = self._sync_agen(gen)
+            gen = iterate_async(self.event_loop(), gen)
         elif not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
             gen = iter(gen)
         # A restarted deterministic source skips what was already committed downstream.
@@ -621,14 +616,6 @@ class Runner:
             except StopIteration:
                 break
         self._gen = gen
-
-    def _sync_agen(self, agen: Any) -> Iterator[Any]:
-        loop = self.event_loop()
-        while True:
-            try:
-                yield loop.run_until_complete(agen.__anext__())
-            except StopAsyncIteration:
-                return
 
     def step_source(self) -> bool:
         if self._gen is None:
