@@ -217,7 +217,8 @@ def start(
     progress: Optional[bool],
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
-    sources are exhausted, or until SIGINT/SIGTERM (drain, then exit 0)."""
+    sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
+    when the drain timed out and frames were lost)."""
     from supervisor.arbiter import Supervisor
 
     level = getattr(logging, log_level.upper())

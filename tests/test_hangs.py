@@ -628,3 +628,33 @@ def test_huge_output_line_is_cut_and_memory_stays_bounded(tmp_path):
     assert len(cut) < 128 * 1024
     assert f"{size - 64 * 1024} bytes of this line cut" in cut
     assert any(l.endswith("after") for l in lines)  # the next line comes through whole
+
+
+# --------------------------------------------------------------------------- 18: a signal while Pipeline.run() starts
+
+_STARTING = """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from remotemedia import Node, Pipeline
+
+    class SlowInit(Node):
+        def initialize(self):
+            time.sleep(2.0)
+        def process(self, x):
+            return x
+
+    print("outputs", Pipeline([SlowInit(name="slow")]).run([1, 2]), flush=True)
+"""
+
+
+def test_sighup_while_pipeline_run_starts_leaves_nothing(tmp_path):
+    script = tmp_path / "starting.py"
+    script.write_text(textwrap.dedent(_STARTING.format(root=ROOT)))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: p.poll() is not None or len(_descendants(p.pid)) >= 1, what="the worker")
+    pids = [c.pid for c in _descendants(p.pid)]
+    p.send_signal(signal.SIGHUP)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "SIGHUP received" in err and "outputs []" in out
+    _assert_nothing_left(pids, tmp_path)
