@@ -181,6 +181,8 @@ class RunReport:
         unprocessed_inputs: inputs the pipeline accepted (``send()``, ``run()``'s inputs) that
             it had not finished processing when it stopped (items an inputs iterator had not
             yet yielded are not counted).
+        unprocessed_source_frames: items the Source nodes generated that the pipeline had not
+            finished processing when it stopped.
     """
 
     pipeline: str
@@ -193,6 +195,7 @@ class RunReport:
     aborted: Optional[str] = None
     killed_nodes: List[str] = field(default_factory=list)
     unprocessed_inputs: int = 0
+    unprocessed_source_frames: int = 0
 
     @property
     def frames(self) -> Dict[str, int]:
@@ -208,6 +211,8 @@ class RunReport:
             parts.append(f"workers SIGKILLed: {', '.join(self.killed_nodes)}")
         if self.unprocessed_inputs:
             parts.append(f"{self.unprocessed_inputs} inputs were not fully processed")
+        if self.unprocessed_source_frames:
+            parts.append(f"{self.unprocessed_source_frames} frames of the sources were not fully processed")
         return "; ".join(parts) + "; frames in flight were lost"
 
 
@@ -282,6 +287,8 @@ class WorkerHandle:
         # its stream is left to do even if it dies before Done (in cleanup()).
         self.final_commit = False
         self.killed_at_stop = False  # SIGKILLed while the run was aborting
+        self.source_start = 0  # a source: generate() position its current process started at
+        self.generated = 0  # a source: items generated (absolute position), as of its last exit
         self.poison_count = 0
         self.dead_letters = 0
         self.memory_kills = 0
@@ -715,6 +722,11 @@ class Supervisor:
             aborted=self._abort_reason,
             killed_nodes=[n for n, w in self.workers.items() if w.killed_at_stop],
             unprocessed_inputs=self._unprocessed_inputs if self._abort_reason is not None else 0,
+            unprocessed_source_frames=(
+                sum(max(0, w.generated - w.restore.source_position) for w in self.workers.values() if w.spec.is_source)
+                if self._abort_reason is not None
+                else 0
+            ),
         )
 
     def __enter__(self) -> "Supervisor":
@@ -1287,6 +1299,7 @@ class Supervisor:
         w.kill_reason = None
         w.kill_frame = None
         w.final_commit = False
+        w.source_start = w.restore.source_position
         w.restart_at = None
         w.ready_at = None
         w.done = False
@@ -1387,6 +1400,8 @@ class Supervisor:
             if w.board is not None:  # its last counters outlive it
                 b = w.board.read()
                 w.sampler.sample(w.pid, b["frames_in"], b["frames_out"])
+                if w.spec.is_source:
+                    w.generated = w.source_start + b["frames_in"]
             w.exit_status = rc
             w.kill_at = None
             if w.chan is not None:

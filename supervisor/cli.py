@@ -146,6 +146,7 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
                     "aborted": report.aborted,
                     "killed_nodes": report.killed_nodes,
                     "unprocessed_inputs": report.unprocessed_inputs,
+                    "unprocessed_source_frames": report.unprocessed_source_frames,
                     "nodes": report.nodes,
                 },
             }

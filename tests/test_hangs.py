@@ -376,7 +376,7 @@ def test_drain_timeout_report_says_what_was_lost():
     report = box["report"]
     assert report.stopped and report.aborted and "drain" in report.aborted
     assert report.killed_nodes == ["stuck"]
-    assert report.unprocessed_inputs == 5
+    assert report.unprocessed_inputs == 5 and report.unprocessed_source_frames == 0
     summary = report.loss_summary()
     assert "stuck" in summary and "5 inputs" in summary
 
@@ -445,7 +445,14 @@ def _wait_workers(p: subprocess.Popen, n: int, tmp_path, ready=None, first=None)
             import select
 
             if select.select([p.stdout], [], [], 0.05)[0]:
-                first.append(p.stdout.readline())
+                # byte by byte from the fd: communicate() reads the fd, not the file's buffer
+                line = b""
+                while not line.endswith(b"\n"):
+                    c = os.read(p.stdout.fileno(), 1)
+                    if not c:
+                        break
+                    line += c
+                first.append(line.decode())
         return bool(first)
 
     wait_for(running, what="the run to be under way")
@@ -487,7 +494,8 @@ def test_cli_drain_timeout_exits_1_saying_what_was_lost(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 1, err
-    assert "did not drain" in err and "stuck" in err.split("did not drain", 1)[1]
+    lost = err.split("did not drain", 1)[1]
+    assert "workers SIGKILLed: stuck" in lost and "frames of the sources were not fully processed" in lost
     _assert_nothing_left(pids, tmp_path)
 
 
