@@ -465,9 +465,12 @@ def _wait_workers(p: subprocess.Popen, n: int, tmp_path, ready=None, first=None)
     return [c.pid for c in _descendants(p.pid)]
 
 
-def _assert_nothing_left(pids, tmp_path) -> None:
+def _assert_nothing_left(p: subprocess.Popen, pids, tmp_path) -> None:
+    """No worker of the supervisor process ``p``, none of its run's files, no control socket."""
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"worker processes left behind: {alive}"
+    files = resources.files_of(f"rm_{p.pid}x")  # the run prefix starts with the supervisor's pid
+    assert not files, f"shared-memory / iceoryx2 files left behind: {files}"
     left = os.listdir(tmp_path / "run") if (tmp_path / "run").exists() else []
     assert not [f for f in left if f.endswith(".sock")], f"control socket left behind: {left}"
 
@@ -496,7 +499,7 @@ def test_cli_drain_timeout_exits_1_saying_what_was_lost(tmp_path):
     assert p.returncode == 1, err
     lost = err.split("did not drain", 1)[1]
     assert "workers SIGKILLed: stuck" in lost and "frames of the sources were not fully processed" in lost
-    _assert_nothing_left(pids, tmp_path)
+    _assert_nothing_left(p, pids, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGXCPU])
@@ -512,8 +515,7 @@ def test_cli_stop_signals_drain_and_leave_nothing(sig, tmp_path):
     assert f"{signal.Signals(sig).name} received, draining" in err
     seen = [int(l.split("#")[1].split("]")[0]) for l in out.splitlines() if l.startswith("[p #")]
     assert seen and seen == list(range(len(seen)))  # drained: every frame up to the stop, in order
-    _assert_nothing_left(pids, tmp_path)
-    assert not [f for f in os.listdir(resources.SHM_DIR) if f.startswith("rm_")]
+    _assert_nothing_left(p, pids, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
@@ -528,7 +530,7 @@ def test_cli_survives_signals_without_meaning(sig, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert f"{signal.Signals(sig).name} ignored" in err
-    _assert_nothing_left(pids, tmp_path)
+    _assert_nothing_left(p, pids, tmp_path)
 
 
 def test_cli_stdout_closed_by_reader_stops_the_pipeline_cleanly(tmp_path):
@@ -544,7 +546,7 @@ def test_cli_stdout_closed_by_reader_stops_the_pipeline_cleanly(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "stdout closed" in err and "Traceback" not in err
-    _assert_nothing_left(pids, tmp_path)
+    _assert_nothing_left(p, pids, tmp_path)
 
 
 def test_stop_while_starting_is_a_graceful_stop():
@@ -665,4 +667,4 @@ def test_sighup_while_pipeline_run_starts_leaves_nothing(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "SIGHUP received" in err and "outputs []" in out
-    _assert_nothing_left(pids, tmp_path)
+    _assert_nothing_left(p, pids, tmp_path)
