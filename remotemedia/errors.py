@@ -15,6 +15,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     +-- NodeTypeError (TypeError)              wrong item types, missing process()/initialize()
     |   +-- MissingSuperInitError (AttributeError)  a Node subclass skipped super().__init__()
     +-- SerializationError                     a node could not be cloudpickled
+    |   +-- FrameSerializationError (TypeError) an input frame could not be pickled
     +-- NodeError                              process() raised in a worker
     |   +-- NodeInitError                      unpickling or initialize() failed in a worker
     +-- WorkerError                            a worker process misbehaved
@@ -56,6 +57,7 @@ __all__ = [
     "NodeTypeError",
     "MissingSuperInitError",
     "SerializationError",
+    "FrameSerializationError",
     "NodeError",
     "NodeInitError",
     "RemoteTraceback",
@@ -196,6 +198,32 @@ class SerializationError(RemoteMediaError):
 
     def __reduce__(self) -> Any:
         return (type(self), (self.node_name, self.reason, self.suggestion, self.attribute_path))
+
+
+class FrameSerializationError(SerializationError, TypeError):
+    """A frame handed to the pipeline (``send()``, or an item of ``run()``'s inputs) does not
+    pickle. Raised in the caller's thread; nothing of that frame was sent.
+
+    Attributes:
+        what: which frame, e.g. ``"the value given to send()"`` or ``"item 3 of run()'s inputs"``.
+        reason: what went wrong (the pickling error).
+        attribute_path: path of the part that failed inside the value (``None``: the value itself).
+    """
+
+    def __init__(self, what: str, reason: str, attribute_path: Optional[str] = None) -> None:
+        self.what = what
+        self.node_name = None
+        self.reason = reason
+        self.attribute_path = attribute_path
+        self.suggestion = (
+            "frames must pickle (numpy arrays, bytes, str, numbers, lists/dicts of them, picklable "
+            "objects): convert or leave out the part that does not"
+        )
+        where = f" (at {attribute_path!r})" if attribute_path else ""
+        RemoteMediaError.__init__(self, f"Cannot serialize {what}{where}: {reason}\nSuggestion: {self.suggestion}")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.what, self.reason, self.attribute_path))
 
 
 # --------------------------------------------------------------------------- runtime

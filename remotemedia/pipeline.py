@@ -263,9 +263,9 @@ class Pipeline:
         """
         from supervisor.arbiter import Supervisor
 
-        with Supervisor(self, **options) as sup:
-            report = sup.run(inputs)
-        return report.outputs
+        # run() starts the workers itself: under its signal handlers, so that a signal while
+        # they start drains instead of killing the process with the workers running.
+        return Supervisor(self, **options).run(inputs).outputs
 
     # ------------------------------------------------------------------ manifests
 

@@ -44,6 +44,7 @@ import psutil
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import (
     EndOfStream,
+    FrameSerializationError,
     NodeError,
     NodeFatalError,
     NodeInitError,
@@ -55,7 +56,7 @@ from remotemedia.errors import (
 from remotemedia.frames import FrameInfo, Kind, decode, encode
 from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
 from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
-from remotemedia.serialization import DEFAULT_MAX_SIZE, serialize_node
+from remotemedia.serialization import DEFAULT_MAX_SIZE, find_unpicklable, serialize_node
 
 from . import resources
 from .channels import InPort, OutPort, split_frame
@@ -85,7 +86,7 @@ from .protocol import (
     socketpair,
 )
 from .control import ControlServer
-from .logs import LogSink, parse_worker_line
+from .logs import LineBuffer, LogSink, parse_worker_line
 from .monitor import WorkerSampler, build_status
 from .scoreboard import Scoreboard
 from .systemd import SystemdNotifier
@@ -135,6 +136,21 @@ def _private_rss(pid: Optional[int]) -> Optional[int]:
     return max(0, mi.rss - getattr(mi, "shared", 0))
 
 
+def _encode_input(value: Any, what: str) -> Tuple[bytes, List[Any], int]:
+    """``(meta, buffers, stream id)`` of one input frame; FrameSerializationError naming
+    ``what`` and the part that does not pickle."""
+    value, stream_id = split_frame(value)
+    try:
+        meta, bufs = encode(value)
+    except Exception as e:
+        try:
+            path, err = find_unpicklable(value)
+        except Exception:  # (it pickles after all, or the search failed: report the first error)
+            path, err = "", e
+        raise FrameSerializationError(what, f"{type(err).__name__}: {err}", path.lstrip(".") or None) from e
+    return meta, bufs, stream_id or 0
+
+
 def describe_exit(code: Optional[int]) -> str:
     """``"exit code 3"`` / ``"signal SIGKILL"``."""
     if code is None:
@@ -158,6 +174,15 @@ class RunReport:
         stopped: True when the run ended early on stop() or a signal.
         killed: True when the workers were SIGKILLed on request (a second signal): frames
             in flight were lost.
+        aborted: why the run stopped without draining (``"drain timeout ..."``, ``"second
+            signal"``, ``"kill requested"``): frames in flight were lost. None when the run
+            completed or drained.
+        killed_nodes: nodes whose worker had to be SIGKILLed while the run stopped.
+        unprocessed_inputs: inputs the pipeline accepted (``send()``, ``run()``'s inputs) that
+            it had not finished processing when it stopped (items an inputs iterator had not
+            yet yielded are not counted).
+        unprocessed_source_frames: items the Source nodes generated that the pipeline had not
+            finished processing when it stopped.
     """
 
     pipeline: str
@@ -167,12 +192,42 @@ class RunReport:
     stopped: bool = False
     killed: bool = False
     output_count: int = 0
+    aborted: Optional[str] = None
+    killed_nodes: List[str] = field(default_factory=list)
+    unprocessed_inputs: int = 0
+    unprocessed_source_frames: int = 0
 
     @property
     def frames(self) -> Dict[str, int]:
         """Frames each node emitted."""
         return {n: s.get("frames_out", 0) for n, s in self.nodes.items()}
 
+    def loss_summary(self) -> Optional[str]:
+        """One sentence saying what the run lost by stopping without a drain, or None."""
+        if self.aborted is None:
+            return None
+        parts = [f"pipeline {self.pipeline!r} did not drain ({self.aborted})"]
+        if self.killed_nodes:
+            parts.append(f"workers SIGKILLed: {', '.join(self.killed_nodes)}")
+        if self.unprocessed_inputs:
+            parts.append(f"{self.unprocessed_inputs} inputs were not fully processed")
+        if self.unprocessed_source_frames:
+            parts.append(f"{self.unprocessed_source_frames} frames of the sources were not fully processed")
+        return "; ".join(parts) + "; frames in flight were lost"
+
+
+#: Signals that drain the pipeline during run(), like stop(): whatever would end the
+#: supervisor (SIGHUP: the terminal closed; SIGQUIT: Ctrl-\; SIGXCPU: RLIMIT_CPU) must not
+#: leave workers, shared memory or the control socket behind. (SIGPIPE is ignored by Python:
+#: writing to a closed stdout raises BrokenPipeError instead.)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU)
+#: Signals an operator may send out of habit (log reopening elsewhere) whose default action
+#: would kill the supervisor: logged and ignored, unless the program handles them itself.
+_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+#: Bytes of captured worker output read per worker and arbiter turn.
+_OUTPUT_BUDGET = 1 << 20
+#: Phases in which crashed workers are restarted (a pending restart matters only then).
+_RESTART_PHASES = ("booting", "running", "draining")
 
 _DEFAULTS: Dict[str, Any] = dict(
     restart_policy="on-failure",
@@ -220,11 +275,20 @@ class WorkerHandle:
         self.restart_at: Optional[float] = None
         self.restart_times: Deque[float] = deque()
         self.board: Optional[Scoreboard] = None
-        self.out_fds: Dict[int, bytearray] = {}  # captured stdout/stderr pipe -> partial line
+        self.out_fds: Dict[int, LineBuffer] = {}  # captured stdout/stderr pipe -> partial line
         self.out_streams: Dict[int, str] = {}
         self.sampler = WorkerSampler()
         self.tail: Deque[str] = deque(maxlen=60)  # last lines the worker wrote
         self.poison: Optional[Tuple[int, int]] = None  # frame being processed at the last crash
+        # (edge, seq) in process() when the supervisor decided to kill the worker: a SIGTERM
+        # unwinds process() and clears the status block's busy marker before the worker dies.
+        self.kill_frame: Optional[Tuple[int, int]] = None
+        # Commit(final=True) arrived: its end of stream is committed downstream, nothing of
+        # its stream is left to do even if it dies before Done (in cleanup()).
+        self.final_commit = False
+        self.killed_at_stop = False  # SIGKILLed while the run was aborting
+        self.source_start = 0  # a source: generate() position its current process started at
+        self.generated = 0  # a source: items generated (absolute position), as of its last exit
         self.poison_count = 0
         self.dead_letters = 0
         self.memory_kills = 0
@@ -397,6 +461,9 @@ class Supervisor:
         self._ended_at: Optional[float] = None
         self._stopped = False
         self.killed = False  # workers were SIGKILLed on request (second signal)
+        self._abort_reason: Optional[str] = None  # why the run stopped without a drain
+        self._unprocessed_inputs = 0  # counted when the input ports close
+        self._run_called = False
         self._phase = "new"  # new -> booting -> running -> draining/aborting -> finished
 
     # ================================================================== options
@@ -442,22 +509,27 @@ class Supervisor:
             pass
         if not self._ready.is_set():
             self.join()
+            if self._error is None and self._stopped:
+                raise SupervisorError(f"pipeline {self.name!r} was stopped while starting")
             raise self._error or SupervisorError(f"pipeline {self.name!r} failed to start")
         return self
 
     def send(self, value: Any, timeout: Optional[float] = None) -> None:
         """Feed one input to the pipeline's input nodes. Blocks while the input queue is full
-        (backpressure); raises TimeoutError after ``timeout`` seconds."""
+        (backpressure); raises TimeoutError after ``timeout`` seconds, and
+        FrameSerializationError (nothing sent, the pipeline goes on) when ``value`` does not
+        pickle."""
         self._check_running("send()")
         if self._closed_by_user:
             raise SupervisorError("send() after close(): the input stream is closed")
         if not self._input_edges:
             raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); nothing to send to")
+        frame = _encode_input(value, "the value given to send()")  # here, where an error belongs
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._raise_if_failed()
             try:
-                self._inq.put(value, timeout=0.1)
+                self._inq.put(frame, timeout=0.1)
                 break
             except queue.Full:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -561,12 +633,25 @@ class Supervisor:
         long-running services).
 
         Raises the pipeline's error (NodeError, NodeInitError, NodeFatalError, ...) after
-        everything was stopped and cleaned up.
+        everything was stopped and cleaned up. An exception raised by ``on_output`` aborts the
+        pipeline, then propagates. run() works once per Supervisor (SupervisorError after).
         """
+        if self._run_called or self._finished.is_set():
+            raise SupervisorError(
+                f"run() works once per Supervisor, and the supervisor of {self.name!r} has already run "
+                "(its workers have exited and its shared memory is gone); create a new Supervisor "
+                "for another run (Pipeline.run() does that on every call)"
+            )
+        self._run_called = True
         restore = self._install_signal_handlers()
         try:
             if self._thread is None:
-                self.start()
+                try:
+                    self.start()
+                except SupervisorError:
+                    if self._error is not None or not self._stopped:
+                        raise
+                    # stopped (a signal) while starting: a graceful stop of a run that had not begun
             if inputs is not None:
                 if not self._input_edges:
                     raise SupervisorError(
@@ -602,6 +687,11 @@ class Supervisor:
             report = self.report([v for _, _, v in outputs])
             report.output_count = n
             return report
+        except BaseException:
+            if self.running:  # on_output raised: nothing may outlive the call
+                self.kill()
+                self.join()
+            raise
         finally:
             restore()
 
@@ -622,7 +712,22 @@ class Supervisor:
                 dead_letters=w.dead_letters,
             )
             nodes[name] = s
-        return RunReport(self.name, end - (self._started_at or end), outputs or [], nodes, self._stopped, killed=self.killed)
+        return RunReport(
+            self.name,
+            end - (self._started_at or end),
+            outputs or [],
+            nodes,
+            self._stopped,
+            killed=self.killed,
+            aborted=self._abort_reason,
+            killed_nodes=[n for n, w in self.workers.items() if w.killed_at_stop],
+            unprocessed_inputs=self._unprocessed_inputs if self._abort_reason is not None else 0,
+            unprocessed_source_frames=(
+                sum(max(0, w.generated - w.restore.source_position) for w in self.workers.values() if w.spec.is_source)
+                if self._abort_reason is not None
+                else 0
+            ),
+        )
 
     def __enter__(self) -> "Supervisor":
         if self._thread is None:
@@ -671,6 +776,9 @@ class Supervisor:
         self._wake()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
+        """While run() runs: every signal that would end the process drains the pipeline
+        instead (a second one kills the workers), so that nothing is left behind; see
+        _STOP_SIGNALS and _IGNORED_SIGNALS."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         count = [0]
@@ -685,7 +793,13 @@ class Supervisor:
             else:
                 self._command(_Cmd.SIGKILL)
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        def ignore(signum: int, frame: Any) -> None:
+            log.warning("%s: %s ignored (it has no meaning for the supervisor)", self.name, signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+        for s in _IGNORED_SIGNALS:
+            if signal.getsignal(s) is signal.SIG_DFL:  # a handler of the program's own stays
+                old[s] = signal.signal(s, ignore)
 
         def restore() -> None:
             for s, h in old.items():
@@ -751,6 +865,7 @@ class Supervisor:
             self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
             self._out_ports = [InPort(self._iox, e) for e in self._output_edges]
             self._input_iter: Optional[Iterator[Any]] = None
+            self._iter_position = 0  # items taken from run()'s inputs (for error messages)
             self._inputs_closed = False
             self._input_count = 0
             self._stop_deadline: Optional[float] = None
@@ -801,8 +916,9 @@ class Supervisor:
         if self._phase in ("draining", "aborting"):
             t = min(t, 0.05)
         now = time.monotonic()
+        restarting = self._phase in _RESTART_PHASES  # else a pending restart is no deadline
         for w in self.workers.values():
-            for deadline in (w.restart_at, w.kill_at):
+            for deadline in (w.restart_at if restarting else None, w.kill_at):
                 if deadline is not None:
                     t = min(t, max(0.0, deadline - now))
             if w.alive and (w.options["process_timeout"] or w.options["memory_limit"]):
@@ -907,6 +1023,7 @@ class Supervisor:
             if msg.snapshot is not None:
                 w.restore.snapshot = msg.snapshot
             if msg.final:
+                w.final_commit = True
                 for edge, seq in msg.in_seqs.items():
                     self._relay_ack(edge, seq + 1, seq + 1)
         elif isinstance(msg, DeadLetter):
@@ -1048,14 +1165,13 @@ class Supervisor:
         if not self._in_ports or self._phase not in ("running", "draining"):
             return
         while all(p.can_send() for p in self._in_ports):
-            value, have = self._next_input()
-            if not have:
+            frame = self._next_input()
+            if frame is None:
                 break
-            value, stream_id = split_frame(value)
-            meta, bufs = encode(value)
+            meta, bufs, stream_id = frame
             now = time.monotonic_ns()
             for p in self._in_ports:
-                p.send(Kind.DATA, meta, bufs, self._input_count, stream_id or 0, now)
+                p.send(Kind.DATA, meta, bufs, self._input_count, stream_id, now)
             self._input_count += 1
         if (
             self._inputs_closed
@@ -1067,21 +1183,32 @@ class Supervisor:
                 if p.can_send():
                     p.send(Kind.EOS, b"", [], self._input_count, 0, 0)
 
-    def _next_input(self) -> Tuple[Any, bool]:
+    def _next_input(self) -> Optional[Tuple[bytes, List[Any], int]]:
+        """The next input, encoded: from send() (encoded by the caller), else from run()'s
+        inputs iterator (encoded here: an item that does not pickle fails the run)."""
         try:
-            return self._inq.get_nowait(), True
+            return self._inq.get_nowait()
         except queue.Empty:
             pass
         if self._input_iter is not None:
             try:
-                return next(self._input_iter), True
+                value = next(self._input_iter)
             except StopIteration:
                 self._input_iter = None
                 self._inputs_closed = True
+                return None
             except Exception as e:
                 self._input_iter = None
                 self._fail(SupervisorError(f"the inputs iterator raised {type(e).__name__}: {e}"))
-        return None, False
+                return None
+            position = self._iter_position
+            self._iter_position += 1
+            try:
+                return _encode_input(value, f"item {position} of run()'s inputs")
+            except FrameSerializationError as e:
+                self._input_iter = None
+                self._fail(e)
+        return None
 
     def _collect_outputs(self) -> None:
         for p in self._out_ports:
@@ -1166,10 +1293,13 @@ class Supervisor:
         for pipe, stream in ((w.proc.stdout, "stdout"), (w.proc.stderr, "stderr")):
             assert pipe is not None
             os.set_blocking(pipe.fileno(), False)
-            w.out_fds[pipe.fileno()] = bytearray()
+            w.out_fds[pipe.fileno()] = LineBuffer()
             w.out_streams[pipe.fileno()] = stream
         w.spawned_at = time.monotonic()
         w.kill_reason = None
+        w.kill_frame = None
+        w.final_commit = False
+        w.source_start = w.restore.source_position
         w.restart_at = None
         w.ready_at = None
         w.done = False
@@ -1189,30 +1319,36 @@ class Supervisor:
 
     def _read_output(self, w: WorkerHandle, final: bool = False) -> None:
         """Forward what the worker wrote to stdout/stderr, one prefixed line at a time, and
-        keep the last lines (the traceback of a crash is usually there)."""
+        keep the last lines (the traceback of a crash is usually there).
+
+        At most _OUTPUT_BUDGET bytes per worker and call, lines cut at MAX_LINE bytes: a
+        worker flooding its output neither stalls the arbiter nor grows its memory (the rest
+        waits in the pipe for the next turn, which comes at once: the pipe is readable)."""
+        budget = _OUTPUT_BUDGET
         for fd in list(w.out_fds):
-            buf = w.out_fds[fd]
-            while True:
+            lines = w.out_fds[fd]
+            stream = w.out_streams.get(fd, "stderr")
+            ended = final
+            while budget > 0:
                 try:
-                    chunk = os.read(fd, 65536)
+                    chunk = os.read(fd, min(65536, budget))
                 except BlockingIOError:
                     break
                 except OSError:
                     chunk = b""
                 if not chunk:
-                    final = True
+                    ended = True
                     break
-                buf += chunk
-            *lines, rest = buf.split(b"\n")
-            if final and rest:
-                lines.append(rest)
-                rest = b""
-            w.out_fds[fd] = bytearray(rest)
-            stream = w.out_streams.get(fd, "stderr")
-            for raw in lines:
-                rec = parse_worker_line(raw.decode("utf-8", "replace"), stream)
-                w.tail.append(rec["msg"] + ("\n" + rec["exc"] if rec.get("exc") else ""))
-                self.log_sink.write(rec, w.name, w.pid)
+                budget -= len(chunk)
+                self._emit_lines(w, stream, lines.feed(chunk))
+            if ended:
+                self._emit_lines(w, stream, lines.flush())
+
+    def _emit_lines(self, w: WorkerHandle, stream: str, lines: List[str]) -> None:
+        for line in lines:
+            rec = parse_worker_line(line, stream)
+            w.tail.append(rec["msg"] + ("\n" + rec["exc"] if rec.get("exc") else ""))
+            self.log_sink.write(rec, w.name, w.pid)
 
     def _close_output(self, w: WorkerHandle) -> None:
         self._read_output(w, final=True)
@@ -1273,6 +1409,8 @@ class Supervisor:
             if w.board is not None:  # its last counters outlive it
                 b = w.board.read()
                 w.sampler.sample(w.pid, b["frames_in"], b["frames_out"])
+                if w.spec.is_source:
+                    w.generated = w.source_start + b["frames_in"]
             w.exit_status = rc
             w.kill_at = None
             if w.chan is not None:
@@ -1303,12 +1441,30 @@ class Supervisor:
         if state is ProcessState.STOPPING or self._phase in ("aborting", "finished"):
             w.sm.change(ProcessState.STOPPED if state is ProcessState.STOPPING else ProcessState.EXITED, how)
             return
-        if rc == EXIT_LOAD_ERROR:
+        if w.final_commit:
+            # It died after its end of stream was committed downstream (Runner.finish), before
+            # Done: in cleanup(), or killed there. Its stream is complete; a restart would
+            # wait for an end of stream that never comes again.
+            w.done = True
+            w.sm.change(ProcessState.EXITED, f"end of stream, then {how} before reporting done")
+            report = self._crash_report(w)
+            log.warning(
+                "node %s (pid %s): %s after its end of stream was committed (in cleanup()?); its stream is "
+                "complete, not restarted%s",
+                w.name,
+                w.pid,
+                how,
+                f"\n{report}" if report else "",
+            )
+            return
+        if rc == EXIT_LOAD_ERROR and state is ProcessState.STARTING:
+            # Reserved exit codes mean something only while the worker loads; after READY a
+            # worker's exit code is whatever its node did (os._exit(3) is a crash like any other).
             w.sm.change(ProcessState.FATAL, "load error")
             if self._error is None:
                 self._fail(NodeFatalError(w.name, f"could not load the node ({how})", w.pid, rc, self._crash_report(w)))
             return
-        if state is ProcessState.STARTING and self._phase == "booting":
+        if state is ProcessState.STARTING and self._phase == "booting" and w.starts == 1:
             # The first start must work: fail fast with what we know.
             w.sm.change(ProcessState.FATAL, f"failed to start ({how})")
             if w.kill_reason and "init_timeout" in w.kill_reason:
@@ -1356,15 +1512,22 @@ class Supervisor:
         w.sm.change(ProcessState.FATAL, message)
         self._fail(NodeFatalError(w.name, message, w.pid, rc, self._crash_report(w)))
 
-    def _track_poison(self, w: WorkerHandle) -> None:
-        """Count crashes on the same input frame; past the threshold, dead-letter it."""
+    def _busy_frame(self, w: WorkerHandle) -> Optional[Tuple[int, int]]:
+        """(edge, seq) of the input frame the worker's process() is in, per its status block."""
         if w.board is None:
-            return
+            return None
         b = w.board.read()
         if not b["busy_since_ns"] or b["busy_edge"] < 0:
+            return None
+        return b["busy_edge"], b["busy_seq"]
+
+    def _track_poison(self, w: WorkerHandle) -> None:
+        """Count crashes (and hang / memory kills) on the same input frame; past the threshold,
+        dead-letter it."""
+        frame = w.kill_frame or self._busy_frame(w)
+        if frame is None:
             w.poison, w.poison_count = None, 0
             return
-        frame = (b["busy_edge"], b["busy_seq"])
         w.poison_count = w.poison_count + 1 if frame == w.poison else 1
         w.poison = frame
         if w.poison_count >= w.options["poison_threshold"]:
@@ -1381,8 +1544,9 @@ class Supervisor:
             w.poison, w.poison_count = None, 0
 
     def manage_workers(self) -> None:
-        """Start the workers whose backoff delay has passed."""
-        if self._phase not in ("running", "draining"):
+        """Start the workers whose backoff delay has passed (also while booting: a worker that
+        crashed after its READY while another one still initializes)."""
+        if self._phase not in _RESTART_PHASES:
             return
         now = time.monotonic()
         for w in self.workers.values():
@@ -1402,6 +1566,8 @@ class Supervisor:
                     log.warning("node %s (pid %s) did not exit after SIGTERM; SIGKILL", w.name, w.pid)
                     self._signal(w, signal.SIGKILL)
                     w.kill_at = None
+                    if self._phase == "aborting":
+                        w.killed_at_stop = True
                 continue
             if w.kill_reason:
                 continue
@@ -1431,13 +1597,14 @@ class Supervisor:
                     self._murder(w, f"memory limit exceeded: {rss / 2**20:.0f} MiB private RSS > {opts['memory_limit'] / 2**20:.0f} MiB")
         if self._phase == "draining" and self._stop_deadline is not None and now > self._stop_deadline:
             log.warning("pipeline %s did not drain within %.1f s; aborting", self.name, self.stop_timeout)
-            self._begin_abort("drain timeout")
+            self._begin_abort(f"drain timeout: not drained within stop_timeout={self.stop_timeout:g} s")
 
     def _murder(self, w: WorkerHandle, reason: str, hard: bool = False) -> None:
         """Kill a misbehaving worker (SIGTERM, SIGKILL after kill_timeout); its exit is then
         handled like a crash, under the restart policy."""
         log.error("node %s (pid %s): %s; killing it", w.name, w.pid, reason)
         w.kill_reason = reason
+        w.kill_frame = self._busy_frame(w)
         if hard:
             self._signal(w, signal.SIGKILL)
         else:
@@ -1468,7 +1635,10 @@ class Supervisor:
         if self._phase in ("draining", "aborting", "finished"):
             return
         if self._phase == "booting":
+            # Nothing flows before every worker is READY: stopping now loses nothing.
+            self._stopped = True
             self._begin_abort(reason)
+            self._abort_reason = None
             return
         self._stopped = True
         self._phase = "draining"
@@ -1482,6 +1652,9 @@ class Supervisor:
         log.info("pipeline %s: draining (%s)", self.name, reason)
 
     def _begin_abort(self, reason: str, hard: bool = False) -> None:
+        if self._abort_reason is None and self._phase != "finished":
+            self._abort_reason = reason
+        self._cancel_restarts(reason)
         if hard:
             self.killed = True
             for w in self.workers.values():
@@ -1489,6 +1662,7 @@ class Supervisor:
                     if w.state in (ProcessState.STARTING, ProcessState.RUNNING):
                         w.sm.change(ProcessState.STOPPING, reason)
                     self._signal(w, signal.SIGKILL)
+                    w.killed_at_stop = True
             self._phase = "aborting"
             log.warning("pipeline %s: SIGKILL to every worker (%s)", self.name, reason)
             return
@@ -1505,6 +1679,13 @@ class Supervisor:
                 w.kill_at = deadline
         log.info("pipeline %s: aborting (%s)", self.name, reason)
 
+    def _cancel_restarts(self, reason: str) -> None:
+        """Workers waiting to be restarted stay down: the run is ending."""
+        for w in self.workers.values():
+            if w.state is ProcessState.BACKOFF:
+                w.sm.change(ProcessState.STOPPED, reason)
+                w.restart_at = None
+
     def _check_done(self) -> None:
         if self._phase == "aborting":
             if not any(w.alive for w in self.workers.values()):
@@ -1518,6 +1699,15 @@ class Supervisor:
         )
         if outputs_done and workers_done:
             self._phase = "finished"
+
+    def _count_unprocessed_inputs(self) -> int:
+        """Inputs accepted but not committed by every input node (queued ones included)."""
+        ports = getattr(self, "_in_ports", [])
+        if not ports:
+            return 0
+        sent = getattr(self, "_input_count", 0)
+        committed = min(min(p.committed, sent) for p in ports)
+        return sent - committed + self._inq.qsize()
 
     def _shutdown(self) -> None:
         """Make sure nothing is left: processes, ports, shared memory."""
@@ -1535,6 +1725,7 @@ class Supervisor:
                         w.exit_status = w.proc.returncode
                 if w.chan is not None:
                     w.chan.close()
+            self._unprocessed_inputs = self._count_unprocessed_inputs()
             for p in getattr(self, "_in_ports", []):
                 p.close()
             for p in getattr(self, "_out_ports", []):

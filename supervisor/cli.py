@@ -10,9 +10,11 @@
 A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
 ``build()`` returning one. Classes defined in the file travel to the workers by value.
 
-Exit codes: 0 the run completed (also after a graceful SIGINT/SIGTERM stop); 1 the pipeline
-failed (a node raised, a worker could not start, a node went FATAL); 2 the command line or the
-pipeline file is invalid (missing file, syntax error, no pipeline object, invalid pipeline).
+Exit codes: 0 the run completed (also after a graceful stop: SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+or stdout closed by its reader, as with ``| head``); 1 the pipeline failed (a node raised, a
+worker could not start, a node went FATAL) or a stop did not drain (frames were lost); 2 the
+command line or the pipeline file is invalid (missing file, syntax error, no pipeline object,
+invalid pipeline).
 """
 
 from __future__ import annotations
@@ -137,7 +139,16 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
                 "level": "INFO",
                 "logger": "remotemedia.report",
                 "msg": f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s",
-                "report": {"outputs": report.output_count, "duration_s": report.duration, "stopped": report.stopped, "nodes": report.nodes},
+                "report": {
+                    "outputs": report.output_count,
+                    "duration_s": report.duration,
+                    "stopped": report.stopped,
+                    "aborted": report.aborted,
+                    "killed_nodes": report.killed_nodes,
+                    "unprocessed_inputs": report.unprocessed_inputs,
+                    "unprocessed_source_frames": report.unprocessed_source_frames,
+                    "nodes": report.nodes,
+                },
             }
         )
         return
@@ -207,7 +218,8 @@ def start(
     progress: Optional[bool],
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
-    sources are exhausted, or until SIGINT/SIGTERM (drain, then exit 0)."""
+    sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
+    when the drain timed out and frames were lost)."""
     from supervisor.arbiter import Supervisor
 
     level = getattr(logging, log_level.upper())
@@ -244,9 +256,22 @@ def start(
         lines = (line.rstrip("\n") for line in input_file)
         inputs = (json.loads(line) for line in lines) if json_input else lines
 
+    stdout_open = [True]
+
     def show(value: Any, info: FrameInfo) -> None:
-        if not quiet:
+        if quiet or not stdout_open[0]:
+            return
+        try:
             click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
+        except OSError as e:
+            # The reader went away (`| head`: EPIPE, Python ignores SIGPIPE) or the terminal
+            # hung up (EIO): stop like on SIGTERM instead of dying with the workers running.
+            stdout_open[0] = False
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere
+            os.close(devnull)
+            logging.getLogger("remotemedia.cli").warning("stdout closed (%s): stopping the pipeline", e.strerror or e)
+            sup.stop()
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar(sup) if show_progress and sup.totals else None
@@ -264,9 +289,13 @@ def start(
     finally:
         if bar is not None:
             bar.stop()
-    _print_report(report, sink)
-    if report.killed:
-        _error(sink, "workers were killed before the stream drained; frames in flight were lost")
+    try:
+        _print_report(report, sink)
+    except OSError:  # stderr is gone (the terminal hung up): the exit code still tells
+        pass
+    lost = report.loss_summary()
+    if lost is not None:
+        _error(sink, lost)
         sys.exit(EXIT_FAILED)
 
 

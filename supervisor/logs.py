@@ -24,12 +24,24 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
-__all__ = ["MARK", "WorkerLogHandler", "LogSink", "parse_worker_line", "in_journal", "configure_cli_logging"]
+__all__ = [
+    "MARK",
+    "MAX_LINE",
+    "WorkerLogHandler",
+    "LineBuffer",
+    "LogSink",
+    "parse_worker_line",
+    "in_journal",
+    "configure_cli_logging",
+]
 
 #: Prefix of a structured log record on a worker's stderr (ASCII record separator).
 MARK = "\x1eRMLOG "
+
+#: Bytes of one captured line the supervisor keeps; the rest of a longer line is cut.
+MAX_LINE = 64 * 1024
 
 _SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -68,6 +80,48 @@ class WorkerLogHandler(logging.Handler):
             self.stream.flush()
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
+
+
+class LineBuffer:
+    """Splits a worker's output stream into lines of at most ``limit`` bytes: the rest of a
+    longer line is dropped and counted (a marker at its end says how many bytes), so one
+    endless line costs the supervisor ``limit`` bytes, not its length."""
+
+    __slots__ = ("limit", "buf", "cut")
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.cut = 0
+
+    def feed(self, data: bytes) -> List[str]:
+        """Add what was read; return the lines it completed."""
+        *done, rest = data.split(b"\n")
+        lines = []
+        for part in done:
+            self._add(part)
+            lines.append(self._take())
+        self._add(rest)
+        return lines
+
+    def flush(self) -> List[str]:
+        """The unterminated last line, if any (the stream ended)."""
+        return [self._take()] if self.buf or self.cut else []
+
+    def _add(self, part: bytes) -> None:
+        room = self.limit - len(self.buf)
+        if len(part) > room:
+            self.cut += len(part) - room
+            part = part[:room]
+        self.buf += part
+
+    def _take(self) -> str:
+        line = self.buf.decode("utf-8", "replace")
+        if self.cut:
+            line += f" [... {self.cut} bytes of this line cut]"
+        self.buf = bytearray()
+        self.cut = 0
+        return line
 
 
 def parse_worker_line(line: str, stream: str) -> Dict[str, Any]:

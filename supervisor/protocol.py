@@ -27,6 +27,9 @@ Exit codes of a worker (reserved, as gunicorn's WORKER_BOOT_ERROR / APP_LOAD_ERR
     3   EXIT_LOAD_ERROR: the node could not be unpickled or initialize() raised (not retried)
     4   EXIT_SETUP_ERROR: the worker could not open its ports / talk to the supervisor
     5   EXIT_ABORTED: stopped on request (Abort) after cleanup()
+
+The reserved codes mean this only while a worker loads (before READY); afterwards a node's own
+``os._exit(3)`` is a crash like any other, restarted under the policy.
 """
 
 from __future__ import annotations

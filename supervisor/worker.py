@@ -888,6 +888,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         while setup is None:
             msgs = _blocking_receive(chan)
             setup = next((m for m in msgs if isinstance(m, Setup)), None)
+            if any(isinstance(m, Abort) for m in msgs):
+                return EXIT_ABORTED  # stopped before it began (the Abort may share a read with Setup)
     except (ChannelClosed, _Abort):
         return EXIT_SETUP_ERROR
     spec = setup.spec
