@@ -196,6 +196,7 @@ class Runner:
         self._order_limit = sys.maxsize  # consume no further frame before a commit is reported
         self._replay: List[int] = []  # input positions of the frames after the commit, in order
         self._replay_from = self._replay_end = 0
+        self._replay_stall: Optional[Tuple[int, float]] = None  # (frame number, waiting since)
         board = self.board
         if spec.records_order and board is not None and board.order_capacity:
             self.consumed = self._replay_from = self.restore.consumed(spec.in_edges)
@@ -296,7 +297,10 @@ class Runner:
         if blocked:
             watch = blocked
         elif not self.failed and self.started and self.consumed < self._order_limit:
-            watch = [p.sub for p in self.inputs if not p.eos]
+            if self.consumed < self._replay_end:  # only the recorded input lets us go on
+                watch = [self.inputs[self._replay[self.consumed - self._replay_from]].sub]
+            else:
+                watch = [p.sub for p in self.inputs if not p.eos]
         else:
             watch = []
         _, ready = self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
@@ -536,6 +540,7 @@ class Runner:
             port = inputs[self._replay[consumed - self._replay_from]]
             got = None if port.eos else port.receive() if self.skip else port.take()
             if got is None and not port.eos:
+                self._replay_waits(consumed, port)
                 return False
             if type(got) is tuple:
                 self.consumed = consumed + 1  # (recorded already: Scoreboard.write_order)
@@ -545,7 +550,7 @@ class Runner:
                 self.consumed = consumed + 1
                 self.handle_frame(port, got)
                 return True
-            # Only a node (or an upstream) that is not deterministic ends an input early.
+            # Only an upstream that is not deterministic ends an input early.
             log.warning(
                 "node %s: input from %s ended where the order recorded before the restart has a frame of it; "
                 "the %d frames left of that order are consumed as they come (exactly-once needs deterministic nodes)",
@@ -574,6 +579,22 @@ class Runner:
                 self.handle_frame(port, got)
             return True
         return False
+
+    def _replay_waits(self, consumed: int, port: InPort) -> None:
+        """Say so when the recorded order has waited long for one input while others have
+        frames: with deterministic nodes that frame always comes (it came before the
+        restart); a node upstream that is not deterministic may never send it."""
+        now = time.monotonic()
+        since = self._replay_stall
+        if since is None or since[0] != consumed:
+            self._replay_stall = (consumed, now)
+        elif now - since[1] > 10.0 and any(p.sub.has_samples() for p in self.inputs if p is not port):
+            self._replay_stall = (consumed, math.inf)  # once per frame
+            log.warning(
+                "node %s: replaying the order recorded before its restart, it has waited %.0f s for the next "
+                "frame from %s while other inputs have frames (an upstream node that is not deterministic?)",
+                self.spec.name, now - since[1], port.src,
+            )
 
     def _order_full(self) -> None:
         """The frames consumed since the reported commit fill the order ring: consume no

@@ -7,6 +7,7 @@ and its consumer's per-edge deduplication drops only true duplicates.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import random
 import signal
@@ -150,6 +151,18 @@ class Rig:
             time.sleep(0.002)
         return self.node.seen
 
+    def waits_idle(self, timeout=0.3):
+        """True when the worker's wait sleeps until ``timeout`` (rather than spinning on
+        frames it may not take), once the wake-ups already pending are consumed."""
+        self.runner.spec = dataclasses.replace(self.runner.spec, spin_us=50)
+        try:
+            self.runner.wait(0.01)
+            t = time.monotonic()
+            self.runner.wait(timeout)
+            return time.monotonic() - t >= timeout * 0.8
+        finally:
+            self.runner.spec = dataclasses.replace(self.runner.spec, spin_us=0)
+
     def close(self):
         self.runner.close()
         for p in self.producers:
@@ -169,6 +182,7 @@ def test_restart_consumes_replayed_frames_in_the_recorded_order(tmp_path):
         # Every frame of x is there first: round robin would take x now, the order says y.
         rig.send(0, [f"x{i}" for i in range(10)])
         assert rig.drain(1, budget=0.3) == []
+        assert rig.waits_idle()  # (the frames of x are no reason to wake up)
         rig.send(1, [f"y{i}" for i in range(10)])
         assert rig.drain(2) == ["y1", "y2"]
         # killed now, its successor would still get the whole order
@@ -193,6 +207,7 @@ def test_order_ring_bounds_how_far_consumption_runs_ahead_of_the_commit(tmp_path
         rig.send(1, [f"y{i}" for i in range(10)])
         # The sink takes nothing, so nothing commits: four frames fill the ring.
         assert len(rig.drain(20, budget=0.5)) == 4
+        assert rig.waits_idle()
         assert len(rig.board.read_order(0)) == 4
         # As the sink commits what it gets, the worker goes on, never more than 4 ahead.
         deadline = time.monotonic() + 10
