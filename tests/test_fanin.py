@@ -301,10 +301,10 @@ def test_fanin_chaos_three_inputs_into_a_stateful_group(capsys):
 def test_fanin_chaos_one_input_ends_first(capsys):
     # Two sources: one ends (end of stream on that edge) while the other still flows.
     p = Pipeline(
-        [RangeSource(40, name="short"), RangeSource(1000, name="long"), Tag(0.001, name="d")],
+        [RangeSource(500, name="short"), RangeSource(1200, name="long"), Tag(0.001, name="d")],
         connections=[("short", "d"), ("long", "d")],
     )
-    expected = {("short", x) for x in range(40)} | {("long", x) for x in range(1000)}
+    expected = {("short", x) for x in range(500)} | {("long", x) for x in range(1200)}
     _chaos(p, ["d"], None, expected, capsys, max_kills=6)
 
 
