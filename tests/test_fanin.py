@@ -76,7 +76,7 @@ class Delay(Node):
 
 
 class Log(Node):
-    """Records the input edge of every frame it processes, and passes the value on."""
+    """Records every value it processes, and passes it on."""
 
     def initialize(self):
         self.seen = []
@@ -102,8 +102,9 @@ def _edge(i, src, dst, depth=64):
 
 
 class Rig:
-    """One fan-in worker's Runner in this process: inputs from "x" (edge 0), "y" (edge 1) and
-    "z" (edge 2), its output to edge 3, whose other ends the test holds."""
+    """One fan-in worker's Runner in this process, with inputs from ``inputs`` (edges 0, 1,
+    ...) and one output: the test holds the other ends and steps the worker itself. With
+    ``order``, it is a restart with that recorded order (edge indices)."""
 
     def __init__(self, tmp_path, restore=None, capacity=64, order=None, inputs=("x", "y"), node=None):
         self.prefix = f"rm_{os.getpid()}x{os.urandom(4).hex()}_"
@@ -129,9 +130,10 @@ class Rig:
         self.producers = [OutPort(self.iox, e) for e in ins]
         self.sink = InPort(self.iox, out)
 
-    def send(self, edge, values, start=0):
+    def send(self, edge, values):
+        """Send ``values`` as the frames 0, 1, ... of ``edge`` (the worker drops those it
+        committed before)."""
         p = self.producers[edge]
-        p.next_seq = start
         for v in values:
             meta, bufs = encode(v)
             p.send(KIND_DATA, meta, bufs)
