@@ -88,7 +88,7 @@ from .protocol import (
 from .control import ControlServer
 from .logs import LineBuffer, LogSink, parse_worker_line
 from .monitor import WorkerSampler, build_status
-from .scoreboard import Scoreboard
+from .scoreboard import ORDER_CAPACITY, Scoreboard
 from .systemd import SystemdNotifier
 from .states import ProcessState, StateMachine
 
@@ -1268,8 +1268,13 @@ class Supervisor:
                     os.path.join(resources.SHM_DIR, f"{self.prefix}wk{w.index}.board"),
                     create=True,
                     commit_slots=len(w.spec.in_edges) + len(w.spec.out_edges),
+                    order_slots=ORDER_CAPACITY if w.spec.records_order else 0,
                 )
             w.board.reset()
+            if w.restore.order:
+                # Before the worker exists: the order outlives it if it dies before replaying it.
+                position = {e.index: i for i, e in enumerate(w.spec.in_edges)}
+                w.board.write_order(w.restore.consumed(w.spec.in_edges), [position[e] for e in w.restore.order])
             w.sm.change(ProcessState.STARTING, "spawn" if w.starts == 0 else "restart")
             w.proc = subprocess.Popen(
                 cmd,
@@ -1380,6 +1385,15 @@ class Supervisor:
         if w.spec.is_source:
             w.restore.source_position = source
 
+    def _sync_order(self, w: WorkerHandle) -> None:
+        """Take the order in which an exited worker with several inputs consumed its input
+        frames after its last commit (from its status block) into its restore state: its
+        restart consumes the replayed frames in that order (see ``Runner.step_ordered``)."""
+        if w.board is None or not w.board.order_capacity:
+            return
+        edges = [e.index for e in w.spec.in_edges]
+        w.restore.order = [edges[i] for i in w.board.read_order(w.restore.consumed(w.spec.in_edges))]
+
     def _consumer_finished(self, e: EdgeSpec) -> bool:
         if e.dst == OUTPUT:
             return any(p.eos for p in self._out_ports if p.spec.index == e.index)
@@ -1405,6 +1419,7 @@ class Supervisor:
                 continue
             self._sync_commit(w)  # before its board is reset for a restart
             self._read_control(w)  # messages written just before exiting
+            self._sync_order(w)  # after the last commit, wherever it was reported
             self._close_output(w)
             if w.board is not None:  # its last counters outlive it
                 b = w.board.read()

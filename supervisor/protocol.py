@@ -130,6 +130,14 @@ class WorkerSpec:
     dead_letter_dir: Optional[str] = None
     spin_us: int = 50  # adaptive spin before blocking (0: always block)
 
+    @property
+    def records_order(self) -> bool:
+        """A node with several inputs records the order it consumes them in, so that after a
+        restart it consumes the replayed frames in the same order and re-emits exactly what it
+        emitted (see :mod:`supervisor.scoreboard`). Not behind a lossy edge: nothing is replayed
+        there, and exactly-once is not promised."""
+        return len(self.in_edges) > 1 and all(e.lossless for e in self.in_edges)
+
 
 @dataclass
 class RestoreState:
@@ -145,6 +153,14 @@ class RestoreState:
     out_committed: Dict[int, int] = field(default_factory=dict)
     # out edge -> its consumer has already ended its stream (took our end of stream)
     out_finished: Dict[int, bool] = field(default_factory=dict)
+    # (nodes with several inputs) the input edge of each frame consumed after the commit,
+    # in the order consumed: a restarted worker consumes the replayed frames in this order
+    order: List[int] = field(default_factory=list)
+
+    def consumed(self, in_edges: Tuple[EdgeSpec, ...]) -> int:
+        """Input frames consumed up to the commit point, all input edges together (each
+        lossless edge numbers its frames from 0, and a node consumes them in seq order)."""
+        return sum(self.in_seqs.get(e.index, -1) + 1 for e in in_edges)
 
 
 # --------------------------------------------------------------------------- messages

@@ -16,15 +16,28 @@ not looping at all (hang detection).
     32      frames_in
     40      frames_out
     48      pid
+    56      order_capacity entries of the order ring below (0: none); set by the creator
     64      commit_gen     commits written by this incarnation (0: none yet)
     72...   two commit buffers, the newest is number commit_gen % 2; each holds the
             committed source position (sources), then the committed seq of every input edge
             and the next seq of every output edge (the edge order of the worker's spec)
+    then    order_count    input frames whose input edge is recorded (fan-in nodes only)
+    then    order ring     order_capacity uint16: the position (in the spec's input edges) of
+                           the edge of input frame number i is at i % order_capacity
 
 The commit area is how a worker reports a commit point (see ``Runner.flush_commit``): a
 handful of stores instead of a pickled message per commit that would wake the supervisor
 100 times a second per worker. The supervisor reads it when it needs it (a worker exited, a
 producer restarts), and, as for everything here, it is still there after a crash.
+
+The order ring is how a node with several inputs keeps exactly-once across a restart (see
+``Runner.step_ordered``): frames are numbered by how many the node consumed, all edges
+together, and the commit point of frame counts per edge gives that number at the commit; the
+frames it consumed after it were consumed in the order ``ring[commit .. order_count)``, and
+a restarted worker consumes the replayed frames in that order again, so it re-emits what it
+emitted before under the same output seqs. One store per frame plus the count, each before any
+output of the frame can leave; the worker never runs more than ``order_capacity`` frames ahead
+of its reported commit, so the entries after the commit are never overwritten.
 
 The file lives in /dev/shm under the run's prefix, so it is removed with the run.
 """
@@ -37,37 +50,58 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["Scoreboard", "FIELDS"]
+__all__ = ["Scoreboard", "FIELDS", "ORDER_CAPACITY"]
 
 FIELDS = ("heartbeat_ns", "busy_since_ns", "busy_edge", "busy_seq", "frames_in", "frames_out", "pid")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _HEADER = 64
 _GEN = 8  # index of commit_gen
+_ORDER_CAP = 7  # index of order_capacity
+#: Entries of a fan-in worker's order ring: how many input frames it may consume beyond its
+#: last reported commit (commits wait on downstream acks of a few windows of frames, and are
+#: reported every 10 ms). 32 KiB per fan-in worker.
+ORDER_CAPACITY = 16384
+
+
+def _order_words(capacity: int) -> int:
+    """64-bit words of the order region: the count, then the uint16 entries."""
+    return 1 + (2 * capacity + 7) // 8 if capacity else 0
 
 
 class Scoreboard:
     """One worker's status block. ``commit_slots`` (creator only): how many seqs a commit
-    holds (input edges + output edges)."""
+    holds (input edges + output edges); ``order_slots`` (creator only): entries of the order
+    ring (0: none, the node has fewer than two inputs)."""
 
-    def __init__(self, path: str, create: bool = False, commit_slots: int = 0) -> None:
+    def __init__(self, path: str, create: bool = False, commit_slots: int = 0, order_slots: int = 0) -> None:
         self.path = path
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots))
+                os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
             self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         self._q = memoryview(self._mm).cast("q")
+        if create:
+            self._q[_ORDER_CAP] = order_slots
+        self.order_capacity = self._q[_ORDER_CAP]
+        order_words = _order_words(self.order_capacity)
         # each of the two commit buffers: source position, then the seqs
-        self._width = (len(self._q) - _GEN - 1) // 2
+        self._width = (len(self._q) - _GEN - 1 - order_words) // 2
         self.commit_slots = self._width - 1
+        self._order_count = _GEN + 1 + 2 * self._width  # index of order_count
+        self._ring: Optional[memoryview] = None
+        if self.order_capacity:
+            start = 8 * (self._order_count + 1)
+            self._ring = memoryview(self._mm)[start : start + 2 * self.order_capacity].cast("H")
 
     def reset(self) -> None:
         for i in range(len(self._q)):
             self._q[i] = 0
         self._q[_INDEX["busy_edge"]] = -1
+        self._q[_ORDER_CAP] = self.order_capacity
 
     def write_commit(self, source_position: int, seqs: List[int]) -> None:
         """Publish a commit point (worker side). Two buffers, used in turn: the generation
@@ -93,6 +127,40 @@ class Scoreboard:
             # One newer write goes to the other buffer; two would have reused this one.
             if q[_GEN] - gen < 2:
                 return source, seqs
+
+    # order ring (fan-in nodes)
+
+    def record_order(self, count: int, position: int) -> None:
+        """Worker side, before any output of the frame can leave: input frame number
+        ``count`` came from input edge ``position`` (the caller keeps ``count`` less than
+        ``order_capacity`` ahead of its reported commit)."""
+        self._ring[count % self.order_capacity] = position  # type: ignore[index]
+        self._q[self._order_count] = count + 1
+
+    def write_order(self, start: int, positions: List[int]) -> None:
+        """Supervisor side, before a restarted worker starts: the order it must consume input
+        frames ``start ..`` in (its predecessor's), recorded as if consumed already, so that it
+        survives this worker dying too."""
+        if len(positions) > self.order_capacity:
+            raise ValueError(f"{len(positions)} recorded frames do not fit an order ring of {self.order_capacity}")
+        ring, cap = self._ring, self.order_capacity
+        for i, pos in enumerate(positions):
+            ring[(start + i) % cap] = pos  # type: ignore[index]
+        self._q[self._order_count] = start + len(positions)
+
+    def read_order(self, start: int) -> List[int]:
+        """The input edge positions of frames ``start ..`` (a commit point) as recorded, for a
+        restart; empty when there is no ring or nothing after ``start``."""
+        if not self.order_capacity:
+            return []
+        count, cap = self._q[self._order_count], self.order_capacity
+        if count - start > cap:
+            raise RuntimeError(
+                f"order ring of {self.path} holds {count - start} frames after the commit at {start}, more than its "
+                f"capacity {cap}: the worker ran ahead of its commits"
+            )
+        ring = self._ring
+        return [ring[i % cap] for i in range(start, count)]  # type: ignore[index]
 
     def set(self, field: str, value: int) -> None:
         self._q[_INDEX[field]] = value
@@ -121,6 +189,8 @@ class Scoreboard:
 
     def close(self, unlink: bool = False) -> None:
         try:
+            if self._ring is not None:
+                self._ring.release()
             self._q.release()
             self._mm.close()
         except (BufferError, ValueError):

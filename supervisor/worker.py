@@ -219,6 +219,23 @@ class Runner:
         self.latency = LatencyStats()
         self.next_heartbeat = time.monotonic() + spec.heartbeat_interval
         self._rr = 0
+        # A node with several inputs records the order it consumes them in and, restarted,
+        # consumes the replayed frames in the recorded order (see step_ordered).
+        self.consumed = 0  # input frames consumed, all edges together (when recording)
+        self._order_cap = 0
+        self._order_limit = sys.maxsize  # consume no further frame before a commit is reported
+        self._replay: List[int] = []  # input positions of the frames after the commit, in order
+        self._replay_from = self._replay_end = 0
+        self._replay_stall: Optional[Tuple[int, float]] = None  # (frame number, waiting since)
+        board = self.board
+        if spec.records_order and board is not None and board.order_capacity:
+            self.consumed = self._replay_from = self.restore.consumed(spec.in_edges)
+            position = {e.index: i for i, e in enumerate(spec.in_edges)}
+            self._replay = [position[e] for e in self.restore.order]
+            self._replay_end = self._replay_from + len(self._replay)
+            self._order_cap = board.order_capacity
+            self._order_limit = self.consumed + self._order_cap
+            self.step_input = self.step_ordered  # type: ignore[method-assign]
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._gen: Optional[Iterator[Any]] = None
         self._current_origin = 0
@@ -309,8 +326,11 @@ class Runner:
         blocked = [p.ack_sub for p in self.outputs if not p.can_send()]
         if blocked:
             watch = blocked
-        elif not self.failed and self.started:
-            watch = [p.sub for p in self.inputs if not p.eos]
+        elif not self.failed and self.started and self.consumed < self._order_limit:
+            if self.consumed < self._replay_end:  # only the recorded input lets us go on
+                watch = [self.inputs[self._replay[self.consumed - self._replay_from]].sub]
+            else:
+                watch = [p.sub for p in self.inputs if not p.eos]
         else:
             watch = []
         _, ready = self.inbox.wait(timeout, [self.chan.fileno()], self.spec.spin_us if watch else 0, watch)
@@ -391,6 +411,9 @@ class Runner:
                     )
                 )
             self.reported = self.committed
+            if self._order_cap:
+                # the frames after this commit may fill the order ring (Scoreboard.read_order)
+                self._order_limit = sum(self.committed.values()) + len(self.committed) + self._order_cap
             self._next_commit = time.monotonic() + 0.01
         for i, p in self.by_edge_in.items():
             p.ack(self.processed[i] + 1, self.reported[i] + 1)
@@ -530,6 +553,87 @@ class Runner:
                 self.handle_frame(port, got)
             return True
         return False
+
+    def step_ordered(self) -> bool:
+        """:meth:`step_input` of a node with several inputs (lossless ones). Each frame's
+        input is recorded in the status block before the node sees it, so before any of its
+        outputs leaves; after a restart the frames after the commit are consumed again in
+        the recorded order (waiting for the recorded edge even when others have frames
+        ready), so a deterministic node emits again exactly what it emitted, under the same
+        seqs, and its consumers' per-edge deduplication stays exact. Then round robin."""
+        consumed = self.consumed
+        if consumed >= self._order_limit:
+            self._order_full()
+            return False
+        inputs = self.inputs
+        if consumed < self._replay_end:
+            port = inputs[self._replay[consumed - self._replay_from]]
+            got = None if port.eos else port.receive() if self.skip else port.take()
+            if got is None and not port.eos:
+                self._replay_waits(consumed, port)
+                return False
+            if type(got) is tuple:
+                self.consumed = consumed + 1  # (recorded already: Scoreboard.write_order)
+                self.run_node(port, *got)
+                return True
+            if got is not None and got.kind != KIND_EOS:
+                self.consumed = consumed + 1
+                self.handle_frame(port, got)
+                return True
+            # Only an upstream that is not deterministic ends an input early.
+            log.warning(
+                "node %s: input from %s ended where the order recorded before the restart has a frame of it; "
+                "the %d frames left of that order are consumed as they come (exactly-once needs deterministic nodes)",
+                self.spec.name, port.src, self._replay_end - consumed,
+            )
+            self._replay_end = consumed
+            return True
+        n = len(inputs)
+        rr = self._rr
+        for i in range(n):
+            j = (rr + i) % n
+            port = inputs[j]
+            if port.eos:
+                continue
+            got = port.receive() if self.skip else port.take()
+            if got is None:
+                continue
+            self._rr = (j + 1) % n
+            if type(got) is tuple:
+                self.board.record_order(consumed, j)  # type: ignore[union-attr]
+                self.consumed = consumed + 1
+                self.run_node(port, *got)
+            elif got.kind != KIND_EOS:
+                self.board.record_order(consumed, j)  # type: ignore[union-attr]
+                self.consumed = consumed + 1
+                self.handle_frame(port, got)
+            return True
+        return False
+
+    def _replay_waits(self, consumed: int, port: InPort) -> None:
+        """Say so when the recorded order has waited long for one input while others have
+        frames: with deterministic nodes that frame always comes (it came before the
+        restart); a node upstream that is not deterministic may never send it."""
+        now = time.monotonic()
+        since = self._replay_stall
+        if since is None or since[0] != consumed:
+            self._replay_stall = (consumed, now)
+        elif now - since[1] > 10.0 and any(p.sub.has_samples() for p in self.inputs if p is not port):
+            self._replay_stall = (consumed, math.inf)  # once per frame
+            log.warning(
+                "node %s: replaying the order recorded before its restart, it has waited %.0f s for the next "
+                "frame from %s while other inputs have frames (an upstream node that is not deterministic?)",
+                self.spec.name, now - since[1], port.src,
+            )
+
+    def _order_full(self) -> None:
+        """The frames consumed since the reported commit fill the order ring: consume no
+        more until the commit moves. It waits only on acks of outputs already sent (never on
+        more input), so it cannot deadlock; a node that commits only with its snapshots takes
+        one now."""
+        if self.snapshot_interval is not None and self.uncommitted_progress():
+            self.mark(force_snapshot=True)
+        self.advance_commits(force_flush=True)
 
     def handle_frame(self, port: InPort, sample: Any) -> None:
         seq, origin, stream_id, created_ns, sent_ns, _ = sample.info

@@ -64,3 +64,40 @@ def test_the_other_fields_are_untouched_by_commits(board_path):
         assert state["busy_since_ns"] == 0
     finally:
         board.close()
+
+
+def test_order_ring_of_a_fanin_worker(board_path):
+    supervisor = Scoreboard(board_path, create=True, commit_slots=3, order_slots=8)
+    supervisor.reset()
+    worker = Scoreboard(board_path)  # the worker finds the layout in the block itself
+    try:
+        assert (worker.order_capacity, worker.commit_slots) == (8, 3)
+        worker.write_commit(0, [4, 5, 9])
+        for count, position in enumerate([0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0], start=0):
+            worker.record_order(count, position)  # 13 frames through a ring of 8
+        assert supervisor.read_commit() == (0, [4, 5, 9])  # the ring does not touch commits
+        assert supervisor.read_order(13) == []
+        assert supervisor.read_order(6) == [0, 1, 1, 1, 0, 1, 0]
+        assert supervisor.read_order(5) == [0, 0, 1, 1, 1, 0, 1, 0]
+        with pytest.raises(RuntimeError, match="more than its capacity 8"):
+            supervisor.read_order(4)  # would read overwritten entries
+        # a restart: the predecessor's order goes in before the new worker exists
+        order = supervisor.read_order(9)
+        supervisor.reset()
+        assert supervisor.order_capacity == 8 and worker.read_order(0) == []
+        supervisor.write_order(9, order)
+        assert worker.read_order(9) == [1, 0, 1, 0]
+        with pytest.raises(ValueError, match="do not fit"):
+            supervisor.write_order(0, [0] * 9)
+    finally:
+        worker.close()
+        supervisor.close()
+
+
+def test_nodes_with_one_input_have_no_ring(board_path):
+    board = Scoreboard(board_path, create=True, commit_slots=2)
+    try:
+        assert board.order_capacity == 0 and board.read_order(0) == []
+        assert os.path.getsize(board_path) == 64 + 8 + 2 * 8 * 3  # the layout of before
+    finally:
+        board.close()
