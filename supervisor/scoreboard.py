@@ -26,11 +26,16 @@ handful of stores instead of a pickled message per commit that would wake the su
 100 times a second per worker. The supervisor reads it when it needs it (a worker exited, a
 producer restarts), and, as for everything here, it is still there after a crash.
 
-The file lives in /dev/shm under the run's prefix, so it is removed with the run.
+The block is a memfd, not a named file: the supervisor creates it (:meth:`Scoreboard.create`)
+and keeps the descriptor for the whole run, every incarnation of the worker inherits it
+(``pass_fds``) and maps it (:meth:`Scoreboard.from_fd`). Without a name nobody else can open,
+plant or truncate it; its size is sealed, so not even the worker can shrink it under the
+supervisor's mapping.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 from array import array
 import os
@@ -46,23 +51,39 @@ _GEN = 8  # index of commit_gen
 
 
 class Scoreboard:
-    """One worker's status block. ``commit_slots`` (creator only): how many seqs a commit
-    holds (input edges + output edges)."""
+    """One worker's status block. Create it with :meth:`create` (supervisor) or map an
+    inherited one with :meth:`from_fd` (worker)."""
 
-    def __init__(self, path: str, create: bool = False, commit_slots: int = 0) -> None:
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots))
-            self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+    def __init__(self, fd: int, owner: bool) -> None:
+        #: the memfd, kept open by its creator to pass it to every incarnation (-1: not ours)
+        self.fd = fd if owner else -1
+        self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
         self._q = memoryview(self._mm).cast("q")
         # each of the two commit buffers: source position, then the seqs
         self._width = (len(self._q) - _GEN - 1) // 2
         self.commit_slots = self._width - 1
+
+    @classmethod
+    def create(cls, commit_slots: int) -> "Scoreboard":
+        """A new, zeroed block for a worker whose commits hold ``commit_slots`` seqs (input
+        edges + output edges)."""
+        fd = os.memfd_create("remotemedia-board", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots))
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            return cls(fd, owner=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "Scoreboard":
+        """Map the block behind an inherited descriptor (which is closed: the mapping is all
+        the worker needs)."""
+        try:
+            return cls(fd, owner=False)
+        finally:
+            os.close(fd)
 
     def reset(self) -> None:
         for i in range(len(self._q)):
@@ -119,14 +140,12 @@ class Scoreboard:
     def read(self) -> Dict[str, int]:
         return {name: self._q[i] for i, name in enumerate(FIELDS)}
 
-    def close(self, unlink: bool = False) -> None:
+    def close(self) -> None:
         try:
             self._q.release()
             self._mm.close()
         except (BufferError, ValueError):
             pass
-        if unlink:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -27,6 +27,7 @@ pub mod event;
 pub mod layout;
 pub mod node;
 pub mod pubsub;
+pub mod service;
 
 use pyo3::prelude::*;
 
