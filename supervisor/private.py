@@ -46,9 +46,13 @@ def ensure_private_dir(path: str, what: str, fix: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
             problem = "is a symlink"
-        elif e.errno == errno.ENOTDIR:
+        elif e.errno in (errno.ENOTDIR, errno.ELOOP):
             problem = "is not a directory"
         else:
             problem = f"cannot be opened ({e.strerror or e})"

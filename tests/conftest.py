@@ -21,13 +21,19 @@ import pytest
 
 from supervisor import resources
 
-# Set at import, before any test (and any subprocess a test starts) reads it.
-SESSION_SHM_DIR = tempfile.mkdtemp(prefix="rmt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-os.environ[resources.ENV_BASE] = SESSION_SHM_DIR
+SESSION_SHM_DIR = ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A hook, not import time: workers import this module too (to unpickle test helpers).
+    global SESSION_SHM_DIR
+    SESSION_SHM_DIR = tempfile.mkdtemp(prefix="rmt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.environ[resources.ENV_BASE] = SESSION_SHM_DIR  # before any test, and any process it starts
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_SHM_DIR, ignore_errors=True)
+    if SESSION_SHM_DIR:
+        shutil.rmtree(SESSION_SHM_DIR, ignore_errors=True)
 
 
 def _runs() -> Set[str]:
