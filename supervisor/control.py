@@ -47,8 +47,8 @@ def runtime_dir() -> str:
     return f"/tmp/remotemedia-{os.getuid()}"
 
 
-def _ensure_private_dir(path: str) -> None:
-    ensure_private_dir(path, "control directory", "set REMOTEMEDIA_RUNTIME_DIR to a directory of yours")
+def _ensure_private_dir(path: str, create: bool = True) -> None:
+    ensure_private_dir(path, "control directory", "set REMOTEMEDIA_RUNTIME_DIR to a directory of yours", create=create)
 
 
 class _Conn:
@@ -169,7 +169,7 @@ def find_endpoints(name: Optional[str] = None) -> List[Tuple[str, str, int]]:
     """Live control sockets as ``(name, path, pid)``; stale ones (dead pid) are removed."""
     base = runtime_dir()
     if os.path.lexists(base):
-        _ensure_private_dir(base)  # stale sockets are removed: never in a directory of someone else
+        _ensure_private_dir(base, create=False)  # stale sockets are removed: never in someone else's directory
     out = []
     for path in sorted(glob.glob(os.path.join(base, "*.sock")) + glob.glob(os.path.join(base, "*", "*.sock"))):
         stem = os.path.basename(path)[: -len(".sock")]

@@ -24,7 +24,7 @@ from remotemedia.errors import UnsafeDirectoryError
 __all__ = ["ensure_private_dir", "create_private_file"]
 
 
-def ensure_private_dir(path: str, what: str, fix: str) -> None:
+def ensure_private_dir(path: str, what: str, fix: str, *, create: bool = True) -> None:
     """Make ``path`` a private directory of ours, or refuse.
 
     Created 0700 when missing (its parents with the default mode). An existing ``path`` must
@@ -32,17 +32,22 @@ def ensure_private_dir(path: str, what: str, fix: str) -> None:
     others; read/search bits of group and others are removed (through the checked
     descriptor). ``what`` names the directory in the error (``"shared-memory base directory"``),
     ``fix`` says how to choose another one. Raises :class:`UnsafeDirectoryError`.
+
+    ``create=False`` only checks an existing directory (a reader's view: nothing is created
+    and no mode is changed, which could lock out a service that shares the directory's
+    parent).
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    try:
-        if not os.path.isdir(parent):
-            os.makedirs(parent, exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise UnsafeDirectoryError(f"cannot create the {what} {path}: {e.strerror or e}; {fix}") from e
+    if create:
+        try:
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise UnsafeDirectoryError(f"cannot create the {what} {path}: {e.strerror or e}; {fix}") from e
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
@@ -75,7 +80,7 @@ def ensure_private_dir(path: str, what: str, fix: str) -> None:
                 f"have been planted in it; refusing to use it (remove it, or chmod 0700 it after "
                 f"checking its contents, or {fix})"
             )
-        if mode & 0o077:
+        if mode & 0o077 and create:
             os.fchmod(fd, 0o700)  # only readable/searchable by others: closing that is safe
     finally:
         os.close(fd)

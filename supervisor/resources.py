@@ -145,7 +145,12 @@ def purge(root: str) -> List[str]:
         return failed
     if not stat.S_ISDIR(st.st_mode):
         return [f"{root}: not a directory, left alone"]
-    shutil.rmtree(root, onerror=lambda _fn, path, exc: failed.append(f"{path}: {exc[1]}"))
+
+    def onerror(_fn: object, path: str, exc: Tuple[type, BaseException, object]) -> None:
+        if not isinstance(exc[1], FileNotFoundError):  # another start removing it too
+            failed.append(f"{path}: {exc[1]}")
+
+    shutil.rmtree(root, onerror=onerror)
     return failed
 
 
