@@ -501,3 +501,16 @@ def _spawn_and_kill_run() -> str:
         time.sleep(0.02)
     assert resources.files_of(root)
     return root
+
+
+def test_bridge_refuses_a_root_that_is_missing_or_a_symlink(tmp_path):
+    """iceoryx2 would create a missing root itself (group-readable) and follow a symlink."""
+    from remotemedia import _ipc_bridge as bridge
+
+    with pytest.raises(ValueError, match="does not exist"):
+        bridge.Node(resources.PREFIX, "x", str(tmp_path / "missing"))
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ValueError, match="not a directory"):
+        bridge.Node(resources.PREFIX, "x", str(tmp_path / "link"))
+    assert os.listdir(tmp_path / "real") == [] and not (tmp_path / "missing").exists()
