@@ -20,6 +20,14 @@ def buffer_address(obj: Buffer) -> int:
     """Address of the first byte of a contiguous buffer (e.g. a memoryview of a loaned
     chunk)."""
 
+def die_with_parent(expected_ppid: int, signal: int) -> bool:
+    """When this process's parent dies (even by SIGKILL), SIGKILL the process group this
+    process leads (its children and theirs) and this process, from a native handler of
+    ``signal`` that runs even while Python is stuck holding the GIL. ``signal`` must be one
+    nothing else in the process handles (a real-time signal). Returns False when the parent
+    is no longer ``expected_ppid`` (it died before this call): the caller should exit.
+    Raises OSError when the signal cannot be handled."""
+
 def list_nodes(prefix: str, root: str) -> List[Tuple[str, Optional[int], str]]:
     """``(state, pid, name)`` of every iceoryx2 node of ``prefix`` under ``root``; state is
     ``"alive"``, ``"dead"``, ``"inaccessible"`` or ``"undefined"``."""

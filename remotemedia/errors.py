@@ -11,7 +11,9 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     +-- PipelineValidationError (ValueError)   empty pipeline, bad connections, cycles
     |   +-- ManifestError                      malformed manifest dict / JSON
     |   +-- UnknownNodeTypeError (KeyError)    node_type not in the registry
+    |   +-- InvalidNodeNameError               a node name breaks the naming rule
     +-- NodeTypeError (TypeError)              wrong item types, missing process()/initialize()
+    |   +-- MissingSuperInitError (AttributeError)  a Node subclass skipped super().__init__()
     +-- SerializationError                     a node could not be cloudpickled
     +-- NodeError                              process() raised in a worker
     |   +-- NodeInitError                      unpickling or initialize() failed in a worker
@@ -51,7 +53,9 @@ __all__ = [
     "PipelineValidationError",
     "ManifestError",
     "UnknownNodeTypeError",
+    "InvalidNodeNameError",
     "NodeTypeError",
+    "MissingSuperInitError",
     "SerializationError",
     "NodeError",
     "NodeInitError",
@@ -113,8 +117,52 @@ class UnknownNodeTypeError(ManifestError, KeyError):
         return Exception.__str__(self)
 
 
+class InvalidNodeNameError(PipelineValidationError):
+    """A node name breaks the naming rule (``remotemedia.node.NODE_NAME_RULE``).
+
+    A name becomes part of a worker's command line, memfd, logger and dead-letter file
+    names, so it is checked before anything is started.
+
+    Attributes:
+        node_name: the offending name.
+        origin: where it came from, e.g. ``"GainNode(name=...)"`` or ``"manifest nodes[2].id"``.
+    """
+
+    def __init__(self, node_name: Any, origin: str, rule: str) -> None:
+        self.node_name = node_name
+        self.origin = origin
+        self.rule = rule
+        shown = repr(node_name)
+        if len(shown) > 60:
+            shown = f"{shown[:50]}...' ({len(node_name)} characters)"
+        super().__init__(f"invalid node name {shown} from {origin}: {rule}")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.node_name, self.origin, self.rule))
+
+
 class NodeTypeError(RemoteMediaError, TypeError):
     """An object handed to the runtime is not a usable Node (wrong type, missing methods)."""
+
+
+class MissingSuperInitError(NodeTypeError, AttributeError):
+    """A Node subclass's ``__init__`` did not call ``super().__init__()``, so the node has no
+    name, config or options.
+
+    Raised when such a node is put into a Pipeline, a Group or a Supervisor (before any
+    process starts) and when one of those attributes is read. It is also an
+    ``AttributeError``, so ``getattr(node, "name", default)`` and ``hasattr`` keep working.
+
+    Attributes:
+        node_class: the class whose ``__init__`` must call ``super().__init__(**kwargs)``.
+    """
+
+    def __init__(self, node_class: str, message: str) -> None:
+        self.node_class = node_class
+        super().__init__(message)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.node_class, str(self)))
 
 
 # --------------------------------------------------------------------------- serialization

@@ -40,7 +40,7 @@ import inspect
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .errors import NodeTypeError
+from .errors import InvalidNodeNameError, NodeTypeError
 from .frames import Frame
 from .node import Node, Source, iterate_async
 from .registry import register_node
@@ -275,7 +275,9 @@ def _members(nodes: Any, group: Optional[str]) -> List[Node]:
             )
         members.append(n)
     try:
-        _assign_names(members)  # unique names, auto-named members suffixed as in a pipeline
+        _assign_names(members, f"{label}, member")  # unique names, auto-named members suffixed as in a pipeline
+    except InvalidNodeNameError:
+        raise
     except Exception as e:
         raise NodeTypeError(f"{label}: {e}") from None
     return members

@@ -33,6 +33,7 @@ import json
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ManifestError, NodeTypeError
+from .node import check_node_name
 from .registry import get_node_class
 
 __all__ = ["MANIFEST_VERSION", "load_manifest", "node_from_entry", "parse_connections"]
@@ -74,6 +75,9 @@ def node_from_entry(entry: Any, where: str, default_id: Optional[str] = None) ->
     node_id = entry.get("id", default_id or node_type)
     if not isinstance(node_id, str) or not node_id:
         raise ManifestError(f"'id' must be a non-empty string, got {node_id!r}", where)
+    check_node_name(
+        node_id, f"manifest entry {where}.id" if "id" in entry else f"manifest entry {where} (no 'id', so named after its node_type; give it an 'id')"
+    )
     params = entry.get("params")
     if params is None:
         params = {}

@@ -32,12 +32,22 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from .errors import NodeTypeError
+from .errors import InvalidNodeNameError, MissingSuperInitError, NodeTypeError
 from .frames import FrameInfo
 
-__all__ = ["Node", "Source", "NodeOptions", "RESTART_POLICIES", "ON_ERROR_POLICIES", "QUEUE_POLICIES"]
+__all__ = [
+    "Node",
+    "Source",
+    "NodeOptions",
+    "check_node_name",
+    "NODE_NAME_RULE",
+    "RESTART_POLICIES",
+    "ON_ERROR_POLICIES",
+    "QUEUE_POLICIES",
+]
 
 #: Restart policies of a node's worker (see ``supervisor`` for their meaning).
 RESTART_POLICIES = ("never", "on-failure", "always")
@@ -45,6 +55,44 @@ RESTART_POLICIES = ("never", "on-failure", "always")
 ON_ERROR_POLICIES = ("raise", "skip")
 #: Queue policies of the edges into a node.
 QUEUE_POLICIES = ("block", "drop_oldest", "latest")
+
+# A node name ends up in file names (dead letters), a memfd name (at most 249 bytes) and a
+# command line, so: ASCII, no "/" or NUL, never "." or "..", and short. Dots, dashes and colons
+# stay allowed for names like "asr.v2", "video-motion" or "cam:0".
+_NODE_NAME_MAX = 100
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,%d}" % (_NODE_NAME_MAX - 1))
+#: The naming rule of nodes, as stated in errors.
+NODE_NAME_RULE = (
+    f"a node name is 1 to {_NODE_NAME_MAX} characters from A-Z, a-z, 0-9, '_', '.', '-' and ':', "
+    "and starts with a letter, a digit or '_'"
+)
+
+
+def check_node_name(name: Any, origin: str) -> None:
+    """Raise :class:`~remotemedia.errors.InvalidNodeNameError` unless ``name`` follows
+    :data:`NODE_NAME_RULE`; ``origin`` says where the name came from (``"GainNode(name=...)"``,
+    ``"manifest nodes[2].id"``)."""
+    if not isinstance(name, str) or _NODE_NAME_RE.fullmatch(name) is None:
+        raise InvalidNodeNameError(name, origin, NODE_NAME_RULE)
+
+
+# Set by Node.__init__; missing when a subclass's __init__ skipped super().__init__().
+_BASE_ATTRS = frozenset(("name", "config", "options", "_auto_name"))
+
+
+def missing_super_init(node: Any) -> Optional[MissingSuperInitError]:
+    """The error for a node whose class never ran ``Node.__init__`` (None when it did)."""
+    if _BASE_ATTRS <= node.__dict__.keys():
+        return None
+    cls = type(node)
+    # the __init__ that should have called super(): the first one defined below Node
+    owner = next((c for c in cls.__mro__ if c is not Node and "__init__" in c.__dict__ and issubclass(c, Node)), cls)
+    return MissingSuperInitError(
+        owner.__qualname__,
+        f"{cls.__qualname__} node was not set up by Node.__init__ (it has no name, config or options): "
+        f"call super().__init__(**kwargs) at the start of {owner.__qualname__}.__init__ and pass it "
+        "name= and options= when given",
+    )
 
 
 def iterate_async(loop: Any, agen: Any) -> Iterator[Any]:
@@ -136,10 +184,20 @@ class Node:
     def __init__(self, name: Optional[str] = None, *, options: Optional[Dict[str, Any]] = None, **config: Any) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise NodeTypeError(f"Node name must be a non-empty string, got {name!r}")
+        if name is not None:
+            check_node_name(name, f"{type(self).__name__}(name=...)")
         self.name: str = name or type(self).__name__
         self._auto_name = name is None
         self.config: Dict[str, Any] = dict(config)
         self.options: NodeOptions = NodeOptions(self.name, **(options or {}))
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only reached when normal lookup failed: say why the base attributes are missing.
+        if attr in _BASE_ATTRS:
+            err = missing_super_init(self)
+            if err is not None:
+                raise err
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}", name=attr, obj=self)
 
     # ------------------------------------------------------------------ lifecycle
 

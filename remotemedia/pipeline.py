@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NodeTypeError, PipelineValidationError
 from .manifest import MANIFEST_VERSION, load_manifest, node_from_entry, parse_connections
-from .node import Node, Source
+from .node import Node, Source, check_node_name, missing_super_init
 
 __all__ = ["Pipeline", "INPUT", "OUTPUT"]
 
@@ -39,6 +39,9 @@ OUTPUT = "__output__"
 
 
 def _check_node(node: Node, position: int) -> None:
+    err = missing_super_init(node)
+    if err is not None:
+        raise err
     for method in ("process", "initialize", "cleanup"):
         if not callable(getattr(node, method, None)):
             raise NodeTypeError(
@@ -64,7 +67,7 @@ def _coerce_items(items: Sequence[Any]) -> List[Node]:
     return nodes
 
 
-def _assign_names(nodes: List[Node]) -> None:
+def _assign_names(nodes: List[Node], where: str = "pipeline item") -> None:
     explicit: Dict[str, int] = {}
     for i, n in enumerate(nodes):
         if n.name in (INPUT, OUTPUT):
@@ -90,6 +93,11 @@ def _assign_names(nodes: List[Node]) -> None:
                 name = f"{base}_{counts[base]}"
             n.name = name
             used.add(name)
+    # (again here: a name may have been set after construction, and default names come from
+    # class names)
+    for i, n in enumerate(nodes):
+        how = f"the default name, from class {type(n).__name__}; pass name=" if getattr(n, "_auto_name", False) else type(n).__name__
+        check_node_name(n.name, f"{where} {i} ({how})")
 
 
 class Pipeline:

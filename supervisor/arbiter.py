@@ -1255,6 +1255,15 @@ class Supervisor:
         for w in self.workers.values():
             if w.proc is None or w.proc.returncode is not None:
                 continue
+            try:
+                if os.waitid(os.P_PID, w.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    continue
+                # What the node started and left running (a helper that ignored SIGTERM, one
+                # orphaned by a crash) dies with its worker. The worker leads its process
+                # group and is not reaped yet, so its pid still names that group and no other.
+                os.killpg(w.proc.pid, signal.SIGKILL)
+            except (ChildProcessError, ProcessLookupError, PermissionError):
+                pass  # (ChildProcessError: reaped elsewhere; poll() below has its status)
             rc = w.proc.poll()
             if rc is None:
                 continue

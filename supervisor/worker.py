@@ -23,19 +23,19 @@ Heartbeat, Done, and commit points in its status block) and obeys. Exit codes ar
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import json
 import logging
 import math
 import operator
 import os
+import secrets
 import signal
 import sys
 import time
 import traceback
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cloudpickle
 import numpy as np
@@ -80,7 +80,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remotemedia.worker")
 
-PR_SET_PDEATHSIG = 1
+# Sent to the worker when its parent dies; its native handler (the bridge's die_with_parent)
+# SIGKILLs the worker's process group, so the node's own child processes die too. A real-time
+# signal: neither CPython nor the usual media libraries handle one.
+PARENT_DEATH_SIGNAL = signal.SIGRTMAX
 
 
 class _Abort(Exception):
@@ -90,14 +93,41 @@ class _Abort(Exception):
 def _die_with_parent(expected_ppid: int) -> None:
     # PDEATHSIG fires when the *thread* that spawned us exits; the supervisor spawns from
     # its arbiter thread, which lives as long as any worker. The ppid check closes the race
-    # where the parent died before prctl().
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-    if os.getppid() != expected_ppid:
+    # where the parent died before the signal was armed.
+    if not bridge.die_with_parent(expected_ppid, PARENT_DEATH_SIGNAL):
         os._exit(EXIT_SETUP_ERROR)
+
+
+def _write_private(directory: str, stem: str, parts: Sequence[Tuple[str, Any]]) -> str:
+    """Write the files ``stem + suffix`` (one per part) into ``directory`` and nowhere else;
+    returns the path of the first. Each is created new, 0600, never through a symlink
+    (O_CREAT|O_EXCL|O_NOFOLLOW), so a planted file or link is neither overwritten nor
+    followed: on a collision (also the same frame dead-lettered again after a restart) the
+    stem gets a fresh unpredictable suffix. A missing directory is created 0700."""
+    if not stem or os.sep in stem or "\0" in stem or stem in (".", ".."):
+        raise ValueError(f"file name {stem!r} would not stay inside {directory}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        name = stem
+        for _ in range(16):
+            created: List[str] = []
+            try:
+                for suffix, data in parts:
+                    fd = os.open(name + suffix, flags, 0o600, dir_fd=dfd)
+                    created.append(name + suffix)
+                    with open(fd, "wb") as f:
+                        f.write(data)
+            except FileExistsError:
+                for done in created:  # (unlink removes our entry; it follows nothing)
+                    os.unlink(done, dir_fd=dfd)
+                name = f"{stem}-{secrets.token_hex(8)}"
+                continue
+            return os.path.join(directory, name + parts[0][0])
+        raise FileExistsError(f"no free name for {stem!r} in {directory}")
+    finally:
+        os.close(dfd)
 
 
 def _format_exc(e: BaseException) -> Tuple[str, str, str, Optional[bytes]]:
@@ -580,24 +610,20 @@ class Runner:
         self.dead_letters += 1
         path = None
         if self.spec.dead_letter_dir:
-            os.makedirs(self.spec.dead_letter_dir, exist_ok=True)
-            base = os.path.join(self.spec.dead_letter_dir, f"{self.spec.name}-e{port.spec.index}-s{sample.seq}")
-            with open(base + ".frame", "wb") as f:
-                f.write(memoryview(sample))
-            with open(base + ".json", "w") as f:
-                json.dump(
-                    {
-                        "node": self.spec.name,
-                        "edge": port.spec.index,
-                        "from": port.spec.src,
-                        "seq": sample.seq,
-                        "origin": sample.origin,
-                        "meta": list(sample.meta),
-                        "buffers": [list(b) for b in sample.buffers],
-                    },
-                    f,
-                )
-            path = base + ".frame"
+            header = {
+                "node": self.spec.name,
+                "edge": port.spec.index,
+                "from": port.spec.src,
+                "seq": sample.seq,
+                "origin": sample.origin,
+                "meta": list(sample.meta),
+                "buffers": [list(b) for b in sample.buffers],
+            }
+            path = _write_private(
+                self.spec.dead_letter_dir,
+                f"{self.spec.name}-e{port.spec.index}-s{sample.seq}",
+                ((".frame", memoryview(sample)), (".json", json.dumps(header).encode())),
+            )
         log.error("dead-lettered poison frame %d from %s%s", sample.seq, port.spec.src, f" to {path}" if path else "")
         self.chan.send(DeadLetter(port.spec.index, sample.seq, path))
 

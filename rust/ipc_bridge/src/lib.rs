@@ -2,8 +2,9 @@
 //!
 //! Mechanism only. The bridge moves frames (a small fixed header plus a payload laid out by
 //! [`layout`]) through iceoryx2 publish-subscribe services, wakes waiters through iceoryx2 event
-//! services, and exposes dead-node cleanup. Everything that is policy (naming of services,
-//! queue depths, pickling, acknowledgements, restarts) is decided in Python.
+//! services, exposes dead-node cleanup and ties a worker's process group to its parent's life
+//! ([`process`]). Everything that is policy (naming of services, queue depths, pickling,
+//! acknowledgements, restarts) is decided in Python.
 //!
 //! ```text
 //!  producer process                              consumer process
@@ -26,6 +27,7 @@ pub mod errors;
 pub mod event;
 pub mod layout;
 pub mod node;
+pub mod process;
 pub mod pubsub;
 pub mod service;
 
@@ -51,5 +53,6 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(node::remove_stale_resources, m)?)?;
     m.add_function(wrap_pyfunction!(pubsub::monotonic_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pubsub::buffer_address, m)?)?;
+    m.add_function(wrap_pyfunction!(process::die_with_parent, m)?)?;
     Ok(())
 }
