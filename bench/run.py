@@ -350,13 +350,26 @@ def run_iox_raw(size, n, interval, measure_idle):
     try:
         return _run_procs(procs, res, size, measure_idle, stage_slice=slice(1, 4))
     finally:
-        from supervisor import resources
-
         for p in procs:
             if p.is_alive():
                 p.kill()
             p.join(5)
-        resources.purge(f"bx{run}_")
+        _purge_iox_baseline(f"bx{run}_")
+
+
+def _purge_iox_baseline(prefix: str) -> None:
+    """The raw iceoryx2 baseline runs with iceoryx2's defaults (POSIX shared memory in /dev/shm,
+    service files under /tmp/iceoryx2), unlike the runtime: remove its files of this run."""
+    for d, recursive in (("/dev/shm", False), ("/tmp/iceoryx2", True)):
+        for dirpath, _dirs, files in os.walk(d):
+            for f in files:
+                if f.startswith(prefix):
+                    try:
+                        os.unlink(os.path.join(dirpath, f))
+                    except OSError:
+                        pass
+            if not recursive:
+                break
 
 
 SLOTS = 8

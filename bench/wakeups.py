@@ -73,11 +73,11 @@ class Probe(Node):
                 json.dump(self.rec, fh)
 
 
-def _raw_proc(prefix: str, i: int, n: int, size: int, interval: float, out: str, ready: Any) -> None:
+def _raw_proc(prefix: str, root: str, i: int, n: int, size: int, interval: float, out: str, ready: Any) -> None:
     """Process ``i`` of the bare loop: 0 is the source, 4 the sink."""
     from remotemedia import _ipc_bridge as bridge
 
-    node = bridge.Node(prefix, f"p{i}")
+    node = bridge.Node(prefix, f"p{i}", root)
     opts = dict(max_subscribers=2, max_publishers=2, buffer_size=8, max_borrowed=4, safe_overflow=False)
     inbox = bridge.Listener(node, f"in{i}")
     sub = bridge.Subscriber(node, f"d{i - 1}", **opts) if i > 0 else None
@@ -120,14 +120,13 @@ def _raw_proc(prefix: str, i: int, n: int, size: int, interval: float, out: str,
 
 def run_raw(n: int, size: int, interval: float, out: str) -> None:
     import multiprocessing as mp
-    import secrets
 
     from supervisor import resources
 
     ctx = mp.get_context("spawn")
-    prefix = f"rm_{os.getpid()}x{secrets.token_hex(4)}_"
+    run = resources.new_run()
     ready = ctx.Barrier(5)
-    procs = [ctx.Process(target=_raw_proc, args=(prefix, i, n, size, interval, out, ready)) for i in range(5)]
+    procs = [ctx.Process(target=_raw_proc, args=(run.prefix, run.root, i, n, size, interval, out, ready)) for i in range(5)]
     try:
         for p in procs:
             p.start()
@@ -137,7 +136,7 @@ def run_raw(n: int, size: int, interval: float, out: str) -> None:
         for p in procs:
             if p.is_alive():
                 p.kill()
-        resources.purge(prefix)
+        resources.purge(run.root)
 
 
 NAMES = ["s1", "s2", "s3", "sink"]

@@ -28,19 +28,23 @@ def die_with_parent(expected_ppid: int, signal: int) -> bool:
     is no longer ``expected_ppid`` (it died before this call): the caller should exit.
     Raises OSError when the signal cannot be handled."""
 
-def list_nodes(prefix: str, root: Optional[str] = None) -> List[Tuple[str, Optional[int], str]]:
-    """``(state, pid, name)`` of every iceoryx2 node of ``prefix``; state is ``"alive"``,
-    ``"dead"``, ``"inaccessible"`` or ``"undefined"``."""
+def list_nodes(prefix: str, root: str) -> List[Tuple[str, Optional[int], str]]:
+    """``(state, pid, name)`` of every iceoryx2 node of ``prefix`` under ``root``; state is
+    ``"alive"``, ``"dead"``, ``"inaccessible"`` or ``"undefined"``."""
 
-def remove_stale_resources(prefix: str, root: Optional[str] = None) -> Tuple[int, int]:
-    """Remove the resources of every dead node of ``prefix``; returns ``(cleaned, failed)``."""
+def remove_stale_resources(prefix: str, root: str) -> Tuple[int, int]:
+    """Remove the resources of every dead node of ``prefix`` under ``root``; returns
+    ``(cleaned, failed)``."""
 
 class Node:
-    """The iceoryx2 node of this process; every file it creates starts with ``prefix``."""
+    """The iceoryx2 node of this process. Every file it and its ports create lives under
+    ``root`` (an existing directory, the run's private one: see ``supervisor.resources``) and
+    starts with ``prefix``; nothing goes to /dev/shm or /tmp/iceoryx2 directly."""
 
     prefix: str
     name: str
-    def __init__(self, prefix: str, name: str = "", root: Optional[str] = None) -> None: ...
+    root: str
+    def __init__(self, prefix: str, name: str, root: str) -> None: ...
     def cleanup_dead_nodes(self) -> Tuple[int, int]:
         """Remove the stale resources of dead nodes of this prefix: ``(cleaned, failed)``."""
 

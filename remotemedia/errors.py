@@ -23,6 +23,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     |   +-- NodeFatalError                     a node gave up (restart limit, load failure)
     +-- EndOfStream                            recv() after the stream was closed and drained
     +-- SupervisorError                        misuse of a Supervisor (state, options)
+    |   +-- UnsafeDirectoryError               a runtime directory others could reach or plant
     +-- TransportError                         raised by the Rust bridge (iceoryx2)
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
@@ -66,6 +67,7 @@ __all__ = [
     "NodeFatalError",
     "EndOfStream",
     "SupervisorError",
+    "UnsafeDirectoryError",
     "TransportError",
     "ServiceError",
     "PortError",
@@ -328,6 +330,12 @@ class EndOfStream(RemoteMediaError):
 
 class SupervisorError(RemoteMediaError):
     """A Supervisor was used wrongly (e.g. ``send()`` after ``close()``) or failed to start."""
+
+
+class UnsafeDirectoryError(SupervisorError):
+    """A directory the runtime keeps its files in (shared memory, control sockets) is not
+    private: a symlink, not a directory, owned by another user, or writable by others. The
+    message names the path, what is wrong and how to fix it; nothing was written into it."""
 
 
 # --------------------------------------------------------------------------- transport (Rust)

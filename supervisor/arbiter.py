@@ -443,7 +443,9 @@ class Supervisor:
         self.totals = self._source_totals()
         self.node_options = {n.name: self._node_options(n) for n in self.pipeline.nodes}
 
-        self.run_id, self.prefix = resources.new_run()
+        self.run_id = resources.new_run_id()
+        self.prefix = resources.PREFIX
+        self.root = resources.run_root(self.run_id)  # the run's private directory, made by start()
         self.workers: Dict[str, WorkerHandle] = {}
         self._thread: Optional[threading.Thread] = None
         self._ready = threading.Event()
@@ -500,6 +502,7 @@ class Supervisor:
             raise SupervisorError(f"supervisor of {self.name!r} was already started")
         blobs = {n.name: serialize_node(n, self.max_node_size) for n in self.pipeline.nodes}
         self._build(blobs)
+        resources.create_run_dir(self.root)
         self._started_at = time.monotonic()
         self._phase = "booting"
         _LIVE.add(self)
@@ -842,6 +845,7 @@ class Supervisor:
                 index=i,
                 run_id=self.run_id,
                 prefix=self.prefix,
+                root=self.root,
                 inbox=inbox(node.name),
                 in_edges=tuple(e for e in edges if e.dst == node.name),
                 out_edges=tuple(e for e in edges if e.src == node.name),
@@ -860,7 +864,7 @@ class Supervisor:
     def _thread_main(self) -> None:
         try:
             resources.cleanup_stale_runs()
-            self._iox = bridge.Node(self.prefix, "supervisor")
+            self._iox = bridge.Node(self.prefix, "supervisor", self.root)
             self._inbox = bridge.Listener(self._iox, "in/sup")
             self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
             self._out_ports = [InPort(self._iox, e) for e in self._output_edges]
@@ -1264,9 +1268,7 @@ class Supervisor:
                 w.name,
             ]
             if w.board is None:
-                w.board = Scoreboard(
-                    os.path.join(resources.SHM_DIR, f"{self.prefix}wk{w.index}.board"),
-                    create=True,
+                w.board = Scoreboard.create(
                     commit_slots=len(w.spec.in_edges) + len(w.spec.out_edges),
                     order_slots=ORDER_CAPACITY if w.spec.records_order else 0,
                 )
@@ -1278,7 +1280,7 @@ class Supervisor:
             w.sm.change(ProcessState.STARTING, "spawn" if w.starts == 0 else "restart")
             w.proc = subprocess.Popen(
                 cmd,
-                pass_fds=(child_sock.fileno(), blob_fd),
+                pass_fds=(child_sock.fileno(), blob_fd, w.board.fd),
                 process_group=0,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -1318,7 +1320,7 @@ class Supervisor:
             restore.out_finished = {e.index: self._consumer_finished(e) for e in w.spec.out_edges}
         spec = w.spec
         if w.board is not None:
-            spec = dataclasses.replace(spec, scoreboard=w.board.path)
+            spec = dataclasses.replace(spec, scoreboard_fd=w.board.fd)
         self._send(w, Setup(spec, restore))
         log.info("spawned worker for node %s (pid %d)", w.name, w.pid)
 
@@ -1431,9 +1433,13 @@ class Supervisor:
             if w.chan is not None:
                 w.chan.close()
             try:
-                self._iox.cleanup_dead_nodes()
+                # bounded: every iceoryx2 storage of the run is file based, and opening one that
+                # is not (or no longer) initialized gives up after iceoryx2's creation_timeout
+                _cleaned, failed = self._iox.cleanup_dead_nodes()
+                if failed:
+                    log.warning("could not clean up %d dead iceoryx2 node(s) of run %s (a corrupt file?)", failed, self.run_id)
             except Exception as e:  # pragma: no cover - cleanup must not kill the arbiter
-                log.debug("dead-node cleanup failed: %s", e)
+                log.warning("dead-node cleanup failed: %s", e)
             self._on_exit(w, rc)
 
     def _crash_report(self, w: WorkerHandle) -> Optional[str]:
@@ -1748,7 +1754,7 @@ class Supervisor:
             self._in_ports, self._out_ports = [], []
             for w in self.workers.values():
                 if w.board is not None:
-                    w.board.close(unlink=True)
+                    w.board.close()
                     w.board = None
             if self._control is not None:
                 self._control.close()
@@ -1760,7 +1766,7 @@ class Supervisor:
             self._notifier.close()
             self._inbox = None  # type: ignore[assignment]
             self._iox = None  # type: ignore[assignment]
-            left = resources.purge(self.prefix)
+            left = resources.purge(self.root)
             if left:
                 log.warning("could not remove shared-memory files of run %s: %s", self.run_id, left)
         except BaseException as e:  # noqa: BLE001

@@ -35,6 +35,7 @@ from remotemedia.frames import FrameInfo
 from remotemedia.pipeline import Pipeline
 
 from .logs import LogSink, configure_cli_logging
+from .private import create_private_file
 
 __all__ = ["main", "load_pipeline", "PipelineFileError"]
 
@@ -457,8 +458,17 @@ def systemd_unit(
     path = os.path.join(unit_dir, unit_name(name))
     try:
         os.makedirs(unit_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
+        # A new file of our own, then renamed over the unit: never written through a symlink
+        # or into a file someone else prepared at that name.
+        fd, tmp = create_private_file(unit_dir, f".{unit_name(name)}", ".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                os.fchmod(f.fileno(), 0o644)  # systemd units are world-readable
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError as e:
         raise click.ClickException(f"cannot write {path}: {e} (run as root, or choose --unit-dir)") from e
     click.echo(f"wrote {path}")

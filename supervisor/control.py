@@ -10,7 +10,9 @@
 The runtime dir is ``$REMOTEMEDIA_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/remotemedia``, else
 ``/run/remotemedia`` for root, else ``/tmp/remotemedia-<uid>``. Only the owner can connect:
 the directory is 0700 and the socket 0600, and the server also checks the peer's uid
-(``SO_PEERCRED``), so even a permissive umask cannot open it to other users.
+(``SO_PEERCRED``), so even a permissive umask cannot open it to other users. A directory
+another user could have prepared (a symlink, another owner, writable by others) is refused
+(:func:`supervisor.private.ensure_private_dir`), never chmod-ed through.
 
 The server side is driven by the arbiter's single wait loop (the listening socket and the
 connections are file descriptors in its wait list); a client that stalls is dropped.
@@ -22,12 +24,13 @@ import glob
 import json
 import os
 import socket
-import stat
 import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from remotemedia.errors import SupervisorError
+
+from .private import ensure_private_dir
 
 __all__ = ["runtime_dir", "ControlServer", "find_endpoints", "request"]
 
@@ -44,21 +47,8 @@ def runtime_dir() -> str:
     return f"/tmp/remotemedia-{os.getuid()}"
 
 
-def _ensure_private_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except PermissionError as e:
-        raise SupervisorError(
-            f"cannot create the control directory {path}: {e}; set REMOTEMEDIA_RUNTIME_DIR to a writable directory"
-        ) from e
-    st = os.stat(path)
-    if st.st_uid != os.geteuid():
-        raise SupervisorError(
-            f"control directory {path} belongs to uid {st.st_uid}, not to us ({os.geteuid()}); "
-            "refusing to put a control socket there (set REMOTEMEDIA_RUNTIME_DIR)"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+def _ensure_private_dir(path: str, create: bool = True) -> None:
+    ensure_private_dir(path, "control directory", "set REMOTEMEDIA_RUNTIME_DIR to a directory of yours", create=create)
 
 
 class _Conn:
@@ -178,6 +168,8 @@ class ControlServer:
 def find_endpoints(name: Optional[str] = None) -> List[Tuple[str, str, int]]:
     """Live control sockets as ``(name, path, pid)``; stale ones (dead pid) are removed."""
     base = runtime_dir()
+    if os.path.lexists(base):
+        _ensure_private_dir(base, create=False)  # stale sockets are removed: never in someone else's directory
     out = []
     for path in sorted(glob.glob(os.path.join(base, "*.sock")) + glob.glob(os.path.join(base, "*", "*.sock"))):
         stem = os.path.basename(path)[: -len(".sock")]

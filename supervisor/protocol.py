@@ -117,6 +117,7 @@ class WorkerSpec:
     index: int
     run_id: str
     prefix: str
+    root: str  # the run's private directory: every iceoryx2 file of the run is in it
     inbox: str
     in_edges: Tuple[EdgeSpec, ...]
     out_edges: Tuple[EdgeSpec, ...]
@@ -125,7 +126,7 @@ class WorkerSpec:
     heartbeat_interval: float = 1.0
     ack_every: int = 0  # 0: depth // 4
     log_level: int = 20
-    scoreboard: str = ""  # path of the shared status block (see supervisor.scoreboard)
+    scoreboard_fd: int = -1  # inherited memfd of the status block (see supervisor.scoreboard)
     snapshot_interval: Optional[float] = None  # None: 1 s when the node defines snapshot()
     dead_letter_dir: Optional[str] = None
     spin_us: int = 50  # adaptive spin before blocking (0: always block)

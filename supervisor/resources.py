@@ -1,13 +1,33 @@
-"""Ownership of iceoryx2 resources: one file prefix per supervisor run.
+"""Where a run's files live, who can reach them, and how they are removed.
 
-Every file iceoryx2 creates for a run (``/dev/shm/<prefix>*`` segments, and the node and
-service files under ``/tmp/iceoryx2``) starts with ``rm_<supervisor pid>x<random>_``. That
-makes three things simple:
+Every file of a supervisor run lives in ONE private directory::
 
-* two pipelines on one host never share a service;
-* at the end of a run the supervisor removes exactly its own files;
-* a run whose supervisor died (SIGKILL) is recognised by the dead pid in its prefix, and the
-  next supervisor to start removes its leftovers (iceoryx2 dead-node cleanup, then the files).
+    <base>/                          0700, ours: $REMOTEMEDIA_SHM_DIR, else /dev/shm/remotemedia-<euid>
+        <pid>x<random>/              one run (its supervisor's pid), 0700, created exclusively
+            rm_*.dynamic, *.data, *.connection, *.event_mgmt   iceoryx2 shared memory (mmap-ed files)
+            rm_*.event               iceoryx2 wake-up sockets
+            services/, nodes/        iceoryx2 service configs, node details and liveness locks
+
+* The bridge's iceoryx2 service type is file based (``rust/ipc_bridge/src/service.rs``):
+  iceoryx2 puts its segments under the configured root instead of ``shm_open`` names in
+  /dev/shm, and nothing in /tmp/iceoryx2. The base is on tmpfs by default, so a mapped file
+  costs what POSIX shared memory costs.
+* Worker status blocks (:mod:`supervisor.scoreboard`) and node blobs are memfds: no name.
+* Other users can neither list nor open anything of a run, plant a file or symlink at a name
+  the runtime will use, truncate a segment, nor block a run: the base is checked at every
+  start (:func:`supervisor.private.ensure_private_dir`: a real directory, not a symlink, ours,
+  not writable by others) and a run directory must not exist before. Each user has their own
+  base, so users on one host never share a file. Processes of the same user are trusted: the
+  frames in these files are unpickled by the workers.
+
+A run directory's name carries its supervisor's pid, which makes cleanup simple:
+
+* at the end of a run the supervisor removes its directory;
+* a run whose supervisor died (SIGKILL) is recognised by the dead pid, and the next
+  supervisor to start removes its directory, unless iceoryx2 still sees a live node in it (an
+  orphaned worker). That cleanup never opens iceoryx2's shared memory (removing the directory
+  is all it takes, everything is in it) and runs under a deadline: a corrupt or foreign entry
+  is skipped with a warning, and a start never waits on it.
 """
 
 from __future__ import annotations
@@ -16,68 +36,121 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import stat
+import threading
 import time
-from typing import Iterable, List, Set, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import psutil
 
 from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import SupervisorError, UnsafeDirectoryError
 
-__all__ = ["IOX_ROOT", "SHM_DIR", "new_run", "files_of", "purge", "stale_prefixes", "cleanup_stale_runs", "pid_alive"]
+from .private import ensure_private_dir
+
+__all__ = [
+    "PREFIX",
+    "Run",
+    "base_dir",
+    "new_run_id",
+    "run_root",
+    "create_run_dir",
+    "new_run",
+    "files_of",
+    "purge",
+    "stale_runs",
+    "cleanup_stale_runs",
+    "pid_alive",
+]
 
 log = logging.getLogger("remotemedia.supervisor")
 
-IOX_ROOT = "/tmp/iceoryx2"
-SHM_DIR = "/dev/shm"
-_PREFIX_RE = re.compile(r"^(rm_(\d+)x[0-9a-f]+_)")
+#: iceoryx2 file prefix of every run (the directory already makes a run's names unique).
+PREFIX = "rm_"
+ENV_BASE = "REMOTEMEDIA_SHM_DIR"
+_RUN_RE = re.compile(r"^(\d+)x[0-9a-f]+$")
+# iceoryx2 binds its wake-up sockets at <root>/<prefix><u128 id>.event; sun_path holds 107 bytes.
+_MAX_SOCKET_PATH = 107
+_LONGEST_SOCKET_NAME = len(PREFIX) + 39 + len(".event")
 
 
-def new_run() -> Tuple[str, str]:
-    """A fresh ``(run_id, prefix)``."""
-    run_id = f"{os.getpid()}x{secrets.token_hex(4)}"
-    return run_id, f"rm_{run_id}_"
+class Run(NamedTuple):
+    """One run's identity: ``run_id`` (``<pid>x<random>``), iceoryx2 ``prefix`` and ``root``
+    (its private directory)."""
+
+    run_id: str
+    prefix: str
+    root: str
 
 
-def _walk(root: str) -> Iterable[str]:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            yield os.path.join(dirpath, f)
+def base_dir() -> str:
+    """The directory that holds this user's run directories (not checked here)."""
+    return os.path.abspath(os.environ.get(ENV_BASE) or f"/dev/shm/remotemedia-{os.geteuid()}")
 
 
-def files_of(prefix: str) -> List[str]:
-    """Every file of this prefix in /dev/shm and under the iceoryx2 root."""
+def new_run_id() -> str:
+    return f"{os.getpid()}x{secrets.token_hex(4)}"
+
+
+def run_root(run_id: str) -> str:
+    return os.path.join(base_dir(), run_id)
+
+
+def create_run_dir(root: str) -> None:
+    """Create the private directory of a run, after checking its base (see
+    :func:`supervisor.private.ensure_private_dir`). Raises :class:`UnsafeDirectoryError` when
+    the base is not private, :class:`SupervisorError` when ``root`` exists or is too long."""
+    base = os.path.dirname(root)
+    fix = f"set {ENV_BASE} to a directory of yours on tmpfs"
+    if len(root) + 1 + _LONGEST_SOCKET_NAME > _MAX_SOCKET_PATH:
+        raise SupervisorError(
+            f"the run directory {root} is too long for iceoryx2's sockets (at most "
+            f"{_MAX_SOCKET_PATH - 1 - _LONGEST_SOCKET_NAME} characters); {fix} with a shorter path"
+        )
+    ensure_private_dir(base, "shared-memory base directory", fix)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        raise UnsafeDirectoryError(f"the run directory {root} exists already; a run directory is never reused") from None
+    except OSError as e:
+        raise SupervisorError(f"cannot create the run directory {root}: {e.strerror or e}; {fix}") from e
+
+
+def new_run() -> Run:
+    """A fresh run with its private directory created (for code that drives the bridge
+    without a Supervisor; remove it with :func:`purge`)."""
+    run_id = new_run_id()
+    root = run_root(run_id)
+    create_run_dir(root)
+    return Run(run_id, PREFIX, root)
+
+
+def files_of(root: str) -> List[str]:
+    """Every file of the run in ``root`` (empty once the run is removed)."""
     out = []
-    if os.path.isdir(SHM_DIR):
-        out += [os.path.join(SHM_DIR, f) for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
-    out += [p for p in _walk(IOX_ROOT) if os.path.basename(p).startswith(prefix)]
+    for dirpath, _dirs, files in os.walk(root):
+        out += [os.path.join(dirpath, f) for f in files]
     return sorted(out)
 
 
-def purge(prefix: str) -> List[str]:
-    """Remove every resource of ``prefix``: dead-node cleanup first (so iceoryx2 releases what
-    it tracks), then whatever files remain. Returns the files that could not be removed."""
+def purge(root: str) -> List[str]:
+    """Remove the run directory ``root`` and everything in it. Every file of the run is in it,
+    and none of its processes is alive any more, so iceoryx2 has nothing else to release.
+    Returns what could not be removed (never follows a symlink)."""
+    failed: List[str] = []
     try:
-        bridge.remove_stale_resources(prefix)
-    except Exception as e:  # a half-written node file must not stop the file sweep
-        log.debug("dead-node cleanup of %s failed: %s", prefix, e)
-    failed = []
-    dirs: Set[str] = set()
-    for path in files_of(prefix):
-        try:
-            os.unlink(path)
-            dirs.add(os.path.dirname(path))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            failed.append(f"{path}: {e}")
-    nodes_dir = os.path.join(IOX_ROOT, "nodes")
-    for d in dirs:
-        # per-node directories are named by node id; remove the ones we emptied
-        if os.path.dirname(d) == nodes_dir:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return failed
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{root}: not a directory, left alone"]
+
+    def onerror(_fn: object, path: str, exc: Tuple[type, BaseException, object]) -> None:
+        if not isinstance(exc[1], FileNotFoundError):  # another start removing it too
+            failed.append(f"{path}: {exc[1]}")
+
+    shutil.rmtree(root, onerror=onerror)
     return failed
 
 
@@ -91,44 +164,76 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_prefixes() -> List[str]:
-    """Prefixes of runs whose supervisor process is gone."""
-    names: List[str] = []
-    if os.path.isdir(SHM_DIR):
-        names += os.listdir(SHM_DIR)
-    names += [os.path.basename(p) for p in _walk(IOX_ROOT)]
-    found = {}
-    for n in names:
-        m = _PREFIX_RE.match(n)
-        if m:
-            found[m.group(1)] = int(m.group(2))
-    return sorted(p for p, pid in found.items() if not pid_alive(pid))
-
-
-def cleanup_stale_runs() -> List[str]:
-    """Remove the leftovers of every dead run; returns the prefixes cleaned."""
-    cleaned = []
-    for prefix in stale_prefixes():
-        alive = _alive_nodes(prefix)
-        if alive:
-            # a worker of that run still holds its node (e.g. orphaned); leave it alone
-            log.warning("stale run %s still has live iceoryx2 nodes %s; not cleaning", prefix, alive)
+def stale_runs(base: Optional[str] = None) -> List[str]:
+    """Run directories in ``base`` whose supervisor process is gone. Entries that are not run
+    directories of ours (foreign names, symlinks, files, other owners) are skipped with a
+    warning."""
+    base = base or base_dir()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return []
+    out = []
+    euid = os.geteuid()
+    for entry in entries:
+        m = _RUN_RE.match(entry.name)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
             continue
-        failed = purge(prefix)
-        if failed:
-            log.warning("could not remove leftovers of dead run %s: %s", prefix, failed)
-        else:
-            log.info("removed the shared-memory leftovers of dead run %s", prefix)
-        cleaned.append(prefix)
-    return cleaned
+        if not m or not stat.S_ISDIR(st.st_mode) or st.st_uid != euid:
+            log.warning("skipping %s: not a run directory of ours (remove it by hand)", entry.path)
+            continue
+        if not pid_alive(int(m.group(1))):
+            out.append(entry.path)
+    return sorted(out)
 
 
-def _alive_nodes(prefix: str, grace: float = 2.0) -> List[Tuple[str, object, str]]:
-    """Nodes of ``prefix`` that are really alive. A process that is exiting (or a zombie)
-    still holds its node lock for a moment: wait for those, up to ``grace`` seconds."""
+_cleanup_lock = threading.Lock()
+
+
+def cleanup_stale_runs(timeout: float = 5.0) -> List[str]:
+    """Remove the directories of dead runs; returns those removed. Bounded by ``timeout``:
+    the work runs in a daemon thread, and whatever did not finish in time is skipped with a
+    warning (a later start tries again)."""
+    if not _cleanup_lock.acquire(blocking=False):
+        log.warning("a previous stale-run cleanup has not finished; skipping this one")
+        return []
+    cleaned: List[str] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            for root in stale_runs():
+                alive = _alive_nodes(root)
+                if alive:
+                    # a worker of that run still holds its node (e.g. orphaned); leave it alone
+                    log.warning("stale run %s still has live iceoryx2 nodes %s; not removing it", root, alive)
+                    continue
+                failed = purge(root)
+                if failed:
+                    log.warning("could not remove leftovers of dead run %s: %s", root, failed)
+                else:
+                    log.info("removed the shared-memory leftovers of dead run %s", root)
+                cleaned.append(root)
+        except Exception:  # pragma: no cover - cleanup must not stop a start
+            log.exception("stale-run cleanup failed")
+        finally:
+            done.set()
+            _cleanup_lock.release()
+
+    threading.Thread(target=work, name="remotemedia-stale-cleanup", daemon=True).start()
+    if not done.wait(timeout):
+        log.warning("stale-run cleanup in %s did not finish within %.1f s; skipped the rest", base_dir(), timeout)
+    return list(cleaned)
+
+
+def _alive_nodes(root: str, grace: float = 2.0) -> List[Tuple[str, object, str]]:
+    """Nodes of the run in ``root`` that are really alive. A process that is exiting (or a
+    zombie) still holds its node lock for a moment: wait for those, up to ``grace`` seconds."""
     deadline = time.monotonic() + grace
     while True:
-        alive = [n for n in _safe_list(prefix) if n[0] == "alive"]
+        alive = [n for n in _safe_list(root) if n[0] == "alive"]
         dying = [n for n in alive if not _pid_running(n[1])]
         if not dying or time.monotonic() > deadline:
             return alive
@@ -144,8 +249,9 @@ def _pid_running(pid: object) -> bool:
         return False
 
 
-def _safe_list(prefix: str) -> List[Tuple[str, object, str]]:
+def _safe_list(root: str) -> List[Tuple[str, object, str]]:
     try:
-        return list(bridge.list_nodes(prefix))
-    except Exception:
+        return list(bridge.list_nodes(PREFIX, root))
+    except Exception as e:  # a corrupt node file must not stop the cleanup
+        log.warning("cannot list the iceoryx2 nodes of %s: %s", root, e)
         return []

@@ -39,11 +39,16 @@ emitted before under the same output seqs. One store per frame plus the count, e
 output of the frame can leave; the worker never runs more than ``order_capacity`` frames ahead
 of its reported commit, so the entries after the commit are never overwritten.
 
-The file lives in /dev/shm under the run's prefix, so it is removed with the run.
+The block is a memfd, not a named file: the supervisor creates it (:meth:`Scoreboard.create`)
+and keeps the descriptor for the whole run, every incarnation of the worker inherits it
+(``pass_fds``) and maps it (:meth:`Scoreboard.from_fd`). Without a name nobody else can open,
+plant or truncate it; its size is sealed, so not even the worker can shrink it under the
+supervisor's mapping.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 from array import array
 import os
@@ -69,22 +74,15 @@ def _order_words(capacity: int) -> int:
 
 
 class Scoreboard:
-    """One worker's status block. ``commit_slots`` (creator only): how many seqs a commit
-    holds (input edges + output edges); ``order_slots`` (creator only): entries of the order
-    ring (0: none, the node has fewer than two inputs)."""
+    """One worker's status block. Create it with :meth:`create` (supervisor) or map an
+    inherited one with :meth:`from_fd` (worker)."""
 
-    def __init__(self, path: str, create: bool = False, commit_slots: int = 0, order_slots: int = 0) -> None:
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
-            self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+    def __init__(self, fd: int, owner: bool, order_slots: Optional[int] = None) -> None:
+        #: the memfd, kept open by its creator to pass it to every incarnation (-1: not ours)
+        self.fd = fd if owner else -1
+        self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
         self._q = memoryview(self._mm).cast("q")
-        if create:
+        if order_slots is not None:  # a new block: its layout is recorded in it
             self._q[_ORDER_CAP] = order_slots
         self.order_capacity = self._q[_ORDER_CAP]
         order_words = _order_words(self.order_capacity)
@@ -96,6 +94,29 @@ class Scoreboard:
         if self.order_capacity:
             start = 8 * (self._order_count + 1)
             self._ring = memoryview(self._mm)[start : start + 2 * self.order_capacity].cast("H")
+
+    @classmethod
+    def create(cls, commit_slots: int, order_slots: int = 0) -> "Scoreboard":
+        """A new, zeroed block for a worker whose commits hold ``commit_slots`` seqs (input
+        edges + output edges), with an order ring of ``order_slots`` entries (0: none, the
+        node has fewer than two inputs)."""
+        fd = os.memfd_create("remotemedia-board", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            return cls(fd, owner=True, order_slots=order_slots)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "Scoreboard":
+        """Map the block behind an inherited descriptor (which is closed: the mapping is all
+        the worker needs)."""
+        try:
+            return cls(fd, owner=False)
+        finally:
+            os.close(fd)
 
     def reset(self) -> None:
         for i in range(len(self._q)):
@@ -156,7 +177,7 @@ class Scoreboard:
         count, cap = self._q[self._order_count], self.order_capacity
         if count - start > cap:
             raise RuntimeError(
-                f"order ring of {self.path} holds {count - start} frames after the commit at {start}, more than its "
+                f"order ring of the status block holds {count - start} frames after the commit at {start}, more than its "
                 f"capacity {cap}: the worker ran ahead of its commits"
             )
         ring = self._ring
@@ -187,7 +208,7 @@ class Scoreboard:
     def read(self) -> Dict[str, int]:
         return {name: self._q[i] for i, name in enumerate(FIELDS)}
 
-    def close(self, unlink: bool = False) -> None:
+    def close(self) -> None:
         try:
             if self._ring is not None:
                 self._ring.release()
@@ -195,8 +216,6 @@ class Scoreboard:
             self._mm.close()
         except (BufferError, ValueError):
             pass
-        if unlink:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -119,8 +119,8 @@ def render_unit(
         lines.append(f"User={user}")
     lines += [
         # hardening that leaves shared memory (/dev/shm) and the interpreter usable
-        # (no PrivateTmp: iceoryx2 keeps its service files in /tmp/iceoryx2, and the next
-        # start must find those of a crashed run to clean them)
+        # (nothing that hides /dev/shm: a run's files live in /dev/shm/remotemedia-<uid>,
+        # and the next start must find those of a crashed run to remove them)
         "NoNewPrivileges=yes",
         "ProtectSystem=full",
         "ProtectHome=read-only",

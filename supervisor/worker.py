@@ -161,8 +161,8 @@ class Runner:
         self.spec = spec
         self.chan = chan
         self.restore = restore or RestoreState()
-        self.board = Scoreboard(spec.scoreboard) if spec.scoreboard else None
-        self.iox = bridge.Node(spec.prefix, f"w{spec.index}")
+        self.board = Scoreboard.from_fd(spec.scoreboard_fd) if spec.scoreboard_fd >= 0 else None
+        self.iox = bridge.Node(spec.prefix, f"w{spec.index}", spec.root)
         self.inbox = bridge.Listener(self.iox, spec.inbox)
         # Inputs first: a restarted worker must be attached before anyone replays to it.
         self.inputs: List[InPort] = [

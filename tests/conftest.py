@@ -1,13 +1,18 @@
 """Shared fixtures.
 
-``no_leaks`` (autouse) checks after every test that it left no worker process and no
-iceoryx2 resource behind: no child process of the test runner, and no ``rm_*`` file (the
-prefix of every supervisor run) in /dev/shm or under /tmp/iceoryx2 that was not there before.
+The whole session runs with ``REMOTEMEDIA_SHM_DIR`` set to a fresh private directory (removed
+at the end), so every run directory a test makes (see :mod:`supervisor.resources`) is this
+session's own, and concurrent sessions on one host never see each other's runs.
+
+``no_leaks`` (autouse) checks after every test that it left no worker process and no run
+behind: no child process of the test runner, and no new entry in the session's directory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from typing import List, Set
 
@@ -16,14 +21,27 @@ import pytest
 
 from supervisor import resources
 
+SESSION_SHM_DIR = ""
 
-def _rm_files() -> Set[str]:
-    out: Set[str] = set()
-    if os.path.isdir(resources.SHM_DIR):
-        out |= {os.path.join(resources.SHM_DIR, f) for f in os.listdir(resources.SHM_DIR) if f.startswith("rm_")}
-    for dirpath, _dirs, files in os.walk(resources.IOX_ROOT):
-        out |= {os.path.join(dirpath, f) for f in files if f.startswith("rm_")}
-    return out
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A hook, not import time: workers import this module too (to unpickle test helpers).
+    global SESSION_SHM_DIR
+    SESSION_SHM_DIR = tempfile.mkdtemp(prefix="rmt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.environ[resources.ENV_BASE] = SESSION_SHM_DIR  # before any test, and any process it starts
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION_SHM_DIR:
+        shutil.rmtree(SESSION_SHM_DIR, ignore_errors=True)
+
+
+def _runs() -> Set[str]:
+    """Every entry (run directory) in the session's shared-memory directory."""
+    try:
+        return {os.path.join(SESSION_SHM_DIR, f) for f in os.listdir(SESSION_SHM_DIR)}
+    except FileNotFoundError:
+        return set()
 
 
 def _children() -> List[psutil.Process]:
@@ -35,13 +53,13 @@ def _children() -> List[psutil.Process]:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    before_files = _rm_files()
+    before_files = _runs()
     before_children = {p.pid for p in _children()}
     yield
     deadline = time.monotonic() + 10.0
     while True:
         left = [p for p in _children() if p.pid not in before_children]
-        new_files = _rm_files() - before_files
+        new_files = _runs() - before_files
         if (not left and not new_files) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -51,7 +69,7 @@ def no_leaks():
         except psutil.Error:
             pass
     assert not left, f"worker processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
-    assert not new_files, f"iceoryx2 resources left behind: {sorted(new_files)}"
+    assert not new_files, f"run directories left behind: {sorted(new_files)}"
 
 
 def shm_mapping_of(address: int) -> str:
@@ -63,3 +81,10 @@ def shm_mapping_of(address: int) -> str:
             if lo <= address < hi:
                 return parts[5] if len(parts) > 5 else ""
     return ""
+
+
+def in_run_dir(path: str) -> bool:
+    """Whether ``path`` (a mapping's file) is an iceoryx2 segment inside a run directory of
+    this session."""
+    base = os.environ[resources.ENV_BASE].rstrip("/") + "/"
+    return path.startswith(base) and os.path.basename(path).startswith(resources.PREFIX)

@@ -22,11 +22,11 @@ from conftest import shm_mapping_of
 
 @pytest.fixture
 def node():
-    prefix = f"rm_{os.getpid()}x{secrets.token_hex(4)}_"
-    n = b.Node(prefix, "test")
+    run = resources.new_run()
+    n = b.Node(run.prefix, "test", run.root)
     yield n
     del n
-    assert resources.purge(prefix) == []
+    assert resources.purge(run.root) == []
 
 
 def pair(node, name="e/data", **kw):
@@ -52,7 +52,7 @@ def test_roundtrip_header_and_zero_copy(node):
     # the array is a view on the sample's shared memory, 64-byte aligned, read-only
     assert obj["a"].ctypes.data == s.address + s.buffers[0][0]
     assert obj["a"].ctypes.data % b.BUFFER_ALIGN == 0
-    assert shm_mapping_of(obj["a"].ctypes.data).startswith("/dev/shm/" + node.prefix)
+    assert shm_mapping_of(obj["a"].ctypes.data).startswith(os.path.join(node.root, node.prefix))
     assert not obj["a"].flags.writeable
     with pytest.raises((BufferError, TypeError)):
         (ctypes.c_char * 4).from_buffer(s)  # a writable view of a received frame is refused
@@ -178,9 +178,9 @@ def test_idle_wait_uses_no_cpu(node):
 
 
 def test_list_nodes_and_stale_cleanup(node):
-    states = b.list_nodes(node.prefix)
+    states = b.list_nodes(node.prefix, node.root)
     assert ("alive", os.getpid(), "test") in states
-    assert b.remove_stale_resources(node.prefix) == (0, 0)
+    assert b.remove_stale_resources(node.prefix, node.root) == (0, 0)
 
 
 def _learn_rx(sub, sample, arr):
@@ -281,7 +281,7 @@ def test_two_threads_sending_big_frames_do_not_deadlock(node):
         import threading
         import numpy as np
         from remotemedia import _ipc_bridge as b
-        n = b.Node({node.prefix!r}, "threads")
+        n = b.Node({node.prefix!r}, "threads", {node.root!r})
         pub = b.Publisher(n, "mt", buffer_size=8, max_loaned=4)
         sub = b.Subscriber(n, "mt", buffer_size=8)
         frame = np.zeros(1 << 20, np.uint8)

@@ -107,16 +107,18 @@ class Rig:
     ``order``, it is a restart with that recorded order (edge indices)."""
 
     def __init__(self, tmp_path, restore=None, capacity=64, order=None, inputs=("x", "y"), node=None):
-        self.prefix = f"rm_{os.getpid()}x{os.urandom(4).hex()}_"
-        self.iox = bridge.Node(self.prefix, "test")
+        self.run = resources.new_run()
+        self.prefix = self.run.prefix
+        self.iox = bridge.Node(self.prefix, "test", self.run.root)
         ins = tuple(_edge(i, src, "d") for i, src in enumerate(inputs))
         out = _edge(len(ins), "d", "sink")
         spec = WorkerSpec(
-            name="d", index=0, run_id="t", prefix=self.prefix, inbox="in/d", in_edges=ins, out_edges=(out,),
-            is_source=False, scoreboard=str(tmp_path / "d.board"), spin_us=0, snapshot_interval=3600.0,
+            name="d", index=0, run_id=self.run.run_id, prefix=self.prefix, root=self.run.root, inbox="in/d",
+            in_edges=ins, out_edges=(out,), is_source=False, spin_us=0, snapshot_interval=3600.0,
         )
         assert spec.records_order
-        board = Scoreboard(spec.scoreboard, create=True, commit_slots=len(ins) + 1, order_slots=capacity)
+        board = Scoreboard.create(commit_slots=len(ins) + 1, order_slots=capacity)
+        spec = dataclasses.replace(spec, scoreboard_fd=os.dup(board.fd))  # the worker maps its own
         board.reset()
         restore = restore or RestoreState()
         if order:  # what the supervisor does before a restart
@@ -173,7 +175,7 @@ class Rig:
         self.sup.close()
         self.board.close()
         del self.iox
-        assert resources.purge(self.prefix) == []
+        assert resources.purge(self.run.root) == []
 
 
 def test_restart_consumes_replayed_frames_in_the_recorded_order(tmp_path):

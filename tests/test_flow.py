@@ -14,7 +14,7 @@ from remotemedia import Node, Pipeline, Source, Supervisor
 from remotemedia.errors import SupervisorError
 from remotemedia.nodes import PassThroughNode, RangeSource
 
-from conftest import shm_mapping_of
+from conftest import in_run_dir, shm_mapping_of
 
 
 class Render(Node):
@@ -35,7 +35,7 @@ class Render(Node):
 class Check(Node):
     def process(self, arr):
         return (int(np.frombuffer(arr.reshape(-1)[:8].tobytes(), np.int64)[0]), int(arr.reshape(-1)[-1]), arr.shape,
-                shm_mapping_of(arr.ctypes.data).startswith("/dev/shm/rm_"))
+                in_run_dir(shm_mapping_of(arr.ctypes.data)))
 
 
 @pytest.mark.parametrize("shape", [(4096,), (1080, 1920, 3), (64 << 20,)], ids=["4KB", "1080p", "64MB"])
@@ -207,8 +207,8 @@ def test_busy_pipeline_spins_and_idle_one_stops():
     from remotemedia import _ipc_bridge as b
     from supervisor import resources
 
-    run_id, prefix = resources.new_run()
-    node = b.Node(prefix, "t")
+    run = resources.new_run()
+    node = b.Node(run.prefix, "t", run.root)
     try:
         lis = b.Listener(node, "inbox")
         nt = b.Notifier(node, "inbox")
@@ -231,7 +231,7 @@ def test_busy_pipeline_spins_and_idle_one_stops():
         assert lis.wait(1.0, [], 200, [sub])[0]
     finally:
         del lis, nt, pub, sub, node
-        resources.purge(prefix)
+        resources.purge(run.root)
 
 
 class CrashOnceLossy(Node):

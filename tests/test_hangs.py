@@ -469,7 +469,8 @@ def _assert_nothing_left(p: subprocess.Popen, pids, tmp_path) -> None:
     """No worker of the supervisor process ``p``, none of its run's files, no control socket."""
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"worker processes left behind: {alive}"
-    files = resources.files_of(f"rm_{p.pid}x")  # the run prefix starts with the supervisor's pid
+    base = resources.base_dir()  # a run's directory is named <supervisor pid>x<random>
+    files = [d for d in (os.listdir(base) if os.path.isdir(base) else []) if d.startswith(f"{p.pid}x")]
     assert not files, f"shared-memory / iceoryx2 files left behind: {files}"
     left = os.listdir(tmp_path / "run") if (tmp_path / "run").exists() else []
     assert not [f for f in left if f.endswith(".sock")], f"control socket left behind: {left}"

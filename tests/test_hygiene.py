@@ -182,7 +182,7 @@ _STUCK_SERVICE = textwrap.dedent(
             re.match(r"(a+)+$", "a" * 64 + "b")  # exponential backtracking, never releases the GIL
 
     sup = Supervisor([Stuck(sys.argv[1], name="stuck")], control=False)
-    print(json.dumps({{"prefix": sup.prefix}}), flush=True)
+    print(json.dumps({{"root": sup.root}}), flush=True)
     sup.run([1])
     """
 )
@@ -194,9 +194,9 @@ def test_node_children_die_with_a_sigkilled_supervisor(tmp_path):
     pidfile = tmp_path / "pids.json"
     proc = subprocess.Popen([sys.executable, str(script), str(pidfile)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = {}
-    prefix = None
+    root = None
     try:
-        prefix = json.loads(proc.stdout.readline())["prefix"]
+        root = json.loads(proc.stdout.readline())["root"]
         deadline = time.monotonic() + 60
         while not pidfile.exists():
             assert proc.poll() is None, proc.stderr.read()
@@ -217,8 +217,8 @@ def test_node_children_die_with_a_sigkilled_supervisor(tmp_path):
             _kill_if(pids["helper"], "sleep 600")
             _kill_if(pids["worker"], "supervisor.worker")
             _wait_gone(list(pids.values()))
-        if prefix:
-            resources.purge(prefix)
+        if root:
+            resources.purge(root)
 
 
 class LeavesAHelper(Node):

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import os
-import uuid
+import subprocess
+import sys
 
 import pytest
 
 from supervisor.scoreboard import Scoreboard
 
 
-@pytest.fixture
-def board_path():
-    path = f"/dev/shm/rmtest_{uuid.uuid4().hex}.board"
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
-
-
-def test_commit_round_trip_between_processes_views(board_path):
-    writer = Scoreboard(board_path, create=True, commit_slots=3)
+def test_commit_round_trip_between_processes_views():
+    writer = Scoreboard.create(commit_slots=3)
     writer.reset()
-    reader = Scoreboard(board_path)  # what the supervisor maps
+    reader = Scoreboard.from_fd(os.dup(writer.fd))  # a second mapping, as in the worker
     try:
         assert reader.commit_slots == 3
         assert reader.read_commit() is None  # this incarnation committed nothing yet
@@ -36,8 +29,8 @@ def test_commit_round_trip_between_processes_views(board_path):
         writer.close()
 
 
-def test_a_write_torn_by_a_crash_leaves_the_previous_commit(board_path):
-    board = Scoreboard(board_path, create=True, commit_slots=2)
+def test_a_write_torn_by_a_crash_leaves_the_previous_commit():
+    board = Scoreboard.create(commit_slots=2)
     board.reset()
     try:
         board.write_commit(0, [10, 20])
@@ -52,8 +45,8 @@ def test_a_write_torn_by_a_crash_leaves_the_previous_commit(board_path):
         board.close()
 
 
-def test_the_other_fields_are_untouched_by_commits(board_path):
-    board = Scoreboard(board_path, create=True, commit_slots=1)
+def test_the_other_fields_are_untouched_by_commits():
+    board = Scoreboard.create(commit_slots=1)
     board.reset()
     try:
         board.busy(2, 41)
@@ -66,10 +59,10 @@ def test_the_other_fields_are_untouched_by_commits(board_path):
         board.close()
 
 
-def test_order_ring_of_a_fanin_worker(board_path):
-    supervisor = Scoreboard(board_path, create=True, commit_slots=3, order_slots=8)
+def test_order_ring_of_a_fanin_worker():
+    supervisor = Scoreboard.create(commit_slots=3, order_slots=8)
     supervisor.reset()
-    worker = Scoreboard(board_path)  # the worker finds the layout in the block itself
+    worker = Scoreboard.from_fd(os.dup(supervisor.fd))  # the worker finds the layout in the block itself
     try:
         assert (worker.order_capacity, worker.commit_slots) == (8, 3)
         worker.write_commit(0, [4, 5, 9])
@@ -94,10 +87,31 @@ def test_order_ring_of_a_fanin_worker(board_path):
         supervisor.close()
 
 
-def test_nodes_with_one_input_have_no_ring(board_path):
-    board = Scoreboard(board_path, create=True, commit_slots=2)
+def test_nodes_with_one_input_have_no_ring():
+    board = Scoreboard.create(commit_slots=2)
     try:
         assert board.order_capacity == 0 and board.read_order(0) == []
-        assert os.path.getsize(board_path) == 64 + 8 + 2 * 8 * 3  # the layout of before
+        assert os.fstat(board.fd).st_size == 64 + 8 + 2 * 8 * 3  # the layout of before
     finally:
         board.close()
+
+
+def test_the_board_has_no_name_and_a_sealed_size():
+    """Issue 10, item 1: boards were files at predictable /dev/shm names, opened with
+    O_CREAT|O_TRUNC through planted symlinks. A memfd has no name to plant, and its sealed
+    size cannot be truncated under the supervisor's mapping."""
+    board = Scoreboard.create(commit_slots=2)
+    try:
+        assert os.readlink(f"/proc/self/fd/{board.fd}").startswith("/memfd:remotemedia-board")
+        with pytest.raises(PermissionError):
+            os.ftruncate(board.fd, 8)
+        # a child process inherits it (pass_fds), maps it and reports through it
+        code = (
+            "import sys; from supervisor.scoreboard import Scoreboard; "
+            "b = Scoreboard.from_fd(int(sys.argv[1])); b.set('pid', 4242); b.write_commit(5, [6, 7]); b.close()"
+        )
+        subprocess.run([sys.executable, "-c", code, str(board.fd)], pass_fds=(board.fd,), check=True, timeout=60)
+        assert board.get("pid") == 4242 and board.read_commit() == (5, [6, 7])
+    finally:
+        board.close()
+    assert board.fd == -1

@@ -354,7 +354,7 @@ _SERVICE = textwrap.dedent(
     d = sys.argv[1]
     sup = Supervisor([MarkedTicker(d, name="src"), Marked(d, name="a"), Marked(d, name="b")], stop_timeout=20)
     sup.start()
-    print(json.dumps({{"pids": sup.worker_pids(), "prefix": sup.prefix}}), flush=True)
+    print(json.dumps({{"pids": sup.worker_pids(), "root": sup.root}}), flush=True)
     seen = []
     report = sup.run(on_output=lambda v, i: seen.append(v))
     print(json.dumps({{"n": len(seen), "ordered": seen == list(range(len(seen))), "stopped": report.stopped}}), flush=True)
@@ -390,13 +390,13 @@ def test_sigterm_drains_and_every_worker_cleans_up(tmp_path):
     names = sorted(f.split(".")[0] for f in os.listdir(markers))
     assert names == ["a", "b", "src"]  # cleanup() ran in every worker
     assert not any(psutil.pid_exists(p) for p in info["pids"].values())
-    assert resources.files_of(info["prefix"]) == []
+    assert not os.path.exists(info["root"])
 
 
 def test_supervisor_sigkill_takes_workers_down_and_next_start_cleans(tmp_path):
     proc, info, _ = _start_service(tmp_path)
     time.sleep(0.5)
-    assert resources.files_of(info["prefix"])  # the run's shared memory exists
+    assert resources.files_of(info["root"])  # the run's shared memory exists
     proc.kill()
     proc.wait()
     t0 = time.monotonic()
@@ -404,11 +404,11 @@ def test_supervisor_sigkill_takes_workers_down_and_next_start_cleans(tmp_path):
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
         assert time.monotonic() - t0 < 1.0, "workers outlived their supervisor by more than 1 s"
         time.sleep(0.02)
-    assert resources.files_of(info["prefix"])  # leftovers of the dead run...
-    assert info["prefix"] in resources.stale_prefixes()
+    assert resources.files_of(info["root"])  # leftovers of the dead run...
+    assert info["root"] in resources.stale_runs()
     out = Pipeline([PassThroughNode()]).run([1])  # ...are removed by the next start
     assert out == [1]
-    assert resources.files_of(info["prefix"]) == []
+    assert not os.path.exists(info["root"])
 
 
 def test_stop_method_drains_cleanly():

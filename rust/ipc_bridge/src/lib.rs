@@ -29,6 +29,7 @@ pub mod layout;
 pub mod node;
 pub mod process;
 pub mod pubsub;
+pub mod service;
 
 use pyo3::prelude::*;
 

@@ -1,17 +1,35 @@
-//! iceoryx2 nodes: one per process, configured with the run's file prefix.
+//! iceoryx2 nodes: one per process, configured with the run's private root directory.
 
 use iceoryx2::config::Config;
 use iceoryx2::node::{NodeState, NodeView};
 use iceoryx2::prelude::*;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::{port_err, service_err};
 
-pub type Svc = ipc_threadsafe::Service;
+/// Every storage file based, under the root path (see `service.rs`).
+pub type Svc = crate::service::PrivateService;
 
-/// Builds the iceoryx2 configuration of one run: every file it creates (in /dev/shm and under
-/// the root path) starts with `prefix`, which is how a run finds, and removes, what it owns.
-pub fn make_config(prefix: &str, root: Option<&str>) -> PyResult<Config> {
+/// Builds the iceoryx2 configuration of one run: every file it creates lives under `root` (the
+/// run's private directory) and starts with `prefix`.
+///
+/// `root` must be an existing directory, not a symlink: iceoryx2 would otherwise create it
+/// itself, group-readable, and a path through a planted symlink would be followed.
+pub fn make_config(prefix: &str, root: &str) -> PyResult<Config> {
+    match std::fs::symlink_metadata(root) {
+        Ok(m) if m.file_type().is_dir() => {}
+        Ok(_) => {
+            return Err(PyValueError::new_err(format!(
+                "iceoryx2 root {root:?} is not a directory (a symlink or a file); it must be the run's private directory"
+            )));
+        }
+        Err(e) => {
+            return Err(PyValueError::new_err(format!(
+                "iceoryx2 root {root:?} does not exist ({e}); create the run's private directory (0700) first"
+            )));
+        }
+    }
     let mut cfg = Config::default();
     cfg.global.prefix = FileName::new(prefix.as_bytes()).map_err(|e| {
         service_err(
@@ -19,11 +37,8 @@ pub fn make_config(prefix: &str, root: Option<&str>) -> PyResult<Config> {
             e,
         )
     })?;
-    if let Some(root) = root {
-        let path = Path::new(root.as_bytes())
-            .map_err(|e| service_err(format!("invalid iceoryx2 root path {root:?}"), e))?;
-        cfg.global.set_root_path(&path);
-    }
+    let path = Path::new(root.as_bytes()).map_err(|e| service_err(format!("invalid iceoryx2 root path {root:?}"), e))?;
+    cfg.global.set_root_path(&path);
     Ok(cfg)
 }
 
@@ -37,13 +52,15 @@ pub struct Node {
     prefix: String,
     #[pyo3(get)]
     name: String,
+    #[pyo3(get)]
+    root: String,
 }
 
 #[pymethods]
 impl Node {
     #[new]
-    #[pyo3(signature = (prefix, name = "", root = None))]
-    fn new(prefix: &str, name: &str, root: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (prefix, name, root))]
+    fn new(prefix: &str, name: &str, root: &str) -> PyResult<Self> {
         let config = make_config(prefix, root)?;
         let mut builder = NodeBuilder::new()
             .config(&config)
@@ -56,7 +73,7 @@ impl Node {
         let inner = builder
             .create::<Svc>()
             .map_err(|e| port_err(format!("creating iceoryx2 node {name:?} with prefix {prefix:?}"), e))?;
-        Ok(Self { inner, prefix: prefix.to_owned(), name: name.to_owned() })
+        Ok(Self { inner, prefix: prefix.to_owned(), name: name.to_owned(), root: root.to_owned() })
     }
 
     /// Removes the stale resources of every dead node of this prefix (crashed processes).
@@ -67,15 +84,15 @@ impl Node {
     }
 
     fn __repr__(&self) -> String {
-        format!("<ipc_bridge.Node name={:?} prefix={:?}>", self.name, self.prefix)
+        format!("<ipc_bridge.Node name={:?} prefix={:?} root={:?}>", self.name, self.prefix, self.root)
     }
 }
 
 /// Lists the iceoryx2 nodes of `prefix` as `(state, pid, name)` tuples, `state` being one of
 /// `"alive"`, `"dead"`, `"inaccessible"`, `"undefined"`.
 #[pyfunction]
-#[pyo3(signature = (prefix, root = None))]
-pub fn list_nodes(prefix: &str, root: Option<&str>) -> PyResult<Vec<(String, Option<u32>, String)>> {
+#[pyo3(signature = (prefix, root))]
+pub fn list_nodes(prefix: &str, root: &str) -> PyResult<Vec<(String, Option<u32>, String)>> {
     let config = make_config(prefix, root)?;
     let mut out = Vec::new();
     iceoryx2::node::Node::<Svc>::list(&config, |state| {
@@ -104,8 +121,8 @@ pub fn list_nodes(prefix: &str, root: Option<&str>) -> PyResult<Vec<(String, Opt
 /// Removes the stale resources of every dead node of `prefix`, without creating a node.
 /// Returns `(cleaned, failed)`.
 #[pyfunction]
-#[pyo3(signature = (prefix, root = None))]
-pub fn remove_stale_resources(py: Python<'_>, prefix: &str, root: Option<&str>) -> PyResult<(u64, u64)> {
+#[pyo3(signature = (prefix, root))]
+pub fn remove_stale_resources(py: Python<'_>, prefix: &str, root: &str) -> PyResult<(u64, u64)> {
     let config = make_config(prefix, root)?;
     py.detach(|| {
         let mut dead = Vec::new();
