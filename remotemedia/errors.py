@@ -24,6 +24,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
         +-- LoanError                          no shared-memory chunk could be loaned
+        +-- SharedMemoryFullError              the shared-memory filesystem has no room
         +-- SendError                          publishing a frame failed
         +-- ReceiveError                       receiving a frame failed
         +-- WaitError                          waiting for an event failed
@@ -43,6 +44,7 @@ raised :class:`NodeError`, as in :mod:`concurrent.futures.process`::
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "SendError",
     "ReceiveError",
     "WaitError",
+    "SharedMemoryFullError",
 ]
 
 
@@ -284,3 +287,94 @@ class ReceiveError(TransportError):
 
 class WaitError(TransportError):
     """Waiting for an event failed."""
+
+
+class SharedMemoryFullError(TransportError):
+    """The shared-memory filesystem (a tmpfs, normally ``/dev/shm``) has no room for a frame.
+
+    Frames live in files there whose pages are allocated when first written; on a full tmpfs
+    that write would kill the process with SIGBUS. The bridge allocates a chunk's pages before
+    writing into it and raises this error instead (leaving :data:`SHM_RESERVE
+    <remotemedia._ipc_bridge.SHM_RESERVE>` bytes free for iceoryx2's own use). The pipeline
+    fails and is cleaned up; grow the filesystem or lower ``queue_depth`` / ``queue_bytes``.
+
+    Attributes:
+        directory: the directory of the shared-memory files.
+        size: size of its filesystem in bytes (0: no size limit, memory ran out).
+        free: bytes free there.
+        needed: bytes the frame needed.
+        what: the frame (or allocation) and the service it was for.
+        frame_bytes: the frame's size in bytes.
+        frames_per_edge: frames an edge may hold in shared memory (queue_depth + max_borrowed).
+        edges: edges of the pipeline (set by the supervisor), for the estimate of its need.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        size: int,
+        free: int,
+        needed: int,
+        what: str = "",
+        frame_bytes: int = 0,
+        frames_per_edge: int = 0,
+        edges: Optional[int] = None,
+    ) -> None:
+        super().__init__(directory, size, free, needed, what, frame_bytes, frames_per_edge)
+        self.directory = directory
+        self.size = size
+        self.free = free
+        self.needed = needed
+        self.what = what
+        self.frame_bytes = frame_bytes
+        self.frames_per_edge = frames_per_edge
+        self.edges = edges
+
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (self.directory, self.size, self.free, self.needed, self.what, self.frame_bytes, self.frames_per_edge, self.edges),
+        )
+
+    @property
+    def edge_need(self) -> int:
+        """Bytes one edge may hold in shared memory with frames of this size (0: unknown)."""
+        return self.frames_per_edge * self.frame_bytes
+
+    def __str__(self) -> str:
+        size = f"{_mib(self.size)} in all" if self.size else "no size limit (memory ran out)"
+        msg = (
+            f"shared memory is full: {self.what or 'a frame'} needs {_mib(self.needed)} in {self.directory}, "
+            f"which has {_mib(self.free)} free of {size}."
+        )
+        want = 0
+        if self.edge_need:
+            msg += (
+                f" An edge holds up to {self.frames_per_edge} frames in shared memory (queue_depth + max_borrowed): "
+                f"{_mib(self.edge_need)} with frames of this size"
+            )
+            if self.edges:
+                want = self.edges * self.edge_need
+                msg += f"; this pipeline has {self.edges} edges, {_mib(want)} if every edge carries such frames"
+            msg += "."
+        size_arg = f"{-(-max(want, 2 * self.size, 1) // (256 << 20)) * 256}M" if self.size else "<bytes>"
+        msg += (
+            f" Grow the filesystem (as root: mount -o remount,size={size_arg} {_mount_point(self.directory)}; "
+            f"in a container: docker run --shm-size={size_arg}) or lower queue_depth / queue_bytes."
+        )
+        return msg
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the filesystem that holds ``path`` (for the remount hint)."""
+    try:
+        path = os.path.realpath(path)
+        while not os.path.ismount(path):
+            path = os.path.dirname(path)
+    except OSError:
+        pass
+    return path

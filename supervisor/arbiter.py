@@ -49,6 +49,7 @@ from remotemedia.errors import (
     NodeInitError,
     NodeTypeError,
     RemoteMediaError,
+    SharedMemoryFullError,
     SupervisorError,
     WorkerStartTimeout,
 )
@@ -746,6 +747,7 @@ class Supervisor:
     def _thread_main(self) -> None:
         try:
             resources.cleanup_stale_runs()
+            resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.prefix, "supervisor")
             self._inbox = bridge.Listener(self._iox, "in/sup")
             self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
@@ -885,11 +887,15 @@ class Supervisor:
                     original = cloudpickle.loads(msg.exc_blob)
                 except Exception:
                     original = None
+            message = msg.message
+            if isinstance(original, SharedMemoryFullError):
+                original.edges = len(self.edges)
+                message = str(original)
             if msg.fatal:
                 self._fail(
                     NodeError(
                         w.name,
-                        msg.message,
+                        message,
                         pid=w.pid,
                         seq=msg.seq,
                         exc_type=msg.exc_type,
@@ -1449,6 +1455,8 @@ class Supervisor:
     # ------------------------------------------------------------------ stopping
 
     def _fail(self, err: BaseException) -> None:
+        if isinstance(err, SharedMemoryFullError) and err.edges is None:
+            err.edges = len(self.edges)  # (its message then says what the whole pipeline may need)
         if self._error is None:
             self._error = err
             self._outq.put(("error", err, None))

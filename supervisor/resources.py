@@ -22,8 +22,20 @@ from typing import Iterable, List, Set, Tuple
 import psutil
 
 from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import SharedMemoryFullError
 
-__all__ = ["IOX_ROOT", "SHM_DIR", "new_run", "files_of", "purge", "stale_prefixes", "cleanup_stale_runs", "pid_alive"]
+__all__ = [
+    "IOX_ROOT",
+    "SHM_DIR",
+    "new_run",
+    "files_of",
+    "purge",
+    "stale_prefixes",
+    "cleanup_stale_runs",
+    "pid_alive",
+    "shm_dir",
+    "check_shm_space",
+]
 
 log = logging.getLogger("remotemedia.supervisor")
 
@@ -36,6 +48,26 @@ def new_run() -> Tuple[str, str]:
     """A fresh ``(run_id, prefix)``."""
     run_id = f"{os.getpid()}x{secrets.token_hex(4)}"
     return run_id, f"rm_{run_id}_"
+
+
+def shm_dir() -> str:
+    """The directory that holds a run's shared-memory segments (the one whose filesystem
+    bounds how many frames can be in flight)."""
+    return SHM_DIR
+
+
+def check_shm_space(what: str) -> None:
+    """Raise SharedMemoryFullError when the shared-memory filesystem has less than the room the
+    bridge keeps free (``SHM_RESERVE``): then not a single frame could be sent, and iceoryx2
+    could not even create its services safely."""
+    directory = shm_dir()
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # no such directory: iceoryx2 reports that itself
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    if size and free < bridge.SHM_RESERVE:
+        raise SharedMemoryFullError(directory, size, free, bridge.SHM_RESERVE, what)
 
 
 def _walk(root: str) -> Iterable[str]:

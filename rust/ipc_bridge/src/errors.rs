@@ -12,6 +12,7 @@ pyo3::import_exception!(remotemedia.errors, SendError);
 pyo3::import_exception!(remotemedia.errors, ReceiveError);
 pyo3::import_exception!(remotemedia.errors, WaitError);
 pyo3::import_exception!(remotemedia.errors, TransportError);
+pyo3::import_exception!(remotemedia.errors, SharedMemoryFullError);
 
 /// `what` says which operation on which resource failed; `e` is the iceoryx2 error.
 pub fn service_err(what: impl core::fmt::Display, e: impl core::fmt::Debug) -> PyErr {
@@ -40,4 +41,11 @@ pub fn wait_err(what: impl core::fmt::Display, e: impl core::fmt::Debug) -> PyEr
 
 pub fn transport_err(what: impl core::fmt::Display) -> PyErr {
     TransportError::new_err(what.to_string())
+}
+
+/// A chunk's memory could not be reserved: `what` failed for lack of room in `full.directory`.
+/// `frame_bytes` and `frames_held` (frames the service may hold) let the message say what an
+/// edge needs.
+pub fn shm_full_err(full: &crate::reserve::Full, what: String, frame_bytes: usize, frames_held: usize) -> PyErr {
+    SharedMemoryFullError::new_err((full.directory.clone(), full.size, full.free, full.needed, what, frame_bytes, frames_held))
 }

@@ -27,6 +27,7 @@ pub mod event;
 pub mod layout;
 pub mod node;
 pub mod pubsub;
+pub mod reserve;
 
 use pyo3::prelude::*;
 
@@ -39,6 +40,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__iceoryx2_version__", ICEORYX2_VERSION)?;
     m.add("BUFFER_ALIGN", layout::BUFFER_ALIGN)?;
     m.add("KIND_DATA", pubsub::KIND_DATA)?;
+    m.add("SHM_RESERVE", reserve::SHM_RESERVE)?;
     m.add_class::<node::Node>()?;
     m.add_class::<pubsub::Publisher>()?;
     m.add_class::<pubsub::Subscriber>()?;

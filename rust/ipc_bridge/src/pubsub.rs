@@ -17,10 +17,11 @@ use pyo3::prelude::*;
 use pyo3::intern;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, transport_err};
+use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, shm_full_err, transport_err};
 use crate::layout;
 use crate::event::Notifier;
 use crate::node::{Node, Svc};
+use crate::reserve::{self, Plan, Reserver};
 
 /// Kind of an ordinary data frame; other kinds are defined by Python.
 pub const KIND_DATA: u32 = 0;
@@ -164,7 +165,8 @@ fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, fla
 /// Publishing end of one frame service.
 ///
 /// Frames are copied into a loaned shared-memory chunk (the copy releases the GIL above 64 KiB)
-/// and sent. `send()` never blocks: the service discards a frame when the subscriber's queue is
+/// and sent. A chunk's memory is reserved before the first write into it (see [`reserve`]): a
+/// full shared-memory filesystem raises SharedMemoryFullError instead of killing the process. `send()` never blocks: the service discards a frame when the subscriber's queue is
 /// full, and reports it by returning 0 (the caller keeps the frame and sends it again).
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Publisher {
@@ -172,6 +174,9 @@ pub struct Publisher {
     #[pyo3(get)]
     service: String,
     tx_cache: Mutex<Option<TxCache>>,
+    reserver: Mutex<Reserver>,
+    /// Frames the subscriber side may hold (queue + borrowed), for the sizing hint of errors.
+    frames_held: usize,
     _factory: Factory,
     _node: Py<Node>,
 }
@@ -207,6 +212,7 @@ impl Publisher {
         // the GIL, and another thread waiting for this lock with the GIL held would deadlock
         // with us (iceoryx2 ports are not thread-safe, so the lock itself must stay).
         let mut sample = self.with(|p| self.loan_uninit(p, lay.total))?;
+        self.reserve(py, &mut sample, lay.total, || format!("frame {seq} ({} bytes) on {:?}", lay.total, self.service))?;
         let dst = sample.payload_mut().as_mut_ptr() as usize;
         unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
         let mut parts = Vec::with_capacity(bufs.len() + 1);
@@ -226,6 +232,20 @@ impl Publisher {
         *sample.user_header_mut() = h;
         let sample = unsafe { sample.assume_init() };
         self.with(|_| sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e)))
+    }
+
+    /// Makes sure the memory of a loaned chunk (header to end of payload) exists before it is
+    /// written; `what` names the frame for the error.
+    fn reserve(&self, py: Python<'_>, sample: &mut Uninit, total: usize, what: impl FnOnce() -> String) -> PyResult<()> {
+        let header = sample.header() as *const _ as usize;
+        let payload = sample.payload_mut().as_mut_ptr() as usize;
+        let (start, end) = (reserve::page_down(header.min(payload)), reserve::page_up(payload + total.max(1)));
+        let plan = self.reserver.lock().expect("reserver mutex poisoned").plan(start, end);
+        let Plan::Reserve(segment, from) = plan else { return Ok(()) };
+        // (first use of a chunk: the GIL is released, the system calls may wait for a lock)
+        let result = py.detach(|| segment.reserve(from, end, reserve::page_up(payload)));
+        self.reserver.lock().expect("reserver mutex poisoned").done(start, end, result.is_ok());
+        result.map_err(|full| shm_full_err(&full, what(), total, self.frames_held))
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -282,6 +302,8 @@ impl Publisher {
             publisher: Mutex::new(Some(publisher)),
             service: service.to_owned(),
             tx_cache: Mutex::new(None),
+            reserver: Mutex::new(Reserver::default()),
+            frames_held: buffer_size + max_borrowed,
             _factory: factory,
             _node: node,
         })
@@ -383,8 +405,10 @@ impl Publisher {
     fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
         let this = slf.get();
         let lay = layout::compute(meta_reserve, &[nbytes]).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let sample = this.with(|p| this.loan_uninit(p, lay.total))?;
-        let mut sample = sample;
+        let mut sample = this.with(|p| this.loan_uninit(p, lay.total))?;
+        this.reserve(slf.py(), &mut sample, lay.total, || {
+            format!("a loan of {nbytes} bytes (Node.allocate()) on {:?}", this.service)
+        })?;
         let base = sample.payload_mut().as_mut_ptr() as usize;
         Ok(Loan {
             inner: Mutex::new(Some(sample)),
