@@ -294,19 +294,22 @@ class SharedMemoryFullError(TransportError):
 
     Frames live in files there whose pages are allocated when first written; on a full tmpfs
     that write would kill the process with SIGBUS. The bridge allocates a chunk's pages before
-    writing into it and raises this error instead (leaving :data:`SHM_RESERVE
-    <remotemedia._ipc_bridge.SHM_RESERVE>` bytes free for iceoryx2's own use). The pipeline
-    fails and is cleaned up; grow the filesystem or lower ``queue_depth`` / ``queue_bytes``.
+    writing into it and raises this error instead (it keeps ``SHM_RESERVE`` bytes free for
+    iceoryx2's own use). The pipeline fails and is cleaned up; grow the filesystem or lower
+    ``queue_depth`` / ``queue_bytes``.
 
     Attributes:
         directory: the directory of the shared-memory files.
         size: size of its filesystem in bytes (0: no size limit, memory ran out).
         free: bytes free there.
         needed: bytes the frame needed.
+        reserve: bytes kept free besides (see above).
         what: the frame (or allocation) and the service it was for.
         frame_bytes: the frame's size in bytes.
-        frames_per_edge: frames an edge may hold in shared memory (queue_depth + max_borrowed).
-        edges: edges of the pipeline (set by the supervisor), for the estimate of its need.
+        service: the iceoryx2 service of the frame.
+        edge_frames: frames the frame's edge may hold in shared memory (set by the supervisor).
+        edges: the pipeline's edges (set by the supervisor).
+        pipeline_need: bytes all edges may hold with frames of this size (set by the supervisor).
     """
 
     def __init__(
@@ -315,49 +318,63 @@ class SharedMemoryFullError(TransportError):
         size: int,
         free: int,
         needed: int,
+        reserve: int = 0,
         what: str = "",
         frame_bytes: int = 0,
-        frames_per_edge: int = 0,
-        edges: Optional[int] = None,
+        service: str = "",
+        edge_frames: int = 0,
+        edges: int = 0,
+        pipeline_need: int = 0,
     ) -> None:
-        super().__init__(directory, size, free, needed, what, frame_bytes, frames_per_edge)
+        super().__init__(directory, size, free, needed, reserve, what, frame_bytes, service)
         self.directory = directory
         self.size = size
         self.free = free
         self.needed = needed
+        self.reserve = reserve
         self.what = what
         self.frame_bytes = frame_bytes
-        self.frames_per_edge = frames_per_edge
+        self.service = service
+        self.edge_frames = edge_frames
         self.edges = edges
+        self.pipeline_need = pipeline_need
 
     def __reduce__(self) -> Any:
         return (
             type(self),
-            (self.directory, self.size, self.free, self.needed, self.what, self.frame_bytes, self.frames_per_edge, self.edges),
+            (
+                self.directory,
+                self.size,
+                self.free,
+                self.needed,
+                self.reserve,
+                self.what,
+                self.frame_bytes,
+                self.service,
+                self.edge_frames,
+                self.edges,
+                self.pipeline_need,
+            ),
         )
-
-    @property
-    def edge_need(self) -> int:
-        """Bytes one edge may hold in shared memory with frames of this size (0: unknown)."""
-        return self.frames_per_edge * self.frame_bytes
 
     def __str__(self) -> str:
         size = f"{_mib(self.size)} in all" if self.size else "no size limit (memory ran out)"
         msg = (
-            f"shared memory is full: {self.what or 'a frame'} needs {_mib(self.needed)} in {self.directory}, "
-            f"which has {_mib(self.free)} free of {size}."
+            f"shared memory is full: {self.what or 'a frame'} needs {_mib(self.needed)}"
+            + (f" (and {_mib(self.reserve)} kept free)" if self.reserve else "")
+            + f" in {self.directory}, which has {_mib(self.free)} free of {size}."
         )
-        want = 0
-        if self.edge_need:
+        if self.edge_frames and self.frame_bytes:
             msg += (
-                f" An edge holds up to {self.frames_per_edge} frames in shared memory (queue_depth + max_borrowed): "
-                f"{_mib(self.edge_need)} with frames of this size"
+                f" Its edge holds up to {self.edge_frames} such frames in shared memory "
+                f"(queue_depth, or fewer when queue_bytes is reached first, + max_borrowed): "
+                f"{_mib(self.edge_frames * self.frame_bytes)}"
             )
-            if self.edges:
-                want = self.edges * self.edge_need
-                msg += f"; this pipeline has {self.edges} edges, {_mib(want)} if every edge carries such frames"
+            if self.pipeline_need:
+                msg += f"; the pipeline's {self.edges} edges {_mib(self.pipeline_need)} if every edge carries such frames"
             msg += "."
-        size_arg = f"{-(-max(want, 2 * self.size, 1) // (256 << 20)) * 256}M" if self.size else "<bytes>"
+        want = max(self.pipeline_need, 2 * self.size)
+        size_arg = _size_arg(want) if self.size else "<bytes>"
         msg += (
             f" Grow the filesystem (as root: mount -o remount,size={size_arg} {_mount_point(self.directory)}; "
             f"in a container: docker run --shm-size={size_arg}) or lower queue_depth / queue_bytes."
@@ -367,6 +384,12 @@ class SharedMemoryFullError(TransportError):
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _size_arg(n: int) -> str:
+    """``n`` bytes rounded up to 256 MiB, as mount and docker write sizes."""
+    mib = -(-n // (256 << 20)) * 256
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
 
 
 def _mount_point(path: str) -> str:

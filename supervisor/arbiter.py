@@ -889,7 +889,7 @@ class Supervisor:
                     original = None
             message = msg.message
             if isinstance(original, SharedMemoryFullError):
-                original.edges = len(self.edges)
+                self._explain_shm_full(original)
                 message = str(original)
             if msg.fatal:
                 self._fail(
@@ -1455,13 +1455,29 @@ class Supervisor:
     # ------------------------------------------------------------------ stopping
 
     def _fail(self, err: BaseException) -> None:
-        if isinstance(err, SharedMemoryFullError) and err.edges is None:
-            err.edges = len(self.edges)  # (its message then says what the whole pipeline may need)
+        if isinstance(err, SharedMemoryFullError):
+            self._explain_shm_full(err)
         if self._error is None:
             self._error = err
             self._outq.put(("error", err, None))
             log.info("pipeline %s failed: %s", self.name, err)
         self._begin_abort(str(err))
+
+    def _explain_shm_full(self, err: SharedMemoryFullError) -> None:
+        """Add to the error what the frame's edge, and every edge with frames of its size, may
+        hold in shared memory: a consumer's queue (``queue_depth`` frames, fewer when
+        ``queue_bytes`` fills first) and the frames it borrows."""
+        if not err.frame_bytes or err.edge_frames:
+            return
+
+        def frames(e: EdgeSpec) -> int:
+            return min(e.depth, max(1, -(-e.max_bytes // err.frame_bytes))) + e.max_borrowed
+
+        edge = next((e for e in self.edges if e.data_service == err.service), None)
+        if edge is not None:
+            err.edge_frames = frames(edge)
+            err.edges = len(self.edges)
+            err.pipeline_need = sum(frames(e) for e in self.edges) * err.frame_bytes
 
     def _begin_drain(self, reason: str) -> None:
         if self._phase in ("draining", "aborting", "finished"):

@@ -67,7 +67,7 @@ def check_shm_space(what: str) -> None:
         return  # no such directory: iceoryx2 reports that itself
     size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     if size and free < bridge.SHM_RESERVE:
-        raise SharedMemoryFullError(directory, size, free, bridge.SHM_RESERVE, what)
+        raise SharedMemoryFullError(directory, size, free, bridge.SHM_RESERVE, what=what)
 
 
 def _walk(root: str) -> Iterable[str]:

@@ -108,7 +108,7 @@ def check_clean_failure(report: Dict[str, str], out: str) -> str:
     assert report["SHMFULL"] == "True", out[-4000:]
     message = report["MESSAGE"]
     assert "of 64.0 MiB in all" in message, message  # the size of /dev/shm
-    assert re.search(r"needs \d+\.\d MiB in /dev/shm, which has \d+\.\d MiB free", message), message
+    assert re.search(r"needs \d+\.\d MiB \(and 1\.0 MiB kept free\) in /dev/shm, which has \d+\.\d MiB free", message), message
     assert "mount -o remount,size=" in message and "--shm-size=" in message, message
     assert report["RESTARTS"].split()[0] == "0", report["RESTARTS"]  # no crash loop
     assert report["DESCENDANTS"] == "0", out[-4000:]
@@ -126,7 +126,7 @@ def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
     message = check_clean_failure(report, out)
     # the need of a frame, and of the pipeline: edges x frames an edge may hold x frame size
     assert "needs 5.9 MiB" in message, message
-    assert "this pipeline has 4 edges" in message, message
+    assert "the pipeline's 4 edges" in message, message
 
 
 def test_a_node_allocating_more_than_fits_fails_the_pipeline():

@@ -43,9 +43,17 @@ pub fn transport_err(what: impl core::fmt::Display) -> PyErr {
     TransportError::new_err(what.to_string())
 }
 
-/// A chunk's memory could not be reserved: `what` failed for lack of room in `full.directory`.
-/// `frame_bytes` and `frames_held` (frames the service may hold) let the message say what an
-/// edge needs.
-pub fn shm_full_err(full: &crate::reserve::Full, what: String, frame_bytes: usize, frames_held: usize) -> PyErr {
-    SharedMemoryFullError::new_err((full.directory.clone(), full.size, full.free, full.needed, what, frame_bytes, frames_held))
+/// A chunk's memory could not be reserved: `what` (a frame of `frame_bytes` on `service`)
+/// failed for lack of room in `full.directory`.
+pub fn shm_full_err(full: &crate::reserve::Full, what: String, frame_bytes: usize, service: &str) -> PyErr {
+    SharedMemoryFullError::new_err((
+        full.directory.clone(),
+        full.size,
+        full.free,
+        full.needed,
+        crate::reserve::SHM_RESERVE,
+        what,
+        frame_bytes,
+        service.to_owned(),
+    ))
 }

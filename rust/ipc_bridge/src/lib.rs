@@ -9,7 +9,9 @@
 //!  producer process                              consumer process
 //!  ----------------                              ----------------
 //!  Publisher.send(header, meta, buffers)         Listener.wait(timeout, fds)   (GIL released)
-//!    loan chunk -> memcpy (GIL released)           poll(listener fd + extra fds)
+//!    loan chunk -> reserve its memory (first use   poll(listener fd + extra fds)
+//!      of a chunk only: reserve.rs) -> memcpy
+//!      (GIL released)
 //!    -> iceoryx2 send ------ shared memory -----> Subscriber.receive() -> Sample
 //!  Notifier.notify() ------- unix datagram -----> (wake-up)                  |
 //!                                                 memoryview(Sample) zero-copy, read-only;

@@ -175,8 +175,6 @@ pub struct Publisher {
     service: String,
     tx_cache: Mutex<Option<TxCache>>,
     reserver: Mutex<Reserver>,
-    /// Frames the subscriber side may hold (queue + borrowed), for the sizing hint of errors.
-    frames_held: usize,
     _factory: Factory,
     _node: Py<Node>,
 }
@@ -245,7 +243,7 @@ impl Publisher {
         // (first use of a chunk: the GIL is released, the system calls may wait for a lock)
         let result = py.detach(|| segment.reserve(from, end, reserve::page_up(payload)));
         self.reserver.lock().expect("reserver mutex poisoned").done(start, end, result.is_ok());
-        result.map_err(|full| shm_full_err(&full, what(), total, self.frames_held))
+        result.map_err(|full| shm_full_err(&full, what(), total, &self.service))
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -303,7 +301,6 @@ impl Publisher {
             service: service.to_owned(),
             tx_cache: Mutex::new(None),
             reserver: Mutex::new(Reserver::default()),
-            frames_held: buffer_size + max_borrowed,
             _factory: factory,
             _node: node,
         })

@@ -324,4 +324,32 @@ mod tests {
         assert!(matches!(r.plan(base, base + p), Plan::Reserve(_, f) if f == base));
         unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
+
+    /// The cost a loan of an already reserved chunk pays (a lock and a lookup):
+    /// `cargo test --release -p ipc_bridge hit_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn hit_cost() {
+        let p = page_size();
+        let chunks = 40;
+        let base = unsafe {
+            libc::mmap(core::ptr::null_mut(), chunks * p, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+        } as usize;
+        let r = std::sync::Mutex::new(Reserver::default());
+        for k in 0..chunks {
+            let s = base + k * p;
+            if let Plan::Reserve(seg, from) = r.lock().unwrap().plan(s, s + p) {
+                seg.reserve(from, s + p, s + p).unwrap();
+            }
+            r.lock().unwrap().done(s, s + p, true);
+        }
+        let n = 10_000_000;
+        let t = Instant::now();
+        for i in 0..n {
+            let s = std::hint::black_box(base + (i % chunks) * p);
+            assert!(matches!(r.lock().unwrap().plan(page_down(s + 100), page_up(s + p - 10)), Plan::Done));
+        }
+        eprintln!("a reserved chunk's loan: {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
+        unsafe { libc::munmap(base as *mut libc::c_void, chunks * p) };
+    }
 }
