@@ -300,7 +300,7 @@ class SharedMemoryFullError(TransportError):
 
     Attributes:
         directory: the directory of the shared-memory files.
-        size: size of its filesystem in bytes (0: no size limit, memory ran out).
+        size: size of its filesystem in bytes (0: no size limit).
         free: bytes free there.
         needed: bytes the frame needed.
         reserve: bytes kept free besides (see above).
@@ -358,12 +358,15 @@ class SharedMemoryFullError(TransportError):
         )
 
     def __str__(self) -> str:
-        size = f"{_mib(self.size)} in all" if self.size else "no size limit (memory ran out)"
+        room = f"{_mib(self.free)} free of {_mib(self.size)} in all" if self.size else "no size limit"
         msg = (
             f"shared memory is full: {self.what or 'a frame'} needs {_mib(self.needed)}"
             + (f" (and {_mib(self.reserve)} kept free)" if self.reserve else "")
-            + f" in {self.directory}, which has {_mib(self.free)} free of {size}."
+            + f" in {self.directory}, which has {room}."
         )
+        memory_limit = not self.size or self.free >= self.needed + self.reserve
+        if memory_limit:
+            msg += " The filesystem had room: the memory limit of the process (its cgroup) or of the host ran out."
         if self.edge_frames and self.frame_bytes:
             msg += (
                 f" Its edge holds up to {self.edge_frames} such frames in shared memory "
@@ -373,13 +376,13 @@ class SharedMemoryFullError(TransportError):
             if self.pipeline_need:
                 msg += f"; the pipeline's {self.edges} edges {_mib(self.pipeline_need)} if every edge carries such frames"
             msg += "."
-        want = max(self.pipeline_need, 2 * self.size)
-        size_arg = _size_arg(want) if self.size else "<bytes>"
-        msg += (
-            f" Grow the filesystem (as root: mount -o remount,size={size_arg} {_mount_point(self.directory)}; "
-            f"in a container: docker run --shm-size={size_arg}) or lower queue_depth / queue_bytes."
+        if memory_limit:
+            return msg + " Raise that limit or lower queue_depth / queue_bytes."
+        size = _size_arg(max(self.pipeline_need, 2 * self.size))
+        return msg + (
+            f" Grow the filesystem (as root: mount -o remount,size={size} {_mount_point(self.directory)}; "
+            f"in a container: docker run --shm-size={size}) or lower queue_depth / queue_bytes."
         )
-        return msg
 
 
 def _mib(n: int) -> str:

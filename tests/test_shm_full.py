@@ -11,6 +11,7 @@ shell lists what is left in /dev/shm.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ import textwrap
 from typing import Dict, Tuple
 
 import pytest
+
+from remotemedia.errors import RemoteMediaError, SharedMemoryFullError, TransportError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +73,7 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -m (private mount namespace)")
+needs_namespace = pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -m (private mount namespace)")
 
 
 def run_in_small_shm(body: str, size: str = "64m") -> Tuple[Dict[str, str], str]:
@@ -116,6 +119,7 @@ def check_clean_failure(report: Dict[str, str], out: str) -> str:
     return message
 
 
+@needs_namespace
 def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
     report, out = run_in_small_shm(
         """
@@ -129,6 +133,7 @@ def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
     assert "the pipeline's 4 edges" in message, message
 
 
+@needs_namespace
 def test_a_node_allocating_more_than_fits_fails_the_pipeline():
     report, out = run_in_small_shm(
         """
@@ -146,6 +151,7 @@ def test_a_node_allocating_more_than_fits_fails_the_pipeline():
     assert "Node.allocate()" in message and "needs 80.0 MiB" in message, message
 
 
+@needs_namespace
 def test_a_node_returning_a_bigger_frame_than_fits_fails_the_pipeline():
     # on_error="skip" does not apply: a full /dev/shm is no bad frame, and skipping would lose
     # every frame after it
@@ -166,6 +172,7 @@ def test_a_node_returning_a_bigger_frame_than_fits_fails_the_pipeline():
     assert "needs 80.0 MiB" in message, message
 
 
+@needs_namespace
 def test_a_full_shm_directory_is_refused_at_start():
     # /dev/shm already full (another program's file): not even iceoryx2's services fit
     report, out = run_in_small_shm(
@@ -180,3 +187,17 @@ def test_a_full_shm_directory_is_refused_at_start():
     assert "starting pipeline" in report["MESSAGE"] and "of 64.0 MiB in all" in report["MESSAGE"], report["MESSAGE"]
     assert report["DESCENDANTS"] == "0"
     assert report["SHM_LEFT"] == "[/dev/shm/filler ]", report["SHM_LEFT"]
+
+
+def test_the_error_states_its_facts_and_survives_pickling():
+    # (a worker's error reaches the supervisor pickled; the supervisor then adds the edges)
+    e = SharedMemoryFullError("/dev/shm", 64 << 20, 3 << 20, 6 << 20, 1 << 20, "frame 4 on 'e0/data'", 6 << 20, "e0/data")
+    assert isinstance(e, TransportError) and isinstance(e, RemoteMediaError)
+    e.edge_frames, e.edges, e.pipeline_need = 40, 4, 4 * 40 * (6 << 20)
+    back = pickle.loads(pickle.dumps(e))
+    assert str(back) == str(e) and back.pipeline_need == e.pipeline_need
+    assert "needs 6.0 MiB (and 1.0 MiB kept free) in /dev/shm, which has 3.0 MiB free of 64.0 MiB in all" in str(e)
+    assert "the pipeline's 4 edges 960.0 MiB" in str(e) and "size=1G" in str(e)
+    # room on the filesystem, yet no memory: the limit was elsewhere
+    other = SharedMemoryFullError("/dev/shm", 64 << 20, 30 << 20, 6 << 20, 1 << 20, "frame 4")
+    assert "memory limit" in str(other) and "remount" not in str(other)
