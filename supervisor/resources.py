@@ -24,18 +24,8 @@ import psutil
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import SharedMemoryFullError
 
-__all__ = [
-    "IOX_ROOT",
-    "SHM_DIR",
-    "new_run",
-    "files_of",
-    "purge",
-    "stale_prefixes",
-    "cleanup_stale_runs",
-    "pid_alive",
-    "shm_dir",
-    "check_shm_space",
-]
+__all__ = ["IOX_ROOT", "SHM_DIR", "new_run", "files_of", "purge", "stale_prefixes", "cleanup_stale_runs", "pid_alive"]
+__all__ += ["shm_dir", "check_shm_space"]
 
 log = logging.getLogger("remotemedia.supervisor")
 

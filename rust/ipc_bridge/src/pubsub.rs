@@ -165,9 +165,11 @@ fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, fla
 /// Publishing end of one frame service.
 ///
 /// Frames are copied into a loaned shared-memory chunk (the copy releases the GIL above 64 KiB)
-/// and sent. A chunk's memory is reserved before the first write into it (see [`reserve`]): a
-/// full shared-memory filesystem raises SharedMemoryFullError instead of killing the process. `send()` never blocks: the service discards a frame when the subscriber's queue is
+/// and sent. `send()` never blocks: the service discards a frame when the subscriber's queue is
 /// full, and reports it by returning 0 (the caller keeps the frame and sends it again).
+///
+/// A chunk's memory is reserved before the first write into it (see [`reserve`]): a full
+/// shared-memory filesystem raises SharedMemoryFullError instead of killing the process.
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Publisher {
     publisher: Mutex<Option<IoxPublisher<Svc, [u8], FrameHeader>>>,

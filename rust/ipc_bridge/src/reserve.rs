@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 pub const SHM_RESERVE: u64 = 1 << 20;
 
 /// How long a reservation waits for another process's reservation in the same directory
-/// before it goes on without the lock (a lock held by a stuck process must not block us).
-const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+/// before it goes on without the lock. Reservations hold it for milliseconds; a lock held
+/// longer (a stuck process, or another user's on a shared /dev/shm) is not waited for again.
+const LOCK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// False once the kernel refused `MADV_POPULATE_WRITE` (before Linux 5.14).
 static POPULATE_WRITE: AtomicBool = AtomicBool::new(true);
@@ -78,6 +79,8 @@ pub struct Segment {
     directory: String,
     dir_fd: Option<OwnedFd>,
     file_fd: OnceLock<Option<OwnedFd>>,
+    /// False once the directory lock was not granted in time.
+    lockable: AtomicBool,
 }
 
 /// Chunk addresses are unique and page-aligned: use them as their own hash.
@@ -178,7 +181,7 @@ impl Segment {
             let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
             (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
         });
-        Self { start, end, path, file_offset, directory, dir_fd, file_fd: OnceLock::new() }
+        Self { start, end, path, file_offset, directory, dir_fd, file_fd: OnceLock::new(), lockable: AtomicBool::new(true) }
     }
 
     /// `(size, free)` of the segment's filesystem in bytes; size 0 when it sets no limit.
@@ -261,6 +264,9 @@ impl Segment {
 
     fn lock(&self) -> Option<DirLock> {
         let fd = self.dir_fd.as_ref()?.as_raw_fd();
+        if !self.lockable.load(Ordering::Relaxed) {
+            return None;
+        }
         let deadline = Instant::now() + LOCK_PATIENCE;
         loop {
             if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -268,6 +274,7 @@ impl Segment {
             }
             let e = errno();
             if (e != libc::EWOULDBLOCK && e != libc::EINTR) || Instant::now() >= deadline {
+                self.lockable.store(false, Ordering::Relaxed);
                 return None;
             }
             std::thread::sleep(Duration::from_millis(1));
