@@ -464,6 +464,7 @@ class Supervisor:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"send(): the input queue stayed full for {timeout} s") from None
                 if self._finished.is_set():
+                    self._raise_if_failed()  # (the failure, if that is why it stopped)
                     raise SupervisorError("send(): the pipeline has stopped")
         self._wake()
 
@@ -767,6 +768,8 @@ class Supervisor:
             while self._phase != "finished":
                 self._tick()
         except BaseException as e:  # noqa: BLE001 - the caller must see every failure
+            if isinstance(e, SharedMemoryFullError):
+                self._explain_shm_full(e)  # (before it is logged)
             log.exception("supervisor %s failed", self.name)
             self._fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
         finally:

@@ -134,6 +134,30 @@ def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
 
 
 @needs_namespace
+def test_send_raises_it_when_the_callers_frames_do_not_fit():
+    report, out = run_in_small_shm(
+        """
+        frame = np.zeros((1080, 1920, 3), np.uint8)
+        try:
+            with Supervisor([PassThroughNode(name="a"), PassThroughNode(name="b")]) as sup:
+                for _ in range(300):
+                    sup.send(frame)
+            print("RESULT no error")
+        except errors.RemoteMediaError as e:
+            print("RESULT", type(e).__name__)
+            print("MESSAGE", str(e).replace("\\n", " "))
+        alive = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        print("DESCENDANTS", len(alive))
+        """
+    )
+    assert report.get("CHILD_EXIT") == "0", out[-4000:]
+    assert report["RESULT"] == "SharedMemoryFullError", out[-4000:]
+    assert "of 64.0 MiB in all" in report["MESSAGE"] and "the pipeline's 3 edges" in report["MESSAGE"], report["MESSAGE"]
+    assert report["DESCENDANTS"] == "0", out[-4000:]
+    assert report["SHM_LEFT"] == "[]", report["SHM_LEFT"]
+
+
+@needs_namespace
 def test_a_node_allocating_more_than_fits_fails_the_pipeline():
     report, out = run_in_small_shm(
         """
