@@ -171,7 +171,10 @@ impl Segment {
                 Some((lo, hi, u64::from_str_radix(offset, 16).unwrap_or(0), path))
             })
         });
-        let (start, end, file_offset, path) = found.unwrap_or((start, end, 0, None));
+        // Without /proc (some sandboxes) every chunk counts as one segment: a segment change
+        // then goes unnoticed, which only matters if a new segment reuses the addresses of an
+        // old one and the filesystem is full too.
+        let (start, end, file_offset, path) = found.unwrap_or((0, usize::MAX, 0, None));
         let directory = path
             .as_deref()
             .and_then(|p| std::path::Path::new(p).parent())
