@@ -2,7 +2,8 @@
 
 Mechanism only: iceoryx2 frame publish/subscribe, event wake-ups and dead-node cleanup.
 Errors raised are the classes of :mod:`remotemedia.errors` (``ServiceError``, ``PortError``,
-``LoanError``, ``SendError``, ``ReceiveError``, ``WaitError``, ``TransportError``).
+``LoanError``, ``SendError``, ``ReceiveError``, ``WaitError``, ``TransportError``,
+``SharedMemoryFullError``).
 """
 
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -12,6 +13,10 @@ from typing_extensions import Buffer
 __iceoryx2_version__: str
 BUFFER_ALIGN: int
 KIND_DATA: int
+SHM_RESERVE: int
+"""Bytes a publisher leaves free in the shared-memory filesystem: it raises
+``SharedMemoryFullError`` rather than reserve a chunk's memory (before writing into it) when
+less would remain."""
 
 def monotonic_ns() -> int:
     """CLOCK_MONOTONIC in ns (same clock as ``time.monotonic_ns()``)."""
@@ -50,7 +55,9 @@ class Node:
 
 class Publisher:
     """Producer end of a frame service. ``send`` never blocks; it returns 0 when the frame was
-    not delivered (no subscriber, or its queue is full)."""
+    not delivered (no subscriber, or its queue is full). Every write into a chunk (``send``,
+    ``send_array``, ``loan``) first reserves the chunk's memory: ``SharedMemoryFullError`` when
+    the shared-memory filesystem has no room, instead of a SIGBUS."""
 
     service: str
     def __init__(

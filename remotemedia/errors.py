@@ -28,6 +28,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
         +-- LoanError                          no shared-memory chunk could be loaned
+        +-- SharedMemoryFullError              the shared-memory filesystem has no room
         +-- SendError                          publishing a frame failed
         +-- ReceiveError                       receiving a frame failed
         +-- WaitError                          waiting for an event failed
@@ -47,6 +48,7 @@ raised :class:`NodeError`, as in :mod:`concurrent.futures.process`::
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "SendError",
     "ReceiveError",
     "WaitError",
+    "SharedMemoryFullError",
 ]
 
 
@@ -368,3 +371,120 @@ class ReceiveError(TransportError):
 
 class WaitError(TransportError):
     """Waiting for an event failed."""
+
+
+class SharedMemoryFullError(TransportError):
+    """The shared-memory filesystem (a tmpfs, normally ``/dev/shm``) has no room for a frame.
+
+    Frames live in files there whose pages are allocated when first written; on a full tmpfs
+    that write would kill the process with SIGBUS. The bridge allocates a chunk's pages before
+    writing into it and raises this error instead (it keeps ``SHM_RESERVE`` bytes free for
+    iceoryx2's own use). The pipeline fails and is cleaned up; grow the filesystem or lower
+    ``queue_depth`` / ``queue_bytes``.
+
+    Attributes:
+        directory: the directory of the shared-memory files.
+        size: size of its filesystem in bytes (0: no size limit).
+        free: bytes free there.
+        needed: bytes the frame needed.
+        reserve: bytes kept free besides (see above).
+        what: the frame (or allocation) and the service it was for.
+        frame_bytes: the frame's size in bytes.
+        service: the iceoryx2 service of the frame.
+        edge_frames: frames the frame's edge may hold in shared memory (set by the supervisor).
+        edges: the pipeline's edges (set by the supervisor).
+        pipeline_need: bytes all edges may hold with frames of this size (set by the supervisor).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        size: int,
+        free: int,
+        needed: int,
+        reserve: int = 0,
+        what: str = "",
+        frame_bytes: int = 0,
+        service: str = "",
+        edge_frames: int = 0,
+        edges: int = 0,
+        pipeline_need: int = 0,
+    ) -> None:
+        super().__init__(directory, size, free, needed, reserve, what, frame_bytes, service)
+        self.directory = directory
+        self.size = size
+        self.free = free
+        self.needed = needed
+        self.reserve = reserve
+        self.what = what
+        self.frame_bytes = frame_bytes
+        self.service = service
+        self.edge_frames = edge_frames
+        self.edges = edges
+        self.pipeline_need = pipeline_need
+
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (
+                self.directory,
+                self.size,
+                self.free,
+                self.needed,
+                self.reserve,
+                self.what,
+                self.frame_bytes,
+                self.service,
+                self.edge_frames,
+                self.edges,
+                self.pipeline_need,
+            ),
+        )
+
+    def __str__(self) -> str:
+        room = f"{_mib(self.free)} free of {_mib(self.size)} in all" if self.size else "no size limit"
+        msg = (
+            f"shared memory is full: {self.what or 'a frame'} needs {_mib(self.needed)}"
+            + (f" (and {_mib(self.reserve)} kept free)" if self.reserve else "")
+            + f" in {self.directory}, which has {room}."
+        )
+        memory_limit = not self.size or self.free >= self.needed + self.reserve
+        if memory_limit:
+            msg += " The filesystem had room: the memory limit of the process (its cgroup) or of the host ran out."
+        if self.edge_frames and self.frame_bytes:
+            msg += (
+                f" Its edge holds up to {self.edge_frames} such frames in shared memory "
+                f"(queue_depth, or fewer when queue_bytes is reached first, + max_borrowed): "
+                f"{_mib(self.edge_frames * self.frame_bytes)}"
+            )
+            if self.pipeline_need:
+                msg += f"; the pipeline's {self.edges} edges {_mib(self.pipeline_need)} if every edge carries such frames"
+            msg += "."
+        if memory_limit:
+            return msg + " Raise that limit or lower queue_depth / queue_bytes."
+        size = _size_arg(max(self.pipeline_need, 2 * self.size))
+        return msg + (
+            f" Grow the filesystem (as root: mount -o remount,size={size} {_mount_point(self.directory)}; "
+            f"in a container: docker run --shm-size={size}) or lower queue_depth / queue_bytes."
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _size_arg(n: int) -> str:
+    """``n`` bytes rounded up to 256 MiB, as mount and docker write sizes."""
+    mib = -(-n // (256 << 20)) * 256
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the filesystem that holds ``path`` (for the remount hint)."""
+    try:
+        path = os.path.realpath(path)
+        while not os.path.ismount(path):
+            path = os.path.dirname(path)
+    except OSError:
+        pass
+    return path

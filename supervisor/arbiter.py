@@ -50,6 +50,7 @@ from remotemedia.errors import (
     NodeInitError,
     NodeTypeError,
     RemoteMediaError,
+    SharedMemoryFullError,
     SupervisorError,
     WorkerStartTimeout,
 )
@@ -538,6 +539,7 @@ class Supervisor:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"send(): the input queue stayed full for {timeout} s") from None
                 if self._finished.is_set():
+                    self._raise_if_failed()  # (the failure, if that is why it stopped)
                     raise SupervisorError("send(): the pipeline has stopped")
         self._wake()
 
@@ -864,6 +866,7 @@ class Supervisor:
     def _thread_main(self) -> None:
         try:
             resources.cleanup_stale_runs()
+            resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.prefix, "supervisor", self.root)
             self._inbox = bridge.Listener(self._iox, "in/sup")
             self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
@@ -884,6 +887,8 @@ class Supervisor:
             while self._phase != "finished":
                 self._tick()
         except BaseException as e:  # noqa: BLE001 - the caller must see every failure
+            if isinstance(e, SharedMemoryFullError):
+                self._explain_shm_full(e)  # (before it is logged)
             log.exception("supervisor %s failed", self.name)
             self._fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
         finally:
@@ -1005,11 +1010,15 @@ class Supervisor:
                     original = cloudpickle.loads(msg.exc_blob)
                 except Exception:
                     original = None
+            message = msg.message
+            if isinstance(original, SharedMemoryFullError):
+                self._explain_shm_full(original)
+                message = str(original)
             if msg.fatal:
                 self._fail(
                     NodeError(
                         w.name,
-                        msg.message,
+                        message,
                         pid=w.pid,
                         seq=msg.seq,
                         exc_type=msg.exc_type,
@@ -1646,11 +1655,29 @@ class Supervisor:
     # ------------------------------------------------------------------ stopping
 
     def _fail(self, err: BaseException) -> None:
+        if isinstance(err, SharedMemoryFullError):
+            self._explain_shm_full(err)
         if self._error is None:
             self._error = err
             self._outq.put(("error", err, None))
             log.info("pipeline %s failed: %s", self.name, err)
         self._begin_abort(str(err))
+
+    def _explain_shm_full(self, err: SharedMemoryFullError) -> None:
+        """Add to the error what the frame's edge, and every edge with frames of its size, may
+        hold in shared memory: a consumer's queue (``queue_depth`` frames, fewer when
+        ``queue_bytes`` fills first) and the frames it borrows."""
+        if not err.frame_bytes or err.edge_frames:
+            return
+
+        def frames(e: EdgeSpec) -> int:
+            return min(e.depth, max(1, -(-e.max_bytes // err.frame_bytes))) + e.max_borrowed
+
+        edge = next((e for e in self.edges if e.data_service == err.service), None)
+        if edge is not None:
+            err.edge_frames = frames(edge)
+            err.edges = len(self.edges)
+            err.pipeline_need = sum(frames(e) for e in self.edges) * err.frame_bytes
 
     def _begin_drain(self, reason: str) -> None:
         if self._phase in ("draining", "aborting", "finished"):

@@ -45,7 +45,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import psutil
 
 from remotemedia import _ipc_bridge as bridge
-from remotemedia.errors import SupervisorError, UnsafeDirectoryError
+from remotemedia.errors import SharedMemoryFullError, SupervisorError, UnsafeDirectoryError
 
 from .private import ensure_private_dir
 
@@ -62,6 +62,7 @@ __all__ = [
     "stale_runs",
     "cleanup_stale_runs",
     "pid_alive",
+    "check_shm_space",
 ]
 
 log = logging.getLogger("remotemedia.supervisor")
@@ -87,6 +88,20 @@ class Run(NamedTuple):
 def base_dir() -> str:
     """The directory that holds this user's run directories (not checked here)."""
     return os.path.abspath(os.environ.get(ENV_BASE) or f"/dev/shm/remotemedia-{os.geteuid()}")
+
+
+def check_shm_space(what: str) -> None:
+    """Raise SharedMemoryFullError when the shared-memory filesystem has less than the room the
+    bridge keeps free (``SHM_RESERVE``): then not a single frame could be sent, and iceoryx2
+    could not even create its services safely."""
+    directory = base_dir()  # its filesystem holds every segment of the run
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # no such directory: iceoryx2 reports that itself
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    if size and free < bridge.SHM_RESERVE:
+        raise SharedMemoryFullError(directory, size, free, bridge.SHM_RESERVE, what=what)
 
 
 def new_run_id() -> str:

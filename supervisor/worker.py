@@ -41,7 +41,7 @@ import cloudpickle
 import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
-from remotemedia.errors import LoanError
+from remotemedia.errors import LoanError, SharedMemoryFullError
 from remotemedia.frames import Frame, FrameInfo, decode, encode
 from remotemedia.node import Node, iterate_async
 
@@ -689,6 +689,9 @@ class Runner:
                 self._release_loans()  # allocated but not returned
         except _Abort:
             raise
+        except SharedMemoryFullError:
+            self._release_loans()
+            raise  # fatal whatever on_error says: see main()
         except Exception as e:
             self._release_loans()
             self.errors += 1
@@ -763,7 +766,7 @@ class Runner:
             self._gen = None
             self.draining = True
             return False
-        except _Abort:
+        except (_Abort, SharedMemoryFullError):
             raise
         except Exception as e:
             self.errors += 1
@@ -811,7 +814,7 @@ class Runner:
         if callable(flush) and not self.failed:
             try:
                 self.emit_result(flush())
-            except _Abort:
+            except (_Abort, SharedMemoryFullError):
                 raise
             except Exception as e:
                 exc_type, message, tb, blob = _format_exc(e)
@@ -1048,6 +1051,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = EXIT_ABORTED
     except ChannelClosed:
         code = EXIT_ABORTED
+    except SharedMemoryFullError as e:
+        # Not the node's fault, and a restart would not cure it: the pipeline fails.
+        code = _fail_and_wait(chan, e)
     finally:
         stats = runner.stats()
         _safe_cleanup(node, spec)
@@ -1058,6 +1064,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ChannelClosed:
             pass
     return code
+
+
+def _fail_and_wait(chan: ControlChannel, e: BaseException) -> int:
+    """Report a fatal error that did not come from the node and wait for the supervisor's
+    Abort (touching no shared memory meanwhile)."""
+    exc_type, message, tb, blob = _format_exc(e)
+    try:
+        chan.send(NodeFailed(None, None, exc_type, message, tb, blob, fatal=True))
+        while not any(isinstance(m, Abort) for m in _blocking_receive(chan)):
+            pass
+    except ChannelClosed:
+        pass
+    return EXIT_ABORTED
 
 
 def _safe_cleanup(node: Any, spec: WorkerSpec) -> None:

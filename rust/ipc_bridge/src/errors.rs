@@ -12,6 +12,7 @@ pyo3::import_exception!(remotemedia.errors, SendError);
 pyo3::import_exception!(remotemedia.errors, ReceiveError);
 pyo3::import_exception!(remotemedia.errors, WaitError);
 pyo3::import_exception!(remotemedia.errors, TransportError);
+pyo3::import_exception!(remotemedia.errors, SharedMemoryFullError);
 
 /// `what` says which operation on which resource failed; `e` is the iceoryx2 error.
 pub fn service_err(what: impl core::fmt::Display, e: impl core::fmt::Debug) -> PyErr {
@@ -40,4 +41,19 @@ pub fn wait_err(what: impl core::fmt::Display, e: impl core::fmt::Debug) -> PyEr
 
 pub fn transport_err(what: impl core::fmt::Display) -> PyErr {
     TransportError::new_err(what.to_string())
+}
+
+/// A chunk's memory could not be reserved: `what` (a frame of `frame_bytes` on `service`)
+/// failed for lack of room in `full.directory`.
+pub fn shm_full_err(full: &crate::reserve::Full, what: String, frame_bytes: usize, service: &str) -> PyErr {
+    SharedMemoryFullError::new_err((
+        full.directory.clone(),
+        full.size,
+        full.free,
+        full.needed,
+        crate::reserve::SHM_RESERVE,
+        what,
+        frame_bytes,
+        service.to_owned(),
+    ))
 }

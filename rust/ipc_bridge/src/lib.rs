@@ -10,7 +10,9 @@
 //!  producer process                              consumer process
 //!  ----------------                              ----------------
 //!  Publisher.send(header, meta, buffers)         Listener.wait(timeout, fds)   (GIL released)
-//!    loan chunk -> memcpy (GIL released)           poll(listener fd + extra fds)
+//!    loan chunk -> reserve its memory (first use   poll(listener fd + extra fds)
+//!      of a chunk only: reserve.rs) -> memcpy
+//!      (GIL released)
 //!    -> iceoryx2 send ------ shared memory -----> Subscriber.receive() -> Sample
 //!  Notifier.notify() ------- unix datagram -----> (wake-up)                  |
 //!                                                 memoryview(Sample) zero-copy, read-only;
@@ -29,6 +31,7 @@ pub mod layout;
 pub mod node;
 pub mod process;
 pub mod pubsub;
+pub mod reserve;
 pub mod service;
 
 use pyo3::prelude::*;
@@ -42,6 +45,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__iceoryx2_version__", ICEORYX2_VERSION)?;
     m.add("BUFFER_ALIGN", layout::BUFFER_ALIGN)?;
     m.add("KIND_DATA", pubsub::KIND_DATA)?;
+    m.add("SHM_RESERVE", reserve::SHM_RESERVE)?;
     m.add_class::<node::Node>()?;
     m.add_class::<pubsub::Publisher>()?;
     m.add_class::<pubsub::Subscriber>()?;

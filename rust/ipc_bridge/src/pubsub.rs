@@ -17,10 +17,11 @@ use pyo3::prelude::*;
 use pyo3::intern;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, transport_err};
+use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, shm_full_err, transport_err};
 use crate::layout;
 use crate::event::Notifier;
 use crate::node::{Node, Svc};
+use crate::reserve::{self, Plan, Reserver};
 
 /// Kind of an ordinary data frame; other kinds are defined by Python.
 pub const KIND_DATA: u32 = 0;
@@ -166,14 +167,24 @@ fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, fla
 /// Frames are copied into a loaned shared-memory chunk (the copy releases the GIL above 64 KiB)
 /// and sent. `send()` never blocks: the service discards a frame when the subscriber's queue is
 /// full, and reports it by returning 0 (the caller keeps the frame and sends it again).
+///
+/// A chunk's memory is reserved before the first write into it (see [`reserve`]): a full
+/// shared-memory filesystem raises SharedMemoryFullError instead of killing the process.
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Publisher {
-    publisher: Mutex<Option<IoxPublisher<Svc, [u8], FrameHeader>>>,
+    port: Mutex<Port>,
     #[pyo3(get)]
     service: String,
     tx_cache: Mutex<Option<TxCache>>,
     _factory: Factory,
     _node: Py<Node>,
+}
+
+/// The iceoryx2 publisher (None once closed) and what is known of its chunks, under one lock:
+/// a loan and the check that its chunk is reserved take it once.
+struct Port {
+    publisher: Option<IoxPublisher<Svc, [u8], FrameHeader>>,
+    reserver: Reserver,
 }
 
 /// What `Publisher.send_array()` needs to encode an array by itself: the array type, dtype and
@@ -188,8 +199,8 @@ struct TxCache {
 
 impl Publisher {
     fn with<R>(&self, f: impl FnOnce(&IoxPublisher<Svc, [u8], FrameHeader>) -> PyResult<R>) -> PyResult<R> {
-        let guard = self.publisher.lock().expect("publisher mutex poisoned");
-        match guard.as_ref() {
+        let guard = self.port.lock().expect("publisher mutex poisoned");
+        match guard.publisher.as_ref() {
             Some(p) => f(p),
             None => Err(transport_err(format!("publisher of {:?} is closed", self.service))),
         }
@@ -206,7 +217,7 @@ impl Publisher {
         // The port lock is held to loan and to send, not across the copy: a big copy releases
         // the GIL, and another thread waiting for this lock with the GIL held would deadlock
         // with us (iceoryx2 ports are not thread-safe, so the lock itself must stay).
-        let mut sample = self.with(|p| self.loan_uninit(p, lay.total))?;
+        let mut sample = self.loan_reserved(py, lay.total, || format!("frame {seq} ({} bytes) on {:?}", lay.total, self.service))?;
         let dst = sample.payload_mut().as_mut_ptr() as usize;
         unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
         let mut parts = Vec::with_capacity(bufs.len() + 1);
@@ -226,6 +237,28 @@ impl Publisher {
         *sample.user_header_mut() = h;
         let sample = unsafe { sample.assume_init() };
         self.with(|_| sample.send().map_err(|e| send_err(format!("sending frame {seq} on {:?}", self.service), e)))
+    }
+
+    /// Loans a chunk for a payload of `total` bytes whose memory (header to end of payload)
+    /// is there to be written; `what` names the frame for the error.
+    fn loan_reserved(&self, py: Python<'_>, total: usize, what: impl FnOnce() -> String) -> PyResult<Uninit> {
+        let (sample, start, end, payload, plan) = {
+            let mut guard = self.port.lock().expect("publisher mutex poisoned");
+            let Port { publisher, reserver } = &mut *guard;
+            let p = publisher.as_ref().ok_or_else(|| transport_err(format!("publisher of {:?} is closed", self.service)))?;
+            let mut sample = self.loan_uninit(p, total)?;
+            let header = sample.header() as *const _ as usize;
+            let payload = sample.payload_mut().as_mut_ptr() as usize;
+            let (start, end) = (reserve::page_down(header.min(payload)), reserve::page_up(payload + total.max(1)));
+            let plan = reserver.plan(start, end);
+            (sample, start, end, payload, plan)
+        };
+        let Plan::Reserve(segment, from) = plan else { return Ok(sample) };
+        // (first use of a chunk: the GIL is released, the system calls may wait for a lock)
+        let result = py.detach(|| segment.reserve(from, end, reserve::page_up(payload)));
+        self.port.lock().expect("publisher mutex poisoned").reserver.done(start, end, result.is_ok());
+        result.map_err(|full| shm_full_err(&full, what(), total, &self.service))?;
+        Ok(sample)
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -279,7 +312,7 @@ impl Publisher {
             .create()
             .map_err(|e| port_err(format!("creating publisher on {service:?}"), e))?;
         Ok(Self {
-            publisher: Mutex::new(Some(publisher)),
+            port: Mutex::new(Port { publisher: Some(publisher), reserver: Reserver::default() }),
             service: service.to_owned(),
             tx_cache: Mutex::new(None),
             _factory: factory,
@@ -383,8 +416,9 @@ impl Publisher {
     fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
         let this = slf.get();
         let lay = layout::compute(meta_reserve, &[nbytes]).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let sample = this.with(|p| this.loan_uninit(p, lay.total))?;
-        let mut sample = sample;
+        let mut sample = this.loan_reserved(slf.py(), lay.total, || {
+            format!("a loan of {nbytes} bytes (Node.allocate()) on {:?}", this.service)
+        })?;
         let base = sample.payload_mut().as_mut_ptr() as usize;
         Ok(Loan {
             inner: Mutex::new(Some(sample)),
@@ -403,7 +437,7 @@ impl Publisher {
 
     /// Releases the port (further calls raise TransportError).
     fn close(&self) {
-        self.publisher.lock().expect("publisher mutex poisoned").take();
+        self.port.lock().expect("publisher mutex poisoned").publisher.take();
     }
 
     fn __repr__(&self) -> String {
