@@ -88,3 +88,18 @@ def in_run_dir(path: str) -> bool:
     this session."""
     base = os.environ[resources.ENV_BASE].rstrip("/") + "/"
     return path.startswith(base) and os.path.basename(path).startswith(resources.PREFIX)
+
+
+class OnceFile:
+    """True the first time it is asked, across processes (a marker file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def first(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True

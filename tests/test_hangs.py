@@ -24,6 +24,7 @@ from remotemedia import Node, Pipeline, Source, Supervisor
 from remotemedia.errors import FrameSerializationError, SerializationError, SupervisorError
 from remotemedia.nodes import PassThroughNode
 from supervisor import resources
+from conftest import OnceFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,21 +62,6 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-class OnceFile:
-    """True the first time it is asked, across processes (a marker file)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def first(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
 
 
 # --------------------------------------------------------------------------- 7: death after the final commit

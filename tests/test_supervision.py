@@ -24,6 +24,7 @@ from remotemedia.errors import NodeFatalError, RemoteMediaError, WorkerStartTime
 from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
 from supervisor import resources
 from supervisor.states import TRANSITIONS, IllegalTransition, ProcessState, StateMachine
+from conftest import OnceFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,21 +61,6 @@ class Slow(Node):
     def process(self, x):
         time.sleep(self.delay)
         return x
-
-
-class OnceFile:
-    """True the first time it is asked, across processes (a marker file)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def first(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
 
 
 class CrashOnce(Node):
