@@ -1,7 +1,7 @@
 """Built-in nodes, registered for manifests under their class names.
 
 Generic: :class:`PassThroughNode`, :class:`MapNode`, :class:`FilterNode`, :class:`BatchNode`,
-:class:`UnbatchNode`, :class:`RangeSource`.
+:class:`UnbatchNode`, :class:`RangeSource`, :class:`CalculatorNode` (upstream's).
 Audio (float32 numpy chunks): :class:`SineSource`, :class:`GainNode`, :class:`RMSNode`,
 :class:`ChunkerNode`, :class:`ResampleNode`.
 Video (uint8 HxWx3 numpy frames): :class:`SyntheticVideoSource`, :class:`FrameDiffNode`.
@@ -35,6 +35,7 @@ __all__ = [
     "BatchNode",
     "UnbatchNode",
     "RangeSource",
+    "CalculatorNode",
     "SineSource",
     "GainNode",
     "RMSNode",
@@ -129,6 +130,47 @@ class BatchNode(Node):
 
     def restore(self, state: Any) -> None:
         self._batch = list(state)
+
+
+_CALC_OPS = {
+    "add": lambda a, b: a + b,
+    "subtract": lambda a, b: a - b,
+    "multiply": lambda a, b: a * b,
+    "divide": lambda a, b: a / b,
+    "power": lambda a, b: a**b,
+    "modulo": lambda a, b: a % b,
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+@register_node
+class CalculatorNode(Node):
+    """Upstream's calculator: input ``{"operation": "add"|"subtract"|"multiply"|"divide"|
+    "power"|"modulo", "args": [a, b]}``, output the number ``a <op> b``.
+
+    Unlike upstream's Python node, which returns an ``{"error": ...}`` dict, bad input and
+    division (or modulo) by zero raise, so the run reports a NodeError naming the frame.
+    """
+
+    def process(self, data: Any) -> Any:
+        if not isinstance(data, dict) or "operation" not in data or "args" not in data:
+            raise TypeError(
+                f"{self.name}: expected {{'operation': <one of {', '.join(_CALC_OPS)}>, 'args': [a, b]}}, "
+                f"got {data!r:.200}"
+            )
+        op, args = data["operation"], data["args"]
+        fn = _CALC_OPS.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise ValueError(f"{self.name}: unknown operation {op!r}; use one of {', '.join(_CALC_OPS)}")
+        if not isinstance(args, (list, tuple)) or len(args) != 2 or not all(map(_is_number, args)):
+            raise TypeError(f"{self.name}: 'args' must be a list of two numbers, got {args!r:.200}")
+        a, b = args
+        if op in ("divide", "modulo") and b == 0:
+            raise ZeroDivisionError(f"{self.name}: {op} by zero ({a!r} {'/' if op == 'divide' else '%'} 0)")
+        return fn(a, b)
 
 
 @register_node

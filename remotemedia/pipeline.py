@@ -28,8 +28,10 @@ from collections import defaultdict, deque
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import NodeTypeError, PipelineValidationError
-from .manifest import MANIFEST_VERSION, load_manifest, node_from_entry, parse_connections
+from .manifest import MANIFEST_VERSION, instance_entry, load_manifest, node_from_entry, node_host, parse_connections
 from .node import Node, Source, check_node_name, missing_super_init
+from .registry import get_node_class, type_name_of
+from .serialization import DEFAULT_MAX_SIZE, serialize_node
 
 __all__ = ["Pipeline", "INPUT", "OUTPUT"]
 
@@ -52,7 +54,7 @@ def _check_node(node: Node, position: int) -> None:
         raise NodeTypeError(f"item {position} (source {node.name!r}) has no callable generate()")
 
 
-def _coerce_items(items: Sequence[Any]) -> List[Node]:
+def _coerce_items(items: Sequence[Any], trust_instances: bool = False) -> List[Node]:
     bad = [(i, type(x).__name__) for i, x in enumerate(items) if not isinstance(x, (Node, Mapping))]
     if bad:
         listing = ", ".join(f"position {i}: {t}" for i, t in bad)
@@ -61,7 +63,7 @@ def _coerce_items(items: Sequence[Any]) -> List[Node]:
         )
     nodes: List[Node] = []
     for i, item in enumerate(items):
-        node = item if isinstance(item, Node) else node_from_entry(item, f"nodes[{i}]")
+        node = item if isinstance(item, Node) else node_from_entry(item, f"nodes[{i}]", trust_instances=trust_instances)
         _check_node(node, i)
         nodes.append(node)
     return nodes
@@ -100,6 +102,47 @@ def _assign_names(nodes: List[Node], where: str = "pipeline item") -> None:
         check_node_name(n.name, f"{where} {i} ({how})")
 
 
+def _plain_entry(node: Node) -> Dict[str, Any]:
+    entry = node.to_manifest()
+    host = node_host(node)
+    if host is not None:
+        entry["host"] = host
+    return entry
+
+
+def _entry_of(node: Node, max_size: Optional[int]) -> Dict[str, Any]:
+    """The manifest entry of ``node`` when instances may be written.
+
+    The rule: a node is written as ``node_type`` + ``params`` only when that entry, after a
+    round trip through JSON, rebuilds a node whose pickle (cleanup-then-cloudpickle, as a run
+    sends it) is byte-identical to the node's own. Otherwise (a class that is not registered,
+    params that are not JSON, a constructor that fails, or state the params do not rebuild: a
+    loaded model, a lambda, counters changed after construction) it is written as a pickled
+    instance. Equal pickles unpickle to equal state, so a plain entry never loses state; the
+    rule may pickle a node whose state only *looks* different (e.g. a set built in another
+    order), which costs trust, not correctness. It constructs each node once more, so
+    constructors should stay cheap (load models in initialize()).
+    """
+    blob = serialize_node(node, max_size)
+    entry = _plain_entry(node)
+    cls = type(node)
+    try:
+        registered = get_node_class(type_name_of(cls)) is cls
+    except Exception:
+        registered = False
+    if registered:
+        try:
+            text = json.dumps(entry, allow_nan=False)
+            rebuilt = node_from_entry(json.loads(text), "rebuild")
+            # naming bookkeeping of the Pipeline constructor, not node state
+            rebuilt._auto_name = getattr(node, "_auto_name", False)
+            if serialize_node(rebuilt, None) == blob:
+                return entry
+        except Exception:
+            pass  # not rebuildable from its entry: pickle it
+    return instance_entry(node, blob)
+
+
 class Pipeline:
     """A validated DAG of nodes.
 
@@ -109,6 +152,9 @@ class Pipeline:
         connections: ``[("a", "b"), ...]`` or ``[{"from": "a", "to": "b"}, ...]``; linear in
             list order when omitted.
         name: pipeline name (used in logs, service names and the CLI).
+        trust_instances: allow manifest entries that hold a pickled node instance (written
+            by ``serialize(include_instances=True)``). Unpickling runs code from the manifest:
+            pass True only for manifests you made yourself.
 
     Raises:
         PipelineValidationError (a ValueError): empty pipeline, duplicate names, unknown
@@ -122,9 +168,10 @@ class Pipeline:
         nodes: Union[Sequence[Any], Mapping[str, Any], str],
         connections: Optional[Sequence[Any]] = None,
         name: Optional[str] = None,
+        trust_instances: bool = False,
     ) -> None:
         if isinstance(nodes, (Mapping, str, bytes)):
-            nodes, manifest_connections, manifest_name = load_manifest(nodes)
+            nodes, manifest_connections, manifest_name = load_manifest(nodes, trust_instances)
             connections = connections if connections is not None else manifest_connections
             name = name or manifest_name
         elif isinstance(nodes, Pipeline):
@@ -137,7 +184,7 @@ class Pipeline:
             )
         if len(nodes) == 0:
             raise PipelineValidationError("cannot build an empty pipeline: give at least one node")
-        self.nodes: List[Node] = _coerce_items(list(nodes))
+        self.nodes: List[Node] = _coerce_items(list(nodes), trust_instances)
         _assign_names(self.nodes)
         self.name: str = name or "pipeline"
         self._by_name: Dict[str, Node] = {n.name: n for n in self.nodes}
@@ -269,21 +316,44 @@ class Pipeline:
 
     # ------------------------------------------------------------------ manifests
 
-    def serialize(self, description: Optional[str] = None) -> Dict[str, Any]:
-        """The pipeline as a manifest v1 dict (node *state* is not included; run instances
-        to keep it)."""
+    def serialize(
+        self,
+        description: Optional[str] = None,
+        include_instances: bool = False,
+        max_node_size: Optional[int] = DEFAULT_MAX_SIZE,
+    ) -> Dict[str, Any]:
+        """The pipeline as a manifest v1 dict (plain JSON data).
+
+        Args:
+            description: stored in ``metadata.description``.
+            include_instances: write every node that its registered ``node_type`` and
+                ``params`` cannot rebuild as a pickled instance (see :func:`_entry_of`), so
+                its state (a loaded model, a lambda) survives. Loading such a manifest needs
+                ``Pipeline(manifest, trust_instances=True)``. Off: each node is written as
+                ``node_type`` + ``params`` and state that is not in its params is lost.
+            max_node_size: size limit of one pickled node (``include_instances`` only).
+                Writing instances calls each node's ``cleanup()`` first, as a run does.
+
+        Raises:
+            SerializationError: a node to be pickled cannot be (the attribute is named) or
+                exceeds ``max_node_size``.
+        """
         meta: Dict[str, Any] = {"name": self.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if description:
             meta["description"] = description
+        if include_instances:
+            entries = [_entry_of(n, max_node_size) for n in self.nodes]
+        else:
+            entries = [_plain_entry(n) for n in self.nodes]
         return {
             "version": MANIFEST_VERSION,
             "metadata": meta,
-            "nodes": [n.to_manifest() for n in self.nodes],
+            "nodes": entries,
             "connections": [{"from": a, "to": b} for a, b in self.connections],
         }
 
     def to_json(self, **kw: Any) -> str:
-        """:meth:`serialize` as a JSON string."""
+        """:meth:`serialize` as a JSON string (same keywords, e.g. ``include_instances=True``)."""
         return json.dumps(self.serialize(**kw), default=repr)
 
     def __len__(self) -> int:

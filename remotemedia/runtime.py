@@ -31,7 +31,7 @@ __all__ = ["execute_pipeline", "execute_pipeline_with_input"]
 async def _run(pipeline_or_manifest: Any, inputs: Optional[List[Any]], options: dict) -> List[Any]:
     from supervisor.arbiter import Supervisor, as_pipeline
 
-    pipeline = as_pipeline(pipeline_or_manifest)
+    pipeline = as_pipeline(pipeline_or_manifest, trust_instances=options.get("trust_instances", False))
     if inputs is None and not pipeline.sources:
         raise PipelineValidationError(
             f"pipeline {pipeline.name!r} has no Source node, so without inputs it has nothing to do; "

@@ -110,13 +110,13 @@ def _kill_leftovers() -> None:  # a program that exits without stopping its supe
             pass
 
 
-def as_pipeline(obj: Any, name: Optional[str] = None) -> Pipeline:
+def as_pipeline(obj: Any, name: Optional[str] = None, trust_instances: bool = False) -> Pipeline:
     """A Pipeline from a Pipeline, a list of nodes / manifest entries, a manifest dict or a
-    JSON string."""
+    JSON string (``trust_instances``: see :class:`~remotemedia.Pipeline`)."""
     if isinstance(obj, Pipeline):
         return obj
     if isinstance(obj, (list, tuple, dict, str, bytes)):
-        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name)
+        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name, trust_instances=trust_instances)
     if isinstance(obj, Node):
         return Pipeline([obj], name=name)
     raise NodeTypeError(
@@ -346,6 +346,8 @@ class Supervisor:
         metrics_port: serve Prometheus metrics on this port (needs prometheus-client).
         spin_us: workers spin (GIL released, adaptive) up to this many microseconds for the
             next frame before blocking; 0 always blocks.
+        trust_instances: accept manifest entries holding a pickled node instance (unpickling
+            runs code: only for manifests you made yourself).
 
     Every option except the first three can also be set per node with
     ``Node(..., options={...})``.
@@ -393,8 +395,9 @@ class Supervisor:
         metrics_port: Optional[int] = None,
         metrics_host: str = "127.0.0.1",
         spin_us: int = 50,
+        trust_instances: bool = False,
     ) -> None:
-        self.pipeline = as_pipeline(nodes_or_pipeline, name)
+        self.pipeline = as_pipeline(nodes_or_pipeline, name, trust_instances)
         self.name = name or self.pipeline.name
         if queue_depth < 1:
             raise SupervisorError(f"queue_depth must be >= 1, got {queue_depth}")

@@ -52,9 +52,10 @@ class PipelineFileError(click.ClickException):
 _MODULE_NAME = "__remotemedia_pipeline__"
 
 
-def load_pipeline(path: str, name: Optional[str] = None) -> Pipeline:
+def load_pipeline(path: str, name: Optional[str] = None, trust_instances: bool = False) -> Pipeline:
     """Load a Pipeline from a ``.py`` file (``pipeline`` or ``build()``) or a ``.json``
-    manifest. Raises :class:`PipelineFileError` with a message saying what to fix."""
+    manifest (``trust_instances``: accept pickled instances in it, see ``--trust-instances``).
+    Raises :class:`PipelineFileError` with a message saying what to fix."""
     if not os.path.exists(path):
         raise PipelineFileError(f"pipeline file not found: {path}")
     if os.path.isdir(path):
@@ -63,7 +64,7 @@ def load_pipeline(path: str, name: Optional[str] = None) -> Pipeline:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
-            return Pipeline(text, name=name)
+            return Pipeline(text, name=name, trust_instances=trust_instances)
         except RemoteMediaError as e:
             raise PipelineFileError(f"invalid manifest {path}: {e}") from e
         except TypeError as e:
@@ -104,7 +105,11 @@ def load_pipeline(path: str, name: Optional[str] = None) -> Pipeline:
         if isinstance(obj, Pipeline):
             return Pipeline(obj, name=name) if name else obj
         if isinstance(obj, (list, tuple, dict, str)):
-            return Pipeline(list(obj) if isinstance(obj, tuple) else obj, name=name or os.path.splitext(os.path.basename(path))[0])
+            return Pipeline(
+                list(obj) if isinstance(obj, tuple) else obj,
+                name=name or os.path.splitext(os.path.basename(path))[0],
+                trust_instances=trust_instances,
+            )
     except (RemoteMediaError, TypeError, ValueError) as e:
         raise PipelineFileError(f"invalid pipeline in {path}: {e}") from e
     raise PipelineFileError(
@@ -194,6 +199,11 @@ def main() -> None:
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (127.0.0.1).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics endpoint.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar for sources of known length (default: when stderr is a terminal).")
+@click.option(
+    "--trust-instances",
+    is_flag=True,
+    help="Accept pickled node instances in a .json manifest (unpickling runs code: only for manifests you made yourself).",
+)
 def start(
     pipeline_file: str,
     name: Optional[str],
@@ -217,6 +227,7 @@ def start(
     metrics_port: Optional[int],
     metrics_host: str,
     progress: Optional[bool],
+    trust_instances: bool,
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
@@ -226,7 +237,7 @@ def start(
     level = getattr(logging, log_level.upper())
     sink = LogSink(log_format)
     configure_cli_logging(level, sink)
-    pipeline = load_pipeline(pipeline_file, name)
+    pipeline = load_pipeline(pipeline_file, name, trust_instances)
     try:
         sup = Supervisor(
             pipeline,
@@ -481,11 +492,16 @@ def systemd_unit(
 
 @main.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=True))
-def validate(pipeline_file: str) -> None:
+@click.option(
+    "--trust-instances",
+    is_flag=True,
+    help="Accept pickled node instances in a .json manifest (unpickling runs code: only for manifests you made yourself).",
+)
+def validate(pipeline_file: str, trust_instances: bool) -> None:
     """Check PIPELINE_FILE without starting anything: load, validate, serialize each node."""
     from remotemedia.serialization import serialize_node
 
-    pipeline = load_pipeline(pipeline_file)
+    pipeline = load_pipeline(pipeline_file, trust_instances=trust_instances)
     for node in pipeline.nodes:
         try:
             serialize_node(node)
