@@ -22,10 +22,14 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import time
 from collections import defaultdict, deque
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import cloudpickle
 
 from .errors import NodeTypeError, PipelineValidationError
 from .manifest import MANIFEST_VERSION, instance_entry, load_manifest, node_from_entry, node_host, parse_connections
@@ -110,18 +114,31 @@ def _plain_entry(node: Node) -> Dict[str, Any]:
     return entry
 
 
+def _state_bytes(node: Node) -> bytes:
+    """A pickle of ``node`` that depends only on its values: no memo, so which objects happen
+    to be shared (e.g. an auto name that *is* the class's ``__name__``) does not matter.
+    Cyclic state cannot be written this way and raises."""
+    buf = io.BytesIO()
+    pickler = cloudpickle.CloudPickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.fast = True
+    pickler.dump(node)
+    return buf.getvalue()
+
+
 def _entry_of(node: Node, max_size: Optional[int]) -> Dict[str, Any]:
     """The manifest entry of ``node`` when instances may be written.
 
     The rule: a node is written as ``node_type`` + ``params`` only when that entry, after a
-    round trip through JSON, rebuilds a node whose pickle (cleanup-then-cloudpickle, as a run
-    sends it) is byte-identical to the node's own. Otherwise (a class that is not registered,
-    params that are not JSON, a constructor that fails, or state the params do not rebuild: a
-    loaded model, a lambda, counters changed after construction) it is written as a pickled
-    instance. Equal pickles unpickle to equal state, so a plain entry never loses state; the
-    rule may pickle a node whose state only *looks* different (e.g. a set built in another
-    order), which costs trust, not correctness. It constructs each node once more, so
-    constructors should stay cheap (load models in initialize()).
+    round trip through JSON, rebuilds a node whose state after ``cleanup()`` pickles to the
+    same bytes as the node's own (a memo-less pickle, so only values count). Otherwise (a
+    class that is not registered under its name, params that are not plain JSON, a
+    constructor that fails, cyclic state, or state the params do not rebuild: a loaded model,
+    a lambda, a counter changed after construction) it is written as a pickled instance.
+    Equal pickles unpickle to equal values, so a plain entry never loses state (object
+    identity shared between attributes aside); the rule may pickle a node whose state only
+    *looks* different (e.g. a set built in another order), which costs trust, not
+    correctness. It constructs each node once more, so constructors should stay cheap (load
+    models in initialize()).
     """
     blob = serialize_node(node, max_size)
     entry = _plain_entry(node)
@@ -136,7 +153,8 @@ def _entry_of(node: Node, max_size: Optional[int]) -> Dict[str, Any]:
             rebuilt = node_from_entry(json.loads(text), "rebuild")
             # naming bookkeeping of the Pipeline constructor, not node state
             rebuilt._auto_name = getattr(node, "_auto_name", False)
-            if serialize_node(rebuilt, None) == blob:
+            rebuilt.cleanup()
+            if _state_bytes(rebuilt) == _state_bytes(node):
                 return entry
         except Exception:
             pass  # not rebuildable from its entry: pickle it
