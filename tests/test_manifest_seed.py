@@ -351,6 +351,4 @@ def test_cli_trust_instances(tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("start", str(path), "--trust-instances")
     assert r.returncode == 0, r.stderr
-    assert [l for l in r.stdout.splitlines() if l.strip()][-3:] == ["[times #0] 0", "[times #1] 5", "[times #2] 10"] or (
-        "10" in r.stdout and "5" in r.stdout
-    )
+    assert r.stdout.splitlines() == ["[times #0] 0", "[times #1] 5", "[times #2] 10"]  # the lambda's closure k=5
