@@ -40,6 +40,7 @@ import asyncio
 import inspect
 import logging
 import os
+import threading
 import time
 import traceback
 from collections import defaultdict
@@ -137,7 +138,13 @@ class _Stage:
 
 
 class _InlineRun:
-    def __init__(self, pipeline: Pipeline, on_error: str, on_output: Optional[Callable[[Any, FrameInfo], None]]) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        on_error: str,
+        on_output: Optional[Callable[[Any, FrameInfo], None]],
+        stop: Optional[threading.Event],
+    ) -> None:
         self.pipeline = pipeline
         self.on_output = on_output
         self.stages: Dict[str, _Stage] = {}
@@ -152,6 +159,8 @@ class _InlineRun:
         self.output_seq: Dict[str, int] = defaultdict(int)
         self.n_out = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.stop = stop
+        self.stopped = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,6 +276,13 @@ class _InlineRun:
         position: Dict[Optional[str], int] = defaultdict(int)
         while turns:
             for turn in list(turns):
+                if self.stop is not None and self.stop.is_set():
+                    self.stopped = True
+                    for _, it in turns:  # (closing generate() runs its finally blocks)
+                        close = getattr(it, "close", None)
+                        if callable(close):
+                            close()
+                    return
                 key, it = turn
                 t0 = time.perf_counter_ns()
                 try:
@@ -351,6 +367,8 @@ def run_inline(
     pipeline_or_manifest: Any,
     inputs: Optional[Iterable[Any]] = None,
     on_output: Optional[Callable[[Any, FrameInfo], None]] = None,
+    *,
+    stop: Optional[threading.Event] = None,
     **options: Any,
 ) -> RunReport:
     """Run a pipeline in this process, on the caller's own node objects (nothing pickled), and
@@ -367,6 +385,9 @@ def run_inline(
         inputs: frames for the input nodes (any iterable, consumed one at a time), or None.
         on_output: ``on_output(value, frame_info)`` for each output as it comes, instead of
             collecting them.
+        stop: once set, no further input or source item is taken; the stream then ends as
+            usual (``flush()``, ``cleanup()``) and the report says ``stopped`` (the CLI sets it
+            on SIGINT / SIGTERM, or when stdout is closed).
         options: ``on_error`` (``"raise"`` or ``"skip"``) and ``name``; the supervision
             options have nothing to act on here and are refused.
 
@@ -386,7 +407,7 @@ def run_inline(
             raise SupervisorError(
                 f"pipeline {pipeline.name!r} has no input nodes (every root is a Source); run it without inputs"
             )
-    run = _InlineRun(pipeline, on_error, on_output)
+    run = _InlineRun(pipeline, on_error, on_output, stop)
     started = time.monotonic()
     try:
         run.initialize()
@@ -403,6 +424,7 @@ def run_inline(
         time.monotonic() - started,
         [v for _, _, v in run.outputs],
         run.node_stats(),
+        run.stopped,
         output_count=run.n_out,
     )
 
