@@ -46,7 +46,7 @@ import traceback
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from remotemedia.errors import NodeError, NodeInitError, NodeTypeError, SupervisorError
+from remotemedia.errors import ExecutorOptionError, NodeError, NodeInitError, NodeTypeError, SupervisorError
 from remotemedia.frames import Frame, FrameInfo
 from remotemedia.node import ON_ERROR_POLICIES, Node, Source, iterate_async
 from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
@@ -67,10 +67,10 @@ INLINE_OPTIONS = ("on_error", "name")
 def resolve_executor(executor: Optional[str] = None, use_rust: Optional[bool] = None) -> str:
     """The executor chosen by the ``executor=`` / ``use_rust=`` keywords: ``"multiprocess"``
     (the default; its transport is the Rust bridge, so ``use_rust=True`` means it) or
-    ``"inline"`` (``use_rust=False``). Raises ValueError (SupervisorError) for an unknown
+    ``"inline"`` (``use_rust=False``). Raises ExecutorOptionError (a ValueError) for an unknown
     executor or a contradiction such as ``use_rust=True, executor="inline"``."""
     if executor is not None and executor not in EXECUTORS:
-        raise _ValueError(
+        raise ExecutorOptionError(
             f"executor must be one of {', '.join(repr(e) for e in EXECUTORS)}, got {executor!r}: "
             "'multiprocess' runs each node in a supervised worker process, 'inline' runs the "
             "pipeline in this process on your own node objects"
@@ -78,30 +78,26 @@ def resolve_executor(executor: Optional[str] = None, use_rust: Optional[bool] = 
     if use_rust is None:
         return executor or "multiprocess"
     if not isinstance(use_rust, bool):
-        raise _ValueError(f"use_rust must be True or False, got {use_rust!r}")
+        raise ExecutorOptionError(f"use_rust must be True or False, got {use_rust!r}")
     implied = "multiprocess" if use_rust else "inline"
     if executor is not None and executor != implied:
-        raise _ValueError(
+        raise ExecutorOptionError(
             f"use_rust={use_rust} contradicts executor={executor!r}: use_rust=True is the multiprocess "
             "runtime (its transport is the Rust bridge), use_rust=False the inline executor; give one of the two"
         )
     return implied
 
 
-class _ValueError(SupervisorError, ValueError):
-    """A keyword of a run has a value no executor accepts."""
-
-
 def _check_options(options: Dict[str, Any]) -> str:
     unknown = sorted(set(options) - set(INLINE_OPTIONS))
     if unknown:
-        raise _ValueError(
+        raise ExecutorOptionError(
             f"option(s) {', '.join(unknown)} do not apply to the inline executor (one process, no workers to "
             f"supervise, restart, time out or limit); it accepts: {', '.join(INLINE_OPTIONS)}"
         )
     on_error = options.get("on_error", "raise")
     if on_error not in ON_ERROR_POLICIES:
-        raise _ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
+        raise ExecutorOptionError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
     return on_error
 
 
@@ -152,7 +148,7 @@ class _InlineRun:
             node = pipeline.node(name)
             opt = (node.options or {}).get("on_error") or on_error
             if opt not in ON_ERROR_POLICIES:
-                raise _ValueError(f"node {name!r}: on_error must be one of {ON_ERROR_POLICIES}, got {opt!r}")
+                raise ExecutorOptionError(f"node {name!r}: on_error must be one of {ON_ERROR_POLICIES}, got {opt!r}")
             self.stages[name] = _Stage(node, opt, pipeline.downstream(name))
         self.input_nodes = [n.name for n in pipeline.input_nodes]
         self.outputs: List[Tuple[int, int, Any]] = []
@@ -395,8 +391,8 @@ def run_inline(
         NodeError: a node's ``process()``, ``generate()`` or ``flush()`` raised (its
             ``__cause__`` / ``original`` is that exception, with its traceback).
         NodeInitError: a node's ``initialize()`` raised.
-        SupervisorError (a ValueError too for bad values): inputs for a pipeline without
-            input nodes, an option that does not apply inline.
+        SupervisorError: inputs for a pipeline without input nodes; ExecutorOptionError (a
+            ValueError too): an option that does not apply inline, a bad ``on_error``.
     """
     on_error = _check_options(options)
     pipeline = as_pipeline(pipeline_or_manifest, options.get("name"))

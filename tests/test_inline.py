@@ -13,7 +13,7 @@ import traceback
 import pytest
 
 from remotemedia import Group, Node, Pipeline, Source, execute_pipeline, execute_pipeline_with_input
-from remotemedia.errors import NodeError, NodeInitError, RemoteMediaError
+from remotemedia.errors import ExecutorOptionError, NodeError, NodeInitError, RemoteMediaError
 from remotemedia.frames import Frame
 from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
 
@@ -249,10 +249,13 @@ def test_executor_keywords_are_checked():
     p = Pipeline([PassThroughNode()])
     with pytest.raises(ValueError, match="'multiprocess', 'inline'"):
         p.run([1], executor="threads")
-    with pytest.raises(ValueError, match="contradicts"):
+    with pytest.raises(ExecutorOptionError, match="contradicts"):
         p.run([1], use_rust=True, executor="inline")
-    with pytest.raises(ValueError, match="restart_policy do not apply to the inline executor"):
+    with pytest.raises(ExecutorOptionError, match="restart_policy do not apply to the inline executor"):
         p.run([1], executor="inline", restart_policy="never")
+    with pytest.raises(ExecutorOptionError, match="'multiprocess', 'inline'"):
+        asyncio.run(execute_pipeline_with_input(p, [1], executor="thread"))
+    assert p.run([1], executor="multiprocess", use_rust=True) == [1]
     with pytest.raises(RemoteMediaError, match="no input nodes"):
         Pipeline([RangeSource(2)]).run([1], executor="inline")
 
