@@ -102,10 +102,10 @@ def _check_options(options: Dict[str, Any]) -> str:
 
 
 class _Failed(Exception):
-    """Carries a node's NodeError up through the nodes upstream of it (whose own error
-    handling must not catch it)."""
+    """Carries a node's NodeError (or what ``on_output`` raised) up through the nodes
+    upstream of it, whose own error handling must not catch it."""
 
-    def __init__(self, error: NodeError) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -196,7 +196,10 @@ class _InlineRun:
             seq = self.output_seq[src]
             self.output_seq[src] = seq + 1
             if self.on_output is not None:
-                self.on_output(value, FrameInfo(seq, origin, stream, created, time.monotonic_ns(), src))
+                try:
+                    self.on_output(value, FrameInfo(seq, origin, stream, created, time.monotonic_ns(), src))
+                except Exception as e:  # the caller's error, not the node's
+                    raise _Failed(e) from None
             else:
                 self.outputs.append((origin, self.n_out, value))
             self.n_out += 1
@@ -411,7 +414,9 @@ def run_inline(
     except _Failed as f:
         # Raised from here, not from deep inside the graph walk: the original exception (the
         # cause) keeps the traceback that points at the node's code.
-        raise f.error from f.error.__cause__
+        if isinstance(f.error, NodeError):
+            raise f.error from f.error.__cause__
+        raise f.error  # on_output's own exception
     finally:
         run.cleanup()
     run.outputs.sort(key=lambda t: (t[0], t[1]))

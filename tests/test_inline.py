@@ -343,3 +343,17 @@ def test_cli_start_inline(tmp_path):
     r = cli("--inline", str(bad))
     assert r.returncode == 1
     assert "node 'boom'" in r.stderr and f'File "{bad}", line 7, in process' in r.stderr
+
+
+def test_on_output_errors_are_the_callers():
+    got = []
+
+    def on_output(value, info):
+        got.append((value, info.origin, info.source))
+        if value == 2:
+            raise KeyError("caller's bug")
+
+    node = CountingNode(name="n")
+    with pytest.raises(KeyError):
+        run_inline(Pipeline([node]), [1, 2, 3], on_output=on_output)
+    assert got == [(1, 0, "n"), (2, 1, "n")] and node.cleaned == 1
