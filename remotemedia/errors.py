@@ -69,6 +69,7 @@ __all__ = [
     "NodeFatalError",
     "EndOfStream",
     "SupervisorError",
+    "ExecutorOptionError",
     "UnsafeDirectoryError",
     "TransportError",
     "ServiceError",
@@ -333,6 +334,11 @@ class EndOfStream(RemoteMediaError):
 
 class SupervisorError(RemoteMediaError):
     """A Supervisor was used wrongly (e.g. ``send()`` after ``close()``) or failed to start."""
+
+
+class ExecutorOptionError(SupervisorError, ValueError):
+    """A run's ``executor=`` / ``use_rust=`` is unknown or contradictory, or an option does
+    not apply to the chosen executor (supervision options with ``executor="inline"``)."""
 
 
 class UnsafeDirectoryError(SupervisorError):

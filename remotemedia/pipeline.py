@@ -320,14 +320,29 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, inputs: Optional[Iterable[Any]] = None, **options: Any) -> List[Any]:
-        """Run the pipeline on the multiprocess runtime and return the terminal outputs.
+    def run(
+        self,
+        inputs: Optional[Iterable[Any]] = None,
+        *,
+        executor: Optional[str] = None,
+        use_rust: Optional[bool] = None,
+        **options: Any,
+    ) -> List[Any]:
+        """Run the pipeline and return the terminal outputs, ordered by the input they derive
+        from.
 
-        Outputs are ordered by the input they derive from. ``options`` go to the
-        :class:`~remotemedia.Supervisor`.
+        ``executor="multiprocess"`` (the default; also ``use_rust=True``, its transport being
+        the Rust bridge) runs each node in a supervised worker; ``options`` go to the
+        :class:`~remotemedia.Supervisor`. ``executor="inline"`` (also ``use_rust=False``) runs
+        the pipeline in this process on these very node objects, nothing pickled: for
+        debugging with pdb and fast unit tests (see ``supervisor.inline``; it takes
+        ``on_error`` only).
         """
         from supervisor.arbiter import Supervisor
+        from supervisor.inline import resolve_executor, run_inline
 
+        if resolve_executor(executor, use_rust) == "inline":
+            return run_inline(self, inputs, **options).outputs
         # run() starts the workers itself: under its signal handlers, so that a signal while
         # they start drains instead of killing the process with the workers running.
         return Supervisor(self, **options).run(inputs).outputs

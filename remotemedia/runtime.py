@@ -30,13 +30,18 @@ __all__ = ["execute_pipeline", "execute_pipeline_with_input"]
 
 async def _run(pipeline_or_manifest: Any, inputs: Optional[List[Any]], options: dict) -> List[Any]:
     from supervisor.arbiter import Supervisor, as_pipeline
+    from supervisor.inline import resolve_executor, run_inline
 
-    pipeline = as_pipeline(pipeline_or_manifest, trust_instances=options.get("trust_instances", False))
+    executor = resolve_executor(options.pop("executor", None), options.pop("use_rust", None))
+    pipeline = as_pipeline(pipeline_or_manifest, trust_instances=options.pop("trust_instances", False))
     if inputs is None and not pipeline.sources:
         raise PipelineValidationError(
             f"pipeline {pipeline.name!r} has no Source node, so without inputs it has nothing to do; "
             "use execute_pipeline_with_input(pipeline, inputs)"
         )
+    if executor == "inline":
+        # in a thread like the multiprocess runtime: the event loop stays free
+        return (await asyncio.to_thread(run_inline, pipeline, inputs, **options)).outputs
     sup = Supervisor(pipeline, **options)
     try:
         report = await asyncio.to_thread(sup.run, inputs)
@@ -50,7 +55,10 @@ async def _run(pipeline_or_manifest: Any, inputs: Optional[List[Any]], options: 
 async def execute_pipeline(pipeline_or_manifest: Any, **options: Any) -> List[Any]:
     """Run a pipeline driven by its Source node(s) and return the terminal outputs.
 
-    ``options`` are :class:`~remotemedia.Supervisor` options.
+    ``options`` are :class:`~remotemedia.Supervisor` options, and ``executor=``
+    (``"multiprocess"``, the default, or ``"inline"``: in this process, on your own node
+    objects, see ``supervisor.inline``) or ``use_rust=`` (True: multiprocess, whose transport
+    is the Rust bridge; False: inline).
 
     Raises:
         ValueError: empty pipeline, bad connections, no Source (PipelineValidationError).

@@ -5,6 +5,7 @@
     remotemedia-supervisor start examples/audio_levels.py       # a Python pipeline file
     remotemedia-supervisor start pipeline.json                  # a manifest
     remotemedia-supervisor start p.py --input numbers.txt       # one input per line
+    remotemedia-supervisor start --inline p.py                  # in this process (pdb works)
     remotemedia-supervisor validate p.py                        # check it without running
 
 A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
@@ -204,6 +205,7 @@ def main() -> None:
     is_flag=True,
     help="Accept pickled node instances in a .json manifest (unpickling runs code: only for manifests you made yourself).",
 )
+@click.option("--inline", is_flag=True, help="Run in this process on the file's own node objects (no workers; for pdb and quick checks).")
 def start(
     pipeline_file: str,
     name: Optional[str],
@@ -228,16 +230,34 @@ def start(
     metrics_host: str,
     progress: Optional[bool],
     trust_instances: bool,
+    inline: bool,
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
-    when the drain timed out and frames were lost)."""
+    when the drain timed out and frames were lost). With --inline the pipeline runs in this
+    process (see supervisor.inline); the supervision options do not apply then."""
     from supervisor.arbiter import Supervisor
 
+    if inline:
+        ctx = click.get_current_context()
+        given = [
+            f"--{p.replace('_', '-')}"
+            for p in ctx.params
+            if p not in _INLINE_CLI_OPTIONS and ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"not with --inline: {', '.join(given)} (the pipeline runs in this process: there are no workers "
+                "to supervise, restart, time out, limit or monitor); with --inline only --name, --input, "
+                "--json-input, --quiet, --log-level and --log-format apply"
+            )
     level = getattr(logging, log_level.upper())
     sink = LogSink(log_format)
     configure_cli_logging(level, sink)
     pipeline = load_pipeline(pipeline_file, name, trust_instances)
+    if inline:
+        _start_inline(pipeline, pipeline_file, input_file, json_input, quiet, sink)
+        return
     try:
         sup = Supervisor(
             pipeline,
@@ -309,6 +329,64 @@ def start(
     if lost is not None:
         _error(sink, lost)
         sys.exit(EXIT_FAILED)
+
+
+#: ``start`` parameters that keep their meaning with --inline (``input_file`` is ``--input``).
+_INLINE_CLI_OPTIONS = ("pipeline_file", "name", "input_file", "json_input", "quiet", "log_level", "log_format", "inline", "trust_instances")
+
+
+def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_input: bool, quiet: bool, sink: LogSink) -> None:
+    """``start --inline``: the pipeline in this process (supervisor.inline), the outputs and
+    the report printed like a supervised run's, the same exit codes."""
+    import signal
+    import threading
+
+    from .arbiter import _STOP_SIGNALS
+    from .inline import run_inline
+
+    inputs = None
+    if input_file is not None:
+        if not pipeline.input_nodes:
+            raise PipelineFileError(f"--input given but {pipeline_file} has no input nodes (every root is a Source)")
+        lines = (line.rstrip("\n") for line in input_file)
+        inputs = (json.loads(line) for line in lines) if json_input else lines
+    stop = threading.Event()
+    stdout_open = [True]
+
+    def show(value: Any, info: FrameInfo) -> None:
+        if quiet or not stdout_open[0]:
+            return
+        try:
+            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
+        except OSError as e:  # the reader went away: stop like on SIGTERM (see start)
+            stdout_open[0] = False
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            logging.getLogger("remotemedia.cli").warning("stdout closed (%s): stopping the pipeline", e.strerror or e)
+            stop.set()
+
+    # A signal ends the stream after the frame in hand (flush(), cleanup()), like a drain.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        report = run_inline(pipeline, inputs, on_output=show, stop=stop)
+    except SerializationError as e:
+        _error(sink, str(e))
+        sys.exit(EXIT_USAGE)
+    except RemoteMediaError as e:
+        cause = e.__cause__
+        detail = None
+        if cause is not None:
+            detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip()
+        _error(sink, str(e), detail)
+        sys.exit(EXIT_FAILED)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        _print_report(report, sink)
+    except OSError:
+        pass
 
 
 def _error(sink: LogSink, message: str, detail: Optional[str] = None) -> None:
