@@ -255,17 +255,35 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, inputs: Optional[Iterable[Any]] = None, **options: Any) -> List[Any]:
+    def run(
+        self,
+        inputs: Optional[Iterable[Any]] = None,
+        *,
+        input_data: Optional[Iterable[Any]] = None,
+        **options: Any,
+    ) -> List[Any]:
         """Run the pipeline on the multiprocess runtime and return the terminal outputs.
 
-        Outputs are ordered by the input they derive from. ``options`` go to the
-        :class:`~remotemedia.Supervisor`.
+        Outputs are ordered by the input they derive from. ``input_data`` is an alias of
+        ``inputs`` (the seed API's name; giving both is refused). Without inputs, a pipeline
+        with a Source runs until its sources end and one without runs once on a single
+        ``None`` input (the one-shot form). ``options`` are the
+        :class:`~remotemedia.Supervisor` options and ``enable_metrics=True``, which returns
+        an :class:`~remotemedia.runtime.Outputs` list with per-node ``.metrics``.
+
+        Raises:
+            RunOptionError (a TypeError): an unknown keyword (the message lists the valid
+                ones), or both ``inputs`` and ``input_data``.
+            NodeError / NodeInitError / SerializationError: a node failed.
         """
         from supervisor.arbiter import Supervisor
 
+        from .runtime import plan_run, resolve_inputs
+
+        plan = plan_run(self, resolve_inputs(inputs, input_data, "Pipeline.run"), options, "Pipeline.run")
         # run() starts the workers itself: under its signal handlers, so that a signal while
         # they start drains instead of killing the process with the workers running.
-        return Supervisor(self, **options).run(inputs).outputs
+        return plan.result(Supervisor(plan.pipeline, **plan.supervisor_options).run(plan.inputs))
 
     # ------------------------------------------------------------------ manifests
 
