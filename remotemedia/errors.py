@@ -24,6 +24,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     +-- EndOfStream                            recv() after the stream was closed and drained
     +-- SupervisorError                        misuse of a Supervisor (state, options)
     |   +-- UnsafeDirectoryError               a runtime directory others could reach or plant
+    |   +-- RunOptionError (TypeError)         a keyword a run entry point refuses
     +-- TransportError                         raised by the Rust bridge (iceoryx2)
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
@@ -71,6 +72,7 @@ __all__ = [
     "SupervisorError",
     "ExecutorOptionError",
     "UnsafeDirectoryError",
+    "RunOptionError",
     "TransportError",
     "ServiceError",
     "PortError",
@@ -345,6 +347,12 @@ class UnsafeDirectoryError(SupervisorError):
     """A directory the runtime keeps its files in (shared memory, control sockets) is not
     private: a symlink, not a directory, owned by another user, or writable by others. The
     message names the path, what is wrong and how to fix it; nothing was written into it."""
+
+
+class RunOptionError(SupervisorError, TypeError):
+    """``execute_pipeline``, ``execute_pipeline_with_input`` or ``Pipeline.run`` got a keyword
+    argument it does not know (the message lists the valid ones), or the inputs twice (as
+    ``inputs`` and as its alias ``input_data``)."""
 
 
 # --------------------------------------------------------------------------- transport (Rust)

@@ -324,28 +324,34 @@ class Pipeline:
         self,
         inputs: Optional[Iterable[Any]] = None,
         *,
-        executor: Optional[str] = None,
-        use_rust: Optional[bool] = None,
+        input_data: Optional[Iterable[Any]] = None,
         **options: Any,
     ) -> List[Any]:
-        """Run the pipeline and return the terminal outputs, ordered by the input they derive
-        from.
+        """Run the pipeline and return the terminal outputs.
+
+        Outputs are ordered by the input they derive from. ``input_data`` is an alias of
+        ``inputs`` (the seed API's name; giving both is refused). Without inputs, a pipeline
+        with a Source runs until its sources end and one without runs once on a single
+        ``None`` input (the one-shot form). ``options`` are the
+        :class:`~remotemedia.Supervisor` options and ``enable_metrics=True``, which returns
+        an :class:`~remotemedia.runtime.Outputs` list with per-node ``.metrics``.
 
         ``executor="multiprocess"`` (the default; also ``use_rust=True``, its transport being
-        the Rust bridge) runs each node in a supervised worker; ``options`` go to the
-        :class:`~remotemedia.Supervisor`. ``executor="inline"`` (also ``use_rust=False``) runs
-        the pipeline in this process on these very node objects, nothing pickled: for
-        debugging with pdb and fast unit tests (see ``supervisor.inline``; it takes
-        ``on_error`` only).
-        """
-        from supervisor.arbiter import Supervisor
-        from supervisor.inline import resolve_executor, run_inline
+        the Rust bridge) runs each node in a supervised worker. ``executor="inline"`` (also
+        ``use_rust=False``) runs the pipeline in this process on these very node objects,
+        nothing pickled: for debugging with pdb and fast unit tests (see
+        ``supervisor.inline``; it takes ``on_error`` only).
 
-        if resolve_executor(executor, use_rust) == "inline":
-            return run_inline(self, inputs, **options).outputs
-        # run() starts the workers itself: under its signal handlers, so that a signal while
-        # they start drains instead of killing the process with the workers running.
-        return Supervisor(self, **options).run(inputs).outputs
+        Raises:
+            RunOptionError (a TypeError): an unknown keyword (the message lists the valid
+                ones), or both ``inputs`` and ``input_data``.
+            ExecutorOptionError: an unknown executor, or options that do not apply inline.
+            NodeError / NodeInitError / SerializationError: a node failed.
+        """
+        from .runtime import plan_run, resolve_inputs
+
+        plan = plan_run(self, resolve_inputs(inputs, input_data, "Pipeline.run"), options, "Pipeline.run")
+        return plan.result(plan.run())
 
     # ------------------------------------------------------------------ manifests
 

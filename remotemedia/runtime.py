@@ -1,5 +1,10 @@
 """``execute_pipeline`` / ``execute_pipeline_with_input``: the async one-call API.
 
+Both (and :meth:`Pipeline.run <remotemedia.Pipeline.run>`) parse their keywords in one place,
+:func:`plan_run`, against one table: the :class:`~remotemedia.Supervisor` options plus
+:data:`RUN_OPTIONS` (the seed API's keywords). An unknown keyword raises
+:class:`~remotemedia.errors.RunOptionError` (a TypeError) listing the valid ones.
+
 Both accept a :class:`~remotemedia.Pipeline`, a list of Node instances, a manifest dict or JSON
 string, or a list mixing instances and manifest node dicts. They run the pipeline on the
 multiprocess runtime (in a thread, so the event loop stays free) and return every output of
@@ -16,68 +21,230 @@ Example::
         return await execute_pipeline_with_input([MapNode(lambda x: x * 3)], [1, 2, 3])
 
     asyncio.run(main())     # -> [3, 6, 9]
+
+A pipeline without a Source, run without inputs, runs once on a single ``None`` input (the
+seed API's one-shot form)::
+
+    await execute_pipeline([PassThroughNode(name="test")])      # -> [None]
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterable, List, Optional
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional
 
-from .errors import NodeTypeError, PipelineValidationError
+from .errors import NodeTypeError, RunOptionError
 
-__all__ = ["execute_pipeline", "execute_pipeline_with_input"]
+__all__ = ["execute_pipeline", "execute_pipeline_with_input", "Outputs", "RUN_OPTIONS", "plan_run"]
+
+#: The keywords of the run entry points (execute_pipeline, execute_pipeline_with_input,
+#: Pipeline.run) beyond the Supervisor options, with their defaults. The one table of them:
+#: :func:`plan_run` is the only reader.
+RUN_OPTIONS: Dict[str, Any] = {
+    # return an Outputs list whose .metrics summarizes each node (from the RunReport)
+    "enable_metrics": False,
+    # "multiprocess" (supervised workers) or "inline" (this process, your own objects)
+    "executor": None,
+    # the seed's switch: True = multiprocess (its transport is the Rust bridge), False = inline
+    "use_rust": None,
+}
 
 
-async def _run(pipeline_or_manifest: Any, inputs: Optional[List[Any]], options: dict) -> List[Any]:
-    from supervisor.arbiter import Supervisor, as_pipeline
-    from supervisor.inline import resolve_executor, run_inline
+class Outputs(list):  # type: ignore[type-arg]
+    """The outputs of a run made with ``enable_metrics=True``: a plain list of the terminal
+    outputs, plus ``metrics``, a dict keyed by node name::
 
-    executor = resolve_executor(options.pop("executor", None), options.pop("use_rust", None))
-    pipeline = as_pipeline(pipeline_or_manifest, trust_instances=options.pop("trust_instances", False))
-    if inputs is None and not pipeline.sources:
-        raise PipelineValidationError(
-            f"pipeline {pipeline.name!r} has no Source node, so without inputs it has nothing to do; "
-            "use execute_pipeline_with_input(pipeline, inputs)"
+        {"frames_in": 3, "frames_out": 3, "process_time_p50_ms": 0.04,
+         "process_time_p99_ms": 1.2, "restarts": 0, "errors": 0}
+
+    Process times are over the node's recent frames (``None`` for a node that processed
+    none, e.g. a Source); ``errors`` counts process() exceptions (skipped with
+    ``on_error="skip"``).
+    """
+
+    def __init__(self, items: Iterable[Any] = (), metrics: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+        super().__init__(items)
+        self.metrics: Dict[str, Dict[str, Any]] = metrics if metrics is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Outputs({list.__repr__(self)}, metrics for {', '.join(self.metrics) or 'no nodes'})"
+
+
+def node_metrics(nodes: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The ``metrics`` of :class:`Outputs` from a RunReport's ``nodes``."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, s in nodes.items():
+        latency = s.get("latency") or {}
+        out[name] = {
+            "frames_in": s.get("frames_in", 0),
+            "frames_out": s.get("frames_out", 0),
+            "process_time_p50_ms": latency.get("p50_ms"),
+            "process_time_p99_ms": latency.get("p99_ms"),
+            "restarts": s.get("restarts", 0),
+            "errors": s.get("errors", 0),
+        }
+    return out
+
+
+@lru_cache(maxsize=1)
+def supervisor_options() -> FrozenSet[str]:
+    """The keyword options of :class:`~remotemedia.Supervisor` (read from its signature, so
+    a new Supervisor option is a valid run keyword without another list to update)."""
+    from supervisor.arbiter import Supervisor
+
+    params = inspect.signature(Supervisor.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+@dataclass
+class RunPlan:
+    """What an entry point runs: the pipeline, its inputs (``[None]`` for a one-shot run) and
+    its options split into the Supervisor's and :data:`RUN_OPTIONS`."""
+
+    pipeline: Any
+    inputs: Optional[Iterable[Any]]
+    supervisor_options: Dict[str, Any] = field(default_factory=dict)
+    run_options: Dict[str, Any] = field(default_factory=dict)
+    executor: str = "multiprocess"
+
+    def run(self) -> Any:
+        """Run it (blocking) and return the RunReport."""
+        if self.executor == "inline":
+            from supervisor.inline import run_inline
+
+            return run_inline(self.pipeline, self.inputs, **self.supervisor_options)
+        from supervisor.arbiter import Supervisor
+
+        # run() starts the workers itself: under its signal handlers, so that a signal while
+        # they start drains instead of killing the process with the workers running.
+        return Supervisor(self.pipeline, **self.supervisor_options).run(self.inputs)
+
+    def result(self, report: Any) -> List[Any]:
+        """The entry point's return value from the run's RunReport."""
+        if self.run_options["enable_metrics"]:
+            return Outputs(report.outputs, node_metrics(report.nodes))
+        return report.outputs
+
+
+def resolve_inputs(inputs: Optional[Iterable[Any]], input_data: Optional[Iterable[Any]], where: str) -> Optional[Iterable[Any]]:
+    """``inputs`` or its alias ``input_data`` (the seed API's name); both at once is refused."""
+    if input_data is None:
+        return inputs
+    if inputs is not None:
+        raise RunOptionError(
+            f"{where} got the inputs twice, as inputs and as input_data (its alias); pass one of them"
         )
-    if executor == "inline":
+    if isinstance(input_data, (str, bytes, dict)) or not isinstance(input_data, Iterable):
+        raise NodeTypeError(
+            f"{where}: input_data is an alias of inputs, an iterable of frames; got "
+            f"{type(input_data).__name__} (for a single frame x pass input_data=[x])"
+        )
+    return input_data
+
+
+def plan_run(pipeline_or_manifest: Any, inputs: Optional[Iterable[Any]], options: Mapping[str, Any], where: str) -> RunPlan:
+    """Parse an entry point's keywords (the one place that does) and decide what runs.
+
+    ``inputs`` None on a pipeline without a Source means the one-shot form: the pipeline runs
+    once on a single ``None`` input. With a Source, None means "driven by the sources".
+
+    Raises:
+        RunOptionError: a keyword that is neither a Supervisor option nor in RUN_OPTIONS.
+        and whatever building the pipeline raises.
+    """
+    from supervisor.arbiter import as_pipeline
+    from supervisor.inline import resolve_executor
+
+    valid = supervisor_options() | RUN_OPTIONS.keys()
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k) for k in unknown]
+        raise RunOptionError(
+            f"{where}() got unknown keyword argument(s) {', '.join(hints)}; valid keywords: "
+            f"{', '.join(sorted(RUN_OPTIONS))} and the Supervisor options {', '.join(sorted(supervisor_options()))}"
+        )
+    run_options = {k: options.get(k, d) for k, d in RUN_OPTIONS.items()}
+    executor = resolve_executor(run_options["executor"], run_options["use_rust"])
+    # (trust_instances is about loading a manifest: once the pipeline is built it is spent)
+    pipeline = as_pipeline(pipeline_or_manifest, trust_instances=options.get("trust_instances", False))
+    if inputs is None and not pipeline.sources:
+        inputs = [None]
+    sup_options = {k: v for k, v in options.items() if k not in RUN_OPTIONS and k != "trust_instances"}
+    return RunPlan(pipeline, inputs, sup_options, run_options, executor)
+
+
+async def _run(pipeline_or_manifest: Any, inputs: Optional[Iterable[Any]], options: Mapping[str, Any], where: str) -> List[Any]:
+    from supervisor.arbiter import Supervisor
+
+    plan = plan_run(pipeline_or_manifest, inputs, options, where)
+    if plan.executor == "inline":
         # in a thread like the multiprocess runtime: the event loop stays free
-        return (await asyncio.to_thread(run_inline, pipeline, inputs, **options)).outputs
-    sup = Supervisor(pipeline, **options)
+        return plan.result(await asyncio.to_thread(plan.run))
+    sup = Supervisor(plan.pipeline, **plan.supervisor_options)
     try:
-        report = await asyncio.to_thread(sup.run, inputs)
+        report = await asyncio.to_thread(sup.run, plan.inputs)
     except asyncio.CancelledError:
         sup.kill()
         await asyncio.to_thread(sup.join)
         raise
-    return report.outputs
+    return plan.result(report)
 
 
 async def execute_pipeline(pipeline_or_manifest: Any, **options: Any) -> List[Any]:
-    """Run a pipeline driven by its Source node(s) and return the terminal outputs.
+    """Run a pipeline and return the terminal outputs.
 
-    ``options`` are :class:`~remotemedia.Supervisor` options, and ``executor=``
-    (``"multiprocess"``, the default, or ``"inline"``: in this process, on your own node
-    objects, see ``supervisor.inline``) or ``use_rust=`` (True: multiprocess, whose transport
-    is the Rust bridge; False: inline).
+    A pipeline with a Source runs until its sources end. A pipeline without one runs once on
+    a single ``None`` input (the one-shot form)::
+
+        result = await execute_pipeline([PassThroughNode(name="test")])   # []: PassThroughNode returns the None, and None means "no output"
+
+    ``options``: the :class:`~remotemedia.Supervisor` options and ``enable_metrics=True``
+    (return an :class:`Outputs` list whose ``.metrics`` holds per-node frames in/out,
+    process time p50/p99, restarts and errors).
+    ``executor="inline"`` (or ``use_rust=False``) runs the pipeline in this process on your own
+    node objects (see ``supervisor.inline``); ``executor="multiprocess"`` (the default, or
+    ``use_rust=True``: the runtime whose transport is the Rust bridge) in supervised workers.
 
     Raises:
-        ValueError: empty pipeline, bad connections, no Source (PipelineValidationError).
-        TypeError: items that are not nodes or manifest dicts (NodeTypeError).
-        NodeError / NodeInitError / SerializationError: a node failed.
+        ValueError: empty pipeline, bad connections (PipelineValidationError).
+        TypeError: items that are not nodes or manifest dicts (NodeTypeError); an unknown
+            keyword (RunOptionError, listing the valid ones).
+        NodeError / NodeInitError / SerializationError: a node failed (e.g. the first node
+            of a one-shot run cannot take None).
     """
-    return await _run(pipeline_or_manifest, None, options)
+    return await _run(pipeline_or_manifest, None, options, "execute_pipeline")
 
 
-async def execute_pipeline_with_input(pipeline_or_manifest: Any, inputs: Iterable[Any], **options: Any) -> List[Any]:
-    """Feed every item of ``inputs`` to the pipeline's input nodes and return all outputs of
-    the terminal node(s), in input order.
+async def execute_pipeline_with_input(
+    pipeline_or_manifest: Any,
+    inputs: Optional[Iterable[Any]] = None,
+    *,
+    input_data: Optional[Iterable[Any]] = None,
+    **options: Any,
+) -> List[Any]:
+    """Feed every item of ``inputs`` (or ``input_data``, the seed API's name for it) to the
+    pipeline's input nodes and return all outputs of the terminal node(s), in input order.
+
+    ``options`` as for :func:`execute_pipeline` (``enable_metrics=True`` returns
+    :class:`Outputs`).
 
     Raises:
-        TypeError: ``inputs`` is not an iterable of frames (a str, bytes or dict is refused).
+        TypeError: ``inputs`` is missing, given twice, or not an iterable of frames (a str,
+            bytes or dict is refused); an unknown keyword (RunOptionError).
         and everything :func:`execute_pipeline` raises.
     """
+    inputs = resolve_inputs(inputs, input_data, "execute_pipeline_with_input")
+    if inputs is None:
+        raise NodeTypeError(
+            "execute_pipeline_with_input needs inputs (an iterable of frames); "
+            "for a one-shot or source-driven run use execute_pipeline(pipeline)"
+        )
     if isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Iterable):
         raise NodeTypeError(
             f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}"
         )
-    return await _run(pipeline_or_manifest, list(inputs), options)
+    return await _run(pipeline_or_manifest, list(inputs), options, "execute_pipeline_with_input")
