@@ -357,3 +357,13 @@ def test_on_output_errors_are_the_callers():
     with pytest.raises(KeyError):
         run_inline(Pipeline([node]), [1, 2, 3], on_output=on_output)
     assert got == [(1, 0, "n"), (2, 1, "n")] and node.cleaned == 1
+
+
+def test_seed_keywords_work_inline():
+    # enable_metrics, input_data and the one-shot form go with the inline executor too
+    node = MapNode(lambda x: x * 2, name="double")
+    out = Pipeline([node]).run(input_data=[1, 2, 3], executor="inline", enable_metrics=True)
+    assert list(out) == [2, 4, 6]
+    assert out.metrics["double"]["frames_in"] == 3 and out.metrics["double"]["restarts"] == 0
+    assert Pipeline([MapNode(lambda x: "once" if x is None else x)]).run(use_rust=False) == ["once"]
+    assert asyncio.run(execute_pipeline([MapNode(lambda x: [x])], executor="inline")) == [[None]]
