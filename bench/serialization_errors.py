@@ -94,8 +94,8 @@ def _output_error() -> Tuple[float, str]:
     t0 = time.perf_counter()
     try:
         encode(value)
-    except Exception:
-        path, _ = find_unpicklable(value)
+    except Exception as e:
+        path, _ = find_unpicklable(value, error=e)  # as the worker does
         return time.perf_counter() - t0, path.lstrip(".")
     raise AssertionError("pickled")
 
