@@ -16,6 +16,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     |   +-- MissingSuperInitError (AttributeError)  a Node subclass skipped super().__init__()
     +-- SerializationError                     a node could not be cloudpickled
     |   +-- FrameSerializationError (TypeError) an input frame could not be pickled
+    |       +-- OutputSerializationError       a node's output could not be pickled (sent)
     +-- NodeError                              process() raised in a worker
     |   +-- NodeInitError                      unpickling or initialize() failed in a worker
     +-- WorkerError                            a worker process misbehaved
@@ -62,6 +63,7 @@ __all__ = [
     "MissingSuperInitError",
     "SerializationError",
     "FrameSerializationError",
+    "OutputSerializationError",
     "NodeError",
     "NodeInitError",
     "RemoteTraceback",
@@ -232,6 +234,39 @@ class FrameSerializationError(SerializationError, TypeError):
 
     def __reduce__(self) -> Any:
         return (type(self), (self.what, self.reason, self.attribute_path))
+
+
+class OutputSerializationError(FrameSerializationError):
+    """A value a node returned or yielded does not pickle, so it could not be sent downstream.
+
+    Raised in the worker; reaches the caller as :class:`NodeError` (its ``original``), whose
+    message carries this one line.
+
+    Attributes:
+        node_name: the node whose output it was.
+        seq: sequence number of the input frame whose processing produced it (``None``: an
+            item of ``generate()`` or an output of ``flush()``).
+        reason: the pickling error.
+        attribute_path: path of the part that failed inside the value (``None``: the value itself).
+    """
+
+    def __init__(self, node_name: str, seq: Optional[int], reason: str, attribute_path: Optional[str] = None) -> None:
+        self.what = f"the output of node {node_name!r}" + (f" for frame {seq}" if seq is not None else "")
+        self.node_name = node_name
+        self.seq = seq
+        self.reason = reason
+        self.attribute_path = attribute_path
+        self.suggestion = (
+            "return only values that pickle (numpy arrays, bytes, str, numbers, lists/dicts of them, "
+            "picklable objects): convert or leave out that part"
+        )
+        at = f" at {attribute_path!r}" if attribute_path else ""
+        RemoteMediaError.__init__(
+            self, f"{self.what} could not be sent: it does not pickle{at} ({reason}); {self.suggestion}"
+        )
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.node_name, self.seq, self.reason, self.attribute_path))
 
 
 # --------------------------------------------------------------------------- runtime

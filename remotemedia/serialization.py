@@ -25,10 +25,13 @@ Example::
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+import types
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import cloudpickle
 
@@ -72,9 +75,39 @@ class _LimitedWriter(io.RawIOBase):
         return n
 
 
+def _code_with_filename(args: Tuple[Any, ...], filename: str) -> types.CodeType:
+    """Unpickle a code object sent by value, with the file name it was compiled from."""
+    return types.CodeType(*args).replace(co_filename=filename)
+
+
+def _code_reduce(code: types.CodeType) -> Tuple[Any, Tuple[Any, ...]]:
+    # cloudpickle writes co_filename as "<dynamic-code>" (for deterministic payloads), so a
+    # worker's traceback through a class of a pipeline file or of __main__ would name no file
+    # and show no source line. Keeping the real name lets linecache find the file (the worker
+    # runs on the same host) and the traceback point at the user's file and line.
+    ctor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return _code_with_filename, (args, code.co_filename)
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle, except that code sent by value keeps its file name (see _code_reduce)."""
+
+    def __init__(self, file: Any, protocol: int) -> None:
+        # One plain dict, not cloudpickle's ChainMap: the C pickler looks the table up for
+        # every object, and a ChainMap lookup runs Python code (this halves the time of a
+        # node of many small objects). Built per pickler so later copyreg entries count; set
+        # before __init__, which is when the C pickler reads it.
+        self.dispatch_table = {
+            **copyreg.dispatch_table,
+            **cloudpickle.CloudPickler._dispatch_table,
+            types.CodeType: _code_reduce,
+        }
+        super().__init__(file, protocol=protocol)
+
+
 def _dumps(obj: Any, limit: Optional[int], keep: bool = True) -> Tuple[bytes, int]:
     w = _LimitedWriter(limit, keep)
-    cloudpickle.CloudPickler(w, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _Pickler(w, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return b"".join(w.parts), w.size
 
 
@@ -109,7 +142,16 @@ def _children(obj: Any) -> Iterator[Tuple[str, Any]]:
         yield ".__getstate__()", state
 
 
+#: Counts of the search's work, for tests: ``pickles`` (trial pickles), ``visited`` (objects
+#: whose parts were examined). Reset by each :func:`find_unpicklable` call.
+search_stats: Dict[str, int] = {"pickles": 0, "visited": 0}
+
+# Parts of these exact types always pickle: the search never tries them one by one.
+_PLAIN = frozenset((int, float, bool, complex, str, bytes, type(None)))
+
+
 def _pickle_error(obj: Any) -> Optional[BaseException]:
+    search_stats["pickles"] += 1
     try:
         _dumps(obj, None, keep=False)
         return None
@@ -119,25 +161,85 @@ def _pickle_error(obj: Any) -> Optional[BaseException]:
         return e
 
 
-def find_unpicklable(obj: Any, path: str = "", depth: int = 0, budget: Optional[List[float]] = None) -> Tuple[str, BaseException]:
-    """Locate the deepest attribute of ``obj`` that fails to pickle.
+def find_unpicklable(
+    obj: Any, path: str = "", error: Optional[BaseException] = None, budget_s: float = 1.5
+) -> Tuple[str, BaseException]:
+    """Locate the part of ``obj`` that fails to pickle: the nearest object on a path of failing
+    parts none of whose own parts fail (e.g. the lock in ``model.session._lock``).
 
     Returns ``(path, error)``, ``path`` relative to ``obj`` (``""`` when ``obj`` itself fails
-    without a failing part). The search is bounded in depth and time.
+    without a failing part). ``error``: the error ``obj`` is already known to fail with (spares
+    one pickle). Raises ValueError when ``obj`` pickles.
+
+    Breadth first, each object examined once (so a reference cycle is not followed round and
+    the path found is a shortest one). The failing parts of an object are found by bisection:
+    its parts are pickled together, half by half, so a list of a million ints costs a few
+    pickles of the list, not a million pickles of one int. After ``budget_s`` seconds the
+    deepest failing part found so far is returned.
     """
-    if budget is None:
-        budget = [time.monotonic() + 1.0]
-    err = _pickle_error(obj)
-    if err is None:
-        raise ValueError("object pickles fine")
-    if depth >= 12 or time.monotonic() > budget[0]:
-        return path, err
-    for suffix, child in _children(obj):
-        if child is obj:
-            continue
-        if _pickle_error(child) is not None:
-            return find_unpicklable(child, path + suffix, depth + 1, budget)
-    return path, err
+    search_stats["pickles"] = search_stats["visited"] = 0
+    if error is None:
+        error = _pickle_error(obj)
+        if error is None:
+            raise ValueError("object pickles fine")
+    deadline = time.monotonic() + budget_s
+    # id -> the error it fails with, or None: it pickles. ``alive`` keeps every object whose id
+    # is recorded alive (__getstate__ may return temporaries, whose ids could be reused).
+    known: Dict[int, Optional[BaseException]] = {id(obj): error}
+    alive: List[Any] = [obj]
+    queue: Deque[Tuple[str, Any, BaseException]] = deque([(path, obj, error)])
+    best = (path, error)
+
+    def failing(parts: List[Tuple[str, Any]], fails: bool) -> List[Tuple[str, Any, BaseException]]:
+        """The parts that fail alone, found by bisection; ``fails``: the parts are known to
+        fail together (no need to pickle them all at once)."""
+        if not parts:
+            return []
+        err = None
+        if not fails or len(parts) == 1:
+            err = _pickle_error([c for _, c in parts] if len(parts) > 1 else parts[0][1])
+            if err is None:
+                for _, c in parts:
+                    known[id(c)] = None
+                    alive.append(c)
+                return []
+        if len(parts) == 1:
+            suffix, child = parts[0]
+            assert err is not None
+            known[id(child)] = err
+            alive.append(child)
+            return [(suffix, child, err)]
+        mid = len(parts) // 2
+        found = failing(parts[:mid], False)
+        if time.monotonic() > deadline:
+            return found
+        # The right half must fail when the left one pickled and the whole fails.
+        return found + failing(parts[mid:], fails and not found)
+
+    while queue:
+        p, o, err = queue.popleft()
+        search_stats["visited"] += 1
+        if len(p) > len(best[0]):
+            best = (p, err)
+        fresh: List[Tuple[str, Any]] = []
+        fails_via_known = False
+        seen_here = set()
+        for suffix, child in _children(o):
+            if child is o or type(child) in _PLAIN:
+                continue
+            k = id(child)
+            if k in known:
+                fails_via_known = fails_via_known or known[k] is not None
+            elif k not in seen_here:
+                seen_here.add(k)
+                fresh.append((suffix, child))
+        found = failing(fresh, not fails_via_known)
+        if not found and not fails_via_known:
+            return p, err  # it fails and none of its parts does: the culprit
+        if time.monotonic() > deadline:
+            return best
+        queue.extend((p + s, c, e) for s, c, e in found)
+    return best
 
 
 def _largest_parts(obj: Any, limit: int) -> str:
@@ -194,7 +296,7 @@ def serialize_node(node: Any, max_size: Optional[int] = DEFAULT_MAX_SIZE, call_c
             "or raise the limit with Supervisor(..., max_node_size=<bytes>)",
         ) from None
     except Exception as e:
-        path, err = find_unpicklable(node)
+        path, err = find_unpicklable(node, error=e)
         attr = path.lstrip(".") or None
         reason = f"{type(err).__name__}: {err}"
         if attr:

@@ -41,7 +41,7 @@ import cloudpickle
 import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
-from remotemedia.errors import LoanError, SharedMemoryFullError
+from remotemedia.errors import LoanError, OutputSerializationError, SharedMemoryFullError
 from remotemedia.frames import Frame, FrameInfo, decode, encode
 from remotemedia.node import Node, iterate_async
 
@@ -475,7 +475,10 @@ class Runner:
             if fast and port.send_array(value, origin, stream_id, created):
                 continue
             if meta is None:
-                meta, bufs = encode(value)
+                try:
+                    meta, bufs = encode(value)
+                except Exception as e:
+                    raise self._unsendable(value, e) from None
                 if self._loans and len(bufs) == 1:
                     loan = self._loans.pop(bridge.buffer_address(bufs[0]), None)
                     if loan is not None and (loan.nbytes != memoryview(bufs[0]).nbytes or not loan.pending):
@@ -489,6 +492,19 @@ class Runner:
         self.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", self.frames_out)
+
+    def _unsendable(self, value: Any, error: BaseException) -> OutputSerializationError:
+        """The one-line error of an output that does not pickle, with the path of the part
+        that fails (the failure path only: emit() pays nothing for it)."""
+        from remotemedia.serialization import find_unpicklable
+
+        try:
+            path, err = find_unpicklable(value, error=error)
+        except Exception:  # (the search failed: report the first error)
+            path, err = "", error
+        frame = getattr(self.node, "current_frame", None)
+        seq = frame[0] if frame is not None else None
+        return OutputSerializationError(self.spec.name, seq, f"{type(err).__name__}: {err}", path.lstrip(".") or None)
 
     def wait_for_room(self, port: OutPort) -> None:
         """Backpressure: wait until ``port`` may send. Time spent here is not processing
@@ -781,7 +797,15 @@ class Runner:
         self._current_stream = 0
         self._current_created = time.monotonic_ns()
         if item is not None:
-            self.emit(item)
+            try:
+                self.emit(item)
+            except OutputSerializationError as e:
+                self._release_loans()
+                self.errors += 1
+                exc_type, message, tb, blob = _format_exc(e)
+                self.chan.send(NodeFailed(None, self.source_position, exc_type, message, tb, blob, fatal=True))
+                self.failed = True
+                return False
         if self._loans:
             self._release_loans()
         self.latency.add(time.perf_counter_ns() - t0)
