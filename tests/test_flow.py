@@ -369,4 +369,7 @@ def test_hot_path_carries_every_plain_dtype():
     for got, w in zip(report.outputs, want):
         assert got.dtype == w.dtype and got.shape == w.shape and np.array_equal(got, w), (got, w)
     ((_, e_in),) = report.nodes["b"]["edges_in"].items()
-    assert e_in["decoded_by_bridge"] >= 5 * 5  # all but the first frame of each dtype
+    ((_, e_out),) = report.nodes["a"]["edges_out"].items()
+    # All but the first frame of each dtype, less the frames the bridge hands to Python for
+    # another reason: a frame resent on a busy host (it may arrive after a gap, or twice).
+    assert e_in["decoded_by_bridge"] >= 5 * 5 - e_out["resent"] - e_in["duplicates"], (e_in, e_out)
