@@ -71,11 +71,16 @@ _NODE_KEYS = {"id", "node_type", "params", "options", "instance", "host", "is_st
 _INSTANCE_KEYS = {"format", "python", "sha256", "data"}
 INSTANCE_FORMAT = "cloudpickle"
 
-#: Upstream node type names -> ours, only where ours does exactly the same thing with the
-#: same params. (Upstream's CalculatorNode keeps its name.) Near misses get a hint instead.
-UPSTREAM_TYPES: Dict[str, str] = {"PassThrough": "PassThroughNode"}
+#: Upstream node type names -> ours, only where ours does the same thing. (Upstream's
+#: CalculatorNode keeps its name.) Near misses get a hint instead.
+UPSTREAM_TYPES: Dict[str, str] = {"PassThrough": "PassThroughNode", "AudioChunker": "ChunkerNode"}
+#: How an upstream type's params become ours: renames, then defaults (upstream's
+#: AudioChunkerConfig: `chunk_size`, alias `chunkSize`, default 512 samples).
+_UPSTREAM_PARAMS: Dict[str, Tuple[Dict[str, str], Dict[str, Any]]] = {
+    "AudioChunker": ({"chunk_size": "size", "chunkSize": "size"}, {"size": 512}),
+}
 _UPSTREAM_NEAR: Dict[str, str] = {
-    "AudioChunker": "ChunkerNode(size=<samples>), which re-cuts audio into chunks of exactly `size` samples",
+    # upstream's is a sinc resampler (rubato) with quality levels and "auto" rates
     "FastResample": "ResampleNode(to_rate=<Hz>, from_rate=<Hz>), a linear-interpolation resampler",
 }
 
@@ -205,6 +210,20 @@ def _resolve_type(node_type: str, where: str) -> type:
     return get_node_class(node_type, where)
 
 
+def _upstream_params(node_type: str, params: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """An upstream type's params in our names (others' params as they are)."""
+    if node_type in registered_types() or node_type not in _UPSTREAM_PARAMS:
+        return dict(params)
+    renames, defaults = _UPSTREAM_PARAMS[node_type]
+    out: Dict[str, Any] = {}
+    for key, value in params.items():
+        ours = renames.get(key, key)
+        if ours in out:
+            raise ManifestError(f"{key!r} gives {ours!r} a second time (upstream aliases of one param)", f"{where}.params")
+        out[ours] = value
+    return {**defaults, **out}
+
+
 def node_from_entry(entry: Any, where: str, default_id: Optional[str] = None, trust_instances: bool = False) -> Any:
     """Instantiate one manifest node entry ``{"id", "node_type", "params", "options"}`` (or a
     pickled ``"instance"``, which needs ``trust_instances=True``)."""
@@ -249,7 +268,7 @@ def node_from_entry(entry: Any, where: str, default_id: Optional[str] = None, tr
             setattr(node, _HOST_ATTR, host)
         return node
     cls = _resolve_type(node_type, f"{where}.node_type")
-    kwargs = dict(params)
+    kwargs = _upstream_params(node_type, params, where)
     for reserved in ("name", "options"):
         if reserved in kwargs:
             raise ManifestError(f"'{reserved}' is reserved; set it with the entry's 'id' / 'options'", f"{where}.params")

@@ -279,9 +279,20 @@ class TestUpstream:
         with pytest.raises(ManifestError, match="'executor'.*a manifest has"):
             load_manifest({"nodes": [], "executor": "x"})
 
+    def test_audio_chunker_maps_to_chunker_node_with_its_params(self):
+        from remotemedia.nodes import ChunkerNode
+
+        for params, size in (({"chunk_size": 4}, 4), ({"chunkSize": 3}, 3), ({}, 512)):
+            (node,), _, _ = load_manifest({"nodes": [{"id": "c", "node_type": "AudioChunker", "params": params}]})
+            assert type(node) is ChunkerNode and node.size == size
+        with pytest.raises(ManifestError, match="second time"):
+            load_manifest({"nodes": [{"id": "c", "node_type": "AudioChunker", "params": {"chunk_size": 4, "chunkSize": 4}}]})
+        chunks = Pipeline(load_manifest({"nodes": [{"id": "c", "node_type": "AudioChunker", "params": {"chunk_size": 4}}]})[0]).run(
+            [np.arange(6, dtype=np.float32)], executor="inline"
+        )
+        assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5]]
+
     def test_near_equivalents_get_a_hint_not_a_silent_mapping(self):
-        with pytest.raises(ManifestError, match="ChunkerNode"):
-            load_manifest({"nodes": [{"id": "c", "node_type": "AudioChunker", "params": {"chunk_size": 512}}]})
         with pytest.raises(ManifestError, match="ResampleNode"):
             load_manifest({"nodes": [{"id": "r", "node_type": "FastResample"}]})
         with pytest.raises(UnknownNodeTypeError):
