@@ -961,8 +961,6 @@ class Supervisor:
             while self._phase != "finished":
                 self._tick()
         except BaseException as e:  # noqa: BLE001 - the caller must see every failure
-            # (the traceback without this frame: it holds the Supervisor, which holds the error)
-            e.__traceback__ = e.__traceback__.tb_next if e.__traceback__ is not None else None
             if isinstance(e, SharedMemoryFullError):
                 self._explain_shm_full(e)  # (before it is logged)
             log.exception("supervisor %s failed", self.name)
@@ -1872,6 +1870,7 @@ class Supervisor:
                     w.chan.close()
             self._unprocessed_inputs = self._count_unprocessed_inputs()
             self._release_ports()
+            self._outq.settle()
             for w in self.workers.values():
                 if w.board is not None:
                     w.board.close()
@@ -1892,7 +1891,7 @@ class Supervisor:
             if self._error is None:
                 self._error = SupervisorError(f"shutdown failed: {e!r}")
         finally:
-            self._release_ports()  # (again, should the above have failed before it)
+            self._release_ports()  # (again, should the above have failed before them)
             self._outq.settle()
             _forget_locals(self._error)
             self._ended_at = time.monotonic()
