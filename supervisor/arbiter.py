@@ -517,7 +517,9 @@ class Supervisor:
         self._finished = threading.Event()
         self._error: Optional[BaseException] = None
         self._outq = _Outputs()
-        self._copy_outputs = False  # run() collects them: no view on a finished run's memory
+        # run() collects the outputs and returns them after the run: copies, not views on the
+        # memory of a finished run
+        self._copy_outputs = False
         self._inq: "queue.Queue[Any]" = queue.Queue(maxsize=max(2, 2 * queue_depth))
         self._cmds: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -931,7 +933,7 @@ class Supervisor:
 
     def _thread_main(self) -> None:
         # Every iceoryx2 object is kept here from its creation on, so that _shutdown closes
-        # it whatever fails (see _shutdown).
+        # it whatever fails (see _release_ports).
         self._iox: Any = None
         self._inbox: Any = None
         self._in_ports: List[OutPort] = []
@@ -965,7 +967,7 @@ class Supervisor:
                 self._explain_shm_full(e)  # (before it is logged)
             log.exception("supervisor %s failed", self.name)
             self._fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
-            _forget_locals(e)  # (also held by log records, e.g. a handler that keeps them)
+            _forget_locals(e)  # (kept by log records too, also when the error raised is a wrapper)
         finally:
             self._shutdown()
 
@@ -1309,9 +1311,10 @@ class Supervisor:
                 if s.kind == Kind.EOS:
                     continue
                 info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.spec.src)
-                copy = self._copy_outputs or p.should_copy()
+                views = bool(s.buffers)  # (a value unpickled from the meta alone holds no view)
+                copy = p.should_copy() or (views and self._copy_outputs)
                 value = decode(s, copy=copy)
-                if copy or not s.buffers:  # (a value unpickled from the meta alone holds no view)
+                if copy or not views:
                     self._outq.put(("data", value, info))
                 else:
                     self._outq.lend(("data", value, info), s)
