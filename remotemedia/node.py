@@ -31,9 +31,10 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .errors import InvalidNodeNameError, MissingSuperInitError, NodeTypeError
 from .frames import FrameInfo
@@ -103,6 +104,38 @@ def iterate_async(loop: Any, agen: Any) -> Iterator[Any]:
             yield loop.run_until_complete(agen.__anext__())
         except StopAsyncIteration:
             return
+
+
+def iter_outputs(result: Any, loop: Callable[[], Any]) -> Iterator[Any]:
+    """The outputs of one ``process()`` / ``flush()`` result, whatever its form: a value, or the
+    items of a generator or an async generator (an awaitable is awaited first); ``None`` is no
+    output. ``loop()`` gives the event loop, asked for only by async results. The one reading
+    of the node contract's return forms, used by the worker, the inline executor and Group."""
+    if result is None:
+        return
+    if inspect.isawaitable(result):
+        result = loop().run_until_complete(result)
+    if inspect.isgenerator(result):
+        items: Iterator[Any] = result
+    elif inspect.isasyncgen(result):
+        items = iterate_async(loop(), result)
+    else:
+        if result is not None:
+            yield result
+        return
+    for item in items:
+        if item is not None:
+            yield item
+
+
+def iter_generated(gen: Any, loop: Callable[[], Any]) -> Iterator[Any]:
+    """A Source's ``generate()`` result as an iterator: a generator, an async generator (driven
+    on ``loop()``) or any iterable."""
+    if inspect.isasyncgen(gen):
+        return iterate_async(loop(), gen)
+    if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
+        return iter(gen)
+    return gen
 
 
 class NodeOptions(dict):

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 import cloudpickle
@@ -281,29 +281,9 @@ def start(
     except RemoteMediaError as e:
         raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
 
-    inputs = None
-    if input_file is not None:
-        if not pipeline.input_nodes:
-            raise PipelineFileError(f"--input given but {pipeline_file} has no input nodes (every root is a Source)")
-        lines = (line.rstrip("\n") for line in input_file)
-        inputs = (json.loads(line) for line in lines) if json_input else lines
+    inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
 
-    stdout_open = [True]
-
-    def show(value: Any, info: FrameInfo) -> None:
-        if quiet or not stdout_open[0]:
-            return
-        try:
-            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
-        except OSError as e:
-            # The reader went away (`| head`: EPIPE, Python ignores SIGPIPE) or the terminal
-            # hung up (EIO): stop like on SIGTERM instead of dying with the workers running.
-            stdout_open[0] = False
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere
-            os.close(devnull)
-            logging.getLogger("remotemedia.cli").warning("stdout closed (%s): stopping the pipeline", e.strerror or e)
-            sup.stop()
+    show = _printer(quiet, lambda: sup.stop())
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar(sup) if show_progress and sup.totals else None
@@ -344,27 +324,9 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
     from .arbiter import _STOP_SIGNALS
     from .inline import run_inline
 
-    inputs = None
-    if input_file is not None:
-        if not pipeline.input_nodes:
-            raise PipelineFileError(f"--input given but {pipeline_file} has no input nodes (every root is a Source)")
-        lines = (line.rstrip("\n") for line in input_file)
-        inputs = (json.loads(line) for line in lines) if json_input else lines
+    inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
     stop = threading.Event()
-    stdout_open = [True]
-
-    def show(value: Any, info: FrameInfo) -> None:
-        if quiet or not stdout_open[0]:
-            return
-        try:
-            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
-        except OSError as e:  # the reader went away: stop like on SIGTERM (see start)
-            stdout_open[0] = False
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            logging.getLogger("remotemedia.cli").warning("stdout closed (%s): stopping the pipeline", e.strerror or e)
-            stop.set()
+    show = _printer(quiet, stop.set)
 
     # A signal ends the stream after the frame in hand (flush(), cleanup()), like a drain.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
@@ -586,6 +548,39 @@ def validate(pipeline_file: str, trust_instances: bool) -> None:
         except SerializationError as e:
             raise PipelineFileError(str(e)) from e
     click.echo(f"{pipeline_file}: OK: {len(pipeline.nodes)} nodes, {len(pipeline.connections)} connections")
+
+
+def _cli_inputs(pipeline: Any, pipeline_file: str, input_file: Any, json_input: bool) -> Optional[Iterator[Any]]:
+    """The frames of ``--input`` (a line each, JSON-decoded with ``--json-input``), or None."""
+    if input_file is None:
+        return None
+    if not pipeline.input_nodes:
+        raise PipelineFileError(f"--input given but {pipeline_file} has no input nodes (every root is a Source)")
+    lines = (line.rstrip("\n") for line in input_file)
+    return (json.loads(line) for line in lines) if json_input else lines
+
+
+def _printer(quiet: bool, on_closed: Callable[[], None]) -> Callable[[Any, FrameInfo], None]:
+    """The on_output callback that prints each output; when stdout goes away it silences
+    stdout and calls ``on_closed`` (stop the pipeline)."""
+    stdout_open = [True]
+
+    def show(value: Any, info: FrameInfo) -> None:
+        if quiet or not stdout_open[0]:
+            return
+        try:
+            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
+        except OSError as e:
+            # The reader went away (`| head`: EPIPE, Python ignores SIGPIPE) or the terminal
+            # hung up (EIO): stop like on SIGTERM instead of dying with the workers running.
+            stdout_open[0] = False
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere
+            os.close(devnull)
+            logging.getLogger("remotemedia.cli").warning("stdout closed (%s): stopping the pipeline", e.strerror or e)
+            on_closed()
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover

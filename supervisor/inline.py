@@ -37,7 +37,6 @@ multiprocess runs) they are ignored, except ``on_error``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import threading
@@ -48,7 +47,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from remotemedia.errors import ExecutorOptionError, NodeError, NodeInitError, NodeTypeError, SupervisorError
 from remotemedia.frames import Frame, FrameInfo
-from remotemedia.node import ON_ERROR_POLICIES, Node, Source, iterate_async
+from remotemedia.node import ON_ERROR_POLICIES, Node, Source, iter_generated, iter_outputs
 from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
 
 from .arbiter import RunReport, as_pipeline
@@ -238,18 +237,8 @@ class _InlineRun:
     def emit_result(self, name: str, st: _Stage, result: Any) -> None:
         if result is None:
             return
-        if inspect.isawaitable(result):
-            result = self.event_loop().run_until_complete(result)
-        if inspect.isgenerator(result):
-            for item in result:
-                if item is not None:
-                    self.emit(name, st, item)
-        elif inspect.isasyncgen(result):
-            for item in iterate_async(self.event_loop(), result):
-                if item is not None:
-                    self.emit(name, st, item)
-        elif result is not None:
-            self.emit(name, st, result)
+        for item in iter_outputs(result, self.event_loop):
+            self.emit(name, st, item)
 
     def failed(self, name: str, st: _Stage, e: Exception, seq: Optional[int]) -> None:
         st.errors += 1
@@ -304,12 +293,7 @@ class _InlineRun:
                 yield key, value, origin, t0
 
     def generator(self, name: str, st: _Stage) -> Iterator[Any]:
-        gen = st.node.generate()
-        if inspect.isasyncgen(gen):
-            return iterate_async(self.event_loop(), gen)
-        if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
-            return iter(gen)
-        return gen
+        return iter_generated(st.node.generate(), self.event_loop)
 
     def run(self, inputs: Optional[Iterable[Any]]) -> None:
         it = iter(inputs) if inputs is not None else None

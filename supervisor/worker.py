@@ -23,7 +23,6 @@ Heartbeat, Done, and commit points in its status block) and obeys. Exit codes ar
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import numpy as np
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import LoanError, OutputSerializationError, SharedMemoryFullError
 from remotemedia.frames import Frame, FrameInfo, decode, encode
-from remotemedia.node import Node, iterate_async
+from remotemedia.node import Node, iter_generated, iter_outputs
 
 from .channels import KIND_DATA, KIND_EOS, MAX_LOANED, InPort, OutPort
 from .protocol import (
@@ -528,18 +527,8 @@ class Runner:
         if t is np.ndarray or t is dict or t is bytes or t is str or t is tuple or t is list:
             self.emit(result)  # the common cases, without the inspect checks below
             return
-        if inspect.isawaitable(result):
-            result = self.event_loop().run_until_complete(result)
-        if inspect.isgenerator(result):
-            for item in result:
-                if item is not None:
-                    self.emit(item)
-        elif inspect.isasyncgen(result):
-            for item in iterate_async(self.event_loop(), result):
-                if item is not None:
-                    self.emit(item)
-        elif result is not None:
-            self.emit(result)
+        for item in iter_outputs(result, self.event_loop):
+            self.emit(item)
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -753,11 +742,7 @@ class Runner:
     # ------------------------------------------------------------------ source
 
     def start_source(self) -> None:
-        gen = self.node.generate()
-        if inspect.isasyncgen(gen):
-            gen = iterate_async(self.event_loop(), gen)
-        elif not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
-            gen = iter(gen)
+        gen = iter_generated(self.node.generate(), self.event_loop)
         # A restarted deterministic source skips what was already committed downstream.
         for _ in range(self.source_position):
             try:
