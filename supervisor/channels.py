@@ -116,14 +116,10 @@ class OutPort:
         self.lossless = spec.lossless
         self.depth, self.max_bytes = spec.depth, spec.max_bytes
         self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
-        try:
-            # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
-            # was taken, because iceoryx2 drops the samples of a publisher that is gone.
-            self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
-            self.notifier = bridge.Notifier(node, spec.dst_inbox)
-        except BaseException:
-            _close_all(self.pub, getattr(self, "ack_sub", None))
-            raise
+        # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
+        # was taken, because iceoryx2 drops the samples of a publisher that is gone.
+        self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
+        self.notifier = bridge.Notifier(node, spec.dst_inbox)
         self.next_seq = next_seq
         # counts of frames the consumer has processed / committed
         self.processed = self.committed = max(next_seq, committed)
@@ -415,10 +411,11 @@ class OutPort:
         return not self.retained
 
     def close(self) -> None:
-        """Release every iceoryx2 port of this end (idempotent)."""
         self.retained.clear()
         self.retained_bytes = 0
-        _close_all(self.pub, self.ack_sub, self.notifier)
+        self.pub.close()
+        if self.ack_sub is not None:
+            self.ack_sub.close()
 
 
 class InPort:
@@ -429,12 +426,8 @@ class InPort:
         self.index, self.src = spec.index, spec.src
         self.lossless = spec.lossless
         self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
-        try:
-            self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
-            self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
-        except BaseException:
-            _close_all(self.sub, getattr(self, "ack_pub", None))
-            raise
+        self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
+        self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
         self.expected = expected
         self.eos = False
         self.eos_seq: Optional[int] = None
@@ -590,17 +583,9 @@ class InPort:
         return self.sub.borrowed >= self.borrow_limit
 
     def close(self) -> None:
-        """Release every iceoryx2 port of this end (idempotent). Frames already received
-        stay valid: each keeps its chunk until it is gone."""
-        _close_all(self.sub, self.ack_pub, self.ack_notifier)
-
-
-def _close_all(*ports: Any) -> None:
-    """Close bridge ports. A closed port keeps nothing of the run (no file, no mapping), so a
-    reference left behind (a traceback, a cycle) cannot hold a finished run's files."""
-    for port in ports:
-        if port is not None:
-            port.close()
+        self.sub.close()
+        if self.ack_pub is not None:
+            self.ack_pub.close()
 
 
 def split_frame(value: Any) -> Tuple[Any, Optional[int]]:
