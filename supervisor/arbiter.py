@@ -1411,7 +1411,10 @@ class Supervisor:
     def _consumer_finished(self, e: EdgeSpec) -> bool:
         if e.dst == OUTPUT:
             return any(p.eos for p in self._out_ports if p.spec.index == e.index)
-        return self.workers[e.dst].done
+        w = self.workers[e.dst]
+        # (its final commit arrives before Done: a producer restarted in between must not
+        # wait for acks of an end of stream the finished consumer will never send)
+        return w.done or w.final_commit
 
     def reap_workers(self) -> None:
         """Collect the exit status of every worker that exited (each child by its own

@@ -290,6 +290,11 @@ class Runner:
             msgs = self.chan.receive()
         except ChannelClosed:
             raise _Abort("supervisor closed the control channel") from None
+        self.handle_control(msgs)
+        return bool(msgs)
+
+    def handle_control(self, msgs: Sequence[Any]) -> None:
+        """Act on control messages from the supervisor (those read with Setup too)."""
         for msg in msgs:
             if isinstance(msg, Acked):
                 port = self.by_edge_out.get(msg.edge)
@@ -305,7 +310,6 @@ class Runner:
                 self.draining = True
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
-        return bool(msgs)
 
     def wait(self, timeout: float) -> None:
         deadline = self.next_heartbeat
@@ -1000,14 +1004,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     chan = ControlChannel.from_fd(args.fd)
     try:
         chan.send(Hello(os.getpid()))
-        setup = None
-        while setup is None:
-            msgs = _blocking_receive(chan)
-            setup = next((m for m in msgs if isinstance(m, Setup)), None)
-            if any(isinstance(m, Abort) for m in msgs):
-                return EXIT_ABORTED  # stopped before it began (the Abort may share a read with Setup)
+        setup, early = await_setup(chan)
     except (ChannelClosed, _Abort):
         return EXIT_SETUP_ERROR
+    if any(isinstance(m, Abort) for m in early):
+        return EXIT_ABORTED  # stopped before it began (the Abort may share a read with Setup)
     spec = setup.spec
     _configure_logging(spec)
 
@@ -1045,6 +1046,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     code = EXIT_OK
     try:
         chan.send(Ready(os.getpid(), time.monotonic() - t0))
+        runner.handle_control(early)
         prof_dir = os.environ.get("REMOTEMEDIA_PROFILE_DIR")
         if prof_dir:  # development aid: a cProfile of the worker loop per node
             import cProfile
@@ -1073,6 +1075,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ChannelClosed:
             pass
     return code
+
+
+def await_setup(chan: ControlChannel) -> Tuple[Setup, List[Any]]:
+    """Wait for the Setup message; also return the messages read with it. Those must not be
+    lost: the supervisor relays acks to a worker while it starts (a consumer's final commit
+    is relayed only once), and a restarted producer whose end of stream was committed while
+    it was down would otherwise wait for that ack forever."""
+    early: List[Any] = []
+    while True:
+        msgs = _blocking_receive(chan)
+        setup = next((m for m in msgs if isinstance(m, Setup)), None)
+        early.extend(m for m in msgs if m is not setup)
+        if setup is not None or any(isinstance(m, Abort) for m in early):
+            return setup, early  # type: ignore[return-value]
 
 
 def _fail_and_wait(chan: ControlChannel, e: BaseException) -> int:

@@ -21,10 +21,10 @@ from remotemedia import Group, Node, Pipeline, Supervisor
 from remotemedia.frames import encode
 from remotemedia.nodes import PassThroughNode, RangeSource
 from supervisor import resources
-from supervisor.channels import KIND_DATA, InPort, OutPort
-from supervisor.protocol import ControlChannel, EdgeSpec, RestoreState, WorkerSpec, socketpair
+from supervisor.channels import KIND_DATA, KIND_EOS, InPort, OutPort
+from supervisor.protocol import Acked, ControlChannel, EdgeSpec, RestoreState, Setup, WorkerSpec, socketpair
 from supervisor.scoreboard import Scoreboard
-from supervisor.worker import Runner
+from supervisor.worker import Runner, await_setup
 
 
 class Tag(Node):
@@ -199,6 +199,32 @@ def test_restart_consumes_replayed_frames_in_the_recorded_order(tmp_path):
         # the status block holds the order of every frame after the commit (3 frames)
         assert rig.board.read_order(3) == [1, 1, 0, 1, 0, 0] + [0 if v[0] == "x" else 1 for v in seen[6:]]
     finally:
+        rig.close()
+
+
+def test_an_ack_read_with_setup_reaches_the_restarted_worker(tmp_path):
+    # A producer restarted after its end of stream was sent, and its consumer's final commit
+    # (relayed once, as Acked) came while it was starting: the Acked shares a read with
+    # Setup. Dropped, the producer waited in finish() for that ack forever (the consumer
+    # has exited), and the run never ended.
+    rig = Rig(tmp_path)
+    sup, child = socketpair()
+    try:
+        out = rig.runner.outputs[0]
+        sup_chan, worker_chan = ControlChannel(sup), ControlChannel(child)
+        sup_chan.send(Setup(rig.runner.spec, None))
+        sup_chan.send(Acked(out.spec.index, 1, 1))
+        time.sleep(0.05)  # (both in one read)
+        setup, early = await_setup(worker_chan)
+        assert isinstance(setup, Setup)
+        assert [type(m) for m in early] == [Acked]
+        out.send(KIND_EOS, b"", [])
+        assert not out.fully_acked
+        rig.runner.handle_control(early)
+        assert out.fully_acked
+    finally:
+        sup.close()
+        child.close()
         rig.close()
 
 
