@@ -36,13 +36,12 @@ In a manifest, a group is an entry of type ``Group`` whose ``params.nodes`` list
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .errors import InvalidNodeNameError, NodeTypeError
 from .frames import Frame
-from .node import Node, Source, iterate_async
+from .node import Node, Source, iter_outputs
 from .registry import register_node
 
 __all__ = ["Group"]
@@ -193,18 +192,7 @@ class Group(Node):
         """Outputs of one member call, whatever its form (value, None, generator, awaitable,
         async generator), without the Nones."""
         try:
-            r = fn(*args)
-            if r is None:
-                return []
-            if inspect.isawaitable(r):
-                r = self._event_loop().run_until_complete(r)
-                if r is None:
-                    return []
-            if inspect.isgenerator(r):
-                return [x for x in r if x is not None]
-            if inspect.isasyncgen(r):
-                return [x for x in iterate_async(self._event_loop(), r) if x is not None]
-            return [r]
+            return list(iter_outputs(fn(*args), self._event_loop))
         except BaseException as e:
             e.add_note(f"in {getattr(fn, '__name__', 'process')}() of {m.name!r}, member of group {self.name!r}")
             raise
