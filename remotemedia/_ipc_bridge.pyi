@@ -44,14 +44,22 @@ def remove_stale_resources(prefix: str, root: str) -> Tuple[int, int]:
 class Node:
     """The iceoryx2 node of this process. Every file it and its ports create lives under
     ``root`` (an existing directory, the run's private one: see ``supervisor.resources``) and
-    starts with ``prefix``; nothing goes to /dev/shm or /tmp/iceoryx2 directly."""
+    starts with ``prefix``; nothing goes to /dev/shm or /tmp/iceoryx2 directly.
+
+    Every bridge object has ``close()``: it releases the object's iceoryx2 port (or node),
+    and what it kept alive, at once, so that a closed object holds no file and no mapping of
+    the run however long Python keeps it. The node's files go once it and every port made
+    from it are closed (or gone), and no Sample of it is left."""
 
     prefix: str
     name: str
     root: str
+    closed: bool
     def __init__(self, prefix: str, name: str, root: str) -> None: ...
     def cleanup_dead_nodes(self) -> Tuple[int, int]:
         """Remove the stale resources of dead nodes of this prefix: ``(cleaned, failed)``."""
+    def close(self) -> None:
+        """Release the node; creating a port on it raises TransportError afterwards."""
 
 class Publisher:
     """Producer end of a frame service. ``send`` never blocks; it returns 0 when the frame was
@@ -108,7 +116,8 @@ class Publisher:
     def loan(self, nbytes: int, meta_reserve: int = 4032) -> Loan:
         """A chunk whose single buffer of ``nbytes`` is written in place (zero-copy send)."""
     def update_connections(self) -> None: ...
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the port, its service and the node (TransportError afterwards)."""
 
 class Loan:
     """Writable buffer over a loaned chunk; ``send`` publishes it without a copy."""
@@ -171,7 +180,8 @@ class Subscriber:
         frame ``expected`` like the learned one and fewer than ``borrow_limit`` frames are held;
         otherwise the Sample; None when the queue is empty."""
     def has_samples(self) -> bool: ...
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the port, its service and the node; Samples received stay valid."""
 
 class Sample:
     """A received frame: read-only buffer over its shared-memory payload, released when the
@@ -198,13 +208,18 @@ class Notifier:
         """Wake every listener; returns how many there are. Then yields the CPU when
         ``yield_unless_queued`` subscribers are set and none has a frame queued."""
     def yield_unless_queued(self, subscribers: Sequence[Subscriber]) -> None: ...
+    def close(self) -> None:
+        """Release the port, its service and the node (TransportError afterwards)."""
 
 class Listener:
     service: str
     spin_budget_ns: int
     def __init__(self, node: Node, service: str, *, max_notifiers: int = 64) -> None: ...
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """-1 once closed."""
     def drain(self) -> int: ...
+    def close(self) -> None:
+        """Release the port, its service and the node (not while another thread waits)."""
     def wait(
         self,
         timeout: Optional[float] = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import inspect
 import logging
 import os
 import queue
@@ -150,6 +151,69 @@ def _encode_input(value: Any, what: str) -> Tuple[bytes, List[Any], int]:
             path, err = "", e
         raise FrameSerializationError(what, f"{type(err).__name__}: {err}", path.lstrip(".") or None) from e
     return meta, bufs, stream_id or 0
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _forget_locals(err: Optional[BaseException]) -> None:
+    """Clear the local variables of the finished frames an error of the arbiter thread holds:
+    those of its traceback and of its causes, and their callers. The lines stay for the
+    report; the locals (the Supervisor, ports, received frames) would otherwise live as long
+    as the error does, in a reference cycle through the Supervisor that only the garbage
+    collector frees."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+        tb = e.__traceback__
+        while tb is not None:
+            frame: Any = tb.tb_frame
+            # (a generator's frame is not cleared: that would close the generator)
+            while frame is not None and not frame.f_code.co_flags & _GENERATOR_FLAGS:
+                try:
+                    frame.clear()
+                except RuntimeError:
+                    pass  # still executing (the arbiter's own frame): freed when it returns
+                frame = frame.f_back
+            tb = tb.tb_next
+
+
+class _Outputs(queue.Queue):  # type: ignore[type-arg]
+    """The caller's queue of ``(kind, value, info)``. An output decoded zero-copy is a view
+    on its received chunk: :meth:`lend` keeps its Sample beside it until the caller takes
+    it, and :meth:`settle`, at the end of the run, turns the outputs nobody took into private
+    copies, so that outputs waiting in a finished Supervisor never hold the run's shared
+    memory."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._lent: Dict[int, Any] = {}
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self._lent.pop(id(item), None)  # (under the queue's lock, as settle)
+        return item
+
+    def lend(self, item: Tuple[str, Any, Any], sample: Any) -> None:
+        self._lent[id(item)] = sample
+        self.put(item)
+
+    def settle(self) -> None:
+        with self.mutex:
+            for i in range(len(self.queue)):
+                item = self.queue[i]
+                sample = self._lent.pop(id(item), None)
+                if sample is None:
+                    continue
+                try:
+                    self.queue[i] = (item[0], decode(sample, copy=True), item[2])
+                except Exception:  # (it decoded once; should it not again, the view stays)
+                    log.exception("could not copy an output out of shared memory")
+            self._lent.clear()
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -455,7 +519,10 @@ class Supervisor:
         self._ready = threading.Event()
         self._finished = threading.Event()
         self._error: Optional[BaseException] = None
-        self._outq: "queue.Queue[Tuple[str, Any, Any]]" = queue.Queue()
+        self._outq = _Outputs()
+        # run() collects the outputs and returns them after the run: copies, not views on the
+        # memory of a finished run
+        self._copy_outputs = False
         self._inq: "queue.Queue[Any]" = queue.Queue(maxsize=max(2, 2 * queue_depth))
         self._cmds: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -651,6 +718,7 @@ class Supervisor:
                 "for another run (Pipeline.run() does that on every call)"
             )
         self._run_called = True
+        self._copy_outputs = on_output is None
         restore = self._install_signal_handlers()
         try:
             if self._thread is None:
@@ -867,13 +935,21 @@ class Supervisor:
     # ================================================================== arbiter thread
 
     def _thread_main(self) -> None:
+        # Every iceoryx2 object is kept here from its creation on, so that _shutdown closes
+        # it whatever fails (see _release_ports).
+        self._iox: Any = None
+        self._inbox: Any = None
+        self._in_ports: List[OutPort] = []
+        self._out_ports: List[InPort] = []
         try:
             resources.cleanup_stale_runs()
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.prefix, "supervisor", self.root)
             self._inbox = bridge.Listener(self._iox, "in/sup")
-            self._in_ports = [OutPort(self._iox, e) for e in self._input_edges]
-            self._out_ports = [InPort(self._iox, e) for e in self._output_edges]
+            for e in self._input_edges:
+                self._in_ports.append(OutPort(self._iox, e))
+            for e in self._output_edges:
+                self._out_ports.append(InPort(self._iox, e))
             self._input_iter: Optional[Iterator[Any]] = None
             self._iter_position = 0  # items taken from run()'s inputs (for error messages)
             self._inputs_closed = False
@@ -894,6 +970,7 @@ class Supervisor:
                 self._explain_shm_full(e)  # (before it is logged)
             log.exception("supervisor %s failed", self.name)
             self._fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
+            _forget_locals(e)  # (kept by log records too, also when the error raised is a wrapper)
         finally:
             self._shutdown()
 
@@ -1237,9 +1314,14 @@ class Supervisor:
                 if s.kind == Kind.EOS:
                     continue
                 info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.spec.src)
-                value = decode(s, copy=p.should_copy())
+                views = bool(s.buffers)  # (a value unpickled from the meta alone holds no view)
+                copy = p.should_copy() or (views and self._copy_outputs)
+                value = decode(s, copy=copy)
+                if copy or not views:
+                    self._outq.put(("data", value, info))
+                else:
+                    self._outq.lend(("data", value, info), s)
                 del s
-                self._outq.put(("data", value, info))
             if last is not None or p.dup_pending:
                 n = p.expected  # the caller's queue is the end of the line: received = committed
                 p.ack(n, n)
@@ -1763,6 +1845,22 @@ class Supervisor:
         committed = min(min(p.committed, sent) for p in ports)
         return sent - committed + self._inq.qsize()
 
+    def _release_ports(self) -> None:
+        """Close every iceoryx2 object of the supervisor: its ports, its inbox, its node. A
+        closed bridge object holds no file and no mapping, so whatever Python objects still
+        reference them (an error's traceback, a cycle the garbage collector has not reached),
+        a finished run keeps nothing in this process. Only frames the caller still holds
+        (zero-copy outputs of recv()) keep their own chunks."""
+        ports = [*getattr(self, "_in_ports", []), *getattr(self, "_out_ports", [])]
+        self._in_ports, self._out_ports = [], []
+        inbox, node = getattr(self, "_inbox", None), getattr(self, "_iox", None)
+        self._inbox = self._iox = None
+        for p in ports:
+            p.close()
+        for obj in (inbox, node):
+            if obj is not None:
+                obj.close()
+
     def _shutdown(self) -> None:
         """Make sure nothing is left: processes, ports, shared memory."""
         try:
@@ -1780,11 +1878,8 @@ class Supervisor:
                 if w.chan is not None:
                     w.chan.close()
             self._unprocessed_inputs = self._count_unprocessed_inputs()
-            for p in getattr(self, "_in_ports", []):
-                p.close()
-            for p in getattr(self, "_out_ports", []):
-                p.close()
-            self._in_ports, self._out_ports = [], []
+            self._release_ports()
+            self._outq.settle()
             for w in self.workers.values():
                 if w.board is not None:
                     w.board.close()
@@ -1797,8 +1892,6 @@ class Supervisor:
                 self._metrics_server = None
             self._notifier.notify("STOPPING=1")
             self._notifier.close()
-            self._inbox = None  # type: ignore[assignment]
-            self._iox = None  # type: ignore[assignment]
             left = resources.purge(self.root)
             if left:
                 log.warning("could not remove shared-memory files of run %s: %s", self.run_id, left)
@@ -1807,6 +1900,9 @@ class Supervisor:
             if self._error is None:
                 self._error = SupervisorError(f"shutdown failed: {e!r}")
         finally:
+            self._release_ports()  # (again, should the above have failed before them)
+            self._outq.settle()
+            _forget_locals(self._error)
             self._ended_at = time.monotonic()
             self._phase = "finished"
             if not getattr(self, "_eos_queued", False) and self._error is None:

@@ -116,10 +116,14 @@ class OutPort:
         self.lossless = spec.lossless
         self.depth, self.max_bytes = spec.depth, spec.max_bytes
         self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
-        # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
-        # was taken, because iceoryx2 drops the samples of a publisher that is gone.
-        self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
-        self.notifier = bridge.Notifier(node, spec.dst_inbox)
+        try:
+            # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
+            # was taken, because iceoryx2 drops the samples of a publisher that is gone.
+            self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
+            self.notifier = bridge.Notifier(node, spec.dst_inbox)
+        except BaseException:
+            _close_all(self.pub, getattr(self, "ack_sub", None))
+            raise
         self.next_seq = next_seq
         # counts of frames the consumer has processed / committed
         self.processed = self.committed = max(next_seq, committed)
@@ -411,11 +415,10 @@ class OutPort:
         return not self.retained
 
     def close(self) -> None:
+        """Release every iceoryx2 port of this end (idempotent)."""
         self.retained.clear()
         self.retained_bytes = 0
-        self.pub.close()
-        if self.ack_sub is not None:
-            self.ack_sub.close()
+        _close_all(self.pub, self.ack_sub, self.notifier)
 
 
 class InPort:
@@ -426,8 +429,12 @@ class InPort:
         self.index, self.src = spec.index, spec.src
         self.lossless = spec.lossless
         self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
-        self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
-        self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
+        try:
+            self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
+            self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
+        except BaseException:
+            _close_all(self.sub, getattr(self, "ack_pub", None))
+            raise
         self.expected = expected
         self.eos = False
         self.eos_seq: Optional[int] = None
@@ -583,9 +590,17 @@ class InPort:
         return self.sub.borrowed >= self.borrow_limit
 
     def close(self) -> None:
-        self.sub.close()
-        if self.ack_pub is not None:
-            self.ack_pub.close()
+        """Release every iceoryx2 port of this end (idempotent). Frames already received
+        stay valid: each keeps its chunk until it is gone."""
+        _close_all(self.sub, self.ack_pub, self.ack_notifier)
+
+
+def _close_all(*ports: Any) -> None:
+    """Close bridge ports. A closed port keeps nothing of the run (no file, no mapping), so a
+    reference left behind (a traceback, a cycle) cannot hold a finished run's files."""
+    for port in ports:
+        if port is not None:
+            port.close()
 
 
 def split_frame(value: Any) -> Tuple[Any, Optional[int]]:

@@ -952,6 +952,9 @@ class Runner:
         }
 
     def close(self) -> None:
+        """Release every iceoryx2 object of the worker (a closed one holds no file, whatever
+        still references it: the node's allocator, a cycle)."""
+        self._release_loans()
         for p in self.outputs:
             p.close()
         for p in self.inputs:
@@ -959,6 +962,9 @@ class Runner:
         self.outputs = []
         self._out1 = None
         self.inputs = []
+        self.by_edge_in, self.by_edge_out, self._lossless_out = {}, {}, []
+        self.inbox.close()
+        self.iox.close()
         if self._loop is not None:
             self._loop.close()
         if self.board is not None:

@@ -6,10 +6,14 @@ session's own, and concurrent sessions on one host never see each other's runs.
 
 ``no_leaks`` (autouse) checks after every test that it left no worker process and no run
 behind: no child process of the test runner, and no new entry in the session's directory.
+``no_held_runs`` (autouse) checks that this process holds no file of a finished run (open or
+mapped) that a garbage collection would not release; tests/test_release.py checks, with the
+collector off, that a run releases everything without one.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -103,3 +107,51 @@ class OnceFile:
             return False
         os.close(fd)
         return True
+
+
+def held_files_of_finished_runs() -> List[str]:
+    """Files of this session's runs whose directory is gone (finished runs) that this process
+    still holds open or maps."""
+    base = SESSION_SHM_DIR.rstrip("/") + "/"
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) > 5:
+                paths.add(parts[5].strip())
+    out = []
+    for p in paths:
+        if p.startswith(base):
+            run = p[len(base):].split("/")[0].removesuffix(" (deleted)")
+            if not os.path.exists(base + run):
+                out.append(p)
+    return sorted(out)
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    if outcome.get_result().failed:
+        item.stash[_FAILED] = True  # (its traceback keeps the test's locals)
+
+
+@pytest.fixture(autouse=True)
+def no_held_runs(request: pytest.FixtureRequest):
+    yield
+    if request.node.stash.get(_FAILED, False):
+        return
+    deadline = time.monotonic() + 10.0  # a run's thread may still be finishing
+    while held_files_of_finished_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if held_files_of_finished_runs():
+        gc.collect()  # what a cycle holds is tests/test_release.py's business; this is for the rest
+    held = held_files_of_finished_runs()
+    assert not held, f"this process still holds files of finished runs: {held[:10]}"

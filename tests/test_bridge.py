@@ -25,7 +25,7 @@ def node():
     run = resources.new_run()
     n = b.Node(run.prefix, "test", run.root)
     yield n
-    del n
+    n.close()  # (pytest holds the object until the test is torn down)
     assert resources.purge(run.root) == []
 
 

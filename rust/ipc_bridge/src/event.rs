@@ -12,30 +12,30 @@ use iceoryx2::service::port_factory::event::PortFactory;
 use pyo3::prelude::*;
 
 use crate::errors::{port_err, service_err, transport_err, wait_err};
-use crate::node::{Node, Svc};
+use crate::node::{Anchor, Node, Svc};
 use crate::pubsub::Subscriber;
 
 fn open_event(node: &Node, name: &str, max_notifiers: usize) -> PyResult<PortFactory<Svc>> {
     let service_name =
         ServiceName::new(name).map_err(|e| service_err(format!("invalid event service name {name:?}"), e))?;
-    node.inner
-        .service_builder(&service_name)
-        .event()
-        .max_notifiers(max_notifiers)
-        .max_listeners(2)
-        .open_or_create()
-        .map_err(|e| service_err(format!("opening event service {name:?}"), e))
+    node.with(|n| {
+        n.service_builder(&service_name)
+            .event()
+            .max_notifiers(max_notifiers)
+            .max_listeners(2)
+            .open_or_create()
+            .map_err(|e| service_err(format!("opening event service {name:?}"), e))
+    })
 }
 
 /// Wakes the listener(s) of an event service.
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Notifier {
-    notifier: IoxNotifier<Svc>,
+    notifier: Mutex<Option<IoxNotifier<Svc>>>,
     yield_unless: Mutex<Vec<Py<Subscriber>>>,
     #[pyo3(get)]
     service: String,
-    _factory: PortFactory<Svc>,
-    _node: Py<Node>,
+    anchor: Anchor<PortFactory<Svc>>,
 }
 
 #[pymethods]
@@ -48,13 +48,19 @@ impl Notifier {
             .notifier_builder()
             .create()
             .map_err(|e| port_err(format!("creating notifier on {service:?}"), e))?;
-        Ok(Self { notifier, yield_unless: Mutex::new(Vec::new()), service: service.to_owned(), _factory: factory, _node: node })
+        Ok(Self {
+            notifier: Mutex::new(Some(notifier)),
+            yield_unless: Mutex::new(Vec::new()),
+            service: service.to_owned(),
+            anchor: Anchor::new(factory, node),
+        })
     }
 
     /// Wakes every listener, ignoring failures (a consumer that is gone is woken by its
-    /// restart, not by us).
+    /// restart, not by us; a closed notifier wakes nobody).
     pub(crate) fn notify_quiet(&self, py: Python<'_>) {
-        if self.notifier.notify().is_ok() {
+        let sent = self.notifier.lock().expect("notifier mutex poisoned").as_ref().map(|n| n.notify().is_ok());
+        if sent == Some(true) {
             self.after_notify(py);
         }
     }
@@ -74,10 +80,10 @@ impl Notifier {
     /// Wakes every listener. Returns how many listeners were notified (0 when none is
     /// attached, e.g. while the consumer restarts).
     fn notify(&self, py: Python<'_>) -> PyResult<usize> {
-        let n = self
-            .notifier
-            .notify()
-            .map_err(|e| wait_err(format!("notifying {:?}", self.service), e))?;
+        let n = match self.notifier.lock().expect("notifier mutex poisoned").as_ref() {
+            Some(n) => n.notify().map_err(|e| wait_err(format!("notifying {:?}", self.service), e))?,
+            None => return Err(transport_err(format!("notifier of {:?} is closed", self.service))),
+        };
         self.after_notify(py);
         Ok(n)
     }
@@ -87,25 +93,36 @@ impl Notifier {
     fn yield_unless_queued(&self, subscribers: Vec<Py<Subscriber>>) {
         *self.yield_unless.lock().expect("notifier mutex poisoned") = subscribers;
     }
+
+    /// Releases the port, its service and its node (`notify()` raises TransportError
+    /// afterwards). Idempotent.
+    fn close(&self) {
+        let notifier = self.notifier.lock().expect("notifier mutex poisoned").take();
+        drop(notifier);
+        let subs = std::mem::take(&mut *self.yield_unless.lock().expect("notifier mutex poisoned"));
+        drop(subs);
+        self.anchor.release();
+    }
 }
 
 /// The inbox of one process: `wait()` blocks, with the GIL released, until a notifier fires,
 /// one of the extra file descriptors becomes readable, or the timeout passes.
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Listener {
-    listener: Mutex<IoxListener<Svc>>,
+    listener: Mutex<Option<IoxListener<Svc>>>,
     fd: i32,
     spin_ns: AtomicU64,
     #[pyo3(get)]
     service: String,
-    _factory: PortFactory<Svc>,
-    _node: Py<Node>,
+    anchor: Anchor<PortFactory<Svc>>,
 }
 
 impl Listener {
     fn drain_inner(&self) -> PyResult<u64> {
-        let l = self.listener.lock().expect("listener mutex poisoned");
-        l.try_wait(|_| {}).map_err(|e| wait_err(format!("draining {:?}", self.service), e))
+        match self.listener.lock().expect("listener mutex poisoned").as_ref() {
+            Some(l) => l.try_wait(|_| {}).map_err(|e| wait_err(format!("draining {:?}", self.service), e)),
+            None => Err(transport_err(format!("listener of {:?} is closed", self.service))),
+        }
     }
 }
 
@@ -121,18 +138,26 @@ impl Listener {
             .map_err(|e| port_err(format!("creating listener on {service:?}"), e))?;
         let fd = unsafe { listener.file_descriptor().native_handle() };
         Ok(Self {
-            listener: Mutex::new(listener),
+            listener: Mutex::new(Some(listener)),
             fd,
             spin_ns: AtomicU64::new(0),
             service: service.to_owned(),
-            _factory: factory,
-            _node: node,
+            anchor: Anchor::new(factory, node),
         })
     }
 
-    /// File descriptor that becomes readable when a notification is pending (for selectors).
+    /// File descriptor that becomes readable when a notification is pending (for selectors);
+    /// -1 once closed (the number may belong to another file by then).
     fn fileno(&self) -> i32 {
-        self.fd
+        if self.listener.lock().expect("listener mutex poisoned").is_some() { self.fd } else { -1 }
+    }
+
+    /// Releases the port (its socket), its service and its node; `wait()` and `drain()` raise
+    /// TransportError afterwards. Not while another thread waits on it. Idempotent.
+    fn close(&self) {
+        let listener = self.listener.lock().expect("listener mutex poisoned").take();
+        drop(listener);
+        self.anchor.release();
     }
 
     /// Consumes every pending notification without blocking; returns how many there were.
@@ -176,7 +201,8 @@ impl Listener {
                     if watch.iter().any(|s| s.get().peek()) {
                         return true;
                     }
-                    if self.listener.lock().map(|l| l.try_wait(|_| {}).unwrap_or(0) > 0).unwrap_or(false) {
+                    let pending = self.listener.lock().map(|g| g.as_ref().is_some_and(|l| l.try_wait(|_| {}).unwrap_or(0) > 0));
+                    if pending.unwrap_or(false) {
                         return true;
                     }
                     if start.elapsed() >= budget {

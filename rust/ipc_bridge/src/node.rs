@@ -1,12 +1,14 @@
 //! iceoryx2 nodes: one per process, configured with the run's private root directory.
 
+use std::sync::Mutex;
+
 use iceoryx2::config::Config;
 use iceoryx2::node::{NodeState, NodeView};
 use iceoryx2::prelude::*;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::errors::{port_err, service_err};
+use crate::errors::{port_err, service_err, transport_err};
 
 /// Every storage file based, under the root path (see `service.rs`).
 pub type Svc = crate::service::PrivateService;
@@ -42,18 +44,31 @@ pub fn make_config(prefix: &str, root: &str) -> PyResult<Config> {
     Ok(cfg)
 }
 
-/// An iceoryx2 node of this process. Ports created from it keep it alive.
+/// An iceoryx2 node of this process. Ports created from it keep it alive until they are
+/// closed; `close()` releases the node itself (its files under the root), so a finished run
+/// holds nothing whatever Python objects still reference it.
 ///
 /// Signal handling of iceoryx2 is disabled: signals belong to the Python process.
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Node {
-    pub(crate) inner: iceoryx2::node::Node<Svc>,
+    inner: Mutex<Option<iceoryx2::node::Node<Svc>>>,
     #[pyo3(get)]
     prefix: String,
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
     root: String,
+}
+
+impl Node {
+    /// Runs `f` with the iceoryx2 node; TransportError once it is closed.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&iceoryx2::node::Node<Svc>) -> PyResult<R>) -> PyResult<R> {
+        let guard = self.inner.lock().expect("node mutex poisoned");
+        match guard.as_ref() {
+            Some(n) => f(n),
+            None => Err(transport_err(format!("iceoryx2 node {:?} of {:?} is closed", self.name, self.root))),
+        }
+    }
 }
 
 #[pymethods]
@@ -73,18 +88,55 @@ impl Node {
         let inner = builder
             .create::<Svc>()
             .map_err(|e| port_err(format!("creating iceoryx2 node {name:?} with prefix {prefix:?}"), e))?;
-        Ok(Self { inner, prefix: prefix.to_owned(), name: name.to_owned(), root: root.to_owned() })
+        Ok(Self { inner: Mutex::new(Some(inner)), prefix: prefix.to_owned(), name: name.to_owned(), root: root.to_owned() })
     }
 
     /// Removes the stale resources of every dead node of this prefix (crashed processes).
     /// Returns `(cleaned, failed)`.
-    fn cleanup_dead_nodes(&self, py: Python<'_>) -> (u64, u64) {
-        let state = py.detach(|| self.inner.try_cleanup_dead_nodes());
-        (state.cleanups, state.failed_cleanups)
+    fn cleanup_dead_nodes(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        // The lock is taken without the GIL: holding it while taking the GIL back could
+        // deadlock with a thread that holds the GIL and waits for the lock.
+        py.detach(|| {
+            let guard = self.inner.lock().expect("node mutex poisoned");
+            guard.as_ref().map(|n| n.try_cleanup_dead_nodes())
+        })
+        .map(|state| (state.cleanups, state.failed_cleanups))
+        .ok_or_else(|| transport_err(format!("iceoryx2 node {:?} of {:?} is closed", self.name, self.root)))
+    }
+
+    /// Releases the node (its files under the root go once no port of it is left open);
+    /// creating a port on it afterwards raises TransportError. Idempotent.
+    fn close(&self) {
+        let node = self.inner.lock().expect("node mutex poisoned").take();
+        drop(node);
+    }
+
+    /// True once `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().expect("node mutex poisoned").is_none()
     }
 
     fn __repr__(&self) -> String {
         format!("<ipc_bridge.Node name={:?} prefix={:?} root={:?}>", self.name, self.prefix, self.root)
+    }
+}
+
+/// What a port holds only to keep its service and its node alive while it is open: its
+/// service's factory and the Node object. The port's `close()` drops it together with the
+/// iceoryx2 port, so a closed port keeps nothing of a run, however long Python keeps the
+/// closed object (a traceback, a reference cycle awaiting the garbage collector).
+pub(crate) struct Anchor<F>(Mutex<Option<(F, Py<Node>)>>);
+
+impl<F> Anchor<F> {
+    pub(crate) fn new(factory: F, node: Py<Node>) -> Self {
+        Self(Mutex::new(Some((factory, node))))
+    }
+
+    /// Drops the factory and the reference to the node (the caller holds the GIL).
+    pub(crate) fn release(&self) {
+        let kept = self.0.lock().expect("anchor mutex poisoned").take();
+        drop(kept);
     }
 }
 

@@ -20,7 +20,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, shm_full_err, transport_err};
 use crate::layout;
 use crate::event::Notifier;
-use crate::node::{Node, Svc};
+use crate::node::{Anchor, Node, Svc};
 use crate::reserve::{self, Plan, Reserver};
 
 /// Kind of an ordinary data frame; other kinds are defined by Python.
@@ -80,30 +80,31 @@ struct ChannelOpts {
 fn open_service(node: &Node, name: &str, o: ChannelOpts) -> PyResult<Factory> {
     let service_name = ServiceName::new(name)
         .map_err(|e| service_err(format!("invalid service name {name:?}"), e))?;
-    node.inner
-        .service_builder(&service_name)
-        .publish_subscribe::<[u8]>()
-        .user_header::<FrameHeader>()
-        // Buffer offsets are multiples of BUFFER_ALIGN; the payload start must be too.
-        .payload_alignment(Alignment::new(layout::BUFFER_ALIGN).expect("power of two"))
-        .max_publishers(o.max_publishers)
-        .max_subscribers(o.max_subscribers)
-        .subscriber_max_buffer_size(o.buffer_size)
-        .subscriber_max_borrowed_samples(o.max_borrowed)
-        .history_size(o.history)
-        .enable_safe_overflow(o.safe_overflow)
-        .max_nodes(o.max_nodes)
-        .open_or_create()
-        .map_err(|e| {
-            service_err(
-                format!(
-                    "opening frame service {name:?} ({o:?}); both ends must use the same settings \
-                     and the same iceoryx2 release ({})",
-                    crate::ICEORYX2_VERSION
-                ),
-                e,
-            )
-        })
+    node.with(|n| {
+        n.service_builder(&service_name)
+            .publish_subscribe::<[u8]>()
+            .user_header::<FrameHeader>()
+            // Buffer offsets are multiples of BUFFER_ALIGN; the payload start must be too.
+            .payload_alignment(Alignment::new(layout::BUFFER_ALIGN).expect("power of two"))
+            .max_publishers(o.max_publishers)
+            .max_subscribers(o.max_subscribers)
+            .subscriber_max_buffer_size(o.buffer_size)
+            .subscriber_max_borrowed_samples(o.max_borrowed)
+            .history_size(o.history)
+            .enable_safe_overflow(o.safe_overflow)
+            .max_nodes(o.max_nodes)
+            .open_or_create()
+            .map_err(|e| {
+                service_err(
+                    format!(
+                        "opening frame service {name:?} ({o:?}); both ends must use the same settings \
+                         and the same iceoryx2 release ({})",
+                        crate::ICEORYX2_VERSION
+                    ),
+                    e,
+                )
+            })
+    })
 }
 
 /// Address of the first byte of a contiguous buffer-protocol object. The worker uses it to
@@ -176,8 +177,7 @@ pub struct Publisher {
     #[pyo3(get)]
     service: String,
     tx_cache: Mutex<Option<TxCache>>,
-    _factory: Factory,
-    _node: Py<Node>,
+    anchor: Anchor<Factory>,
 }
 
 /// The iceoryx2 publisher (None once closed) and what is known of its chunks, under one lock:
@@ -315,8 +315,7 @@ impl Publisher {
             port: Mutex::new(Port { publisher: Some(publisher), reserver: Reserver::default() }),
             service: service.to_owned(),
             tx_cache: Mutex::new(None),
-            _factory: factory,
-            _node: node,
+            anchor: Anchor::new(factory, node),
         })
     }
 
@@ -435,9 +434,19 @@ impl Publisher {
         self.with(|p| p.update_connections().map_err(|e| send_err(format!("updating connections of {:?}", self.service), e)))
     }
 
-    /// Releases the port (further calls raise TransportError).
+    /// Releases the port, its service and its node (further calls raise TransportError).
+    /// Frames sent stay with their subscribers; a pending Loan keeps its chunk until it is
+    /// sent or discarded. Idempotent.
     fn close(&self) {
-        self.port.lock().expect("publisher mutex poisoned").publisher.take();
+        let port = {
+            let mut guard = self.port.lock().expect("publisher mutex poisoned");
+            // (the reserver holds the segment's file and directory open)
+            (guard.publisher.take(), std::mem::take(&mut guard.reserver))
+        };
+        drop(port);
+        let cache = self.tx_cache.lock().expect("publisher cache poisoned").take();
+        drop(cache);
+        self.anchor.release();
     }
 
     fn __repr__(&self) -> String {
@@ -543,8 +552,7 @@ pub struct Subscriber {
     max_borrowed: usize,
     #[pyo3(get)]
     service: String,
-    _factory: Factory,
-    _node: Py<Node>,
+    anchor: Anchor<Factory>,
 }
 
 /// What `Subscriber.take()` needs to decode a frame by itself: the meta Python decoded as a bare
@@ -648,8 +656,7 @@ impl Subscriber {
             rx_cache: Mutex::new(None),
             max_borrowed,
             service: service.to_owned(),
-            _factory: factory,
-            _node: node,
+            anchor: Anchor::new(factory, node),
         })
     }
 
@@ -746,9 +753,15 @@ impl Subscriber {
         self.borrowed.load(Ordering::Acquire)
     }
 
-    /// Releases the port.
+    /// Releases the port, its service and its node (further receives raise TransportError).
+    /// Samples received before stay valid: each keeps what it needs until it is gone.
+    /// Idempotent.
     fn close(&self) {
-        self.subscriber.lock().expect("subscriber mutex poisoned").take();
+        let subscriber = self.subscriber.lock().expect("subscriber mutex poisoned").take();
+        drop(subscriber);
+        let cache = self.rx_cache.lock().expect("subscriber cache poisoned").take();
+        drop(cache);
+        self.anchor.release();
     }
 
     fn __repr__(&self) -> String {
