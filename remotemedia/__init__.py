@@ -29,7 +29,7 @@ from .registry import register_node, registered_types
 from . import nodes as nodes  # registers the built-in node types
 
 if TYPE_CHECKING:
-    from supervisor.arbiter import RunReport, Supervisor
+    from supervisor.core import RunReport, Supervisor
 
     from .runtime import execute_pipeline, execute_pipeline_with_input
 
@@ -59,9 +59,9 @@ def __getattr__(name: str):
     # every worker process imports remotemedia without needing the runtime (asyncio) or the
     # arbiter, whose imports would add to each worker's start-up.
     if name in ("Supervisor", "RunReport"):
-        from supervisor import arbiter
+        from supervisor import core
 
-        return getattr(arbiter, name)
+        return getattr(core, name)
     if name in ("execute_pipeline", "execute_pipeline_with_input"):
         from . import runtime
 

@@ -94,7 +94,7 @@ def node_metrics(nodes: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, 
 def supervisor_options() -> FrozenSet[str]:
     """The keyword options of :class:`~remotemedia.Supervisor` (read from its signature, so
     a new Supervisor option is a valid run keyword without another list to update)."""
-    from supervisor.arbiter import Supervisor
+    from supervisor.core import Supervisor
 
     params = inspect.signature(Supervisor.__init__).parameters.values()
     return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
@@ -117,7 +117,7 @@ class RunPlan:
             from supervisor.inline import run_inline
 
             return run_inline(self.pipeline, self.inputs, **self.supervisor_options)
-        from supervisor.arbiter import Supervisor
+        from supervisor.core import Supervisor
 
         # run() starts the workers itself: under its signal handlers, so that a signal while
         # they start drains instead of killing the process with the workers running.
@@ -156,7 +156,7 @@ def plan_run(pipeline_or_manifest: Any, inputs: Optional[Iterable[Any]], options
         RunOptionError: a keyword that is neither a Supervisor option nor in RUN_OPTIONS.
         and whatever building the pipeline raises.
     """
-    from supervisor.arbiter import as_pipeline
+    from supervisor.core import as_pipeline
     from supervisor.inline import resolve_executor
 
     valid = supervisor_options() | RUN_OPTIONS.keys()
@@ -178,7 +178,7 @@ def plan_run(pipeline_or_manifest: Any, inputs: Optional[Iterable[Any]], options
 
 
 async def _run(pipeline_or_manifest: Any, inputs: Optional[Iterable[Any]], options: Mapping[str, Any], where: str) -> List[Any]:
-    from supervisor.arbiter import Supervisor
+    from supervisor.core import Supervisor
 
     plan = plan_run(pipeline_or_manifest, inputs, options, where)
     if plan.executor == "inline":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .arbiter import RunReport, Supervisor
+    from .core import RunReport, Supervisor
 
 __all__ = ["Supervisor", "RunReport"]
 
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
     # supervisor.worker``) and has no use for the arbiter, whose imports cost it ~0.15 s of
     # start-up, ten times over for a ten-node pipeline on two cores.
     if name in __all__:
-        from . import arbiter
+        from . import core
 
-        return getattr(arbiter, name)
+        return getattr(core, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -236,7 +236,7 @@ def start(
     sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
     when the drain timed out and frames were lost). With --inline the pipeline runs in this
     process (see supervisor.inline); the supervision options do not apply then."""
-    from supervisor.arbiter import Supervisor
+    from supervisor.core import Supervisor
 
     if inline:
         ctx = click.get_current_context()
@@ -321,7 +321,7 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
     import signal
     import threading
 
-    from .arbiter import _STOP_SIGNALS
+    from .core import _STOP_SIGNALS
     from .inline import run_inline
 
     inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)

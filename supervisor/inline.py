@@ -50,7 +50,7 @@ from remotemedia.frames import Frame, FrameInfo
 from remotemedia.node import ON_ERROR_POLICIES, Node, Source, iter_generated, iter_outputs
 from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
 
-from .arbiter import RunReport, as_pipeline
+from .core import RunReport, as_pipeline
 from .stats import LatencyStats
 
 __all__ = ["run_inline", "resolve_executor", "EXECUTORS", "INLINE_OPTIONS"]
@@ -355,7 +355,7 @@ def run_inline(
     **options: Any,
 ) -> RunReport:
     """Run a pipeline in this process, on the caller's own node objects (nothing pickled), and
-    return a :class:`~supervisor.arbiter.RunReport` like :meth:`Supervisor.run`'s: the outputs
+    return a :class:`~supervisor.core.RunReport` like :meth:`Supervisor.run`'s: the outputs
     ordered by the input they derive from, and per node ``frames_in``, ``frames_out``,
     ``errors``, ``restarts`` (0), ``latency`` (p50/p99 of ``process()``) and ``state``.
 

@@ -19,24 +19,23 @@ default). Metric names::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 from remotemedia.errors import SupervisorError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .arbiter import Supervisor
 
 __all__ = ["serve_metrics", "SupervisorCollector"]
 
 
 class SupervisorCollector:
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
+    """Prometheus collector over a status function (the same dict ``status`` serves)."""
+
+    def __init__(self, status: Callable[[], Dict[str, Any]]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        st = self.sup.status()
+        st = self.status()
         p = st["name"]
         lab = ["pipeline", "node"]
         c_in = CounterMetricFamily("remotemedia_node_frames_in", "Frames a node has taken in", labels=lab)
@@ -83,7 +82,7 @@ class _Server:
         self.thread.join(5)
 
 
-def serve_metrics(sup: "Supervisor", port: int, host: str = "127.0.0.1") -> _Server:
+def serve_metrics(status: Callable[[], Dict[str, Any]], port: int, host: str = "127.0.0.1") -> _Server:
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError as e:
@@ -91,7 +90,7 @@ def serve_metrics(sup: "Supervisor", port: int, host: str = "127.0.0.1") -> _Ser
             "--metrics-port needs the prometheus-client package: pip install 'remotemedia[metrics]'"
         ) from e
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(SupervisorCollector(sup))  # type: ignore[arg-type]
+    registry.register(SupervisorCollector(status))  # type: ignore[arg-type]
     try:
         httpd, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:

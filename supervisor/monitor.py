@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import psutil
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .arbiter import Supervisor
+    from .arbiter import Snapshot
 
 __all__ = ["WorkerSampler", "build_status", "format_table"]
 
@@ -71,13 +71,11 @@ class WorkerSampler:
             self.rss = self.cpu = None
 
 
-def build_status(sup: "Supervisor") -> Dict[str, Any]:
-    """Everything ``status`` shows, as plain JSON-able data."""
+def build_status(sup: "Snapshot") -> Dict[str, Any]:
+    """Everything ``status`` shows, as plain JSON-able data, from a snapshot of the run."""
     nodes: Dict[str, Any] = {}
-    in_flight: Dict[int, int] = {}
+    in_flight: Dict[int, int] = dict(sup.in_flight)
     dropped: Dict[int, int] = {}
-    for p in getattr(sup, "_in_ports", []):
-        in_flight[p.spec.index] = p.in_flight
     for w in sup.workers.values():
         for e, s in (w.stats.get("edges_out") or {}).items():
             in_flight[int(e)] = s.get("in_flight", 0)
@@ -117,8 +115,8 @@ def build_status(sup: "Supervisor") -> Dict[str, Any]:
         "name": sup.name,
         "pid": _os_getpid(),
         "run_id": sup.run_id,
-        "phase": sup._phase,
-        "uptime_s": round(time.monotonic() - (sup._started_at or time.monotonic()), 3),
+        "phase": sup.phase,
+        "uptime_s": round(time.monotonic() - (sup.started_at or time.monotonic()), 3),
         "workers_up": sum(1 for w in sup.workers.values() if w.alive and w.state.value == "RUNNING"),
         "workers": len(sup.workers),
         "nodes": nodes,

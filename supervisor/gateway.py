@@ -1,0 +1,349 @@
+"""The gateway: the caller's end of the data path, in the caller's own thread.
+
+::
+
+    caller thread(s)                          gateway (lock)             workers
+    ----------------                          --------------             -------
+    send(x): encode ......................... OutPort.send per input edge --> input nodes
+             (window full: wait on the gateway inbox for their acks)
+    recv():  pending outputs? else ........... InPort.receive per output edge <-- terminal nodes
+             decode, ack (the caller's queue is the end of the line)
+             (nothing yet: wait on the gateway inbox for their frames)
+
+    arbiter thread (never a frame of its own)
+    -----------------------------------------
+    service()  now and then, non-blocking: acks, resends, late end of stream, outputs nobody
+               receives yet (a close() followed by join() must still drain), gaps
+    replay(), apply_ack(), committed(), finished(): what a worker-process object answers for
+               its edges, the gateway answers for the caller's: restarts treat both alike
+
+Every edge of the caller (``__input__ -> node`` and ``node -> __output__``) is an ordinary
+exactly-once edge (see :mod:`supervisor.channels`) whose other end is this object. Its inbox
+(``in/gw``) is notified by the input nodes' acks and the terminal nodes' frames, and waited on
+by whichever caller thread needs to wait: one thread waits on the inbox at a time, the others
+wait on a condition it signals after every wake-up, so a send() blocked on a full window also
+collects outputs for a recv() in another thread, and a single thread that sends everything
+before receiving anything never deadlocks (the outputs wait in the gateway, as they did in the
+old output queue).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from remotemedia import _ipc_bridge as bridge
+from remotemedia.errors import EndOfStream, SupervisorError
+from remotemedia.frames import FrameInfo, decode
+
+from .channels import KIND_DATA, KIND_EOS, InPort, OutPort
+from .protocol import EdgeSpec
+
+__all__ = ["Gateway", "INBOX", "EncodedFrame"]
+
+#: The gateway's inbox service: acks of the input edges and frames of the output edges.
+INBOX = "in/gw"
+#: Longest single wait on the inbox: how soon a waiter notices the run failed or ended when
+#: nothing wakes it (the arbiter interrupts it at once in both cases; this is the backstop).
+_SLICE = 0.1
+
+#: ``(meta, buffers, stream id)`` of one encoded input frame.
+EncodedFrame = Tuple[bytes, List[Any], int]
+
+
+class Gateway:
+    """The caller's end of every edge from ``__input__`` and to ``__output__``.
+
+    Thread-safe: every method may be called from any thread. Only the caller's threads block
+    in it (send, recv and their waits); the arbiter's calls never wait.
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        input_edges: Sequence[EdgeSpec],
+        output_edges: Sequence[EdgeSpec],
+        spin_us: int = 0,
+        on_error: Optional[Callable[[BaseException], None]] = None,
+    ) -> None:
+        self._on_error = on_error
+        # reentrant: a failure found inside the lock fails the run, which ends the inputs
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._wait_lock = threading.Lock()  # one thread waits on the inbox at a time
+        self.spin_us = spin_us
+        self.inputs: List[OutPort] = []
+        self.outputs: List[InPort] = []
+        self._listener: Any = None
+        self._waker: Any = None
+        try:
+            self._listener = bridge.Listener(node, INBOX)
+            self._waker = bridge.Notifier(node, INBOX)
+            for e in input_edges:
+                self.inputs.append(OutPort(node, e))
+            for e in output_edges:
+                self.outputs.append(InPort(node, e))
+        except BaseException:
+            self._close_ports()
+            raise
+        self._in_by_edge = {p.spec.index: p for p in self.inputs}
+        self._out_by_edge = {p.spec.index: p for p in self.outputs}
+        self._watch_out = [p.sub for p in self.outputs]
+        self._watch_acks = [p.ack_sub for p in self.inputs]
+        # outputs taken off the edges, not yet received: (value, info, Sample the value is a
+        # view of, or None)
+        self._pending: Deque[Tuple[Any, FrameInfo, Any]] = deque()
+        self.copy_outputs = False  # outputs are kept after the run: copies, not views
+        self.sent = 0  # inputs sent (the origin of the next one)
+        self.inputs_closed = False
+        self.closed = False
+
+    # ================================================================ the caller's side
+
+    def send(self, frame: EncodedFrame, deadline: Optional[float], check: Callable[[], None]) -> None:
+        """Publish one encoded input on every input edge, waiting for room in their windows
+        until ``deadline`` (TimeoutError). ``check`` raises the run's error, if it failed."""
+        while True:
+            with self._lock:
+                if self._try_send(frame):
+                    return
+            check()
+            if self.closed or self.inputs_closed:
+                raise SupervisorError("send(): the pipeline has stopped")
+            if not self._wait(deadline, self._watch_acks):
+                raise TimeoutError("send(): the pipeline's inputs stayed full") from None
+
+    def try_send(self, frame: EncodedFrame) -> bool:
+        """:meth:`send` without waiting: False when a window is full."""
+        with self._lock:
+            return self._try_send(frame)
+
+    def can_send(self) -> bool:
+        with self._lock:
+            if self.closed or self.inputs_closed:
+                return False
+            self._pump_inputs()
+            return all(p.can_send() for p in self.inputs)
+
+    def _try_send(self, frame: EncodedFrame) -> bool:
+        if self.closed or self.inputs_closed:
+            raise SupervisorError("send(): the pipeline has stopped" if self.closed else "send() after close(): the input stream is closed")
+        ports = self.inputs
+        for p in ports:
+            if not p.can_send():
+                self._pump_inputs()
+                if not all(p.can_send() for p in ports):
+                    return False
+                break
+        meta, bufs, stream_id = frame
+        now = time.monotonic_ns()
+        for p in ports:
+            p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now)
+        self.sent += 1
+        return True
+
+    def close_inputs(self) -> None:
+        """End the input stream: end of stream on every input edge (now, or as soon as its
+        window has room)."""
+        with self._lock:
+            self.inputs_closed = True
+            if not self.closed:
+                self._pump_inputs()
+
+    def recv(self, deadline: Optional[float], check: Callable[[], None]) -> Tuple[Any, FrameInfo]:
+        """The next output. EndOfStream once every output edge ended and every output was
+        received; TimeoutError at ``deadline``; the run's error (via ``check``) when it failed
+        and no output is left that arrived before."""
+        while True:
+            with self._lock:
+                if not self.closed:
+                    self._pump_outputs()
+                if self._pending:
+                    value, info, _ = self._pending.popleft()
+                    return value, info
+                ended = self.closed or (bool(self.outputs) and self.all_eos())
+            check()
+            if ended:
+                raise EndOfStream("every output has been received")
+            if not self._wait(deadline, self._watch_out):
+                raise TimeoutError("recv(): no output in time") from None
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def wait(self, deadline: Optional[float]) -> None:
+        """Wait (up to one slice) for anything: room for inputs or an output."""
+        self._wait(deadline, self._watch_out)
+
+    def _wait(self, deadline: Optional[float], watch: List[Any]) -> bool:
+        """Wait until the inbox is notified (or another waiter signals), at most one slice.
+        False when ``deadline`` has passed."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        slice_ = _SLICE if deadline is None else min(_SLICE, deadline - now)
+        if self._wait_lock.acquire(blocking=False):
+            try:
+                if not self.closed:
+                    self._listener.wait(slice_, [], self.spin_us, watch)
+            finally:
+                self._wait_lock.release()
+            with self._cond:
+                self._cond.notify_all()
+        else:
+            with self._cond:
+                self._cond.wait(min(slice_, 0.01))
+        return True
+
+    # ================================================================ the arbiter's side
+
+    def service(self) -> List[Tuple[int, int]]:
+        """Everything that must go on while no caller thread is in the gateway: acks,
+        resends, a late end of stream, outputs nobody receives yet. Never waits (skipped
+        while a caller holds the gateway: it does the same). Returns the gaps to replay, as
+        ``(edge, after)``."""
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            if self.closed:
+                return []
+            self._pump_inputs()
+            self._pump_outputs()
+            now = time.monotonic()
+            gaps = []
+            for p in self.outputs:
+                if p.gap_since is not None:
+                    want = p.gap_to_report(now)
+                    if want is not None:
+                        gaps.append((p.spec.index, want - 1))
+            return gaps
+        finally:
+            self._lock.release()
+        # (outputs taken here wake a waiting recv() through its next slice or notify)
+
+    def busy(self) -> bool:
+        """Work is pending that the arbiter's service() should not leave for long."""
+        if self.closed:
+            return False
+        if self.inputs_closed and not all(p.eos_sent for p in self.inputs):
+            return True
+        return any(p.undelivered is not None for p in self.inputs) or any(
+            p.gap_since is not None for p in self.outputs
+        )
+
+    def replay(self, edge: int, after: int) -> None:
+        """An input node restarted: send again what it has not committed."""
+        with self._lock:
+            p = self._in_by_edge.get(edge)
+            if p is not None and not self.closed:
+                p.replay(after)
+
+    def apply_ack(self, edge: int, processed: int, committed: int) -> None:
+        """An ack relayed by the arbiter (an input node's final commit)."""
+        with self._lock:
+            p = self._in_by_edge.get(edge)
+            if p is not None and not self.closed:
+                p.apply_ack(processed, committed)
+
+    def committed(self, edge: int) -> int:
+        """Frames of output edge ``edge`` received (for the caller, received is committed)."""
+        p = self._out_by_edge.get(edge)
+        return p.expected if p is not None else 0
+
+    def finished(self, edge: int) -> bool:
+        """Output edge ``edge`` has delivered its end of stream."""
+        p = self._out_by_edge.get(edge)
+        return p is not None and p.eos
+
+    def all_eos(self) -> bool:
+        return all(p.eos for p in self.outputs)
+
+    def in_flight(self) -> Dict[int, int]:
+        return {p.spec.index: p.in_flight for p in self.inputs}
+
+    def unprocessed(self) -> int:
+        """Inputs sent but not committed by every input node."""
+        if not self.inputs:
+            return 0
+        return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
+
+    def interrupt(self) -> None:
+        """Wake a caller waiting in the gateway (the run failed or ended)."""
+        waker = self._waker
+        if waker is not None and not self.closed:
+            try:
+                waker.notify()
+            except Exception:
+                pass
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Release every iceoryx2 object; outputs not yet received become private copies
+        (nothing of a finished run stays mapped for them). Idempotent."""
+        self.interrupt()
+        with self._wait_lock, self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._settle()
+            self._close_ports()
+            self._cond.notify_all()
+
+    # ================================================================ inside the lock
+
+    def _pump_inputs(self) -> None:
+        for p in self.inputs:
+            p.poll_acks()
+            if p.undelivered is not None:
+                p.resend_due()
+        if self.inputs_closed:
+            for p in self.inputs:
+                if not p.eos_sent and p.can_send():
+                    p.send(KIND_EOS, b"", [], self.sent, 0, 0)
+
+    def _pump_outputs(self) -> None:
+        pending = self._pending
+        for p in self.outputs:
+            last = None
+            while True:
+                s = p.receive()
+                if s is None:
+                    break
+                last = s.seq
+                if s.kind == KIND_EOS:
+                    continue
+                info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.src)
+                views = bool(s.buffers)  # (a value unpickled from the meta alone holds no view)
+                copy = p.should_copy() or (views and self.copy_outputs)
+                try:
+                    value = decode(s, copy=copy)
+                except Exception as e:  # an output this process cannot rebuild: the run fails
+                    if self._on_error is not None:
+                        self._on_error(e)
+                    raise
+                pending.append((value, info, None if copy or not views else s))
+                del s
+            if last is not None or p.dup_pending:
+                n = p.expected  # the caller's queue is the end of the line: received = committed
+                p.ack(n, n)
+
+    def _settle(self) -> None:
+        pending = self._pending
+        for i in range(len(pending)):
+            value, info, sample = pending[i]
+            if sample is not None:
+                try:
+                    pending[i] = (decode(sample, copy=True), info, None)
+                except Exception:  # (it decoded once; should it not again, the view stays)
+                    pass
+
+    def _close_ports(self) -> None:
+        ports: List[Any] = [*self.inputs, *self.outputs]
+        for p in ports:
+            p.close()
+        for obj in (self._listener, self._waker):
+            if obj is not None:
+                obj.close()
