@@ -240,12 +240,17 @@ class OutPort:
             nbytes = len(meta) + memoryview(buffers[0]).nbytes
         else:
             nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
+        r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
         n: Optional[int] = None
         if self.undelivered is None:
             if self.loaned_retained:
                 self._secure()
-            n = self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
-        self._keep(Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes), n, True)
+            try:
+                n = self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
+            except BaseException:
+                self._keep(r, None, False)  # its seq is taken: a replay must find it
+                raise
+        self._keep(r, n, True)
         return seq
 
     def send_array(self, value: Any, origin: int, stream_id: int, created_ns: int) -> bool:
@@ -302,8 +307,13 @@ class OutPort:
             loan.discard()
             self._keep(r, None, False)
             return seq
-        n = loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
-        self._keep(Retained(seq, KIND_DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True), n, True)
+        r = Retained(seq, KIND_DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
+        try:
+            n = loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
+        except BaseException:
+            self._keep(r, None, False)  # its seq is taken: a replay must find it
+            raise
+        self._keep(r, n, True)
         if n > 0:
             self.zero_copy += 1
         return seq
@@ -332,7 +342,7 @@ class OutPort:
         """Retain ``r`` (a frame of a lossless edge) for replay, and book its publish: it
         reached ``n`` subscribers (then wake the consumer if ``notify``); 0: it was discarded,
         so it and every later frame are resent in order after a backoff; None: it was not
-        published, because an earlier frame is still undelivered."""
+        published (an earlier frame is still undelivered, or the publish raised)."""
         self.retained.append(r)
         self.retained_bytes += r.nbytes
         self.last_nbytes = r.nbytes

@@ -144,9 +144,13 @@ class FakePublisher:
         self.sent_chunks: Deque[bytearray] = deque()  # sent loaned chunks, oldest first
         self.free_chunks: List[bytearray] = []
         self.connection_updates = 0
+        self.fail = 0  # the next N publishes raise (a transport error the node may survive)
 
     def send(self, seq: int, kind: int, meta: Any, buffers: Any = (), *, origin: int = 0, stream_id: int = 0, created_ns: int = 0) -> int:
         self.log.append((seq, kind))
+        if self.fail:
+            self.fail -= 1
+            raise TransportError(f"publishing frame {seq} failed")
         s = make_sample(seq, kind, meta, buffers, origin, stream_id, created_ns)
         return sum(sub.deliver(s) for sub in list(self.bus.subscribers.get(self.service, [])))
 
@@ -398,6 +402,22 @@ def test_discarded_publish_is_retried_in_order_with_backoff() -> None:
     assert e.drain() == [(0, 0), (1, 1), (2, 2)]
     e.send(3)  # in order again: published at once
     assert e.drain() == [(3, 3)]
+
+
+@pytest.mark.parametrize("loaned", [False, True])
+def test_a_publish_that_raised_is_kept_for_the_replay_its_gap_asks_for(loaned: bool) -> None:
+    e = Edge(depth=8)
+    e.out.pub.fail = 1
+    with pytest.raises(TransportError):
+        _send_loaned(e.out, 5) if loaned else e.send("lost")
+    assert [r.seq for r in e.out.retained] == [0] and e.out.loaned_retained == int(loaned)
+    e.send("next")
+    assert e.drain() == [] and e.inp.gap_since is not None  # the consumer sees the hole...
+    e.clock.t += 1
+    after = e.inp.gap_to_report(e.clock.t) - 1
+    e.out.replay(after)  # ...and the supervisor has the producer replay after it
+    got = e.drain()
+    assert [s for s, _ in got] == [0, 1] and got[1][1] == "next"
 
 
 def test_resend_stops_at_the_first_discard_and_keeps_the_rest_in_order() -> None:
