@@ -6,6 +6,9 @@ A frame is a small fixed header (in the iceoryx2 user header, see
     header : seq | origin | stream_id | created_ns | sent_ns | kind | flags | meta_len | nbufs
     payload: [buffer table][meta = pickle protocol 5][buf 0][buf 1]...   (64-byte aligned)
 
+``seq`` and ``origin`` mean what :class:`FrameInfo` says, except in an ack frame, which has no
+payload and carries two counts in them instead (see :attr:`Kind.ACK`).
+
 Any picklable object can be a frame. ``pickle`` protocol 5 moves the memory of numpy arrays
 (alone or inside dicts, tuples, lists, dataclasses) *out of band*: the sender copies each array
 once into the shared-memory chunk, and the receiver rebuilds the arrays as read-only views on
@@ -40,12 +43,20 @@ __all__ = ["Kind", "Frame", "FrameInfo", "encode", "decode", "decode_bytes"]
 
 
 class Kind(enum.IntEnum):
-    """Frame kinds (the ``kind`` header field)."""
+    """Frame kinds (the ``kind`` header field).
+
+    This is their one definition: ``supervisor.channels`` derives its plain-int copies from it,
+    and the bridge's ``KIND_DATA`` (``rust/ipc_bridge/src/pubsub.rs``, which recognises data
+    frames on its fast paths) is checked against it by ``tests/test_ports.py``.
+    """
 
     DATA = 0
     #: End of stream on this edge; no frame follows.
     EOS = 1
-    #: Cumulative acknowledgement (ack services only): ``seq`` is the highest committed frame.
+    #: Cumulative acknowledgement, sent back on an edge's ack service, with no payload. Its
+    #: header carries two counts in fields named for data frames: ``seq`` is the number of
+    #: frames the consumer has *processed* (flow control), ``origin`` the number it has
+    #: *committed* (the producer may forget them). The other fields are 0.
     ACK = 2
 
 

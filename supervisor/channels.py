@@ -41,13 +41,18 @@ shape, a pickled object, a duplicate, a gap, end of stream) takes the Python pat
 *Lossy edges* (``drop_oldest`` / ``latest``) keep nothing and never wait: the iceoryx2
 queue overwrites its oldest frame, and the consumer counts the holes as drops. Their acks
 only tell the producer that the end of the stream was taken.
+
+*Transport.* The ports do the books; a :class:`Transport` makes the bridge ports they publish,
+receive and notify with. The default is iceoryx2 (``remotemedia._ipc_bridge``); the unit tests
+(``tests/test_ports.py``) pass an in-memory fake and a fake clock, so the sequence, gap,
+duplicate, replay, window and policy logic is tested in milliseconds, without processes.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import numpy as np
 
@@ -57,11 +62,12 @@ from remotemedia.frames import ND_TAG, Frame, Kind, ndarray_meta
 
 from .protocol import EdgeSpec
 
-__all__ = ["OutPort", "InPort", "Retained", "ack_channel_options"]
+__all__ = ["OutPort", "InPort", "Retained", "Transport", "ack_channel_options"]
 
 _EMPTY = b""
-# Frame kinds as plain ints: an enum member lookup costs five times an int compare, and these
-# are read for every frame.
+# Frame kinds as plain ints, derived from the one definition (remotemedia.frames.Kind; the
+# bridge's KIND_DATA is checked against it by tests/test_ports.py): an enum member lookup
+# costs five times an int compare, and these are read for every frame.
 KIND_DATA, KIND_EOS, KIND_ACK = int(Kind.DATA), int(Kind.EOS), int(Kind.ACK)
 #: Chunks a producer may hold loaned at once: allocate() buffers plus the one a copying send
 #: needs.
@@ -71,6 +77,39 @@ MAX_LOANED = 8
 def ack_channel_options() -> dict:
     # Acks are cumulative, so only the newest matters: a one-slot overwriting queue.
     return dict(max_subscribers=2, max_publishers=2, buffer_size=1, max_borrowed=1, safe_overflow=True)
+
+
+class Transport:
+    """Makes the bridge ports of edge ends: iceoryx2 ports of one ``remotemedia._ipc_bridge``
+    Node.
+
+    A port is made once per edge end; every frame then goes straight to the port's own methods
+    (no call through the transport). A stand-in (``tests/test_ports.py``) implements what the
+    ports use:
+
+    - publisher: ``send(seq, kind, meta, buffers, *, origin, stream_id, created_ns) -> int``
+      (subscribers reached, 0: discarded), ``send_array(seq, array, origin, stream_id,
+      created_ns, notifier) -> int`` (-1: cannot, the caller falls back to ``send``),
+      ``learn_array(...)``, ``loan(nbytes)`` (an object with ``send(...)`` and ``discard()``),
+      ``update_connections()``, ``close()``;
+    - subscriber: ``receive()`` (a Sample or None), ``take(expected, borrow_limit)`` (a
+      decoded tuple, a Sample or None), ``learn_array(...)``, ``has_samples()``,
+      ``borrowed``, ``max_borrowed``, ``close()``; a Sample has ``seq kind origin stream_id
+      created_ns sent_ns meta buffers``, ``len()`` and the buffer protocol;
+    - notifier: ``notify()`` (TransportError: nobody listens), ``close()``.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def publisher(self, service: str, **options: Any) -> Any:
+        return bridge.Publisher(self.node, service, **options)
+
+    def subscriber(self, service: str, **options: Any) -> Any:
+        return bridge.Subscriber(self.node, service, **options)
+
+    def notifier(self, inbox: str) -> Any:
+        return bridge.Notifier(self.node, inbox)
 
 
 class Retained:
@@ -106,21 +145,34 @@ class Retained:
 
 
 class OutPort:
-    """Producer end of an edge."""
+    """Producer end of an edge.
+
+    Its ports come from ``transport`` (default: iceoryx2 ports of the bridge Node ``node``);
+    ``clock`` times resends."""
 
     def __init__(
-        self, node: Any, spec: EdgeSpec, next_seq: int = 0, committed: int = 0, consumer_finished: bool = False
+        self,
+        node: Any,
+        spec: EdgeSpec,
+        next_seq: int = 0,
+        committed: int = 0,
+        consumer_finished: bool = False,
+        *,
+        transport: Optional[Transport] = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
         self.consumer_finished = consumer_finished  # its stream already ended (restarts only)
         self.lossless = spec.lossless
         self.depth, self.max_bytes = spec.depth, spec.max_bytes
-        self.pub = bridge.Publisher(node, spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
+        self._clock = clock
+        t = Transport(node) if transport is None else transport
+        self.pub = t.publisher(spec.data_service, max_loaned=MAX_LOANED, **spec.channel_options())
         try:
             # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
             # was taken, because iceoryx2 drops the samples of a publisher that is gone.
-            self.ack_sub = bridge.Subscriber(node, spec.ack_service, **ack_channel_options())
-            self.notifier = bridge.Notifier(node, spec.dst_inbox)
+            self.ack_sub = t.subscriber(spec.ack_service, **ack_channel_options())
+            self.notifier = t.notifier(spec.dst_inbox)
         except BaseException:
             _close_all(self.pub, getattr(self, "ack_sub", None))
             raise
@@ -188,19 +240,17 @@ class OutPort:
             nbytes = len(meta) + memoryview(buffers[0]).nbytes
         else:
             nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
-        self.last_nbytes = nbytes
-        self.retained.append(Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes))
-        self.retained_bytes += nbytes
+        r = Retained(seq, kind, meta, buffers, origin, stream_id, created_ns, nbytes)
+        n: Optional[int] = None
         if self.undelivered is None:
             if self.loaned_retained:
                 self._secure()
-            if self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns):
-                self.sent += 1
-                self._notify()
-            else:
-                self.discarded += 1
-                self.undelivered = seq
-                self._schedule_retry(reset=True)
+            try:
+                n = self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
+            except BaseException:
+                self._keep(r, None, False)  # its seq is taken: a replay must find it
+                raise
+        self._keep(r, n, True)
         return seq
 
     def send_array(self, value: Any, origin: int, stream_id: int, created_ns: int) -> bool:
@@ -222,16 +272,8 @@ class OutPort:
         if not self.lossless:
             self.sent += 1
             return True
-        nbytes = self._array_nbytes
-        self.last_nbytes = nbytes
-        self.retained.append(Retained(seq, KIND_DATA, meta, [value], origin, stream_id, created_ns, nbytes))
-        self.retained_bytes += nbytes
-        if n:
-            self.sent += 1
-        else:
-            self.discarded += 1
-            self.undelivered = seq
-            self._schedule_retry(reset=True)
+        # (the bridge notified the consumer already)
+        self._keep(Retained(seq, KIND_DATA, meta, [value], origin, stream_id, created_ns, self._array_nbytes), n, False)
         return True
 
     def learn_array(self, value: Any, meta: bytes, buffer: Any) -> None:
@@ -259,26 +301,21 @@ class OutPort:
             loan.discard()
             return seq
         nbytes = len(meta) + memoryview(buffer).nbytes
-        self.last_nbytes = nbytes
         if self.undelivered is not None:
             # Out of order now: it must wait its turn like any frame, from private memory.
             r = Retained(seq, KIND_DATA, meta, [bytes(memoryview(buffer))], origin, stream_id, created_ns, nbytes)
             loan.discard()
-            self.retained.append(r)
-            self.retained_bytes += nbytes
+            self._keep(r, None, False)
             return seq
         r = Retained(seq, KIND_DATA, meta, [buffer], origin, stream_id, created_ns, nbytes, loaned=True)
-        self.loaned_retained += 1
-        self.retained.append(r)
-        self.retained_bytes += nbytes
-        if loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns) > 0:
-            self.sent += 1
+        try:
+            n = loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
+        except BaseException:
+            self._keep(r, None, False)  # its seq is taken: a replay must find it
+            raise
+        self._keep(r, n, True)
+        if n > 0:
             self.zero_copy += 1
-            self._notify()
-        else:
-            self.discarded += 1
-            self.undelivered = seq
-            self._schedule_retry(reset=True)
         return seq
 
     def loan(self, nbytes: int) -> Any:
@@ -301,6 +338,27 @@ class OutPort:
                 self.copied_on_reuse += 1
         self.loaned_retained = 0
 
+    def _keep(self, r: Retained, n: Optional[int], notify: bool) -> None:
+        """Retain ``r`` (a frame of a lossless edge) for replay, and book its publish: it
+        reached ``n`` subscribers (then wake the consumer if ``notify``); 0: it was discarded,
+        so it and every later frame are resent in order after a backoff; None: it was not
+        published (an earlier frame is still undelivered, or the publish raised)."""
+        self.retained.append(r)
+        self.retained_bytes += r.nbytes
+        self.last_nbytes = r.nbytes
+        if r.loaned:
+            self.loaned_retained += 1
+        if n is None:
+            return
+        if n > 0:
+            self.sent += 1
+            if notify:
+                self._notify()
+        else:
+            self.discarded += 1
+            self.undelivered = r.seq
+            self._schedule_retry(reset=True)
+
     def _publish(self, r: Retained) -> bool:
         n = self.pub.send(
             r.seq, r.kind, r.meta, r.buffers, origin=r.origin, stream_id=r.stream_id, created_ns=r.created_ns
@@ -320,7 +378,7 @@ class OutPort:
             self._retry_delay = 0.002
         else:
             self._retry_delay = min(self._retry_delay * 2, 0.1)
-        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_at = self._clock() + self._retry_delay
 
     # -------------------------------------------------------------- acks and resends
 
@@ -333,7 +391,7 @@ class OutPort:
             s = self.ack_sub.receive()
             if s is None:
                 break
-            newest = (s.seq, s.origin)
+            newest = (s.seq, s.origin)  # (processed, committed): see Kind.ACK
             del s
         return newest is not None and self.apply_ack(*newest)
 
@@ -383,7 +441,7 @@ class OutPort:
         whole tail went out."""
         if self.undelivered is None:
             return True
-        now = time.monotonic()
+        now = self._clock()
         if not force and now < self._retry_at:
             return False
         self._secure()
@@ -422,16 +480,29 @@ class OutPort:
 
 
 class InPort:
-    """Consumer end of an edge."""
+    """Consumer end of an edge.
 
-    def __init__(self, node: Any, spec: EdgeSpec, expected: int = 0) -> None:
+    Its ports come from ``transport`` (default: iceoryx2 ports of the bridge Node ``node``);
+    ``clock`` times gaps."""
+
+    def __init__(
+        self,
+        node: Any,
+        spec: EdgeSpec,
+        expected: int = 0,
+        *,
+        transport: Optional[Transport] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.index, self.src = spec.index, spec.src
         self.lossless = spec.lossless
-        self.sub = bridge.Subscriber(node, spec.data_service, **spec.channel_options())
+        self._clock = clock
+        t = Transport(node) if transport is None else transport
+        self.sub = t.subscriber(spec.data_service, **spec.channel_options())
         try:
-            self.ack_pub = bridge.Publisher(node, spec.ack_service, **ack_channel_options())
-            self.ack_notifier = bridge.Notifier(node, spec.src_inbox)
+            self.ack_pub = t.publisher(spec.ack_service, **ack_channel_options())
+            self.ack_notifier = t.notifier(spec.src_inbox)
         except BaseException:
             _close_all(self.sub, getattr(self, "ack_pub", None))
             raise
@@ -516,7 +587,7 @@ class InPort:
         if seq > self.expected:
             if self.lossless:
                 if self.gap_since is None:
-                    self.gap_since = time.monotonic()
+                    self.gap_since = self._clock()
                 return None
             self.dropped += seq - self.expected
         self.expected = seq + 1
@@ -547,6 +618,7 @@ class InPort:
         self.acked_processed = max(processed, self.acked_processed)
         new_commit = committed > self.acked_committed
         self.acked_committed = max(committed, self.acked_committed)
+        # (processed, committed) in the seq and origin fields: see Kind.ACK
         self.ack_pub.send(self.acked_processed, KIND_ACK, _EMPTY, origin=self.acked_committed)
         # Waking the producer costs it (and the CPU) a context switch per ack. For flow control
         # it only waits with a full window, and then we have half a window to take before it

@@ -23,7 +23,8 @@ use crate::event::Notifier;
 use crate::node::{Anchor, Node, Svc};
 use crate::reserve::{self, Plan, Reserver};
 
-/// Kind of an ordinary data frame; other kinds are defined by Python.
+/// Kind of an ordinary data frame. Frame kinds are defined by `remotemedia.frames.Kind`; this
+/// copy must equal `Kind.DATA` (tests/test_ports.py checks it through `_ipc_bridge.KIND_DATA`).
 pub const KIND_DATA: u32 = 0;
 
 /// Copies above this size release the GIL while they run.
@@ -34,9 +35,11 @@ const GIL_FREE_COPY: usize = 64 * 1024;
 #[derive(Debug, Default, Clone, Copy, ZeroCopySend)]
 #[type_name("RemoteMediaFrameHeaderV1")]
 pub struct FrameHeader {
-    /// Sequence number on this edge.
+    /// Sequence number on this edge (an ack frame: frames processed, see `Kind.ACK` in
+    /// remotemedia/frames.py).
     pub seq: u64,
-    /// Index of the pipeline input (or source item) this frame derives from.
+    /// Index of the pipeline input (or source item) this frame derives from (an ack frame:
+    /// frames committed).
     pub origin: u64,
     /// Application stream id.
     pub stream_id: u64,
@@ -44,7 +47,7 @@ pub struct FrameHeader {
     pub created_ns: u64,
     /// CLOCK_MONOTONIC ns when this frame was published.
     pub sent_ns: u64,
-    /// Frame kind (data, end of stream, ack, ...), defined by Python.
+    /// Frame kind (data, end of stream, ack), defined by `remotemedia.frames.Kind`.
     pub kind: u32,
     /// Free flags, defined by Python.
     pub flags: u32,
