@@ -95,10 +95,31 @@ def test_upstream_may_forget_only_what_the_supervisor_was_told():
     # flow control acks say what was processed; the committed half stays at the report
     assert inp.acks and all(c == 0 for _, c in inp.acks)
     assert inp.acks[-1][0] == 4
-    out.committed = 2  # two of four outputs committed downstream
+    out.committed = 1  # the first output committed downstream
     ledger.tick(True, clock())
-    assert ledger.committed == {0: 1}
-    assert inp.acks[-1] == (4, 2)
+    assert ledger.committed == {0: 0}
+    assert inp.acks[-1] == (4, 1)
+    out.committed = 4
+    clock.t += 0.011
+    ledger.tick(True, clock())
+    assert ledger.committed == {0: 3}
+    assert inp.acks[-1] == (4, 4)
+
+
+def test_pending_commit_points_stay_bounded_and_the_commit_keeps_moving():
+    # Downstream lags one frame behind, forever: the points queue no further than two, and
+    # the commit still moves (the oldest point is never replaced, so it commits).
+    ledger, (inp,), (out,), board, chan, clock = _ledger()
+    for seq in range(1000):
+        _process(ledger, [out], 0, seq)
+        assert len(ledger.markers) <= 2
+        out.committed = out.next_seq - 1
+        ledger.tick(True, clock())
+        clock.t += 0.001
+    assert 990 <= ledger.committed[0] < 999
+    # every reported commit is a consistent point: k frames processed <-> k outputs sent
+    assert all(values[0] + 1 == values[1] for _, values in board.commits)
+    assert len(board.commits) > 50
 
 
 def test_commit_reports_are_batched_to_one_per_10_ms():

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remotemedia.worker")
 
+# Results that are one output as they are (no generator, no awaitable): emit_result() skips
+# iter_outputs' inspect checks for them.
+_PLAIN = frozenset((np.ndarray, dict, bytes, str, tuple, list, int, float, bool))
+
 
 class Emitter:
     """Sends a node's outputs. ``wait_for_room(port)`` is the worker loop's backpressure (it
@@ -140,8 +144,7 @@ class Emitter:
         """Emit what process()/flush() returned: nothing, one value, or what it yields."""
         if result is None:
             return
-        t = type(result)
-        if t is np.ndarray or t is dict or t is bytes or t is str or t is tuple or t is list:
+        if type(result) in _PLAIN:
             self.emit(result)  # the common cases, without the inspect checks below
             return
         for item in iter_outputs(result, self.event_loop):

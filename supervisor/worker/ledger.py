@@ -68,11 +68,12 @@ class Ledger:
         self.is_source = is_source
         self.clock = clock
         self.by_edge_in = {p.spec.index: p for p in inputs}
-        self.outputs = list(outputs)
         self._in_ids = [p.spec.index for p in inputs]
         self._out_ids = [p.spec.index for p in outputs]
         # only lossless edges hold commits back (a lossy edge keeps nothing to replay)
         self._lossless_out = [(p.spec.index, p) for p in outputs if p.lossless]
+        self._out_pairs = [(p.spec.index, p) for p in outputs]
+        self._out1 = self._out_pairs[0] if len(self._out_pairs) == 1 else None
         self.processed: Dict[int, int] = {p.spec.index: p.expected - 1 for p in inputs}
         self.committed: Dict[int, int] = dict(self.processed)
         self.reported: Dict[int, int] = dict(self.committed)  # last commit the supervisor knows
@@ -99,12 +100,12 @@ class Ledger:
 
     def release(self) -> None:
         """Forget the ports (the worker closes them)."""
-        self.by_edge_in, self.outputs, self._lossless_out = {}, [], []
+        self.by_edge_in, self._lossless_out, self._out_pairs, self._out1 = {}, [], [], None
 
     # ------------------------------------------------------------------ state
 
     def out_next(self) -> Dict[int, int]:
-        return {p.spec.index: p.next_seq for p in self.outputs}
+        return {e: p.next_seq for e, p in self._out_pairs}
 
     def uncommitted_progress(self) -> bool:
         last = self.markers[-1] if self.markers else None
@@ -124,7 +125,13 @@ class Ledger:
 
     def mark(self, force_snapshot: bool = False) -> None:
         """Record the current point as a candidate commit (with a snapshot of the node's
-        runtime state when it has one and one is due)."""
+        runtime state when it has one and one is due).
+
+        Without a snapshot, a point behind another pending one replaces the newest instead of
+        queueing (at most two are pending: the oldest, which commits as soon as its outputs
+        are committed, and the newest): any point between two frames is a consistent commit
+        point, so skipping some only makes commits coarser, and it saves an allocation per
+        frame while downstream has not caught up."""
         snap = None
         if self.snapshot_interval is not None:
             now = self.clock()
@@ -132,7 +139,17 @@ class Ledger:
                 return
             self.next_snapshot = now + self.snapshot_interval
             snap = self._snapshot()  # type: ignore[misc]
-        self.markers.append(Marker(dict(self.processed), self.source_position, self.out_next(), snap))
+        out1 = self._out1
+        out_next = {out1[0]: out1[1].next_seq} if out1 is not None else {e: p.next_seq for e, p in self._out_pairs}
+        markers = self.markers
+        if snap is None and len(markers) > 1:
+            last = markers[-1]
+            if last.snapshot is None:
+                last.positions = self.processed.copy()
+                last.source_position = self.source_position
+                last.out_next = out_next
+                return
+        markers.append(Marker(self.processed.copy(), self.source_position, out_next, snap))
 
     def snapshot_if_due(self) -> None:
         """Idle: a node with snapshots commits what it processed once its snapshot is due."""
@@ -151,11 +168,18 @@ class Ledger:
         and send acks: *processed* every ``ack_every`` frames (flow control), *committed*
         batched with the commit report to the supervisor (at most every 10 ms while busy)."""
         markers = self.markers
+        lossless = self._lossless_out
         while markers:
             m = markers[0]
-            nxt = m.out_next
-            if self._lossless_out and any(p.committed < nxt[e] for e, p in self._lossless_out):
-                break
+            if lossless:
+                nxt = m.out_next
+                pending = False
+                for e, p in lossless:
+                    if p.committed < nxt[e]:
+                        pending = True
+                        break
+                if pending:
+                    break  # (its outputs are not all committed downstream yet)
             markers.popleft()
             self.committed = m.positions
             self.committed_position = m.source_position
@@ -166,11 +190,12 @@ class Ledger:
         if self.commit_dirty and (force_flush or self.clock() >= self.next_commit):
             self.flush()
             return
-        processed, reported = self.processed, self.reported
+        processed, reported, ack_every = self.processed, self.reported, self.ack_every
         for i, p in self.by_edge_in.items():
+            n = processed[i] + 1
             # (a quarter of the window, or less when big frames make the window small)
-            if force_flush or force_acks or processed[i] + 1 - p.acked_processed >= min(self.ack_every, p.notify_every):
-                p.ack(processed[i] + 1, reported[i] + 1)
+            if force_flush or force_acks or n - p.acked_processed >= ack_every or n - p.acked_processed >= p.notify_every:
+                p.ack(n, reported[i] + 1)
 
     def tick(self, acks_arrived: bool, now: float) -> None:
         """Housekeeping: commits after acks from downstream, the commit report when due, and
