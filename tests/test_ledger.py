@@ -117,6 +117,14 @@ def test_pending_commit_points_stay_bounded_and_the_commit_keeps_moving():
         ledger.tick(True, clock())
         clock.t += 0.001
     assert 990 <= ledger.committed[0] < 999
+    # Downstream commits nothing for a while: still two points, not one per frame.
+    for seq in range(1000, 1100):
+        _process(ledger, [out], 0, seq)
+    assert len(ledger.markers) == 2
+    out.committed = out.next_seq
+    clock.t += 0.011
+    ledger.tick(True, clock())
+    assert ledger.committed == {0: 1099} and not ledger.markers
     # every reported commit is a consistent point: k frames processed <-> k outputs sent
     assert all(values[0] + 1 == values[1] for _, values in board.commits)
     assert len(board.commits) > 50

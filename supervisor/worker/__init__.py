@@ -9,12 +9,14 @@
         control messages (Replay, Start, Drain, Abort)
         acks from downstream -> drop retained frames -> commits -> acks upstream   (Ledger)
         resend undelivered frames
-        next input frame (Runner.step_input / step_ordered)
-            or next generate() item (SourceStepper)
-            -> process() -> emit outputs                                           (Emitter)
-            (a bare array like the edge's last one: InPort.take() decodes it and
-             OutPort.send_array() sends it, one bridge call each; then the books)
-            -> processed[edge] = seq -> mark() -> advance()                        (Ledger)
+        the frames waiting, up to 16 (Runner.step_batch), each:
+            next input frame (Runner.step_input / step_ordered)
+                or next generate() item (SourceStepper)
+                -> process() -> emit outputs                                       (Emitter)
+                (a bare array like the edge's last one: InPort.take() decodes it and
+                 OutPort.send_array() sends it, one bridge call each; then the books)
+                -> processed[edge] = seq -> mark() -> advance()                    (Ledger)
+        then the housekeeping above, once per batch
     end of stream on every input -> flush() -> EOS downstream -> wait for acks
         -> cleanup() -> Done -> exit 0
 
