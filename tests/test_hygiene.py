@@ -21,7 +21,7 @@ from remotemedia.node import NODE_NAME_RULE, check_node_name
 from remotemedia.nodes import PassThroughNode
 from remotemedia.registry import get_node_class, registered_types
 from supervisor import resources
-from supervisor.worker import _write_private
+from supervisor.worker.deadletter import write_private as _write_private
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
