@@ -57,7 +57,7 @@ from remotemedia.errors import (
 )
 from remotemedia.frames import FrameInfo, Kind, decode, encode
 from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
-from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
+from remotemedia.pipeline import INPUT, OUTPUT, Pipeline, as_pipeline
 from remotemedia.serialization import DEFAULT_MAX_SIZE, find_unpicklable, serialize_node
 
 from . import resources
@@ -94,7 +94,7 @@ from .scoreboard import ORDER_CAPACITY, Scoreboard
 from .systemd import SystemdNotifier
 from .states import ProcessState, StateMachine
 
-__all__ = ["Supervisor", "RunReport", "as_pipeline", "describe_exit"]
+__all__ = ["Supervisor", "RunReport", "describe_exit"]
 
 log = logging.getLogger("remotemedia.supervisor")
 
@@ -109,21 +109,6 @@ def _kill_leftovers() -> None:  # a program that exits without stopping its supe
             sup.join(5.0)
         except Exception:
             pass
-
-
-def as_pipeline(obj: Any, name: Optional[str] = None, trust_instances: bool = False) -> Pipeline:
-    """A Pipeline from a Pipeline, a list of nodes / manifest entries, a manifest dict or a
-    JSON string (``trust_instances``: see :class:`~remotemedia.Pipeline`)."""
-    if isinstance(obj, Pipeline):
-        return obj
-    if isinstance(obj, (list, tuple, dict, str, bytes)):
-        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name, trust_instances=trust_instances)
-    if isinstance(obj, Node):
-        return Pipeline([obj], name=name)
-    raise NodeTypeError(
-        f"expected a Pipeline, a list of Node instances / manifest dicts, a manifest dict or a JSON "
-        f"string, got {type(obj).__name__}"
-    )
 
 
 def _private_rss(pid: Optional[int]) -> Optional[int]:
