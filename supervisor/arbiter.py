@@ -57,7 +57,7 @@ from remotemedia.errors import (
 )
 from remotemedia.frames import FrameInfo, Kind, decode, encode
 from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
-from remotemedia.pipeline import INPUT, OUTPUT, Pipeline, as_pipeline
+from remotemedia.pipeline import INPUT, OUTPUT, as_pipeline
 from remotemedia.serialization import DEFAULT_MAX_SIZE, find_unpicklable, serialize_node
 
 from . import resources
