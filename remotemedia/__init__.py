@@ -14,11 +14,19 @@ Example::
 Public names: :class:`Node`, :class:`Source`, :class:`Pipeline`, :class:`Supervisor`,
 :func:`execute_pipeline`, :func:`execute_pipeline_with_input`, :func:`register_node`,
 :class:`Frame`, :class:`Group` (several nodes in one worker); errors live in :mod:`remotemedia.errors`.
+
+Layers: this package is the model (nodes, pipelines, manifests, frames, errors, run options)
+and never imports the runtime (the ``supervisor`` package); the runtime imports the model.
+This module, the facade, is the one exception: :func:`_runtime` loads the runtime's user API
+(:mod:`supervisor.api`) on first use, for the runtime names exported here (``Supervisor``,
+``RunReport``, ``execute_pipeline*``) and for :meth:`Pipeline.run` (tests/test_layers.py
+holds every other module to it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import Any
 
 from . import errors
 from .frames import Frame, FrameInfo
@@ -27,11 +35,6 @@ from .pipeline import Pipeline
 from .group import Group
 from .registry import register_node, registered_types
 from . import nodes as nodes  # registers the built-in node types
-
-if TYPE_CHECKING:
-    from supervisor.core import RunReport, Supervisor
-
-    from .runtime import execute_pipeline, execute_pipeline_with_input
 
 __version__ = "0.1.0"
 
@@ -54,16 +57,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # Loaded on first use: the supervisor package imports remotemedia (a cycle otherwise), and
-    # every worker process imports remotemedia without needing the runtime (asyncio) or the
-    # arbiter, whose imports would add to each worker's start-up.
-    if name in ("Supervisor", "RunReport"):
-        from supervisor import core
+#: Names of the runtime's user API that the facade exports (loaded on first use).
+_RUNTIME_NAMES = ("Supervisor", "RunReport", "execute_pipeline", "execute_pipeline_with_input")
 
-        return getattr(core, name)
-    if name in ("execute_pipeline", "execute_pipeline_with_input"):
-        from . import runtime
 
-        return getattr(runtime, name)
+def _runtime() -> ModuleType:
+    """The runtime's user API, :mod:`supervisor.api`: the one sanctioned import of the runtime
+    from the model, done late. Late because the runtime imports this package (a cycle
+    otherwise), and because every worker process imports this package without needing the
+    runtime (asyncio) or the arbiter, whose imports would add to each worker's start-up."""
+    from supervisor import api
+
+    return api
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNTIME_NAMES:
+        return getattr(_runtime(), name)
     raise AttributeError(f"module 'remotemedia' has no attribute {name!r}")

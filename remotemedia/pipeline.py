@@ -37,7 +37,7 @@ from .node import Node, Source, check_node_name, missing_super_init
 from .registry import get_node_class, type_name_of
 from .serialization import DEFAULT_MAX_SIZE, serialize_node
 
-__all__ = ["Pipeline", "INPUT", "OUTPUT"]
+__all__ = ["Pipeline", "as_pipeline", "INPUT", "OUTPUT"]
 
 #: Pseudo node names of the caller's side of the pipeline.
 INPUT = "__input__"
@@ -334,7 +334,7 @@ class Pipeline:
         with a Source runs until its sources end and one without runs once on a single
         ``None`` input (the one-shot form). ``options`` are the
         :class:`~remotemedia.Supervisor` options and ``enable_metrics=True``, which returns
-        an :class:`~remotemedia.runtime.Outputs` list with per-node ``.metrics``.
+        an :class:`~remotemedia.runs.Outputs` list with per-node ``.metrics``.
 
         ``executor="multiprocess"`` (the default; also ``use_rust=True``, its transport being
         the Rust bridge) runs each node in a supervised worker. ``executor="inline"`` (also
@@ -348,10 +348,10 @@ class Pipeline:
             ExecutorOptionError: an unknown executor, or options that do not apply inline.
             NodeError / NodeInitError / SerializationError: a node failed.
         """
-        from .runtime import plan_run, resolve_inputs
+        # The model does not import the runtime: the facade hands it over (its one late import).
+        from . import _runtime
 
-        plan = plan_run(self, resolve_inputs(inputs, input_data, "Pipeline.run"), options, "Pipeline.run")
-        return plan.result(plan.run())
+        return _runtime().run_pipeline(self, inputs, input_data, options)
 
     # ------------------------------------------------------------------ manifests
 
@@ -403,3 +403,23 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.nodes)} nodes, {len(self.connections)} connections>"
+
+
+def as_pipeline(obj: Any, name: Optional[str] = None, trust_instances: bool = False) -> Pipeline:
+    """A Pipeline from a Pipeline (returned as is), a list of nodes / manifest entries, a
+    manifest dict or JSON string, or a single Node: what every entry point accepts
+    (``trust_instances``: see :class:`Pipeline`).
+
+    Raises:
+        NodeTypeError: ``obj`` is none of these; and whatever :class:`Pipeline` raises.
+    """
+    if isinstance(obj, Pipeline):
+        return obj
+    if isinstance(obj, (list, tuple, dict, str, bytes)):
+        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name, trust_instances=trust_instances)
+    if isinstance(obj, Node):
+        return Pipeline([obj], name=name)
+    raise NodeTypeError(
+        f"expected a Pipeline, a list of Node instances / manifest dicts, a manifest dict or a JSON "
+        f"string, got {type(obj).__name__}"
+    )

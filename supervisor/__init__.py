@@ -1,4 +1,8 @@
-"""The remotemedia supervisor: worker processes, their states, the CLI.
+"""The remotemedia runtime: the user API behind the ``remotemedia`` facade (``api``), the
+public Supervisor (``core``), the caller's data path (``gateway``), the supervision loop
+(``arbiter``) and its worker-process objects (``process``, ``states``), the worker loop (``worker``),
+the inline executor (``inline``), the CLI. It imports the model (``remotemedia``); the model
+reaches it only through the facade's one late import, ``remotemedia._runtime()``.
 
 Not related to supervisord's ``supervisor`` package, which imports under the same name: do
 not install both in one environment.

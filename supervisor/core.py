@@ -39,7 +39,7 @@ from remotemedia.errors import (
 )
 from remotemedia.frames import FrameInfo, encode
 from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
-from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
+from remotemedia.pipeline import INPUT, OUTPUT, as_pipeline
 from remotemedia.serialization import DEFAULT_MAX_SIZE, find_unpicklable, serialize_node
 
 from . import resources
@@ -52,7 +52,7 @@ from .monitor import build_status
 from .process import WorkerProcess, describe_exit
 from .protocol import EdgeSpec, WorkerSpec
 
-__all__ = ["Supervisor", "RunReport", "as_pipeline", "describe_exit"]
+__all__ = ["Supervisor", "RunReport", "describe_exit"]
 
 log = logging.getLogger("remotemedia.supervisor")
 
@@ -67,21 +67,6 @@ def _kill_leftovers() -> None:  # a program that exits without stopping its supe
             sup.join(5.0)
         except Exception:
             pass
-
-
-def as_pipeline(obj: Any, name: Optional[str] = None, trust_instances: bool = False) -> Pipeline:
-    """A Pipeline from a Pipeline, a list of nodes / manifest entries, a manifest dict or a
-    JSON string (``trust_instances``: see :class:`~remotemedia.Pipeline`)."""
-    if isinstance(obj, Pipeline):
-        return obj
-    if isinstance(obj, (list, tuple, dict, str, bytes)):
-        return Pipeline(obj if not isinstance(obj, tuple) else list(obj), name=name, trust_instances=trust_instances)
-    if isinstance(obj, Node):
-        return Pipeline([obj], name=name)
-    raise NodeTypeError(
-        f"expected a Pipeline, a list of Node instances / manifest dicts, a manifest dict or a JSON "
-        f"string, got {type(obj).__name__}"
-    )
 
 
 def _encode_input(value: Any, what: str) -> Tuple[bytes, List[Any], int]:

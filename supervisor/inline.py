@@ -48,9 +48,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from remotemedia.errors import ExecutorOptionError, NodeError, NodeInitError, NodeTypeError, SupervisorError
 from remotemedia.frames import Frame, FrameInfo
 from remotemedia.node import ON_ERROR_POLICIES, Node, Source, iter_generated, iter_outputs
-from remotemedia.pipeline import INPUT, OUTPUT, Pipeline
+from remotemedia.pipeline import INPUT, OUTPUT, Pipeline, as_pipeline
 
-from .core import RunReport, as_pipeline
+from .core import RunReport
 from .stats import LatencyStats
 
 __all__ = ["run_inline", "resolve_executor", "EXECUTORS", "INLINE_OPTIONS"]

@@ -20,7 +20,8 @@ from remotemedia.errors import ManifestError, NodeError, RemoteMediaError, Seria
 from remotemedia.manifest import load_manifest, node_host
 from remotemedia.nodes import BatchNode, CalculatorNode, GainNode, MapNode, PassThroughNode, RangeSource
 from remotemedia.registry import unregister_node
-from supervisor.core import Supervisor, as_pipeline
+from remotemedia.pipeline import as_pipeline
+from supervisor.core import Supervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

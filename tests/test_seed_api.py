@@ -14,7 +14,9 @@ import pytest
 from remotemedia import Node, Pipeline
 from remotemedia.errors import NodeError, NodeTypeError, RunOptionError, SerializationError
 from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
-from remotemedia.runtime import RUN_OPTIONS, Outputs, execute_pipeline, execute_pipeline_with_input, supervisor_options
+from remotemedia import execute_pipeline, execute_pipeline_with_input
+from remotemedia.runs import RUN_OPTIONS, Outputs
+from supervisor.api import supervisor_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
