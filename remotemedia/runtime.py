@@ -32,26 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import inspect
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional
 
 from .errors import NodeTypeError, RunOptionError
+from .options import OPTIONS, RUN_KEYS, SUPERVISOR_KEYS
 
 __all__ = ["execute_pipeline", "execute_pipeline_with_input", "Outputs", "RUN_OPTIONS", "plan_run"]
 
 #: The keywords of the run entry points (execute_pipeline, execute_pipeline_with_input,
-#: Pipeline.run) beyond the Supervisor options, with their defaults. The one table of them:
-#: :func:`plan_run` is the only reader.
-RUN_OPTIONS: Dict[str, Any] = {
-    # return an Outputs list whose .metrics summarizes each node (from the RunReport)
-    "enable_metrics": False,
-    # "multiprocess" (supervised workers) or "inline" (this process, your own objects)
-    "executor": None,
-    # the seed's switch: True = multiprocess (its transport is the Rust bridge), False = inline
-    "use_rust": None,
-}
+#: Pipeline.run) beyond the Supervisor options, with their defaults: the options table's
+#: ``run`` rows (:mod:`remotemedia.options`, where their help is). :func:`plan_run` is the
+#: only reader.
+RUN_OPTIONS: Dict[str, Any] = {key: OPTIONS[key].default for key in RUN_KEYS}
 
 
 class Outputs(list):  # type: ignore[type-arg]
@@ -90,14 +83,10 @@ def node_metrics(nodes: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, 
     return out
 
 
-@lru_cache(maxsize=1)
 def supervisor_options() -> FrozenSet[str]:
-    """The keyword options of :class:`~remotemedia.Supervisor` (read from its signature, so
-    a new Supervisor option is a valid run keyword without another list to update)."""
-    from supervisor.arbiter import Supervisor
-
-    params = inspect.signature(Supervisor.__init__).parameters.values()
-    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    """The keyword options of :class:`~remotemedia.Supervisor`: the options table's
+    (tests/test_options.py checks that they are its signature's)."""
+    return frozenset(SUPERVISOR_KEYS)
 
 
 @dataclass
