@@ -182,6 +182,13 @@ class Option:
         return None if self.flag is None else "--" + self.key.replace("_", "-")
 
     @property
+    def help_sentence(self) -> str:
+        """The help as a plain-text sentence (``--help``): no code marks, a capital unless it
+        starts with a value (`` `never`, ...``), a full stop."""
+        text = self.help if self.help.startswith("`") else self.help[0].upper() + self.help[1:]
+        return text.replace("`", "") + "."
+
+    @property
     def default_text(self) -> str:
         """The default, for people."""
         if self.shown is not None:

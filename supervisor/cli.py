@@ -182,7 +182,7 @@ def _flag(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The click option of an options-table row: its flag, default and help from the table."""
     flag = option.flag
     assert flag is not None and option.flag_name is not None
-    text = (option.help[0].upper() + option.help[1:] + ".").replace("`", "")
+    text = option.help_sentence
     if flag.unit:
         text += f" In {flag.unit} here" + (" (0: no limit)." if flag.zero_is_none else ".")
     if flag.type is bool:
