@@ -26,6 +26,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     +-- SupervisorError                        misuse of a Supervisor (state, options)
     |   +-- UnsafeDirectoryError               a runtime directory others could reach or plant
     |   +-- RunOptionError (TypeError)         a keyword a run entry point refuses
+    |   +-- OptionValueError (ValueError)      an option's value is out of its range
     +-- TransportError                         raised by the Rust bridge (iceoryx2)
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
@@ -75,6 +76,7 @@ __all__ = [
     "ExecutorOptionError",
     "UnsafeDirectoryError",
     "RunOptionError",
+    "OptionValueError",
     "TransportError",
     "ServiceError",
     "PortError",
@@ -388,6 +390,25 @@ class RunOptionError(SupervisorError, TypeError):
     """``execute_pipeline``, ``execute_pipeline_with_input`` or ``Pipeline.run`` got a keyword
     argument it does not know (the message lists the valid ones), or the inputs twice (as
     ``inputs`` and as its alias ``input_data``)."""
+
+
+class OptionValueError(SupervisorError, ValueError):
+    """A runtime option (a Supervisor keyword or a per-node option, see
+    :mod:`remotemedia.options`) has a value it does not allow.
+
+    Attributes:
+        where: who set it (``"Supervisor"``, ``"node 'a'"``, ...).
+        key: the option.
+        value: the value refused.
+        allowed: what it allows (``"a positive int"``).
+    """
+
+    def __init__(self, message: str, where: str = "", key: str = "", value: Any = None, allowed: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+        self.key = key
+        self.value = value
+        self.allowed = allowed
 
 
 # --------------------------------------------------------------------------- transport (Rust)

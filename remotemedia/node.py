@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .errors import InvalidNodeNameError, MissingSuperInitError, NodeTypeError
 from .frames import FrameInfo
+from .options import NODE_KEYS, ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, check_node_keys
 
 __all__ = [
     "Node",
@@ -50,12 +51,6 @@ __all__ = [
     "QUEUE_POLICIES",
 ]
 
-#: Restart policies of a node's worker (see ``supervisor`` for their meaning).
-RESTART_POLICIES = ("never", "on-failure", "always")
-#: What happens when ``process()`` raises: stop the pipeline with NodeError, or drop the frame.
-ON_ERROR_POLICIES = ("raise", "skip")
-#: Queue policies of the edges into a node.
-QUEUE_POLICIES = ("block", "drop_oldest", "latest")
 
 # A node name ends up in file names (dead letters), a memfd name (at most 249 bytes) and a
 # command line, so: ASCII, no "/" or NUL, never "." or "..", and short. Dots, dashes and colons
@@ -139,38 +134,16 @@ def iter_generated(gen: Any, loop: Callable[[], Any]) -> Iterator[Any]:
 
 
 class NodeOptions(dict):
-    """Per-node runtime options; a dict restricted to the known keys.
-
-    Keys: ``restart_policy``, ``max_restarts``, ``restart_window``, ``init_timeout``,
-    ``process_timeout``, ``memory_limit``, ``on_error``, ``queue_policy``, ``queue_depth``,
-    ``queue_bytes``, ``poison_threshold``, ``snapshot_interval``. Unset keys fall back to the
-    Supervisor's.
+    """Per-node runtime options; a dict restricted to the per-node keys of the options table
+    (:data:`remotemedia.options.NODE_KEYS`, also ``NodeOptions.KEYS``; the README lists them
+    with their defaults). Unset keys fall back to the Supervisor's. Values are checked when a
+    Supervisor resolves the node's options (:func:`remotemedia.options.resolve_node`).
     """
 
-    KEYS = (
-        "restart_policy",
-        "max_restarts",
-        "restart_window",
-        "init_timeout",
-        "process_timeout",
-        "memory_limit",
-        "on_error",
-        "queue_policy",
-        "queue_depth",
-        "queue_bytes",
-        "poison_threshold",
-        "snapshot_interval",
-        "backoff_base",
-        "backoff_max",
-    )
+    KEYS = NODE_KEYS
 
     def __init__(self, node_name: str = "?", **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.KEYS))
-        if unknown:
-            raise NodeTypeError(
-                f"node {node_name!r}: unknown runtime option(s) {', '.join(unknown)}; "
-                f"valid options: {', '.join(self.KEYS)}"
-            )
+        check_node_keys(node_name, options)
         super().__init__(**options)
 
 

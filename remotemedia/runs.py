@@ -13,20 +13,15 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from .errors import NodeTypeError, RunOptionError
+from .options import OPTIONS, RUN_KEYS
 
 __all__ = ["RUN_OPTIONS", "Outputs", "node_metrics", "resolve_inputs"]
 
 #: The keywords of the run entry points (execute_pipeline, execute_pipeline_with_input,
-#: Pipeline.run) beyond the Supervisor options, with their defaults. The one table of them:
+#: Pipeline.run) beyond the Supervisor options, with their defaults: the options table's
+#: ``run`` rows (:mod:`remotemedia.options`, where their help is).
 #: :func:`supervisor.api.plan_run` is the only reader.
-RUN_OPTIONS: Dict[str, Any] = {
-    # return an Outputs list whose .metrics summarizes each node (from the RunReport)
-    "enable_metrics": False,
-    # "multiprocess" (supervised workers) or "inline" (this process, your own objects)
-    "executor": None,
-    # the seed's switch: True = multiprocess (its transport is the Rust bridge), False = inline
-    "use_rust": None,
-}
+RUN_OPTIONS: Dict[str, Any] = {key: OPTIONS[key].default for key in RUN_KEYS}
 
 
 class Outputs(list):  # type: ignore[type-arg]

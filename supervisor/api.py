@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import inspect
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional
 
 from remotemedia.errors import NodeTypeError, RunOptionError
 from remotemedia.pipeline import as_pipeline
+from remotemedia.options import SUPERVISOR_KEYS
 from remotemedia.runs import RUN_OPTIONS, Outputs, node_metrics, resolve_inputs
 
 from .core import RunReport, Supervisor
@@ -68,12 +67,11 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=1)
+
 def supervisor_options() -> FrozenSet[str]:
-    """The keyword options of :class:`~remotemedia.Supervisor` (read from its signature, so
-    a new Supervisor option is a valid run keyword without another list to update)."""
-    params = inspect.signature(Supervisor.__init__).parameters.values()
-    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    """The keyword options of :class:`~remotemedia.Supervisor`: the options table's
+    (tests/test_options.py checks that they are its signature's)."""
+    return frozenset(SUPERVISOR_KEYS)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import cloudpickle
 
 from remotemedia.errors import RemoteMediaError, SerializationError
 from remotemedia.frames import FrameInfo
+from remotemedia.options import OPTIONS, Option, flag_values
 from remotemedia.pipeline import Pipeline
 
 from .logs import LogSink, configure_cli_logging
@@ -177,66 +178,66 @@ def main() -> None:
     """Run remotemedia pipelines as supervised worker processes."""
 
 
+def _flag(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of an options-table row: its flag, default and help from the table."""
+    flag = option.flag
+    assert flag is not None and option.flag_name is not None
+    text = option.help_sentence
+    if flag.unit:
+        text += f" In {flag.unit} here" + (" (0: no limit)." if flag.zero_is_none else ".")
+    if flag.type is bool:
+        return click.option(option.flag_name, option.key, is_flag=True, default=option.default, help=text)
+    if flag.choices:
+        kind: Any = click.Choice(flag.choices, case_sensitive=option.key != "log_level")
+    elif flag.type == "dir":
+        kind = click.Path(file_okay=False)
+    else:
+        kind = flag.type
+    default = flag.from_option(option.key, option.default)
+    return click.option(
+        option.flag_name,
+        option.key,
+        type=kind,
+        default=default,
+        # a default of None means something the table says ("none", "the pipeline's")
+        show_default=True if default is not None else option.default_text,
+        help=text,
+    )
+
+
+def _table_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Every option of remotemedia.options that has a flag, in the table's order."""
+    for option in reversed([o for o in OPTIONS.values() if o.flag is not None]):
+        f = _flag(option)(f)
+    return f
+
+
 @main.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=True))
-@click.option("--name", help="Pipeline name (logs, status).")
 @click.option("--input", "input_file", type=click.File("r"), help="Feed each line of this file ('-' for stdin) as one input.")
 @click.option("--json-input", is_flag=True, help="Parse each input line as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the outputs.")
-@click.option("--log-level", default="WARNING", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--init-timeout", type=float, default=60.0, show_default=True, help="Seconds for a node's initialize().")
-@click.option("--stop-timeout", type=float, default=30.0, show_default=True, help="Seconds to drain on stop before aborting.")
-@click.option("--kill-timeout", type=float, default=5.0, show_default=True, help="Seconds a stopping worker gets for cleanup() before SIGKILL.")
-@click.option("--restart-policy", type=click.Choice(["never", "on-failure", "always"]), default="on-failure", show_default=True)
-@click.option("--max-restarts", type=int, default=5, show_default=True)
-@click.option("--queue-depth", type=int, default=32, show_default=True, help="Frames in flight per edge.")
-@click.option("--queue-bytes", type=float, default=256.0, show_default=True, help="MiB in flight per edge.")
-@click.option("--process-timeout", type=float, default=None, help="Seconds one process() call may take before the worker is restarted.")
-@click.option("--memory-limit", type=float, default=None, help="MiB of private memory per worker before it is restarted.")
-@click.option("--poison-threshold", type=int, default=3, show_default=True, help="Crashes on one frame before it is dead-lettered.")
-@click.option("--dead-letter-dir", type=click.Path(file_okay=False), default=None, help="Write dead-lettered frames here.")
-@click.option("--heartbeat-timeout", type=float, default=None, help="Seconds without a worker heartbeat before it counts as hung (default 10).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Format of the log lines on stderr.")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (127.0.0.1).")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics endpoint.")
+@_table_flags
 @click.option("--progress/--no-progress", default=None, help="Progress bar for sources of known length (default: when stderr is a terminal).")
-@click.option(
-    "--trust-instances",
-    is_flag=True,
-    help="Accept pickled node instances in a .json manifest (unpickling runs code: only for manifests you made yourself).",
-)
 @click.option("--inline", is_flag=True, help="Run in this process on the file's own node objects (no workers; for pdb and quick checks).")
 def start(
     pipeline_file: str,
-    name: Optional[str],
     input_file: Any,
     json_input: bool,
     quiet: bool,
-    log_level: str,
-    init_timeout: float,
-    stop_timeout: float,
-    kill_timeout: float,
-    restart_policy: str,
-    max_restarts: int,
-    queue_depth: int,
-    queue_bytes: float,
-    process_timeout: Optional[float],
-    memory_limit: Optional[float],
-    poison_threshold: int,
-    dead_letter_dir: Optional[str],
-    heartbeat_timeout: Optional[float],
-    log_format: str,
-    metrics_port: Optional[int],
-    metrics_host: str,
     progress: Optional[bool],
-    trust_instances: bool,
     inline: bool,
+    **flags: Any,
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
     when the drain timed out and frames were lost). With --inline the pipeline runs in this
-    process (see supervisor.inline); the supervision options do not apply then."""
+    process (see supervisor.inline); the supervision options do not apply then.
+
+    The options are remotemedia.options' table (the README's), in the command line's units."""
     from supervisor.core import Supervisor
+
+    options = flag_values(flags)
 
     if inline:
         ctx = click.get_current_context()
@@ -249,35 +250,16 @@ def start(
             raise click.UsageError(
                 f"not with --inline: {', '.join(given)} (the pipeline runs in this process: there are no workers "
                 "to supervise, restart, time out, limit or monitor); with --inline only --name, --input, "
-                "--json-input, --quiet, --log-level and --log-format apply"
+                "--json-input, --quiet, --log-level, --log-format, --on-error and --trust-instances apply"
             )
-    level = getattr(logging, log_level.upper())
-    sink = LogSink(log_format)
-    configure_cli_logging(level, sink)
-    pipeline = load_pipeline(pipeline_file, name, trust_instances)
+    sink = LogSink(options["log_format"])
+    configure_cli_logging(options["log_level"], sink)
+    pipeline = load_pipeline(pipeline_file, options["name"], options["trust_instances"])
     if inline:
-        _start_inline(pipeline, pipeline_file, input_file, json_input, quiet, sink)
+        _start_inline(pipeline, pipeline_file, input_file, json_input, quiet, sink, options["on_error"])
         return
     try:
-        sup = Supervisor(
-            pipeline,
-            init_timeout=init_timeout,
-            stop_timeout=stop_timeout,
-            kill_timeout=kill_timeout,
-            restart_policy=restart_policy,
-            max_restarts=max_restarts,
-            queue_depth=queue_depth,
-            queue_bytes=int(queue_bytes * 2**20),
-            process_timeout=process_timeout,
-            memory_limit=int(memory_limit * 2**20) if memory_limit else None,
-            poison_threshold=poison_threshold,
-            dead_letter_dir=dead_letter_dir,
-            heartbeat_timeout=heartbeat_timeout,
-            log_level=level,
-            log_format=log_format,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-        )
+        sup = Supervisor(pipeline, **options)
     except RemoteMediaError as e:
         raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
 
@@ -312,10 +294,10 @@ def start(
 
 
 #: ``start`` parameters that keep their meaning with --inline (``input_file`` is ``--input``).
-_INLINE_CLI_OPTIONS = ("pipeline_file", "name", "input_file", "json_input", "quiet", "log_level", "log_format", "inline", "trust_instances")
+_INLINE_CLI_OPTIONS = ("pipeline_file", "name", "input_file", "json_input", "quiet", "log_level", "log_format", "inline", "trust_instances", "on_error")
 
 
-def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_input: bool, quiet: bool, sink: LogSink) -> None:
+def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_input: bool, quiet: bool, sink: LogSink, on_error: str) -> None:
     """``start --inline``: the pipeline in this process (supervisor.inline), the outputs and
     the report printed like a supervised run's, the same exit codes."""
     import signal
@@ -331,7 +313,7 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
     # A signal ends the stream after the frame in hand (flush(), cleanup()), like a drain.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
     try:
-        report = run_inline(pipeline, inputs, on_output=show, stop=stop)
+        report = run_inline(pipeline, inputs, on_output=show, stop=stop, on_error=on_error)
     except SerializationError as e:
         _error(sink, str(e))
         sys.exit(EXIT_USAGE)
@@ -532,11 +514,7 @@ def systemd_unit(
 
 @main.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=True))
-@click.option(
-    "--trust-instances",
-    is_flag=True,
-    help="Accept pickled node instances in a .json manifest (unpickling runs code: only for manifests you made yourself).",
-)
+@_flag(OPTIONS["trust_instances"])
 def validate(pipeline_file: str, trust_instances: bool) -> None:
     """Check PIPELINE_FILE without starting anything: load, validate, serialize each node."""
     from remotemedia.serialization import serialize_node

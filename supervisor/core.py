@@ -38,9 +38,10 @@ from remotemedia.errors import (
     SupervisorError,
 )
 from remotemedia.frames import FrameInfo, encode
-from remotemedia.node import ON_ERROR_POLICIES, QUEUE_POLICIES, RESTART_POLICIES, Node, Source
+from remotemedia.node import Node, Source
+from remotemedia.options import DEFAULTS as _D, check_supervisor, node_defaults, resolve_node
 from remotemedia.pipeline import INPUT, OUTPUT, as_pipeline
-from remotemedia.serialization import DEFAULT_MAX_SIZE, find_unpicklable, serialize_node
+from remotemedia.serialization import find_unpicklable, serialize_node
 
 from . import resources
 from .arbiter import AbortRun, Arbiter, FailRun, RunConfig, Snapshot, StopRun
@@ -145,24 +146,6 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, s
 #: Signals an operator may send out of habit (log reopening elsewhere) whose default action
 #: would kill the supervisor: logged and ignored, unless the program handles them itself.
 _IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-_DEFAULTS: Dict[str, Any] = dict(
-    restart_policy="on-failure",
-    max_restarts=5,
-    restart_window=60.0,
-    backoff_base=0.1,
-    backoff_max=5.0,
-    init_timeout=60.0,
-    process_timeout=None,
-    memory_limit=None,
-    on_error="raise",
-    queue_policy="block",
-    queue_depth=32,
-    queue_bytes=256 << 20,
-    poison_threshold=3,
-    snapshot_interval=None,
-)
-
-
 class Supervisor:
     """Runs a pipeline as supervised worker processes.
 
@@ -178,11 +161,12 @@ class Supervisor:
             whatever ``queue_depth`` allows: it bounds the memory of big frames in flight.
         max_borrowed: received frames a consumer may hold zero-copy per edge; past that,
             frames are copied out of shared memory so a hoarding node never stalls the edge.
-        max_node_size: refuse nodes whose pickle exceeds this many bytes (default 100 MB).
+        max_node_size: refuse nodes whose pickle exceeds this many bytes (default 100 MiB).
         on_error: ``"raise"`` (a process() exception stops the pipeline with NodeError) or
             ``"skip"`` (log it, drop the frame, continue).
         restart_policy, max_restarts, restart_window, process_timeout, memory_limit,
-        poison_threshold, snapshot_interval: supervision options (see the README).
+        poison_threshold, snapshot_interval, backoff_base, backoff_max: supervision options
+            (see the README).
         heartbeat_interval: seconds between worker heartbeats.
         heartbeat_timeout: a worker whose loop has not turned for this long (while not inside
             process()) is killed and restarted (default max(10 s, 5 heartbeats)).
@@ -192,13 +176,17 @@ class Supervisor:
         log_format: ``"text"`` or ``"json"`` for the workers' captured output and logs.
         control: serve the control socket (``remotemedia-supervisor status/stop``).
         metrics_port: serve Prometheus metrics on this port (needs prometheus-client).
+        metrics_host: the address it listens on (default 127.0.0.1).
         spin_us: workers spin (GIL released, adaptive) up to this many microseconds for the
             next frame before blocking; 0 always blocks.
         trust_instances: accept manifest entries holding a pickled node instance (unpickling
             runs code: only for manifests you made yourself).
 
-    Every option except the first three can also be set per node with
-    ``Node(..., options={...})``.
+    The options, their defaults and the values they allow are one table,
+    :data:`remotemedia.options.OPTIONS` (also the README's). The per-node ones
+    (``NodeOptions.KEYS``: ``init_timeout``, ``queue_depth``, ``queue_bytes``, ``on_error``,
+    the supervision options above, and ``queue_policy``, which is per node only) can also be
+    set per node with ``Node(..., options={...})``. A bad value raises OptionValueError.
 
     Example::
 
@@ -215,58 +203,40 @@ class Supervisor:
         self,
         nodes_or_pipeline: Any,
         *,
-        name: Optional[str] = None,
-        init_timeout: float = 60.0,
-        stop_timeout: float = 30.0,
-        kill_timeout: float = 5.0,
-        queue_depth: int = 32,
-        queue_bytes: int = 256 << 20,
-        max_borrowed: int = 8,
-        max_node_size: Optional[int] = DEFAULT_MAX_SIZE,
-        on_error: str = "raise",
-        restart_policy: str = "on-failure",
-        max_restarts: int = 5,
-        restart_window: float = 60.0,
-        process_timeout: Optional[float] = None,
-        memory_limit: Optional[int] = None,
-        poison_threshold: int = 3,
-        snapshot_interval: Optional[float] = None,
-        backoff_base: float = 0.1,
-        backoff_max: float = 5.0,
-        heartbeat_interval: float = 1.0,
-        heartbeat_timeout: Optional[float] = None,
-        dead_letter_dir: Optional[str] = None,
-        env: Optional[Dict[str, str]] = None,
-        log_level: int = logging.WARNING,
-        log_format: str = "text",
-        control: bool = True,
-        metrics_port: Optional[int] = None,
-        metrics_host: str = "127.0.0.1",
-        spin_us: int = 50,
-        trust_instances: bool = False,
+        name: Optional[str] = _D.name,
+        init_timeout: float = _D.init_timeout,
+        stop_timeout: float = _D.stop_timeout,
+        kill_timeout: float = _D.kill_timeout,
+        queue_depth: int = _D.queue_depth,
+        queue_bytes: int = _D.queue_bytes,
+        max_borrowed: int = _D.max_borrowed,
+        max_node_size: Optional[int] = _D.max_node_size,
+        on_error: str = _D.on_error,
+        restart_policy: str = _D.restart_policy,
+        max_restarts: int = _D.max_restarts,
+        restart_window: float = _D.restart_window,
+        process_timeout: Optional[float] = _D.process_timeout,
+        memory_limit: Optional[int] = _D.memory_limit,
+        poison_threshold: int = _D.poison_threshold,
+        snapshot_interval: Optional[float] = _D.snapshot_interval,
+        backoff_base: float = _D.backoff_base,
+        backoff_max: float = _D.backoff_max,
+        heartbeat_interval: float = _D.heartbeat_interval,
+        heartbeat_timeout: Optional[float] = _D.heartbeat_timeout,
+        dead_letter_dir: Optional[str] = _D.dead_letter_dir,
+        env: Optional[Dict[str, str]] = _D.env,
+        log_level: int = _D.log_level,
+        log_format: str = _D.log_format,
+        control: bool = _D.control,
+        metrics_port: Optional[int] = _D.metrics_port,
+        metrics_host: str = _D.metrics_host,
+        spin_us: int = _D.spin_us,
+        trust_instances: bool = _D.trust_instances,
     ) -> None:
         self.pipeline = as_pipeline(nodes_or_pipeline, name, trust_instances)
         self.name = name or self.pipeline.name
-        if queue_depth < 1:
-            raise SupervisorError(f"queue_depth must be >= 1, got {queue_depth}")
-        if max_borrowed < 2:
-            raise SupervisorError(f"max_borrowed must be >= 2, got {max_borrowed}")
-        self.defaults = dict(_DEFAULTS)
-        self.defaults.update(
-            restart_policy=restart_policy,
-            max_restarts=max_restarts,
-            restart_window=restart_window,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-            init_timeout=init_timeout,
-            process_timeout=process_timeout,
-            memory_limit=memory_limit,
-            on_error=on_error,
-            queue_depth=queue_depth,
-            queue_bytes=queue_bytes,
-            poison_threshold=poison_threshold,
-            snapshot_interval=snapshot_interval,
-        )
+        check_supervisor(locals())  # every keyword against the options table (remotemedia.options)
+        self.defaults = node_defaults(locals())  # the Supervisor-wide values of the per-node options
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
         self.max_borrowed = max_borrowed
@@ -280,8 +250,6 @@ class Supervisor:
             self.log_sink = LogSink(log_format)
         except ValueError as e:
             raise SupervisorError(str(e)) from None
-        if spin_us < 0:
-            raise SupervisorError(f"spin_us must be >= 0, got {spin_us}")
         self.spin_us = spin_us
         self.control_enabled = control
         self.metrics_port = metrics_port
@@ -302,22 +270,7 @@ class Supervisor:
     # ================================================================== options
 
     def _node_options(self, node: Node) -> Dict[str, Any]:
-        opts = dict(self.defaults)
-        opts.update({k: v for k, v in (node.options or {}).items() if v is not None})
-        where = f"node {node.name!r}"
-        if opts["restart_policy"] not in RESTART_POLICIES:
-            raise SupervisorError(f"{where}: restart_policy must be one of {RESTART_POLICIES}, got {opts['restart_policy']!r}")
-        if opts["on_error"] not in ON_ERROR_POLICIES:
-            raise SupervisorError(f"{where}: on_error must be one of {ON_ERROR_POLICIES}, got {opts['on_error']!r}")
-        if opts["queue_policy"] not in QUEUE_POLICIES:
-            raise SupervisorError(f"{where}: queue_policy must be one of {QUEUE_POLICIES}, got {opts['queue_policy']!r}")
-        for key in ("queue_depth", "queue_bytes", "poison_threshold"):
-            if not isinstance(opts[key], int) or opts[key] < 1:
-                raise SupervisorError(f"{where}: {key} must be a positive int, got {opts[key]!r}")
-        for key in ("init_timeout", "restart_window", "backoff_base", "backoff_max"):
-            if not isinstance(opts[key], (int, float)) or opts[key] <= 0:
-                raise SupervisorError(f"{where}: {key} must be a positive number of seconds, got {opts[key]!r}")
-        return opts
+        return resolve_node(node.name, self.defaults, node.options)
 
     # ================================================================== caller API
 
