@@ -233,7 +233,7 @@ def test_cli_help_shows_the_tables_defaults():
 
 
 def test_cli_passes_every_flag_to_the_supervisor(tmp_path, monkeypatch):
-    import supervisor.arbiter
+    import supervisor.core
     import supervisor.cli
     from remotemedia.errors import RemoteMediaError
 
@@ -246,7 +246,7 @@ def test_cli_passes_every_flag_to_the_supervisor(tmp_path, monkeypatch):
         got.update(kwargs)
         raise Captured("captured")
 
-    monkeypatch.setattr(supervisor.arbiter, "Supervisor", fake_supervisor)
+    monkeypatch.setattr(supervisor.core, "Supervisor", fake_supervisor)
     monkeypatch.setattr(supervisor.cli, "configure_cli_logging", lambda level, sink: got.setdefault("_cli_level", level))
     script = tmp_path / "p.py"
     script.write_text("from remotemedia.nodes import PassThroughNode\npipeline = [PassThroughNode(name='p')]\n")
