@@ -761,11 +761,8 @@ class _RunLoop:
         return sent
 
     def drain(self, gw: Gateway) -> bool:
-        got = False
-        while True:
-            try:
-                value, info = gw.recv(time.monotonic(), lambda: None)
-            except (TimeoutError, EndOfStream):
-                return got
-            got = True
+        """Hand over every output ready now. True when there was one."""
+        got = gw.take()
+        for value, info in got:
             self.deliver(value, info)
+        return bool(got)

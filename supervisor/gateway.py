@@ -170,6 +170,19 @@ class Gateway:
             if not self._wait(deadline, self._watch_out):
                 raise TimeoutError("recv(): no output in time") from None
 
+    def take(self) -> List[Tuple[Any, FrameInfo]]:
+        """Every output ready now (never waits): those taken before, then those queued on
+        the output edges."""
+        with self._lock:
+            if not self.closed:
+                self._pump_outputs()
+            pending = self._pending
+            if not pending:
+                return []
+            out = [(value, info) for value, info, _ in pending]
+            pending.clear()
+            return out
+
     def has_pending(self) -> bool:
         return bool(self._pending)
 
