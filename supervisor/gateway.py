@@ -334,9 +334,11 @@ class Gateway:
                 try:
                     value = decode(s, copy=copy)
                 except Exception as e:  # an output this process cannot rebuild: the run fails
+                    err = SupervisorError(f"an output of node {p.src!r} could not be decoded in the caller's process: {e!r}")
+                    err.__cause__ = e
                     if self._on_error is not None:
-                        self._on_error(e)
-                    raise
+                        self._on_error(err)
+                    raise err from e
                 pending.append((value, info, None if copy or not views else s))
                 del s
             if last is not None or p.dup_pending:
