@@ -38,7 +38,6 @@ import queue
 import select
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -49,6 +48,7 @@ from remotemedia.pipeline import INPUT, OUTPUT
 from . import resources
 from .control import ControlServer
 from .gateway import Gateway
+from .tracebacks import forget_locals
 from .logs import LogSink
 from .process import WorkerProcess
 from .protocol import (
@@ -333,7 +333,10 @@ class Arbiter:
                 self.fail(cmd.error)
 
     def _caller_failed(self, err: BaseException) -> None:
-        """The gateway failed in a caller's thread (or in service()): fail the run."""
+        """The gateway failed in a caller's thread (or in service()): fail the run. (Called
+        before the error is raised there: it leaves explained.)"""
+        if isinstance(err, SharedMemoryFullError):
+            self.explain_shm_full(err)  # (reads only the edges: safe from any thread)
         if threading.current_thread() is self._thread:
             self.fail(err if isinstance(err, RemoteMediaError) else SupervisorError(f"supervisor failed: {err!r}"))
         else:
@@ -657,33 +660,3 @@ class Arbiter:
             return
         self.unprocessed_inputs = gw.unprocessed()
         gw.close()
-
-
-_GENERATOR_FLAGS = 0x20 | 0x80 | 0x200  # inspect.CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR
-
-
-def forget_locals(err: Optional[BaseException]) -> None:
-    """Clear the local variables of the finished frames an error of the arbiter thread holds:
-    those of its traceback and of its causes, and their callers. The lines stay for the
-    report; the locals (the Supervisor, ports, received frames) would otherwise live as long
-    as the error does, in a reference cycle through the Supervisor that only the garbage
-    collector frees."""
-    todo, seen = [err], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        todo += [e.__cause__, e.__context__]
-        tb = e.__traceback__
-        while tb is not None:
-            frame: Optional[types.FrameType] = tb.tb_frame
-            # (a generator's frame is not cleared: that would close the generator)
-            while frame is not None and not frame.f_code.co_flags & _GENERATOR_FLAGS:
-                try:
-                    frame.clear()
-                except RuntimeError:
-                    pass  # still executing (the arbiter's own frame): freed when it returns
-                frame = frame.f_back
-            tb = tb.tb_next
-

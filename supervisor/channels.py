@@ -194,6 +194,7 @@ class OutPort:
         self.resent = 0
         self.discarded = 0
         self.eos_sent = False
+        self.notify_pending = False  # frames sent with notify=False wait for flush_notify()
         self._array_meta: Optional[bytes] = None  # see send_array
         self._array_nbytes = 0
 
@@ -217,9 +218,11 @@ class OutPort:
         origin: int = 0,
         stream_id: int = 0,
         created_ns: int = 0,
+        notify: bool = True,
     ) -> int:
         """Queue one frame (the caller checked ``can_send``) and publish it if the edge is in
-        order. Returns the frame's seq."""
+        order. Returns the frame's seq. With ``notify=False`` the consumer is not woken yet:
+        the caller sends more and then calls :meth:`flush_notify` (one wake-up per batch)."""
         seq = self.next_seq
         self.next_seq += 1
         if kind == KIND_EOS:
@@ -227,7 +230,10 @@ class OutPort:
         if not self.lossless:
             self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
             self.sent += 1
-            self._notify()
+            if notify:
+                self._notify()
+            else:
+                self.notify_pending = True
             return seq
         if seq < self.committed:
             if kind != KIND_EOS or self.consumer_finished:
@@ -250,8 +256,16 @@ class OutPort:
             except BaseException:
                 self._keep(r, None, False)  # its seq is taken: a replay must find it
                 raise
-        self._keep(r, n, True)
+        self._keep(r, n, notify)
+        if not notify and n:
+            self.notify_pending = True
         return seq
+
+    def flush_notify(self) -> None:
+        """Wake the consumer for the frames sent with ``notify=False``."""
+        if self.notify_pending:
+            self.notify_pending = False
+            self._notify()
 
     def send_array(self, value: Any, origin: int, stream_id: int, created_ns: int) -> bool:
         """The hot path of :meth:`send`: a bare array like the last one :meth:`learn_array`

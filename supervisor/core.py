@@ -691,6 +691,10 @@ class Supervisor:
         return edges, nodes
 
 
+#: An inputs iterator whose next() took longer than this (seconds) is treated as paced.
+_SLOW_NEXT = 50e-6
+
+
 class _RunLoop:
     """The caller's side of :meth:`Supervisor.run`, in the caller's thread: feed the inputs
     as the input edges take them, hand over the outputs as they come, until the run is
@@ -703,6 +707,7 @@ class _RunLoop:
         self.deliver = deliver
         self.held: Optional[EncodedFrame] = None  # encoded, waiting for room
         self.position = 0  # items taken from the inputs (for error messages)
+        self.slow_inputs = False  # the last next() took long: wake the input nodes per item
 
     def run(self) -> None:
         arb = self.arb
@@ -725,13 +730,26 @@ class _RunLoop:
             self.drain(gw)  # outputs taken before the end (private copies by now)
 
     def feed(self, gw: Gateway) -> bool:
-        """Send inputs while the windows have room. True when something was sent."""
+        """Send inputs while the windows have room, waking the input nodes once for the batch.
+        True when something was sent."""
+        try:
+            return self._feed(gw)
+        finally:
+            gw.flush()
+
+    def _feed(self, gw: Gateway) -> bool:
         sent = False
         while self.inputs is not None:
             if gw.inputs_closed or gw.closed:  # stopped (stop(), a signal, a failure)
                 self.inputs = None
                 break
             if self.held is None:
+                if sent and self.slow_inputs:
+                    # A paced iterator (a camera, a socket) may block in next(): what was sent
+                    # must not wait for it. A fast one (a list, a range) gets one wake-up for
+                    # the whole batch.
+                    gw.flush()
+                t0 = time.perf_counter()
                 try:
                     value = next(self.inputs)
                 except StopIteration:
@@ -742,6 +760,7 @@ class _RunLoop:
                     self.inputs = None
                     self.arb.post(FailRun(SupervisorError(f"the inputs iterator raised {type(e).__name__}: {e}")))
                     break
+                self.slow_inputs = time.perf_counter() - t0 > _SLOW_NEXT
                 position = self.position
                 self.position += 1
                 try:
@@ -751,7 +770,7 @@ class _RunLoop:
                     self.arb.post(FailRun(e))
                     break
             try:
-                if not gw.try_send(self.held):
+                if not gw.try_send(self.held, notify=False):
                     break
             except SupervisorError:  # (closed meanwhile)
                 self.inputs = None

@@ -35,11 +35,12 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from remotemedia import _ipc_bridge as bridge
-from remotemedia.errors import EndOfStream, SupervisorError
+from remotemedia.errors import EndOfStream, SharedMemoryFullError, SupervisorError
 from remotemedia.frames import FrameInfo, decode
 
 from .channels import KIND_DATA, KIND_EOS, InPort, OutPort
 from .protocol import EdgeSpec
+from .tracebacks import forget_locals
 
 __all__ = ["Gateway", "INBOX", "EncodedFrame"]
 
@@ -99,6 +100,7 @@ class Gateway:
         self.sent = 0  # inputs sent (the origin of the next one)
         self.inputs_closed = False
         self.closed = False
+        self.error: Optional[BaseException] = None  # what the gateway failed with (reported)
 
     # ================================================================ the caller's side
 
@@ -115,10 +117,18 @@ class Gateway:
             if not self._wait(deadline, self._watch_acks):
                 raise TimeoutError("send(): the pipeline's inputs stayed full") from None
 
-    def try_send(self, frame: EncodedFrame) -> bool:
-        """:meth:`send` without waiting: False when a window is full."""
+    def try_send(self, frame: EncodedFrame, notify: bool = True) -> bool:
+        """:meth:`send` without waiting: False when a window is full. With ``notify=False``
+        the input nodes are woken only by :meth:`flush` (one wake-up for a batch of inputs)."""
         with self._lock:
-            return self._try_send(frame)
+            return self._try_send(frame, notify)
+
+    def flush(self) -> None:
+        """Wake the input nodes for the inputs sent with ``notify=False``."""
+        with self._lock:
+            if not self.closed:
+                for p in self.inputs:
+                    p.flush_notify()
 
     def can_send(self) -> bool:
         with self._lock:
@@ -127,20 +137,27 @@ class Gateway:
             self._pump_inputs()
             return all(p.can_send() for p in self.inputs)
 
-    def _try_send(self, frame: EncodedFrame) -> bool:
+    def _try_send(self, frame: EncodedFrame, notify: bool = True) -> bool:
         if self.closed or self.inputs_closed:
             raise SupervisorError("send(): the pipeline has stopped" if self.closed else "send() after close(): the input stream is closed")
         ports = self.inputs
         for p in ports:
             if not p.can_send():
+                if not notify:  # (the batch so far must not wait for room)
+                    for q in ports:
+                        q.flush_notify()
                 self._pump_inputs()
                 if not all(p.can_send() for p in ports):
                     return False
                 break
         meta, bufs, stream_id = frame
         now = time.monotonic_ns()
-        for p in ports:
-            p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now)
+        try:
+            for p in ports:
+                p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now, notify)
+        except SharedMemoryFullError as e:  # not the caller's fault: the run fails, explained
+            self._report(e)
+            raise
         self.sent += 1
         return True
 
@@ -222,8 +239,13 @@ class Gateway:
         try:
             if self.closed:
                 return []
-            self._pump_inputs()
-            self._pump_outputs()
+            try:
+                self._pump_inputs()
+                self._pump_outputs()
+            except Exception as e:
+                if e is self.error:
+                    return []  # (reported: the run is failing)
+                raise
             now = time.monotonic()
             gaps = []
             for p in self.outputs:
@@ -307,6 +329,13 @@ class Gateway:
 
     # ================================================================ inside the lock
 
+    def _report(self, err: BaseException) -> None:
+        """A failure found in the gateway fails the run (before it is raised where it was
+        found: the arbiter completes it)."""
+        self.error = err
+        if self._on_error is not None:
+            self._on_error(err)
+
     def _pump_inputs(self) -> None:
         for p in self.inputs:
             p.poll_acks()
@@ -335,9 +364,11 @@ class Gateway:
                     value = decode(s, copy=copy)
                 except Exception as e:  # an output this process cannot rebuild: the run fails
                     err = SupervisorError(f"an output of node {p.src!r} could not be decoded in the caller's process: {e!r}")
-                    err.__cause__ = e
-                    if self._on_error is not None:
-                        self._on_error(err)
+                    # The error outlives the run (the caller keeps it): it must not hold the
+                    # frame, which decode()'s frames and ours still reference.
+                    s = None
+                    forget_locals(e)
+                    self._report(err)
                     raise err from e
                 pending.append((value, info, None if copy or not views else s))
                 del s
