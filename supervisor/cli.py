@@ -38,6 +38,7 @@ from remotemedia.pipeline import Pipeline
 
 from .logs import LogSink, configure_cli_logging
 from .private import create_private_file
+from .resources import pid_alive
 
 __all__ = ["main", "load_pipeline", "PipelineFileError"]
 
@@ -436,22 +437,11 @@ def stop(name: str, wait: bool, timeout: float) -> None:
         click.echo(f"stopping {sup_name} (pid {pid})")
     if wait:
         deadline = time.monotonic() + timeout
-        while any(_pid_alive(pid) for _, _, pid in eps):
+        while any(pid_alive(pid) for _, _, pid in eps):
             if time.monotonic() > deadline:
                 click.echo("timed out waiting for the supervisor to exit", err=True)
                 sys.exit(EXIT_FAILED)
             time.sleep(0.1)
-
-
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # exited, not yet reaped
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
 
 
 def _runtime_dir() -> str:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from remotemedia.errors import SupervisorError
 
 from .private import ensure_private_dir
+from .resources import pid_alive
 
 __all__ = ["runtime_dir", "ControlServer", "find_endpoints", "request"]
 
@@ -177,7 +178,7 @@ def find_endpoints(name: Optional[str] = None) -> List[Tuple[str, str, int]]:
         if not pid_s.isdigit():
             continue
         pid = int(pid_s)
-        if not _alive(pid):
+        if not pid_alive(pid):
             try:
                 os.unlink(path)
             except OSError:
@@ -186,16 +187,6 @@ def find_endpoints(name: Optional[str] = None) -> List[Tuple[str, str, int]]:
         if name is None or sup_name == name:
             out.append((sup_name, path, pid))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def request(path: str, req: Dict[str, Any], timeout: float = 5.0) -> Dict[str, Any]:

@@ -169,14 +169,19 @@ def purge(root: str) -> List[str]:
     return failed
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+def pid_alive(pid: object) -> bool:
+    """True while process ``pid`` exists and has not exited (a zombie, exited but not yet
+    reaped, is not alive). The one answer for every caller: a process we may not inspect
+    (another user's) is alive, and so is a pid that is not an int (unknown: never treat it
+    as gone, which would remove what it may still use)."""
+    if not isinstance(pid, int):
         return True
-    return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # AccessDenied and the like: it exists
+        return True
 
 
 def stale_runs(base: Optional[str] = None) -> List[str]:
@@ -249,19 +254,10 @@ def _alive_nodes(root: str, grace: float = 2.0) -> List[Tuple[str, object, str]]
     deadline = time.monotonic() + grace
     while True:
         alive = [n for n in _safe_list(root) if n[0] == "alive"]
-        dying = [n for n in alive if not _pid_running(n[1])]
+        dying = [n for n in alive if not pid_alive(n[1])]
         if not dying or time.monotonic() > deadline:
             return alive
         time.sleep(0.02)
-
-
-def _pid_running(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return True
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _safe_list(root: str) -> List[Tuple[str, object, str]]:

@@ -298,3 +298,26 @@ def test_a_node_without_super_init_says_what_is_missing(cls, args, owner):
 def test_a_group_member_without_super_init_says_what_is_missing():
     with pytest.raises(MissingSuperInitError, match="NoSuper.__init__"):
         Group([PassThroughNode(), NoSuper(1.0)])
+
+
+def test_one_answer_to_is_this_process_alive():
+    """resources.pid_alive is the only liveness check (control sockets, stale runs, dead
+    iceoryx2 nodes, the CLI's stop): a zombie is gone, an unknown pid is not."""
+    import subprocess
+    import sys
+
+    from supervisor import cli, control, resources
+
+    assert resources.pid_alive(os.getpid())
+    assert resources.pid_alive("not a pid")  # unknown: never treated as gone
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not resources.pid_alive(child.pid)  # a zombie: exited, not reaped yet
+    child.wait()
+    assert not resources.pid_alive(child.pid)
+    for module in (cli, control):
+        assert module.pid_alive is resources.pid_alive
+        assert not [n for n in vars(module) if n.endswith("alive") and n != "pid_alive"]
