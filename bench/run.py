@@ -710,7 +710,11 @@ def render(results: Dict[str, Any]) -> str:
 
 
 def plot(results: Dict[str, Any], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # (an optional extra: the tables are the results)
+        print("matplotlib is not installed: no latency.png")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

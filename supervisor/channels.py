@@ -242,7 +242,9 @@ class OutPort:
             # the outputs may number differently. It becomes the next frame the consumer takes.
             seq = self.committed
             self.next_seq = seq + 1
-        if len(buffers) == 1:
+        if not buffers:  # (a small pickled object: the common case of non-array frames)
+            nbytes = len(meta)
+        elif len(buffers) == 1:
             nbytes = len(meta) + memoryview(buffers[0]).nbytes
         else:
             nbytes = len(meta) + sum(memoryview(b).nbytes for b in buffers)
