@@ -195,9 +195,6 @@ class OutPort:
         self.discarded = 0
         self.eos_sent = False
         self.notify_pending = False  # frames sent with notify=False wait for flush_notify()
-        # While True, publishing wakes nobody (a worker handling a batch of frames wakes its
-        # consumer at the first frame, then once at the end: flush_notify).
-        self.quiet = False
         self._array_meta: Optional[bytes] = None  # see send_array
         self._array_nbytes = 0
 
@@ -233,7 +230,10 @@ class OutPort:
         if not self.lossless:
             self.pub.send(seq, kind, meta, buffers, origin=origin, stream_id=stream_id, created_ns=created_ns)
             self.sent += 1
-            self._wake(notify)
+            if notify:
+                self._notify()
+            else:
+                self.notify_pending = True
             return seq
         if seq < self.committed:
             if kind != KIND_EOS or self.consumer_finished:
@@ -259,15 +259,9 @@ class OutPort:
                 self._keep(r, None, False)  # its seq is taken: a replay must find it
                 raise
         self._keep(r, n, notify)
-        return seq
-
-    def _wake(self, notify: bool) -> None:
-        """Wake the consumer for a frame just published, now or (``notify=False``, or
-        :attr:`quiet`) at the next :meth:`flush_notify`."""
-        if notify and not self.quiet:
-            self._notify()
-        else:
+        if not notify and n:
             self.notify_pending = True
+        return seq
 
     def flush_notify(self) -> None:
         """Wake the consumer for the frames sent with ``notify=False``."""
@@ -286,12 +280,9 @@ class OutPort:
         seq = self.next_seq
         if seq < self.committed:
             return False  # regenerated after a restart: send() knows what to skip
-        quiet = self.quiet
-        n = self.pub.send_array(seq, value, origin, stream_id, created_ns, None if quiet else self.notifier)
+        n = self.pub.send_array(seq, value, origin, stream_id, created_ns, self.notifier)
         if n < 0:
             return False
-        if quiet and n:
-            self.notify_pending = True
         self.next_seq = seq + 1
         self.encoded_by_bridge += 1
         if not self.lossless:
@@ -320,7 +311,7 @@ class OutPort:
             loan.send(seq, KIND_DATA, meta, origin=origin, stream_id=stream_id, created_ns=created_ns)
             self.sent += 1
             self.zero_copy += 1
-            self._wake(True)
+            self._notify()
             return seq
         if seq < self.committed:
             loan.discard()
@@ -377,7 +368,8 @@ class OutPort:
             return
         if n > 0:
             self.sent += 1
-            self._wake(notify)
+            if notify:
+                self._notify()
         else:
             self.discarded += 1
             self.undelivered = r.seq

@@ -218,8 +218,6 @@ class Runner:
     def wait(self, timeout: float) -> None:
         deadline = self.next_heartbeat
         for p in self.outputs:
-            if p.notify_pending:  # (a batch waiting for room: its consumer must run)
-                p.flush_notify()
             r = p.next_retry
             if r is not None:
                 deadline = min(deadline, r)
@@ -523,21 +521,10 @@ class Runner:
         step = self.step
         if not step():
             return False
-        # The consumer was woken by the first frame; the rest of the batch wakes it once, at
-        # the end (it takes what is queued before it sleeps, so a wake-up per frame would
-        # only cost both of us a context switch).
-        outputs = self.outputs
-        for p in outputs:
-            p.quiet = True
-        try:
-            until = time.monotonic() + BATCH_S
-            for _ in range(BATCH - 1):
-                if not step() or time.monotonic() >= until:
-                    break
-        finally:
-            for p in outputs:
-                p.quiet = False
-                p.flush_notify()
+        until = time.monotonic() + BATCH_S
+        for _ in range(BATCH - 1):
+            if not step() or time.monotonic() >= until:
+                break
         return True
 
     def run(self) -> int:
