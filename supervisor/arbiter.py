@@ -430,7 +430,7 @@ class Arbiter:
             rc = w.poll_exit()
             if rc is None:
                 continue
-            w.exited(rc)  # its last commit point, before anything resets its status block
+            w.sync_commit()  # its last commit point, before anything resets its status block
             for msg in w.receive():  # messages written just before exiting
                 self._on_message(w, msg)
             w.collect_remains(rc)
@@ -611,7 +611,7 @@ class Arbiter:
         """Make sure nothing is left: processes, ports, shared memory."""
         try:
             for w in self.workers.values():
-                w.kill_and_wait()
+                w.kill()
             for w in self.workers.values():
                 w.wait_gone()
             self._close_gateway()

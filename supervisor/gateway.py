@@ -130,13 +130,6 @@ class Gateway:
                 for p in self.inputs:
                     p.flush_notify()
 
-    def can_send(self) -> bool:
-        with self._lock:
-            if self.closed or self.inputs_closed:
-                return False
-            self._pump_inputs()
-            return all(p.can_send() for p in self.inputs)
-
     def _try_send(self, frame: EncodedFrame, notify: bool = True) -> bool:
         if self.closed or self.inputs_closed:
             raise SupervisorError("send(): the pipeline has stopped" if self.closed else "send() after close(): the input stream is closed")
@@ -199,9 +192,6 @@ class Gateway:
             out = [(value, info) for value, info, _ in pending]
             pending.clear()
             return out
-
-    def has_pending(self) -> bool:
-        return bool(self._pending)
 
     def wait(self, deadline: Optional[float]) -> None:
         """Wait (up to one slice) for anything: room for inputs or an output."""

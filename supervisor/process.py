@@ -561,11 +561,6 @@ class WorkerProcess:
             pass  # (ChildProcessError: reaped elsewhere; poll() below has its status)
         return self.proc.poll()
 
-    def exited(self, rc: int) -> None:
-        """Book-keeping of an exit, before the messages it sent last are handled: its last
-        commit point (before the status block is reset for a restart), output, counters."""
-        self.sync_commit()
-
     def collect_remains(self, rc: int) -> None:
         """After its last messages: the order it consumed in, its output, its counters."""
         self.sync_order()  # after the last commit, wherever it was reported
@@ -704,12 +699,13 @@ class WorkerProcess:
 
     # ================================================================== end of the run
 
-    def kill_and_wait(self) -> None:
-        """The run is over: make sure the process is gone and its files closed."""
+    def kill(self) -> None:
+        """The run is over: SIGKILL whatever is left (then :meth:`wait_gone`)."""
         if self.alive:
             self.signal(signal.SIGKILL)
 
     def wait_gone(self) -> None:
+        """Reap the killed process and close its control socket."""
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=10)
