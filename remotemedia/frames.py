@@ -58,6 +58,11 @@ class Kind(enum.IntEnum):
     #: frames the consumer has *processed* (flow control), ``origin`` the number it has
     #: *committed* (the producer may forget them). The other fields are 0.
     ACK = 2
+    #: An idle consumer's ack, on the ack service: its queue on this edge is empty and it waits
+    #: for frame ``stream_id``, as of ``created_ns`` (``time.monotonic_ns``; one clock for the
+    #: host). ``seq`` and ``origin`` are an ack's. A producer that had published that frame
+    #: before it read an earlier probe for it knows the transport lost it, and resends.
+    PROBE = 3
 
 
 @dataclass

@@ -31,6 +31,12 @@ sent again; the consumer drops what it already has. Acks are *commits*: a consum
 acknowledges an input only when every output derived from it has itself been committed
 downstream, so a crash anywhere never loses a frame that some upstream has already dropped.
 
+*Probes.* A gap shows a lost frame only when a later one arrives. So that a lost *tail* is
+found too, a consumer whose queue on an edge is empty tells its producer, about once a second,
+which frame it waits for (:meth:`InPort.probe`, ``Kind.PROBE``). A producer that had published
+that frame before it read an earlier probe for the same frame knows it was lost, and resends
+from it (:meth:`OutPort._probed`).
+
 *Hot path.* Most frames of a media stream are bare arrays of one dtype and shape. After an
 edge has carried one such frame through Python (``encode``/``decode``), each end teaches its
 bridge port the encoding (``learn_array``), and the following frames like it cross in one
@@ -50,6 +56,7 @@ duplicate, replay, window and policy logic is tested in milliseconds, without pr
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple
@@ -64,11 +71,13 @@ from .protocol import EdgeSpec
 
 __all__ = ["OutPort", "InPort", "Retained", "Transport", "ack_channel_options"]
 
+log = logging.getLogger("remotemedia.supervisor")
+
 _EMPTY = b""
 # Frame kinds as plain ints, derived from the one definition (remotemedia.frames.Kind; the
 # bridge's KIND_DATA is checked against it by tests/test_ports.py): an enum member lookup
 # costs five times an int compare, and these are read for every frame.
-KIND_DATA, KIND_EOS, KIND_ACK = int(Kind.DATA), int(Kind.EOS), int(Kind.ACK)
+KIND_DATA, KIND_EOS, KIND_ACK, KIND_PROBE = int(Kind.DATA), int(Kind.EOS), int(Kind.ACK), int(Kind.PROBE)
 #: Chunks a producer may hold loaned at once: allocate() buffers plus the one a copying send
 #: needs.
 MAX_LOANED = 8
@@ -193,6 +202,8 @@ class OutPort:
         self.encoded_by_bridge = 0  # frames sent by send_array (the hot path)
         self.resent = 0
         self.discarded = 0
+        self.lost = 0  # frames resent because a probe showed the transport lost them
+        self._probe: Optional[Tuple[int, int]] = None  # (frame the consumer waits for, read at ns)
         self.eos_sent = False
         self.notify_pending = False  # frames sent with notify=False wait for flush_notify()
         self._array_meta: Optional[bytes] = None  # see send_array
@@ -407,9 +418,43 @@ class OutPort:
             s = self.ack_sub.receive()
             if s is None:
                 break
-            newest = (s.seq, s.origin)  # (processed, committed): see Kind.ACK
+            newest = s.info  # (processed, committed, ...): see Kind.ACK and Kind.PROBE
             del s
-        return newest is not None and self.apply_ack(*newest)
+        if newest is None:
+            return False
+        progress = self.apply_ack(newest[0], newest[1])
+        if newest[5] == KIND_PROBE:
+            self._probed(newest[2], newest[3])
+        return progress
+
+    def _probed(self, want: int, probed_ns: int) -> None:
+        """The consumer's queue was empty at ``probed_ns`` while it waited for frame ``want``
+        (Kind.PROBE). Had ``want`` been published before an earlier probe for it was read,
+        it is lost: iceoryx2 counted it delivered to a subscriber that never saw it (see
+        shared/reference/iceoryx2.md, samples sent to a subscriber not yet attached). Nothing
+        later shows the consumer a gap when it is the tail that is lost, so without this both
+        ends would wait for each other forever. Resending is safe: the consumer drops what it
+        has (by seq)."""
+        end = self.undelivered if self.undelivered is not None else self.next_seq
+        if not self.lossless or want >= end or want < self.committed:
+            self._probe = None  # nothing published that it waits for
+            return
+        first = self._probe
+        now_ns = int(self._clock() * 1e9)
+        if first is None or first[0] != want or probed_ns <= first[1]:
+            # (a probe sent before we read the first may predate the publish: wait for one after)
+            self._probe = (want, now_ns)
+            return
+        self._probe = None
+        self.lost += end - want
+        log.warning(
+            "edge %s -> %s: frames %d..%d were published but never reached the consumer (lost by the "
+            "transport); resending them", self.spec.src, self.spec.dst, want, end - 1,
+        )
+        self.pub.update_connections()
+        self.processed = min(self.processed, want)
+        self.undelivered = want
+        self.resend_due(force=True)
 
     def apply_ack(self, processed: int, committed: int) -> bool:
         """The consumer processed ``processed`` frames and committed ``committed``; forget
@@ -653,6 +698,21 @@ class InPort:
                 self.ack_notifier.notify()
             except TransportError:
                 pass
+
+    def probe(self) -> None:
+        """Say which frame we wait for, when our queue is empty (Kind.PROBE): the producer
+        resends what it published that we never got (see :meth:`OutPort._probed`). About
+        once a second (the worker's heartbeat), so its cost is nil."""
+        if self.ack_pub is None or not self.lossless or self.eos or self.gap_since is not None or self.sub.has_samples():
+            return
+        self.ack_pub.send(
+            self.acked_processed, KIND_PROBE, _EMPTY, origin=self.acked_committed,
+            stream_id=self.expected, created_ns=int(self._clock() * 1e9),
+        )  # fmt: skip
+        try:
+            self.ack_notifier.notify()
+        except TransportError:
+            pass
 
     def _producer_may_wait(self) -> bool:
         # The producer waits for room only with a full window (``depth`` frames, or

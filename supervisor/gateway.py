@@ -13,7 +13,7 @@
     arbiter thread (never a frame of its own)
     -----------------------------------------
     service()  now and then, non-blocking: acks, resends, late end of stream, outputs nobody
-               receives yet (a close() followed by join() must still drain), gaps
+               receives yet (a close() followed by join() must still drain), gaps, probes
     replay(), apply_ack(), committed(), finished(): what a worker-process object answers for
                its edges, the gateway answers for the caller's: restarts treat both alike
 
@@ -49,6 +49,9 @@ INBOX = "in/gw"
 #: Longest single wait on the inbox: how soon a waiter notices the run failed or ended when
 #: nothing wakes it (the arbiter interrupts it at once in both cases; this is the backstop).
 _SLICE = 0.1
+
+#: Seconds between probes of the output edges (see InPort.probe), as a worker's heartbeat.
+_PROBE_EVERY = 1.0
 
 #: ``(meta, buffers, stream id)`` of one encoded input frame.
 EncodedFrame = Tuple[bytes, List[Any], int]
@@ -100,6 +103,7 @@ class Gateway:
         self.sent = 0  # inputs sent (the origin of the next one)
         self.inputs_closed = False
         self.closed = False
+        self._next_probe = 0.0
         self.error: Optional[BaseException] = None  # what the gateway failed with (reported)
 
     # ================================================================ the caller's side
@@ -237,6 +241,10 @@ class Gateway:
                     return []  # (reported: the run is failing)
                 raise
             now = time.monotonic()
+            if now >= self._next_probe:
+                self._next_probe = now + _PROBE_EVERY
+                for p in self.outputs:
+                    p.probe()
             gaps = []
             for p in self.outputs:
                 if p.gap_since is not None:

@@ -262,11 +262,12 @@ def _count(outputs, expected):
     return lost, dup, extra
 
 
-def _chaos(pipeline, victims, n, expected, capsys, period=(0.05, 0.3), min_kills=3, max_kills=15):
+def _chaos(pipeline, victims, n, expected, capsys, period=(0.05, 0.3), min_kills=3, max_kills=15, pace=0.0):
     """Run ``range(n)`` through ``pipeline`` while SIGKILLing one of ``victims`` (at random,
     each once it runs again) every ``period`` seconds, ``max_kills`` times at most (on a busy
     host restarts are slow); with ``expected``, check every one arrived exactly once. Returns
-    the outputs."""
+    the outputs. ``pace``: seconds the caller sleeps between inputs, so that a run whose
+    frames are mostly dropped still lasts long enough to be killed in."""
     sup = Supervisor(pipeline, max_restarts=10_000, backoff_base=0.01, backoff_max=0.05)
     sup.start()
     kills = collections.Counter()
@@ -290,7 +291,12 @@ def _chaos(pipeline, victims, n, expected, capsys, period=(0.05, 0.3), min_kills
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    report = sup.run(range(n) if n is not None else None)
+    def paced():
+        for x in range(n):
+            time.sleep(pace)
+            yield x
+
+    report = sup.run(None if n is None else paced() if pace else range(n))
     t.join(5)
     restarts = {v: report.nodes[v]["restarts"] for v in sorted(set(victims))}
     line = f"\nfan-in chaos: {sum(kills.values())} SIGKILLs {dict(kills)}, restarts {restarts}, {len(report.outputs)} outputs"
@@ -360,5 +366,5 @@ def test_lossy_fanin_survives_kills_without_hanging(capsys):
          Tag(0.0005, name="d", options={"queue_policy": "drop_oldest", "queue_depth": 8})],
         connections=[("b", "d"), ("c", "d")],
     )
-    outputs = _chaos(p, ["d"], n, None, capsys, min_kills=1)
+    outputs = _chaos(p, ["d"], n, None, capsys, min_kills=1, pace=0.0005)
     assert set(outputs) <= {(src, x) for x in range(n) for src in ("b", "c")}

@@ -21,7 +21,7 @@ from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import TransportError
 from remotemedia.frames import Kind, decode, encode
 from supervisor import channels
-from supervisor.channels import KIND_ACK, KIND_DATA, KIND_EOS, InPort, OutPort
+from supervisor.channels import KIND_ACK, KIND_DATA, KIND_EOS, KIND_PROBE, InPort, OutPort
 from supervisor.protocol import EdgeSpec
 
 # --------------------------------------------------------------------------- the fake transport
@@ -77,6 +77,7 @@ class FakeSubscriber:
         self.borrowed = 0
         self.queue: Deque[FakeSample] = deque()
         self.refuse = 0  # the next N deliveries are discarded (a full queue, a racing replay)
+        self.lose = 0  # the next N deliveries count as delivered and vanish (a lost frame)
         self.overflowed = 0
         self._learned: Optional[Tuple[bytes, int, Any, int, Any]] = None
         bus.subscribers.setdefault(service, []).append(self)
@@ -85,6 +86,9 @@ class FakeSubscriber:
         if self.refuse:
             self.refuse -= 1
             return False
+        if self.lose:
+            self.lose -= 1
+            return True
         if len(self.queue) >= self.capacity:
             if not self.safe_overflow:
                 return False
@@ -275,8 +279,8 @@ class Edge:
 def test_frame_kinds_have_one_definition() -> None:
     # The bridge recognises data frames itself (send_array, take): its constant must be Kind's.
     assert bridge.KIND_DATA == Kind.DATA
-    assert (KIND_DATA, KIND_EOS, KIND_ACK) == (Kind.DATA, Kind.EOS, Kind.ACK)
-    assert all(type(k) is int for k in (KIND_DATA, KIND_EOS, KIND_ACK))
+    assert (KIND_DATA, KIND_EOS, KIND_ACK, KIND_PROBE) == (Kind.DATA, Kind.EOS, Kind.ACK, Kind.PROBE)
+    assert all(type(k) is int for k in (KIND_DATA, KIND_EOS, KIND_ACK, KIND_PROBE))
 
 
 def test_ports_use_the_transport_they_are_given() -> None:
@@ -464,6 +468,80 @@ def test_replay_to_a_consumer_that_has_more_than_its_commit_drops_what_it_has() 
     e.out.replay(after=0)
     assert e.drain() == [(3, 3)]
     assert e.inp.duplicates == 2 and e.inp.dup_pending
+
+
+# --------------------------------------------------------------------------- probes: a lost tail
+
+
+def test_a_lost_tail_is_found_by_a_second_probe_and_resent() -> None:
+    e = Edge(depth=8)
+    e.send(0)
+    e.data_sub.lose = 2  # counted delivered, never queued: nothing later will show a gap
+    e.send(1)
+    e.send(2)
+    assert e.drain() == [(0, 0)] and e.inp.gap_since is None
+    e.inp.ack(1, 1)
+    e.inp.probe()
+    s = e.out.ack_sub.queue[0]
+    assert (s.kind, s.seq, s.origin, s.stream_id) == (KIND_PROBE, 1, 1, 1)  # an ack, and "I wait for 1"
+    assert e.out.poll_acks() and e.out.committed == 1  # the ack it overwrote (one slot): it carries it
+    assert e.out.resent == 0  # one probe proves nothing: the frame may have been on its way
+    e.clock.t += 1.0
+    e.inp.probe()
+    e.out.poll_acks()
+    assert e.out.lost == 2 and e.out.resent == 2
+    assert e.drain() == [(1, 1), (2, 2)]
+    e.clock.t += 1.0
+    e.inp.probe()  # its queue is empty, and it waits for 3: nothing was published
+    e.out.poll_acks()
+    assert e.out.resent == 2
+
+
+def test_a_probe_carries_the_consumers_ack() -> None:
+    e = Edge(depth=8)
+    for i in range(3):
+        e.send(i)
+    e.drain()
+    e.inp.acked_processed, e.inp.acked_committed = 3, 2  # (as ack() left them, its frame overwritten)
+    e.inp.probe()
+    assert e.out.poll_acks() and (e.out.processed, e.out.committed) == (3, 2)
+    assert e.out.resent == 0
+
+
+def test_a_probe_no_later_than_the_first_one_read_proves_nothing() -> None:
+    # Both probes were sent before the producer read the first: the frame may have been
+    # published after them, and be in the queue by now.
+    e = Edge(depth=8)
+    e.inp.probe()  # waits for 0; nothing published yet
+    e.send(0)
+    e.out.poll_acks()  # read after the publish: 0 < end, but the probe may predate it
+    e.inp.sub.queue.clear()  # (make the queue look empty again to send a second probe)
+    e.inp.probe()  # same clock: not later than the first read
+    e.out.poll_acks()
+    assert e.out.resent == 0 and e.out.lost == 0
+
+
+def test_no_probe_with_frames_queued_after_a_gap_at_the_end_or_on_a_lossy_edge() -> None:
+    e = Edge(depth=8)
+    e.send(0)
+    e.inp.probe()  # frame 0 is queued
+    assert not e.out.ack_sub.queue
+    e.drain()
+    e.data_sub.lose = 1
+    e.send(1)
+    e.send(2)
+    e.drain()  # 2 arrives: a gap, reported by Gap (the supervisor replays), not by a probe
+    assert e.inp.gap_since is not None
+    e.inp.probe()
+    assert not e.out.ack_sub.queue
+    f = Edge(depth=8)
+    f.eos()
+    f.drain()
+    f.inp.probe()
+    assert not f.out.ack_sub.queue
+    g = Edge(policy="drop_oldest", depth=4)
+    g.inp.probe()
+    assert not g.out.ack_sub.queue
 
 
 def test_window_in_frames() -> None:

@@ -186,6 +186,8 @@ class Runner:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.spec.heartbeat_interval
             self.chan.send(Heartbeat(self.stats()))
+            for p in self.inputs:
+                p.probe()
         return news or progress
 
     def _read_control(self) -> bool:
@@ -590,6 +592,7 @@ class Runner:
                     "encoded_by_bridge": p.encoded_by_bridge,
                     "resent": p.resent,
                     "discarded": p.discarded,
+                    "lost": p.lost,
                     "in_flight": p.in_flight,
                     "retained": len(p.retained),
                 }
