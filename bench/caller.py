@@ -74,13 +74,17 @@ def rm_stream(n: int) -> Dict[str, float]:
     sup = Supervisor([PassThroughNode(name=f"s{i}") for i in range(STAGES)], control=False)
     sup.start()
     count = [0]
+    last = [0.0]
 
     def on_output(value: Any, info: Any) -> None:
         count[0] += 1
+        last[0] = time.perf_counter()
 
     t0 = time.perf_counter()
     sup.run(range(n), on_output=on_output)
-    dt = time.perf_counter() - t0
+    # (to the last output, as mp_stream: run() returns only once the workers have exited and
+    # the run's shared memory is gone, a fixed cost that is not streaming)
+    dt = last[0] - t0
     assert count[0] == n, count[0]
     return {"fps": n / dt}
 

@@ -173,12 +173,17 @@ class Subscriber:
         """Let ``take`` decode frames with this meta and payload length by itself, as
         ``frombuffer(sample, dtype, count=count, offset=...)`` reshaped to ``shape`` (one entry,
         replaced by the next call)."""
+    def learn_pickle(self, loads: Callable[[bytes], Any], max_meta: int) -> None:
+        """Let ``take`` unpickle data frames without out-of-band buffers whose meta is a pickle
+        stream of at most ``max_meta`` bytes, as ``loads(bytes(meta))``."""
     def take(
         self, expected: int, borrow_limit: int
     ) -> Union[None, Sample, Tuple[Any, int, int, int, int, int]]:
-        """Next frame: ``(array, seq, origin, stream_id, created_ns, sent_ns)`` when it is data
-        frame ``expected`` like the learned one and fewer than ``borrow_limit`` frames are held;
-        otherwise the Sample; None when the queue is empty."""
+        """Next frame: ``(value, seq, origin, stream_id, created_ns, sent_ns)`` when it is data
+        frame ``expected`` and either an array like the learned one (a view while fewer than
+        ``borrow_limit`` frames are held) or a small pickle (see ``learn_pickle``; what
+        ``loads`` raises is raised, the frame consumed); otherwise the Sample; None when the
+        queue is empty."""
     def has_samples(self) -> bool: ...
     def close(self) -> None:
         """Release the port, its service and the node; Samples received stay valid."""
@@ -201,12 +206,33 @@ class Sample:
     def __buffer__(self, flags: int) -> memoryview: ...
     def __len__(self) -> int: ...
 
+class Doorbells:
+    """The doorbells of a run (see ``supervisor.doorbells``): a shared mapping of a memfd,
+    one 64-byte slot ``(sleeping, pending)`` per inbox. The descriptor may be closed once
+    mapped."""
+
+    slots: int
+    def __init__(self, fd: int) -> None:
+        """OSError when ``fd`` cannot be mapped, ValueError when it holds less than a slot."""
+    def state(self, slot: int) -> Tuple[int, int]:
+        """``(sleeping, pending)`` of ``slot`` (tests, tools)."""
+
 class Notifier:
     service: str
-    def __init__(self, node: Node, service: str, *, max_notifiers: int = 64) -> None: ...
+    def __init__(
+        self,
+        node: Node,
+        service: str,
+        *,
+        max_notifiers: int = 64,
+        doorbells: Optional[Doorbells] = None,
+        slot: int = 0,
+    ) -> None: ...
     def notify(self) -> int:
-        """Wake every listener; returns how many there are. Then yields the CPU when
-        ``yield_unless_queued`` subscribers are set and none has a frame queued."""
+        """Wake every listener; returns how many there are. With ``doorbells``, a listener
+        that is awake is only marked pending in its slot (no syscall; counted as 1). After a
+        wake-up it sent, yields the CPU when ``yield_unless_queued`` subscribers are set and
+        none has a frame queued."""
     def yield_unless_queued(self, subscribers: Sequence[Subscriber]) -> None: ...
     def close(self) -> None:
         """Release the port, its service and the node (TransportError afterwards)."""
@@ -214,7 +240,17 @@ class Notifier:
 class Listener:
     service: str
     spin_budget_ns: int
-    def __init__(self, node: Node, service: str, *, max_notifiers: int = 64) -> None: ...
+    def __init__(
+        self,
+        node: Node,
+        service: str,
+        *,
+        max_notifiers: int = 64,
+        doorbells: Optional[Doorbells] = None,
+        slot: int = 0,
+    ) -> None:
+        """With ``doorbells``: notifiers ringing the same ``slot`` wake this listener with a
+        syscall only while it sleeps; the slot must be this listener's alone."""
     def fileno(self) -> int:
         """-1 once closed."""
     def drain(self) -> int: ...

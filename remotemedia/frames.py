@@ -104,7 +104,8 @@ class FrameInfo(NamedTuple):
     source: str
 
 
-_PROTOCOL = 5
+#: The pickle protocol of every frame (5: out-of-band buffers).
+PROTOCOL = _PROTOCOL = 5
 # A bare contiguous numpy array (the common media frame) skips pickle: its meta is this tag,
 # the dtype and the shape. Pickle streams start with b"\x80", so the tag cannot collide.
 ND_TAG = _ND_TAG = b"RMND"

@@ -46,7 +46,9 @@ from remotemedia.errors import RemoteMediaError, SharedMemoryFullError, Supervis
 from remotemedia.pipeline import INPUT, OUTPUT
 
 from . import resources
+from .channels import Transport
 from .control import ControlServer
+from .doorbells import RunDoorbells
 from .gateway import Gateway
 from .tracebacks import forget_locals
 from .logs import LogSink
@@ -193,6 +195,7 @@ class Arbiter:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._iox: Any = None
+        self._bells: Optional[RunDoorbells] = None
         self._control: Optional[ControlServer] = None
         self._metrics_server: Any = None
         self._notifier = SystemdNotifier()
@@ -216,6 +219,10 @@ class Arbiter:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    @property
+    def doorbell_fd(self) -> int:
+        return self._bells.fd if self._bells is not None else -1
 
     def post(self, cmd: Command) -> None:
         """Queue a command for the arbiter thread (signal handlers call this and nothing else)."""
@@ -242,8 +249,13 @@ class Arbiter:
             resources.cleanup_stale_runs()
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.config.prefix, "supervisor", self.config.root)
+            self._bells = RunDoorbells(1 + len(self.workers))
             self.gateway = Gateway(
-                self._iox, self._input_edges, self._output_edges, self.config.spin_us, on_error=self._caller_failed
+                Transport(self._iox, self._bells.bells),
+                self._input_edges,
+                self._output_edges,
+                self.config.spin_us,
+                on_error=self._caller_failed,
             )
             if self._inputs_closed:  # (close() before the gateway existed)
                 self.gateway.close_inputs()
@@ -640,6 +652,8 @@ class Arbiter:
             if self._iox is not None:
                 self._iox.close()
                 self._iox = None
+            if self._bells is not None:
+                self._bells.close()  # (after the workers: a restart needs it)
             forget_locals(self.error)
             self.ended_at = time.monotonic()
             self.phase = Phase.FINISHED

@@ -57,6 +57,7 @@ duplicate, replay, window and policy logic is tested in milliseconds, without pr
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple
@@ -78,6 +79,8 @@ _EMPTY = b""
 # bridge's KIND_DATA is checked against it by tests/test_ports.py): an enum member lookup
 # costs five times an int compare, and these are read for every frame.
 KIND_DATA, KIND_EOS, KIND_ACK, KIND_PROBE = int(Kind.DATA), int(Kind.EOS), int(Kind.ACK), int(Kind.PROBE)
+#: Largest pickled frame (meta bytes) the bridge unpickles in InPort.take().
+PICKLE_MAX = 16 * 1024
 #: Chunks a producer may hold loaned at once: allocate() buffers plus the one a copying send
 #: needs.
 MAX_LOANED = 8
@@ -102,14 +105,19 @@ class Transport:
       ``learn_array(...)``, ``loan(nbytes)`` (an object with ``send(...)`` and ``discard()``),
       ``update_connections()``, ``close()``;
     - subscriber: ``receive()`` (a Sample or None), ``take(expected, borrow_limit)`` (a
-      decoded tuple, a Sample or None), ``learn_array(...)``, ``has_samples()``,
-      ``borrowed``, ``max_borrowed``, ``close()``; a Sample has ``seq kind origin stream_id
-      created_ns sent_ns meta buffers``, ``len()`` and the buffer protocol;
+      decoded tuple, a Sample or None), ``learn_array(...)``, ``learn_pickle(loads,
+      max_meta)``, ``has_samples()``, ``borrowed``, ``max_borrowed``, ``close()``; a Sample
+      has ``seq kind origin stream_id created_ns sent_ns meta buffers``, ``len()`` and the
+      buffer protocol;
     - notifier: ``notify()`` (TransportError: nobody listens), ``close()``.
+
+    With the run's doorbells (``supervisor.doorbells``) notifiers and listeners ring their
+    inbox's slot: a wake-up costs a syscall only when the listener sleeps.
     """
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, doorbells: Any = None) -> None:
         self.node = node
+        self.doorbells = doorbells  # the run's bridge.Doorbells, or None
 
     def publisher(self, service: str, **options: Any) -> Any:
         return bridge.Publisher(self.node, service, **options)
@@ -117,8 +125,17 @@ class Transport:
     def subscriber(self, service: str, **options: Any) -> Any:
         return bridge.Subscriber(self.node, service, **options)
 
-    def notifier(self, inbox: str) -> Any:
+    def notifier(self, inbox: str, bell: int = -1) -> Any:
+        """Wakes ``inbox``; through its doorbell slot ``bell`` when there is one."""
+        if self.doorbells is not None and bell >= 0:
+            return bridge.Notifier(self.node, inbox, doorbells=self.doorbells, slot=bell)
         return bridge.Notifier(self.node, inbox)
+
+    def listener(self, inbox: str, bell: int = -1) -> Any:
+        """The one listener of ``inbox`` (and of its doorbell slot ``bell``)."""
+        if self.doorbells is not None and bell >= 0:
+            return bridge.Listener(self.node, inbox, doorbells=self.doorbells, slot=bell)
+        return bridge.Listener(self.node, inbox)
 
 
 class Retained:
@@ -181,7 +198,7 @@ class OutPort:
             # Lossy edges get acks too: a producer must not exit before its end-of-stream frame
             # was taken, because iceoryx2 drops the samples of a publisher that is gone.
             self.ack_sub = t.subscriber(spec.ack_service, **ack_channel_options())
-            self.notifier = t.notifier(spec.dst_inbox)
+            self.notifier = t.notifier(spec.dst_inbox, spec.dst_bell)
         except BaseException:
             _close_all(self.pub, getattr(self, "ack_sub", None))
             raise
@@ -563,7 +580,7 @@ class InPort:
         self.sub = t.subscriber(spec.data_service, **spec.channel_options())
         try:
             self.ack_pub = t.publisher(spec.ack_service, **ack_channel_options())
-            self.ack_notifier = t.notifier(spec.src_inbox)
+            self.ack_notifier = t.notifier(spec.src_inbox, spec.src_bell)
         except BaseException:
             _close_all(self.sub, getattr(self, "ack_pub", None))
             raise
@@ -587,6 +604,10 @@ class InPort:
         self.decoded_by_bridge = 0  # frames take() returned decoded (the hot path)
         self._learned: Optional[Tuple[bytes, int]] = None
         self.borrow_limit = self.sub.max_borrowed - 1
+        # Small pickled objects (numbers, short strings, small dicts) are unpickled by the
+        # bridge in take(): no Sample, no Python decoding. Never one so big that the window
+        # estimate (see _accept) would have had to shrink for it.
+        self.sub.learn_pickle(pickle.loads, min(PICKLE_MAX, spec.max_bytes // max(1, spec.depth)))
 
     def receive(self) -> Optional[Any]:
         """The next in-order frame (a bridge Sample), or None."""
@@ -600,9 +621,10 @@ class InPort:
 
     def take(self) -> Optional[Any]:
         """Like :meth:`receive`, but an in-order data frame carrying a bare array like the last
-        one :meth:`learn` saw comes decoded by the bridge, as ``(array, seq, origin,
-        stream_id, created_ns, sent_ns)`` (the hot path: no Sample, no Python decoding).
-        Anything else comes as a Sample."""
+        one :meth:`learn` saw, or a small pickled object, comes decoded by the bridge, as
+        ``(value, seq, origin, stream_id, created_ns, sent_ns)`` (the hot path: no Sample, no
+        Python decoding). Anything else comes as a Sample. Raises what unpickling raised (the
+        frame is consumed)."""
         r = self.sub.take(self.expected, self.borrow_limit)
         if type(r) is tuple:
             self.expected += 1

@@ -46,6 +46,7 @@ from remotemedia.serialization import find_unpicklable, serialize_node
 from . import resources
 from .arbiter import AbortRun, Arbiter, FailRun, RunConfig, Snapshot, StopRun
 from .channels import split_frame
+from .doorbells import GATEWAY_SLOT, worker_slot
 from .gateway import INBOX as GATEWAY_INBOX
 from .gateway import EncodedFrame, Gateway
 from .logs import LogSink
@@ -649,6 +650,7 @@ class Supervisor:
         p = self.pipeline
         index_of = {n.name: i for i, n in enumerate(p.nodes)}
         inbox = lambda name: GATEWAY_INBOX if name in (INPUT, OUTPUT) else f"in/w{index_of[name]}"  # noqa: E731
+        bell = lambda name: GATEWAY_SLOT if name in (INPUT, OUTPUT) else worker_slot(index_of[name])  # noqa: E731
         edges: List[EdgeSpec] = []
         for i, (src, dst) in enumerate(p.edges()):
             consumer_opts = self.node_options.get(dst, self.defaults)
@@ -661,6 +663,8 @@ class Supervisor:
                     ack_service=f"e{i}/ack",
                     src_inbox=inbox(src),
                     dst_inbox=inbox(dst),
+                    src_bell=bell(src),
+                    dst_bell=bell(dst),
                     depth=consumer_opts["queue_depth"],
                     max_borrowed=self.max_borrowed,
                     policy=consumer_opts["queue_policy"],
@@ -677,6 +681,7 @@ class Supervisor:
                 prefix=self.prefix,
                 root=self.root,
                 inbox=inbox(node.name),
+                bell=bell(node.name),
                 in_edges=tuple(e for e in edges if e.dst == node.name),
                 out_edges=tuple(e for e in edges if e.src == node.name),
                 is_source=isinstance(node, Source),

@@ -32,13 +32,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import EndOfStream, SharedMemoryFullError, SupervisorError
 from remotemedia.frames import FrameInfo, decode
 
-from .channels import KIND_DATA, KIND_EOS, InPort, OutPort
+from .channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
+from .doorbells import GATEWAY_SLOT
 from .protocol import EdgeSpec
 from .tracebacks import forget_locals
 
@@ -66,7 +66,7 @@ class Gateway:
 
     def __init__(
         self,
-        node: Any,
+        transport: Transport,
         input_edges: Sequence[EdgeSpec],
         output_edges: Sequence[EdgeSpec],
         spin_us: int = 0,
@@ -83,12 +83,13 @@ class Gateway:
         self._listener: Any = None
         self._waker: Any = None
         try:
-            self._listener = bridge.Listener(node, INBOX)
-            self._waker = bridge.Notifier(node, INBOX)
+            t = transport
+            self._listener = t.listener(INBOX, GATEWAY_SLOT)
+            self._waker = t.notifier(INBOX, GATEWAY_SLOT)
             for e in input_edges:
-                self.inputs.append(OutPort(node, e))
+                self.inputs.append(OutPort(t.node, e, transport=t))
             for e in output_edges:
-                self.outputs.append(InPort(node, e))
+                self.outputs.append(InPort(t.node, e, transport=t))
         except BaseException:
             self._close_ports()
             raise
@@ -349,9 +350,17 @@ class Gateway:
         for p in self.outputs:
             last = None
             while True:
-                s = p.receive()
+                try:
+                    s = p.take()  # (a small pickled value comes unpickled by the bridge)
+                except Exception as e:
+                    self._undecodable(p, e)
                 if s is None:
                     break
+                if type(s) is tuple:
+                    value, seq, origin, stream_id, created_ns, sent_ns = s
+                    last = seq
+                    pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, sent_ns, p.src), None))
+                    continue
                 last = s.seq
                 if s.kind == KIND_EOS:
                     continue
@@ -360,19 +369,23 @@ class Gateway:
                 copy = p.should_copy() or (views and self.copy_outputs)
                 try:
                     value = decode(s, copy=copy)
-                except Exception as e:  # an output this process cannot rebuild: the run fails
-                    err = SupervisorError(f"an output of node {p.src!r} could not be decoded in the caller's process: {e!r}")
-                    # The error outlives the run (the caller keeps it): it must not hold the
-                    # frame, which decode()'s frames and ours still reference.
-                    s = None
-                    forget_locals(e)
-                    self._report(err)
-                    raise err from e
+                except Exception as e:
+                    s = None  # (the error outlives the run: it must not hold the frame)
+                    self._undecodable(p, e)
                 pending.append((value, info, None if copy or not views else s))
                 del s
             if last is not None or p.dup_pending:
                 n = p.expected  # the caller's queue is the end of the line: received = committed
                 p.ack(n, n)
+
+    def _undecodable(self, port: InPort, e: Exception) -> NoReturn:
+        """An output this process cannot rebuild: the run fails."""
+        err = SupervisorError(f"an output of node {port.src!r} could not be decoded in the caller's process: {e!r}")
+        # The error outlives the run (the caller keeps it): it must not hold the frame, which
+        # decode()'s frames still reference.
+        forget_locals(e)
+        self._report(err)
+        raise err from e
 
     def _settle(self) -> None:
         pending = self._pending

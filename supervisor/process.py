@@ -99,6 +99,7 @@ class Context(Protocol):
     log_sink: LogSink
     kill_timeout: float
     heartbeat_timeout: float
+    doorbell_fd: int  # the run's doorbells (see supervisor.doorbells), -1: none
 
     @property
     def booting(self) -> bool: ...  # the run has not reached RUNNING yet
@@ -227,7 +228,8 @@ class WorkerProcess:
             self.sm.change(ProcessState.STARTING, "spawn" if self.starts == 0 else "restart")
             self.proc = subprocess.Popen(
                 cmd,
-                pass_fds=(child_sock.fileno(), blob_fd, self.board.fd),
+                pass_fds=(child_sock.fileno(), blob_fd, self.board.fd)
+                + ((self.ctx.doorbell_fd,) if self.ctx.doorbell_fd >= 0 else ()),
                 process_group=0,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -265,7 +267,9 @@ class WorkerProcess:
             restore = self.restore
             restore.out_committed = {e.index: self.ctx.committed_count(e) for e in self.spec.out_edges}
             restore.out_finished = {e.index: self.ctx.consumer_finished(e) for e in self.spec.out_edges}
-        self.send(Setup(dataclasses.replace(self.spec, scoreboard_fd=self.board.fd), restore))
+        self.send(
+            Setup(dataclasses.replace(self.spec, scoreboard_fd=self.board.fd, doorbell_fd=self.ctx.doorbell_fd), restore)
+        )
         log.info("spawned worker for node %s (pid %d)", self.name, self.pid)
 
     def send(self, msg: Any) -> None:

@@ -92,6 +92,8 @@ class EdgeSpec:
     max_borrowed: int  # frames the consumer may hold zero-copy
     policy: str = "block"  # block | drop_oldest | latest
     max_bytes: int = 256 * 1024 * 1024  # bytes in flight before the producer waits
+    src_bell: int = -1  # doorbell slot of src_inbox (see supervisor.doorbells; -1: none)
+    dst_bell: int = -1  # doorbell slot of dst_inbox
 
     @property
     def lossless(self) -> bool:
@@ -130,6 +132,8 @@ class WorkerSpec:
     snapshot_interval: Optional[float] = None  # None: 1 s when the node defines snapshot()
     dead_letter_dir: Optional[str] = None
     spin_us: int = 50  # adaptive spin before blocking (0: always block)
+    bell: int = -1  # doorbell slot of inbox (see supervisor.doorbells; -1: none)
+    doorbell_fd: int = -1  # inherited memfd of the run's doorbells
 
     @property
     def records_order(self) -> bool:

@@ -303,3 +303,33 @@ def test_two_threads_sending_big_frames_do_not_deadlock(node):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_take_unpickles_small_pickled_frames(node):
+    pub, sub = pair(node)
+    sub.learn_pickle(pickle.loads, 64)
+    for seq, value in enumerate([42, "hi", {"k": [1, 2.5]}]):
+        meta, bufs = encode(value)
+        assert bufs == []
+        pub.send(seq, 0, meta, bufs, origin=7, stream_id=3, created_ns=11)
+    for seq, value in enumerate([42, "hi", {"k": [1, 2.5]}]):
+        got = sub.take(seq, 4)
+        assert type(got) is tuple and got[:5] == (value, seq, 7, 3, 11)
+    assert sub.borrowed == 0  # nothing stays borrowed: the value was unpickled from a copy
+    # Python decides for everything else: too big, with out-of-band buffers, not expected,
+    # not data, not a pickle
+    meta, bufs = encode("x" * 100)
+    pub.send(3, 0, meta, bufs)
+    meta, bufs = encode({"a": np.arange(4)})
+    assert bufs
+    pub.send(4, 0, meta, bufs)
+    pub.send(9, 0, encode(1)[0])
+    pub.send(6, 1, encode(1)[0])
+    pub.send(7, 0, b"RMND")
+    for expected in (3, 4, 5, 6, 7):
+        assert isinstance(sub.take(expected, 4), b.Sample)
+    # an unpickling error is raised, and the frame is consumed
+    pub.send(8, 0, b"\x80\x05junk")
+    with pytest.raises(pickle.UnpicklingError):
+        sub.take(8, 4)
+    assert sub.take(9, 4) is None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -16,10 +18,11 @@ import numpy as np
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import SharedMemoryFullError
+from remotemedia.frames import PROTOCOL as _PROTOCOL
 from remotemedia.frames import FrameInfo, decode
 from remotemedia.node import Node
 
-from ..channels import KIND_EOS, InPort, OutPort
+from ..channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
 from ..protocol import (
     EXIT_OK,
     Abort,
@@ -53,6 +56,10 @@ log = logging.getLogger("remotemedia.worker")
 # Frames handled back to back before the housekeeping (Runner.step_batch): waiting frames
 # are taken in one wake-up; acks and commits go out per batch, not per frame.
 BATCH = 16
+#: Results that encode() turns into a bare pickle (no out-of-band buffer): run_node pickles
+#: them itself.
+_SCALARS = frozenset((int, float, bool, str, bytes))
+_dumps = pickle.dumps
 BATCH_S = 0.002
 
 
@@ -66,10 +73,17 @@ class Runner:
         self.restore = restore or RestoreState()
         self.board = board = Scoreboard.from_fd(spec.scoreboard_fd) if spec.scoreboard_fd >= 0 else None
         self.iox = bridge.Node(spec.prefix, f"w{spec.index}", spec.root)
-        self.inbox = bridge.Listener(self.iox, spec.inbox)
+        doorbells = None
+        if spec.doorbell_fd >= 0:  # (mapped; the descriptor is not needed any more)
+            try:
+                doorbells = bridge.Doorbells(spec.doorbell_fd)
+            finally:
+                os.close(spec.doorbell_fd)
+        t = Transport(self.iox, doorbells)
+        self.inbox = t.listener(spec.inbox, spec.bell)
         # Inputs first: a restarted worker must be attached before anyone replays to it.
         self.inputs: List[InPort] = [
-            InPort(self.iox, e, expected=self.restore.in_seqs.get(e.index, -1) + 1) for e in spec.in_edges
+            InPort(self.iox, e, expected=self.restore.in_seqs.get(e.index, -1) + 1, transport=t) for e in spec.in_edges
         ]
         self.outputs: List[OutPort] = [
             OutPort(
@@ -78,6 +92,7 @@ class Runner:
                 next_seq=self.restore.out_next.get(e.index, 0),
                 committed=self.restore.out_committed.get(e.index, 0),
                 consumer_finished=self.restore.out_finished.get(e.index, False),
+                transport=t,
             )
             for e in spec.out_edges
         ]
@@ -410,15 +425,18 @@ class Runner:
         try:
             result = node.process(data)
             out = self._out1
-            # The commonest case first, without emit()'s generality: one output edge, a bare
-            # array like the edge's last one, room to send it.
-            if (
-                out is not None
-                and type(result) is np.ndarray
-                and not self._loans
-                and out.can_send()
-                and out.send_array(result, origin, stream_id, created_ns)
-            ):
+            # The commonest cases first, without emit()'s generality: one output edge with room,
+            # and a bare array like the edge's last one, or a scalar (what encode() would make
+            # of it: a pickle and no out-of-band buffer).
+            sent = False
+            if out is not None and not self._loans and out.can_send():
+                kind = type(result)
+                if kind is np.ndarray:
+                    sent = out.send_array(result, origin, stream_id, created_ns)
+                elif kind in _SCALARS:
+                    out.send(KIND_DATA, _dumps(result, _PROTOCOL), [], origin, stream_id, created_ns)
+                    sent = True
+            if sent:
                 counters.frames_out += 1
                 if board is not None:
                     board.set("frames_out", counters.frames_out)

@@ -11,6 +11,7 @@ use iceoryx2::prelude::*;
 use iceoryx2::service::port_factory::event::PortFactory;
 use pyo3::prelude::*;
 
+use crate::doorbell::{Bell, Doorbells};
 use crate::errors::{port_err, service_err, transport_err, wait_err};
 use crate::node::{Anchor, Node, Svc};
 use crate::pubsub::Subscriber;
@@ -32,6 +33,7 @@ fn open_event(node: &Node, name: &str, max_notifiers: usize) -> PyResult<PortFac
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Notifier {
     notifier: Mutex<Option<IoxNotifier<Svc>>>,
+    bell: Option<Bell>,
     yield_unless: Mutex<Vec<Py<Subscriber>>>,
     #[pyo3(get)]
     service: String,
@@ -41,8 +43,15 @@ pub struct Notifier {
 #[pymethods]
 impl Notifier {
     #[new]
-    #[pyo3(signature = (node, service, *, max_notifiers = 64))]
-    fn new(node: Py<Node>, service: &str, max_notifiers: usize) -> PyResult<Self> {
+    #[pyo3(signature = (node, service, *, max_notifiers = 64, doorbells = None, slot = 0))]
+    fn new(
+        node: Py<Node>,
+        service: &str,
+        max_notifiers: usize,
+        doorbells: Option<Py<Doorbells>>,
+        slot: usize,
+    ) -> PyResult<Self> {
+        let bell = doorbells.map(|d| Bell::new(d, slot)).transpose()?;
         let factory = open_event(node.get(), service, max_notifiers)?;
         let notifier = factory
             .notifier_builder()
@@ -50,6 +59,7 @@ impl Notifier {
             .map_err(|e| port_err(format!("creating notifier on {service:?}"), e))?;
         Ok(Self {
             notifier: Mutex::new(Some(notifier)),
+            bell,
             yield_unless: Mutex::new(Vec::new()),
             service: service.to_owned(),
             anchor: Anchor::new(factory, node),
@@ -59,6 +69,9 @@ impl Notifier {
     /// Wakes every listener, ignoring failures (a consumer that is gone is woken by its
     /// restart, not by us; a closed notifier wakes nobody).
     pub(crate) fn notify_quiet(&self, py: Python<'_>) {
+        if self.bell.as_ref().is_some_and(|b| !b.ring()) {
+            return; // awake: it looks at its queues before it sleeps
+        }
         let sent = self.notifier.lock().expect("notifier mutex poisoned").as_ref().map(|n| n.notify().is_ok());
         if sent == Some(true) {
             self.after_notify(py);
@@ -78,8 +91,15 @@ impl Notifier {
     }
 
     /// Wakes every listener. Returns how many listeners were notified (0 when none is
-    /// attached, e.g. while the consumer restarts).
+    /// attached, e.g. while the consumer restarts). With a doorbell, a listener that is awake
+    /// is only marked pending (no syscall; it looks before it sleeps): that counts as 1.
     fn notify(&self, py: Python<'_>) -> PyResult<usize> {
+        if self.bell.as_ref().is_some_and(|b| !b.ring()) {
+            if self.notifier.lock().expect("notifier mutex poisoned").is_none() {
+                return Err(transport_err(format!("notifier of {:?} is closed", self.service)));
+            }
+            return Ok(1);
+        }
         let n = match self.notifier.lock().expect("notifier mutex poisoned").as_ref() {
             Some(n) => n.notify().map_err(|e| wait_err(format!("notifying {:?}", self.service), e))?,
             None => return Err(transport_err(format!("notifier of {:?} is closed", self.service))),
@@ -110,6 +130,7 @@ impl Notifier {
 #[pyclass(module = "remotemedia._ipc_bridge", frozen)]
 pub struct Listener {
     listener: Mutex<Option<IoxListener<Svc>>>,
+    bell: Option<Bell>,
     fd: i32,
     spin_ns: AtomicU64,
     #[pyo3(get)]
@@ -118,6 +139,10 @@ pub struct Listener {
 }
 
 impl Listener {
+    fn rung(&self) -> bool {
+        self.bell.as_ref().is_some_and(|b| b.take())
+    }
+
     fn drain_inner(&self) -> PyResult<u64> {
         match self.listener.lock().expect("listener mutex poisoned").as_ref() {
             Some(l) => l.try_wait(|_| {}).map_err(|e| wait_err(format!("draining {:?}", self.service), e)),
@@ -128,17 +153,30 @@ impl Listener {
 
 #[pymethods]
 impl Listener {
+    /// With `doorbells`, notifiers that ring the same `slot` wake it with a syscall only while
+    /// it sleeps (see the doorbell module); the slot must be this listener's alone.
     #[new]
-    #[pyo3(signature = (node, service, *, max_notifiers = 64))]
-    fn new(node: Py<Node>, service: &str, max_notifiers: usize) -> PyResult<Self> {
+    #[pyo3(signature = (node, service, *, max_notifiers = 64, doorbells = None, slot = 0))]
+    fn new(
+        node: Py<Node>,
+        service: &str,
+        max_notifiers: usize,
+        doorbells: Option<Py<Doorbells>>,
+        slot: usize,
+    ) -> PyResult<Self> {
+        let bell = doorbells.map(|d| Bell::new(d, slot)).transpose()?;
         let factory = open_event(node.get(), service, max_notifiers)?;
         let listener = factory
             .listener_builder()
             .create()
             .map_err(|e| port_err(format!("creating listener on {service:?}"), e))?;
         let fd = unsafe { listener.file_descriptor().native_handle() };
+        if let Some(b) = &bell {
+            b.reset();
+        }
         Ok(Self {
             listener: Mutex::new(Some(listener)),
+            bell,
             fd,
             spin_ns: AtomicU64::new(0),
             service: service.to_owned(),
@@ -160,9 +198,10 @@ impl Listener {
         self.anchor.release();
     }
 
-    /// Consumes every pending notification without blocking; returns how many there were.
+    /// Consumes every pending notification without blocking; returns how many there were
+    /// (a doorbell's pending mark counts as one).
     fn drain(&self) -> PyResult<u64> {
-        self.drain_inner()
+        Ok(self.drain_inner()? + u64::from(self.rung()))
     }
 
     /// Waits until notified, until one of `fds` is readable, or until `timeout` seconds passed
@@ -186,7 +225,13 @@ impl Listener {
         spin_us: u64,
         watch: Vec<Py<Subscriber>>,
     ) -> PyResult<(bool, Vec<i32>)> {
-        if self.drain_inner()? > 0 {
+        // With a doorbell, datagrams come only to a sleeper: ppoll() finds one left over and
+        // drains it, so the non-blocking recvfrom() of every wait is saved here and in the spin.
+        let bell = self.bell.is_some();
+        if bell && self.listener.lock().expect("listener mutex poisoned").is_none() {
+            return Err(transport_err(format!("listener of {:?} is closed", self.service)));
+        }
+        if self.rung() || (!bell && self.drain_inner()? > 0) {
             return Ok((true, Vec::new()));
         }
         let start = Instant::now();
@@ -198,12 +243,15 @@ impl Listener {
             let budget = limit.map_or(budget, |l| budget.min(l));
             let caught = py.detach(|| {
                 loop {
-                    if watch.iter().any(|s| s.get().peek()) {
+                    if self.rung() || watch.iter().any(|s| s.get().peek()) {
                         return true;
                     }
-                    let pending = self.listener.lock().map(|g| g.as_ref().is_some_and(|l| l.try_wait(|_| {}).unwrap_or(0) > 0));
-                    if pending.unwrap_or(false) {
-                        return true;
+                    if !bell {
+                        let pending =
+                            self.listener.lock().map(|g| g.as_ref().is_some_and(|l| l.try_wait(|_| {}).unwrap_or(0) > 0));
+                        if pending.unwrap_or(false) {
+                            return true;
+                        }
                     }
                     if start.elapsed() >= budget {
                         return false;
@@ -226,12 +274,18 @@ impl Listener {
             .chain(fds.iter().copied())
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
+        if self.bell.as_ref().is_some_and(|b| !b.sleep()) {
+            return Ok((true, Vec::new())); // rung between the last look and the sleep
+        }
         let blocked = Instant::now();
         let (rc, errno) = py.detach(|| {
             let tsp = ts.as_ref().map_or(core::ptr::null(), |t| t as *const libc::timespec);
             let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, tsp, core::ptr::null()) };
             (rc, std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
         });
+        if let Some(b) = &self.bell {
+            b.wake();
+        }
         if spin_us > 0 && rc > 0 && blocked.elapsed() < Duration::from_micros(spin_us * 4) {
             // Woken soon after giving up the spin: traffic is flowing, spin again next time.
             self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
@@ -243,7 +297,7 @@ impl Listener {
             }
             return Err(transport_err(format!("ppoll() on {:?} failed: errno {errno}", self.service)));
         }
-        let notified = pfds[0].revents != 0 && self.drain_inner()? > 0;
+        let notified = (pfds[0].revents != 0 && self.drain_inner()? > 0) | self.rung();
         let ready = pfds[1..].iter().filter(|p| p.revents != 0).map(|p| p.fd).collect();
         Ok((notified, ready))
     }

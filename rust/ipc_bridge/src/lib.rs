@@ -15,6 +15,8 @@
 //!      (GIL released)
 //!    -> iceoryx2 send ------ shared memory -----> Subscriber.receive() -> Sample
 //!  Notifier.notify() ------- unix datagram -----> (wake-up)                  |
+//!    (with doorbells: only to a consumer asleep,                             |
+//!     a shared-memory mark otherwise: doorbell.rs)                           |
 //!                                                 memoryview(Sample) zero-copy, read-only;
 //!                                                 the chunk returns to the producer when
 //!                                                 the last view is gone
@@ -25,6 +27,7 @@
 //!                                                       the Sample when it is anything else
 //! ```
 
+pub mod doorbell;
 pub mod errors;
 pub mod event;
 pub mod layout;
@@ -51,6 +54,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pubsub::Subscriber>()?;
     m.add_class::<pubsub::Sample>()?;
     m.add_class::<pubsub::Loan>()?;
+    m.add_class::<doorbell::Doorbells>()?;
     m.add_class::<event::Notifier>()?;
     m.add_class::<event::Listener>()?;
     m.add_function(wrap_pyfunction!(node::list_nodes, m)?)?;

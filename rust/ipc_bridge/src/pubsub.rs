@@ -551,6 +551,8 @@ pub struct Subscriber {
     subscriber: Mutex<Option<IoxSubscriber<Svc, [u8], FrameHeader>>>,
     borrowed: Arc<AtomicUsize>,
     rx_cache: Mutex<Option<RxCache>>,
+    /// `(loads, max meta bytes)` of the pickled-object hot path (see `learn_pickle()`)
+    rx_pickle: Mutex<Option<(Py<PyAny>, usize)>>,
     #[pyo3(get)]
     max_borrowed: usize,
     #[pyo3(get)]
@@ -571,6 +573,32 @@ struct RxCache {
 }
 
 impl Subscriber {
+    /// `take()` of a frame that is not a learned array: a small pickled object, decoded; the
+    /// Sample otherwise.
+    fn take_pickled(&self, py: Python<'_>, sample: Sample, expected: u64) -> PyResult<Option<Py<PyAny>>> {
+        let h = &sample.header;
+        let (m0, m1) = sample.meta;
+        let loads = match self.rx_pickle.lock().expect("subscriber cache poisoned").as_ref() {
+            Some((loads, max_meta))
+                if h.seq == expected
+                    && h.kind == KIND_DATA
+                    && sample.buffers.is_empty()
+                    && m1 > m0
+                    && m1 - m0 <= *max_meta
+                    && unsafe { *((sample.ptr + m0) as *const u8) } == 0x80 =>
+            {
+                loads.clone_ref(py)
+            }
+            _ => return Ok(Some(Py::new(py, sample)?.into_any())),
+        };
+        let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        let meta = PyBytes::new(py, unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) });
+        drop(sample); // the chunk goes back to the publisher before the unpickling runs
+        let obj = loads.bind(py).call1((meta,))?;
+        let t = (obj, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
+        Ok(Some(t.into_any().unbind()))
+    }
+
     fn receive_sample(&self) -> PyResult<Option<Sample>> {
         let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
         let sub = guard
@@ -657,6 +685,7 @@ impl Subscriber {
             subscriber: Mutex::new(Some(subscriber)),
             borrowed: Arc::new(AtomicUsize::new(0)),
             rx_cache: Mutex::new(None),
+            rx_pickle: Mutex::new(None),
             max_borrowed,
             service: service.to_owned(),
             anchor: Anchor::new(factory, node),
@@ -688,12 +717,20 @@ impl Subscriber {
             Some(RxCache { meta: meta.to_vec(), payload_len, frombuffer, dtype, count, shape });
     }
 
+    /// Lets `take()` decode small pickled frames itself: a data frame without out-of-band
+    /// buffers whose meta is a pickle stream (protocol 2 or later: it starts with 0x80) of at
+    /// most `max_meta` bytes becomes `loads(meta)` (Python's `decode()` of such a frame).
+    fn learn_pickle(&self, loads: Py<PyAny>, max_meta: usize) {
+        *self.rx_pickle.lock().expect("subscriber cache poisoned") = Some((loads, max_meta));
+    }
+
     /// The hot path of a stage's input. Receives the next frame; when it is the data frame
     /// `expected` carrying an array like the learned one (see `learn_array()`), returns
     /// `(array, seq, origin, stream_id, created_ns, sent_ns)` with `array` read-only: a view on
     /// shared memory while fewer than `borrow_limit` frames are held, else a private copy (the
-    /// chunk goes back at once, as Python's `decode(copy=True)`). Any other frame comes back as
-    /// a `Sample` for Python to handle; None when the queue is empty.
+    /// chunk goes back at once, as Python's `decode(copy=True)`). A small pickled object (see
+    /// `learn_pickle()`) comes the same way, unpickled from a private copy of its bytes. Any
+    /// other frame comes back as a `Sample` for Python to handle; None when the queue is empty.
     fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
         // (counted before this frame, as Python's decode(copy=...) decision is)
         let copy = self.borrowed.load(Ordering::Acquire) >= borrow_limit;
@@ -715,7 +752,7 @@ impl Subscriber {
                 {
                     (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
                 }
-                _ => return Ok(Some(Py::new(py, sample)?.into_any())),
+                _ => return self.take_pickled(py, sample, expected),
             }
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
@@ -764,6 +801,8 @@ impl Subscriber {
         drop(subscriber);
         let cache = self.rx_cache.lock().expect("subscriber cache poisoned").take();
         drop(cache);
+        let pickle = self.rx_pickle.lock().expect("subscriber cache poisoned").take();
+        drop(pickle);
         self.anchor.release();
     }
 

@@ -1,0 +1,184 @@
+"""Doorbells (supervisor/doorbells.py, rust/ipc_bridge/src/doorbell.rs): a notify to a
+listener that is awake costs no syscall, and no wake-up is ever lost."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from remotemedia import _ipc_bridge as b
+from supervisor import resources
+from supervisor.doorbells import GATEWAY_SLOT, RunDoorbells, worker_slot
+
+
+@pytest.fixture
+def node():
+    run = resources.new_run()
+    n = b.Node(run.prefix, "test", run.root)
+    yield n
+    n.close()
+    assert resources.purge(run.root) == []
+
+
+@pytest.fixture
+def bells():
+    db = RunDoorbells(3)
+    yield db
+    db.close()
+
+
+def test_slots_are_one_per_inbox(bells):
+    assert bells.bells.slots == 3
+    assert GATEWAY_SLOT == 0 and worker_slot(0) == 1 and worker_slot(1) == 2
+    with pytest.raises(ValueError, match="slot 3 out of range"):
+        bells.bells.state(3)
+
+
+def test_bad_descriptor_or_slot_is_a_clear_error(node, bells):
+    with pytest.raises(OSError, match="fstat"):
+        b.Doorbells(-1)
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        with pytest.raises(ValueError, match="less than one 64-byte slot"):
+            b.Doorbells(r)  # (a pipe has no size)
+    finally:
+        os.close(r)
+    with pytest.raises(ValueError, match="out of range"):
+        b.Listener(node, "inbox", doorbells=bells.bells, slot=7)
+    with pytest.raises(ValueError, match="out of range"):
+        b.Notifier(node, "inbox", doorbells=bells.bells, slot=3)
+
+
+def test_the_mapping_outlives_the_descriptor(node):
+    db = RunDoorbells(1)
+    bells = db.bells
+    db.close()
+    db.close()  # idempotent
+    lis = b.Listener(node, "inbox", doorbells=bells, slot=0)
+    assert bells.state(0) == (0, 1)  # a new listener: nobody sleeps, look once
+    assert lis.wait(0.0) == (True, [])
+    assert bells.state(0) == (0, 0)
+
+
+def test_awake_listener_is_marked_not_woken(node, bells):
+    lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=1)
+    nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=1)
+    assert lis.wait(0.0) == (True, [])  # (the look every new listener takes)
+    assert nt.notify() == 1
+    assert bells.bells.state(1) == (0, 1)  # pending, and no datagram
+    assert lis.drain() == 1 and lis.drain() == 0
+    nt.notify()
+    assert lis.wait(5.0) == (True, [])  # returns at once: something is pending
+    assert lis.wait(0.05) == (False, [])  # nothing is
+    assert bells.bells.state(1) == (0, 0)
+
+
+def test_sleeping_listener_is_woken(node, bells):
+    lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=2)
+    nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=2)
+    lis.drain()
+    result = []
+    t = threading.Thread(target=lambda: result.append(lis.wait(60.0)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while bells.bells.state(2)[0] != 1:  # it sleeps in ppoll()
+        assert time.monotonic() < deadline, "the listener never went to sleep"
+        time.sleep(0.001)
+    nt.notify()
+    t.join(30)
+    assert not t.is_alive() and result == [(True, [])]
+    assert bells.bells.state(2) == (0, 0)
+
+
+def test_a_closed_notifier_still_raises(node, bells):
+    nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=1)
+    nt.close()
+    with pytest.raises(Exception, match="closed"):
+        nt.notify()
+
+
+_PEER = textwrap.dedent(
+    """
+    import os, random, sys
+    from remotemedia import _ipc_bridge as b
+    prefix, root, fd, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    node = b.Node(prefix, "peer", root)
+    bells = b.Doorbells(fd)
+    os.close(fd)
+    sub = b.Subscriber(node, "ping", buffer_size=4)
+    pub = b.Publisher(node, "pong", buffer_size=4)
+    lis = b.Listener(node, "in/peer", doorbells=bells, slot=2)
+    nt = b.Notifier(node, "in/test", doorbells=bells, slot=1)
+    rng = random.Random(3)
+    for i in range(n):
+        while True:
+            s = sub.receive()
+            if s is not None:
+                break
+            notified, _ = lis.wait(10.0)
+            if not notified:
+                sys.exit(3 if sub.has_samples() else 4)  # a lost wake-up / nothing came
+        assert s.seq == i, (s.seq, i)
+        for _ in range(rng.randrange(200)):  # (a varying delay before the answer)
+            pass
+        assert pub.send(i, 0, b"x") == 1
+        nt.notify()
+    del s
+    sub.close(); pub.close(); lis.close(); nt.close(); node.close()
+    """
+)
+
+
+def test_no_wake_up_is_lost_between_processes(node, bells):
+    """Ping-pong between two processes, each waking the other through the doorbells: each
+    side sends, notifies and waits for the answer, so a lost wake-up is never covered by a
+    later one: the wait would time out with the frame queued. Varying delays on both sides
+    catch the listener both awake and asleep when the other rings."""
+    n = 3000
+    pub = b.Publisher(node, "ping", buffer_size=4)
+    sub = b.Subscriber(node, "pong", buffer_size=4)
+    lis = b.Listener(node, "in/test", doorbells=bells.bells, slot=1)
+    nt = b.Notifier(node, "in/peer", doorbells=bells.bells, slot=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PEER, node.prefix, node.root, str(bells.fd), str(n)],
+        pass_fds=(bells.fd,),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    rng = random.Random(5)
+    sleeps = woken = 0
+    try:
+        deadline = time.monotonic() + 60
+        while pub.send(0, 0, b"x") == 0:  # (until the peer has subscribed)
+            assert time.monotonic() < deadline and proc.poll() is None, "the peer never subscribed"
+            time.sleep(0.01)
+        nt.notify()
+        for i in range(n):
+            while True:
+                s = sub.receive()
+                if s is not None:
+                    break
+                before = bells.bells.state(1)
+                notified, _ = lis.wait(10.0)
+                sleeps += 1
+                woken += before[1] == 0
+                assert notified or not sub.has_samples(), f"round {i}: a lost wake-up"
+                assert notified, f"round {i}: no answer in 10 s (peer exit code {proc.poll()})"
+            assert s.seq == i
+            del s
+            for _ in range(rng.randrange(200)):
+                pass
+            if i + 1 < n:
+                assert pub.send(i + 1, 0, b"x") == 1
+                nt.notify()
+    finally:
+        proc.wait(60)
+    assert proc.returncode == 0
+    assert sleeps > 0 and woken > 0  # (waits found nothing pending: the race was run)
