@@ -230,9 +230,9 @@ class Notifier:
     ) -> None: ...
     def notify(self) -> int:
         """Wake every listener; returns how many there are. With ``doorbells``, a listener
-        that is awake is only marked pending in its slot (no syscall; counted as 1). After a
-        wake-up it sent, yields the CPU when ``yield_unless_queued`` subscribers are set and
-        none has a frame queued."""
+        that is awake is only marked pending in its slot (no syscall; counted as 1). Then yields
+        the CPU when ``yield_unless_queued`` subscribers are set and none has a frame
+        queued."""
     def yield_unless_queued(self, subscribers: Sequence[Subscriber]) -> None: ...
     def close(self) -> None:
         """Release the port, its service and the node (TransportError afterwards)."""
