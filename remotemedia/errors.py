@@ -27,6 +27,7 @@ builtin a Python user would reach for first (``ValueError``, ``TypeError``, ``Ke
     |   +-- UnsafeDirectoryError               a runtime directory others could reach or plant
     |   +-- RunOptionError (TypeError)         a keyword a run entry point refuses
     |   +-- OptionValueError (ValueError)      an option's value is out of its range
+    |   +-- ReloadError                        a reload that cannot be applied in place
     +-- TransportError                         raised by the Rust bridge (iceoryx2)
         +-- ServiceError                       creating/opening a service failed
         +-- PortError                          creating a publisher/subscriber/listener failed
@@ -77,6 +78,7 @@ __all__ = [
     "UnsafeDirectoryError",
     "RunOptionError",
     "OptionValueError",
+    "ReloadError",
     "TransportError",
     "ServiceError",
     "PortError",
@@ -390,6 +392,12 @@ class RunOptionError(SupervisorError, TypeError):
     """``execute_pipeline``, ``execute_pipeline_with_input`` or ``Pipeline.run`` got a keyword
     argument it does not know (the message lists the valid ones), or the inputs twice (as
     ``inputs`` and as its alias ``input_data``)."""
+
+
+class ReloadError(SupervisorError):
+    """A reload changes what cannot change while the pipeline runs: its nodes, its edges, or
+    an option that shapes the edges. The running pipeline goes on unchanged; the message says
+    what differs and that a restart of the pipeline applies it."""
 
 
 class OptionValueError(SupervisorError, ValueError):

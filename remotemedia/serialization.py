@@ -37,7 +37,7 @@ import cloudpickle
 
 from .errors import NodeTypeError, SerializationError
 
-__all__ = ["DEFAULT_MAX_SIZE", "serialize_node", "deserialize_node", "find_unpicklable"]
+__all__ = ["DEFAULT_MAX_SIZE", "serialize_node", "deserialize_node", "find_unpicklable", "node_fingerprint"]
 
 #: Default limit of a pickled node, in bytes (100 MB).
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024
@@ -337,3 +337,25 @@ def deserialize_node(blob: bytes, initialize: bool = True) -> Any:
     if initialize:
         node.initialize()
     return node
+
+
+def node_fingerprint(blob: bytes) -> bytes:
+    """What :func:`serialize_node` made of a node, without what differs between two loads of
+    the same code: a class defined in a script is pickled by value with a random tracker id
+    (cloudpickle's, for identity across pickles), so reading the same file twice gives two
+    blobs. Equal fingerprints mean the same code and the same state. Call it while the node's
+    classes are alive (their ids are looked up in cloudpickle's registry).
+
+    >>> from remotemedia.nodes import MapNode
+    >>> node_fingerprint(serialize_node(MapNode(abs, name="a"))) == node_fingerprint(serialize_node(MapNode(abs, name="a")))
+    True
+    """
+    from cloudpickle import cloudpickle as _cp
+
+    tracked = getattr(_cp, "_DYNAMIC_CLASS_TRACKER_BY_CLASS", None)  # (absent: blobs compared as they are)
+    if not tracked:
+        return blob
+    for tracker_id in list(tracked.values()):
+        if isinstance(tracker_id, str) and len(tracker_id) == 32:
+            blob = blob.replace(tracker_id.encode(), b"0" * 32)
+    return blob

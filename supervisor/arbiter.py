@@ -35,6 +35,7 @@ import enum
 import logging
 import os
 import queue
+from concurrent.futures import Future
 import select
 import threading
 import time
@@ -120,7 +121,25 @@ class FailRun:
     error: BaseException
 
 
-Command = Union[StopRun, AbortRun, FailRun]
+@dataclass(frozen=True)
+class ReplaceNodes:
+    """Replace workers at a commit point (see WorkerProcess.replace): ``blobs`` maps a node
+    to its new pickled node (a reload; unchanged ones are left alone) or None (a restart).
+    ``done`` gets the names of the nodes being replaced, or the error."""
+
+    blobs: Dict[str, Optional[bytes]]
+    reason: str
+    done: "Future[List[str]]"
+
+
+@dataclass(frozen=True)
+class ReloadRun:
+    """SIGHUP: re-read the pipeline's source and replace the nodes that changed."""
+
+    reason: str
+
+
+Command = Union[StopRun, AbortRun, FailRun, ReplaceNodes, ReloadRun]
 
 
 @dataclass
@@ -196,6 +215,9 @@ class Arbiter:
         os.set_blocking(self._wake_w, False)
         self._iox: Any = None
         self._bells: Optional[RunDoorbells] = None
+        #: Starts a reload from the pipeline's source (in a thread of its own) and returns its
+        #: future: the nodes replaced, or the error. None: nothing to reload from.
+        self.on_reload: Optional[Callable[[], "Future[List[str]]"]] = None
         self._control: Optional[ControlServer] = None
         self._metrics_server: Any = None
         self._notifier = SystemdNotifier()
@@ -227,6 +249,10 @@ class Arbiter:
     def post(self, cmd: Command) -> None:
         """Queue a command for the arbiter thread (signal handlers call this and nothing else)."""
         self._cmds.put(cmd)
+        self.poke()
+
+    def poke(self, *_: Any) -> None:
+        """Wake the arbiter thread (e.g. an answer of the control socket is ready)."""
         fd = self._wake_w
         if fd < 0:  # the run is over; closed descriptors may have been reused
             return
@@ -343,6 +369,42 @@ class Arbiter:
                 self.begin_abort(cmd.reason, hard=cmd.hard)
             elif isinstance(cmd, FailRun):
                 self.fail(cmd.error)
+            elif isinstance(cmd, ReplaceNodes):
+                try:
+                    cmd.done.set_result(self.replace_nodes(cmd.blobs, cmd.reason))
+                except BaseException as e:  # noqa: BLE001 - the requester gets it
+                    cmd.done.set_exception(e)
+            elif isinstance(cmd, ReloadRun):
+                self._reload(cmd.reason)
+
+    # ================================================================== replacing workers
+
+    def replace_nodes(self, blobs: Dict[str, Optional[bytes]], reason: str) -> List[str]:
+        """Replace the named workers at a commit point (arbiter thread): a restart
+        (``None``) or a reload (the node's new blob). Everything is checked before anything is
+        replaced. Returns the nodes being replaced; they are RUNNING again once their
+        replacement is READY."""
+        if self.phase is not Phase.RUNNING:
+            raise SupervisorError(f"pipeline {self.name!r} is {self.phase.value.lower()}: nodes are replaced only while it runs")
+        unknown = [n for n in blobs if n not in self.workers]
+        if unknown:
+            raise SupervisorError(
+                f"pipeline {self.name!r} has no node named {unknown[0]!r}; its nodes: {', '.join(self.workers)}"
+            )
+        for n, b in blobs.items():  # (raises for a node that is not RUNNING, before any is touched)
+            self.workers[n].check_replaceable(reload=b is not None)
+        for n, b in blobs.items():
+            self.workers[n].replace(reason, b)
+        return sorted(blobs)
+
+    def _reload(self, reason: str) -> None:
+        """SIGHUP: reload from the pipeline's source in the background (a file is read and
+        its nodes built there, not in this loop); the outcome is logged."""
+        if self.on_reload is None:
+            log.warning("%s: %s, but this pipeline has no source to reload from (not started from a file)", self.name, reason)
+            return
+        log.info("%s: %s, reloading", self.name, reason)
+        self.on_reload()  # (logs the outcome itself)
 
     def _caller_failed(self, err: BaseException) -> None:
         """The gateway failed in a caller's thread (or in service()): fail the run. (Called
@@ -535,7 +597,47 @@ class Arbiter:
         if cmd == "stop":
             self.begin_drain("stop requested over the control socket")
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}; use 'status' or 'stop'"}
+        if cmd == "restart":
+            node = req.get("node")
+            w = self.workers.get(node) if isinstance(node, str) else None
+            pid = w.pid if w is not None else None
+            self.replace_nodes({node: None}, "restart requested over the control socket")
+            return {"ok": True, "node": node, "pid": pid}
+        if cmd == "reload":
+            if self.on_reload is None:
+                return {"ok": False, "error": f"pipeline {self.name!r} was not started from a file: there is nothing to reload from"}
+            fut: "Future[Any]" = Future()
+
+            def answer(f: "Future[List[str]]") -> None:
+                e = f.exception()
+                fut.set_result({"ok": False, "error": str(e)} if e is not None else {"ok": True, "replaced": f.result()})
+                self.poke()
+
+            self.on_reload().add_done_callback(answer)
+            return fut
+        if cmd == "logs":
+            return self._logs(req)
+        return {"ok": False, "error": f"unknown command {cmd!r}; use status, stop, restart, reload or logs"}
+
+    def _logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """The recent lines of one node (or all), after the given cursor (see LogRing)."""
+        node = req.get("node")
+        if node is not None and node not in self.workers:
+            return {"ok": False, "error": f"pipeline {self.name!r} has no node named {node!r}; its nodes: {', '.join(self.workers)}"}
+        after = req.get("after") or {}
+        limit = req.get("lines")
+        lines: List[Dict[str, Any]] = []
+        cursor: Dict[str, int] = {}
+        lost: Dict[str, int] = {}
+        for name, w in self.workers.items():
+            if node is not None and name != node:
+                continue
+            got, cursor[name], lost[name] = w.log_ring.since(int(after.get(name, 0)), limit)
+            lines.extend(got)
+        lines.sort(key=lambda e: (e["ts"] or 0, e["n"]))
+        if limit is not None and len(lines) > limit:
+            lines = lines[-limit:] if limit > 0 else []
+        return {"ok": True, "lines": lines, "cursor": cursor, "lost": {k: v for k, v in lost.items() if v}}
 
     # ================================================================== stopping
 

@@ -11,7 +11,10 @@
 A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
 ``build()`` returning one. Classes defined in the file travel to the workers by value.
 
-Exit codes: 0 the run completed (also after a graceful stop: SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+Running pipelines: ``status``, ``stop``, ``list``, ``restart NAME NODE``, ``reload NAME`` (also
+SIGHUP), ``logs NAME`` (see :mod:`supervisor.cli_live`).
+
+Exit codes: 0 the run completed (also after a graceful stop: SIGINT, SIGTERM, SIGQUIT,
 or stdout closed by its reader, as with ``| head``); 1 the pipeline failed (a node raised, a
 worker could not start, a node went FATAL) or a stop did not drain (frames were lost); 2 the
 command line or the pipeline file is invalid (missing file, syntax error, no pipeline object,
@@ -231,8 +234,8 @@ def start(
     **flags: Any,
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
-    sources are exhausted, or until SIGINT/SIGTERM/SIGHUP/SIGQUIT (drain, then exit 0; exit 1
-    when the drain timed out and frames were lost). With --inline the pipeline runs in this
+    sources are exhausted, or until SIGINT/SIGTERM/SIGQUIT (drain, then exit 0; exit 1 when
+    the drain timed out and frames were lost). SIGHUP reloads the file (see `reload`). With --inline the pipeline runs in this
     process (see supervisor.inline); the supervision options do not apply then.
 
     The options are remotemedia.options' table (the README's), in the command line's units."""
@@ -263,6 +266,8 @@ def start(
         sup = Supervisor(pipeline, **options)
     except RemoteMediaError as e:
         raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
+    # `reload`, SIGHUP and the unit's ExecReload= read the file again
+    sup.reload_from(lambda: load_pipeline(pipeline_file, options["name"], options["trust_instances"]))
 
     inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
 
@@ -550,6 +555,8 @@ def _printer(quiet: bool, on_closed: Callable[[], None]) -> Callable[[Any, Frame
 
     return show
 
+
+from . import cli_live  # noqa: E402,F401  (registers restart, reload, logs, list on main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,4 +1,5 @@
-"""Control endpoint: one Unix socket per running supervisor, for ``status`` and ``stop``.
+"""Control endpoint: one Unix socket per running supervisor, for ``status``, ``stop``, ``restart``,
+``reload`` and ``logs``.
 
 ::
 
@@ -6,6 +7,14 @@
 
     client: {"cmd": "status"}\\n      supervisor: {"ok": true, "status": {...}}\\n
     client: {"cmd": "stop"}\\n        supervisor: {"ok": true}\\n   (then drains and exits)
+    client: {"cmd": "restart", "node": N}\\n    supervisor: {"ok": true, "node": N, "pid": <old pid>}\\n
+    client: {"cmd": "reload"}\\n      supervisor: {"ok": true, "replaced": [...]}\\n  (once applied)
+    client: {"cmd": "logs", "node": N | null, "after": {N: n}, "lines": k}\\n
+                                    supervisor: {"ok": true, "lines": [...], "cursor": {N: n},
+                                                 "lost": {N: k}}\\n
+
+A handler may answer later: it returns a ``concurrent.futures.Future`` (a reload reads the
+pipeline file in a thread of its own) and the answer is written once the future is done.
 
 The runtime dir is ``$REMOTEMEDIA_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/remotemedia``, else
 ``/run/remotemedia`` for root, else ``/tmp/remotemedia-<uid>``. Only the owner can connect:
@@ -26,6 +35,7 @@ import os
 import socket
 import struct
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from remotemedia.errors import SupervisorError
@@ -62,7 +72,7 @@ class _Conn:
 class ControlServer:
     """Listening control socket of one supervisor."""
 
-    def __init__(self, name: str, handler: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+    def __init__(self, name: str, handler: Callable[[Dict[str, Any]], Any]) -> None:
         self.dir = runtime_dir()
         _ensure_private_dir(self.dir)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "pipeline"
@@ -84,6 +94,7 @@ class ControlServer:
         self.listener.listen(8)
         self.listener.setblocking(False)
         self.conns: Dict[int, _Conn] = {}
+        self.pending: Dict[int, Tuple[_Conn, Future]] = {}  # deferred answers
 
     def fds(self) -> List[int]:
         return [self.listener.fileno(), *self.conns]
@@ -102,8 +113,18 @@ class ControlServer:
                 continue
             sock.setblocking(False)
             self.conns[sock.fileno()] = _Conn(sock)
+        for fd, (c, fut) in list(self.pending.items()):
+            if fut.done():
+                try:
+                    resp = fut.result()
+                except Exception as e:
+                    resp = {"ok": False, "error": str(e) or type(e).__name__}
+                self._send(c, resp)
+                self._drop(fd)
         now = time.monotonic()
         for fd, c in list(self.conns.items()):
+            if fd in self.pending:
+                continue
             try:
                 chunk = c.sock.recv(65536)
                 if not chunk:
@@ -117,8 +138,12 @@ class ControlServer:
                 continue
             if b"\n" in c.buf:
                 line = bytes(c.buf.split(b"\n", 1)[0])
-                self._answer(c, line)
-                self._drop(fd)
+                resp = self._answer(line)
+                if isinstance(resp, Future):
+                    self.pending[fd] = (c, resp)
+                else:
+                    self._send(c, resp)
+                    self._drop(fd)
             elif now > c.deadline or len(c.buf) > 1 << 16:
                 self._drop(fd)
 
@@ -130,14 +155,16 @@ class ControlServer:
             return False
         return uid in (os.geteuid(), 0)
 
-    def _answer(self, c: _Conn, line: bytes) -> None:
+    def _answer(self, line: bytes) -> Any:
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise ValueError("request must be a JSON object")
-            resp = self.handler(req)
+            return self.handler(req)
         except Exception as e:  # a bad request must not hurt the supervisor
-            resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+    def _send(self, c: _Conn, resp: Dict[str, Any]) -> None:
         data = (json.dumps(resp, default=repr) + "\n").encode()
         c.sock.setblocking(True)
         c.sock.settimeout(1.0)
@@ -147,6 +174,7 @@ class ControlServer:
             pass
 
     def _drop(self, fd: int) -> None:
+        self.pending.pop(fd, None)
         c = self.conns.pop(fd, None)
         if c is not None:
             try:

@@ -28,6 +28,8 @@ import signal
 import threading
 import time
 import weakref
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -35,16 +37,17 @@ from remotemedia.errors import (
     EndOfStream,
     FrameSerializationError,
     NodeTypeError,
+    ReloadError,
     SupervisorError,
 )
 from remotemedia.frames import FrameInfo, encode
 from remotemedia.node import Node, Source
 from remotemedia.options import DEFAULTS as _D, check_supervisor, node_defaults, resolve_node
 from remotemedia.pipeline import INPUT, OUTPUT, as_pipeline
-from remotemedia.serialization import find_unpicklable, serialize_node
+from remotemedia.serialization import find_unpicklable, node_fingerprint, serialize_node
 
 from . import resources
-from .arbiter import AbortRun, Arbiter, FailRun, RunConfig, Snapshot, StopRun
+from .arbiter import AbortRun, Arbiter, FailRun, ReloadRun, ReplaceNodes, RunConfig, Snapshot, StopRun
 from .channels import split_frame
 from .doorbells import GATEWAY_SLOT, worker_slot
 from .gateway import INBOX as GATEWAY_INBOX
@@ -53,6 +56,7 @@ from .logs import LogSink
 from .monitor import build_status
 from .process import WorkerProcess, describe_exit
 from .protocol import EdgeSpec, WorkerSpec
+from .states import ProcessState
 
 __all__ = ["Supervisor", "RunReport", "describe_exit"]
 
@@ -267,6 +271,10 @@ class Supervisor:
         self._eos_delivered = False
         self._copy_outputs = False  # run() keeps the outputs after the run: copies, not views
         self._run_called = False
+        self.trust_instances = trust_instances
+        self._reload_source: Optional[Callable[[], Any]] = None  # see reload_from()
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._fingerprints: Dict[str, bytes] = {}  # node -> node_fingerprint of its running blob
 
     # ================================================================== options
 
@@ -286,6 +294,7 @@ class Supervisor:
         if self._arbiter is not None:
             raise SupervisorError(f"supervisor of {self.name!r} was already started")
         blobs = {n.name: serialize_node(n, self.max_node_size) for n in self.pipeline.nodes}
+        self._fingerprints = {name: node_fingerprint(b) for name, b in blobs.items()}  # (what reload() compares)
         edges, nodes = self._build(blobs)
         config = RunConfig(
             name=self.name,
@@ -303,6 +312,8 @@ class Supervisor:
             metrics_host=self.metrics_host,
         )
         arbiter = Arbiter(config, edges, nodes, self.status)
+        if self._reload_source is not None:
+            arbiter.on_reload = self._reload_async
         resources.create_run_dir(self.root)
         self._arbiter = arbiter
         if self._closed_by_user:
@@ -386,6 +397,154 @@ class Supervisor:
         self._closed_by_user = True
         if self._arbiter is not None:
             self._arbiter.post(StopRun("stop requested"))
+
+    # ================================================================== live changes
+
+    def restart_node(self, node: str, wait: bool = True, timeout: float = 60.0) -> None:
+        """Replace the worker of ``node`` by a new one, at a commit point: the old worker
+        takes no more input, waits until its outputs are committed downstream, commits and
+        exits (``cleanup()`` runs); the new one is started from the node as it was pickled
+        at start (``initialize()`` runs again) and, when the node has ``snapshot()`` /
+        ``restore()``, with the state it had. No frame is lost or processed twice, and the
+        other workers go on. With ``wait``, returns once the new worker is READY.
+
+        Example::
+
+            with Supervisor([Decoder(name="dec"), Model(name="model")]) as sup:
+                ...
+                sup.restart_node("model")   # e.g. after its GPU was reset
+
+        Raises SupervisorError for an unknown node or one that is not RUNNING, TimeoutError
+        when ``wait`` ran out."""
+        arb = self._check_running("restart_node()")
+        w = arb.workers.get(node)
+        starts = w.starts if w is not None else 0
+        self._replace({node: None}, f"restart of {node!r} requested")
+        if wait:
+            self._wait_replaced({node: starts}, timeout)
+
+    def reload_from(self, source: Callable[[], Any]) -> None:
+        """Where :meth:`reload` without an argument, SIGHUP (during :meth:`run`) and the
+        control socket's ``reload`` get the new pipeline: ``source()`` returns a Pipeline or
+        nodes (the CLI passes one that reads the pipeline file again)."""
+        self._reload_source = source
+        if self._arbiter is not None:
+            self._arbiter.on_reload = self._reload_async
+
+    def reload(self, pipeline: Any = None, wait: bool = True, timeout: float = 120.0) -> List[str]:
+        """Apply a new version of the pipeline without stopping it: each node whose pickled
+        form (its code or its state) changed is replaced at a commit point, as by
+        :meth:`restart_node` but from the new node (its state is the new one: nothing is
+        restored into it); unchanged nodes are not touched. Returns the names of the nodes
+        replaced; with ``wait``, once they are READY again.
+
+        ``pipeline``: a Pipeline or nodes, as the constructor takes; None: the one
+        :meth:`reload_from` gives.
+
+        Example::
+
+            sup.reload(Pipeline([Decoder(name="dec"), Model(name="model", threshold=0.7)]))
+            # -> ['model']
+
+        Raises ReloadError (the running pipeline goes on as it was) when the new pipeline
+        has other nodes or connections, or another option that shapes its edges (queue
+        sizes, policies, snapshot interval): those need a restart of the pipeline;
+        SerializationError when a new node does not pickle; SupervisorError when a node to
+        replace is not RUNNING."""
+        arb = self._check_running("reload()")
+        with self._reload_lock:
+            if pipeline is None:
+                if self._reload_source is None:
+                    raise SupervisorError(
+                        "reload() without a pipeline needs a source: give it the new pipeline, or call reload_from() first"
+                    )
+                pipeline = self._reload_source()
+            new = as_pipeline(pipeline, self.name, self.trust_instances)
+            self._check_reloadable(new)
+            blobs = {n.name: serialize_node(n, self.max_node_size) for n in new.nodes}
+            prints = {name: node_fingerprint(b) for name, b in blobs.items()}
+            changed: Dict[str, Optional[bytes]] = {n: b for n, b in blobs.items() if prints[n] != self._fingerprints.get(n)}
+            starts = {name: w.starts for name, w in arb.workers.items()}
+            replaced = self._replace(changed, "reload") if changed else []
+            self.pipeline = new  # (what the next reload compares against)
+            self._fingerprints.update({n: prints[n] for n in replaced})
+        if wait and replaced:
+            self._wait_replaced({n: starts[n] for n in replaced}, timeout)
+        return replaced
+
+    def _check_reloadable(self, new: Any) -> None:
+        old = self.pipeline
+        old_names, new_names = [n.name for n in old.nodes], [n.name for n in new.nodes]
+        if old_names != new_names:
+            added = [n for n in new_names if n not in old_names]
+            removed = [n for n in old_names if n not in new_names]
+            what = "; ".join(
+                x for x in (f"added {', '.join(added)}" if added else "", f"removed {', '.join(removed)}" if removed else "") if x
+            ) or "their order changed"
+            raise ReloadError(f"reload of {self.name!r}: the nodes changed ({what}); restart the pipeline to apply it")
+        if list(old.edges()) != list(new.edges()):
+            raise ReloadError(f"reload of {self.name!r}: the connections changed; restart the pipeline to apply it")
+        for o, n in zip(old.nodes, new.nodes):
+            if isinstance(o, Source) != isinstance(n, Source):
+                raise ReloadError(
+                    f"reload of {self.name!r}: node {n.name!r} is {'now' if isinstance(n, Source) else 'no longer'} a "
+                    "Source; restart the pipeline to apply it"
+                )
+            before, after = self.node_options[o.name], self._node_options(n)
+            changed = [f"{k} {before[k]!r} -> {after[k]!r}" for k in before if before[k] != after.get(k)]
+            if changed:
+                raise ReloadError(
+                    f"reload of {self.name!r}: options of node {n.name!r} changed ({', '.join(changed)}); options are "
+                    "applied by a restart of the pipeline"
+                )
+
+    def _replace(self, blobs: Dict[str, Optional[bytes]], reason: str) -> List[str]:
+        arb = self._check_running("replacing nodes")
+        done: "Future[List[str]]" = Future()
+        arb.post(ReplaceNodes(blobs, reason, done))
+        while True:
+            try:
+                return done.result(timeout=0.1)
+            except FutureTimeout:
+                if arb.finished.is_set():
+                    self._raise_if_failed()
+                    raise SupervisorError(f"pipeline {self.name!r} has stopped")
+
+    def _wait_replaced(self, starts: Dict[str, int], timeout: float) -> None:
+        """Until each node's worker was started again since ``starts`` and is RUNNING."""
+        arb = self._check_running("waiting for a replacement")
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_failed()
+            waiting = [
+                n for n, s in starts.items()
+                if not (arb.workers[n].starts > s and arb.workers[n].state is ProcessState.RUNNING)
+            ]  # fmt: skip
+            if not waiting:
+                return
+            if arb.finished.is_set():
+                raise SupervisorError(f"pipeline {self.name!r} stopped while {', '.join(waiting)} was being replaced")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{', '.join(waiting)} not RUNNING again within {timeout:g} s")
+            time.sleep(0.02)
+
+    def _reload_async(self) -> "Future[List[str]]":
+        """A reload from the source in a thread of its own (the arbiter must not wait on a file
+        being read and its nodes built); the outcome is logged and in the future."""
+        fut: "Future[List[str]]" = Future()
+
+        def work() -> None:
+            try:
+                replaced = self.reload(wait=False)
+            except BaseException as e:  # noqa: BLE001 - logged, and the requester gets it
+                log.error("%s: reload failed, the pipeline goes on unchanged: %s", self.name, e)
+                fut.set_exception(e)
+                return
+            log.info("%s: reload: %s", self.name, f"replacing {', '.join(replaced)}" if replaced else "nothing changed")
+            fut.set_result(replaced)
+
+        threading.Thread(target=work, name=f"remotemedia-reload-{self.name}", daemon=True).start()
+        return fut
 
     def kill(self) -> None:
         """Abort now: workers get Abort (cleanup() then exit), SIGKILL after kill_timeout."""
@@ -622,7 +781,10 @@ class Supervisor:
             arb = self._arbiter
             if arb is None:
                 return
-            if count[0] == 1:
+            if signum == signal.SIGHUP and self._reload_source is not None:
+                count[0] -= 1  # (a reload, not a stop)
+                arb.post(ReloadRun("SIGHUP received"))
+            elif count[0] == 1:
                 log.warning("%s: %s received, draining (send it again to kill)", self.name, signal.Signals(signum).name)
                 arb.post(StopRun(f"{signal.Signals(signum).name} received"))
             else:

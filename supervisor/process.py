@@ -38,19 +38,24 @@ from remotemedia.errors import (
     NodeInitError,
     RemoteMediaError,
     SharedMemoryFullError,
+    SupervisorError,
     WorkerStartTimeout,
 )
 
+from .logring import LogRing
 from .logs import LineBuffer, LogSink, parse_worker_line
 from .monitor import WorkerSampler
 from .protocol import (
+    EXIT_HANDOVER,
     EXIT_LOAD_ERROR,
     EXIT_OK,
+    HANDOVER_TIMEOUT,
     Acked,
     ChannelClosed,
     Commit,
     ControlChannel,
     EdgeSpec,
+    Handover,
     Replay,
     RestoreState,
     Setup,
@@ -147,6 +152,7 @@ class WorkerProcess:
         self.out_streams: Dict[int, str] = {}
         self.sampler = WorkerSampler()
         self.tail: Deque[str] = deque(maxlen=60)  # last lines the worker wrote
+        self.log_ring = LogRing()  # its recent lines, all incarnations, for `logs`
         self.poison: Optional[Tuple[int, int]] = None  # frame being processed at the last crash
         self.poison_count = 0
         # (edge, seq) in process() when the supervisor decided to kill the worker: a SIGTERM
@@ -164,6 +170,10 @@ class WorkerProcess:
         self.last_recovery: Optional[float] = None  # seconds from crash to replacement READY
         self.crashed_at: Optional[float] = None
         self.next_mem_check = 0.0
+        # A requested replacement (restart, reload) under way: (blob of the replacement, why,
+        # keep the node's state); the worker hands over and is started again from its commit.
+        self.replacement: Optional[Tuple[bytes, str, bool]] = None
+        self.replacements = 0  # workers replaced on request (restart, reload)
 
     @property
     def state(self) -> ProcessState:
@@ -443,6 +453,7 @@ class WorkerProcess:
             rec = parse_worker_line(line, stream)
             self.tail.append(rec["msg"] + ("\n" + rec["exc"] if rec.get("exc") else ""))
             self.ctx.log_sink.write(rec, self.name, self.pid)
+            self.log_ring.add(rec, self.name, self.pid)
 
     def _close_output(self) -> None:
         self.read_output(final=True)
@@ -483,6 +494,49 @@ class WorkerProcess:
             self.signal(signal.SIGTERM)
             self.kill_at = time.monotonic() + self.ctx.kill_timeout
 
+    def replace(self, reason: str, blob: Optional[bytes] = None) -> None:
+        """Replace the worker by a new one at a commit point (``restart NODE``; ``reload``
+        with the node's new ``blob``): the worker takes no more input, waits until its outputs
+        are committed downstream, commits and exits (Handover); the new one starts from that
+        commit. No frame is lost or processed twice. A restart keeps the node's state where
+        the node has ``snapshot()``/``restore()``; a reload starts from the new node as the
+        file defines it.
+
+        SupervisorError when the worker is not RUNNING (starting, restarting, stopping, done)."""
+        self.check_replaceable(reload=blob is not None)
+        self.replacement = (self.blob if blob is None else blob, reason, blob is None)
+        self.sm.change(ProcessState.STOPPING, reason)
+        self.send(Handover())
+        # (it waits up to HANDOVER_TIMEOUT for downstream, then cleanup() has kill_timeout)
+        self.kill_at = time.monotonic() + HANDOVER_TIMEOUT + self.ctx.kill_timeout
+        log.info("node %s (pid %s): %s; handing over to a new worker", self.name, self.pid, reason)
+
+    def check_replaceable(self, reload: bool = False) -> None:
+        """SupervisorError unless :meth:`replace` can replace the worker now."""
+        ended = self.done or self.final_commit
+        if self.state is not ProcessState.RUNNING or not self.alive or ended:
+            state = "finished (its stream has ended)" if ended else self.state.value
+            raise SupervisorError(
+                f"node {self.name!r} is {state}: only a RUNNING node can be {'reloaded' if reload else 'restarted'}"
+                f"{'' if ended else '; try again once status shows it RUNNING'}"
+            )
+
+    def _start_replacement(self, rc: int, how: str) -> None:
+        blob, reason, keep_state = self.replacement  # type: ignore[misc]
+        self.replacement = None
+        self.sm.change(ProcessState.STOPPED, f"handed over ({reason})" if rc == EXIT_HANDOVER else how)
+        if rc != EXIT_HANDOVER:
+            log.warning(
+                "node %s (pid %s) %s while handing over; its replacement starts from its last commit (the frames "
+                "after it are replayed)", self.name, self.pid, how,
+            )
+        self.blob = blob
+        if not keep_state:
+            self.restore.snapshot = None  # (the new node's state is what the file defines)
+        self.replacements += 1
+        self.kill_reason = None
+        self.spawn()
+
     def stop(self, reason: str, deadline: float, abort_msg: Any) -> None:
         """Ask it to abort (cleanup() then exit); SIGKILL at ``deadline``."""
         if not self.alive:
@@ -506,7 +560,7 @@ class WorkerProcess:
             return
         if self.kill_at is not None:
             if now >= self.kill_at:
-                log.warning("node %s (pid %s) did not exit after SIGTERM; SIGKILL", self.name, self.pid)
+                log.warning("node %s (pid %s) did not exit in time; SIGKILL", self.name, self.pid)
                 self.signal(signal.SIGKILL)
                 self.kill_at = None
                 if aborting:
@@ -586,6 +640,10 @@ class WorkerProcess:
         how = describe_exit(rc)
         if self.kill_reason:
             how = f"{self.kill_reason}; {how}"
+        if self.replacement is not None and not self.done and not self.ctx.ending:
+            self._start_replacement(rc, how)
+            return
+        self.replacement = None
         if self.done:
             # Its stream was complete (Done arrived); how it exited afterwards does not matter.
             if state in (ProcessState.RUNNING, ProcessState.STOPPING):

@@ -14,6 +14,9 @@ died, which is how both sides notice a crash without polling.
                                      <-------    Ready | InitFailed(traceback)
     Replay(edge, after)              ------->    resend retained frames > after
     Drain / Abort                    ------->    stop generating / stop now
+    Handover                         ------->    take no more input, commit everything,
+                                                 cleanup(), exit EXIT_HANDOVER (a restart or
+                                                 a reload replaces it from that commit)
                                      <-------    Commit(seqs, snapshot) (nodes with snapshots,
                                                  and every node's final commit), Gap(edge, want)
     reads the status block  ........            commit points of nodes without snapshots
@@ -27,6 +30,7 @@ Exit codes of a worker (reserved, as gunicorn's WORKER_BOOT_ERROR / APP_LOAD_ERR
     3   EXIT_LOAD_ERROR: the node could not be unpickled or initialize() raised (not retried)
     4   EXIT_SETUP_ERROR: the worker could not open its ports / talk to the supervisor
     5   EXIT_ABORTED: stopped on request (Abort) after cleanup()
+    6   EXIT_HANDOVER: stopped at a commit point on request (Handover) after cleanup()
 
 The reserved codes mean this only while a worker loads (before READY); afterwards a node's own
 ``os._exit(3)`` is a crash like any other, restarted under the policy.
@@ -46,6 +50,9 @@ __all__ = [
     "EXIT_LOAD_ERROR",
     "EXIT_SETUP_ERROR",
     "EXIT_ABORTED",
+    "EXIT_HANDOVER",
+    "HANDOVER_TIMEOUT",
+    "Handover",
     "EdgeSpec",
     "WorkerSpec",
     "Setup",
@@ -72,6 +79,11 @@ EXIT_OK = 0
 EXIT_LOAD_ERROR = 3
 EXIT_SETUP_ERROR = 4
 EXIT_ABORTED = 5
+EXIT_HANDOVER = 6
+
+#: Seconds a worker handing over waits for its outputs to be committed downstream before it
+#: exits at the commit it has (the frames after it are then replayed to its replacement).
+HANDOVER_TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------- specs
@@ -279,6 +291,14 @@ class Drain:
 @dataclass
 class Abort:
     """Stop now: cleanup() and exit EXIT_ABORTED, without draining."""
+
+
+@dataclass
+class Handover:
+    """Stop at a commit point for a replacement: take no more input, wait until every output
+    is committed downstream (so that the commit covers every frame processed, with a snapshot
+    when the node has one), report that commit, cleanup() and exit EXIT_HANDOVER. The
+    replacement starts right after it: nothing is replayed to it, nothing repeated."""
 
 
 # --------------------------------------------------------------------------- channel

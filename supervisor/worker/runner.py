@@ -24,7 +24,9 @@ from remotemedia.node import Node
 
 from ..channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
 from ..protocol import (
+    EXIT_HANDOVER,
     EXIT_OK,
+    HANDOVER_TIMEOUT,
     Abort,
     Acked,
     ChannelClosed,
@@ -32,6 +34,7 @@ from ..protocol import (
     DeadLetter,
     Drain,
     Gap,
+    Handover,
     Heartbeat,
     NodeFailed,
     Replay,
@@ -109,6 +112,7 @@ class Runner:
         self.skip = {edge: set(seqs) for edge, seqs in self.restore.skip.items()}
         self.started = not spec.is_source
         self.failed = False  # process() raised with on_error="raise": wait for Abort
+        self.handing_over = False  # Handover arrived: no more input, commit, exit
 
         has_snapshot = callable(getattr(node, "snapshot", None)) and callable(getattr(node, "restore", None))
         self.ledger = ledger = Ledger(
@@ -229,6 +233,8 @@ class Runner:
             elif isinstance(msg, Drain):
                 if self.source is not None:
                     self.source.drain()
+            elif isinstance(msg, Handover):
+                self.handing_over = True
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
 
@@ -518,11 +524,36 @@ class Runner:
             self.wait(0.1)
         ledger.flush(final=True)
 
+    def hand_over(self, timeout: float = HANDOVER_TIMEOUT) -> None:
+        """Handover (a restart or a reload replaces this worker): at a frame boundary, take
+        no more input and wait until every output is committed downstream, so that the commit
+        covers every frame processed (with a snapshot of the node's state, when it has one);
+        report it. Its replacement then starts right after the last frame processed: nothing
+        is replayed to it and nothing is emitted twice, deterministic node or not. Past
+        ``timeout`` (downstream stuck) it reports the commit it has: the frames after it are
+        replayed to the replacement, as after a crash."""
+        ledger = self.ledger
+        ledger.mark(force_snapshot=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.pump()
+            ledger.advance(force_flush=True)
+            if not ledger.markers:
+                break
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "node %s: handing over with frames not yet committed downstream after %.0f s; its "
+                    "replacement takes them again", self.spec.name, timeout,
+                )
+                break
+            self.wait(0.05)
+        ledger.flush()
+
     # ------------------------------------------------------------------ main loop
 
     def step(self) -> bool:
         """Handle one frame (or one generate() item) if possible."""
-        if self.failed:
+        if self.failed or self.handing_over:
             return False
         source = self.source
         if source is not None:
@@ -558,6 +589,9 @@ class Runner:
             # it shares our core).
             news = self.pump() if did or not just_pumped else False
             just_pumped = did
+            if self.handing_over:
+                self.hand_over()
+                return EXIT_HANDOVER
             if self.failed:
                 ledger.flush()
                 self.wait(0.5)
