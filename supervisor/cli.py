@@ -559,4 +559,8 @@ def _printer(quiet: bool, on_closed: Callable[[], None]) -> Callable[[Any, Frame
 from . import cli_live  # noqa: E402,F401  (registers restart, reload, logs, list on main)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # (`python -m supervisor.cli`: the commands of cli_live are registered on the group of the
+    # module supervisor.cli, not on this __main__ copy of it)
+    from supervisor.cli import main as _main
+
+    _main()

@@ -490,7 +490,8 @@ def test_cli_drain_timeout_exits_1_saying_what_was_lost(tmp_path):
     _assert_nothing_left(p, pids, tmp_path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGXCPU])
+# (SIGHUP reloads a pipeline started from a file: tests/test_live.py)
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGXCPU])
 def test_cli_stop_signals_drain_and_leave_nothing(sig, tmp_path):
     path = _write(tmp_path, "ticker.py", _TICKER)
     p = _cli(tmp_path, path)
