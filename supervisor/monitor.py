@@ -2,15 +2,15 @@
 
 The supervisor samples every worker about twice a second with psutil (RSS, CPU% and CPU
 seconds) and its scoreboard (frame counters), and keeps the latest ``process()`` latency
-summary and histogram each worker sends with its heartbeat. Counters are summed over a node's
-restarts (:class:`WorkerSampler`). :func:`build_status` turns that into the dict served by the control
-socket and printed by ``remotemedia-supervisor status``.
+summary and histogram each worker sends with its heartbeat. Counters are summed over a
+node's restarts (:class:`WorkerSampler`). :func:`build_status` turns that into the dict
+served by the control socket and printed by ``remotemedia-supervisor status``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import psutil
 
@@ -46,14 +46,19 @@ class WorkerSampler:
         self._base_in = 0
         self._base_out = 0
         self._base_cpu = 0.0
-        # heartbeat figures: those of the incarnation that sent the last stats, and the sum
-        # of the incarnations before it
+        # Heartbeat figures: (base latency counts, base sum_ns, base drops per edge, the
+        # latest histogram, the latest drops per edge), base = the sum over the incarnations
+        # before the one that reported last. One tuple, replaced whole: status is read from
+        # other threads (metrics, control socket), and a reader that saw a new base next to
+        # the old latest figures would count an incarnation twice.
         self._stats_of: Optional[int] = None
-        self._cur_latency: Dict[str, Any] = {}
-        self._cur_dropped: Dict[int, int] = {}
-        self._base_counts: List[int] = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self._base_sum_ns = 0
-        self._base_dropped: Dict[int, int] = {}
+        self._heartbeat: Tuple[List[int], int, Dict[int, int], Dict[str, Any], Dict[int, int]] = (
+            [0] * (len(LATENCY_BUCKETS_S) + 1),
+            0,
+            {},
+            {},
+            {},
+        )
 
     def sample(self, pid: Optional[int], frames_in: int, frames_out: int) -> None:
         now = time.monotonic()
@@ -96,22 +101,27 @@ class WorkerSampler:
         """The stats a worker reported (Heartbeat, Done); ``incarnation`` tells its processes
         apart. The first report of a new process moves the last one of the previous process
         into the base: until then the old figures still count, so the sum never dips."""
+        counts, sum_ns, dropped, cur_lat, cur_drop = self._heartbeat
         if incarnation != self._stats_of:
-            for i, c in enumerate(self._cur_latency.get("counts") or ()):
-                self._base_counts[i] += c
-            self._base_sum_ns += self._cur_latency.get("sum_ns", 0)
-            for e, n in self._cur_dropped.items():
-                self._base_dropped[e] = self._base_dropped.get(e, 0) + n
+            counts = list(counts)
+            for i, c in enumerate(cur_lat.get("counts") or ()):
+                counts[i] += c
+            sum_ns += cur_lat.get("sum_ns", 0)
+            dropped = dict(dropped)
+            for e, n in cur_drop.items():
+                dropped[e] = dropped.get(e, 0) + n
             self._stats_of = incarnation
-        self._cur_latency = stats.get("latency_histogram") or {}
-        self._cur_dropped = {int(e): s.get("dropped", 0) for e, s in (stats.get("edges_in") or {}).items()}
+        latency = stats.get("latency_histogram") or {}
+        drops = {int(e): s.get("dropped", 0) for e, s in (stats.get("edges_in") or {}).items()}
+        self._heartbeat = (counts, sum_ns, dropped, latency, drops)
 
     def latency_histogram(self) -> Dict[str, Any]:
         """process() latency of every incarnation: ``le_s`` (the bucket bounds),
         ``cumulative`` (frames <= each bound), ``count`` (all frames, the +Inf bucket) and
         ``sum_s``. Plain JSON (no infinity), for the status dict."""
-        counts = list(self._base_counts)
-        for i, c in enumerate(self._cur_latency.get("counts") or ()):
+        base, sum_ns, _, cur, _ = self._heartbeat
+        counts = list(base)
+        for i, c in enumerate(cur.get("counts") or ()):
             counts[i] += c
         cumulative, run = [], 0
         for c in counts:
@@ -121,12 +131,13 @@ class WorkerSampler:
             "le_s": list(LATENCY_BUCKETS_S),
             "cumulative": cumulative[:-1],
             "count": run,
-            "sum_s": (self._base_sum_ns + self._cur_latency.get("sum_ns", 0)) / 1e9,
+            "sum_s": (sum_ns + cur.get("sum_ns", 0)) / 1e9,
         }
 
     def dropped(self, edge: int) -> int:
         """Frames dropped on input edge ``edge`` by every incarnation of its consumer."""
-        return self._base_dropped.get(edge, 0) + self._cur_dropped.get(edge, 0)
+        _, _, base, _, cur = self._heartbeat
+        return base.get(edge, 0) + cur.get(edge, 0)
 
 
 def build_status(sup: "Snapshot") -> Dict[str, Any]:
