@@ -1,17 +1,20 @@
 """Per-node figures for status, metrics and systemd: frames/s, latency, RSS, CPU, queues.
 
-The supervisor samples every worker about once a second with psutil (RSS, CPU%) and its
-scoreboard (frame counters), and keeps the latest ``process()`` latency summary each worker
-sends with its heartbeat. :func:`build_status` turns that into the dict served by the control
-socket and printed by ``remotemedia-supervisor status``.
+The supervisor samples every worker about twice a second with psutil (RSS, CPU% and CPU
+seconds) and its scoreboard (frame counters), and keeps the latest ``process()`` latency
+summary and histogram each worker sends with its heartbeat. Counters are summed over a
+node's restarts (:class:`WorkerSampler`). :func:`build_status` turns that into the dict
+served by the control socket and printed by ``remotemedia-supervisor status``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import psutil
+
+from .stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:  # pragma: no cover
     from .arbiter import Snapshot
@@ -20,7 +23,12 @@ __all__ = ["WorkerSampler", "build_status", "format_table"]
 
 
 class WorkerSampler:
-    """Rates and resource use of one worker process."""
+    """Rates and resource use of one worker process, and its counters summed over restarts.
+
+    A restarted worker counts from 0 again (frames, CPU time, latency histogram, drops):
+    what a dead incarnation had counted goes into a per-node base, so that the totals in
+    ``status`` and the ``_total`` metrics never go down.
+    """
 
     def __init__(self) -> None:
         self.proc: Optional[psutil.Process] = None
@@ -34,14 +42,30 @@ class WorkerSampler:
         self.cpu: Optional[float] = None
         self.total_in = 0  # counters carried over restarts
         self.total_out = 0
+        self.cpu_seconds = 0.0
         self._base_in = 0
         self._base_out = 0
+        self._base_cpu = 0.0
+        # Heartbeat figures: (base latency counts, base sum_ns, base drops per edge, the
+        # latest histogram, the latest drops per edge), base = the sum over the incarnations
+        # before the one that reported last. One tuple, replaced whole: status is read from
+        # other threads (metrics, control socket), and a reader that saw a new base next to
+        # the old latest figures would count an incarnation twice.
+        self._stats_of: Optional[int] = None
+        self._heartbeat: Tuple[List[int], int, Dict[int, int], Dict[str, Any], Dict[int, int]] = (
+            [0] * (len(LATENCY_BUCKETS_S) + 1),
+            0,
+            {},
+            {},
+            {},
+        )
 
     def sample(self, pid: Optional[int], frames_in: int, frames_out: int) -> None:
         now = time.monotonic()
         if pid != self.pid:
             # a new process: its counters restart at 0
             self._base_in, self._base_out = self.total_in, self.total_out
+            self._base_cpu = self.cpu_seconds
             self.last_in = self.last_out = 0
             self.pid = pid
             self.proc = None
@@ -64,23 +88,65 @@ class WorkerSampler:
                     with self.proc.oneshot():
                         self.rss = self.proc.memory_info().rss
                         self.cpu = self.proc.cpu_percent(None)
+                        t = self.proc.cpu_times()
+                    # (max: a reading must never take the counter back)
+                    self.cpu_seconds = max(self.cpu_seconds, self._base_cpu + t.user + t.system)
                 except psutil.Error:
                     self.rss = self.cpu = None
         if pid is None:
             self.fps_in = self.fps_out = 0.0
             self.rss = self.cpu = None
 
+    def take_stats(self, incarnation: int, stats: Dict[str, Any]) -> None:
+        """The stats a worker reported (Heartbeat, Done); ``incarnation`` tells its processes
+        apart. The first report of a new process moves the last one of the previous process
+        into the base: until then the old figures still count, so the sum never dips."""
+        counts, sum_ns, dropped, cur_lat, cur_drop = self._heartbeat
+        if incarnation != self._stats_of:
+            counts = list(counts)
+            for i, c in enumerate(cur_lat.get("counts") or ()):
+                counts[i] += c
+            sum_ns += cur_lat.get("sum_ns", 0)
+            dropped = dict(dropped)
+            for e, n in cur_drop.items():
+                dropped[e] = dropped.get(e, 0) + n
+            self._stats_of = incarnation
+        latency = stats.get("latency_histogram") or {}
+        drops = {int(e): s.get("dropped", 0) for e, s in (stats.get("edges_in") or {}).items()}
+        self._heartbeat = (counts, sum_ns, dropped, latency, drops)
+
+    def latency_histogram(self) -> Dict[str, Any]:
+        """process() latency of every incarnation: ``le_s`` (the bucket bounds),
+        ``cumulative`` (frames <= each bound), ``count`` (all frames, the +Inf bucket) and
+        ``sum_s``. Plain JSON (no infinity), for the status dict."""
+        base, sum_ns, _, cur, _ = self._heartbeat
+        counts = list(base)
+        for i, c in enumerate(cur.get("counts") or ()):
+            counts[i] += c
+        cumulative, run = [], 0
+        for c in counts:
+            run += c
+            cumulative.append(run)
+        return {
+            "le_s": list(LATENCY_BUCKETS_S),
+            "cumulative": cumulative[:-1],
+            "count": run,
+            "sum_s": (sum_ns + cur.get("sum_ns", 0)) / 1e9,
+        }
+
+    def dropped(self, edge: int) -> int:
+        """Frames dropped on input edge ``edge`` by every incarnation of its consumer."""
+        _, _, base, _, cur = self._heartbeat
+        return base.get(edge, 0) + cur.get(edge, 0)
+
 
 def build_status(sup: "Snapshot") -> Dict[str, Any]:
     """Everything ``status`` shows, as plain JSON-able data, from a snapshot of the run."""
     nodes: Dict[str, Any] = {}
     in_flight: Dict[int, int] = dict(sup.in_flight)
-    dropped: Dict[int, int] = {}
     for w in sup.workers.values():
         for e, s in (w.stats.get("edges_out") or {}).items():
             in_flight[int(e)] = s.get("in_flight", 0)
-        for e, s in (w.stats.get("edges_in") or {}).items():
-            dropped[int(e)] = s.get("dropped", 0)
     for name, w in sup.workers.items():
         sm = w.sampler
         lat = w.stats.get("latency") or {}
@@ -96,6 +162,8 @@ def build_status(sup: "Snapshot") -> Dict[str, Any]:
             "p99_ms": lat.get("p99_ms"),
             "rss_bytes": sm.rss,
             "cpu_percent": sm.cpu,
+            "cpu_seconds": round(sm.cpu_seconds, 3),
+            "latency_histogram": sm.latency_histogram(),
             "dead_letters": w.dead_letters,
             "memory_kills": w.memory_kills,
             "hang_kills": w.hang_kills,
@@ -106,7 +174,7 @@ def build_status(sup: "Snapshot") -> Dict[str, Any]:
                     "policy": e.policy,
                     "depth": e.depth,
                     "queued": in_flight.get(e.index, 0),
-                    "dropped": dropped.get(e.index, 0),
+                    "dropped": sm.dropped(e.index),
                 }
                 for e in w.spec.in_edges
             ],

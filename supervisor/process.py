@@ -137,9 +137,10 @@ class WorkerProcess:
         self.spawned_at = 0.0
         self.ready_at: Optional[float] = None
         self.restore = RestoreState()
-        self.stats: Dict[str, Any] = {}
-        self.done = False
+        self.sampler = WorkerSampler()
         self.starts = 0
+        self.stats = {}  # (after the sampler and starts: see the setter)
+        self.done = False
         self.restarts = 0
         self.last_traceback: Optional[str] = None
         self.exit_status: Optional[int] = None
@@ -150,7 +151,6 @@ class WorkerProcess:
         self.restart_times: Deque[float] = deque()
         self.out_fds: Dict[int, LineBuffer] = {}  # captured stdout/stderr pipe -> partial line
         self.out_streams: Dict[int, str] = {}
-        self.sampler = WorkerSampler()
         self.tail: Deque[str] = deque(maxlen=60)  # last lines the worker wrote
         self.log_ring = LogRing()  # its recent lines, all incarnations, for `logs`
         self.poison: Optional[Tuple[int, int]] = None  # frame being processed at the last crash
@@ -178,6 +178,19 @@ class WorkerProcess:
     @property
     def state(self) -> ProcessState:
         return self.sm.state
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """The last stats the worker reported (Heartbeat, Done): figures of its current
+        process only, counted from 0 at each start."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: Dict[str, Any]) -> None:
+        # A setter, not heartbeat(): the arbiter stores Done's stats directly. The sampler
+        # adds each process's last figures to the node's totals (``starts`` tells them apart).
+        self._stats = stats
+        self.sampler.take_stats(self.starts, stats)
 
     @property
     def alive(self) -> bool:

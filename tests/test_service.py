@@ -322,12 +322,13 @@ def test_prometheus_endpoint(runtime_dir):
     sup = Supervisor([RangeSource(10**9, name="src"), PassThroughNode(name="p")], name="metrics", metrics_port=port)
     t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
     t.start()
-    want = 'remotemedia_node_process_latency_seconds{node="p",pipeline="metrics",quantile="0.99"}'
+    want = 'remotemedia_node_process_latency_seconds_count{node="p",pipeline="metrics"} '
+    no_latency_yet = want + "0.0\n"
     try:
-        # latency quantiles arrive with the first heartbeat, a heartbeat interval after READY
+        # the latency histogram fills with the first heartbeat, a heartbeat interval after READY
         deadline = time.monotonic() + 15
         body = ""
-        while want not in body and time.monotonic() < deadline:
+        while (want not in body or no_latency_yet in body) and time.monotonic() < deadline:
             time.sleep(0.2)
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -338,8 +339,10 @@ def test_prometheus_endpoint(runtime_dir):
         t.join(30)
     assert 'remotemedia_node_frames_out_total{node="p",pipeline="metrics"}' in body
     assert 'remotemedia_node_up{node="src",pipeline="metrics"} 1.0' in body
-    assert want in body
+    assert want in body and no_latency_yet not in body
+    assert 'remotemedia_node_process_latency_seconds_bucket{le="+Inf",node="p",pipeline="metrics"}' in body
     assert 'remotemedia_edge_queued_frames{node="p",pipeline="metrics",source="src"}' in body
+    assert "quantile=" not in body and "remotemedia_build_info{" in body
 
 
 def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):

@@ -627,6 +627,8 @@ class Runner:
             "errors": c.errors,
             "dead_letters": c.dead_letters,
             "latency": c.latency.summary(),
+            # cumulative since this process started; the supervisor sums it over restarts
+            "latency_histogram": c.latency.histogram(),
             "edges_in": {
                 p.spec.index: {
                     "received": p.received,
