@@ -12,7 +12,8 @@ default). Metric names (labels ``pipeline`` and ``node`` on every ``remotemedia_
     remotemedia_node_cpu_seconds_total                counter  user+system CPU of the worker
     remotemedia_node_rss_bytes                        gauge    resident memory of the worker
     remotemedia_node_up                               gauge    1 when RUNNING, else 0
-    remotemedia_node_restarts_total                   counter  worker restarts
+    remotemedia_node_restarts_total                   counter  worker restarts (after a crash or kill)
+    remotemedia_node_replacements_total               counter  workers replaced on request (restart, reload)
     remotemedia_node_dead_letters_total               counter  poison frames dead-lettered
     remotemedia_node_hang_kills_total                 counter  workers killed for a hang
     remotemedia_node_memory_kills_total               counter  workers killed over max_memory
@@ -92,7 +93,8 @@ class SupervisorCollector:
         c_cpu = counter("remotemedia_node_cpu_seconds", "User and system CPU time of the node's worker processes")
         g_rss = gauge("remotemedia_node_rss_bytes", "Resident memory of the node's worker process")
         g_up = gauge("remotemedia_node_up", "1 when the node's worker is RUNNING")
-        c_rst = counter("remotemedia_node_restarts", "Worker restarts")
+        c_rst = counter("remotemedia_node_restarts", "Worker restarts after a crash or a kill")
+        c_rpl = counter("remotemedia_node_replacements", "Workers replaced on request (restart NODE, reload)")
         c_dl = counter("remotemedia_node_dead_letters", "Poison frames dead-lettered")
         c_hang = counter("remotemedia_node_hang_kills", "Workers killed for a hang (heartbeat_timeout, process_timeout)")
         c_mem = counter("remotemedia_node_memory_kills", "Workers killed for using more than max_memory")
@@ -111,6 +113,7 @@ class SupervisorCollector:
                 g_rss.add_metric(l, n["rss_bytes"])
             g_up.add_metric(l, 1.0 if n["state"] == "RUNNING" else 0.0)
             c_rst.add_metric(l, n["restarts"])
+            c_rpl.add_metric(l, n["replacements"])
             c_dl.add_metric(l, n["dead_letters"])
             c_hang.add_metric(l, n["hang_kills"])
             c_mem.add_metric(l, n["memory_kills"])
@@ -119,7 +122,7 @@ class SupervisorCollector:
                 c_drop.add_metric(l + [i["from"]], i["dropped"])
         info = GaugeMetricFamily("remotemedia_build_info", "Versions of remotemedia, Python and iceoryx2; always 1", labels=list(self.info))
         info.add_metric(list(self.info.values()), 1.0)
-        yield from (c_in, c_out, h_lat, c_cpu, g_rss, g_up, c_rst, c_dl, c_hang, c_mem, g_q, c_drop, info)
+        yield from (c_in, c_out, h_lat, c_cpu, g_rss, g_up, c_rst, c_rpl, c_dl, c_hang, c_mem, g_q, c_drop, info)
 
 
 class _Server:

@@ -154,6 +154,7 @@ def build_status(sup: "Snapshot") -> Dict[str, Any]:
             "state": w.state.value,
             "pid": w.pid if w.alive else None,
             "restarts": w.restarts,
+            "replacements": w.replacements,
             "frames_in": sm.total_in,
             "frames_out": sm.total_out,
             "fps_in": round(sm.fps_in, 2),

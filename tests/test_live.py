@@ -106,6 +106,8 @@ def test_restart_node_loses_and_repeats_nothing_and_keeps_state():
             pids.append(pid)
         s.wait_sent(2500)
         sup.restart_node("a")
+        nodes = sup.status()["nodes"]
+        assert (nodes["b"]["replacements"], nodes["b"]["restarts"], nodes["a"]["replacements"]) == (3, 0, 1)
         out = s.join()
     assert [x for (x, _), _ in out] == list(range(n))  # every frame once, in order
     assert [c for _, c in out] == list(range(1, n + 1))  # b's count survived three restarts

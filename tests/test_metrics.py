@@ -138,6 +138,7 @@ def fake_status() -> Dict[str, Any]:
             "state": state,
             "pid": 1234,
             "restarts": 2,
+            "replacements": 5,
             "frames_in": 100,
             "frames_out": 90,
             "fps_in": 12.5,
@@ -173,6 +174,7 @@ def test_collector_exports_conventional_families_from_a_status_dict():
     assert got[("remotemedia_node_frames_in_total", enc)] == 100
     assert got[("remotemedia_node_frames_out_total", enc)] == 90
     assert got[("remotemedia_node_restarts_total", enc)] == 2
+    assert got[("remotemedia_node_replacements_total", enc)] == 5
     assert got[("remotemedia_node_dead_letters_total", enc)] == 1
     assert got[("remotemedia_node_memory_kills_total", enc)] == 3
     assert got[("remotemedia_node_hang_kills_total", enc)] == 4
