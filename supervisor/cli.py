@@ -820,7 +820,7 @@ def systemd_unit(
 
     ctx = click.get_current_context()
     args: List[str] = []
-    for key in flags:
+    for key in (k for k in OPTIONS if k in flags):  # the table's order, whatever the command line's
         if key in _UNIT_ALWAYS or ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
             continue
         flag_name, value = OPTIONS[key].flag_name, flags[key]
