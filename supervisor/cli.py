@@ -267,6 +267,9 @@ class _Cli(click.Group):
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                e.show()  # no command at all: the help, as click prints it
+                sys.exit(e.exit_code)
             sink = LogSink("json" if _json_errors(argv) else "text")
             line = _usage_error_line(e) if isinstance(e, click.UsageError) else f"error: {e.format_message()}"
             _error(sink, line[len("error: "):])
