@@ -7,6 +7,9 @@
     remotemedia-supervisor start p.py --input numbers.txt       # one input per line
     remotemedia-supervisor start --inline p.py                  # in this process (pdb works)
     remotemedia-supervisor validate p.py                        # check it without running
+    remotemedia-supervisor status cams --watch                  # a running pipeline's nodes
+    remotemedia-supervisor stop cams                            # drain and stop it (--all: every one)
+    remotemedia-supervisor systemd-unit p.py --user media       # a systemd unit that runs it
 
 A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
 ``build()`` returning one. Classes defined in the file travel to the workers by value.

@@ -383,3 +383,24 @@ def test_failure_records_are_errors_that_name_their_node(tmp_path):
     about_a_node = [x for x in records if x["logger"] == "remotemedia.supervisor" and x["msg"].startswith("node ")]
     assert about_a_node and all(x["node"] is not None for x in about_a_node), about_a_node
     assert not [x for x in records if x["level"] == "INFO" and "failed" in x["msg"]]
+
+
+def test_a_program_running_one_name_twice_gets_one_control_socket(caplog):
+    from remotemedia import Supervisor
+    from remotemedia.nodes import PassThroughNode
+
+    first = Supervisor([PassThroughNode(name="p")], name="twice").start()
+    try:
+        with caplog.at_level("WARNING", logger="remotemedia.supervisor"):
+            second = Supervisor([PassThroughNode(name="p")], name="twice").start()
+        try:
+            assert [pid for _, _, pid in find_endpoints("twice")] == [os.getpid()]
+            assert any("another supervisor" in r.getMessage() and "no control socket" in r.getMessage() for r in caplog.records)
+        finally:
+            second.close()
+            second.join()
+        assert find_endpoints("twice")  # the first one's is still there
+    finally:
+        first.close()
+        first.join()
+    assert not find_endpoints("twice")

@@ -273,8 +273,14 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
         deadline = time.monotonic() + 10
         while not find_endpoints("live") and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.2)
-        a = status_json("live")
+        # the socket opens before the workers start: wait until every node has put out frames
+        # (on a loaded machine that takes longer than any fixed sleep)
+        deadline = time.monotonic() + 60
+        while True:
+            a = status_json("live")
+            if all(n["frames_out"] > 0 and n["p50_ms"] is not None for n in a["nodes"].values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         time.sleep(1.2)
         b = status_json("live")
         assert set(a["nodes"]) == {"ticker", "pass", "sink"}
