@@ -299,7 +299,7 @@ class Arbiter:
         except BaseException as e:  # noqa: BLE001 - the caller must see every failure
             if isinstance(e, SharedMemoryFullError):
                 self.explain_shm_full(e)  # (before it is logged)
-            log.exception("supervisor %s failed", self.name)
+            log.exception("supervisor %s failed", self.name, extra={"node": getattr(e, "node", None)})
             self.fail(e if isinstance(e, RemoteMediaError) else SupervisorError(f"supervisor failed: {e!r}"))
             forget_locals(e)  # (kept by log records too, also when the error raised is a wrapper)
         finally:
@@ -440,7 +440,7 @@ class Arbiter:
             if msg.fatal:
                 self.fail(err)
             else:
-                log.warning("node %s (pid %s) skipped frame %s: %s: %s", w.name, w.pid, msg.seq, msg.exc_type, msg.message)
+                log.warning("node %s (pid %s) skipped frame %s: %s: %s", w.name, w.pid, msg.seq, msg.exc_type, msg.message, extra={"node": w.name})
         elif isinstance(msg, Commit):
             w.commit(msg)
             if msg.final:
@@ -646,7 +646,7 @@ class Arbiter:
             self.explain_shm_full(err)
         if self.error is None:
             self.error = err
-            log.info("pipeline %s failed: %s", self.name, err)
+            log.error("pipeline %s failed: %s", self.name, err, extra={"node": getattr(err, "node", None)})
             if self.gateway is not None:
                 self.gateway.interrupt()
         self.begin_abort(str(err))

@@ -7,6 +7,9 @@
     remotemedia-supervisor start p.py --input numbers.txt       # one input per line
     remotemedia-supervisor start --inline p.py                  # in this process (pdb works)
     remotemedia-supervisor validate p.py                        # check it without running
+    remotemedia-supervisor status cams --watch                  # a running pipeline's nodes
+    remotemedia-supervisor stop cams                            # drain and stop it (--all: every one)
+    remotemedia-supervisor systemd-unit p.py --user media       # a systemd unit that runs it
 
 A Python pipeline file defines ``pipeline`` (a Pipeline or a list of nodes/manifest dicts) or
 ``build()`` returning one. Classes defined in the file travel to the workers by value.
@@ -18,18 +21,22 @@ Exit codes: 0 the run completed (also after a graceful stop: SIGINT, SIGTERM, SI
 or stdout closed by its reader, as with ``| head``); 1 the pipeline failed (a node raised, a
 worker could not start, a node went FATAL) or a stop did not drain (frames were lost); 2 the
 command line or the pipeline file is invalid (missing file, syntax error, no pipeline object,
-invalid pipeline).
+invalid pipeline, a bad option value, a pipeline name already running). A bad command line or
+option value is reported in one line (``error: ...``), as a JSON object with
+``--log-format json``.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import importlib.util
 import json
 import logging
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
 import click
 import cloudpickle
@@ -123,25 +130,85 @@ def load_pipeline(path: str, name: Optional[str] = None, trust_instances: bool =
     )
 
 
-def _summarize(value: Any, limit: int = 160) -> str:
+class _Text:
+    """A summary printed as is (not quoted) inside a value's repr."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+#: Items of a list, tuple or array printed before the rest is summarised.
+_SHOWN_ITEMS = 8
+
+
+def _numpy() -> Any:
     try:
         import numpy as np
     except ImportError:  # pragma: no cover
-        np = None  # type: ignore[assignment]
+        return None
+    return np
+
+
+def _summarize(value: Any, limit: int = 160) -> str:
+    """An output as a plain, short line: numpy scalars as numbers, small arrays as lists,
+    long arrays, lists and bytes summarised (``<ndarray float32 (48000,)>``,
+    ``[0, 1, ..., 7, ... 92 more]``).
+
+    >>> import numpy as np
+    >>> _summarize({"rms_db": np.float64(-15.03), "peak": np.array([1, 2])})
+    "{'rms_db': -15.03, 'peak': [1, 2]}"
+    """
+    np = _numpy()
 
     def short(v: Any) -> Any:
+        if np is not None and isinstance(v, np.generic):
+            return v.item()
         if np is not None and isinstance(v, np.ndarray):
-            return f"<ndarray {v.dtype} {tuple(v.shape)}>"
+            if v.size > _SHOWN_ITEMS:
+                return _Text(f"<ndarray {v.dtype} {tuple(v.shape)}>")
+            return v.tolist()
         if isinstance(v, dict):
-            return {k: short(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)) and len(v) > 8:
-            return f"<{type(v).__name__} of {len(v)}>"
+            return {short(k): short(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            items = [short(x) for x in v[:_SHOWN_ITEMS]]
+            if len(v) > _SHOWN_ITEMS:
+                items.append(_Text(f"... {len(v) - _SHOWN_ITEMS} more"))
+            return tuple(items) if isinstance(v, tuple) else items
         if isinstance(v, (bytes, bytearray)) and len(v) > 32:
-            return f"<{type(v).__name__} of {len(v)} bytes>"
+            return _Text(f"<{type(v).__name__} of {len(v)} bytes>")
         return v
 
     text = repr(short(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    """An output as JSON data, in full: numpy scalars -> numbers, arrays -> (nested) lists,
+    tuples and sets -> lists, bytes -> ``{"base64": ...}``, mapping keys -> str, anything
+    else -> its repr."""
+    np = _numpy()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if np is not None and isinstance(value, (np.generic, np.ndarray)):
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        # JSON keys are strings: numbers and str keep their text, anything else its repr
+        return {str(k) if k is None or isinstance(k, (str, int, float)) else repr(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    return repr(value)
+
+
+def _plural(n: int, word: str) -> str:
+    """``1 connection``, ``2 connections``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
@@ -150,7 +217,7 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
             {
                 "level": "INFO",
                 "logger": "remotemedia.report",
-                "msg": f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s",
+                "msg": f"pipeline {report.pipeline!r}: {_plural(report.output_count, 'output')} in {report.duration:.2f} s",
                 "report": {
                     "outputs": report.output_count,
                     "duration_s": report.duration,
@@ -164,7 +231,7 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
             }
         )
         return
-    click.echo(f"pipeline {report.pipeline!r}: {report.output_count} outputs in {report.duration:.2f} s", err=True)
+    click.echo(f"pipeline {report.pipeline!r}: {_plural(report.output_count, 'output')} in {report.duration:.2f} s", err=True)
     width = max([4] + [len(n) for n in report.nodes])
     click.echo(f"  {'node':<{width}}  {'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
     for name, s in report.nodes.items():
@@ -176,7 +243,59 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
         )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _json_errors(args: Sequence[str]) -> bool:
+    """Whether the command line asks for JSON logs (then its errors are JSON too)."""
+    args = list(args)
+    for i, a in enumerate(args):
+        if a == "--log-format=json" or (a == "--log-format" and args[i + 1 : i + 2] == ["json"]):
+            return True
+    return False
+
+
+def _usage_error_line(e: click.ClickException) -> str:
+    """A click error as one line: what is wrong, and where the help is."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        return f"error: {message} (see '{ctx.command_path} --help')"
+    return f"error: {message}"
+
+
+class _Cli(click.Group):
+    """The command group; its errors (exit 2) are one ``error: ...`` line on stderr, or one
+    JSON object with ``--log-format json``, instead of click's usage block."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                e.show()  # no command at all: the help, as click prints it
+                sys.exit(e.exit_code)
+            sink = LogSink("json" if _json_errors(argv) else "text")
+            line = _usage_error_line(e) if isinstance(e, click.UsageError) else f"error: {e.format_message()}"
+            _error(sink, line[len("error: "):])
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(EXIT_FAILED)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            # the reader of stdout went away (`| head`): nothing more to say, and nowhere to
+            # say it; flushing at exit must not raise again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            sys.exit(EXIT_FAILED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="remotemedia")
 def main() -> None:
     """Run remotemedia pipelines as supervised worker processes."""
@@ -191,6 +310,17 @@ def _flag(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         text += f" In {flag.unit} here" + (" (0: no limit)." if flag.zero_is_none else ".")
     if flag.type is bool:
         return click.option(option.flag_name, option.key, is_flag=True, default=option.default, help=text)
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        # the table's own check, at parse time: a bad value is a usage error (exit 2) of
+        # every command that takes the flag (start, systemd-unit), before anything starts
+        if value is None:
+            return None
+        assert flag is not None
+        if not option.allowed(flag.to_option(option.key, value)):
+            unit = f" ({flag.unit} here)" if flag.unit else ""
+            raise click.BadParameter(f"{option.key} must be {option.allowed.text}, got {value!r}{unit}", ctx, param)
+        return value
     if flag.choices:
         kind: Any = click.Choice(flag.choices, case_sensitive=option.key != "log_level")
     elif flag.type == "dir":
@@ -206,6 +336,7 @@ def _flag(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         # a default of None means something the table says ("none", "the pipeline's")
         show_default=True if default is not None else option.default_text,
         help=text,
+        callback=None if flag.choices else check,
     )
 
 
@@ -221,6 +352,11 @@ def _table_flags(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--input", "input_file", type=click.File("r"), help="Feed each line of this file ('-' for stdin) as one input.")
 @click.option("--json-input", is_flag=True, help="Parse each input line as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the outputs.")
+@click.option(
+    "--output", "-o", "output_path", type=click.Path(dir_okay=False, allow_dash=True),
+    help="Also write every output to this file as one JSON line: value, seq, origin, stream_id, source "
+    "(the node it came from), created_ns, sent_ns. '-': to stdout, instead of the printed summaries.",
+)
 @_table_flags
 @click.option("--progress/--no-progress", default=None, help="Progress bar for sources of known length (default: when stderr is a terminal).")
 @click.option("--inline", is_flag=True, help="Run in this process on the file's own node objects (no workers; for pdb and quick checks).")
@@ -229,14 +365,16 @@ def start(
     input_file: Any,
     json_input: bool,
     quiet: bool,
+    output_path: Optional[str],
     progress: Optional[bool],
     inline: bool,
     **flags: Any,
 ) -> None:
     """Run PIPELINE_FILE (.py defining `pipeline` or `build()`, or a .json manifest) until its
     sources are exhausted, or until SIGINT/SIGTERM/SIGQUIT (drain, then exit 0; exit 1 when
-    the drain timed out and frames were lost). SIGHUP reloads the file (see `reload`). With --inline the pipeline runs in this
-    process (see supervisor.inline); the supervision options do not apply then.
+    the drain timed out and frames were lost). SIGHUP reloads the file (see `reload`). With
+    --inline the pipeline runs in this process (see supervisor.inline); the supervision
+    options do not apply then.
 
     The options are remotemedia.options' table (the README's), in the command line's units."""
     from supervisor.core import Supervisor
@@ -259,19 +397,22 @@ def start(
     sink = LogSink(options["log_format"])
     configure_cli_logging(options["log_level"], sink)
     pipeline = load_pipeline(pipeline_file, options["name"], options["trust_instances"])
+    output = _open_output(output_path)
     if inline:
-        _start_inline(pipeline, pipeline_file, input_file, json_input, quiet, sink, options["on_error"])
+        _start_inline(pipeline, pipeline_file, input_file, json_input, quiet, sink, options["on_error"], output)
         return
     try:
         sup = Supervisor(pipeline, **options)
     except RemoteMediaError as e:
         raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
+    _check_metrics_port(options["metrics_host"], options["metrics_port"])
+    _claim_name(sup.name)
     # `reload`, SIGHUP and the unit's ExecReload= read the file again
     sup.reload_from(lambda: load_pipeline(pipeline_file, options["name"], options["trust_instances"]))
 
     inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
 
-    show = _printer(quiet, lambda: sup.stop())
+    show = _with_output(_printer(quiet or output_path == "-", lambda: sup.stop()), output, lambda: sup.stop())
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar(sup) if show_progress and sup.totals else None
@@ -284,7 +425,7 @@ def start(
         sys.exit(EXIT_USAGE)
     except RemoteMediaError as e:
         cause = e.__cause__
-        _error(sink, str(e), str(cause) if cause is not None else None)
+        _error(sink, str(e), str(cause) if cause is not None else None, getattr(e, "node", None))
         sys.exit(EXIT_FAILED)
     finally:
         if bar is not None:
@@ -300,10 +441,97 @@ def start(
 
 
 #: ``start`` parameters that keep their meaning with --inline (``input_file`` is ``--input``).
-_INLINE_CLI_OPTIONS = ("pipeline_file", "name", "input_file", "json_input", "quiet", "log_level", "log_format", "inline", "trust_instances", "on_error")
+_INLINE_CLI_OPTIONS = ("pipeline_file", "name", "input_file", "json_input", "quiet", "output_path", "log_level", "log_format", "inline", "trust_instances", "on_error")
 
 
-def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_input: bool, quiet: bool, sink: LogSink, on_error: str) -> None:
+def _claim_name(name: str) -> None:
+    """Hold the pipeline name for this process's life (control.NameLock), or exit 2 naming
+    the pid that runs it."""
+    from .control import NameInUseError, NameLock, find_endpoints
+
+    import atexit
+
+    try:
+        lock = NameLock.acquire(name, handover=True)
+    except NameInUseError as e:
+        raise PipelineFileError(str(e)) from None
+    except RemoteMediaError as e:
+        raise PipelineFileError(f"cannot use the pipeline name {name!r}: {e}") from None
+    # A systemd unit keeps its lock and socket in its own runtime directory
+    # (REMOTEMEDIA_RUNTIME_DIR=%t/remotemedia/%N): the lock above cannot see it, its socket can.
+    others = [pid for _, _, pid in find_endpoints(name) if pid != os.getpid()]
+    if others:
+        lock.release()
+        raise PipelineFileError(str(NameInUseError(name, others[0])))
+    # held until this process exits (the kernel would drop it then anyway; this also
+    # removes the file)
+    atexit.register(lock.release)
+
+
+def _check_metrics_port(host: str, port: Optional[int]) -> None:
+    """Exit 2 now, in one line, when the metrics endpoint could not be served (no
+    prometheus-client, the port taken), rather than fail later inside the running
+    supervisor."""
+    import socket
+
+    if port is None:
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise PipelineFileError("--metrics-port needs the prometheus-client package: pip install 'remotemedia[metrics]'")
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PipelineFileError(f"--metrics-host {host}: cannot resolve it ({e.strerror or e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        # as the metrics server binds (http.server allows address reuse)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise PipelineFileError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e}); "
+                "pick a free port (0: any free port)"
+            ) from None
+
+
+def _open_output(path: Optional[str]) -> Optional[TextIO]:
+    """The file of ``--output`` (stdout for '-'), opened now so that a bad path exits 2."""
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise PipelineFileError(f"--output {path}: cannot write it ({e.strerror or e})") from None
+
+
+def _with_output(show: Callable[[Any, FrameInfo], None], output: Optional[TextIO], on_closed: Callable[[], None]) -> Callable[[Any, FrameInfo], None]:
+    """``show``, plus each output as one JSON line on ``output`` (``--output``)."""
+    if output is None:
+        return show
+    open_ = [True]
+
+    def both(value: Any, info: FrameInfo) -> None:
+        show(value, info)
+        if not open_[0]:
+            return
+        try:
+            output.write(json.dumps({"value": _jsonable(value), **info._asdict()}) + "\n")
+            output.flush()
+        except OSError as e:
+            open_[0] = False
+            logging.getLogger("remotemedia.cli").error("--output: cannot write (%s): stopping the pipeline", e.strerror or e)
+            on_closed()
+
+    return both
+
+
+def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_input: bool, quiet: bool, sink: LogSink, on_error: str,
+                  output: Optional[TextIO] = None) -> None:
     """``start --inline``: the pipeline in this process (supervisor.inline), the outputs and
     the report printed like a supervised run's, the same exit codes."""
     import signal
@@ -314,7 +542,7 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
 
     inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
     stop = threading.Event()
-    show = _printer(quiet, stop.set)
+    show = _with_output(_printer(quiet or output is sys.stdout, stop.set), output, stop.set)
 
     # A signal ends the stream after the frame in hand (flush(), cleanup()), like a drain.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
@@ -328,7 +556,7 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
         detail = None
         if cause is not None:
             detail = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)).rstrip()
-        _error(sink, str(e), detail)
+        _error(sink, str(e), detail, getattr(e, "node", None))
         sys.exit(EXIT_FAILED)
     finally:
         for sig, handler in previous.items():
@@ -339,9 +567,11 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
         pass
 
 
-def _error(sink: LogSink, message: str, detail: Optional[str] = None) -> None:
+def _error(sink: LogSink, message: str, detail: Optional[str] = None, node: Optional[str] = None) -> None:
+    """The final error of a command: ``error: ...`` on stderr, or one JSON record (with the
+    node it concerns, if any)."""
     if sink.fmt == "json":
-        sink.write({"level": "ERROR", "logger": "remotemedia.cli", "msg": f"error: {message}", "detail": detail})
+        sink.write({"level": "ERROR", "logger": "remotemedia.cli", "msg": f"error: {message}", "detail": detail}, node, os.getpid())
         return
     click.echo(f"error: {message}", err=True)
     if detail:
@@ -386,67 +616,152 @@ class _ProgressBar:
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--all", "all_", is_flag=True, help="Every running pipeline.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(name: Optional[str], all_: bool, as_json: bool) -> None:
-    """Show the nodes of running pipeline NAME (or of every one with --all)."""
-    from .control import find_endpoints, request
+@click.option("--all", "all_", is_flag=True, help="Every running pipeline of this user.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (a list with --all; [] when none runs).")
+@click.option("--watch", "-w", is_flag=True, help="Refresh the table every --interval seconds until Ctrl-C (redrawn in place on a terminal, else one table per refresh).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Seconds between the refreshes of --watch.")
+def status(name: Optional[str], all_: bool, as_json: bool, watch: bool, interval: float) -> None:
+    """Show the nodes of running pipeline NAME (or of every one with --all).
+
+    NAME is the pipeline name exactly as `start` used it (its --name, else the pipeline's own);
+    without NAME and --all, the one running pipeline. Exit 1 when NAME is not running.
+
+    \b
+        remotemedia-supervisor status cams
+        remotemedia-supervisor status cams --watch --interval 1
+        remotemedia-supervisor status --all --json
+    """
     from .monitor import format_table
 
+    if name and all_:
+        raise click.UsageError("give a pipeline NAME or --all, not both")
+    if watch and as_json:
+        raise click.UsageError("--watch shows the table; for JSON, call `status --json` at your own pace")
     if not name and not all_:
-        eps = find_endpoints()
-        if len(eps) != 1:
-            names = ", ".join(sorted({n for n, _, _ in eps})) or "none"
-            raise PipelineFileError(f"give a pipeline NAME or --all (running: {names})")
+        name = _the_one_running()
+    results = _statuses(name, all_)
+    if watch:
+        _watch(name, all_, interval, results)
+        return
+    if as_json:
+        click.echo(json.dumps(results if all_ or len(results) != 1 else results[0], indent=2, default=repr))
+    elif results:
+        click.echo("\n\n".join(format_table(st) for st in results))
     else:
-        eps = find_endpoints(None if all_ else name)
-    if not eps:
-        click.echo(f"no running pipeline{' named ' + repr(name) if name else ''} (looked in {_runtime_dir()})", err=True)
+        click.echo(f"no running pipelines (looked in {_runtime_dir()})", err=True)
+
+
+def _the_one_running() -> str:
+    from .control import find_endpoints
+
+    eps = find_endpoints()
+    if len({n for n, _, _ in eps}) != 1:
+        names = ", ".join(repr(n) for n in sorted({n for n, _, _ in eps})) or "none"
+        raise click.UsageError(f"give a pipeline NAME or --all (running: {names})")
+    return eps[0][0]
+
+
+def _statuses(name: Optional[str], all_: bool, vanished_ok: bool = False) -> List[Dict[str, Any]]:
+    """The status dicts of pipeline ``name`` (or of every one with ``all_``); exit 1 when
+    ``name`` is not running (unless ``vanished_ok``: then [])."""
+    from .control import find_endpoints, request
+
+    eps = find_endpoints(None if all_ else name)
+    if not eps and not all_:
+        if vanished_ok:
+            return []
+        click.echo(f"no running pipeline named {name!r} (looked in {_runtime_dir()})", err=True)
         sys.exit(EXIT_FAILED)
     results = []
     for sup_name, path, pid in eps:
         try:
             resp = request(path, {"cmd": "status"})
         except (OSError, RemoteMediaError, ValueError) as e:
-            click.echo(f"{sup_name} (pid {pid}): no answer: {e}", err=True)
+            if pid_alive(pid):  # (one that exits meanwhile is simply not running any more)
+                click.echo(f"{sup_name} (pid {pid}): no answer: {e}", err=True)
             continue
         if resp.get("ok"):
             results.append(resp["status"])
-    if as_json:
-        click.echo(json.dumps(results if all_ or len(results) != 1 else results[0], indent=2, default=repr))
-    else:
-        click.echo("\n\n".join(format_table(st) for st in results))
-    if not results:
+    if not results and not all_ and not vanished_ok:
         sys.exit(EXIT_FAILED)
+    return results
+
+
+def _watch(name: Optional[str], all_: bool, interval: float, results: List[Dict[str, Any]]) -> None:
+    """``status --watch``: the table every ``interval`` s until Ctrl-C, or until pipeline
+    ``name`` is gone (exit 0)."""
+    import time
+
+    from .monitor import format_table
+
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            if results:
+                text = "\n\n".join(format_table(st) for st in results)
+            else:
+                text = f"no running pipelines (looked in {_runtime_dir()})"
+            stamp = time.strftime("%H:%M:%S")
+            if tty:
+                # home, clear the screen, draw: the table stays in place
+                click.echo(f"\x1b[H\x1b[2J{stamp}  every {interval:g} s, Ctrl-C to quit\n{text}")
+            else:
+                click.echo(f"{stamp}\n{text}\n")
+            if not results and not all_:
+                click.echo(f"pipeline {name!r} is no longer running", err=True)
+                return
+            time.sleep(interval)
+            results = _statuses(name, all_, vanished_ok=True)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()
-@click.argument("name")
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the supervisor has exited.")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
-def stop(name: str, wait: bool, timeout: float) -> None:
-    """Drain and stop running pipeline NAME (like SIGTERM)."""
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Stop every running pipeline of this user.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the supervisors have exited.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds --wait waits for the supervisors to exit (their drain included); exit 1 after that.")
+def stop(name: Optional[str], all_: bool, wait: bool, timeout: float) -> None:
+    """Drain and stop running pipeline NAME (like SIGTERM), or every one with --all.
+
+    NAME is the pipeline name exactly as `start` used it. Exit 1 when NAME is not running or
+    a supervisor did not exit within --timeout.
+    """
     import time
 
     from .control import find_endpoints, request
 
-    eps = find_endpoints(name)
+    if bool(name) == all_:
+        raise click.UsageError("give a pipeline NAME or --all")
+    eps = find_endpoints(None if all_ else name)
     if not eps:
+        if all_:
+            click.echo(f"no running pipelines (looked in {_runtime_dir()})", err=True)
+            return
         click.echo(f"no running pipeline named {name!r} (looked in {_runtime_dir()})", err=True)
         sys.exit(EXIT_FAILED)
+    failed = False
     for sup_name, path, pid in eps:
-        resp = request(path, {"cmd": "stop"})
+        try:
+            resp = request(path, {"cmd": "stop"})
+        except (OSError, RemoteMediaError, ValueError) as e:
+            resp = {"ok": False, "error": f"no answer: {e}"}
         if not resp.get("ok"):
             click.echo(f"{sup_name} (pid {pid}): {resp.get('error')}", err=True)
-            sys.exit(EXIT_FAILED)
+            failed = True
+            continue
         click.echo(f"stopping {sup_name} (pid {pid})")
     if wait:
         deadline = time.monotonic() + timeout
         while any(pid_alive(pid) for _, _, pid in eps):
             if time.monotonic() > deadline:
-                click.echo("timed out waiting for the supervisor to exit", err=True)
+                left = ", ".join(f"{n} (pid {p})" for n, _, p in eps if pid_alive(p))
+                click.echo(f"timed out after {timeout:g} s waiting for {left} to exit", err=True)
                 sys.exit(EXIT_FAILED)
             time.sleep(0.1)
+    if failed:
+        sys.exit(EXIT_FAILED)
 
 
 def _runtime_dir() -> str:
@@ -455,34 +770,86 @@ def _runtime_dir() -> str:
     return runtime_dir()
 
 
+#: Table flags a unit always passes to `start` (ExecStart), given or not.
+_UNIT_ALWAYS = ("name", "stop_timeout")
+
+
 @main.command("systemd-unit")
 @click.argument("pipeline_file", type=click.Path(dir_okay=True))
-@click.option("--name", help="Pipeline / unit name (default: the pipeline's).")
-@click.option("--user", help="Run the service as this user (User=).")
-@click.option("--stop-timeout", type=float, default=30.0, show_default=True)
-@click.option("--watchdog-sec", type=float, default=30.0, show_default=True)
-@click.option("--install", is_flag=True, help="Write the unit to --unit-dir and reload systemd.")
-@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False))
+@click.option("--user", help="Run the service as this user (User=); without it a system unit runs as root (a warning says so).")
+@click.option("--user-unit", is_flag=True, help="A unit for `systemctl --user` (the service manager of the user running this): no User=, WantedBy=default.target, --unit-dir ~/.config/systemd/user.")
+@click.option("--watchdog-sec", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="WatchdogSec=: systemd restarts the service when its pipeline has been wedged this long.")
+@click.option("--quiet/--no-quiet", default=True, show_default=True, help="Pass --quiet to start (the outputs are not printed into the journal).")
+@click.option("--install", is_flag=True, help="Write the unit into --unit-dir (and reload systemd when that is the default directory).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), help="Where --install writes the unit.  [default: /etc/systemd/system; ~/.config/systemd/user with --user-unit]")
+@_table_flags
 def systemd_unit(
     pipeline_file: str,
-    name: Optional[str],
     user: Optional[str],
-    stop_timeout: float,
+    user_unit: bool,
     watchdog_sec: float,
+    quiet: bool,
     install: bool,
-    unit_dir: str,
+    unit_dir: Optional[str],
+    **flags: Any,
 ) -> None:
-    """Print (or install) a Type=notify systemd unit that runs PIPELINE_FILE."""
+    """Print (or --install) a Type=notify systemd unit that runs PIPELINE_FILE.
+
+    Every `start` option of the options table (--metrics-port, --log-format, timeouts, ...)
+    goes into ExecStart, checked as `start` checks it. ExecReload= runs `reload NAME`.
+
+    \b
+        remotemedia-supervisor systemd-unit cams.py --name cams --user media --metrics-port 9100
+        remotemedia-supervisor systemd-unit cams.py --user-unit --install
+    """
+    import pwd
     import subprocess
+
+    from supervisor.core import Supervisor
 
     from .systemd import render_unit, unit_name
 
-    pipeline = load_pipeline(pipeline_file, name)
-    name = name or pipeline.name
-    text = render_unit(pipeline_file, name, user=user, stop_timeout=stop_timeout, watchdog_sec=watchdog_sec)
+    options = flag_values(flags)
+    pipeline = load_pipeline(pipeline_file, options["name"], options["trust_instances"])
+    try:
+        Supervisor(pipeline, **options)  # the checks of `start` (nothing runs)
+    except RemoteMediaError as e:
+        raise PipelineFileError(f"invalid options for {pipeline_file}: {e}") from e
+    if options["metrics_port"] is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise PipelineFileError("--metrics-port needs the prometheus-client package: pip install 'remotemedia[metrics]'")
+    name = options["name"] or pipeline.name
+    if user_unit and user:
+        raise click.UsageError("--user does not apply to --user-unit (a user unit runs as the user whose systemd runs it)")
+    if not user_unit:
+        if not user:
+            click.echo("warning: no --user: the service will run as root; give --user ACCOUNT, or --user-unit for systemctl --user", err=True)
+        else:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                click.echo(f"warning: user {user!r} does not exist on this machine: systemd will not start the unit until it does", err=True)
+
+    ctx = click.get_current_context()
+    args: List[str] = []
+    for key in (k for k in OPTIONS if k in flags):  # the table's order, whatever the command line's
+        if key in _UNIT_ALWAYS or ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
+            continue
+        flag_name, value = OPTIONS[key].flag_name, flags[key]
+        assert flag_name is not None
+        if OPTIONS[key].flag.type is bool:  # type: ignore[union-attr]
+            args += [flag_name] if value else []
+        else:
+            args += [flag_name, f"{value:g}" if isinstance(value, float) else str(value)]
+    text = render_unit(
+        pipeline_file, name, user=user, stop_timeout=options["stop_timeout"], watchdog_sec=watchdog_sec,
+        extra_args=args, quiet=quiet, user_unit=user_unit,
+    )
     if not install:
         click.echo(text, nl=False)
         return
+    default_dir = os.path.expanduser("~/.config/systemd/user") if user_unit else "/etc/systemd/system"
+    unit_dir = unit_dir or default_dir
     path = os.path.join(unit_dir, unit_name(name))
     try:
         os.makedirs(unit_dir, exist_ok=True)
@@ -498,13 +865,19 @@ def systemd_unit(
             os.unlink(tmp)
             raise
     except OSError as e:
-        raise click.ClickException(f"cannot write {path}: {e} (run as root, or choose --unit-dir)") from e
+        fix = "choose --unit-dir" if user_unit else "run as root, or choose --unit-dir"
+        raise click.ClickException(f"cannot write {path}: {e} ({fix})") from e
     click.echo(f"wrote {path}")
-    if unit_dir == "/etc/systemd/system":
-        r = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
-        if r.returncode != 0:
-            click.echo(f"warning: systemctl daemon-reload failed: {r.stderr.strip()}", err=True)
-        click.echo(f"start it with: systemctl enable --now {unit_name(name)}")
+    systemctl = ["systemctl", "--user"] if user_unit else ["systemctl"]
+    if os.path.abspath(unit_dir) == os.path.abspath(default_dir):
+        try:
+            r = subprocess.run([*systemctl, "daemon-reload"], capture_output=True, text=True)
+            problem = r.stderr.strip() if r.returncode != 0 else None
+        except OSError as e:
+            problem = str(e)
+        if problem:
+            click.echo(f"warning: {' '.join(systemctl)} daemon-reload failed: {problem}", err=True)
+        click.echo(f"start it with: {' '.join(systemctl)} enable --now {unit_name(name)}")
 
 
 @main.command()
@@ -520,7 +893,7 @@ def validate(pipeline_file: str, trust_instances: bool) -> None:
             serialize_node(node)
         except SerializationError as e:
             raise PipelineFileError(str(e)) from e
-    click.echo(f"{pipeline_file}: OK: {len(pipeline.nodes)} nodes, {len(pipeline.connections)} connections")
+    click.echo(f"{pipeline_file}: OK: {_plural(len(pipeline.nodes), 'node')}, {_plural(len(pipeline.connections), 'connection')}")
 
 
 def _cli_inputs(pipeline: Any, pipeline_file: str, input_file: Any, json_input: bool) -> Optional[Iterator[Any]]:

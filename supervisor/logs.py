@@ -14,6 +14,12 @@ Text format: ``2026-11-22T19:00:00.123Z INFO [node 1234] logger: message``; unde
 itself, and a ``<N>`` syslog priority prefix tells it the level. JSON format: one object per
 line with ``ts``, ``level``, ``node``, ``pid``, ``logger``, ``msg`` (and ``exc`` when an
 exception was logged).
+
+``node`` is the node a record is about: the worker's own records carry its name, and so do the
+supervisor's records about a node (a crash, a restart, a kill: logged with
+``extra={"node": name}``); it is null only for records about no node in particular (the
+pipeline draining). ``pid`` is the process that wrote the record (the worker, or the
+supervisor). Failures (a node crashing, a run failing) are ERROR records.
 """
 
 from __future__ import annotations
@@ -203,7 +209,8 @@ class _SinkHandler(logging.Handler):
         rec = {"level": record.levelname, "logger": record.name, "msg": record.getMessage(), "ts": record.created}
         if record.exc_info:
             rec["exc"] = logging.Formatter().formatException(record.exc_info)
-        self.sink.write(rec, None, os.getpid())
+        node = getattr(record, "node", None)  # log(..., extra={"node": name}): a record about that node
+        self.sink.write(rec, node if isinstance(node, str) else None, os.getpid())
 
 
 def configure_cli_logging(level: int, sink: LogSink) -> None:

@@ -210,13 +210,14 @@ def format_table(status: Dict[str, Any]) -> str:
         f"{status['name']}  (supervisor pid {status['pid']}, {status['phase']}, up {status['uptime_s']:.0f} s, "
         f"{status['workers_up']}/{status['workers']} workers up)"
     ]
-    head = f"  {'node':<16} {'state':<9} {'pid':>7} {'rst':>4} {'in':>9} {'out':>9} {'fps':>8} {'p50ms':>8} {'p99ms':>8} {'rss MiB':>8} {'cpu%':>6}  inputs (queued/depth drops)"
+    width = max([4, *(len(name) for name in status["nodes"])])  # whole names: they are how nodes are addressed
+    head = f"  {'node':<{width}} {'state':<9} {'pid':>7} {'rst':>4} {'in':>9} {'out':>9} {'fps':>8} {'p50ms':>8} {'p99ms':>8} {'rss MiB':>8} {'cpu%':>6}  inputs (queued/depth drops)"
     lines.append(head)
     for name, n in status["nodes"].items():
         rss = None if n["rss_bytes"] is None else n["rss_bytes"] / 2**20
         inputs = ", ".join(f"{i['from']}:{i['queued']}/{i['depth']} {i['dropped']}" for i in n["inputs"])
         lines.append(
-            f"  {name[:16]:<16} {n['state']:<9} {_fmt(n['pid']):>7} {n['restarts']:>4} {n['frames_in']:>9} {n['frames_out']:>9} "
+            f"  {name:<{width}} {n['state']:<9} {_fmt(n['pid']):>7} {n['restarts']:>4} {n['frames_in']:>9} {n['frames_out']:>9} "
             f"{n['fps_out']:>8.1f} {_fmt(n['p50_ms'], '.3f'):>8} {_fmt(n['p99_ms'], '.3f'):>8} {_fmt(rss, '.1f'):>8} {_fmt(n['cpu_percent'], '.1f'):>6}  {inputs}"
         )
     return "\n".join(lines)

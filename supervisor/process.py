@@ -293,7 +293,7 @@ class WorkerProcess:
         self.send(
             Setup(dataclasses.replace(self.spec, scoreboard_fd=self.board.fd, doorbell_fd=self.ctx.doorbell_fd), restore)
         )
-        log.info("spawned worker for node %s (pid %d)", self.name, self.pid)
+        log.info("spawned worker for node %s (pid %d)", self.name, self.pid, extra={"node": self.name})
 
     def send(self, msg: Any) -> None:
         """A control message to the worker (dropped when it is gone: its restart gets Setup)."""
@@ -323,7 +323,7 @@ class WorkerProcess:
         if self.crashed_at is not None:
             self.last_recovery = self.ready_at - self.crashed_at
             self.crashed_at = None
-            log.warning("node %s recovered in %.3f s (pid %s)", self.name, self.last_recovery, self.pid)
+            log.warning("node %s recovered in %.3f s (pid %s)", self.name, self.last_recovery, self.pid, extra={"node": self.name})
 
     def init_failed_error(self, msg: Any) -> Optional[NodeInitError]:
         """The error of an InitFailed report; None for a restart (its exit code says it)."""
@@ -498,7 +498,7 @@ class WorkerProcess:
     def murder(self, reason: str, hard: bool = False) -> None:
         """Kill a misbehaving worker (SIGTERM, SIGKILL after kill_timeout); its exit is then
         handled like a crash, under the restart policy."""
-        log.error("node %s (pid %s): %s; killing it", self.name, self.pid, reason)
+        log.error("node %s (pid %s): %s; killing it", self.name, self.pid, reason, extra={"node": self.name})
         self.kill_reason = reason
         self.kill_frame = self.busy_frame()
         if hard:
@@ -573,7 +573,7 @@ class WorkerProcess:
             return
         if self.kill_at is not None:
             if now >= self.kill_at:
-                log.warning("node %s (pid %s) did not exit in time; SIGKILL", self.name, self.pid)
+                log.warning("node %s (pid %s) did not exit in time; SIGKILL", self.name, self.pid, extra={"node": self.name})
                 self.signal(signal.SIGKILL)
                 self.kill_at = None
                 if aborting:
@@ -679,6 +679,7 @@ class WorkerProcess:
                 self.pid,
                 how,
                 f"\n{report}" if report else "",
+                extra={"node": self.name},
             )
             return
         if rc == EXIT_LOAD_ERROR and state is ProcessState.STARTING:
@@ -728,7 +729,8 @@ class WorkerProcess:
         self.restart_times.append(now)
         self.sm.change(ProcessState.BACKOFF, f"{how}; restart in {delay:.2f} s")
         self.restart_at = now + delay
-        log.warning("node %s (pid %s) %s; restarting in %.2f s", self.name, self.pid, how, delay)
+        # a crash is a failure (ERROR); an early exit 0 restarted by restart_policy="always" is not
+        log.log(logging.ERROR if rc != 0 else logging.WARNING, "node %s (pid %s) %s; restarting in %.2f s", self.name, self.pid, how, delay, extra={"node": self.name})
 
     def _go_fatal(self, rc: int, message: str) -> None:
         self.sm.change(ProcessState.FATAL, message)
@@ -753,6 +755,7 @@ class WorkerProcess:
                 seq,
                 src,
                 self.crash_report() or "(no traceback)",
+                extra={"node": self.name},
             )
             self.restore.skip.setdefault(edge, []).append(seq)
             self.poison, self.poison_count = None, 0
@@ -785,7 +788,7 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
-                log.error("worker %s (pid %s) did not die", self.name, self.pid)
+                log.error("worker %s (pid %s) did not die", self.name, self.pid, extra={"node": self.name})
             if self.exit_status is None:
                 self.exit_status = self.proc.returncode
         if self.chan is not None:

@@ -12,8 +12,9 @@ Without ``$NOTIFY_SOCKET`` :class:`SystemdNotifier` does nothing.
 
 Example::
 
-    remotemedia-supervisor systemd-unit examples/audio_levels.py --name audio > audio.service
-    remotemedia-supervisor systemd-unit examples/audio_levels.py --install   # as root
+    remotemedia-supervisor systemd-unit examples/audio_levels.py --name audio --user media > audio.service
+    remotemedia-supervisor systemd-unit examples/audio_levels.py --user media --install   # as root
+    remotemedia-supervisor systemd-unit examples/audio_levels.py --user-unit --install    # systemctl --user
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def unit_name(name: str) -> str:
     return f"remotemedia-{safe}.service"
 
 
+def _unit_value(text: str) -> str:
+    """``text`` as literal unit-file text: ``%`` starts a specifier, ``$`` a variable."""
+    return text.replace("%", "%%")
+
+
+def _command_line(args: List[str]) -> str:
+    """An ``Exec*=`` command line: each argument quoted for systemd (which takes the shell's
+    single quotes), ``%`` and ``$`` escaped."""
+    return " ".join(_unit_value(shlex.quote(a)).replace("$", "$$") for a in args)
+
+
 def render_unit(
     pipeline_path: str,
     name: str,
@@ -81,26 +93,44 @@ def render_unit(
     watchdog_sec: float = 30.0,
     extra_args: Optional[List[str]] = None,
     python: Optional[str] = None,
+    quiet: bool = True,
+    user_unit: bool = False,
 ) -> str:
     """The text of a ``Type=notify`` unit running ``pipeline_path`` with this environment's
-    interpreter."""
+    interpreter: ``remotemedia-supervisor start`` with ``extra_args`` (more ``start``
+    options) in ``ExecStart=``, ``reload NAME`` in ``ExecReload=``, the journal's identifier
+    the unit's name. ``user_unit``: for ``systemctl --user`` (no ``User=``, wanted by
+    ``default.target``, only the sandboxing an unprivileged service manager can set up).
+
+    Example::
+
+        render_unit("cams.py", "cams", user="media", extra_args=["--metrics-port", "9100"])
+    """
+    if watchdog_sec <= 0:
+        raise ValueError(f"watchdog_sec must be a positive number of seconds, got {watchdog_sec!r}")
+    if user_unit and user:
+        raise ValueError("a user unit has no User=: it runs as the user whose service manager runs it")
     python = os.path.abspath(python or sys.executable)
     pipeline_path = os.path.abspath(pipeline_path)
-    args = [python, "-m", "supervisor.cli", "start", pipeline_path, "--name", name, "--quiet",
+    cli = [python, "-m", "supervisor.cli"]
+    args = [*cli, "start", pipeline_path, "--name", name, *(["--quiet"] if quiet else []),
             "--stop-timeout", f"{stop_timeout:g}", *(extra_args or [])]
     # systemd sends SIGTERM, waits TimeoutStopSec, then SIGKILLs what is left: give the
     # drain its full time plus the workers' kill grace.
     timeout_stop = int(stop_timeout + 15)
     lines = [
         "[Unit]",
-        f"Description=remotemedia pipeline {name}",
+        f"Description=remotemedia pipeline {_unit_value(name)}",
         "After=network.target",
         "",
         "[Service]",
         "Type=notify",
         "NotifyAccess=main",
-        f"ExecStart={' '.join(shlex.quote(a) for a in args)}",
-        f"WorkingDirectory={os.path.dirname(pipeline_path)}",
+        f"ExecStart={_command_line(args)}",
+        f"ExecReload={_command_line([*cli, 'reload', name])}",
+        f"WorkingDirectory={_unit_value(os.path.dirname(pipeline_path))}",
+        # the journal names the lines after the unit, not after the interpreter (python3[pid])
+        f"SyslogIdentifier={unit_name(name)[: -len('.service')]}",
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         "RestartSec=2",
@@ -117,23 +147,28 @@ def render_unit(
     ]
     if user:
         lines.append(f"User={user}")
+    # hardening that leaves shared memory (/dev/shm) and the interpreter usable
+    # (nothing that hides /dev/shm: a run's files live in /dev/shm/remotemedia-<uid>,
+    # and the next start must find those of a crashed run to remove them)
+    lines += ["NoNewPrivileges=yes"]
+    if not user_unit:
+        # file-system namespaces: a user's service manager cannot set them up (without
+        # user namespaces), so they are for system units only
+        lines += [
+            "ProtectSystem=full",
+            "ProtectHome=read-only",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectControlGroups=yes",
+        ]
     lines += [
-        # hardening that leaves shared memory (/dev/shm) and the interpreter usable
-        # (nothing that hides /dev/shm: a run's files live in /dev/shm/remotemedia-<uid>,
-        # and the next start must find those of a crashed run to remove them)
-        "NoNewPrivileges=yes",
-        "ProtectSystem=full",
-        "ProtectHome=read-only",
-        "ProtectKernelTunables=yes",
-        "ProtectKernelModules=yes",
-        "ProtectControlGroups=yes",
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
         "SystemCallArchitectures=native",
         "UMask=0077",
         "",
         "[Install]",
-        "WantedBy=multi-user.target",
+        f"WantedBy={'default.target' if user_unit else 'multi-user.target'}",
         "",
     ]
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 The whole session runs with ``REMOTEMEDIA_SHM_DIR`` set to a fresh private directory (removed
 at the end), so every run directory a test makes (see :mod:`supervisor.resources`) is this
-session's own, and concurrent sessions on one host never see each other's runs.
+session's own, and concurrent sessions on one host never see each other's runs. Likewise
+``REMOTEMEDIA_RUNTIME_DIR`` (control sockets, pipeline-name locks): concurrent sessions never
+claim each other's pipeline names.
 
 ``no_leaks`` (autouse) checks after every test that it left no worker process and no run
 behind: no child process of the test runner, and no new entry in the session's directory.
@@ -26,6 +28,7 @@ import pytest
 from supervisor import resources
 
 SESSION_SHM_DIR = ""
+SESSION_RUNTIME_DIR = ""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,11 +36,17 @@ def pytest_configure(config: pytest.Config) -> None:
     global SESSION_SHM_DIR
     SESSION_SHM_DIR = tempfile.mkdtemp(prefix="rmt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     os.environ[resources.ENV_BASE] = SESSION_SHM_DIR  # before any test, and any process it starts
+    # control sockets and pipeline-name locks: pipeline names are claimed per runtime dir
+    global SESSION_RUNTIME_DIR
+    SESSION_RUNTIME_DIR = tempfile.mkdtemp(prefix="rmc-")
+    os.environ["REMOTEMEDIA_RUNTIME_DIR"] = SESSION_RUNTIME_DIR
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if SESSION_SHM_DIR:
         shutil.rmtree(SESSION_SHM_DIR, ignore_errors=True)
+    if SESSION_RUNTIME_DIR:
+        shutil.rmtree(SESSION_RUNTIME_DIR, ignore_errors=True)
 
 
 def _runs() -> Set[str]:

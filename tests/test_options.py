@@ -206,7 +206,7 @@ def test_cli_flags_are_the_tables():
     start = _start_command()
     params = {p.name: p for p in start.params}
     flagged = [o for o in OPTIONS.values() if o.flag is not None]
-    own = {"pipeline_file", "input_file", "json_input", "quiet", "progress", "inline"}
+    own = {"pipeline_file", "input_file", "json_input", "quiet", "output_path", "progress", "inline"}
     assert set(params) == own | {o.key for o in flagged}
     for o in flagged:
         p = params[o.key]

@@ -148,36 +148,92 @@ def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
 # --------------------------------------------------------------------------- unit file
 
 
+def systemd_unit(*args):
+    return subprocess.run([sys.executable, "-m", "supervisor.cli", "systemd-unit", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def verify_unit(path, user=False):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("REMOTEMEDIA_REQUIRE_SYSTEMD"):
+            pytest.fail("systemd-analyze is required (CI installs Debian's systemd package)")
+        pytest.skip("systemd-analyze not installed")
+    env = dict(os.environ)
+    if user:  # the user manager's view needs a runtime directory
+        env["XDG_RUNTIME_DIR"] = str(path.parent)
+    v = subprocess.run([analyze, "verify", *(["--user"] if user else []), str(path)], capture_output=True, text=True, env=env)
+    assert v.returncode == 0, v.stderr
+    assert path.name not in v.stderr, v.stderr  # no warnings about our unit
+
+
 def test_systemd_unit_renders_and_verifies(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "systemd-unit", "examples/audio_levels.py", "--name", "audio", "--user", "root"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = systemd_unit("examples/audio_levels.py", "--name", "audio", "--user", "root")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # an existing --user: no warning
     unit = r.stdout
+    cli = f"{sys.executable} -m supervisor.cli"
     for needle in (
         "Type=notify",
-        f"ExecStart={sys.executable} -m supervisor.cli start {os.path.join(ROOT, 'examples/audio_levels.py')} --name audio",
+        f"ExecStart={cli} start {os.path.join(ROOT, 'examples/audio_levels.py')} --name audio --quiet --stop-timeout 30\n",
+        f"ExecReload={cli} reload audio\n",
+        "SyslogIdentifier=remotemedia-audio\n",
         "WatchdogSec=30",
         "Restart=on-failure",
         "KillMode=mixed",
         "TimeoutStopSec=45",
         "User=root",
         "NoNewPrivileges=yes",
+        "WantedBy=multi-user.target",
     ):
         assert needle in unit, needle
     path = tmp_path / "remotemedia-audio.service"
     path.write_text(unit)
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        if os.environ.get("REMOTEMEDIA_REQUIRE_SYSTEMD"):
-            pytest.fail("systemd-analyze is required (CI installs Debian's systemd package)")
-        pytest.skip("systemd-analyze not installed")
-    v = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
-    assert v.returncode == 0, v.stderr
-    assert "remotemedia-audio.service" not in v.stderr, v.stderr  # no warnings about our unit
+    verify_unit(path)
+
+
+def test_systemd_unit_passes_start_options_and_escapes_the_name(tmp_path):
+    r = systemd_unit("examples/tone.json", "--name", "my cams/2%", "--user", "root", "--no-quiet", "--metrics-port", "9100",
+                     "--log-format", "json", "--init-timeout", "5", "--queue-bytes", "0.5", "--trust-instances",
+                     "--stop-timeout", "10", "--watchdog-sec", "7.5")
+    assert r.returncode == 0, r.stderr
+    unit = r.stdout
+    exec_start = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
+    assert exec_start.endswith(
+        "--name 'my cams/2%%' --stop-timeout 10 --init-timeout 5 --queue-bytes 0.5 --log-format json --metrics-port 9100 --trust-instances"
+    ), exec_start
+    assert "--quiet" not in exec_start
+    assert f"ExecReload={sys.executable} -m supervisor.cli reload 'my cams/2%%'\n" in unit
+    assert "SyslogIdentifier=remotemedia-my-cams-2\n" in unit and "WatchdogSec=7.5\n" in unit and "TimeoutStopSec=25\n" in unit
+    path = tmp_path / "remotemedia-my-cams-2.service"
+    path.write_text(unit)
+    verify_unit(path)
+
+
+def test_systemd_user_unit_verifies(tmp_path):
+    r = systemd_unit("examples/tone.json", "--name", "tone", "--user-unit")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    unit = r.stdout
+    assert "WantedBy=default.target" in unit and "User=" not in unit and "multi-user" not in unit
+    d = tmp_path / "user"
+    d.mkdir(mode=0o700)
+    path = d / "remotemedia-tone.service"
+    path.write_text(unit)
+    verify_unit(path, user=True)
+    r = systemd_unit("examples/tone.json", "--user-unit", "--install", "--unit-dir", str(tmp_path / "units"))
+    assert r.returncode == 0, r.stderr
+    assert "WantedBy=default.target" in (tmp_path / "units" / "remotemedia-tone-json.service").read_text()
+
+
+def test_systemd_unit_warns_about_root_and_unknown_users_and_checks_values():
+    r = systemd_unit("examples/tone.json")
+    assert r.returncode == 0 and "warning: no --user: the service will run as root" in r.stderr
+    r = systemd_unit("examples/tone.json", "--user", "no-such-user-rm")
+    assert r.returncode == 0 and "warning: user 'no-such-user-rm' does not exist" in r.stderr and "User=no-such-user-rm" in r.stdout
+    for args in (["--watchdog-sec", "-5"], ["--watchdog-sec", "0"], ["--stop-timeout", "-1"], ["--metrics-port", "70000"],
+                 ["--user-unit", "--user", "root"]):
+        r = systemd_unit("examples/tone.json", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and r.stdout == "", (args, r.stderr)
 
 
 def test_systemd_unit_install(tmp_path):
@@ -217,8 +273,14 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
         deadline = time.monotonic() + 10
         while not find_endpoints("live") and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.2)
-        a = status_json("live")
+        # the socket opens before the workers start: wait until every node has put out frames
+        # (on a loaded machine that takes longer than any fixed sleep)
+        deadline = time.monotonic() + 60
+        while True:
+            a = status_json("live")
+            if all(n["frames_out"] > 0 and n["p50_ms"] is not None for n in a["nodes"].values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         time.sleep(1.2)
         b = status_json("live")
         assert set(a["nodes"]) == {"ticker", "pass", "sink"}
