@@ -417,7 +417,7 @@ class _Progress:
     outputs per second (smoothed), restarts so far, and for sources of known length a bar,
     the percentage and an ETA::
 
-        [########............]  40% 120/300  in 152  out 120  39.8 frames/s  restarts 0  ETA 5s
+        [########............] 40% 120/300  in 152  out 120  39.8 frames/s  restarts 0  ETA 5s
 
     Outputs and log lines are printed above it, never on it (:meth:`printing`, :meth:`above`:
     clear the line, print, redraw). It is redrawn at most once per ``interval`` seconds, and
@@ -489,6 +489,8 @@ class _Progress:
         rate = self.out_rate.update(self.out, now)
         if final is not None:
             rate = self.out_rate.average(self.out, now)
+            if rate is None and self.out and now > self.started_at:  # all between two draws
+                rate = self.out / (now - self.started_at)
         bar = ""
         parts = []
         eta = None
@@ -501,7 +503,7 @@ class _Progress:
             frac = self.done / p.total if p.total else 1.0
             filled = int(frac * self.BAR)
             bar = f"[{'#' * filled}{'.' * (self.BAR - filled)}] "
-            parts.append(f"{frac * 100:3.0f}% {self.done}/{p.total}")
+            parts.append(f"{int(frac * 100)}% {self.done}/{p.total}")  # (99% until it is all done)
             if done_rate:
                 eta = (p.total - self.done) / done_rate
         parts += [

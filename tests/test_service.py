@@ -392,7 +392,7 @@ def test_progress_bar_on_tty_only(tmp_path):
     os.close(master)
     tty_err = b"".join(chunks).decode()
     assert proc.returncode == 0
-    assert "100.0% 300/300" in tty_err and "\r[" in tty_err
+    assert "100% 300/300" in tty_err and "\r\x1b[K" in tty_err
     # not on a pipe
     r = subprocess.run([sys.executable, "-m", "supervisor.cli", "start", str(script), "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "\r" not in r.stderr and "%" not in r.stderr
