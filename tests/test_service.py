@@ -222,14 +222,21 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
     t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while not find_endpoints("live") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.2)
-        a = status_json("live")
-        time.sleep(1.2)
-        b = status_json("live")
-        assert set(a["nodes"]) == {"ticker", "pass", "sink"}
+        names = ("ticker", "pass", "sink")
+
+        def wait_status(ready):
+            # The figures are sampled about once a second; a busy host delays the first
+            # samples: wait for them (generous deadline) instead of sleeping a fixed time.
+            deadline = time.monotonic() + 60
+            while True:
+                st = status_json("live") if find_endpoints("live") else None
+                if st is not None and set(st["nodes"]) == set(names) and ready(st["nodes"]):
+                    return st
+                assert time.monotonic() < deadline, f"status never got there: {st}"
+                time.sleep(0.2)
+
+        a = wait_status(lambda ns: all(ns[n]["frames_out"] > 0 and ns[n]["p50_ms"] is not None for n in names))
+        b = wait_status(lambda ns: all(ns[n]["frames_out"] > a["nodes"][n]["frames_out"] for n in names))
         for name in ("ticker", "pass", "sink"):
             na, nb = a["nodes"][name], b["nodes"][name]
             assert nb["frames_out"] > na["frames_out"] > 0
