@@ -133,6 +133,7 @@ def test_loan_sends_without_copy(node):
     assert pickle.loads(memoryview(s)[m0:m1]) == "meta"
 
 
+@pytest.mark.slow
 def test_wait_releases_gil_and_times_out(node):
     lis = b.Listener(node, "inbox")
     ticks = []

@@ -90,6 +90,7 @@ def test_notifier_disabled_without_socket():
     assert not n.enabled and n.notify("READY=1") is False and n.watchdog_interval is None
 
 
+@pytest.mark.slow
 def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     sock_path = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -209,6 +210,7 @@ def status_json(name):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_status_shows_every_node_with_moving_counters(runtime_dir):
     class Ticker(Source):
         def generate(self):
@@ -256,6 +258,7 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
     assert not find_endpoints("live")  # the socket is removed at exit
 
 
+@pytest.mark.slow
 def test_stop_command_drains_and_exits_0(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="stopme")
     proc = cli_proc(["start", str(script)], env={"REMOTEMEDIA_RUNTIME_DIR": str(runtime_dir)})
@@ -330,6 +333,7 @@ def test_second_user_cannot_connect(tmp_path_factory, monkeypatch):
 # --------------------------------------------------------------------------- metrics, logs, progress
 
 
+@pytest.mark.slow
 def test_prometheus_endpoint(runtime_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -357,6 +361,7 @@ def test_prometheus_endpoint(runtime_dir):
     assert 'remotemedia_edge_queued_frames{node="p",pipeline="metrics",source="src"}' in body
 
 
+@pytest.mark.slow
 def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="logs")
     proc = cli_proc(["start", str(script), "--quiet", "--log-format", "json", "--log-level", "INFO"])
@@ -385,6 +390,7 @@ def test_text_logs_under_journal_have_no_timestamp():
     assert parse_worker_line("plain", "stdout")["level"] == "INFO"
 
 
+@pytest.mark.slow
 def test_progress_bar_on_tty_only(tmp_path):
     import pty
 
