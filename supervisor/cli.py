@@ -29,14 +29,18 @@ option value is reported in one line (``error: ...``), as a JSON object with
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
+import threading
+import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import click
 import cloudpickle
@@ -358,7 +362,7 @@ def _table_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     "(the node it came from), created_ns, sent_ns. '-': to stdout, instead of the printed summaries.",
 )
 @_table_flags
-@click.option("--progress/--no-progress", default=None, help="Progress bar for sources of known length (default: when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=None, help="A live progress line on stderr: frames in and out, frames/s, restarts; a bar and an ETA for sources of known length (default: when stderr is a terminal).")
 @click.option("--inline", is_flag=True, help="Run in this process on the file's own node objects (no workers; for pdb and quick checks).")
 def start(
     pipeline_file: str,
@@ -412,24 +416,28 @@ def start(
 
     inputs = _cli_inputs(pipeline, pipeline_file, input_file, json_input)
 
-    show = _with_output(_printer(quiet or output_path == "-", lambda: sup.stop()), output, lambda: sup.stop())
-
     show_progress = sys.stderr.isatty() if progress is None else progress
-    bar = _ProgressBar(sup) if show_progress and sup.totals else None
+    bar = _Progress.of(sup, sys.stderr) if show_progress else None
+    if bar is not None:
+        sink.stream = bar.above(sys.stderr)  # worker and supervisor log lines go above it
+    show = _with_output(_printer(quiet or output_path == "-", lambda: sup.stop(), bar), output, lambda: sup.stop())
+    outcome = "failed"
     try:
         if bar is not None:
             bar.start()
         report = sup.run(inputs, on_output=show)
+        outcome = "stopped" if report.stopped else "done"
     except SerializationError as e:
+        _end_progress(bar, sink, outcome)
         _error(sink, str(e))
         sys.exit(EXIT_USAGE)
     except RemoteMediaError as e:
+        _end_progress(bar, sink, outcome)
         cause = e.__cause__
         _error(sink, str(e), str(cause) if cause is not None else None, getattr(e, "node", None))
         sys.exit(EXIT_FAILED)
     finally:
-        if bar is not None:
-            bar.stop()
+        _end_progress(bar, sink, outcome)
     try:
         _print_report(report, sink)
     except OSError:  # stderr is gone (the terminal hung up): the exit code still tells
@@ -567,6 +575,13 @@ def _start_inline(pipeline: Pipeline, pipeline_file: str, input_file: Any, json_
         pass
 
 
+def _end_progress(bar: Optional["_Progress"], sink: LogSink, outcome: str) -> None:
+    """The progress line's final state (once), then log lines go straight to stderr again."""
+    if bar is not None and not bar.closed:
+        bar.close(outcome)
+        sink.stream = None
+
+
 def _error(sink: LogSink, message: str, detail: Optional[str] = None, node: Optional[str] = None) -> None:
     """The final error of a command: ``error: ...`` on stderr, or one JSON record (with the
     node it concerns, if any)."""
@@ -578,40 +593,266 @@ def _error(sink: LogSink, message: str, detail: Optional[str] = None, node: Opti
         click.echo(detail, err=True)
 
 
-class _ProgressBar:
-    """A one-line progress bar on stderr for sources of known length (terminals only)."""
+def _duration(seconds: float) -> str:
+    """``42s``, ``3:07`` (minutes), ``1:02:03`` (hours): an ETA or an elapsed time."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}:{s % 60:02d}"
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
-    def __init__(self, sup: Any, width: int = 30) -> None:
-        import threading
 
-        self.sup = sup
-        self.width = width
+class _Rate:
+    """A count's rate per second, smoothed exponentially over ``tau`` seconds. Until ``tau``
+    seconds have passed since the count first moved, it is the plain average since then: the
+    first figures are neither 0 nor the burst of the first frames.
+
+    >>> r = _Rate(tau=2.0)
+    >>> r.update(1, 10.0)  # the first frame starts the clock
+    >>> r.update(11, 11.0)  # the average since then
+    10.0
+    """
+
+    def __init__(self, tau: float = 2.0) -> None:
+        self.tau = tau
+        self.start: Optional[Tuple[int, float]] = None  # (count, time) when it first moved
+        self.last: Tuple[int, float] = (0, 0.0)
+        self.rate: Optional[float] = None
+
+    def update(self, count: int, now: float) -> Optional[float]:
+        if self.start is None:
+            if count == 0:
+                return None
+            # The first frame's arrival starts the clock (not the boot: models take a while to
+            # load), so it counts for nothing itself.
+            self.start = self.last = (count, now)
+            return None
+        c0, t0 = self.start
+        c1, t1 = self.last
+        if now <= t1:
+            return self.rate
+        if now - t0 <= self.tau or self.rate is None:
+            self.rate = (count - c0) / (now - t0)
+        else:
+            alpha = 1.0 - math.exp(-(now - t1) / self.tau)
+            self.rate += alpha * ((count - c1) / (now - t1) - self.rate)
+        self.last = (count, now)
+        return self.rate
+
+    def average(self, count: int, now: float) -> Optional[float]:
+        """The plain average since the count first moved (the figure of a finished run)."""
+        if self.start is None or now <= self.start[1]:
+            return None
+        return (count - self.start[0]) / (now - self.start[1])
+
+
+class _Progress:
+    """``start``'s live progress line on stderr: frames into the pipeline and out at the sink,
+    outputs per second (smoothed), restarts so far, and for sources of known length a bar,
+    the percentage and an ETA::
+
+        [########............] 40% 120/300  in 152  out 120  39.8 frames/s  restarts 0  ETA 5s
+
+    Outputs and log lines are printed above it, never on it (:meth:`printing`, :meth:`above`:
+    clear the line, print, redraw). It is redrawn at most once per ``interval`` seconds, and
+    printed a last time, with a newline, by :meth:`close`.
+
+    ``in`` (source items produced, inputs sent) comes live from the workers' status blocks
+    (Supervisor.progress()); ``out`` counts the outputs as they are handed over
+    (:meth:`output`). With one source and no inputs, the bar counts the source's items whose
+    outputs have reached the sink (an output's origin is its source position): it reaches
+    100% when the last one arrives, not when the source has produced everything and the rest
+    is still in flight. Otherwise it counts the items the sources have produced.
+    """
+
+    BAR = 20
+    CLEAR = "\r\x1b[K"
+
+    def __init__(
+        self,
+        figures: Callable[[], Any],
+        stream: Any,
+        *,
+        single_source: bool = False,
+        clear_for_outputs: bool = True,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.figures = figures  # () -> supervisor.core.Progress
+        self.stream = stream
+        self.single_source = single_source
+        self.clear_for_outputs = clear_for_outputs  # stdout is the same terminal
+        self.interval = interval
+        self.clock = clock
+        self.started_at = clock()
+        self.out = 0  # outputs handed over
+        self.sink_position = 0  # 1 + the highest source position seen at the sink
+        self.done = 0  # the bar's count, never going back
+        self.out_rate = _Rate()
+        self.done_rate = _Rate()
+        self.last_draw = -math.inf
+        self.shown = False  # the line is on the terminal now (clear it before printing)
+        self.closed = False
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="remotemedia-progress", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    @classmethod
+    def of(cls, sup: Any, stream: Any) -> "_Progress":
+        """The line of a Supervisor's run, drawn on ``stream``."""
+        p = sup.pipeline
+        return cls(
+            sup.progress,
+            stream,
+            single_source=sup.totals is not None and len(p.sources) == 1 and not p.input_nodes,
+            clear_for_outputs=sys.stdout.isatty(),
+        )
 
-    def _draw(self) -> None:
-        p = self.sup.progress()
-        if p is None:
-            return
-        done, total = p
-        frac = done / total if total else 1.0
-        filled = int(frac * self.width)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}% {done}/{total}")
-        sys.stderr.flush()
+    # ------------------------------------------------------------------ the figures
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
+    def output(self, info: FrameInfo) -> None:
+        """Count one output (from the caller's on_output, before it is printed)."""
+        self.out += 1
+        if info.origin >= self.sink_position:
+            self.sink_position = info.origin + 1
+
+    def text(self, final: Optional[str] = None, columns: int = 80) -> str:
+        """The line as of now; ``final``: how the run ended (``done``, ``stopped``, ``failed``)."""
+        p = self.figures()
+        now = self.clock()
+        rate = self.out_rate.update(self.out, now)
+        if final is not None:
+            rate = self.out_rate.average(self.out, now)
+            if rate is None and self.out and now > self.started_at:  # all between two draws
+                rate = self.out / (now - self.started_at)
+        bar = ""
+        parts = []
+        eta = None
+        if p.total is not None:
+            done = self.sink_position if self.single_source and self.out else p.generated
+            if final == "done":
+                done = max(done, p.generated)  # the rest was dropped on the way, not lost
+            self.done = max(self.done, min(done, p.total))
+            done_rate = self.done_rate.update(self.done, now)
+            frac = self.done / p.total if p.total else 1.0
+            filled = int(frac * self.BAR)
+            bar = f"[{'#' * filled}{'.' * (self.BAR - filled)}] "
+            parts.append(f"{int(frac * 100)}% {self.done}/{p.total}")  # (99% until it is all done)
+            if done_rate:
+                eta = (p.total - self.done) / done_rate
+        parts += [
+            f"in {p.generated + p.inputs}",
+            f"out {self.out}",
+            f"{'-' if rate is None else f'{rate:.1f}'} frames/s",
+            f"restarts {p.restarts}",
+        ]
+        elapsed = _duration(now - self.started_at)
+        if final is not None:
+            parts.append(f"{final} in {elapsed}" if final == "done" else f"{final} after {elapsed}")
+        elif p.phase in ("new", "booting"):
+            parts.append(f"starting {elapsed}")
+        elif p.phase in ("draining", "aborting", "finished"):
+            parts.append(f"{'draining' if p.phase != 'aborting' else 'aborting'} {elapsed}")
+        elif p.total is not None:
+            parts.append(f"ETA {'?' if eta is None else _duration(eta)}")
+        else:
+            parts.append(elapsed)
+        line = "  ".join(parts)
+        # A narrow terminal loses the bar before the figures.
+        return bar + line if len(bar) + len(line) < columns else line
+
+    # ------------------------------------------------------------------ the terminal
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
+
+    def _draw(self, final: Optional[str] = None) -> None:
+        # (lock held) Cut to the width: a line that wraps cannot be redrawn in place.
+        columns = self._columns()
+        line = self.text(final, columns)[: columns - 1]
+        try:
+            self.stream.write(self.CLEAR + line + ("\n" if final is not None else ""))
+            self.stream.flush()
+        except (OSError, ValueError):  # the terminal is gone: nothing more to draw on
+            self.closed = True
+        self.shown = final is None
+        self.last_draw = self.clock()
+
+    def _clear(self) -> None:
+        if self.shown:
+            try:
+                self.stream.write(self.CLEAR)
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.closed = True
+            self.shown = False
+
+    def _printed(self) -> None:
+        # Redraw now unless that would exceed the rate: then the next tick redraws.
+        if not self.closed and self.clock() - self.last_draw >= self.interval:
             self._draw()
 
-    def stop(self) -> None:
+    @contextlib.contextmanager
+    def printing(self) -> Iterator[None]:
+        """Around printing an output on stdout: off the line, then the line back."""
+        with self.lock:
+            if self.clear_for_outputs:
+                self._clear()
+            try:
+                yield
+            finally:
+                self._printed()
+
+    def above(self, stream: Any) -> Any:
+        """A stream (for the log sink) whose lines go above the progress line."""
+        progress = self
+
+        class _Above:
+            def write(self, text: str) -> int:
+                with progress.lock:
+                    progress._clear()
+                    n = stream.write(text)
+                    stream.flush()
+                    progress._printed()
+                    return n
+
+            def flush(self) -> None:
+                stream.flush()
+
+            def fileno(self) -> int:
+                return stream.fileno()
+
+            def isatty(self) -> bool:
+                return stream.isatty()
+
+        return _Above()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self.lock:
+                if self.closed:
+                    return
+                if self.clock() - self.last_draw >= self.interval * 0.9:
+                    self._draw()
+
+    def start(self) -> None:
+        with self.lock:
+            self._draw()
+        self._thread.start()
+
+    def close(self, outcome: str) -> None:
+        """The final state, once, with a newline; then the line is gone for good."""
         self._stop.set()
-        self._thread.join(1.0)
-        self._draw()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        with self.lock:
+            if not self.closed:
+                self._draw(final=outcome)
+                self.closed = True
 
 
 @main.command()
@@ -906,16 +1147,20 @@ def _cli_inputs(pipeline: Any, pipeline_file: str, input_file: Any, json_input: 
     return (json.loads(line) for line in lines) if json_input else lines
 
 
-def _printer(quiet: bool, on_closed: Callable[[], None]) -> Callable[[Any, FrameInfo], None]:
-    """The on_output callback that prints each output; when stdout goes away it silences
-    stdout and calls ``on_closed`` (stop the pipeline)."""
+def _printer(quiet: bool, on_closed: Callable[[], None], progress: Optional[_Progress] = None) -> Callable[[Any, FrameInfo], None]:
+    """The on_output callback that prints each output (above the progress line, which counts
+    it); when stdout goes away it silences stdout and calls ``on_closed`` (stop the pipeline)."""
     stdout_open = [True]
+    printing = progress.printing if progress is not None else contextlib.nullcontext
 
     def show(value: Any, info: FrameInfo) -> None:
+        if progress is not None:
+            progress.output(info)
         if quiet or not stdout_open[0]:
             return
         try:
-            click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
+            with printing():
+                click.echo(f"[{info.source} #{info.origin}] {_summarize(value)}")
         except OSError as e:
             # The reader went away (`| head`: EPIPE, Python ignores SIGPIPE) or the terminal
             # hung up (EIO): stop like on SIGTERM instead of dying with the workers running.

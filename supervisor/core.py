@@ -58,7 +58,7 @@ from .process import WorkerProcess, describe_exit
 from .protocol import EdgeSpec, WorkerSpec
 from .states import ProcessState
 
-__all__ = ["Supervisor", "RunReport", "describe_exit"]
+__all__ = ["Supervisor", "RunReport", "Progress", "describe_exit"]
 
 log = logging.getLogger("remotemedia.supervisor")
 
@@ -708,13 +708,34 @@ class Supervisor:
         """See :meth:`Arbiter.unhealthy_workers`."""
         return self._arbiter.unhealthy_workers() if self._arbiter is not None else []
 
-    def progress(self) -> Optional[Tuple[int, int]]:
-        """``(items generated, total)`` when every source knows its length, else None."""
-        if self.totals is None:
-            return None
-        workers = self.workers
-        done = sum(workers[name].sampler.total_in for name in self.totals if name in workers)
-        return min(done, sum(self.totals.values())), sum(self.totals.values())
+    def progress(self) -> "Progress":
+        """The run's progress as of now (read live from the workers' status blocks, not from
+        the last heartbeat), the figures behind ``start``'s progress line.
+
+        >>> sup = Supervisor([RangeSource(300)])          # doctest: +SKIP
+        >>> sup.progress()                                 # doctest: +SKIP
+        Progress(generated=0, total=300, inputs=0, restarts=0, phase='new')
+        """
+        arb = self._arbiter
+        total = sum(self.totals.values()) if self.totals is not None else None
+        if arb is None:
+            return Progress(0, total, 0, 0, "new")
+        generated = restarts = 0
+        for w in list(arb.workers.values()):
+            restarts += w.restarts
+            if not w.spec.is_source:
+                continue
+            done = w.generated  # as of its last exit
+            board = w.board
+            if board is not None and w.alive:
+                try:
+                    # A restart replays from its last commit: never below what it had reached.
+                    done = max(done, w.source_start + board.get("frames_in"))
+                except ValueError:  # (the block was released as the run ended)
+                    pass
+            generated += done
+        gw = arb.gateway
+        return Progress(generated, total, gw.sent if gw is not None else 0, restarts, arb.phase.value)
 
     def _source_totals(self) -> Optional[Dict[str, int]]:
         totals = {}
@@ -856,6 +877,17 @@ class Supervisor:
             )
             nodes.append((spec, blobs[node.name], opts))
         return edges, nodes
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What :meth:`Supervisor.progress` returns."""
+
+    generated: int  #: items the sources have produced so far (over restarts, each counted once)
+    total: Optional[int]  #: items the sources produce in all, when every source has a length
+    inputs: int  #: items of run()'s inputs sent into the pipeline
+    restarts: int  #: worker restarts so far, all nodes together
+    phase: str  #: ``new``, ``booting``, ``running``, ``draining``, ``aborting`` or ``finished``
 
 
 #: An inputs iterator whose next() took longer than this (seconds) is treated as paced.

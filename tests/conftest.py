@@ -58,10 +58,24 @@ def _runs() -> Set[str]:
 
 
 def _children() -> List[psutil.Process]:
+    """This process's live descendants: its own runs' workers and helpers, nobody else's
+    (other test sessions on the host are not in this tree)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            # (one that exits meanwhile is simply not there: it must not hide the others)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _describe(p: psutil.Process) -> object:
     try:
-        return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        return (p.pid, p.cmdline())
     except psutil.Error:
-        return []
+        return (p.pid, "exited")
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +83,7 @@ def no_leaks():
     before_files = _runs()
     before_children = {p.pid for p in _children()}
     yield
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + 30.0  # generous: a busy host is slow to reap, never a pass
     while True:
         left = [p for p in _children() if p.pid not in before_children]
         new_files = _runs() - before_files
@@ -81,7 +95,7 @@ def no_leaks():
             p.kill()
         except psutil.Error:
             pass
-    assert not left, f"worker processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+    assert not left, f"worker processes left behind: {[_describe(p) for p in left]}"
     assert not new_files, f"run directories left behind: {sorted(new_files)}"
 
 
@@ -157,7 +171,7 @@ def no_held_runs(request: pytest.FixtureRequest):
     yield
     if request.node.stash.get(_FAILED, False):
         return
-    deadline = time.monotonic() + 10.0  # a run's thread may still be finishing
+    deadline = time.monotonic() + 30.0  # a run's thread may still be finishing (a busy host)
     while held_files_of_finished_runs() and time.monotonic() < deadline:
         time.sleep(0.05)
     if held_files_of_finished_runs():

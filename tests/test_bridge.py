@@ -133,6 +133,7 @@ def test_loan_sends_without_copy(node):
     assert pickle.loads(memoryview(s)[m0:m1]) == "meta"
 
 
+@pytest.mark.slow
 def test_wait_releases_gil_and_times_out(node):
     lis = b.Listener(node, "inbox")
     ticks = []
@@ -146,21 +147,20 @@ def test_wait_releases_gil_and_times_out(node):
     t = threading.Thread(target=spin)
     t.start()
     t0 = time.monotonic()
-    assert lis.wait(0.3) == (False, [])
+    assert lis.wait(1.0) == (False, [])
     elapsed = time.monotonic() - t0
     stop.set()
     t.join()
-    assert 0.28 <= elapsed < 1.0
-    assert len(ticks) > 50  # the other thread ran while we waited
+    assert 0.98 <= elapsed < 30  # its timeout, not less (more only as much as the host is busy)
+    # The other thread ran while we waited (~1000 ticks; holding the GIL would allow one).
+    assert len(ticks) >= 10
 
 
 def test_wait_wakes_on_notify_and_on_fd(node):
     lis = b.Listener(node, "inbox")
     nt = b.Notifier(node, "inbox")
     assert nt.notify() == 1
-    t0 = time.monotonic()
-    assert lis.wait(5.0) == (True, [])
-    assert time.monotonic() - t0 < 0.5
+    assert lis.wait(60.0) == (True, [])  # True: woken by the notification, not by the timeout
     r, w = os.pipe()
     try:
         os.write(w, b"x")

@@ -228,6 +228,7 @@ def test_an_ack_read_with_setup_reaches_the_restarted_worker(tmp_path):
         rig.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshots", [False, True], ids=["commit-per-frame", "commit-by-snapshot"])
 def test_order_ring_bounds_how_far_consumption_runs_ahead_of_the_commit(tmp_path, snapshots):
     # (a node with snapshots commits only with one: a full ring takes one early)
@@ -311,6 +312,7 @@ def _chaos(pipeline, victims, n, expected, capsys, period=(0.05, 0.3), min_kills
     return report.outputs
 
 
+@pytest.mark.slow
 def test_fanin_chaos_exactly_once(capsys):
     # input -> b, input -> c, b -> d, c -> d; b is the slower branch
     n = 3000
@@ -321,6 +323,7 @@ def test_fanin_chaos_exactly_once(capsys):
     _chaos(p, ["d"], n, {(src, x) for x in range(n) for src in ("b", "c")}, capsys)
 
 
+@pytest.mark.slow
 def test_fanin_chaos_three_inputs_into_a_stateful_group(capsys):
     # Three inputs into one worker (a Group whose last member keeps state by snapshots), and
     # its inputs' producers are killed too.
@@ -335,6 +338,7 @@ def test_fanin_chaos_three_inputs_into_a_stateful_group(capsys):
     assert sorted(o[2] for o in outputs) == list(range(3 * n))  # each count once: same order
 
 
+@pytest.mark.slow
 def test_fanin_chaos_one_input_ends_first(capsys):
     # Two sources: one ends (end of stream on that edge) while the other still flows.
     p = Pipeline(
@@ -345,6 +349,7 @@ def test_fanin_chaos_one_input_ends_first(capsys):
     _chaos(p, ["d"], None, expected, capsys, max_kills=6)
 
 
+@pytest.mark.slow
 def test_poison_frame_at_fanin_is_dead_lettered_and_the_rest_arrives_once():
     n = 300
     p = Pipeline(
@@ -357,6 +362,7 @@ def test_poison_frame_at_fanin_is_dead_lettered_and_the_rest_arrives_once():
     assert report.nodes["d"]["dead_letters"] == 1
 
 
+@pytest.mark.slow
 def test_lossy_fanin_survives_kills_without_hanging(capsys):
     # drop_oldest inputs keep nothing to replay: no order is recorded and nothing is
     # promised but that the run ends, without a duplicate of what it delivered.

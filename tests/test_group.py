@@ -108,6 +108,7 @@ class Boom(Node):
         return x
 
 
+@pytest.mark.slow
 def test_group_runs_members_in_one_worker_in_order():
     g = Group([MapNode(lambda x: x + 1), Twice(), FilterNode(lambda x: x % 2 == 0), AsyncAdd(), Pid()], name="g")
     sup = Supervisor([RangeSource(6, name="src"), g])
@@ -126,6 +127,7 @@ def test_group_runs_members_in_one_worker_in_order():
     assert [o[0] for o in report.outputs] == Pipeline([RangeSource(6), *plain]).run()
 
 
+@pytest.mark.slow
 def test_members_see_the_frame_and_stream_ids_carry_through():
     out = Pipeline([Group([Tagged(), Seq()]), StreamOf()]).run([10, 20])
     assert out == [((10, 0, 0), 7), ((20, 1, 1), 7)]
@@ -136,6 +138,7 @@ def test_flush_of_a_member_goes_through_the_members_after_it():
     assert Pipeline([g]).run(range(10)) == [6, 22, 17]  # the last, partial batch at end of stream
 
 
+@pytest.mark.slow
 def test_only_the_last_member_allocates_in_shared_memory():
     report = Supervisor([Group([DrawAndTell(name="first"), Tell(name="last")], name="g")]).run(range(5))
     # the first member's array stayed in the worker's private memory
@@ -171,6 +174,7 @@ def test_a_member_failing_to_initialize_cleans_up_the_others(tmp_path):
     assert worker == ["a:init", "b:init", "a:cleanup"]
 
 
+@pytest.mark.slow
 def test_snapshot_of_a_stateful_member_survives_a_restart():
     n = 1500
     g = Group([PassThroughNode(), RunningSum(name="sum")], name="g", options={"snapshot_interval": 0.05})
@@ -184,6 +188,7 @@ def test_snapshot_of_a_stateful_member_survives_a_restart():
     assert report.outputs == [sum(range(i + 1)) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_group_in_a_manifest_round_trips():
     manifest = {
         "version": "v1",

@@ -98,6 +98,7 @@ class DiesInCleanup(Node):
             time.sleep(3600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["os_exit", "system_exit", "system_exit_0", "signal"])
 def test_crash_in_cleanup_after_final_commit_ends_the_stream(how, caplog):
     caplog.set_level(logging.WARNING, logger="remotemedia.supervisor")
@@ -113,6 +114,7 @@ def test_crash_in_cleanup_after_final_commit_ends_the_stream(how, caplog):
     assert warned, [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.slow
 def test_heartbeat_kill_after_final_commit_ends_the_stream():
     sup = Supervisor(
         [PassThroughNode(name="up"), DiesInCleanup("hang", name="dies")],
@@ -143,6 +145,7 @@ class SlowInit(Node):
         return x
 
 
+@pytest.mark.slow
 def test_crash_after_ready_while_another_node_initializes_is_restarted():
     sup = Supervisor([PassThroughNode(name="quick"), SlowInit(3.0, name="slow")], backoff_base=0.05)
     killed = []
@@ -182,6 +185,7 @@ class CrashFirst(Node):
         return x
 
 
+@pytest.mark.slow
 def test_no_busy_spin_while_a_restart_is_pending_during_abort(tmp_path, monkeypatch):
     # "crash" waits in BACKOFF (1 s) when the run is aborted; "stuck" takes kill_timeout (3 s)
     # to die. Its pending restart must not make the arbiter spin meanwhile.
@@ -240,6 +244,7 @@ class PoisonHang(Node):
         return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["hang", "memory"])
 def test_poison_frame_that_hangs_or_eats_memory_is_dead_lettered(how):
     opts: Dict[str, Any] = {"process_timeout": 1.0} if how == "hang" else {"memory_limit": 200 * 2**20}
@@ -274,6 +279,7 @@ class ExitsOnce(Node):
         return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", [3, 4, 5])
 def test_reserved_exit_code_after_ready_is_a_crash_and_restarted(code, tmp_path):
     sup = Supervisor([PassThroughNode(name="up"), ExitsOnce(code, OnceFile(str(tmp_path / "x")), name="exits")], backoff_base=0.01)
@@ -350,6 +356,7 @@ class Ticker(Source):
             i += 1
 
 
+@pytest.mark.slow
 def test_drain_timeout_report_says_what_was_lost():
     sup = Supervisor([PassThroughNode(name="up"), Stuck(name="stuck")], stop_timeout=1.0, kill_timeout=1.0)
     box: Dict[str, Any] = {}
@@ -463,6 +470,7 @@ def _assert_nothing_left(p: subprocess.Popen, pids, tmp_path) -> None:
     assert not [f for f in left if f.endswith(".sock")], f"control socket left behind: {left}"
 
 
+@pytest.mark.slow
 def test_cli_drain_timeout_exits_1_saying_what_was_lost(tmp_path):
     path = _write(
         tmp_path,
@@ -491,6 +499,7 @@ def test_cli_drain_timeout_exits_1_saying_what_was_lost(tmp_path):
 
 
 # (SIGHUP reloads a pipeline started from a file: tests/test_live.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGXCPU])
 def test_cli_stop_signals_drain_and_leave_nothing(sig, tmp_path):
     path = _write(tmp_path, "ticker.py", _TICKER)
@@ -507,6 +516,7 @@ def test_cli_stop_signals_drain_and_leave_nothing(sig, tmp_path):
     _assert_nothing_left(p, pids, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
 def test_cli_survives_signals_without_meaning(sig, tmp_path):
     path = _write(tmp_path, "ticker.py", _TICKER)
@@ -522,6 +532,7 @@ def test_cli_survives_signals_without_meaning(sig, tmp_path):
     _assert_nothing_left(p, pids, tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_stdout_closed_by_reader_stops_the_pipeline_cleanly(tmp_path):
     # `remotemedia-supervisor start p.py | head -3`
     path = _write(tmp_path, "ticker.py", _TICKER)
@@ -613,6 +624,7 @@ _HUGE_LINE = """
 """
 
 
+@pytest.mark.slow
 def test_huge_output_line_is_cut_and_memory_stays_bounded(tmp_path):
     size = 100 * 2**20
     script = tmp_path / "shout.py"
@@ -646,6 +658,7 @@ _STARTING = """
 """
 
 
+@pytest.mark.slow
 def test_sighup_while_pipeline_run_starts_leaves_nothing(tmp_path):
     script = tmp_path / "starting.py"
     script.write_text(textwrap.dedent(_STARTING.format(root=ROOT)))

@@ -114,6 +114,7 @@ class PoisonOn(Node):
         return x
 
 
+@pytest.mark.slow
 def test_a_planted_symlink_in_the_dead_letter_dir_is_not_followed(tmp_path):
     dl = tmp_path / "dead"
     dl.mkdir()
@@ -188,6 +189,7 @@ _STUCK_SERVICE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_node_children_die_with_a_sigkilled_supervisor(tmp_path):
     script = tmp_path / "stuck.py"
     script.write_text(_STUCK_SERVICE.format(root=ROOT))
@@ -235,6 +237,7 @@ class LeavesAHelper(Node):
         return x
 
 
+@pytest.mark.slow
 def test_node_children_die_with_their_worker(tmp_path):
     pidfile = tmp_path / "pids"
     helpers = []

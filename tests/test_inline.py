@@ -280,6 +280,7 @@ def _parity_pipeline() -> Pipeline:
     )
 
 
+@pytest.mark.slow
 def test_parity_with_multiprocess():
     inline = run_inline(_parity_pipeline())
     multi = _parity_pipeline().run()
@@ -292,6 +293,7 @@ def test_parity_with_multiprocess():
     assert Pipeline(chain).run([2, 3, 1], executor="inline") == Pipeline([Splitter(), AsyncDouble(), Batcher()]).run([2, 3, 1])
 
 
+@pytest.mark.slow
 def test_cli_start_inline(tmp_path):
     script = tmp_path / "p.py"
     script.write_text(

@@ -82,6 +82,7 @@ def _instance_manifest():
 
 
 class TestInstances:
+    @pytest.mark.slow
     def test_model_and_lambda_round_trip_through_json_and_run(self):
         text = _instance_manifest()
         data = json.loads(text)  # plain JSON
@@ -172,6 +173,7 @@ class TestInstances:
         check(lambda: _run(text, [1]))
         assert not marker.exists()
 
+    @pytest.mark.slow
     def test_trusted_via_supervisor_and_execute(self):
         text = Pipeline([Unregistered(name="u")]).to_json(include_instances=True)
         assert _run(text, [2], trust_instances=True) == [14]
@@ -245,6 +247,7 @@ class TestUpstream:
                   {"operation": "multiply", "args": [6, 7]}, {"operation": "subtract", "args": [1, 9]}]
         assert _run(UPSTREAM, inputs) == [5, 0.25, 42, -8]
 
+    @pytest.mark.slow
     def test_without_version_and_connections(self):
         m = json.loads(UPSTREAM)
         del m["version"], m["connections"]
@@ -349,6 +352,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_trust_instances(tmp_path):
     k = 5
     p = Pipeline([RangeSource(3, name="src"), MapNode(lambda x: x * k, name="times")])

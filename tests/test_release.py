@@ -132,6 +132,7 @@ def test_outputs_run_returns_hold_nothing_of_the_finished_run():
     assert held(sup.root) == []
 
 
+@pytest.mark.slow
 def test_failure_in_a_worker_keeps_nothing():
     sup = Supervisor([PassThroughNode(name="p"), Boom(name="boom")])
     with pytest.raises(NodeError, match="boom") as ei:
@@ -196,6 +197,7 @@ def test_unpicklable_input_keeps_nothing():
     assert held(sup.root) == []
 
 
+@pytest.mark.slow
 def test_kill_keeps_nothing():
     sup = Supervisor([PassThroughNode(name="p"), Slow(name="slow")]).start()
     for _ in range(10):
@@ -206,6 +208,7 @@ def test_kill_keeps_nothing():
     assert held(sup.root) == []
 
 
+@pytest.mark.slow
 def test_async_api_keeps_nothing():
     before = held_runs()
     out = asyncio.run(execute_pipeline_with_input([PassThroughNode(name="p")], [ARRAY] * 3))

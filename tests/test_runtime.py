@@ -262,6 +262,7 @@ def test_manifest_dict_with_input():
     assert asyncio.run(execute_pipeline_with_input(manifest, ["a", "b"])) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_fan_out_fan_in():
     p = Pipeline(
         [
@@ -278,6 +279,7 @@ def test_fan_out_fan_in():
     assert [o[1] if o[0] == "b" else None for o in out if o[0] == "b"] == [x + 1 for x in range(50)]
 
 
+@pytest.mark.slow
 def test_generator_async_and_none_outputs():
     assert Pipeline([GenNode()]).run([1, 3]) == [(1, 0), (3, 0), (3, 1), (3, 2)]
     assert Pipeline([AsyncNode(), AsyncGenNode()]).run([1, 5]) == [2, 3, 10, 11]
@@ -285,6 +287,7 @@ def test_generator_async_and_none_outputs():
     assert Pipeline([ListOut()]).run([7]) == [[7, 7]]  # a list is one output
 
 
+@pytest.mark.slow
 def test_frame_header_reaches_the_node():
     out = Pipeline([PassThroughNode(name="up"), HeaderEcho(name="echo")]).run(["x", "y"])
     assert out == [("x", 0, 0, "up"), ("y", 1, 1, "up")]
@@ -307,6 +310,7 @@ def test_any_picklable_payload_dataclass_text_bytes_json():
     [((64 << 20,), np.uint8), ((2160, 3840, 3), np.uint8), ((1024,), np.float32)],
     ids=["64MB", "4K-rgb", "4KB-audio"],
 )
+@pytest.mark.slow
 def test_big_frames_bit_exact_and_zero_copy(shape, dtype):
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 255, size=shape, dtype=np.uint8).view(dtype) if dtype == np.uint8 else rng.standard_normal(shape).astype(dtype)
@@ -322,6 +326,7 @@ def test_big_frames_bit_exact_and_zero_copy(shape, dtype):
     assert np.array_equal(o["array"], arr)
 
 
+@pytest.mark.slow
 def test_hoarding_node_does_not_stall():
     frames = [np.full(1000, i, dtype=np.int32) for i in range(100)]
     out = Pipeline([PassThroughNode(), Hoarder()]).run(frames)
@@ -359,6 +364,7 @@ def test_supervisor_run_report():
     assert all(s["state"] == "EXITED" for s in report.nodes.values())
 
 
+@pytest.mark.slow
 def test_two_pipelines_at_once_do_not_collide():
     a = Supervisor([MapNode(lambda x: ("a", x))]).start()
     b = Supervisor([MapNode(lambda x: ("b", x))]).start()
@@ -393,8 +399,8 @@ def test_exception_in_process_reaches_caller_as_node_error():
 def test_initialize_failure_reported_at_once_with_traceback():
     t0 = time.monotonic()
     with pytest.raises(NodeInitError) as ei:
-        Pipeline([PassThroughNode(), InitFails(name="loader")]).run([1])
-    assert time.monotonic() - t0 < 10
+        Supervisor([PassThroughNode(), InitFails(name="loader")], init_timeout=600).run([1])
+    assert time.monotonic() - t0 < 120  # at once, not at the 600 s init timeout (generous: a busy host)
     e = ei.value
     assert e.node == "loader" and "model file missing" in str(e)
     assert "RuntimeError" in e.__cause__.tb and "in initialize" in e.__cause__.tb
@@ -403,13 +409,25 @@ def test_initialize_failure_reported_at_once_with_traceback():
 def test_worker_dying_during_initialize_reported_at_once():
     t0 = time.monotonic()
     with pytest.raises(NodeInitError) as ei:
-        Supervisor([InitDies(name="dies")], init_timeout=60).run([1])
-    assert time.monotonic() - t0 < 10  # not after the 60 s init timeout
+        Supervisor([InitDies(name="dies")], init_timeout=600).run([1])
+    assert time.monotonic() - t0 < 120  # not after the 600 s init timeout (generous: a busy host)
     assert ei.value.node == "dies" and "exit code 13" in str(ei.value)
 
 
-def test_serialization_error_before_any_process():
+def test_serialization_error_before_any_process(monkeypatch):
+    import subprocess
     import threading
+
+    from supervisor import process
+
+    spawned = []
+
+    class Spy(subprocess.Popen):
+        def __init__(self, *a, **kw):
+            spawned.append(a)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(process.subprocess, "Popen", Spy)
 
     class Holder(Node):
         def __init__(self):
@@ -419,10 +437,9 @@ def test_serialization_error_before_any_process():
         def process(self, data):
             return data
 
-    t0 = time.monotonic()
     with pytest.raises(SerializationError) as ei:
         Pipeline([PassThroughNode(), Holder()]).run([1])
-    assert time.monotonic() - t0 < 2
+    assert spawned == []  # refused before any worker was started
     assert ei.value.node_name == "holder" and ei.value.attribute_path == "lock"
 
 

@@ -295,6 +295,7 @@ def test_planted_base_and_control_dir_are_refused_and_never_written_through(othe
             find_endpoints()  # the status client does not trust it either
 
 
+@pytest.mark.slow
 @needs_other_user
 def test_two_users_run_pipelines_at_once_without_blocking_each_other(other_user):
     """Root's run does not lock the other user out (the shared /tmp/iceoryx2 did), and the
@@ -369,6 +370,7 @@ def _python(code: str, *args: str, timeout: float = DEADLINE) -> Tuple[int, str,
     return p.returncode, out, err
 
 
+@pytest.mark.slow
 def test_corrupt_files_of_a_live_run_never_hang_restart_or_close():
     """The issue's attack, by the same user now (no one else can reach the files): truncate the
     run's global_mgmt segment, then SIGKILL a worker. Dead-node cleanup used to spin forever on
@@ -404,6 +406,7 @@ def test_corrupt_files_of_a_live_run_never_hang_restart_or_close():
     assert ("recovered 2" in out or "failed clearly: NodeFatalError" in out) and "closed False" in out, out + err[-2000:]
 
 
+@pytest.mark.slow
 def test_corrupt_dead_run_never_hangs_a_start():
     """A dead run whose files are truncated or garbage, next to foreign entries, is removed (or
     skipped with a warning) by the next start, which completes; nothing is followed."""

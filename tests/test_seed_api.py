@@ -86,6 +86,7 @@ def test_custom_node_snippet_runs_verbatim():
     assert asyncio.run(main()) == [{"node": "custom", "input": None, "calls": 1}]
 
 
+@pytest.mark.slow
 def test_instance_with_loaded_model_snippet_runs_verbatim():
     model = SentimentModel()
 
@@ -99,11 +100,13 @@ def test_instance_with_loaded_model_snippet_runs_verbatim():
     assert out == [{"score": 0.0, "has_model": True}]
 
 
+@pytest.mark.slow
 def test_one_shot_of_a_chain_returns_the_terminal_outputs():
     nodes = [Constant("good good bad", name="text"), MapNode(str.split, name="split"), MapNode(len, name="count")]
     assert asyncio.run(execute_pipeline(nodes)) == [3]
 
 
+@pytest.mark.slow
 def test_one_shot_of_a_dag_feeds_none_to_every_root():
     p = Pipeline(
         [Constant(2, name="a"), Constant(3, name="b"), MapNode(lambda x: x * 10, name="c"), MapNode(lambda x: x + 1, name="d")],
@@ -142,6 +145,7 @@ def test_enable_metrics_returns_outputs_with_per_node_metrics():
         assert m["process_time_p50_ms"] is not None and m["process_time_p99_ms"] >= m["process_time_p50_ms"] >= 0
 
 
+@pytest.mark.slow
 def test_enable_metrics_on_the_one_shot_and_on_pipeline_run():
     out = asyncio.run(execute_pipeline([Constant(1, name="one")], enable_metrics=True))
     assert out == [1] and out.metrics["one"]["frames_in"] == 1 and out.metrics["one"]["frames_out"] == 1
@@ -155,6 +159,7 @@ def test_without_enable_metrics_the_result_is_a_plain_list():
     assert type(out) is list and out == [1]
 
 
+@pytest.mark.slow
 def test_pipeline_run_input_data_is_an_alias_of_inputs():
     p = Pipeline([MapNode(lambda x: x * 3, name="triple")])
     assert p.run(input_data=[1, 2, 3]) == [3, 6, 9]

@@ -79,6 +79,7 @@ def test_list_of_a_million_ints_then_a_lock_attribute():
     assert search_stats["pickles"] <= 16, search_stats
 
 
+@pytest.mark.slow
 def test_lock_in_the_last_of_100k_small_objects():
     n = Holder(name="n")
     n.items = [Plain(i=i, label=f"item {i}") for i in range(100_000)]
@@ -142,6 +143,7 @@ def _raise_line(text: str) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if "raise ValueError" in line)
 
 
+@pytest.mark.slow
 def test_traceback_of_a_class_in_a_pipeline_file_run_by_the_cli(tmp_path):
     script = tmp_path / "mypipe.py"
     script.write_text(

@@ -90,6 +90,7 @@ def test_notifier_disabled_without_socket():
     assert not n.enabled and n.notify("READY=1") is False and n.watchdog_interval is None
 
 
+@pytest.mark.slow
 def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     sock_path = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -112,13 +113,22 @@ def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     )
     msgs = []
     t0 = time.monotonic()
+    silent = False  # the watchdog went quiet after READY (the event this test waits for)
     try:
-        while time.monotonic() - t0 < 6.0:
+        # Until 2 s without WATCHDOG=1 after at least 5 of them (they come every ~0.1 s while
+        # healthy); a generous deadline instead of a schedule: a busy host delays the hang.
+        while time.monotonic() - t0 < 90.0:
             try:
                 data = srv.recv(4096).decode()
             except socket.timeout:
-                continue
-            msgs.append((time.monotonic() - t0, data))
+                data = ""
+            now = time.monotonic() - t0
+            if data:
+                msgs.append((now, data))
+            dogs = [t for t, m in msgs if "WATCHDOG=1" in m]
+            if len(dogs) >= 5 and now - dogs[-1] > 2.0:
+                silent = True
+                break
         proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + 20
         while time.monotonic() < end and proc.poll() is None:
@@ -139,8 +149,7 @@ def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     dogs = [t for t, m in msgs if "WATCHDOG=1" in m]
     assert len(dogs) >= 5  # every ~0.1 s while healthy
     # the worker hangs at frame 150 (~1.5 s); heartbeats go stale 1 s later: the watchdog stops
-    last_dog = dogs[-1]
-    assert last_dog < 4.5, f"watchdog kept going while a worker hung (last at {last_dog:.1f} s)"
+    assert silent, f"watchdog kept going while a worker hung (last of {len(dogs)} at {dogs[-1]:.1f} s)"
     assert any("STOPPING=1" in m for m in texts[ready:])
     assert "watchdog withheld: work" in err
 
@@ -257,6 +266,7 @@ def status_json(name):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_status_shows_every_node_with_moving_counters(runtime_dir):
     class Ticker(Source):
         def generate(self):
@@ -270,20 +280,21 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
     t = threading.Thread(target=lambda: sup.run(on_output=lambda v, i: None), daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while not find_endpoints("live") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # the socket opens before the workers start: wait until every node has put out frames
-        # (on a loaded machine that takes longer than any fixed sleep)
-        deadline = time.monotonic() + 60
-        while True:
-            a = status_json("live")
-            if all(n["frames_out"] > 0 and n["p50_ms"] is not None for n in a["nodes"].values()) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        time.sleep(1.2)
-        b = status_json("live")
-        assert set(a["nodes"]) == {"ticker", "pass", "sink"}
+        names = ("ticker", "pass", "sink")
+
+        def wait_status(ready):
+            # The figures are sampled about once a second; a busy host delays the first
+            # samples: wait for them (generous deadline) instead of sleeping a fixed time.
+            deadline = time.monotonic() + 60
+            while True:
+                st = status_json("live") if find_endpoints("live") else None
+                if st is not None and set(st["nodes"]) == set(names) and ready(st["nodes"]):
+                    return st
+                assert time.monotonic() < deadline, f"status never got there: {st}"
+                time.sleep(0.2)
+
+        a = wait_status(lambda ns: all(ns[n]["frames_out"] > 0 and ns[n]["p50_ms"] is not None for n in names))
+        b = wait_status(lambda ns: all(ns[n]["frames_out"] > a["nodes"][n]["frames_out"] for n in names))
         for name in ("ticker", "pass", "sink"):
             na, nb = a["nodes"][name], b["nodes"][name]
             assert nb["frames_out"] > na["frames_out"] > 0
@@ -303,6 +314,7 @@ def test_status_shows_every_node_with_moving_counters(runtime_dir):
     assert not find_endpoints("live")  # the socket is removed at exit
 
 
+@pytest.mark.slow
 def test_stop_command_drains_and_exits_0(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="stopme")
     proc = cli_proc(["start", str(script)], env={"REMOTEMEDIA_RUNTIME_DIR": str(runtime_dir)})
@@ -377,6 +389,7 @@ def test_second_user_cannot_connect(tmp_path_factory, monkeypatch):
 # --------------------------------------------------------------------------- metrics, logs, progress
 
 
+@pytest.mark.slow
 def test_prometheus_endpoint(runtime_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -407,6 +420,7 @@ def test_prometheus_endpoint(runtime_dir):
     assert "quantile=" not in body and "remotemedia_build_info{" in body
 
 
+@pytest.mark.slow
 def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="logs")
     proc = cli_proc(["start", str(script), "--quiet", "--log-format", "json", "--log-level", "INFO"])
@@ -435,6 +449,7 @@ def test_text_logs_under_journal_have_no_timestamp():
     assert parse_worker_line("plain", "stdout")["level"] == "INFO"
 
 
+@pytest.mark.slow
 def test_progress_bar_on_tty_only(tmp_path):
     import pty
 
@@ -457,7 +472,7 @@ def test_progress_bar_on_tty_only(tmp_path):
     os.close(master)
     tty_err = b"".join(chunks).decode()
     assert proc.returncode == 0
-    assert "100.0% 300/300" in tty_err and "\r[" in tty_err
+    assert "100% 300/300" in tty_err and "\r\x1b[K" in tty_err
     # not on a pipe
     r = subprocess.run([sys.executable, "-m", "supervisor.cli", "start", str(script), "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "\r" not in r.stderr and "%" not in r.stderr

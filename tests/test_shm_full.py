@@ -120,6 +120,7 @@ def check_clean_failure(report: Dict[str, str], out: str) -> str:
     return message
 
 
+@pytest.mark.slow
 @needs_namespace
 def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
     report, out = run_in_small_shm(
@@ -134,6 +135,7 @@ def test_1080p_frames_through_three_stages_in_64_mib_raise_in_the_caller():
     assert "the pipeline's 4 edges" in message, message
 
 
+@pytest.mark.slow
 @needs_namespace
 def test_send_raises_it_when_the_callers_frames_do_not_fit():
     report, out = run_in_small_shm(
@@ -163,6 +165,7 @@ def test_send_raises_it_when_the_callers_frames_do_not_fit():
     assert report["SHM_LEFT"] == "[]", report["SHM_LEFT"]
 
 
+@pytest.mark.slow
 @needs_namespace
 def test_a_node_allocating_more_than_fits_fails_the_pipeline():
     report, out = run_in_small_shm(
@@ -181,6 +184,7 @@ def test_a_node_allocating_more_than_fits_fails_the_pipeline():
     assert "Node.allocate()" in message and "needs 80.0 MiB" in message, message
 
 
+@pytest.mark.slow
 @needs_namespace
 def test_a_node_returning_a_bigger_frame_than_fits_fails_the_pipeline():
     # on_error="skip" does not apply: a full /dev/shm is no bad frame, and skipping would lose
