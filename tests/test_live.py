@@ -93,6 +93,7 @@ class _Stream:
         return self.out
 
 
+@pytest.mark.slow
 def test_restart_node_loses_and_repeats_nothing_and_keeps_state():
     n = 3000
     with Supervisor([Scale(name="a"), Count(name="b")]) as sup:
@@ -136,6 +137,7 @@ class Ticks(Source):
             yield i
 
 
+@pytest.mark.slow
 def test_restart_a_source_resumes_after_its_last_committed_item():
     n = 1500
     sup = Supervisor([Ticks(n, name="src"), Scale(name="a")]).start()
@@ -152,6 +154,7 @@ def test_restart_a_source_resumes_after_its_last_committed_item():
     assert [x for x, _ in out] == list(range(n))
 
 
+@pytest.mark.slow
 def test_reload_replaces_changed_nodes_only_and_refuses_shape_changes():
     n = 3000
     with Supervisor([Scale(name="a", k=1), Count(name="b")]) as sup:
@@ -265,6 +268,7 @@ def _outputs(lines: List[str]) -> List[Any]:
     return [(int(line.split("#")[1].split("]")[0]), int(line.rsplit(" ", 1)[1])) for line in list(lines) if line.startswith("[scale #")]
 
 
+@pytest.mark.slow
 def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
     path = tmp_path / "p.py"
     path.write_text(textwrap.dedent(_FILE.format(k=1)))
