@@ -297,9 +297,19 @@ def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
         assert len({e["pid"] for e in ready}) == 2 and all(e["node"] == "scale" for e in ready)
 
         assert _cli(tmp_path, "reload", "live").stdout.strip() == "reloaded live: nothing changed"
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "logs", "live", "--node", "scale", "-n", "0", "-f"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+        followed: List[str] = []
+        threading.Thread(target=lambda: followed.extend(follower.stdout), daemon=True).start()  # type: ignore[arg-type]
         path.write_text(textwrap.dedent(_FILE.format(k=1000)))
         r = _cli(tmp_path, "reload", "live")
         assert r.returncode == 0 and r.stdout.startswith("reloaded live: replaced scale (pid "), r.stderr
+        wait_for(lambda: any("scale k=1000 ready" in line for line in list(followed)), what="logs -f to show the new worker")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(30) == 0
+        assert not any("k=1 ready" in line for line in followed)  # (-n 0: only what came after)
         path.write_text("pipeline = [")  # a broken file: refused, the pipeline goes on
         r = _cli(tmp_path, "reload", "live")
         assert r.returncode == 1 and "refused, the pipeline goes on unchanged" in r.stderr and "syntax error in" in r.stderr
