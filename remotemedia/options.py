@@ -208,6 +208,11 @@ def _table() -> Tuple[Option, ...]:
         Option("init_timeout", 60.0, _POSITIVE_SECONDS, "seconds a worker may take to unpickle its node and run `initialize()`", per_node=True, shown="60 s", flag=Flag(float)),
         Option("stop_timeout", 30.0, _SECONDS, "seconds a drain (`stop()`, SIGTERM) may take before the workers are aborted", shown="30 s", flag=Flag(float)),
         Option("kill_timeout", 5.0, _SECONDS, "seconds an aborted or killed worker gets for `cleanup()` before SIGKILL", shown="5 s", flag=Flag(float)),
+        Option(
+            "handover_timeout", 10.0, _SECONDS,
+            "seconds a worker being replaced (`restart`, `reload`) waits for its outputs to be committed downstream; then it hands over at the commit it has and the frames after it are replayed",
+            shown="10 s", flag=Flag(float),
+        ),  # fmt: skip
         Option("queue_depth", 32, _POSITIVE_INT, "frames in flight on each edge into the node (its queue and its producer's window)", per_node=True, flag=Flag(int)),
         Option(
             "queue_bytes", 256 * _MIB, _POSITIVE_INT,

@@ -161,6 +161,9 @@ class Supervisor:
         init_timeout: seconds a worker may take to unpickle and ``initialize()``.
         stop_timeout: seconds a drain (stop(), SIGTERM) may take before workers are aborted.
         kill_timeout: seconds an aborted worker gets for ``cleanup()`` before SIGKILL.
+        handover_timeout: seconds a worker being replaced (:meth:`restart_node`,
+            :meth:`reload`) waits for its outputs to be committed downstream before it hands
+            over at the commit it has (the frames after it are then replayed).
         queue_depth: frames in flight per edge (consumer queue and producer window).
         queue_bytes: bytes in flight per edge before the producer waits (default 256 MiB),
             whatever ``queue_depth`` allows: it bounds the memory of big frames in flight.
@@ -212,6 +215,7 @@ class Supervisor:
         init_timeout: float = _D.init_timeout,
         stop_timeout: float = _D.stop_timeout,
         kill_timeout: float = _D.kill_timeout,
+        handover_timeout: float = _D.handover_timeout,
         queue_depth: int = _D.queue_depth,
         queue_bytes: int = _D.queue_bytes,
         max_borrowed: int = _D.max_borrowed,
@@ -244,6 +248,7 @@ class Supervisor:
         self.defaults = node_defaults(locals())  # the Supervisor-wide values of the per-node options
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
+        self.handover_timeout = handover_timeout
         self.max_borrowed = max_borrowed
         self.max_node_size = max_node_size
         self.heartbeat_interval = heartbeat_interval
@@ -874,6 +879,7 @@ class Supervisor:
                 snapshot_interval=opts["snapshot_interval"],
                 dead_letter_dir=self.dead_letter_dir,
                 spin_us=self.spin_us,
+                handover_timeout=self.handover_timeout,
             )
             nodes.append((spec, blobs[node.name], opts))
         return edges, nodes

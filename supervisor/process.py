@@ -49,7 +49,6 @@ from .protocol import (
     EXIT_HANDOVER,
     EXIT_LOAD_ERROR,
     EXIT_OK,
-    HANDOVER_TIMEOUT,
     Acked,
     ChannelClosed,
     Commit,
@@ -520,8 +519,8 @@ class WorkerProcess:
         self.replacement = (self.blob if blob is None else blob, reason, blob is None)
         self.sm.change(ProcessState.STOPPING, reason)
         self.send(Handover())
-        # (it waits up to HANDOVER_TIMEOUT for downstream, then cleanup() has kill_timeout)
-        self.kill_at = time.monotonic() + HANDOVER_TIMEOUT + self.ctx.kill_timeout
+        # (it waits up to handover_timeout for downstream, then cleanup() has kill_timeout)
+        self.kill_at = time.monotonic() + self.spec.handover_timeout + self.ctx.kill_timeout
         log.info("node %s (pid %s): %s; handing over to a new worker", self.name, self.pid, reason)
 
     def check_replaceable(self, reload: bool = False) -> None:

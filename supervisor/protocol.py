@@ -51,7 +51,6 @@ __all__ = [
     "EXIT_SETUP_ERROR",
     "EXIT_ABORTED",
     "EXIT_HANDOVER",
-    "HANDOVER_TIMEOUT",
     "Handover",
     "EdgeSpec",
     "WorkerSpec",
@@ -80,10 +79,6 @@ EXIT_LOAD_ERROR = 3
 EXIT_SETUP_ERROR = 4
 EXIT_ABORTED = 5
 EXIT_HANDOVER = 6
-
-#: Seconds a worker handing over waits for its outputs to be committed downstream before it
-#: exits at the commit it has (the frames after it are then replayed to its replacement).
-HANDOVER_TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------- specs
@@ -145,6 +140,7 @@ class WorkerSpec:
     dead_letter_dir: Optional[str] = None
     spin_us: int = 50  # adaptive spin before blocking (0: always block)
     bell: int = -1  # doorbell slot of inbox (see supervisor.doorbells; -1: none)
+    handover_timeout: float = 10.0  # see Handover (the Supervisor passes its option's value)
     doorbell_fd: int = -1  # inherited memfd of the run's doorbells
 
     @property

@@ -126,6 +126,35 @@ def test_restart_node_errors_are_specific():
         sup2.restart_node("a")
 
 
+class Gate(Node):
+    """Holds its first frame until a file exists (a stuck downstream)."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.path = path
+
+    def process(self, x: Any) -> Any:
+        while not os.path.exists(self.path):
+            time.sleep(0.005)
+        return x
+
+
+@pytest.mark.slow
+def test_restart_with_downstream_stuck_hands_over_after_handover_timeout(tmp_path):
+    gate = tmp_path / "open"
+    with Supervisor([Scale(name="a"), Gate(str(gate), name="b")], handover_timeout=0.5) as sup:
+        for i in range(20):
+            sup.send(i)
+        wait_for(lambda: sup.status()["nodes"]["a"]["frames_out"] >= 20, what="a to send its 20 outputs")
+        sup.restart_node("a")  # b commits nothing: a hands over after 0.5 s at the commit it has
+        lines = [e["msg"] for e in sup._arbiter.workers["a"].log_ring.since(0)[0]]
+        assert any("handing over with frames not yet committed downstream" in m for m in lines), lines
+        gate.touch()
+        sup.close()
+        out = list(sup)
+    assert [x for (x, _pid) in out] == list(range(20))  # replayed to the new worker, once each
+
+
 class Ticks(Source):
     def __init__(self, n: int, **kw: Any) -> None:
         super().__init__(**kw)

@@ -37,6 +37,7 @@ BAD = {
     "init_timeout": 0,
     "stop_timeout": -1.0,
     "kill_timeout": "5",
+    "handover_timeout": -1,
     "queue_depth": 0,
     "queue_bytes": 1.5,
     "max_borrowed": 1,

@@ -26,7 +26,6 @@ from ..channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
 from ..protocol import (
     EXIT_HANDOVER,
     EXIT_OK,
-    HANDOVER_TIMEOUT,
     Abort,
     Acked,
     ChannelClosed,
@@ -524,14 +523,15 @@ class Runner:
             self.wait(0.1)
         ledger.flush(final=True)
 
-    def hand_over(self, timeout: float = HANDOVER_TIMEOUT) -> None:
+    def hand_over(self) -> None:
         """Handover (a restart or a reload replaces this worker): at a frame boundary, take
         no more input and wait until every output is committed downstream, so that the commit
         covers every frame processed (with a snapshot of the node's state, when it has one);
         report it. Its replacement then starts right after the last frame processed: nothing
         is replayed to it and nothing is emitted twice, deterministic node or not. Past
-        ``timeout`` (downstream stuck) it reports the commit it has: the frames after it are
-        replayed to the replacement, as after a crash."""
+        ``handover_timeout`` (downstream stuck) it reports the commit it has: the frames after
+        it are replayed to the replacement, as after a crash."""
+        timeout = self.spec.handover_timeout
         ledger = self.ledger
         ledger.mark(force_snapshot=True)
         deadline = time.monotonic() + timeout
