@@ -79,8 +79,26 @@ def registered_types() -> List[str]:
     return sorted(_REGISTRY)
 
 
+#: Node types of the optional extras, registered when their module is imported: a manifest may
+#: name them without importing anything (tests/test_media.py checks this list against what
+#: the modules register).
+EXTRA_TYPES: Dict[str, str] = {
+    **dict.fromkeys(
+        ("AudioFileSource", "AudioFileSink", "AudioResampleNode", "VideoFileSource", "VideoFileSink", "VideoResizeNode"),
+        "remotemedia.media",
+    ),
+    "VADNode": "remotemedia.ml",
+}
+
+
 def get_node_class(node_type: str, where: Optional[str] = None) -> Type:
-    """The class registered as ``node_type``; raises UnknownNodeTypeError listing the others."""
+    """The class registered as ``node_type`` (a type of an extra is imported on first use;
+    ImportError naming the extra when it is not installed); raises UnknownNodeTypeError
+    listing the others."""
+    if node_type not in _REGISTRY and node_type in EXTRA_TYPES:
+        import importlib
+
+        importlib.import_module(EXTRA_TYPES[node_type])
     try:
         return _REGISTRY[node_type]
     except KeyError:

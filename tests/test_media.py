@@ -314,3 +314,32 @@ def test_the_core_imports_without_the_extras_and_the_extras_name_themselves() ->
     )
     _run(["-c", code])
     _run(["-c", "import remotemedia, sys; bad = {'soundfile', 'av', 'soxr', 'onnxruntime'} & set(sys.modules); assert not bad, bad"])
+
+
+def test_a_json_manifest_names_extra_types_without_importing_them(tmp_path: Path) -> None:
+    # the CLI loads a .json manifest in a process that never imported remotemedia.media/ml
+    path = str(tmp_path / "a.wav")
+    sf.write(path, np.zeros(1600, np.float32), 16000)
+    manifest = tmp_path / "p.json"
+    manifest.write_text(json.dumps({
+        "version": "v1",
+        "nodes": [
+            {"id": "read", "node_type": "AudioFileSource", "params": {"path": path, "chunk": 800}},
+            {"id": "vad", "node_type": "VADNode", "params": {}},
+        ],
+    }))  # fmt: skip
+    code = (
+        "import sys\n"
+        "from supervisor.cli import load_pipeline\n"
+        f"p = load_pipeline({str(manifest)!r})\n"
+        "assert [type(n).__name__ for n in p.nodes] == ['AudioFileSource', 'VADNode']\n"
+    )
+    _run(["-c", code])
+    # the list of the extras' types is what their modules register
+    from remotemedia.registry import EXTRA_TYPES, get_node_class, registered_types
+
+    importlib.import_module("remotemedia.media")
+    importlib.import_module("remotemedia.ml")
+    extra = {t for t in registered_types() if get_node_class(t).__module__ in ("remotemedia.media", "remotemedia.ml")}
+    assert extra == set(EXTRA_TYPES)
+    assert all(get_node_class(t).__module__ == m for t, m in EXTRA_TYPES.items())
