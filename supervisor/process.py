@@ -802,9 +802,13 @@ class WorkerProcess:
         """This node's line of the RunReport."""
         s = dict(self.stats)
         s.update(
+            # (all its incarnations, as status counts them; the stats are the last one's)
+            frames_in=max(self.sampler.total_in, s.get("frames_in", 0)),
+            frames_out=max(self.sampler.total_out, s.get("frames_out", 0)),
             state=self.state.value,
             pid=self.pid,
             restarts=self.restarts,
+            replacements=self.replacements,
             exit_status=self.exit_status,
             last_recovery_s=self.last_recovery,
             hang_kills=self.hang_kills,

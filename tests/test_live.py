@@ -112,6 +112,8 @@ def test_restart_node_loses_and_repeats_nothing_and_keeps_state():
         out = s.join()
     assert [x for (x, _), _ in out] == list(range(n))  # every frame once, in order
     assert [c for _, c in out] == list(range(1, n + 1))  # b's count survived three restarts
+    b = sup.report().nodes["b"]
+    assert b["frames_in"] == n and b["replacements"] == 3  # every incarnation's frames, once each
     assert len({pid for (_, pid), _ in out}) == 2  # a replaced once: two workers processed frames
 
 
