@@ -170,15 +170,15 @@ class Ticks(Source):
 
 @pytest.mark.slow
 def test_restart_a_source_resumes_after_its_last_committed_item():
-    n = 1500
+    n = 700
     sup = Supervisor([Ticks(n, name="src"), Scale(name="a")]).start()
     out: List[Any] = []
     box: Dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", sup.run(on_output=lambda v, i: out.append(v))), daemon=True)
     t.start()
-    wait_for(lambda: len(out) > 300, what="300 outputs")
+    wait_for(lambda: len(out) > 150, what="150 outputs")
     sup.restart_node("src")
-    wait_for(lambda: len(out) > 900, what="900 outputs")
+    wait_for(lambda: len(out) > 400, what="400 outputs")
     sup.restart_node("src")
     t.join(120)
     assert not t.is_alive()
