@@ -269,6 +269,7 @@ def test_notify_may_yield_and_still_wakes(node):
     assert listener.drain() >= 1
 
 
+@pytest.mark.slow
 def test_two_threads_sending_big_frames_do_not_deadlock(node):
     # A big copy releases the GIL; it used to do so while holding the port's lock, so a second
     # thread sending on the same port (GIL held, waiting for the lock) deadlocked both. Run in

@@ -101,6 +101,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 # --------------------------------------------------------------------------- names (item 3)
 
 
+@pytest.mark.slow
 def test_second_start_of_a_running_name_is_refused(tmp_path):
     first = cli_proc("start", endless(tmp_path), "--quiet", "--name", "cams")
     try:
@@ -136,6 +137,7 @@ def test_name_lock_is_exclusive_across_processes_and_names_its_holder():
     assert r.stdout.strip() == "got it", r.stderr
 
 
+@pytest.mark.slow
 def test_a_name_with_spaces_and_slashes_is_found_exactly_as_given(tmp_path):
     proc = cli_proc("start", endless(tmp_path), "--quiet", "--name", "my cams/2")
     try:
@@ -260,6 +262,7 @@ PLAIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_outputs_print_as_plain_values_and_go_to_a_json_lines_file(tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(PLAIN)
@@ -293,6 +296,7 @@ def test_validate_counts_in_the_singular(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("OK: 2 nodes, 1 connection"), r.stdout
 
 
+@pytest.mark.slow
 def test_status_watch_prints_a_table_per_interval_with_whole_names(tmp_path):
     long_name = "a_node_with_a_rather_long_name"
     proc = cli_proc("start", endless(tmp_path, node=long_name), "--quiet")
@@ -328,6 +332,7 @@ def test_status_watch_prints_a_table_per_interval_with_whole_names(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_stop_all_stops_every_pipeline(tmp_path):
     procs = [cli_proc("start", endless(tmp_path), "--quiet", "--name", n) for n in ("one", "two")]
     try:
@@ -368,6 +373,7 @@ FAILING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_failure_records_are_errors_that_name_their_node(tmp_path):
     script = tmp_path / "failing.py"
     script.write_text(FAILING)

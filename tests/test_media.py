@@ -266,6 +266,7 @@ def _run(args: List[str], **env: str) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.slow
 def test_vad_example_prints_the_segments_as_json_lines(speech: Tuple[str, list]) -> None:
     path, truth = speech
     lines = _run([str(EXAMPLES / "vad_segments.py"), path]).stdout.splitlines()
@@ -273,6 +274,7 @@ def test_vad_example_prints_the_segments_as_json_lines(speech: Tuple[str, list])
     assert [t for s in segments for t in (s["start"], s["end"])] == pytest.approx([t for se in truth for t in se], abs=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_video_example_writes_an_annotated_mp4(clip: str, tmp_path: Path) -> None:
     out = str(tmp_path / "annotated.mp4")
     [line] = _run([str(EXAMPLES / "video_transcode.py"), clip, out]).stdout.splitlines()

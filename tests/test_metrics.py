@@ -244,6 +244,7 @@ MONOTONIC = (
 )
 
 
+@pytest.mark.slow
 def test_counters_never_go_down_across_a_worker_restart(runtime_dir):
     port = free_port()
     sup = Supervisor(

@@ -233,6 +233,7 @@ def test_systemd_user_unit_verifies(tmp_path):
     assert "WantedBy=default.target" in (tmp_path / "units" / "remotemedia-tone-json.service").read_text()
 
 
+@pytest.mark.slow
 def test_systemd_unit_warns_about_root_and_unknown_users_and_checks_values():
     r = systemd_unit("examples/tone.json")
     assert r.returncode == 0 and "warning: no --user: the service will run as root" in r.stderr
