@@ -23,10 +23,11 @@ the run can open it, and its size is sealed.
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 from remotemedia import _ipc_bridge as bridge
+
+from .private import sealed_memfd
 
 __all__ = ["RunDoorbells", "GATEWAY_SLOT", "worker_slot"]
 
@@ -47,10 +48,8 @@ class RunDoorbells:
     the run is over."""
 
     def __init__(self, slots: int) -> None:
-        fd = os.memfd_create("remotemedia-doorbells", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd("remotemedia-doorbells", _SLOT_BYTES * max(1, slots))
         try:
-            os.ftruncate(fd, _SLOT_BYTES * max(1, slots))
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.bells = bridge.Doorbells(fd)
         except BaseException:
             os.close(fd)

@@ -14,6 +14,7 @@ swapped, and nothing is ever chmod-ed or chown-ed through a symlink.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -21,7 +22,7 @@ from typing import Tuple
 
 from remotemedia.errors import UnsafeDirectoryError
 
-__all__ = ["ensure_private_dir", "create_private_file"]
+__all__ = ["ensure_private_dir", "create_private_file", "sealed_memfd"]
 
 
 def ensure_private_dir(path: str, what: str, fix: str, *, create: bool = True) -> None:
@@ -84,6 +85,20 @@ def ensure_private_dir(path: str, what: str, fix: str, *, create: bool = True) -
             os.fchmod(fd, 0o700)  # only readable/searchable by others: closing that is safe
     finally:
         os.close(fd)
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A zeroed anonymous file of ``size`` bytes whose size is sealed (shared with the run's
+    processes by descriptor: no name anybody could open, and nobody can shrink it under a
+    mapping). Close-on-exec; pass it with ``pass_fds``."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def create_private_file(directory: str, stem: str, suffix: str = "") -> Tuple[int, str]:

@@ -48,12 +48,13 @@ supervisor's mapping.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 from array import array
 import os
 import time
 from typing import Dict, List, Optional, Tuple
+
+from .private import sealed_memfd
 
 __all__ = ["Scoreboard", "FIELDS", "ORDER_CAPACITY"]
 
@@ -100,10 +101,8 @@ class Scoreboard:
         """A new, zeroed block for a worker whose commits hold ``commit_slots`` seqs (input
         edges + output edges), with an order ring of ``order_slots`` entries (0: none, the
         node has fewer than two inputs)."""
-        fd = os.memfd_create("remotemedia-board", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd("remotemedia-board", _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
         try:
-            os.ftruncate(fd, _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             return cls(fd, owner=True, order_slots=order_slots)
         except BaseException:
             os.close(fd)
