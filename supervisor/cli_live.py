@@ -21,14 +21,16 @@ import click
 
 from remotemedia.errors import RemoteMediaError
 
-from .cli import EXIT_FAILED, EXIT_USAGE, main
+from .cli import EXIT_FAILED, _statuses, main
 
 __all__: List[str] = []
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
+def _fail(message: str) -> None:
+    """A refusal or failure of the running pipeline: exit 1. (A bad command line raises
+    click.UsageError instead: exit 2, one line, through the group's handler.)"""
     click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+    sys.exit(EXIT_FAILED)
 
 
 def _endpoint(name: str) -> Tuple[str, int]:
@@ -43,6 +45,19 @@ def _endpoint(name: str) -> Tuple[str, int]:
     return path, pid
 
 
+def _nodes(name: str) -> Dict[str, Any]:
+    """The nodes of running pipeline ``name`` as status shows them (exit 1 when it is not
+    running)."""
+    return _statuses(name, False)[0]["nodes"]
+
+
+def _check_node(name: str, node: Optional[str]) -> None:
+    """click.UsageError (exit 2) unless ``node`` is None or a node of pipeline ``name``."""
+    nodes = _nodes(name)
+    if node is not None and node not in nodes:
+        raise click.UsageError(f"pipeline {name!r} has no node named {node!r}; its nodes: {', '.join(nodes)}")
+
+
 def _ask(path: str, req: Dict[str, Any], timeout: float = 5.0) -> Dict[str, Any]:
     from .control import request
 
@@ -53,18 +68,11 @@ def _ask(path: str, req: Dict[str, Any], timeout: float = 5.0) -> Dict[str, Any]
         raise  # (unreachable)
 
 
-def _nodes(path: str) -> Dict[str, Any]:
-    resp = _ask(path, {"cmd": "status"})
-    if not resp.get("ok"):
-        _fail(str(resp.get("error")))
-    return resp["status"]["nodes"]
-
-
-def _wait_running(path: str, old: Dict[str, Optional[int]], timeout: float) -> Dict[str, Optional[int]]:
+def _wait_running(name: str, old: Dict[str, Optional[int]], timeout: float) -> Dict[str, Optional[int]]:
     """Until each node of ``old`` (name -> pid before) runs under another pid; the new pids."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = _nodes(path)
+        nodes = _nodes(name)
         new = {n: nodes[n]["pid"] for n in old}
         if all(nodes[n]["state"] == "RUNNING" and new[n] not in (None, old[n]) for n in old):
             return new
@@ -86,13 +94,11 @@ def restart(name: str, node: str, timeout: float) -> None:
     the node has snapshot()/restore()). No frame is lost or processed twice; the other nodes
     go on. Waits until the new worker is RUNNING."""
     path, _ = _endpoint(name)
-    nodes = _nodes(path)
-    if node not in nodes:
-        _fail(f"pipeline {name!r} has no node named {node!r}; its nodes: {', '.join(nodes)}", EXIT_USAGE)
+    _check_node(name, node)
     resp = _ask(path, {"cmd": "restart", "node": node})
     if not resp.get("ok"):
         _fail(str(resp.get("error")))
-    new = _wait_running(path, {node: resp.get("pid")}, timeout)
+    new = _wait_running(name, {node: resp.get("pid")}, timeout)
     click.echo(f"restarted {node} of {name}: pid {resp.get('pid')} -> {new[node]}")
 
 
@@ -107,7 +113,7 @@ def reload(name: str, timeout: float) -> None:
     shapes the edges, is refused (exit 1) and the pipeline goes on as it was: those need a
     restart of the pipeline."""
     path, _ = _endpoint(name)
-    before = {n: v["pid"] for n, v in _nodes(path).items()}
+    before = {n: v["pid"] for n, v in _nodes(name).items()}
     resp = _ask(path, {"cmd": "reload"}, timeout=timeout)
     if not resp.get("ok"):
         _fail(f"reload of {name} refused, the pipeline goes on unchanged: {resp.get('error')}")
@@ -115,7 +121,7 @@ def reload(name: str, timeout: float) -> None:
     if not replaced:
         click.echo(f"reloaded {name}: nothing changed")
         return
-    new = _wait_running(path, {n: before.get(n) for n in replaced}, timeout)
+    new = _wait_running(name, {n: before.get(n) for n in replaced}, timeout)
     click.echo(f"reloaded {name}: replaced " + ", ".join(f"{n} (pid {before.get(n)} -> {new[n]})" for n in replaced))
 
 
@@ -137,10 +143,10 @@ def logs(name: str, node: Optional[str], lines: int, follow: bool, as_json: bool
     stdout/stderr lines of their workers, every incarnation, the last 2000 lines per node),
     from the supervisor's memory."""
     path, pid = _endpoint(name)
-    req: Dict[str, Any] = {"cmd": "logs", "node": node, "lines": lines}
-    resp = _ask(path, req)
+    _check_node(name, node)
+    resp = _ask(path, {"cmd": "logs", "node": node, "lines": lines})
     if not resp.get("ok"):
-        _fail(str(resp.get("error")), EXIT_USAGE if "no node named" in str(resp.get("error")) else EXIT_FAILED)
+        _fail(str(resp.get("error")))
 
     def show(resp: Dict[str, Any]) -> None:
         for n, k in (resp.get("lost") or {}).items():
