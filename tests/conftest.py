@@ -117,6 +117,16 @@ def in_run_dir(path: str) -> bool:
     return path.startswith(base) and os.path.basename(path).startswith(resources.PREFIX)
 
 
+def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it is true; fail the test after ``timeout`` seconds (a generous
+    deadline for an event, never a speed claim)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 class OnceFile:
     """True the first time it is asked, across processes (a marker file)."""
 

@@ -25,7 +25,7 @@ from remotemedia.errors import FrameSerializationError, SerializationError, Supe
 from remotemedia.nodes import PassThroughNode
 from supervisor import resources
 from supervisor.arbiter import Arbiter
-from conftest import OnceFile
+from conftest import OnceFile, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,14 +55,6 @@ def run_bounded(sup: Supervisor, inputs: Optional[Iterable[Any]] = None, deadlin
     if "error" in box:
         raise box["error"]
     return box["report"]
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- 7: death after the final commit

@@ -21,15 +21,9 @@ from remotemedia.errors import ReloadError, SupervisorError
 from remotemedia.serialization import node_fingerprint, serialize_node
 from supervisor.logring import LogRing
 
+from conftest import wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Scale(Node):
