@@ -258,14 +258,22 @@ class Gateway:
         # (outputs taken here wake a waiting recv() through its next slice or notify)
 
     def busy(self) -> bool:
-        """Work is pending that the arbiter's service() should not leave for long."""
+        """Work is pending that the arbiter's service() should not leave for long (or a
+        caller thread is in the gateway: then it is, as far as the arbiter can tell)."""
         if self.closed:
             return False
-        if self.inputs_closed and not all(p.eos_sent for p in self.inputs):
+        # The ports' books are read under the lock: a port is borrowed while it sends, and a
+        # big frame's copy runs with the GIL released.
+        if not self._lock.acquire(blocking=False):
             return True
-        return any(p.undelivered is not None for p in self.inputs) or any(
-            p.gap_since is not None for p in self.outputs
-        )
+        try:
+            if self.inputs_closed and not all(p.eos_sent for p in self.inputs):
+                return True
+            return any(p.undelivered is not None for p in self.inputs) or any(
+                p.gap_since is not None for p in self.outputs
+            )
+        finally:
+            self._lock.release()
 
     def replay(self, edge: int, after: int) -> None:
         """An input node restarted: send again what it has not committed."""
@@ -283,25 +291,30 @@ class Gateway:
 
     def committed(self, edge: int) -> int:
         """Frames of output edge ``edge`` received (for the caller, received is committed)."""
-        p = self._out_by_edge.get(edge)
-        return p.expected if p is not None else 0
+        with self._lock:
+            p = self._out_by_edge.get(edge)
+            return p.expected if p is not None else 0
 
     def finished(self, edge: int) -> bool:
         """Output edge ``edge`` has delivered its end of stream."""
-        p = self._out_by_edge.get(edge)
-        return p is not None and p.eos
+        with self._lock:
+            p = self._out_by_edge.get(edge)
+            return p is not None and p.eos
 
     def all_eos(self) -> bool:
-        return all(p.eos for p in self.outputs)
+        with self._lock:
+            return all(p.eos for p in self.outputs)
 
     def in_flight(self) -> Dict[int, int]:
-        return {p.spec.index: p.in_flight for p in self.inputs}
+        with self._lock:
+            return {p.spec.index: p.in_flight for p in self.inputs}
 
     def unprocessed(self) -> int:
         """Inputs sent but not committed by every input node."""
-        if not self.inputs:
-            return 0
-        return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
+        with self._lock:
+            if not self.inputs:
+                return 0
+            return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
 
     def interrupt(self) -> None:
         """Wake a caller waiting in the gateway (the run failed or ended)."""

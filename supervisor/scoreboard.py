@@ -188,6 +188,11 @@ class Scoreboard:
     def get(self, field: str) -> int:
         return self._q[_INDEX[field]]
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The block's memory (for the bridge's StageLoop, which writes the busy fields)."""
+        return self._mm
+
     # worker-side shortcuts (hot path: one store each)
     def beat(self) -> None:
         self._q[0] = time.monotonic_ns()

@@ -68,6 +68,12 @@ class LatencyStats:
             self.ring[self.pos] = ns
             self.pos = (self.pos + 1) % self.size
 
+    def add_many(self, samples: List[int]) -> None:
+        """:meth:`add` of each of ``samples`` (a batch of frames, in order)."""
+        add = self.add
+        for ns in samples:
+            add(ns)
+
     def summary(self) -> Dict[str, Optional[float]]:
         s = sorted(self.ring)
         to_ms = lambda v: None if v is None else v / 1e6  # noqa: E731

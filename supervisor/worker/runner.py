@@ -63,6 +63,7 @@ BATCH = 16
 _SCALARS = frozenset((int, float, bool, str, bytes))
 _dumps = pickle.dumps
 BATCH_S = 0.002
+BATCH_NS = int(BATCH_S * 1e9)
 
 
 class Runner:
@@ -161,6 +162,16 @@ class Runner:
             self.step_input = self.step_ordered  # type: ignore[method-assign]
         # A Node builds current_frame only when asked (see Node.current_frame).
         self._lazy_frame = isinstance(node, Node)
+        # The frames of a stage go through the bridge's loop (take, process, send; see
+        # StageLoop) unless the node needs what only this class does per frame: a recorded
+        # input order, or a current_frame attribute of its own (not a Node).
+        self._stage: Optional[bridge.StageLoop] = None
+        if self._lazy_frame and self.inputs and not (spec.records_order and board is not None and board.order_capacity):
+            self._stage = bridge.StageLoop(
+                self.inputs, self.outputs, node, emitter, self.handle_frame, self._stage_failed,
+                self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL,
+                board.buffer if board is not None else None,
+            )  # fmt: skip
 
     # (views of the ledger's state, for tests and tools)
 
@@ -390,6 +401,20 @@ class Runner:
                 self.spec.name, now - since[1], port.src,
             )
 
+    def _stage_failed(self, seq: int, origin: int, e: BaseException) -> bool:
+        """StageLoop: process() (or sending its outputs) raised ``e``; as run_node's except
+        clauses. True when the loop must stop."""
+        if isinstance(e, _Abort) or not isinstance(e, Exception):
+            raise e
+        self.emitter.release_loans()
+        if isinstance(e, SharedMemoryFullError):
+            raise e  # fatal whatever on_error says: see main()
+        self.node_failed(seq, origin, e, self.spec.on_error == "raise")
+        return self.failed or self.handing_over
+
+    def _halted(self) -> bool:
+        return self.failed or self.handing_over
+
     def handle_frame(self, port: InPort, sample: Any) -> None:
         seq, origin, stream_id, created_ns, sent_ns, _ = sample.info
         edge = port.spec.index
@@ -569,6 +594,17 @@ class Runner:
         """Handle the frames that are waiting, up to ``BATCH`` of them or ``BATCH_S`` seconds'
         worth (the housekeeping, the status block's heartbeat among it, must not wait longer).
         False when there was none."""
+        stage = self._stage
+        if stage is not None and self.started and not self.skip and not self.failed and not self.handing_over:
+            n = stage.run(BATCH, BATCH_NS)
+            latencies = stage.take_latencies()
+            if latencies:
+                self.counters.latency.add_many(latencies)
+            if n:
+                # (one commit point per batch: any point between two frames is one)
+                self._mark()
+                self._advance()
+            return n > 0
         step = self.step
         if not step():
             return False
@@ -657,6 +693,7 @@ class Runner:
     def close(self) -> None:
         """Release every iceoryx2 object of the worker (a closed one holds no file, whatever
         still references it: the node's allocator, a cycle)."""
+        self._stage = None  # (it points into the status block, unmapped below)
         self.emitter.close()
         for p in self.outputs:
             p.close()

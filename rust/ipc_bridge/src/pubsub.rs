@@ -162,7 +162,7 @@ impl CopyJob {
     }
 }
 
-fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, flags: u32) -> FrameHeader {
+pub(crate) fn header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64, flags: u32) -> FrameHeader {
     FrameHeader { seq, origin, stream_id, created_ns, sent_ns: 0, kind, flags, meta_len: 0, nbufs: 0 }
 }
 
@@ -207,6 +207,26 @@ impl Publisher {
             Some(p) => f(p),
             None => Err(transport_err(format!("publisher of {:?} is closed", self.service))),
         }
+    }
+
+    /// `send()` for the ports: `meta` and `buffers` are any contiguous buffer-protocol objects.
+    pub(crate) fn send_objects<'py, B: std::borrow::Borrow<Bound<'py, PyAny>>>(
+        &self,
+        py: Python<'py>,
+        h: FrameHeader,
+        meta: &Bound<'py, PyAny>,
+        buffers: &[B],
+    ) -> PyResult<usize> {
+        let meta_buf = RawBuffer::get(meta)?;
+        let bufs = buffers.iter().map(|b| RawBuffer::get(b.borrow())).collect::<PyResult<Vec<_>>>()?;
+        let parts: Vec<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
+        self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)
+    }
+
+    /// A frame with no payload (acks, probes, ends of stream): the header says it all.
+    pub(crate) fn send_empty(&self, py: Python<'_>, h: FrameHeader) -> PyResult<usize> {
+        let empty: &[u8] = &[]; // (a dangling but non-null pointer: copying 0 bytes from it is sound)
+        self.send_parts(py, h, (empty.as_ptr() as usize, 0), &[])
     }
 
     /// Copies `meta` and the `(ptr, len)` buffers into one chunk and sends it.
@@ -272,6 +292,51 @@ impl Publisher {
                 e,
             )
         })
+    }
+
+    /// `send_array()` for the ports.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn send_array_to(
+        &self,
+        py: Python<'_>,
+        seq: u64,
+        array: &Bound<'_, PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        notifier: Option<&Notifier>,
+    ) -> PyResult<isize> {
+        let (meta, buf) = {
+            let guard = self.tx_cache.lock().expect("publisher cache poisoned");
+            let Some(c) = guard.as_ref() else { return Ok(-1) };
+            if array.get_type().as_ptr() != c.array_type.as_ptr() {
+                return Ok(-1);
+            }
+            // Builtin dtypes are singletons; flexible ones (strings, datetimes with a unit, other
+            // byte orders) are new objects with every array, so identity falls back to equality.
+            let dtype = array.getattr(intern!(py, "dtype"))?;
+            if (dtype.as_ptr() != c.dtype.as_ptr() && !dtype.eq(c.dtype.bind(py))?)
+                || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
+            {
+                return Ok(-1);
+            }
+            // Type, dtype and shape match what Python vetted; only contiguity is left, and the
+            // simple buffer request refuses a non-contiguous array.
+            let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
+            if buf.len() != c.nbytes {
+                return Ok(-1);
+            }
+            // (the guard is not held across the copy, which may release the GIL)
+            (c.meta.clone(), buf)
+        };
+        let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
+        let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(buf.ptr() as usize, buf.len())])?;
+        if n > 0 {
+            if let Some(nt) = notifier {
+                nt.notify_quiet(py);
+            }
+        }
+        Ok(n as isize)
     }
 }
 
@@ -339,11 +404,7 @@ impl Publisher {
         created_ns: u64,
         flags: u32,
     ) -> PyResult<usize> {
-        let meta_buf = RawBuffer::get(meta)?;
-        let bufs = buffers.iter().map(RawBuffer::get).collect::<PyResult<Vec<_>>>()?;
-        let parts: Vec<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
-        let h = header(seq, kind, origin, stream_id, created_ns, flags);
-        self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)
+        self.send_objects(py, header(seq, kind, origin, stream_id, created_ns, flags), meta, &buffers)
     }
 
     /// Tells `send_array()` which arrays it may encode by itself: exactly of type `array_type`,
@@ -378,44 +439,14 @@ impl Publisher {
         created_ns: u64,
         notifier: Option<&Bound<'_, Notifier>>,
     ) -> PyResult<isize> {
-        let (meta, buf) = {
-            let guard = self.tx_cache.lock().expect("publisher cache poisoned");
-            let Some(c) = guard.as_ref() else { return Ok(-1) };
-            if array.get_type().as_ptr() != c.array_type.as_ptr() {
-                return Ok(-1);
-            }
-            // Builtin dtypes are singletons; flexible ones (strings, datetimes with a unit, other
-            // byte orders) are new objects with every array, so identity falls back to equality.
-            let dtype = array.getattr(intern!(py, "dtype"))?;
-            if (dtype.as_ptr() != c.dtype.as_ptr() && !dtype.eq(c.dtype.bind(py))?)
-                || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
-            {
-                return Ok(-1);
-            }
-            // Type, dtype and shape match what Python vetted; only contiguity is left, and the
-            // simple buffer request refuses a non-contiguous array.
-            let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
-            if buf.len() != c.nbytes {
-                return Ok(-1);
-            }
-            // (the guard is not held across the copy, which may release the GIL)
-            (c.meta.clone(), buf)
-        };
-        let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
-        let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(buf.ptr() as usize, buf.len())])?;
-        if n > 0 {
-            if let Some(nt) = notifier {
-                nt.get().notify_quiet(py);
-            }
-        }
-        Ok(n as isize)
+        self.send_array_to(py, seq, array, origin, stream_id, created_ns, notifier.map(|n| n.get()))
     }
 
     /// Loans a chunk for a frame whose single out-of-band buffer of `nbytes` bytes is written in
     /// place (zero-copy send). `meta_reserve` bytes are kept for the meta written by
     /// `Loan.send()`.
     #[pyo3(signature = (nbytes, meta_reserve = 4032))]
-    fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
+    pub(crate) fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
         let this = slf.get();
         let lay = layout::compute(meta_reserve, &[nbytes]).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let mut sample = this.loan_reserved(slf.py(), lay.total, || {
@@ -433,7 +464,7 @@ impl Publisher {
     }
 
     /// Connects to subscribers that appeared since the last send (e.g. a restarted consumer).
-    fn update_connections(&self) -> PyResult<()> {
+    pub(crate) fn update_connections(&self) -> PyResult<()> {
         self.with(|p| p.update_connections().map_err(|e| send_err(format!("updating connections of {:?}", self.service), e)))
     }
 
@@ -599,7 +630,7 @@ impl Subscriber {
         Ok(Some(t.into_any().unbind()))
     }
 
-    fn receive_sample(&self) -> PyResult<Option<Sample>> {
+    pub(crate) fn receive_sample(&self) -> PyResult<Option<Sample>> {
         let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
         let sub = guard
             .as_ref()
@@ -731,7 +762,7 @@ impl Subscriber {
     /// chunk goes back at once, as Python's `decode(copy=True)`). A small pickled object (see
     /// `learn_pickle()`) comes the same way, unpickled from a private copy of its bytes. Any
     /// other frame comes back as a `Sample` for Python to handle; None when the queue is empty.
-    fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
+    pub(crate) fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
         // (counted before this frame, as Python's decode(copy=...) decision is)
         let copy = self.borrowed.load(Ordering::Acquire) >= borrow_limit;
         let Some(sample) = self.receive_sample()? else { return Ok(None) };
@@ -777,7 +808,7 @@ impl Subscriber {
     }
 
     /// True when at least one frame is queued.
-    fn has_samples(&self) -> PyResult<bool> {
+    pub(crate) fn has_samples(&self) -> PyResult<bool> {
         let guard = self.subscriber.lock().expect("subscriber mutex poisoned");
         match guard.as_ref() {
             Some(s) => s
@@ -817,8 +848,8 @@ impl Subscriber {
 pub struct Sample {
     inner: Mutex<Option<IoxSample<Svc, [u8], FrameHeader>>>,
     ptr: usize,
-    len: usize,
-    header: FrameHeader,
+    pub(crate) len: usize,
+    pub(crate) header: FrameHeader,
     meta: (usize, usize),
     buffers: Vec<(usize, usize)>,
     borrowed: Arc<AtomicUsize>,

@@ -1,0 +1,339 @@
+//! The stage loop: the frames of one wake-up taken, processed and sent without a line of
+//! Python besides the node's own `process()`.
+//!
+//! ```text
+//!   Runner.step_batch (Python)            StageLoop.run (here), up to N frames or T ns
+//!   ------------------------              -------------------------------------------
+//!   once per wake-up: wait, pump    --->  every output has room? -> take (round robin)
+//!   (control, acks, commits, gaps,          decoded by the subscriber (array, small pickle)
+//!   heartbeat), then the ledger's           -> status block busy -> process(data)
+//!   mark/advance for the batch              -> bare array / scalar on one output edge: sent
+//!                                             here; anything else: emit_result (Python)
+//!                                           -> status block idle, processed[edge] = seq
+//!                                         anything else taken (a Sample: a new encoding, an
+//!                                         end of stream) goes to handle_frame (Python)
+//! ```
+//!
+//! Python decides when this loop may run (a lazily framed Node, not a source, no recorded
+//! input order, no frames to skip) and keeps every policy: errors, restarts, commits.
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
+
+use super::inport::InPort;
+use super::outport::OutPort;
+use super::KIND_DATA;
+use crate::pubsub::monotonic_ns;
+
+/// Fields of the worker's status block (`supervisor/scoreboard.py`), as 64-bit word indexes.
+const BUSY_SINCE: usize = 1;
+const BUSY_EDGE: usize = 2;
+const BUSY_SEQ: usize = 3;
+const FRAMES_IN: usize = 4;
+const FRAMES_OUT: usize = 5;
+
+/// A worker's status block, mapped by Python (kept alive through `owner`).
+struct Board {
+    words: *mut i64,
+    len: usize,
+    _owner: Py<PyAny>,
+}
+
+unsafe impl Send for Board {}
+unsafe impl Sync for Board {}
+
+impl Board {
+    #[inline]
+    fn set(&self, i: usize, v: i64) {
+        debug_assert!(i < self.len);
+        // (plain stores the supervisor reads whenever it wants: see scoreboard.py)
+        unsafe { std::ptr::write_volatile(self.words.add(i), v) };
+    }
+}
+
+/// The frame loop of one stage worker (see the module doc).
+#[pyclass(module = "remotemedia._ipc_bridge", name = "StageLoop")]
+pub struct StageLoop {
+    inputs: Vec<Py<InPort>>,
+    outputs: Vec<Py<OutPort>>,
+    node: Py<PyAny>,
+    process: Py<PyAny>,
+    /// Runner callbacks: emit_result(result) (with origin/stream/created set on the emitter),
+    /// handle_frame(port, sample), failed(seq, origin, exc) -> True when the loop must stop,
+    /// halted() -> True when the runner failed or hands over.
+    emitter: Py<PyAny>,
+    handle_frame: Py<PyAny>,
+    failed: Py<PyAny>,
+    halted: Py<PyAny>,
+    /// emitter.loans (arrays allocate() handed out: the fast send is not for them)
+    loans: Py<PyDict>,
+    /// ledger.processed: edge -> last processed seq
+    processed: Py<PyDict>,
+    counters: Py<PyAny>,
+    ndarray: Py<PyAny>,
+    dumps: Py<PyAny>,
+    protocol: i32,
+    board: Option<Board>,
+    rr: usize,
+    /// (origin, stream, created) of the last frame the emitter was not told of
+    last_origin: Option<(u64, u64, u64)>,
+    /// process() durations of the frames since the last `take_latencies()`
+    latencies: Vec<u64>,
+}
+
+/// What a frame from `take()` is.
+enum Got {
+    Decoded(Py<PyAny>, u64, u64, u64, u64, u64),
+    Sample(Py<PyAny>),
+}
+
+impl StageLoop {
+    fn outputs_have_room(&self, py: Python<'_>) -> bool {
+        self.outputs.iter().all(|p| p.borrow(py).has_room())
+    }
+
+    /// The next frame of the inputs, round robin: (input index, frame), None when none waits.
+    fn next_frame(&mut self, py: Python<'_>) -> PyResult<Option<(usize, Got)>> {
+        let n = self.inputs.len();
+        for i in 0..n {
+            let j = (self.rr + i) % n;
+            let got = {
+                let mut port = self.inputs[j].borrow_mut(py);
+                if port.eos {
+                    continue;
+                }
+                port.take_next(py)?
+            };
+            let Some(got) = got else { continue };
+            if n > 1 {
+                self.rr = (j + 1) % n;
+            }
+            let b = got.bind(py);
+            if let Ok(t) = b.cast::<PyTuple>() {
+                let (data, seq, origin, stream, created, sent): (Py<PyAny>, u64, u64, u64, u64, u64) = t.extract()?;
+                return Ok(Some((j, Got::Decoded(data, seq, origin, stream, created, sent))));
+            }
+            return Ok(Some((j, Got::Sample(got))));
+        }
+        Ok(None)
+    }
+
+    /// The emitter's idea of the input being processed: its outputs (and those of a later
+    /// flush()) inherit origin, stream and creation time.
+    fn set_origin(&mut self, py: Python<'_>, origin: u64, stream_id: u64, created_ns: u64) -> PyResult<()> {
+        self.last_origin = None;
+        let em = self.emitter.bind(py);
+        em.setattr(intern!(py, "origin"), origin)?;
+        em.setattr(intern!(py, "stream"), stream_id)?;
+        em.setattr(intern!(py, "created"), created_ns)
+    }
+
+    fn counter(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<i64> {
+        self.counters.bind(py).getattr(name)?.extract()
+    }
+
+    /// One decoded frame through process() and out; Ok(false) when the loop must stop.
+    #[allow(clippy::too_many_arguments)]
+    fn run_frame(
+        &mut self,
+        py: Python<'_>,
+        j: usize,
+        data: Py<PyAny>,
+        seq: u64,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        sent_ns: u64,
+    ) -> PyResult<bool> {
+        let (edge, src) = {
+            let p = self.inputs[j].borrow(py);
+            (p.index(), p.src(py))
+        };
+        let node = self.node.clone_ref(py).into_bound(py);
+        let frames_in_name = intern!(py, "frames_in");
+        let frames_in = self.counter(py, frames_in_name)? + 1;
+        self.counters.bind(py).setattr(frames_in_name, frames_in)?;
+        let frame_attr = intern!(py, "_remotemedia_frame");
+        node.setattr(frame_attr, (seq, origin, stream_id, created_ns, sent_ns, src))?;
+        if let Some(b) = &self.board {
+            b.set(BUSY_EDGE, edge as i64);
+            b.set(BUSY_SEQ, seq as i64);
+            b.set(BUSY_SINCE, monotonic_ns() as i64);
+        }
+        self.last_origin = Some((origin, stream_id, created_ns));
+        let t0 = monotonic_ns();
+        let mut python_ran = false;
+        let outcome = self.process_and_send(py, data, origin, stream_id, created_ns, &mut python_ran);
+        self.latencies.push(monotonic_ns().saturating_sub(t0));
+        node.setattr(frame_attr, py.None())?;
+        if let Some(b) = &self.board {
+            b.set(BUSY_SINCE, 0);
+            b.set(FRAMES_IN, frames_in);
+        }
+        let mut go_on = true;
+        if let Err(e) = outcome {
+            // (raises again what the runner does not report: Abort, a full /dev/shm, ...)
+            let stop = self.failed.bind(py).call1((seq, origin, e.into_value(py)))?;
+            go_on = !stop.is_truthy()?;
+        } else if python_ran {
+            go_on = !self.halted.bind(py).call0()?.is_truthy()?;
+        }
+        self.processed.bind(py).set_item(edge, seq)?;
+        Ok(go_on)
+    }
+
+    fn process_and_send(
+        &mut self,
+        py: Python<'_>,
+        data: Py<PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        python_ran: &mut bool,
+    ) -> PyResult<()> {
+        let result = self.process.bind(py).call1((data,))?;
+        if result.is_none() {
+            return Ok(());
+        }
+        let loans_empty = self.loans.bind(py).is_empty();
+        // The commonest cases first, without emit()'s generality: one output edge with room,
+        // and a bare array like the edge's last one, or a scalar (what encode() would make of
+        // it: a pickle and no out-of-band buffer).
+        let mut sent = false;
+        if self.outputs.len() == 1 && loans_empty {
+            let mut out = self.outputs[0].borrow_mut(py);
+            if out.has_room() {
+                if result.get_type().is(self.ndarray.bind(py)) {
+                    sent = out.try_send_array(py, &result, origin, stream_id, created_ns)?;
+                } else if result.is_exact_instance_of::<PyInt>()
+                    || result.is_exact_instance_of::<PyFloat>()
+                    || result.is_exact_instance_of::<PyBool>()
+                    || result.is_exact_instance_of::<PyString>()
+                    || result.is_exact_instance_of::<PyBytes>()
+                {
+                    let meta = self.dumps.bind(py).call1((&result, self.protocol))?;
+                    out.send_frame(py, KIND_DATA, &meta, Vec::new(), origin, stream_id, created_ns, true)?;
+                    sent = true;
+                }
+            }
+        }
+        if sent {
+            let name = intern!(py, "frames_out");
+            let frames_out = self.counter(py, name)? + 1;
+            self.counters.bind(py).setattr(name, frames_out)?;
+            if let Some(b) = &self.board {
+                b.set(FRAMES_OUT, frames_out);
+            }
+        } else {
+            *python_ran = true;
+            self.set_origin(py, origin, stream_id, created_ns)?;
+            self.emitter.bind(py).call_method1(intern!(py, "emit_result"), (result,))?;
+        }
+        if !self.loans.bind(py).is_empty() {
+            *python_ran = true;
+            self.emitter.bind(py).call_method0(intern!(py, "release_loans"))?; // allocated but not returned
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl StageLoop {
+    /// Built by the worker's Runner (supervisor/worker/runner.py) for a stage it may hand its
+    /// frames to; `board` is the status block's buffer (or None).
+    #[new]
+    #[pyo3(signature = (inputs, outputs, node, emitter, handle_frame, failed, halted, processed,
+                        counters, ndarray, dumps, protocol, board = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        inputs: Vec<Py<InPort>>,
+        outputs: Vec<Py<OutPort>>,
+        node: Py<PyAny>,
+        emitter: Py<PyAny>,
+        handle_frame: Py<PyAny>,
+        failed: Py<PyAny>,
+        halted: Py<PyAny>,
+        processed: Py<PyDict>,
+        counters: Py<PyAny>,
+        ndarray: Py<PyAny>,
+        dumps: Py<PyAny>,
+        protocol: i32,
+        board: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        let process = node.bind(py).getattr(intern!(py, "process"))?.unbind();
+        let loans = emitter.bind(py).getattr(intern!(py, "loans"))?.cast_into::<PyDict>()?.unbind();
+        let board = match board {
+            None => None,
+            Some(owner) => {
+                let addr = crate::pubsub::buffer_address(owner.bind(py))?;
+                let len = owner.bind(py).len()? / 8;
+                if len <= FRAMES_OUT {
+                    return Err(pyo3::exceptions::PyValueError::new_err("status block too small"));
+                }
+                Some(Board { words: addr as *mut i64, len, _owner: owner })
+            }
+        };
+        Ok(StageLoop {
+            inputs,
+            outputs,
+            node,
+            process,
+            emitter,
+            handle_frame,
+            failed,
+            halted,
+            loans,
+            processed,
+            counters,
+            ndarray,
+            dumps,
+            protocol,
+            board,
+            rr: 0,
+            last_origin: None,
+            latencies: Vec::with_capacity(64),
+        })
+    }
+
+    /// Handle the frames that are waiting, up to `max_frames` of them or for `max_ns`
+    /// nanoseconds; returns how many steps were taken (frames, ends of stream), 0 when none
+    /// waited or an output had no room.
+    fn run(&mut self, py: Python<'_>, max_frames: usize, max_ns: u64) -> PyResult<usize> {
+        let until = monotonic_ns() + max_ns;
+        let mut steps = 0;
+        while steps < max_frames {
+            if !self.outputs_have_room(py) {
+                break;
+            }
+            let Some((j, got)) = self.next_frame(py)? else { break };
+            steps += 1;
+            let go_on = match got {
+                Got::Decoded(data, seq, origin, stream, created, sent) => {
+                    self.run_frame(py, j, data, seq, origin, stream, created, sent)?
+                }
+                Got::Sample(sample) => {
+                    if super::transport::sample_info(py, sample.bind(py))?.1 == super::KIND_EOS {
+                        continue; // (the port marked its input ended)
+                    }
+                    let port = self.inputs[j].clone_ref(py);
+                    self.handle_frame.bind(py).call1((port, sample))?;
+                    !self.halted.bind(py).call0()?.is_truthy()?
+                }
+            };
+            if !go_on || (steps > 1 && monotonic_ns() >= until) {
+                break;
+            }
+        }
+        if let Some((origin, stream_id, created_ns)) = self.last_origin {
+            self.set_origin(py, origin, stream_id, created_ns)?;
+        }
+        Ok(steps)
+    }
+
+    /// The process() durations (ns) since the last call.
+    fn take_latencies(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.latencies)
+    }
+}
