@@ -17,13 +17,19 @@ Systems:
     iox_raw             hand-written loop over the iceoryx2 Python bindings: receive, loan,
                         memcpy, send, notify; blocking Listener wait
     shm_pipe            multiprocessing.shared_memory ring per edge, os.pipe notifications
+    dora                dora-rs (pip install 'remotemedia[bench]'): Python nodes over zenoh
+                        shared memory, run by `dora run` (its daemon) in a private network
+                        namespace with only loopback; input queues of 8 frames, which drop
+                        their oldest frame when full; shared-memory pool sized for 10 frames.
+                        Skipped, with the reason, when dora-rs is not installed.
 
 Payloads: 64 B, 4 KiB (audio chunk), 6,220,800 B (1080p RGB), 64 MiB (tensor).
 
 Measured:
     latency     frames paced so the pipeline is empty between them; source timestamp (in the
                 first 8 bytes of the payload, CLOCK_MONOTONIC) to sink; per hop = end to end / 4
-    throughput  frames sent back to back; frames/s and GB/s at the sink
+    throughput  frames sent back to back; frames/s and GB/s at the sink (delivered frames)
+    lost        frames sent but never received, paced and back to back (only dora drops)
     cpu         CPU% of each stage process while idle (2 s, no frames) and while loaded
     flatness    remotemedia_loaned at 4 KiB, 6.2 MB and 64 MiB, all paced at 20 ms (the main
                 table paces each size differently, which confounds size with idleness)
@@ -61,8 +67,8 @@ from remotemedia.nodes import MapNode, PassThroughNode  # noqa: E402
 from remotemedia.serialization import serialize_node  # noqa: E402
 
 SIZES = [64, 4096, 1080 * 1920 * 3, 64 << 20]
-SYSTEMS = ["remotemedia", "remotemedia_loaned", "mp_queue", "iox_raw", "shm_pipe"]
-BASELINES = ["mp_queue", "iox_raw", "shm_pipe"]
+SYSTEMS = ["remotemedia", "remotemedia_loaned", "mp_queue", "iox_raw", "shm_pipe", "dora"]
+BASELINES = ["mp_queue", "iox_raw", "shm_pipe", "dora"]
 HOPS = 4
 STAMP = struct.Struct("<q")
 
@@ -484,6 +490,193 @@ def _run_procs(procs, res, size, measure_idle, stage_slice):
     return {**summarize(out["lat"], out["first"], out["last"], size), **cpu.result()}
 
 
+# ============================================================================ dora-rs
+
+# dora-rs (https://dora-rs.ai): Python nodes publishing to each other through zenoh shared
+# memory, started and watched by a daemon. `dora run` runs one dataflow with the daemon inside
+# the CLI process (no coordinator) and exits when the dataflow is done.
+DORA_NODE = os.path.join(ROOT, "bench", "dora_node.py")
+# Each input queue holds 8 frames, the window the other systems get. dora has no blocking
+# backpressure: a full queue drops its oldest frame ("drop_oldest", the default; "backpressure"
+# only buffers 10x more before dropping too), so the sink counts what arrived.
+DORA_QUEUE = 8
+# A node's zenoh shared-memory pool (8 MiB by default) must hold the frames in flight on its
+# output: a frame that finds the pool full goes through the heap and the daemon instead.
+DORA_POOL_FRAMES = DORA_QUEUE + 2
+DORA_POOL_MIN = 8 << 20
+DORA_STAGES = ("s1", "s2", "s3")
+
+
+def dora_missing() -> Optional[str]:
+    """Why the `dora` system cannot run here, or None. The node API (PyPI `dora-rs`) and the CLI
+    that runs the daemon (`dora-rs-cli`) must be installed, of one release."""
+    from importlib import metadata
+
+    try:
+        versions = {d: metadata.version(d) for d in ("dora-rs", "dora-rs-cli")}
+    except metadata.PackageNotFoundError as e:
+        return f"{e.name} is not installed (pip install 'remotemedia[bench]', or pip install dora-rs dora-rs-cli)"
+    if len(set(versions.values())) > 1:
+        return f"dora-rs {versions['dora-rs']} and dora-rs-cli {versions['dora-rs-cli']} differ: install one release of both"
+    if not _dora_cli():
+        return "dora-rs-cli is installed but its `dora` command is not next to this Python nor on PATH"
+    return None
+
+
+def dora_version() -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version("dora-rs")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _dora_cli() -> Optional[str]:
+    import shutil
+
+    here = os.path.join(os.path.dirname(sys.executable), "dora")
+    return here if os.access(here, os.X_OK) else shutil.which("dora")
+
+
+def dora_pool_size(size: int) -> int:
+    """Bytes of a node's shared-memory pool for frames of `size` bytes."""
+    return max(DORA_POOL_MIN, DORA_POOL_FRAMES * size)
+
+
+def _dora_netns() -> List[str]:
+    """The command prefix that puts dora into a private network namespace with only loopback.
+
+    zenoh (dora's data plane) listens on and scouts every interface it finds; with only `lo`
+    it stays on this machine. Already in such a namespace (as under `unshare -n`): nothing."""
+    ifaces = set(os.listdir("/sys/class/net"))
+    if ifaces <= {"lo"}:
+        with open("/sys/class/net/lo/flags") as f:
+            if int(f.read(), 16) & 1:  # IFF_UP
+                return []
+    userns = [] if os.geteuid() == 0 else ["-r"]  # unprivileged: a user namespace owns the new one
+    return ["unshare", "-n", *userns, "sh", "-c", 'ip link set lo up && exec "$@"', "dora-netns"]
+
+
+def _dora_yaml(outdir: str, n: int, size: int, interval: float, idle: float) -> str:
+    py, pool = sys.executable, dora_pool_size(size)
+    for path in (py, DORA_NODE, outdir):
+        if any(c.isspace() for c in path):  # dora splits a node's `args` at spaces
+            raise ValueError(f"the dora baseline cannot pass the path {path!r} (it has a space) to its nodes: move it")
+    q = json.dumps  # a JSON string is a YAML scalar, whatever the path holds
+
+    def args(*a: Any) -> str:
+        return q(" ".join(map(str, a)))
+
+    nodes = [
+        f"  - id: source\n    path: {q(py)}\n    args: {args(DORA_NODE, 'source', outdir, n, size, repr(interval), repr(idle))}\n"
+        f"    shared_memory_pool_size: {pool}\n    outputs: [out]\n"
+    ]
+    prev = "source"
+    for name in (*DORA_STAGES, "sink"):
+        nodes.append(
+            f"  - id: {name}\n    path: {q(py)}\n    args: {args(DORA_NODE, name, outdir)}\n"
+            f"    shared_memory_pool_size: {pool}\n"
+            f"    inputs:\n      in: {{source: {prev}/out, queue_size: {DORA_QUEUE}}}\n"
+            + ("    outputs: [out]\n" if name != "sink" else "")
+        )
+        prev = name
+    return "nodes:\n" + "".join(nodes)
+
+
+def run_dora(size, n, interval, measure_idle):
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    cli = _dora_cli()
+    outdir = tempfile.mkdtemp(prefix="bench-dora-")
+    flow = os.path.join(outdir, "dataflow.yml")
+    try:
+        with open(flow, "w") as f:
+            f.write(_dora_yaml(outdir, n, size, interval, IDLE_S if measure_idle else 0.2))
+    except BaseException:
+        shutil.rmtree(outdir, ignore_errors=True)
+        raise
+    env = {**os.environ, "DORA_ZENOH_MULTICAST": "off"}  # zenoh: no multicast scouting
+    log = open(os.path.join(outdir, "dora.log"), "wb")
+    pids: Dict[str, int] = {}
+    proc: Optional[subprocess.Popen] = None
+
+    def read(name: str) -> Any:
+        try:
+            with open(os.path.join(outdir, name)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def failed(why: str) -> RuntimeError:
+        import re
+
+        log.flush()
+        with open(os.path.join(outdir, "dora.log"), "rb") as f:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", f.read().decode(errors="replace"))
+        # dora ends a failed run with "Dataflow failed:", the node and its stderr, then its own
+        # stack backtrace: keep the node's part
+        lines = [ln.strip() for ln in text.partition("Dataflow failed:")[2].split("Location:")[0].splitlines()]
+        said = [ln for ln in lines if ln and not ln.startswith("---")] or text.strip().splitlines()[-8:]
+        return RuntimeError(f"dora run {why}: " + " | ".join(said[:1] + said[-1:] if len(said) > 2 else said))
+
+    try:
+        # its own session: the daemon and its nodes, and nothing else, are in its process group
+        proc = subprocess.Popen(
+            [*_dora_netns(), cli, "run", flow, "--log-level", "warn"],
+            cwd=outdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while len(pids) < 5:  # every node connected (it writes its pid after Node())
+            for name in ("source", *DORA_STAGES, "sink"):
+                pid = read(f"{name}.pid")
+                if pid is not None:
+                    pids[name] = pid
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise failed(f"exited with {proc.returncode}" if proc.returncode is not None else "did not start its nodes in 120 s")
+            time.sleep(0.05)
+        cpu = CpuProbe([pids[s] for s in DORA_STAGES])
+        if measure_idle:
+            time.sleep(0.4)
+            cpu.mark()
+            time.sleep(IDLE_S - 1.0)
+            cpu.idle_done()
+        cpu.mark()
+        try:
+            proc.wait(900)
+        except subprocess.TimeoutExpired:
+            raise failed("did not finish in 900 s") from None
+        cpu.loaded_done()
+        out = read("sink.json")
+        if proc.returncode != 0 or out is None:
+            raise failed(f"exited with {proc.returncode}" + ("" if out else ", no result from the sink"))
+        hops = [(read(f"{s}.json") or {}).get("received") for s in DORA_STAGES]
+        res = {**summarize(out["lat"], out["first"], out["last"], size), **cpu.result()}
+        res["dora"] = {"pool_bytes": dora_pool_size(size), "queue_size": DORA_QUEUE, "received_per_stage": [*hops, out["received"]]}
+        return res
+    finally:
+        # nothing of this run may outlive it: the dora process group, then any node that left it
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # dora's Ctrl-C: stops the dataflow gracefully
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for pid in pids.values():  # a node still there is ours only if it runs with our outdir
+            try:
+                p = psutil.Process(pid)
+                if outdir in p.cmdline():
+                    p.kill()
+            except psutil.Error:
+                pass
+        log.close()
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
 # ============================================================================ measuring
 
 
@@ -563,6 +756,7 @@ RUNNERS = {
     "mp_queue": run_mp_queue,
     "iox_raw": run_iox_raw,
     "shm_pipe": run_shm_pipe,
+    "dora": run_dora,
 }
 
 
@@ -656,18 +850,19 @@ def render(results: Dict[str, Any]) -> str:
     lines = [f"# remotemedia benchmark ({results['when']}, {results['machine']})", ""]
     lines.append("Pipeline: source -> 3 stages -> sink, one process each; latency per hop = end to end / 4.")
     lines.append("")
-    lines.append("| payload | system | hop p50 µs | hop p99 µs | frames/s | GB/s | CPU idle % | CPU loaded % |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| payload | system | hop p50 µs | hop p99 µs | frames/s | GB/s | lost (paced, back to back) | CPU idle % | CPU loaded % |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for size_s, per in results["runs"].items():
         for system, r in per.items():
             if "error" in r:
-                lines.append(f"| {fmt_size(int(size_s))} | {system} | error: {r['error']} | | | | | |")
+                lines.append(f"| {fmt_size(int(size_s))} | {system} | error: {r['error']} | | | | | | |")
                 continue
             idle = "/".join(f"{c:.1f}" for c in r["cpu_idle"]) if r.get("cpu_idle") else "-"
             loaded = "/".join(f"{c:.0f}" for c in r["cpu_loaded"]) if r.get("cpu_loaded") else "-"
+            lost = f"{r['lost']}/{r['sent']}, {r['lost_thr']}/{r['sent_thr']}" if "lost" in r else "-"
             lines.append(
                 f"| {fmt_size(int(size_s))} | {system} | {r['hop_p50_us']:.1f} | {r['hop_p99_us']:.1f} | "
-                f"{r['fps_thr']:.0f} | {r['gbps_thr']:.3f} | {idle} | {loaded} |"
+                f"{r['fps_thr']:.0f} | {r['gbps_thr']:.3f} | {lost} | {idle} | {loaded} |"
             )
     lines.append("")
     lines.append("Ratios (remotemedia / baseline; < 1 is better for latency, > 1 better for throughput):")
@@ -688,6 +883,18 @@ def render(results: Dict[str, Any]) -> str:
                     f"{ratio(r['hop_p99_us'], b['hop_p99_us'])} | {ratio(r['fps_thr'], b['fps_thr'])} |"
                 )
     lines.append("")
+    dora = results.get("dora")
+    if dora:
+        lines.append(
+            f"dora: dora-rs {dora['version']} under `dora run` (its daemon, no coordinator) in a private network "
+            f"namespace with only loopback, DORA_ZENOH_MULTICAST=off; input queues of {dora['queue_size']} frames "
+            f"(drop_oldest: dora has no blocking backpressure, its frames/s are the delivered ones); each node's "
+            f"shared-memory pool max({dora['pool_min_bytes'] >> 20} MiB, {dora['pool_frames']} frames)."
+        )
+    for system, why in results.get("skipped", {}).items():
+        lines.append(f"{system}: skipped: {why}")
+    if dora or results.get("skipped"):
+        lines.append("")
     ex = results["extra"]
     lines.append(f"Supervisor start -> READY, 10 nodes: {ex['ready_s_median']:.3f} s (min {ex['ready_s_min']:.3f} s)")
     lines.append(f"serialize_node: typical node {ex['serialize_typical_ms']:.2f} ms, node with a 10 MB model {ex['serialize_model_10MB_ms']:.1f} ms")
@@ -755,7 +962,17 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
         "runs": {},
+        "skipped": {},
     }
+    if "dora" in systems:
+        why = dora_missing()
+        if why:
+            print(f"dora skipped: {why}", flush=True)
+            results["skipped"]["dora"] = why
+            systems.remove("dora")
+        else:
+            results["dora"] = {"version": dora_version(), "queue_size": DORA_QUEUE, "pool_frames": DORA_POOL_FRAMES,
+                               "pool_min_bytes": DORA_POOL_MIN}
     for size in sizes:
         n_lat, interval, n_thr = counts(size, args.quick)
         per: Dict[str, Any] = {}
@@ -765,8 +982,13 @@ def main() -> None:
                 lat = RUNNERS[system](size, n_lat, interval, True)
                 thr = RUNNERS[system](size, n_thr, 0.0, False)
                 lat["fps_thr"], lat["gbps_thr"], lat["cpu_loaded"] = thr["fps"], thr["gbps"], thr["cpu_loaded"]
+                lat["sent"], lat["lost"] = n_lat, n_lat - lat["n"]
+                lat["sent_thr"], lat["lost_thr"] = n_thr, n_thr - thr["n"]
+                if "dora" in thr:
+                    lat["dora_thr"] = thr["dora"]
                 per[system] = lat
-                print(f"hop p50 {lat['hop_p50_us']:9.1f} us  p99 {lat['hop_p99_us']:9.1f} us  {thr['fps']:9.0f} frames/s", flush=True)
+                lost = f"  lost {lat['lost']}/{n_lat} paced, {lat['lost_thr']}/{n_thr} back to back" if lat["lost"] or lat["lost_thr"] else ""
+                print(f"hop p50 {lat['hop_p50_us']:9.1f} us  p99 {lat['hop_p99_us']:9.1f} us  {thr['fps']:9.0f} frames/s{lost}", flush=True)
             except Exception as e:  # one broken baseline must not lose the rest of the run
                 per[system] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"error: {e}", flush=True)
