@@ -166,7 +166,7 @@ class Runner:
         # StageLoop) unless the node needs what only this class does per frame: a recorded
         # input order, or a current_frame attribute of its own (not a Node).
         self._stage: Optional[bridge.StageLoop] = None
-        if self._lazy_frame and self.inputs and not (spec.records_order and board is not None and board.order_capacity):
+        if self._lazy_frame and not (spec.records_order and board is not None and board.order_capacity):
             self._stage = bridge.StageLoop(
                 self.inputs, self.outputs, node, emitter, self.handle_frame, self._stage_failed,
                 self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL,
@@ -596,7 +596,13 @@ class Runner:
         False when there was none."""
         stage = self._stage
         if stage is not None and self.started and not self.skip and not self.failed and not self.handing_over:
-            n = stage.run(BATCH, BATCH_NS)
+            source = self.source
+            if source is not None:
+                if source.done:
+                    return False
+                n = source.run_batch(stage, BATCH, BATCH_NS)
+            else:
+                n = stage.run(BATCH, BATCH_NS)
             latencies = stage.take_latencies()
             if latencies:
                 self.counters.latency.add_many(latencies)

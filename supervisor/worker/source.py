@@ -117,6 +117,31 @@ class SourceStepper:
         ledger.advance()
         return True
 
+    def run_batch(self, stage: Any, max_items: int, max_ns: int) -> int:
+        """:meth:`step` up to ``max_items`` times (or for ``max_ns``) in the bridge's loop
+        (``StageLoop.run_source``); the caller marks the commit point after. Items sent."""
+        if self._gen is None:
+            self.start()
+        if self.draining:
+            self.close()
+            return 0
+        n, ended = stage.run_source(self._gen, self.ledger, self._failed, max_items, max_ns)
+        if ended:
+            self._gen = None
+            self.draining = True
+        return n
+
+    def _failed(self, position: int, e: BaseException, emitting: bool) -> None:
+        """run_batch: generate() (or sending its item) raised ``e``; as step()'s except
+        clauses."""
+        if emitting:
+            self.emitter.release_loans()
+            if not isinstance(e, OutputSerializationError):
+                raise e
+        elif isinstance(e, (Aborted, SharedMemoryFullError)) or not isinstance(e, Exception):
+            raise e
+        self.fail(None, position, e, True)
+
     def close(self) -> None:
         """Close the generator (its ``finally`` blocks run now)."""
         gen, self._gen = self._gen, None

@@ -196,6 +196,22 @@ impl StageLoop {
         if result.is_none() {
             return Ok(());
         }
+        self.send_result(py, result, origin, stream_id, created_ns, python_ran, true)
+    }
+
+    /// Sends what process() returned (or a source yielded): a bare array or a scalar on the
+    /// one output edge here, anything else through the emitter.
+    #[allow(clippy::too_many_arguments)]
+    fn send_result(
+        &mut self,
+        py: Python<'_>,
+        result: Bound<'_, PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        python_ran: &mut bool,
+        a_result: bool,
+    ) -> PyResult<()> {
         let loans_empty = self.loans.bind(py).is_empty();
         // The commonest cases first, without emit()'s generality: one output edge with room,
         // and a bare array like the edge's last one, or a scalar (what encode() would make of
@@ -228,7 +244,8 @@ impl StageLoop {
         } else {
             *python_ran = true;
             self.set_origin(py, origin, stream_id, created_ns)?;
-            self.emitter.bind(py).call_method1(intern!(py, "emit_result"), (result,))?;
+            let how = if a_result { intern!(py, "emit_result") } else { intern!(py, "emit") };
+            self.emitter.bind(py).call_method1(how, (result,))?;
         }
         if !self.loans.bind(py).is_empty() {
             *python_ran = true;
@@ -330,6 +347,77 @@ impl StageLoop {
             self.set_origin(py, origin, stream_id, created_ns)?;
         }
         Ok(steps)
+    }
+
+    /// A source's turn: up to `max_frames` items of `items` (its generate(), started),
+    /// or for `max_ns` nanoseconds, sent as the stage loop sends process() results; the
+    /// position (items produced) is `ledger.source_position`. An exception of the generator
+    /// or of sending an item goes to `failed(position, exc, emitting)` and ends the turn.
+    /// Returns `(steps, ended)`: ended when the generator is exhausted.
+    fn run_source(
+        &mut self,
+        py: Python<'_>,
+        items: &Bound<'_, PyAny>,
+        ledger: &Bound<'_, PyAny>,
+        failed: &Bound<'_, PyAny>,
+        max_frames: usize,
+        max_ns: u64,
+    ) -> PyResult<(usize, bool)> {
+        let until = monotonic_ns() + max_ns;
+        let position_name = intern!(py, "source_position");
+        let frames_in_name = intern!(py, "frames_in");
+        let mut position: u64 = ledger.getattr(position_name)?.extract()?;
+        let mut steps = 0;
+        let mut ended = false;
+        while steps < max_frames {
+            if !self.outputs_have_room(py) {
+                break;
+            }
+            if let Some(b) = &self.board {
+                b.set(BUSY_EDGE, -1);
+                b.set(BUSY_SEQ, position as i64);
+                b.set(BUSY_SINCE, monotonic_ns() as i64);
+            }
+            let t0 = monotonic_ns();
+            let next = unsafe { pyo3::ffi::PyIter_Next(items.as_ptr()) };
+            if let Some(b) = &self.board {
+                b.set(BUSY_SINCE, 0);
+            }
+            if next.is_null() {
+                if let Some(e) = PyErr::take(py) {
+                    failed.call1((position, e.into_value(py), false))?;
+                } else {
+                    ended = true;
+                }
+                break;
+            }
+            let item = unsafe { Bound::from_owned_ptr(py, next) };
+            let created = monotonic_ns();
+            self.last_origin = Some((position, 0, created));
+            let mut python_ran = false;
+            // (an item goes out as emit() sends it; a process() result as emit_result())
+            let sent = if item.is_none() { Ok(()) } else { self.send_result(py, item, position, 0, created, &mut python_ran, false) };
+            self.latencies.push(monotonic_ns().saturating_sub(t0));
+            if let Err(e) = sent {
+                failed.call1((position, e.into_value(py), true))?;
+                break;
+            }
+            steps += 1;
+            position += 1;
+            ledger.setattr(position_name, position)?;
+            let frames_in = self.counter(py, frames_in_name)? + 1;
+            self.counters.bind(py).setattr(frames_in_name, frames_in)?;
+            if let Some(b) = &self.board {
+                b.set(FRAMES_IN, frames_in);
+            }
+            if (python_ran && self.halted.bind(py).call0()?.is_truthy()?) || monotonic_ns() >= until {
+                break;
+            }
+        }
+        if let Some((origin, stream_id, created_ns)) = self.last_origin {
+            self.set_origin(py, origin, stream_id, created_ns)?;
+        }
+        Ok((steps, ended))
     }
 
     /// The process() durations (ns) since the last call.
