@@ -11,6 +11,8 @@ Every system runs the same pipeline, one process per stage:
 Systems:
     remotemedia         this runtime; stages return their input (one copy per hop into the
                         next shared-memory chunk; receiving is zero-copy)
+    remotemedia_dict    this runtime; frames are media frames as media code writes them,
+                        {"t": ts, "rate": 16000, "data": array} (compared with bare arrays)
     remotemedia_loaned  this runtime; source and stages write their output in place with
                         Node.allocate() (no copy at all: the transport floor)
     mp_queue            multiprocessing.Queue, numpy frames pickled
@@ -67,7 +69,7 @@ from remotemedia.nodes import MapNode, PassThroughNode  # noqa: E402
 from remotemedia.serialization import serialize_node  # noqa: E402
 
 SIZES = [64, 4096, 1080 * 1920 * 3, 64 << 20]
-SYSTEMS = ["remotemedia", "remotemedia_loaned", "mp_queue", "iox_raw", "shm_pipe", "dora"]
+SYSTEMS = ["remotemedia", "remotemedia_loaned", "remotemedia_dict", "mp_queue", "iox_raw", "shm_pipe", "dora"]
 BASELINES = ["mp_queue", "iox_raw", "shm_pipe", "dora"]
 HOPS = 4
 STAMP = struct.Struct("<q")
@@ -104,9 +106,10 @@ def now() -> int:
 
 
 class BenchSource(Source):
-    def __init__(self, n: int, size: int, interval: float, loaned: bool, idle: float, **kw: Any) -> None:
+    def __init__(self, n: int, size: int, interval: float, loaned: bool, idle: float, as_dict: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         self.n, self.size, self.interval, self.loaned, self.idle = n, size, interval, loaned, idle
+        self.as_dict = as_dict
 
     def generate(self):
         time.sleep(self.idle)
@@ -117,8 +120,10 @@ class BenchSource(Source):
             out = self.allocate(self.size, np.uint8) if self.loaned else frame
             if self.loaned:
                 out[8:64] = 1  # produced in place: touch a little, like a decoder would
-            out[:8] = stamp_bytes(now())
-            yield out
+            t = now()
+            out[:8] = stamp_bytes(t)
+            # a media frame as media code writes it: the samples next to a little metadata
+            yield {"t": t, "rate": 16000, "data": out} if self.as_dict else out
 
 
 class CopyStage(Node):
@@ -141,7 +146,7 @@ class BenchSink(Node):
 
     def process(self, data):
         t = now()
-        s = read_stamp(data)
+        s = read_stamp(data["data"] if type(data) is dict else data)
         self.lat.append(t - s)
         if self.first is None:
             self.first = s
@@ -153,10 +158,10 @@ class BenchSink(Node):
 
 
 def run_remotemedia(
-    size: int, n: int, interval: float, loaned: bool, measure_idle: bool, grouped: bool = False
+    size: int, n: int, interval: float, loaned: bool, measure_idle: bool, grouped: bool = False, as_dict: bool = False
 ) -> Dict[str, Any]:
     stage = LoanStage if loaned else CopyStage
-    nodes: List[Any] = [BenchSource(n, size, interval, loaned, IDLE_S if measure_idle else 0.2, name="source")]
+    nodes: List[Any] = [BenchSource(n, size, interval, loaned, IDLE_S if measure_idle else 0.2, as_dict, name="source")]
     stages = [stage(name=f"s{i}") for i in range(1, 4)]
     if grouped:  # the three stages in one worker: source -> [s1 s2 s3] -> sink, two hops
         nodes.append(Group(stages, name="s1"))
@@ -753,6 +758,7 @@ def summarize(lat_ns: List[int], first: Optional[int], last: int, size: int) -> 
 RUNNERS = {
     "remotemedia": lambda s, n, i, idle: run_remotemedia(s, n, i, False, idle),
     "remotemedia_loaned": lambda s, n, i, idle: run_remotemedia(s, n, i, True, idle),
+    "remotemedia_dict": lambda s, n, i, idle: run_remotemedia(s, n, i, False, idle, as_dict=True),
     "mp_queue": run_mp_queue,
     "iox_raw": run_iox_raw,
     "shm_pipe": run_shm_pipe,
@@ -883,6 +889,19 @@ def render(results: Dict[str, Any]) -> str:
                     f"{ratio(r['hop_p99_us'], b['hop_p99_us'])} | {ratio(r['fps_thr'], b['fps_thr'])} |"
                 )
     lines.append("")
+    pairs = [(k, per) for k, per in results["runs"].items() if "error" not in per.get("remotemedia_dict", {"error": 1})]
+    if pairs:
+        lines.append("Media frames (`{\"t\", \"rate\", \"data\": array}` dicts) against bare arrays of the same size:")
+        lines.append("")
+        lines.append("| payload | hop p50 ratio | throughput ratio |")
+        lines.append("|---|---|---|")
+        for size_s, per in pairs:
+            d, b = per["remotemedia_dict"], per.get("remotemedia")
+            if b and "error" not in b:
+                lines.append(
+                    f"| {fmt_size(int(size_s))} | {ratio(d['hop_p50_us'], b['hop_p50_us'])} | {ratio(d['fps_thr'], b['fps_thr'])} |"
+                )
+        lines.append("")
     dora = results.get("dora")
     if dora:
         lines.append(

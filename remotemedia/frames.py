@@ -112,6 +112,62 @@ ND_TAG = _ND_TAG = b"RMND"
 _ND_HEAD = struct.Struct("<4sBB")  # tag, len(dtype str), ndim
 
 
+# A media frame as it is (a flat dict, tuple or list holding arrays next to a little metadata:
+# {"t": ts, "rate": 16000, "data": samples}) skips pickle too. The workers' loop encodes it in
+# the bridge (rust/ipc_bridge/src/container.rs, where the layout is drawn) and the bridge
+# decodes it on receipt; decode() below reads it wherever Python meets one.
+CT_TAG = _CT_TAG = b"RMC1"
+_CT_HEAD = struct.Struct("<4sBI")  # tag, kind (0 dict, 1 tuple, 2 list), count
+_CT_KINDS = (dict, tuple, list)
+
+
+def _decode_container(meta: Any, bufs: List[Any]) -> Any:
+    """A container frame (see CT_TAG) from its meta and out-of-band buffers."""
+    meta = bytes(meta)
+    _, kind, n = _CT_HEAD.unpack_from(meta)
+    i = _CT_HEAD.size
+    keys: List[str] = []
+    values: List[Any] = []
+    for _ in range(n):
+        if kind == 0:
+            (klen,) = struct.unpack_from("<H", meta, i)
+            keys.append(meta[i + 2 : i + 2 + klen].decode())
+            i += 2 + klen
+        tag = meta[i]
+        i += 1
+        if tag == 0:
+            v: Any = None
+        elif tag in (1, 2):
+            v = tag == 2
+        elif tag == 3:
+            (v,) = struct.unpack_from("<q", meta, i)
+            i += 8
+        elif tag == 4:
+            (v,) = struct.unpack_from("<d", meta, i)
+            i += 8
+        elif tag in (5, 6):
+            (ln,) = struct.unpack_from("<I", meta, i)
+            raw = meta[i + 4 : i + 4 + ln]
+            v = raw.decode() if tag == 5 else raw
+            i += 4 + ln
+        elif tag == 7:
+            dlen = meta[i]
+            dtype = np.dtype(meta[i + 1 : i + 1 + dlen].decode())
+            i += 1 + dlen
+            ndim = meta[i]
+            shape = struct.unpack_from(f"<{ndim}q", meta, i + 1)
+            i += 1 + 8 * ndim
+            (index,) = struct.unpack_from("<I", meta, i)
+            i += 4
+            v = np.frombuffer(bufs[index], dtype=dtype).reshape(shape)
+        else:
+            raise ValueError(f"malformed container frame: value tag {tag}")
+        values.append(v)
+    if kind == 0:
+        return dict(zip(keys, values))
+    return _CT_KINDS[kind](values)
+
+
 # A stream repeats the same dtype and shape frame after frame: both directions are cached.
 _ENC_CACHE: Dict[Tuple[Any, Tuple[int, ...]], bytes] = {}
 _DEC_CACHE: Dict[bytes, Tuple[np.dtype, Tuple[int, ...]]] = {}
@@ -181,6 +237,8 @@ def decode(sample: Any, copy: bool = False) -> Any:
     if meta[:4] == _ND_TAG:
         ((o, n),) = sample.buffers
         return _decode_ndarray(meta, mv[o : o + n])
+    if meta[:4] == _CT_TAG:
+        return _decode_container(meta, [mv[o : o + n] for o, n in sample.buffers])
     return pickle.loads(meta, buffers=[mv[o : o + n] for o, n in sample.buffers])
 
 
@@ -198,4 +256,6 @@ def decode_bytes(meta: bytes, buffers: List[Any]) -> Any:
     """Inverse of :func:`encode` for in-process use (tests, replay)."""
     if meta[:4] == _ND_TAG:
         return _decode_ndarray(memoryview(meta), buffers[0])
+    if meta[:4] == _CT_TAG:
+        return _decode_container(meta, buffers)
     return pickle.loads(meta, buffers=buffers)

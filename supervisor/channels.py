@@ -235,6 +235,7 @@ class InPort(bridge.InPortCore):
         # bridge in take(): no Sample, no Python decoding. Never one so big that the window
         # estimate (InPortCore's) would have had to shrink for it.
         sub.learn_pickle(pickle.loads, min(PICKLE_MAX, spec.max_bytes // max(1, spec.depth)))
+        sub.learn_containers()  # (media frames: arrays next to a little metadata)
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -125,6 +125,9 @@ class FakeSubscriber:
     def learn_pickle(self, loads: Any, max_meta: int) -> None:
         self._pickle = (loads, max_meta)
 
+    def learn_containers(self) -> None:
+        pass  # (container frames come as samples: Python decodes them)
+
     def has_samples(self) -> bool:
         return bool(self.queue)
 

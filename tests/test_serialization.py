@@ -566,3 +566,55 @@ def test_class_pickled_by_value_with_unpicklable_global_is_explained():
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
         del sys.modules[mod.__name__]
+
+
+# --------------------------------------------------------------------------- container frames
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return type(b) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(b) is type(a) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": 123456789, "rate": 16000, "data": np.arange(1024, dtype=np.float32)},
+        {"k": None, "yes": True, "no": False, "f": -0.25, "s": "héllo", "b": b"\x00\x01", "i": -(2**63), "d": np.ones(2)},
+        (7, np.ones((2, 3, 4), dtype=">i4"), "x"),
+        [np.zeros(3, dtype=np.complex64), np.array(["ab", "c"], dtype="<U2"), np.array(5.0)],
+        {"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "b": np.arange(4, dtype=np.int64)},
+    ],
+)
+def test_container_frames_decode_in_python_as_the_bridge_encodes_them(frame) -> None:
+    from remotemedia import _ipc_bridge as bridge
+    from remotemedia.frames import CT_TAG, decode_bytes
+
+    meta, bufs = bridge.encode_container(frame)
+    assert meta[:4] == CT_TAG
+    assert _same(frame, decode_bytes(meta, [memoryview(b).cast("B") for b in bufs]))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": 1, "rate": 2},  # no array: a small pickle is as fast
+        {"nested": {"data": np.arange(3)}},
+        {1: np.arange(3)},  # a key that is not a str
+        {"big": 2**70, "data": np.arange(3)},
+        {"data": np.arange(12).reshape(3, 4).T},  # not contiguous
+        {"data": np.array([object()])},
+        {"data": np.zeros(0)},
+        np.arange(3),  # a bare array has its own encoding
+        {"data": np.arange(3).view(np.recarray)},  # a subclass: pickled as it is
+    ],
+)
+def test_what_is_not_a_container_frame_is_pickled(frame) -> None:
+    from remotemedia import _ipc_bridge as bridge
+
+    assert bridge.encode_container(frame) is None

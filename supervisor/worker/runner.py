@@ -638,7 +638,7 @@ class Runner:
                 ledger.flush()
                 self.wait(0.5)
                 continue
-            if did or (news and self.step()):  # the housekeeping may have unblocked us (Start, acks)
+            if did or (news and self.step_batch()):  # the housekeeping may have unblocked us (Start, acks)
                 continue
             if self.inputs_done():
                 self.finish()

@@ -27,6 +27,7 @@
 //!                                                       the Sample when it is anything else
 //! ```
 
+pub mod container;
 pub mod doorbell;
 pub mod errors;
 pub mod event;
@@ -69,6 +70,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(node::remove_stale_resources, m)?)?;
     m.add_function(wrap_pyfunction!(pubsub::monotonic_ns, m)?)?;
     m.add_function(wrap_pyfunction!(pubsub::buffer_address, m)?)?;
+    m.add_function(wrap_pyfunction!(container::encode_container, m)?)?;
     m.add_function(wrap_pyfunction!(process::die_with_parent, m)?)?;
     Ok(())
 }

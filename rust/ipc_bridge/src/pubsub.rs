@@ -584,6 +584,8 @@ pub struct Subscriber {
     rx_cache: Mutex<Option<RxCache>>,
     /// `(loads, max meta bytes)` of the pickled-object hot path (see `learn_pickle()`)
     rx_pickle: Mutex<Option<(Py<PyAny>, usize)>>,
+    /// Set by `learn_containers()`: container frames (see container.rs) are decoded by `take()`.
+    rx_container: Mutex<Option<crate::container::Codec>>,
     #[pyo3(get)]
     max_borrowed: usize,
     #[pyo3(get)]
@@ -606,9 +608,35 @@ struct RxCache {
 impl Subscriber {
     /// `take()` of a frame that is not a learned array: a small pickled object, decoded; the
     /// Sample otherwise.
-    fn take_pickled(&self, py: Python<'_>, sample: Sample, expected: u64) -> PyResult<Option<Py<PyAny>>> {
+    fn take_pickled(&self, py: Python<'_>, sample: Sample, expected: u64, copy: bool) -> PyResult<Option<Py<PyAny>>> {
         let h = &sample.header;
         let (m0, m1) = sample.meta;
+        if h.seq == expected
+            && h.kind == KIND_DATA
+            && !sample.buffers.is_empty()
+            && m1 - m0 > 4
+            && unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, 4) } == crate::container::CT_TAG
+        {
+            let mut guard = self.rx_container.lock().expect("subscriber cache poisoned");
+            if let Some(codec) = guard.as_mut() {
+                let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+                let meta = unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) }.to_vec();
+                let offsets = sample.buffers.clone();
+                let source = if copy {
+                    // (a private copy of the payload, as Python's decode(copy=True); the chunk
+                    // goes back now)
+                    let data = unsafe { std::slice::from_raw_parts(sample.ptr as *const u8, sample.len) };
+                    let private = PyBytes::new(py, data).into_any();
+                    drop(sample);
+                    private
+                } else {
+                    Py::new(py, sample)?.into_bound(py).into_any()
+                };
+                let obj = codec.decode(py, &meta, &source, &offsets)?;
+                let t = (obj, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
+                return Ok(Some(t.into_any().unbind()));
+            }
+        }
         let loads = match self.rx_pickle.lock().expect("subscriber cache poisoned").as_ref() {
             Some((loads, max_meta))
                 if h.seq == expected
@@ -717,6 +745,7 @@ impl Subscriber {
             borrowed: Arc::new(AtomicUsize::new(0)),
             rx_cache: Mutex::new(None),
             rx_pickle: Mutex::new(None),
+            rx_container: Mutex::new(None),
             max_borrowed,
             service: service.to_owned(),
             anchor: Anchor::new(factory, node),
@@ -755,6 +784,14 @@ impl Subscriber {
         *self.rx_pickle.lock().expect("subscriber cache poisoned") = Some((loads, max_meta));
     }
 
+    /// Lets `take()` decode container frames itself (flat dicts, tuples and lists holding
+    /// arrays: see `remotemedia.frames`), their arrays read-only views on the shared memory
+    /// (or on a private copy past the borrow limit).
+    fn learn_containers(&self, py: Python<'_>) -> PyResult<()> {
+        *self.rx_container.lock().expect("subscriber cache poisoned") = Some(crate::container::Codec::new(py)?);
+        Ok(())
+    }
+
     /// The hot path of a stage's input. Receives the next frame; when it is the data frame
     /// `expected` carrying an array like the learned one (see `learn_array()`), returns
     /// `(array, seq, origin, stream_id, created_ns, sent_ns)` with `array` read-only: a view on
@@ -783,7 +820,7 @@ impl Subscriber {
                 {
                     (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
                 }
-                _ => return self.take_pickled(py, sample, expected),
+                _ => return self.take_pickled(py, sample, expected, copy),
             }
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
@@ -834,6 +871,8 @@ impl Subscriber {
         drop(cache);
         let pickle = self.rx_pickle.lock().expect("subscriber cache poisoned").take();
         drop(pickle);
+        let codec = self.rx_container.lock().expect("subscriber cache poisoned").take();
+        drop(codec);
         self.anchor.release();
     }
 

@@ -96,7 +96,7 @@ pub struct OutPort {
     copied_on_reuse: u64,
     /// Frames sent by the publisher's own encoder (the hot path).
     #[pyo3(get, set)]
-    encoded_by_bridge: u64,
+    pub(crate) encoded_by_bridge: u64,
     #[pyo3(get, set)]
     resent: u64,
     #[pyo3(get, set)]

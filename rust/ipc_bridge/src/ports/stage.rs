@@ -22,6 +22,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
 
 use super::inport::InPort;
+use crate::container::Codec;
 use super::outport::OutPort;
 use super::KIND_DATA;
 use crate::pubsub::monotonic_ns;
@@ -75,6 +76,7 @@ pub struct StageLoop {
     dumps: Py<PyAny>,
     protocol: i32,
     board: Option<Board>,
+    codec: Codec,
     rr: usize,
     /// (origin, stream, created) of the last frame the emitter was not told of
     last_origin: Option<(u64, u64, u64)>,
@@ -231,6 +233,12 @@ impl StageLoop {
                     let meta = self.dumps.bind(py).call1((&result, self.protocol))?;
                     out.send_frame(py, KIND_DATA, &meta, Vec::new(), origin, stream_id, created_ns, true)?;
                     sent = true;
+                } else if let Some((meta, bufs)) = self.codec.encode(&result)? {
+                    // (a media frame: arrays next to a little metadata)
+                    let meta = PyBytes::new(py, &meta).into_any();
+                    out.send_frame(py, KIND_DATA, &meta, bufs, origin, stream_id, created_ns, true)?;
+                    out.encoded_by_bridge += 1;
+                    sent = true;
                 }
             }
         }
@@ -308,6 +316,7 @@ impl StageLoop {
             dumps,
             protocol,
             board,
+            codec: Codec::new(py)?,
             rr: 0,
             last_origin: None,
             latencies: Vec::with_capacity(64),

@@ -1,0 +1,292 @@
+//! Media frames as they are: a flat dict, tuple or list holding arrays next to a little
+//! metadata (`{"t": ts, "rate": 16000, "data": samples}`), encoded without pickle. The format
+//! is defined by `remotemedia/frames.py` (`CT_TAG`, `_encode_container`), which encodes and
+//! decodes it too; `tests/test_serialization.py` checks that both sides agree.
+//!
+//! ```text
+//! meta   = b"RMC1" u8 kind (0 dict, 1 tuple, 2 list) u32 count, then count entries
+//! entry  = [u16 key length, key utf-8] (dicts only) value
+//! value  = u8 tag, then: 0 None | 1 False | 2 True | 3 int: i64 | 4 float: f64
+//!          | 5 str: u32 length, utf-8 | 6 bytes: u32 length, bytes
+//!          | 7 array: u8 dtype length, dtype.str, u8 ndim, ndim x i64 shape, u32 buffer index
+//! (little-endian; an array's bytes are the frame's out-of-band buffer number `index`)
+//! ```
+//!
+//! Anything else (nesting, an int beyond 64 bits, a non-contiguous array, a key that is not a
+//! str) is not a container frame: it is pickled.
+
+use std::collections::HashMap;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+pub const CT_TAG: &[u8; 4] = b"RMC1";
+const MAX_ENTRIES: usize = 64;
+
+const T_NONE: u8 = 0;
+const T_FALSE: u8 = 1;
+const T_TRUE: u8 = 2;
+const T_INT: u8 = 3;
+const T_FLOAT: u8 = 4;
+const T_STR: u8 = 5;
+const T_BYTES: u8 = 6;
+const T_ARRAY: u8 = 7;
+
+/// What the codec needs from numpy, and what it learned of dtypes.
+pub(crate) struct Codec {
+    ndarray: Py<PyAny>,
+    frombuffer: Py<PyAny>,
+    dtype: Py<PyAny>,
+    /// dtype object address -> its `.str` (None: not encodable, e.g. objects, records)
+    enc: HashMap<usize, Option<Vec<u8>>>,
+    /// `.str` -> dtype object
+    dec: HashMap<Vec<u8>, Py<PyAny>>,
+}
+
+impl Codec {
+    /// numpy's pieces, imported.
+    pub(crate) fn new(py: Python<'_>) -> PyResult<Self> {
+        let np = py.import(intern!(py, "numpy"))?;
+        Ok(Codec {
+            ndarray: np.getattr(intern!(py, "ndarray"))?.unbind(),
+            frombuffer: np.getattr(intern!(py, "frombuffer"))?.unbind(),
+            dtype: np.getattr(intern!(py, "dtype"))?.unbind(),
+            enc: HashMap::new(),
+            dec: HashMap::new(),
+        })
+    }
+
+    fn dtype_str(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+        let key = dtype.as_ptr() as usize;
+        if let Some(s) = self.enc.get(&key) {
+            return Ok(s.clone());
+        }
+        let py = dtype.py();
+        let ok = !dtype.getattr(intern!(py, "hasobject"))?.is_truthy()? && dtype.getattr(intern!(py, "names"))?.is_none();
+        let s = if ok { Some(dtype.getattr(intern!(py, "str"))?.extract::<String>()?.into_bytes()) } else { None };
+        // Builtin dtypes are singletons; others are made per array: keep the cache small.
+        if self.enc.len() > 256 {
+            self.enc.clear();
+        }
+        self.enc.insert(key, s.clone());
+        // (the dtype object must outlive its cache entry: builtin ones do; keep others alive)
+        if s.is_some() {
+            self.dec.entry(s.clone().unwrap()).or_insert_with(|| dtype.clone().unbind());
+        }
+        Ok(s)
+    }
+
+    fn value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Py<PyAny>>) -> PyResult<bool> {
+        let py = v.py();
+        if v.is_none() {
+            meta.push(T_NONE);
+        } else if v.is_exact_instance_of::<PyBool>() {
+            meta.push(if v.is_truthy()? { T_TRUE } else { T_FALSE });
+        } else if v.is_exact_instance_of::<PyInt>() {
+            let Ok(i) = v.extract::<i64>() else { return Ok(false) };
+            meta.push(T_INT);
+            meta.extend_from_slice(&i.to_le_bytes());
+        } else if v.is_exact_instance_of::<PyFloat>() {
+            meta.push(T_FLOAT);
+            meta.extend_from_slice(&v.extract::<f64>()?.to_le_bytes());
+        } else if let Ok(s) = v.cast_exact::<PyString>() {
+            let s = s.to_str()?;
+            meta.push(T_STR);
+            meta.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            meta.extend_from_slice(s.as_bytes());
+        } else if let Ok(b) = v.cast_exact::<PyBytes>() {
+            let b = b.as_bytes();
+            if b.len() > 4096 {
+                return Ok(false); // (big bytes belong out of band: pickle does that)
+            }
+            meta.push(T_BYTES);
+            meta.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            meta.extend_from_slice(b);
+        } else if v.get_type().is(self.ndarray.bind(py)) {
+            if !v.getattr(intern!(py, "flags"))?.getattr(intern!(py, "c_contiguous"))?.is_truthy()?
+                || v.getattr(intern!(py, "size"))?.extract::<usize>()? == 0
+            {
+                return Ok(false);
+            }
+            let Some(dt) = self.dtype_str(&v.getattr(intern!(py, "dtype"))?)? else { return Ok(false) };
+            let shape: Vec<i64> = v.getattr(intern!(py, "shape"))?.extract()?;
+            if dt.len() > 255 || shape.len() > 255 {
+                return Ok(false);
+            }
+            meta.push(T_ARRAY);
+            meta.push(dt.len() as u8);
+            meta.extend_from_slice(&dt);
+            meta.push(shape.len() as u8);
+            for n in &shape {
+                meta.extend_from_slice(&n.to_le_bytes());
+            }
+            meta.extend_from_slice(&(bufs.len() as u32).to_le_bytes());
+            bufs.push(v.clone().unbind());
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// `(meta, buffers)` of a container frame, or None when `obj` is not one (then pickle it).
+    /// A container without any array is not one either: small pickles are as fast.
+    pub(crate) fn encode(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Vec<u8>, Vec<Py<PyAny>>)>> {
+        let mut meta = Vec::with_capacity(96);
+        let mut bufs = Vec::new();
+        meta.extend_from_slice(CT_TAG);
+        if let Ok(d) = obj.cast_exact::<PyDict>() {
+            if d.len() > MAX_ENTRIES {
+                return Ok(None);
+            }
+            meta.push(0);
+            meta.extend_from_slice(&(d.len() as u32).to_le_bytes());
+            for (k, v) in d.iter() {
+                let Ok(k) = k.cast_exact::<PyString>() else { return Ok(None) };
+                let k = k.to_str()?;
+                if k.len() > u16::MAX as usize {
+                    return Ok(None);
+                }
+                meta.extend_from_slice(&(k.len() as u16).to_le_bytes());
+                meta.extend_from_slice(k.as_bytes());
+                if !self.value(&v, &mut meta, &mut bufs)? {
+                    return Ok(None);
+                }
+            }
+        } else {
+            let (kind, items): (u8, Vec<Bound<'_, PyAny>>) = if let Ok(t) = obj.cast_exact::<PyTuple>() {
+                (1, t.iter().collect())
+            } else if let Ok(l) = obj.cast_exact::<PyList>() {
+                (2, l.iter().collect())
+            } else {
+                return Ok(None);
+            };
+            if items.len() > MAX_ENTRIES {
+                return Ok(None);
+            }
+            meta.push(kind);
+            meta.extend_from_slice(&(items.len() as u32).to_le_bytes());
+            for v in &items {
+                if !self.value(v, &mut meta, &mut bufs)? {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(if bufs.is_empty() { None } else { Some((meta, bufs)) })
+    }
+
+    /// Rebuilds a container frame; its arrays are `frombuffer(source, dtype, count, offset)`
+    /// with `offsets[i]` the offset of buffer `i` in `source` (a Sample: zero copy; or bytes
+    /// of a private copy), reshaped.
+    pub(crate) fn decode(&mut self, py: Python<'_>, meta: &[u8], source: &Bound<'_, PyAny>, offsets: &[(usize, usize)]) -> PyResult<Py<PyAny>> {
+        let bad = || pyo3::exceptions::PyValueError::new_err("malformed container frame meta");
+        let mut r = Reader { b: meta, i: 4 };
+        let kind = r.u8().ok_or_else(bad)?;
+        let n = r.u32().ok_or_else(bad)? as usize;
+        if n > MAX_ENTRIES {
+            return Err(bad());
+        }
+        let dict = PyDict::new(py);
+        let mut items: Vec<Py<PyAny>> = Vec::with_capacity(if kind == 0 { 0 } else { n });
+        for _ in 0..n {
+            let key = if kind == 0 {
+                let len = r.u16().ok_or_else(bad)? as usize;
+                Some(std::str::from_utf8(r.take(len).ok_or_else(bad)?).map_err(|_| bad())?)
+            } else {
+                None
+            };
+            let v = self.read_value(py, &mut r, source, offsets).ok_or_else(bad)??;
+            match key {
+                Some(k) => dict.set_item(k, v)?,
+                None => items.push(v),
+            }
+        }
+        Ok(match kind {
+            0 => dict.into_any().unbind(),
+            1 => PyTuple::new(py, items)?.into_any().unbind(),
+            2 => PyList::new(py, items)?.into_any().unbind(),
+            _ => return Err(bad()),
+        })
+    }
+
+    fn read_value(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
+        Some(match r.u8()? {
+            T_NONE => Ok(py.None()),
+            T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
+            T_TRUE => Ok(PyBool::new(py, true).to_owned().into_any().unbind()),
+            T_INT => Ok(i64::from_le_bytes(r.take(8)?.try_into().ok()?).into_pyobject(py).ok()?.into_any().unbind()),
+            T_FLOAT => Ok(PyFloat::new(py, f64::from_le_bytes(r.take(8)?.try_into().ok()?)).into_any().unbind()),
+            T_STR => {
+                let len = r.u32()? as usize;
+                Ok(PyString::new(py, std::str::from_utf8(r.take(len)?).ok()?).into_any().unbind())
+            }
+            T_BYTES => {
+                let len = r.u32()? as usize;
+                Ok(PyBytes::new(py, r.take(len)?).into_any().unbind())
+            }
+            T_ARRAY => {
+                let dlen = r.u8()? as usize;
+                let dt = r.take(dlen)?.to_vec();
+                let ndim = r.u8()? as usize;
+                let mut shape = Vec::with_capacity(ndim);
+                for _ in 0..ndim {
+                    shape.push(i64::from_le_bytes(r.take(8)?.try_into().ok()?));
+                }
+                let index = r.u32()? as usize;
+                let &(offset, nbytes) = offsets.get(index)?;
+                Some(self.array(py, &dt, &shape, source, offset, nbytes))?
+            }
+            _ => return None,
+        })
+    }
+
+    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[i64], source: &Bound<'_, PyAny>, offset: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
+        let dtype = match self.dec.get(dt) {
+            Some(d) => d.clone_ref(py),
+            None => {
+                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| pyo3::exceptions::PyValueError::new_err("bad dtype"))?,))?.unbind();
+                self.dec.insert(dt.to_vec(), d.clone_ref(py));
+                d
+            }
+        };
+        let itemsize: usize = dtype.bind(py).getattr(intern!(py, "itemsize"))?.extract()?;
+        let count = if itemsize == 0 { 0 } else { nbytes / itemsize };
+        let kw = PyDict::new(py);
+        kw.set_item(intern!(py, "count"), count)?;
+        kw.set_item(intern!(py, "offset"), offset)?;
+        let mut arr = self.frombuffer.bind(py).call((source, dtype.bind(py)), Some(&kw))?;
+        if shape.len() != 1 {
+            arr = arr.call_method1(intern!(py, "reshape"), (PyTuple::new(py, shape)?,))?;
+        }
+        Ok(arr.unbind())
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.i..self.i.checked_add(n)?)?;
+        self.i += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+/// The container encoding of `obj` as `(meta, buffers)`, or None when it is not a container
+/// frame (for tests: the workers' loop encodes them itself).
+#[pyfunction]
+pub fn encode_container(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Py<PyBytes>, Vec<Py<PyAny>>)>> {
+    Ok(Codec::new(py)?.encode(obj)?.map(|(meta, bufs)| (PyBytes::new(py, &meta).unbind(), bufs)))
+}
