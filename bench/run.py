@@ -72,6 +72,10 @@ SIZES = [64, 4096, 1080 * 1920 * 3, 64 << 20]
 SYSTEMS = ["remotemedia", "remotemedia_loaned", "remotemedia_dict", "mp_queue", "iox_raw", "shm_pipe", "dora"]
 BASELINES = ["mp_queue", "iox_raw", "shm_pipe", "dora"]
 HOPS = 4
+#: Frames in flight on each edge, the same for every system (remotemedia's queue_depth,
+#: mp.Queue's maxsize, the iceoryx2 subscriber buffer, the shm ring, dora's queue_size). From
+#: the environment so that the baselines' spawned processes see --queue too.
+QUEUE = int(os.environ.get("RM_BENCH_QUEUE", "8"))
 STAMP = struct.Struct("<q")
 
 
@@ -168,7 +172,7 @@ def run_remotemedia(
     else:
         nodes += stages
     nodes += [BenchSink(name="sink")]
-    sup = Supervisor(nodes, queue_depth=8, control=False)
+    sup = Supervisor(nodes, queue_depth=QUEUE, control=False)
     sup.start()
     pids = {k: v for k, v in sup.worker_pids().items()}
     cpu = CpuProbe([pids[k] for k in ("s1", "s2", "s3") if k in pids])
@@ -222,7 +226,7 @@ def _q_sink(q, res):
 
 def run_mp_queue(size, n, interval, measure_idle):
     ctx = mp.get_context("spawn")
-    qs = [ctx.Queue(maxsize=8) for _ in range(4)]
+    qs = [ctx.Queue(maxsize=QUEUE) for _ in range(4)]
     res = ctx.Queue()
     idle = IDLE_S if measure_idle else 0.2
     procs = [ctx.Process(target=_q_source, args=(qs[0], n, size, interval, idle))]
@@ -251,7 +255,7 @@ def _iox_pubsub(iox2, node, name):
         .publish_subscribe(iox2.Slice[ctypes.c_uint8])
         .max_publishers(1)
         .max_subscribers(1)
-        .subscriber_max_buffer_size(8)
+        .subscriber_max_buffer_size(QUEUE)
         .subscriber_max_borrowed_samples(2)
         .enable_safe_overflow(False)
         .open_or_create()
@@ -383,7 +387,7 @@ def _purge_iox_baseline(prefix: str) -> None:
                 break
 
 
-SLOTS = 8
+SLOTS = QUEUE
 
 
 def _slot(buf, i, size):
@@ -504,7 +508,7 @@ DORA_NODE = os.path.join(ROOT, "bench", "dora_node.py")
 # Each input queue holds 8 frames, the window the other systems get. dora has no blocking
 # backpressure: a full queue drops its oldest frame ("drop_oldest", the default; "backpressure"
 # only buffers 10x more before dropping too), so the sink counts what arrived.
-DORA_QUEUE = 8
+DORA_QUEUE = QUEUE
 # A node's zenoh shared-memory pool (8 MiB by default) must hold the frames in flight on its
 # output: a frame that finds the pool full goes through the heap and the daemon instead.
 DORA_POOL_FRAMES = DORA_QUEUE + 2
@@ -854,7 +858,10 @@ def ratio(a: float, b: float) -> str:
 
 def render(results: Dict[str, Any]) -> str:
     lines = [f"# remotemedia benchmark ({results['when']}, {results['machine']})", ""]
-    lines.append("Pipeline: source -> 3 stages -> sink, one process each; latency per hop = end to end / 4.")
+    lines.append(
+        f"Pipeline: source -> 3 stages -> sink, one process each; latency per hop = end to end / 4; "
+        f"{results.get('queue', 8)} frames in flight per edge, every system."
+    )
     lines.append("")
     lines.append("| payload | system | hop p50 µs | hop p99 µs | frames/s | GB/s | lost (paced, back to back) | CPU idle % | CPU loaded % |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -968,18 +975,24 @@ def plot(results: Dict[str, Any], path: str) -> None:
 
 
 def main() -> None:
+    global QUEUE, SLOTS, DORA_QUEUE, DORA_POOL_FRAMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--queue", type=int, default=QUEUE, help="frames in flight per edge, every system (default 8)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--no-group", action="store_true", help="skip the Group comparison")
     args = ap.parse_args()
+    QUEUE = SLOTS = DORA_QUEUE = args.queue
+    DORA_POOL_FRAMES = DORA_QUEUE + 2
+    os.environ["RM_BENCH_QUEUE"] = str(args.queue)  # (for the spawned baseline processes)
     sizes = [int(s) for s in args.sizes.split(",")]
     systems = args.systems.split(",")
     results: Dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "queue": args.queue,
         "runs": {},
         "skipped": {},
     }

@@ -169,6 +169,14 @@ impl OutPort {
         Ok(n > 0)
     }
 
+    pub(crate) fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.notify_pending {
+            self.notify_pending = false;
+            self.notify(py)?;
+        }
+        Ok(())
+    }
+
     /// True when a lossless edge has room in its window (read for every frame).
     #[inline]
     pub(crate) fn has_room(&self) -> bool {
@@ -180,7 +188,17 @@ impl OutPort {
     }
 
     /// The hot path of `send()`; Some(sent) or None when the caller must encode and `send()`.
-    pub(crate) fn try_send_array(&mut self, py: Python<'_>, value: &Bound<'_, PyAny>, origin: u64, stream_id: u64, created_ns: u64) -> PyResult<bool> {
+    /// With `notify` false the consumer is woken by a later `flush_notify()` (a batch).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_send_array(
+        &mut self,
+        py: Python<'_>,
+        value: &Bound<'_, PyAny>,
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+        notify: bool,
+    ) -> PyResult<bool> {
         let Some(meta) = self.array_meta.as_ref() else { return Ok(false) };
         if self.undelivered.is_some() || self.loaned_retained > 0 {
             return Ok(false);
@@ -189,9 +207,12 @@ impl OutPort {
         if seq < self.committed {
             return Ok(false); // regenerated after a restart: send() knows what to skip
         }
-        let n = self.pub_.send_array(py, seq, value, origin, stream_id, created_ns, &self.notifier_)?;
+        let n = self.pub_.send_array(py, seq, value, origin, stream_id, created_ns, notify.then_some(&self.notifier_))?;
         if n < 0 {
             return Ok(false);
+        }
+        if !notify && n > 0 {
+            self.notify_pending = true;
         }
         self.next_seq = seq + 1;
         self.encoded_by_bridge += 1;
@@ -534,18 +555,14 @@ impl OutPort {
 
     /// Wake the consumer for the frames sent with `notify=False`.
     fn flush_notify(&mut self, py: Python<'_>) -> PyResult<()> {
-        if self.notify_pending {
-            self.notify_pending = false;
-            self.notify(py)?;
-        }
-        Ok(())
+        self.flush(py)
     }
 
     /// The hot path of `send()`: a bare array like the last one `learn_array()` saw is
     /// encoded, copied, published and notified by the bridge in one call (the caller checked
     /// `can_send`). False, with nothing sent, when the bridge cannot (then encode and `send()`).
     fn send_array(&mut self, py: Python<'_>, value: &Bound<'_, PyAny>, origin: u64, stream_id: u64, created_ns: u64) -> PyResult<bool> {
-        self.try_send_array(py, value, origin, stream_id, created_ns)
+        self.try_send_array(py, value, origin, stream_id, created_ns, true)
     }
 
     /// Let `send_array()` take arrays of this type, dtype and shape, encoded as `meta` and one

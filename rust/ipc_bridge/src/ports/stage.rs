@@ -131,6 +131,14 @@ impl StageLoop {
         em.setattr(intern!(py, "created"), created_ns)
     }
 
+    /// Wakes the consumers of the frames sent since the last wake-up.
+    fn flush_outputs(&self, py: Python<'_>) -> PyResult<()> {
+        for p in &self.outputs {
+            p.borrow_mut(py).flush(py)?;
+        }
+        Ok(())
+    }
+
     fn counter(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<i64> {
         self.counters.bind(py).getattr(name)?.extract()
     }
@@ -176,6 +184,7 @@ impl StageLoop {
         let mut go_on = true;
         if let Err(e) = outcome {
             // (raises again what the runner does not report: Abort, a full /dev/shm, ...)
+            self.flush_outputs(py)?;
             let stop = self.failed.bind(py).call1((seq, origin, e.into_value(py)))?;
             go_on = !stop.is_truthy()?;
         } else if python_ran {
@@ -216,14 +225,16 @@ impl StageLoop {
     ) -> PyResult<()> {
         let loans_empty = self.loans.bind(py).is_empty();
         // The commonest cases first, without emit()'s generality: one output edge with room,
-        // and a bare array like the edge's last one, or a scalar (what encode() would make of
-        // it: a pickle and no out-of-band buffer).
+        // and a bare array like the edge's last one, a scalar (what encode() would make of
+        // it: a pickle and no out-of-band buffer) or a media frame. The consumer is woken once
+        // per batch (flush_outputs), not per frame: an awake consumer needs no wake-up, and a
+        // stage that yields its core after every frame it sends costs a context switch each.
         let mut sent = false;
         if self.outputs.len() == 1 && loans_empty {
             let mut out = self.outputs[0].borrow_mut(py);
             if out.has_room() {
                 if result.get_type().is(self.ndarray.bind(py)) {
-                    sent = out.try_send_array(py, &result, origin, stream_id, created_ns)?;
+                    sent = out.try_send_array(py, &result, origin, stream_id, created_ns, false)?;
                 } else if result.is_exact_instance_of::<PyInt>()
                     || result.is_exact_instance_of::<PyFloat>()
                     || result.is_exact_instance_of::<PyBool>()
@@ -231,12 +242,12 @@ impl StageLoop {
                     || result.is_exact_instance_of::<PyBytes>()
                 {
                     let meta = self.dumps.bind(py).call1((&result, self.protocol))?;
-                    out.send_frame(py, KIND_DATA, &meta, Vec::new(), origin, stream_id, created_ns, true)?;
+                    out.send_frame(py, KIND_DATA, &meta, Vec::new(), origin, stream_id, created_ns, false)?;
                     sent = true;
                 } else if let Some((meta, bufs)) = self.codec.encode(&result)? {
                     // (a media frame: arrays next to a little metadata)
                     let meta = PyBytes::new(py, &meta).into_any();
-                    out.send_frame(py, KIND_DATA, &meta, bufs, origin, stream_id, created_ns, true)?;
+                    out.send_frame(py, KIND_DATA, &meta, bufs, origin, stream_id, created_ns, false)?;
                     out.encoded_by_bridge += 1;
                     sent = true;
                 }
@@ -251,6 +262,7 @@ impl StageLoop {
             }
         } else {
             *python_ran = true;
+            self.flush_outputs(py)?; // (the emitter may wait for room: downstream must be awake)
             self.set_origin(py, origin, stream_id, created_ns)?;
             let how = if a_result { intern!(py, "emit_result") } else { intern!(py, "emit") };
             self.emitter.bind(py).call_method1(how, (result,))?;
@@ -344,6 +356,7 @@ impl StageLoop {
                         continue; // (the port marked its input ended)
                     }
                     let port = self.inputs[j].clone_ref(py);
+                    self.flush_outputs(py)?;
                     self.handle_frame.bind(py).call1((port, sample))?;
                     !self.halted.bind(py).call0()?.is_truthy()?
                 }
@@ -352,6 +365,7 @@ impl StageLoop {
                 break;
             }
         }
+        self.flush_outputs(py)?;
         if let Some((origin, stream_id, created_ns)) = self.last_origin {
             self.set_origin(py, origin, stream_id, created_ns)?;
         }
@@ -423,6 +437,7 @@ impl StageLoop {
                 break;
             }
         }
+        self.flush_outputs(py)?;
         if let Some((origin, stream_id, created_ns)) = self.last_origin {
             self.set_origin(py, origin, stream_id, created_ns)?;
         }

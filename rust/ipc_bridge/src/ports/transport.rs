@@ -86,12 +86,13 @@ impl Pub {
         origin: u64,
         stream_id: u64,
         created_ns: u64,
-        notifier: &Notif,
+        notifier: Option<&Notif>,
     ) -> PyResult<isize> {
         match (self, notifier) {
-            (Pub::Iox(p), Notif::Iox(n)) => p.get().send_array_to(py, seq, array, origin, stream_id, created_ns, Some(n.get())),
+            (Pub::Iox(p), Some(Notif::Iox(n))) => p.get().send_array_to(py, seq, array, origin, stream_id, created_ns, Some(n.get())),
+            (Pub::Iox(p), None) => p.get().send_array_to(py, seq, array, origin, stream_id, created_ns, None),
             _ => self
-                .call(py, "send_array", (seq, array, origin, stream_id, created_ns, notifier.object(py)))?
+                .call(py, "send_array", (seq, array, origin, stream_id, created_ns, notifier.map(|n| n.object(py))))?
                 .extract(),
         }
     }
