@@ -24,6 +24,11 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 pub const CT_TAG: &[u8; 4] = b"RMC1";
 const MAX_ENTRIES: usize = 64;
 
+/// A frame's out-of-band buffers (the arrays themselves).
+pub(crate) type Buffers = Vec<Py<PyAny>>;
+/// `(meta, buffers)` of an encoded container frame.
+pub(crate) type Encoded = (Vec<u8>, Buffers);
+
 const T_NONE: u8 = 0;
 const T_FALSE: u8 = 1;
 const T_TRUE: u8 = 2;
@@ -131,7 +136,7 @@ impl Codec {
 
     /// `(meta, buffers)` of a container frame, or None when `obj` is not one (then pickle it).
     /// A container without any array is not one either: small pickles are as fast.
-    pub(crate) fn encode(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Vec<u8>, Vec<Py<PyAny>>)>> {
+    pub(crate) fn encode(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<Option<Encoded>> {
         let mut meta = Vec::with_capacity(96);
         let mut bufs = Vec::new();
         meta.extend_from_slice(CT_TAG);
@@ -250,7 +255,7 @@ impl Codec {
             }
         };
         let itemsize: usize = dtype.bind(py).getattr(intern!(py, "itemsize"))?.extract()?;
-        let count = if itemsize == 0 { 0 } else { nbytes / itemsize };
+        let count = nbytes.checked_div(itemsize).unwrap_or(0);
         let kw = PyDict::new(py);
         kw.set_item(intern!(py, "count"), count)?;
         kw.set_item(intern!(py, "offset"), offset)?;
@@ -287,6 +292,6 @@ impl<'a> Reader<'a> {
 /// The container encoding of `obj` as `(meta, buffers)`, or None when it is not a container
 /// frame (for tests: the workers' loop encodes them itself).
 #[pyfunction]
-pub fn encode_container(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Py<PyBytes>, Vec<Py<PyAny>>)>> {
+pub fn encode_container(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Py<PyBytes>, Buffers)>> {
     Ok(Codec::new(py)?.encode(obj)?.map(|(meta, bufs)| (PyBytes::new(py, &meta).unbind(), bufs)))
 }

@@ -331,10 +331,10 @@ impl Publisher {
         };
         let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
         let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(buf.ptr() as usize, buf.len())])?;
-        if n > 0 {
-            if let Some(nt) = notifier {
-                nt.notify_quiet(py);
-            }
+        if n > 0
+            && let Some(nt) = notifier
+        {
+            nt.notify_quiet(py);
         }
         Ok(n as isize)
     }

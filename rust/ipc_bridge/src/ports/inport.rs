@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::books::{Accept, InBooks};
 use super::transport::{frame_header, sample_info, Notif, Pub, Sub};
 use super::{now_s, KIND_ACK, KIND_EOS, KIND_PROBE};
 
@@ -21,43 +22,7 @@ pub struct InPort {
     /// The producing node's name.
     #[pyo3(get)]
     src: Py<PyAny>,
-    #[pyo3(get)]
-    lossless: bool,
-    depth: u64,
-    max_bytes: u64,
-    /// Seq of the next frame to take.
-    #[pyo3(get, set)]
-    expected: u64,
-    #[pyo3(get, set)]
-    pub(crate) eos: bool,
-    #[pyo3(get, set)]
-    eos_seq: Option<u64>,
-    #[pyo3(get, set)]
-    acked_processed: u64,
-    #[pyo3(get, set)]
-    acked_committed: u64,
-    #[pyo3(get, set)]
-    notified_processed: u64,
-    /// The producer's window in frames: `depth`, or fewer when `max_bytes` of its frames fill
-    /// it first (estimated from the size of the frames we take).
-    #[pyo3(get, set)]
-    window: u64,
-    #[pyo3(get, set)]
-    notify_every: u64,
-    frame_len: i64,
-    #[pyo3(get, set)]
-    gap_since: Option<f64>,
-    #[pyo3(get, set)]
-    gap_reported_at: f64,
-    #[pyo3(get, set)]
-    received: u64,
-    #[pyo3(get, set)]
-    duplicates: u64,
-    #[pyo3(get, set)]
-    dup_pending: bool,
-    /// Frames lost on a lossy edge.
-    #[pyo3(get, set)]
-    dropped: u64,
+    pub(crate) books: InBooks,
     /// Frames `take()` returned decoded (the hot path).
     #[pyo3(get, set)]
     decoded_by_bridge: u64,
@@ -76,12 +41,11 @@ impl InPort {
 
     /// `take()`: the next in-order frame, decoded by the subscriber when it can.
     pub(crate) fn take_next(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        let Some(r) = self.sub_.take(py, self.expected, self.borrow_limit)? else { return Ok(None) };
+        let Some(r) = self.sub_.take(py, self.books.expected, self.borrow_limit)? else { return Ok(None) };
         if r.bind(py).is_instance_of::<PyTuple>() {
-            self.expected += 1;
-            self.received += 1;
+            // (the subscriber decodes only the frame it was told to expect)
+            self.books.took(self.books.expected);
             self.decoded_by_bridge += 1;
-            self.gap_since = None;
             return Ok(Some(r));
         }
         if self.accept(py, r.bind(py))? {
@@ -99,84 +63,27 @@ impl InPort {
         }
     }
 
-    /// Sequence checks of one received frame: true when it is the next one, false when it
-    /// must be dropped (duplicate, or beyond a gap on a lossless edge).
+    /// Sequence checks of one received frame (see InBooks::accept): true when it is the next
+    /// one.
     fn accept(&mut self, py: Python<'_>, s: &Bound<'_, PyAny>) -> PyResult<bool> {
         let (seq, kind, len) = sample_info(py, s)?;
-        if seq < self.expected {
-            if kind == KIND_EOS && !self.eos {
-                // see OutPort.send: an end of stream is never a duplicate
-                self.eos = true;
-                self.eos_seq = Some(self.expected - 1);
-                self.received += 1;
-                return Ok(true);
-            }
-            // A restarted producer regenerates what we already have. It cannot know our
-            // position (its ack subscriber is new): answer with an ack.
-            self.duplicates += 1;
-            self.dup_pending = true;
-            return Ok(false);
-        }
-        if seq > self.expected {
-            if self.lossless {
-                if self.gap_since.is_none() {
-                    self.gap_since = Some(now_s(py, &self.clock)?);
-                }
-                return Ok(false);
-            }
-            self.dropped += seq - self.expected;
-        }
-        self.expected = seq + 1;
-        self.gap_since = None;
-        self.received += 1;
-        if kind == KIND_EOS {
-            self.eos = true;
-            self.eos_seq = Some(seq);
-        } else if len as i64 != self.frame_len {
-            // A payload is a little larger than what the producer counts, so this never
-            // overestimates its window.
-            self.frame_len = len as i64;
-            self.window = self.depth.min(self.max_bytes.div_ceil(len.max(1) as u64)).max(1);
-            self.notify_every = (self.window / 2).max(1);
-        }
-        Ok(true)
-    }
-
-    fn producer_may_wait(&self, py: Python<'_>) -> PyResult<bool> {
-        // The producer waits for room only with a full window (`depth` frames, or `max_bytes`
-        // of them) in flight beyond what it last learned, and it learned at least
-        // `notified_processed` (it reads every ack before it blocks, and each notify since
-        // woke it). With our queue empty we hold every frame it sent, so `expected` bounds its
-        // next seq: below that line it cannot be waiting, and waking it would only cost both
-        // of us a context switch (a paced stream's case). With frames queued it may be
-        // refilling: wake it every half window to keep it busy.
-        Ok(self.expected >= self.notified_processed + self.window || self.sub_.has_samples(py)?)
+        let now = if self.books.lossless && seq > self.books.expected && self.books.gap_since.is_none() {
+            now_s(py, &self.clock)?
+        } else {
+            0.0
+        };
+        Ok(self.books.accept(seq, kind == KIND_EOS, len, now) == Accept::Take)
     }
 
     /// `ack()` (see there).
     pub(crate) fn send_ack(&mut self, py: Python<'_>, processed: u64, committed: u64, force: bool) -> PyResult<()> {
-        let force = force || self.dup_pending;
-        self.dup_pending = false;
-        if !force && processed <= self.acked_processed && committed <= self.acked_committed {
+        let sub = &self.sub_;
+        let Some(wake) = self.books.ack(processed, committed, force, || sub.has_samples(py).unwrap_or(true)) else {
             return Ok(());
-        }
-        self.acked_processed = self.acked_processed.max(processed);
-        let new_commit = committed > self.acked_committed;
-        self.acked_committed = self.acked_committed.max(committed);
+        };
         // (processed, committed) in the seq and origin fields: see Kind.ACK
-        self.ack_pub_.send_empty(py, frame_header(self.acked_processed, KIND_ACK, self.acked_committed, 0, 0))?;
-        // Waking the producer costs it (and the CPU) a context switch per ack. For flow
-        // control it only waits with a full window, and then we have half a window to take
-        // before it could be stuck: wake it every half window. Commits (at most every 10 ms
-        // per worker) always wake it: its own commits, and so its producer's reuse of loaned
-        // chunks, wait on them (were the wake-up left to its next frame, a chain of stages
-        // would copy every big loaned frame once more).
-        if force
-            || new_commit
-            || (self.acked_processed - self.notified_processed >= self.notify_every && self.producer_may_wait(py)?)
-            || self.eos_seq.is_some_and(|e| self.acked_processed > e)
-        {
-            self.notified_processed = self.acked_processed;
+        self.ack_pub_.send_empty(py, frame_header(self.books.acked_processed, KIND_ACK, self.books.acked_committed, 0, 0))?;
+        if wake {
             self.ack_notifier_.notify(py)?;
         }
         Ok(())
@@ -191,7 +98,6 @@ impl InPort {
                         expected = 0, clock = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
         subscriber: &Bound<'_, PyAny>,
         ack_publisher: &Bound<'_, PyAny>,
         ack_notifier: &Bound<'_, PyAny>,
@@ -203,34 +109,15 @@ impl InPort {
         expected: u64,
         clock: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        let sub_ = Sub::new(subscriber);
         let max_borrowed: usize = subscriber.getattr("max_borrowed")?.extract()?;
-        let _ = py;
         Ok(InPort {
-            sub_,
+            sub_: Sub::new(subscriber),
             ack_pub_: Pub::new(ack_publisher),
             ack_notifier_: Notif::new(ack_notifier),
             clock,
             index,
             src,
-            lossless,
-            depth,
-            max_bytes,
-            expected,
-            eos: false,
-            eos_seq: None,
-            acked_processed: expected,
-            acked_committed: expected,
-            notified_processed: expected,
-            window: depth,
-            notify_every: (depth / 2).max(1),
-            frame_len: -1,
-            gap_since: None,
-            gap_reported_at: 0.0,
-            received: 0,
-            duplicates: 0,
-            dup_pending: false,
-            dropped: 0,
+            books: InBooks::new(lossless, depth, max_bytes, expected),
             decoded_by_bridge: 0,
             borrow_limit: max_borrowed.saturating_sub(1),
         })
@@ -251,15 +138,99 @@ impl InPort {
         self.ack_notifier_.object(py)
     }
 
+    #[getter]
+    fn lossless(&self) -> bool {
+        self.books.lossless
+    }
+
+    /// Seq of the next frame to take.
+    #[getter]
+    fn expected(&self) -> u64 {
+        self.books.expected
+    }
+
+    #[getter]
+    fn eos(&self) -> bool {
+        self.books.eos
+    }
+
+    #[getter]
+    fn eos_seq(&self) -> Option<u64> {
+        self.books.eos_seq
+    }
+
+    #[getter]
+    fn acked_processed(&self) -> u64 {
+        self.books.acked_processed
+    }
+
+    #[setter]
+    fn set_acked_processed(&mut self, v: u64) {
+        self.books.acked_processed = v;
+    }
+
+    #[getter]
+    fn acked_committed(&self) -> u64 {
+        self.books.acked_committed
+    }
+
+    #[setter]
+    fn set_acked_committed(&mut self, v: u64) {
+        self.books.acked_committed = v;
+    }
+
+    #[getter]
+    fn notified_processed(&self) -> u64 {
+        self.books.notified_processed
+    }
+
+    /// The producer's window in frames, as estimated here.
+    #[getter]
+    fn window(&self) -> u64 {
+        self.books.window
+    }
+
+    #[getter]
+    fn notify_every(&self) -> u64 {
+        self.books.notify_every
+    }
+
+    #[getter]
+    fn gap_since(&self) -> Option<f64> {
+        self.books.gap_since
+    }
+
+    #[getter]
+    fn received(&self) -> u64 {
+        self.books.received
+    }
+
+    #[getter]
+    fn duplicates(&self) -> u64 {
+        self.books.duplicates
+    }
+
+    #[getter]
+    fn dup_pending(&self) -> bool {
+        self.books.dup_pending
+    }
+
+    /// Frames lost on a lossy edge.
+    #[getter]
+    fn dropped(&self) -> u64 {
+        self.books.dropped
+    }
+
     /// The next in-order frame (a Sample), or None.
     fn receive(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         self.receive_next(py)
     }
 
     /// Like `receive()`, but an in-order data frame carrying a bare array like the last one
-    /// `learn()` saw, or a small pickled object, comes decoded by the bridge, as `(value, seq,
-    /// origin, stream_id, created_ns, sent_ns)` (the hot path: no Sample, no Python decoding).
-    /// Anything else comes as a Sample. Raises what unpickling raised (the frame is consumed).
+    /// `learn()` saw, a media frame or a small pickled object comes decoded by the bridge, as
+    /// `(value, seq, origin, stream_id, created_ns, sent_ns)` (the hot path: no Sample, no
+    /// Python decoding). Anything else comes as a Sample. Raises what decoding raised (the
+    /// frame is consumed).
     fn take(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         self.take_next(py)
     }
@@ -279,29 +250,26 @@ impl InPort {
     /// resends what it published that we never got. About once a second (the worker's
     /// heartbeat), so its cost is nil.
     fn probe(&mut self, py: Python<'_>) -> PyResult<()> {
-        if !self.lossless || self.eos || self.gap_since.is_some() || self.sub_.has_samples(py)? {
+        let sub = &self.sub_;
+        if !self.books.should_probe(|| sub.has_samples(py).unwrap_or(true)) {
             return Ok(());
         }
         let now_ns = (now_s(py, &self.clock)? * 1e9) as u64;
-        self.ack_pub_
-            .send_empty(py, frame_header(self.acked_processed, KIND_PROBE, self.acked_committed, self.expected, now_ns))?;
+        let b = &self.books;
+        self.ack_pub_.send_empty(py, frame_header(b.acked_processed, KIND_PROBE, b.acked_committed, b.expected, now_ns))?;
         self.ack_notifier_.notify(py)
     }
 
     fn _producer_may_wait(&self, py: Python<'_>) -> PyResult<bool> {
-        self.producer_may_wait(py)
+        let queued = self.sub_.has_samples(py)?;
+        Ok(self.books.producer_may_wait(|| queued))
     }
 
     /// The seq to ask a replay from, when a gap has lasted `min_age` and was not reported in
     /// the last `interval` seconds.
     #[pyo3(signature = (now, min_age = 0.05, interval = 0.2))]
     fn gap_to_report(&mut self, now: f64, min_age: f64, interval: f64) -> Option<u64> {
-        let since = self.gap_since?;
-        if now - since < min_age || now - self.gap_reported_at < interval {
-            return None;
-        }
-        self.gap_reported_at = now;
-        Some(self.expected)
+        self.books.gap_to_report(now, min_age, interval)
     }
 
     /// True when the next frame must be copied out of shared memory so that the borrow limit

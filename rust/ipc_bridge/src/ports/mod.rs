@@ -12,6 +12,7 @@
 //! transport through [`transport`]: this crate's iceoryx2 ports directly, or any Python object
 //! with the same methods (the in-memory fake of the unit tests).
 
+pub mod books;
 pub mod inport;
 pub mod outport;
 pub mod stage;

@@ -3,29 +3,22 @@
 //! implementation, and the Python class `supervisor.channels.OutPort` builds one (it makes
 //! the transport ports and keeps the edge's spec).
 
-use std::collections::VecDeque;
-
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::books::{Assign, Kept, OutBooks};
 use super::transport::{frame_header, Notif, Pub, Sub};
 use super::{now_s, KIND_DATA, KIND_EOS, KIND_PROBE};
 
-/// A sent frame kept for replay until the consumer commits it.
+/// What a retained frame needs to be sent again (its seq and size are the books').
 pub(crate) struct Ret {
-    seq: u64,
     kind: u32,
     meta: Py<PyAny>,
     buffers: Vec<Py<PyAny>>,
     origin: u64,
     stream_id: u64,
     created_ns: u64,
-    nbytes: u64,
-    /// The buffer is a view of a chunk this publisher loaned and sent (zero-copy output). The
-    /// chunk stays intact until this publisher loans again, so the view is copied to private
-    /// memory just before that ("copy on reuse"), unless it was committed by then.
-    loaned: bool,
 }
 
 /// A read-only view of a retained frame (for tests and tools).
@@ -46,7 +39,7 @@ fn nbytes_of(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     if let Ok(b) = obj.cast::<PyBytes>() {
         return Ok(b.as_bytes().len() as u64);
     }
-    Ok(pyo3::types::PyMemoryView::from(obj)?.getattr(intern!(py, "nbytes"))?.extract()?)
+    pyo3::types::PyMemoryView::from(obj)?.getattr(intern!(py, "nbytes"))?.extract()
 }
 
 /// Producer end of an edge (see `supervisor/channels.py` for the protocol).
@@ -58,34 +51,7 @@ pub struct OutPort {
     clock: Option<Py<PyAny>>,
     /// "src -> dst", for messages.
     name: String,
-    #[pyo3(get)]
-    lossless: bool,
-    #[pyo3(get)]
-    depth: u64,
-    #[pyo3(get)]
-    max_bytes: u64,
-    /// The consumer's stream already ended (restarts only).
-    #[pyo3(get, set)]
-    consumer_finished: bool,
-    #[pyo3(get, set)]
-    next_seq: u64,
-    /// Frames the consumer has processed / committed (counts).
-    #[pyo3(get, set)]
-    processed: u64,
-    #[pyo3(get, set)]
-    committed: u64,
-    retained: VecDeque<Ret>,
-    #[pyo3(get, set)]
-    retained_bytes: u64,
-    /// Retained frames whose buffer is still a sent chunk.
-    #[pyo3(get, set)]
-    loaned_retained: u64,
-    last_nbytes: u64,
-    /// Seq of the first retained frame not known to be delivered (None: all delivered).
-    #[pyo3(get, set)]
-    undelivered: Option<u64>,
-    retry_at: f64,
-    retry_delay: f64,
+    books: OutBooks<Ret>,
     #[pyo3(get, set)]
     sent: u64,
     /// Frames sent from a loaned chunk, without a copy.
@@ -104,10 +70,6 @@ pub struct OutPort {
     /// Frames resent because a probe showed the transport lost them.
     #[pyo3(get, set)]
     lost: u64,
-    /// (frame the consumer waits for, read at ns)
-    probe: Option<(u64, u64)>,
-    #[pyo3(get, set)]
-    eos_sent: bool,
     /// Frames sent with notify=False wait for flush_notify().
     #[pyo3(get)]
     notify_pending: bool,
@@ -124,30 +86,19 @@ impl OutPort {
         self.notifier_.notify(py)
     }
 
-    fn schedule_retry(&mut self, py: Python<'_>, reset: bool) -> PyResult<()> {
-        self.retry_delay = if reset { 0.002 } else { (self.retry_delay * 2.0).min(0.1) };
-        self.retry_at = self.now(py)? + self.retry_delay;
-        Ok(())
-    }
-
-    /// Retain `r` (a frame of a lossless edge) for replay, and book its publish: it reached
-    /// `n` subscribers (then wake the consumer if `notify`); 0: it was discarded, so it and
-    /// every later frame are resent in order after a backoff; None: it was not published (an
+    /// Retain a frame of a lossless edge for replay, and book its publish: it reached `n`
+    /// subscribers (then wake the consumer if `notify`); 0: it was discarded, so it and every
+    /// later frame are resent in order after a backoff; None: it was not published (an
     /// earlier frame is still undelivered, or the publish raised).
-    fn keep(&mut self, py: Python<'_>, r: Ret, n: Option<usize>, notify: bool) -> PyResult<()> {
-        let (seq, nbytes, loaned) = (r.seq, r.nbytes, r.loaned);
-        self.retained.push_back(r);
-        self.retained_bytes += nbytes;
-        self.last_nbytes = nbytes;
-        if loaned {
-            self.loaned_retained += 1;
-        }
+    fn keep(&mut self, py: Python<'_>, k: Kept<Ret>, n: Option<usize>, notify: bool) -> PyResult<()> {
+        let seq = k.seq;
+        self.books.keep(k);
         match n {
             None => {}
             Some(0) => {
                 self.discarded += 1;
-                self.undelivered = Some(seq);
-                self.schedule_retry(py, true)?;
+                let now = self.now(py)?;
+                self.books.discarded(seq, now);
             }
             Some(_) => {
                 self.sent += 1;
@@ -160,13 +111,20 @@ impl OutPort {
     }
 
     fn publish(&mut self, py: Python<'_>, i: usize) -> PyResult<bool> {
-        let r = &self.retained[i];
-        let h = frame_header(r.seq, r.kind, r.origin, r.stream_id, r.created_ns);
+        let k = &self.books.retained[i];
+        let r = &k.frame;
+        let h = frame_header(k.seq, r.kind, r.origin, r.stream_id, r.created_ns);
         let n = self.pub_.send(py, h, r.meta.bind(py), &r.buffers)?;
         if n == 0 {
             self.discarded += 1;
         }
         Ok(n > 0)
+    }
+
+    /// True when a lossless edge has room in its window (read for every frame).
+    #[inline]
+    pub(crate) fn has_room(&self) -> bool {
+        self.books.has_room()
     }
 
     pub(crate) fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
@@ -177,18 +135,9 @@ impl OutPort {
         Ok(())
     }
 
-    /// True when a lossless edge has room in its window (read for every frame).
-    #[inline]
-    pub(crate) fn has_room(&self) -> bool {
-        if !self.lossless {
-            return true;
-        }
-        let n = self.next_seq.saturating_sub(self.processed);
-        n == 0 || (n < self.depth && n * self.last_nbytes < self.max_bytes)
-    }
-
-    /// The hot path of `send()`; Some(sent) or None when the caller must encode and `send()`.
-    /// With `notify` false the consumer is woken by a later `flush_notify()` (a batch).
+    /// The hot path of `send()`: a bare array like the learned one, encoded by the publisher.
+    /// False when the caller must encode and `send()`. With `notify` false the consumer is
+    /// woken by a later `flush()` (a batch).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn try_send_array(
         &mut self,
@@ -200,39 +149,28 @@ impl OutPort {
         notify: bool,
     ) -> PyResult<bool> {
         let Some(meta) = self.array_meta.as_ref() else { return Ok(false) };
-        if self.undelivered.is_some() || self.loaned_retained > 0 {
-            return Ok(false);
+        let b = &self.books;
+        if b.undelivered.is_some() || b.loaned_retained > 0 || b.next_seq < b.committed {
+            return Ok(false); // (out of order, or regenerated after a restart: send() knows)
         }
-        let seq = self.next_seq;
-        if seq < self.committed {
-            return Ok(false); // regenerated after a restart: send() knows what to skip
-        }
+        let seq = b.next_seq;
         let n = self.pub_.send_array(py, seq, value, origin, stream_id, created_ns, notify.then_some(&self.notifier_))?;
         if n < 0 {
             return Ok(false);
         }
+        let _ = self.books.assign(false);
         if !notify && n > 0 {
             self.notify_pending = true;
         }
-        self.next_seq = seq + 1;
         self.encoded_by_bridge += 1;
-        if !self.lossless {
+        if !self.books.lossless {
             self.sent += 1;
             return Ok(true);
         }
-        // (the publisher notified the consumer already)
-        let r = Ret {
-            seq,
-            kind: KIND_DATA,
-            meta: meta.clone_ref(py),
-            buffers: vec![value.clone().unbind()],
-            origin,
-            stream_id,
-            created_ns,
-            nbytes: self.array_nbytes,
-            loaned: false,
-        };
-        self.keep(py, r, Some(n as usize), false)?;
+        let frame = Ret { kind: KIND_DATA, meta: meta.clone_ref(py), buffers: vec![value.clone().unbind()], origin, stream_id, created_ns };
+        let k = Kept { seq, nbytes: self.array_nbytes, loaned: false, frame };
+        // (the publisher notified the consumer already, or the batch will)
+        self.keep(py, k, Some(n as usize), false)?;
         Ok(true)
     }
 
@@ -249,12 +187,11 @@ impl OutPort {
         created_ns: u64,
         notify: bool,
     ) -> PyResult<u64> {
-        let mut seq = self.next_seq;
-        self.next_seq += 1;
-        if kind == KIND_EOS {
-            self.eos_sent = true;
-        }
-        if !self.lossless {
+        let seq = match self.books.assign(kind == KIND_EOS) {
+            Assign::Skip(seq) => return Ok(seq),
+            Assign::Send(seq) => seq,
+        };
+        if !self.books.lossless {
             self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
             self.sent += 1;
             if notify {
@@ -264,36 +201,28 @@ impl OutPort {
             }
             return Ok(seq);
         }
-        if seq < self.committed {
-            if kind != KIND_EOS || self.consumer_finished {
-                return Ok(seq); // regenerated after a restart, and already committed downstream
-            }
-            // An end of stream the consumer has not seen: after a restart behind a lossy edge
-            // the outputs may number differently. It becomes the next frame the consumer takes.
-            seq = self.committed;
-            self.next_seq = seq + 1;
-        }
         let mut nbytes = nbytes_of(py, meta)?;
         for b in &buffers {
             nbytes += nbytes_of(py, b.bind(py))?;
         }
-        let r = Ret { seq, kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns, nbytes, loaned: false };
+        let frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
+        let k = Kept { seq, nbytes, loaned: false, frame };
         let mut n = None;
-        if self.undelivered.is_none() {
-            if self.loaned_retained > 0 {
+        if self.books.undelivered.is_none() {
+            if self.books.loaned_retained > 0 {
                 self.secure(py)?;
             }
             let h = frame_header(seq, kind, origin, stream_id, created_ns);
-            match self.pub_.send(py, h, meta, &r.buffers) {
-                Ok(k) => n = Some(k),
+            match self.pub_.send(py, h, meta, &k.frame.buffers) {
+                Ok(c) => n = Some(c),
                 Err(e) => {
-                    self.keep(py, r, None, false)?; // its seq is taken: a replay must find it
+                    self.keep(py, k, None, false)?; // its seq is taken: a replay must find it
                     return Err(e);
                 }
             }
         }
-        self.keep(py, r, n, notify)?;
-        if !notify && n.is_some_and(|k| k > 0) {
+        self.keep(py, k, n, notify)?;
+        if !notify && n.is_some_and(|c| c > 0) {
             self.notify_pending = true;
         }
         Ok(seq)
@@ -302,95 +231,54 @@ impl OutPort {
     /// Copy-on-reuse: before this publisher loans a chunk again, retained frames that still
     /// point into chunks it sent get a private copy (their chunk may be the next loan).
     pub(crate) fn secure(&mut self, py: Python<'_>) -> PyResult<()> {
-        if self.loaned_retained == 0 {
+        if self.books.loaned_retained == 0 {
             return Ok(());
         }
         self.poll(py)?; // frames committed meanwhile need no copy
-        if self.loaned_retained == 0 {
+        if self.books.loaned_retained == 0 {
             return Ok(());
         }
-        for r in self.retained.iter_mut() {
-            if r.loaned {
-                let mut copies = Vec::with_capacity(r.buffers.len());
-                for b in &r.buffers {
+        for k in self.books.retained.iter_mut() {
+            if k.loaned {
+                let mut copies = Vec::with_capacity(k.frame.buffers.len());
+                for b in &k.frame.buffers {
                     let view = pyo3::types::PyMemoryView::from(b.bind(py))?;
                     copies.push(view.call_method0(intern!(py, "tobytes"))?.unbind());
                 }
-                r.buffers = copies;
-                r.loaned = false;
+                k.frame.buffers = copies;
+                k.loaned = false;
                 self.copied_on_reuse += 1;
             }
         }
-        self.loaned_retained = 0;
+        self.books.loaned_retained = 0;
         Ok(())
     }
 
     /// Consumes acks; true when the consumer made progress. A probe read here may resend.
     pub(crate) fn poll(&mut self, py: Python<'_>) -> PyResult<bool> {
         let Some((processed, committed, want, probed_ns, kind)) = self.ack.newest_ack(py)? else { return Ok(false) };
-        let progress = self.apply(processed, committed);
+        let progress = self.books.apply(processed, committed);
         if kind == KIND_PROBE {
             self.probed(py, want, probed_ns)?;
         }
         Ok(progress)
     }
 
-    pub(crate) fn apply(&mut self, processed: u64, committed: u64) -> bool {
-        let mut progress = false;
-        if processed > self.processed {
-            self.processed = processed.min(self.next_seq);
-            progress = true;
-        }
-        if committed > self.committed {
-            self.committed = committed;
-            progress = true;
-            while self.retained.front().is_some_and(|r| r.seq < committed) {
-                let r = self.retained.pop_front().expect("front checked");
-                self.retained_bytes -= r.nbytes;
-                if r.loaned {
-                    self.loaned_retained -= 1;
-                }
-            }
-            if self.undelivered.is_some_and(|u| u < committed) {
-                self.undelivered = self.retained.front().map(|r| r.seq);
-            }
-        }
-        if progress && self.undelivered.is_some() {
-            self.retry_at = 0.0; // room was made: resend now
-        }
-        progress
-    }
-
-    /// See OutPort._probed in supervisor/channels.py.
+    /// See OutBooks::probed: a frame published but never delivered is sent again.
     fn probed(&mut self, py: Python<'_>, want: u64, probed_ns: u64) -> PyResult<()> {
-        let end = self.undelivered.unwrap_or(self.next_seq);
-        if !self.lossless || want >= end || want < self.committed {
-            self.probe = None; // nothing published that it waits for
-            return Ok(());
-        }
         let now_ns = (self.now(py)? * 1e9) as u64;
-        match self.probe {
-            Some((w, at)) if w == want && probed_ns > at => {}
-            // (a probe sent before we read the first may predate the publish: wait for one after)
-            _ => {
-                self.probe = Some((want, now_ns));
-                return Ok(());
-            }
-        }
-        self.probe = None;
-        self.lost += end - want;
+        let Some((from, end)) = self.books.probed(want, probed_ns, now_ns) else { return Ok(()) };
+        self.lost += end - from;
         let msg = format!(
             "edge {}: frames {}..{} were published but never reached the consumer (lost by the transport); resending them",
             self.name,
-            want,
+            from,
             end - 1
         );
         py.import(intern!(py, "logging"))?
             .call_method1(intern!(py, "getLogger"), ("remotemedia.supervisor",))?
             .call_method1(intern!(py, "warning"), (msg,))?;
         self.pub_.update_connections(py)?;
-        self.processed = self.processed.min(want);
-        self.undelivered = Some(want);
         self.resend(py, true)?;
         Ok(())
     }
@@ -398,33 +286,28 @@ impl OutPort {
     /// Send the undelivered tail in order, if its retry time has come. True when the whole
     /// tail went out.
     pub(crate) fn resend(&mut self, py: Python<'_>, force: bool) -> PyResult<bool> {
-        let Some(first) = self.undelivered else { return Ok(true) };
-        if !force && self.now(py)? < self.retry_at {
-            return Ok(false);
+        let now = self.now(py)?;
+        if self.books.due(now, force).is_none() {
+            return Ok(self.books.undelivered.is_none());
         }
-        self.secure(py)?;
+        self.secure(py)?; // (may read acks: the tail is looked up after it)
+        let Some(due) = self.books.due(now, true) else { return Ok(true) };
         let mut sent_any = false;
-        for i in 0..self.retained.len() {
-            let seq = self.retained[i].seq;
-            if seq < first {
-                continue;
-            }
+        let mut stopped = None;
+        for i in due {
             if !self.publish(py, i)? {
-                self.undelivered = Some(seq);
-                if sent_any {
-                    self.notify(py)?;
-                }
-                self.schedule_retry(py, sent_any)?;
-                return Ok(false);
+                stopped = Some(self.books.retained[i].seq);
+                break;
             }
             sent_any = true;
             self.resent += 1;
         }
-        self.undelivered = None;
         if sent_any {
             self.notify(py)?;
         }
-        Ok(true)
+        let now = self.now(py)?;
+        self.books.resent(stopped, sent_any, now);
+        Ok(stopped.is_none())
     }
 }
 
@@ -449,27 +332,13 @@ impl OutPort {
         consumer_finished: bool,
         clock: Option<Py<PyAny>>,
     ) -> Self {
-        let start = next_seq.max(committed);
         OutPort {
             pub_: Pub::new(publisher),
             ack: Sub::new(ack_subscriber),
             notifier_: Notif::new(notifier),
             clock,
             name,
-            lossless,
-            depth,
-            max_bytes,
-            consumer_finished,
-            next_seq,
-            processed: start,
-            committed: start,
-            retained: VecDeque::new(),
-            retained_bytes: 0,
-            loaned_retained: 0,
-            last_nbytes: 0,
-            undelivered: None,
-            retry_at: 0.0,
-            retry_delay: 0.002,
+            books: OutBooks::new(lossless, depth, max_bytes, next_seq, committed, consumer_finished),
             sent: 0,
             zero_copy: 0,
             copied_on_reuse: 0,
@@ -477,8 +346,6 @@ impl OutPort {
             resent: 0,
             discarded: 0,
             lost: 0,
-            probe: None,
-            eos_sent: false,
             notify_pending: false,
             array_meta: None,
             array_nbytes: 0,
@@ -501,32 +368,93 @@ impl OutPort {
     }
 
     #[getter]
+    fn lossless(&self) -> bool {
+        self.books.lossless
+    }
+
+    #[getter]
+    fn depth(&self) -> u64 {
+        self.books.depth
+    }
+
+    #[getter]
+    fn max_bytes(&self) -> u64 {
+        self.books.max_bytes
+    }
+
+    /// The consumer's stream already ended (restarts only).
+    #[getter]
+    fn consumer_finished(&self) -> bool {
+        self.books.consumer_finished
+    }
+
+    #[getter]
+    fn next_seq(&self) -> u64 {
+        self.books.next_seq
+    }
+
+    /// Frames the consumer has processed (a count).
+    #[getter]
+    fn processed(&self) -> u64 {
+        self.books.processed
+    }
+
+    /// Frames the consumer has committed (a count).
+    #[getter]
+    fn committed(&self) -> u64 {
+        self.books.committed
+    }
+
+    #[getter]
+    fn retained_bytes(&self) -> u64 {
+        self.books.retained_bytes
+    }
+
+    /// Retained frames whose buffer is still a sent chunk.
+    #[getter]
+    fn loaned_retained(&self) -> u64 {
+        self.books.loaned_retained
+    }
+
+    /// Seq of the first retained frame not known to be delivered (None: all delivered).
+    #[getter]
+    fn undelivered(&self) -> Option<u64> {
+        self.books.undelivered
+    }
+
+    #[getter]
+    fn eos_sent(&self) -> bool {
+        self.books.eos_sent
+    }
+
+    #[getter]
     fn in_flight(&self) -> i64 {
-        self.next_seq as i64 - self.processed as i64
+        self.books.next_seq as i64 - self.books.processed as i64
     }
 
     /// The retained frames, oldest first (copies of the books, for tests and tools).
     #[getter]
     fn retained(&self, py: Python<'_>) -> Vec<Retained> {
-        self.retained
+        self.books
+            .retained
             .iter()
-            .map(|r| Retained {
-                seq: r.seq,
-                kind: r.kind,
-                meta: r.meta.clone_ref(py),
-                buffers: r.buffers.iter().map(|b| b.clone_ref(py)).collect(),
-                origin: r.origin,
-                stream_id: r.stream_id,
-                created_ns: r.created_ns,
-                nbytes: r.nbytes,
-                loaned: r.loaned,
+            .map(|k| Retained {
+                seq: k.seq,
+                kind: k.frame.kind,
+                meta: k.frame.meta.clone_ref(py),
+                buffers: k.frame.buffers.iter().map(|b| b.clone_ref(py)).collect(),
+                origin: k.frame.origin,
+                stream_id: k.frame.stream_id,
+                created_ns: k.frame.created_ns,
+                nbytes: k.nbytes,
+                loaned: k.loaned,
             })
             .collect()
     }
 
     #[getter]
     fn retained_count(&self) -> usize {
-        self.retained.len()
+        self.books.retained.len()
     }
 
     /// True when a frame may be sent now (lossless: the window has room).
@@ -589,8 +517,6 @@ impl OutPort {
         stream_id: u64,
         created_ns: u64,
     ) -> PyResult<u64> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let loan_send = |seq: u64| -> PyResult<usize> {
             let kw = pyo3::types::PyDict::new(py);
             kw.set_item(intern!(py, "origin"), origin)?;
@@ -598,45 +524,39 @@ impl OutPort {
             kw.set_item(intern!(py, "created_ns"), created_ns)?;
             loan.call_method(intern!(py, "send"), (seq, KIND_DATA, meta), Some(&kw))?.extract()
         };
-        if !self.lossless {
+        let seq = match self.books.assign(false) {
+            Assign::Skip(seq) => {
+                loan.call_method0(intern!(py, "discard"))?;
+                return Ok(seq);
+            }
+            Assign::Send(seq) => seq,
+        };
+        if !self.books.lossless {
             loan_send(seq)?;
             self.sent += 1;
             self.zero_copy += 1;
             self.notify(py)?;
             return Ok(seq);
         }
-        if seq < self.committed {
-            loan.call_method0(intern!(py, "discard"))?;
-            return Ok(seq);
-        }
         let nbytes = nbytes_of(py, meta)? + nbytes_of(py, buffer)?;
-        let mut r = Ret {
-            seq,
-            kind: KIND_DATA,
-            meta: meta.clone().unbind(),
-            buffers: vec![buffer.clone().unbind()],
-            origin,
-            stream_id,
-            created_ns,
-            nbytes,
-            loaned: true,
-        };
-        if self.undelivered.is_some() {
+        let frame = Ret { kind: KIND_DATA, meta: meta.clone().unbind(), buffers: vec![buffer.clone().unbind()], origin, stream_id, created_ns };
+        let mut k = Kept { seq, nbytes, loaned: true, frame };
+        if self.books.undelivered.is_some() {
             // Out of order now: it must wait its turn like any frame, from private memory.
-            r.buffers = vec![pyo3::types::PyMemoryView::from(buffer)?.call_method0(intern!(py, "tobytes"))?.unbind()];
-            r.loaned = false;
+            k.frame.buffers = vec![pyo3::types::PyMemoryView::from(buffer)?.call_method0(intern!(py, "tobytes"))?.unbind()];
+            k.loaned = false;
             loan.call_method0(intern!(py, "discard"))?;
-            self.keep(py, r, None, false)?;
+            self.keep(py, k, None, false)?;
             return Ok(seq);
         }
         let n = match loan_send(seq) {
             Ok(n) => n,
             Err(e) => {
-                self.keep(py, r, None, false)?; // its seq is taken: a replay must find it
+                self.keep(py, k, None, false)?; // its seq is taken: a replay must find it
                 return Err(e);
             }
         };
-        self.keep(py, r, Some(n), true)?;
+        self.keep(py, k, Some(n), true)?;
         if n > 0 {
             self.zero_copy += 1;
         }
@@ -669,34 +589,19 @@ impl OutPort {
     /// The consumer processed `processed` frames and committed `committed`; forget the
     /// committed ones. True on progress.
     fn apply_ack(&mut self, processed: u64, committed: u64) -> bool {
-        self.apply(processed, committed)
+        self.books.apply(processed, committed)
     }
 
     /// Send again every retained frame with seq > after (a consumer restarted).
     fn replay(&mut self, py: Python<'_>, after: i64) -> PyResult<()> {
-        if !self.lossless {
-            // Nothing is kept on a lossy edge: what the dead consumer had queued is gone, so
-            // count it as taken, and repeat the end of the stream if it was already sent.
-            self.pub_.update_connections(py)?;
-            self.processed = self.next_seq - u64::from(self.eos_sent);
-            if self.eos_sent {
-                self.pub_.send_empty(py, frame_header(self.next_seq - 1, KIND_EOS, 0, 0, 0))?;
-                self.notify(py)?;
-            }
-            return Ok(());
-        }
         self.pub_.update_connections(py)?;
-        // The restarted consumer has processed nothing beyond its commit.
-        self.processed = self.processed.min((after + 1).max(0) as u64);
-        let first = self.retained.iter().map(|r| r.seq as i64).find(|&s| s > after);
-        if let Some(first) = first {
-            let first = first as u64;
-            if self.undelivered.is_none_or(|u| first < u) {
-                self.undelivered = Some(first);
-            }
+        if self.books.replay(after) {
+            self.pub_.send_empty(py, frame_header(self.books.next_seq - 1, KIND_EOS, 0, 0, 0))?;
+            self.notify(py)?;
         }
-        self.retry_at = 0.0;
-        self.resend(py, true)?;
+        if self.books.lossless {
+            self.resend(py, true)?;
+        }
         Ok(())
     }
 
@@ -709,22 +614,19 @@ impl OutPort {
 
     #[getter]
     fn next_retry(&self) -> Option<f64> {
-        self.undelivered.map(|_| self.retry_at)
+        self.books.undelivered.map(|_| self.books.retry_at)
     }
 
     #[getter]
     fn fully_acked(&self) -> bool {
-        if !self.lossless {
-            return self.processed >= self.next_seq;
-        }
-        self.retained.is_empty()
+        self.books.fully_acked()
     }
 
     /// Release every port of this end (idempotent).
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.retained.clear();
-        self.retained_bytes = 0;
-        self.loaned_retained = 0;
+        self.books.retained.clear();
+        self.books.retained_bytes = 0;
+        self.books.loaned_retained = 0;
         self.array_meta = None;
         self.pub_.close(py)?;
         self.ack.close(py)?;

@@ -102,7 +102,7 @@ impl StageLoop {
             let j = (self.rr + i) % n;
             let got = {
                 let mut port = self.inputs[j].borrow_mut(py);
-                if port.eos {
+                if port.books.eos {
                     continue;
                 }
                 port.take_next(py)?
