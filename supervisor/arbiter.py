@@ -51,6 +51,7 @@ from .channels import Transport
 from .control import ControlServer
 from .doorbells import RunDoorbells
 from .gateway import Gateway
+from .launch import Launcher, imported_modules, make_launcher
 from .tracebacks import forget_locals
 from .logs import LogSink
 from .process import WorkerProcess
@@ -159,6 +160,7 @@ class RunConfig:
     control: bool = True
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    start_method: str = "spawn"
 
 
 @dataclass
@@ -215,6 +217,7 @@ class Arbiter:
         os.set_blocking(self._wake_w, False)
         self._iox: Any = None
         self._bells: Optional[RunDoorbells] = None
+        self.launcher: Launcher = make_launcher("spawn", self.env)  # (run() makes the run's own)
         #: Starts a reload from the pipeline's source (in a thread of its own) and returns its
         #: future: the nodes replaced, or the error. None: nothing to reload from.
         self.on_reload: Optional[Callable[[], "Future[List[str]]"]] = None
@@ -272,6 +275,15 @@ class Arbiter:
 
     def run(self) -> None:
         try:
+            # First: a template imports while the rest is set up. (Started by this thread: it
+            # dies with it, as the workers it forks die with it.)
+            self.launcher = make_launcher(
+                self.config.start_method,
+                self.env,
+                imported_modules(w.blob for w in self.workers.values()),
+                hello_timeout=max((w.options["init_timeout"] for w in self.workers.values()), default=60.0),
+            )
+            self.launcher.prepare()
             resources.cleanup_stale_runs()
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.config.prefix, "supervisor", self.config.root)
@@ -316,6 +328,7 @@ class Arbiter:
             for msg in w.receive():
                 self._on_message(w, msg)
         self._service_gateway()
+        self.launcher.pump()  # (the exits a template reported)
         self.reap_workers()
         self.murder_workers()
         self.manage_workers()
@@ -328,6 +341,7 @@ class Arbiter:
             fds.extend(w.fds())
         if self._control is not None:
             fds.extend(self._control.fds())
+        fds.extend(self.launcher.fds())
         try:
             select.select(fds, [], [], timeout)
         except InterruptedError:  # pragma: no cover - PEP 475 retries
@@ -728,6 +742,7 @@ class Arbiter:
                 w.kill()
             for w in self.workers.values():
                 w.wait_gone()
+            self.launcher.close()  # (after the workers: it reports their exits)
             self._close_gateway()
             if self._iox is not None:
                 self._iox.close()
@@ -750,7 +765,8 @@ class Arbiter:
             if self.error is None:
                 self.error = SupervisorError(f"shutdown failed: {e!r}")
         finally:
-            self._close_gateway()  # (again, should the above have failed before it)
+            self.launcher.close()  # (again, should the above have failed before it)
+            self._close_gateway()
             if self._iox is not None:
                 self._iox.close()
                 self._iox = None
