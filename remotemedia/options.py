@@ -290,7 +290,7 @@ def _table() -> Tuple[Option, ...]:
             flag=Flag(int),
         ),
         Option(
-            "start_method", "spawn", _one_of(START_METHODS),
+            "start_method", "forkserver", _one_of(START_METHODS),
             "how workers start: `spawn` (a new Python interpreter each) or `forkserver` (forked from a template process of the run that has imported the runtime, numpy and the nodes' modules: faster, and sharing memory)",
             flag=Flag(str, START_METHODS),
         ),

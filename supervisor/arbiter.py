@@ -173,6 +173,7 @@ class Snapshot:
     started_at: Optional[float]
     workers: Dict[str, WorkerProcess]
     in_flight: Dict[int, int] = field(default_factory=dict)  # the caller's input edges
+    launcher: Dict[str, Any] = field(default_factory=dict)  # how workers start (Launcher.describe)
 
 
 class Arbiter:
@@ -217,7 +218,14 @@ class Arbiter:
         os.set_blocking(self._wake_w, False)
         self._iox: Any = None
         self._bells: Optional[RunDoorbells] = None
-        self.launcher: Launcher = make_launcher("spawn", self.env)  # (run() makes the run's own)
+        # How workers start; a template is started by run(), in the arbiter thread: it dies
+        # with that thread, as the workers it forks die with it.
+        self.launcher: Launcher = make_launcher(
+            config.start_method,
+            self.env,
+            imported_modules(w.blob for w in self.workers.values()),
+            hello_timeout=max((w.options["init_timeout"] for w in self.workers.values()), default=60.0),
+        )
         #: Starts a reload from the pipeline's source (in a thread of its own) and returns its
         #: future: the nodes replaced, or the error. None: nothing to reload from.
         self.on_reload: Optional[Callable[[], "Future[List[str]]"]] = None
@@ -275,15 +283,7 @@ class Arbiter:
 
     def run(self) -> None:
         try:
-            # First: a template imports while the rest is set up. (Started by this thread: it
-            # dies with it, as the workers it forks die with it.)
-            self.launcher = make_launcher(
-                self.config.start_method,
-                self.env,
-                imported_modules(w.blob for w in self.workers.values()),
-                hello_timeout=max((w.options["init_timeout"] for w in self.workers.values()), default=60.0),
-            )
-            self.launcher.prepare()
+            self.launcher.prepare()  # (first: a template imports while the rest is set up)
             resources.cleanup_stale_runs()
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.config.prefix, "supervisor", self.config.root)
@@ -342,8 +342,12 @@ class Arbiter:
         if self._control is not None:
             fds.extend(self._control.fds())
         fds.extend(self.launcher.fds())
+        # poll, not select: a big pipeline's descriptors (about 5 per worker) pass FD_SETSIZE
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         try:
-            select.select(fds, [], [], timeout)
+            poller.poll(timeout * 1000)
         except InterruptedError:  # pragma: no cover - PEP 475 retries
             pass
         try:
@@ -602,6 +606,7 @@ class Arbiter:
             self.started_at,
             dict(self.workers),
             gw.in_flight() if gw is not None and not gw.closed else {},
+            self.launcher.describe(),
         )
 
     def _on_control(self, req: Dict[str, Any]) -> Dict[str, Any]:

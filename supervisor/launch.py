@@ -178,8 +178,13 @@ class ForkedWorker(WorkerHandle):
         self.returncode = None
         self.status: Optional[int] = None  # reported by the template, not yet reaped
         self.orphaned = False  # its template died (and so does it)
-        # The template does not reap it before our Reap: the pid is still this process.
-        self.pidfd = os.pidfd_open(pid)
+        try:
+            # The template does not reap it before our Reap: the pid is still this process,
+            # unless the template died since it answered (then init reaps it).
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pidfd = -1
+            self.orphaned = True
 
     def poll_exit(self) -> Optional[int]:
         if self.returncode is not None:
@@ -191,7 +196,7 @@ class ForkedWorker(WorkerHandle):
                 pass
             self.launcher.reap(self)
             return self._exited(self.status)
-        if self.orphaned and _readable(self.pidfd):
+        if self.orphaned and (self.pidfd < 0 or _readable(self.pidfd)):
             # Killed by its parent-death signal's handler (a SIGKILL of its group).
             self.note = "its worker template died"
             return self._exited(-signal.SIGKILL)
@@ -199,12 +204,13 @@ class ForkedWorker(WorkerHandle):
 
     def _exited(self, status: int) -> int:
         self.returncode = status
-        os.close(self.pidfd)
-        self.pidfd = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         return status
 
     def signal(self, sig: int) -> None:
-        if self.returncode is not None:
+        if self.returncode is not None or self.pidfd < 0:
             return
         try:
             if self.orphaned:
@@ -228,13 +234,16 @@ class ForkedWorker(WorkerHandle):
             if left <= 0:
                 return None
             if self.orphaned:
-                select.select([self.pidfd], [], [], left)
+                _readable(self.pidfd, left)
             else:
                 self.launcher.pump(left)
 
 
-def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
+def _readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether ``fd`` is readable within ``timeout`` seconds (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 # ================================================================== launchers
@@ -336,6 +345,12 @@ class ForkserverLauncher(Launcher):
         self._start()
 
     def _start(self) -> None:
+        try:
+            self._start_template()
+        except OSError as e:  # (out of processes or descriptors: a worker may still spawn later)
+            self._fall_back(f"the worker template could not be started ({e})")
+
+    def _start_template(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             child.set_inheritable(True)
@@ -367,6 +382,7 @@ class ForkserverLauncher(Launcher):
         while self.fallback is None:
             if self.proc is None:
                 self._start()
+                continue  # (or fall back)
             if self.pid is not None:
                 return True
             try:
@@ -419,9 +435,10 @@ class ForkserverLauncher(Launcher):
                 proc.kill()
                 proc.wait()
 
-    def _died(self) -> None:
+    def _died(self) -> Optional[int]:
         """The template's socket hung up (or it stopped answering and was killed): it is
-        dead, and so are the workers it forked, by their parent-death signal."""
+        dead, and so are the workers it forked, by their parent-death signal. Its exit
+        status."""
         proc = self.proc
         status = None
         if proc is not None:
@@ -432,19 +449,21 @@ class ForkserverLauncher(Launcher):
                 status = proc.wait()
         if self.sock is not None:
             self.sock.close()
-        pid = self.pid or (proc.pid if proc is not None else None)
+        pid, serving = (self.pid, True) if self.pid is not None else (proc.pid if proc is not None else None, False)
         self.sock = self.proc = self.pid = None
         orphans = [h for h in self.handles.values() if h.status is None]
         for h in orphans:
             h.orphaned = True
         self.handles = {p: h for p, h in self.handles.items() if not h.orphaned}
         self.deaths += 1
-        log.warning(
-            "the worker template (pid %s) died (%s)%s", pid, _describe(status),
-            f"; its {len(orphans)} running worker(s) die with it and are restarted under their restart policy" if orphans else "",
-        )  # fmt: skip
-        if self.deaths > MAX_TEMPLATE_DEATHS:
-            self._fall_back(f"the worker template died {self.deaths} times")
+        if serving:  # (one that dies before its Hello is a failure to start: _ready says so)
+            log.warning(
+                "the worker template (pid %s) died (%s)%s", pid, _describe(status),
+                f"; its {len(orphans)} running worker(s) die with it and are restarted under their restart policy" if orphans else "",
+            )  # fmt: skip
+            if self.deaths > MAX_TEMPLATE_DEATHS:
+                self._fall_back(f"the worker template died {self.deaths} times")
+        return status
 
     # ------------------------------------------------------------------ messages
 
@@ -462,12 +481,11 @@ class ForkserverLauncher(Launcher):
                     self.proc.kill()
                 self._died()
                 raise TemplateGone(f"did not answer within {self.hello_timeout if want == 'hello' else SPAWN_REPLY_TIMEOUT:g} s")
-            if not select.select([sock], [], [], left)[0]:
+            if not _readable(sock.fileno(), left):
                 continue
             msg = self._read_one()
             if msg is None:
-                self._died()
-                raise TemplateGone("died")
+                raise TemplateGone(f"died ({_describe(self._died())})")
             if msg[0] == want or (want == "spawned" and msg[0] == "spawn_failed"):
                 return msg
 
@@ -491,13 +509,12 @@ class ForkserverLauncher(Launcher):
     def pump(self, timeout: float = 0.0) -> None:
         deadline = time.monotonic() + timeout
         while self.sock is not None:
-            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not _readable(self.sock.fileno(), deadline - time.monotonic()):
                 return
             if self._read_one() is None:
                 self._died()
                 return
-            timeout = 0.0
-            deadline = time.monotonic()
+            deadline = time.monotonic()  # (then whatever else is there already, no waiting)
 
     def fds(self) -> List[int]:
         return [self.sock.fileno()] if self.sock is not None else []
