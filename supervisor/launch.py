@@ -329,6 +329,7 @@ class ForkserverLauncher(Launcher):
         self.deaths = 0
         self.fallback: Optional[str] = None  # why workers are spawned instead
         self.started = 0  # templates started
+        self.started_at = 0.0
         self.forked = 0
         self.spawned = 0
 
@@ -375,6 +376,7 @@ class ForkserverLauncher(Launcher):
         self.sock = parent
         self.pid = None
         self.started += 1
+        self.started_at = time.monotonic()
 
     def _ready(self) -> bool:
         """Wait for the template's Hello if it has not come yet; False when workers are to be
@@ -409,6 +411,7 @@ class ForkserverLauncher(Launcher):
                 self._fall_back(f"the worker template has threads after its imports ({', '.join(threads)})")
                 return False
             self.pid = pid
+            log.debug("worker template (pid %d) ready after %.3f s", pid, time.monotonic() - self.started_at)
             return True
         return False
 

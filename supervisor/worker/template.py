@@ -52,7 +52,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 # What every worker imports: loading it here is the point of the template.
 import cloudpickle  # noqa: F401
@@ -149,6 +149,28 @@ def _send(sock: socket.socket, msg: Tuple[Any, ...]) -> None:
     sock.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))  # (one record: SOCK_SEQPACKET)
 
 
+#: The workers forked and not reaped yet: each pid still names its worker's process group.
+_UNREAPED: Set[int] = set()
+
+
+def _kill_workers() -> None:
+    """SIGKILL the process group of every worker not reaped yet. A worker that has exited
+    (its supervisor died: it saw its control socket close) is one of them until Reap, and its
+    node's helpers may still run in its group, which nobody else would kill now."""
+    for pid in _UNREAPED:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _on_parent_death(signum: int, frame: Any) -> None:
+    # (in Python, not the bridge's native handler: the template only ever waits in poll(),
+    # so this runs at once, and it knows its workers' groups)
+    _kill_workers()
+    os._exit(0)
+
+
 def serve(sock: socket.socket) -> int:
     """Answer the supervisor's requests until it closes the socket."""
     poller = select.poll()
@@ -165,7 +187,8 @@ def serve(sock: socket.socket) -> int:
                 continue
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
             if not data:
-                return 0  # the supervisor is done (or gone): the workers die with us
+                _kill_workers()  # the supervisor is done (all reaped) or gone
+                return 0
             msg = pickle.loads(data)
             if msg[0] == "spawn":
                 _spawn(sock, poller, children, msg, fds)
@@ -176,6 +199,7 @@ def serve(sock: socket.socket) -> int:
                     os.waitpid(msg[1], 0)
                 except ChildProcessError:
                     pass
+                _UNREAPED.discard(msg[1])
 
 
 def _spawn(sock: socket.socket, poller: Any, children: Dict[int, int], msg: Tuple[Any, ...], fds: List[int]) -> None:
@@ -194,6 +218,7 @@ def _spawn(sock: socket.socket, poller: Any, children: Dict[int, int], msg: Tupl
     if pid == 0:
         sock.detach()  # (its number is closed below; the object must not close it again later)
         _child(argv, dict(zip(targets, fds)), cwd)  # never returns
+    _UNREAPED.add(pid)
     for fd in fds:
         os.close(fd)
     # The child cannot be reaped before this (only Reap reaps), so its pid is still its own.
@@ -230,6 +255,7 @@ def _child(argv: List[str], placement: Dict[int, int], cwd: str) -> None:
         _place_fds(placement)
         os.chdir(cwd)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # (a new interpreter's)
+        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_DFL)  # (the worker arms its own)
         sys.argv = [WORKER_MAIN, *argv]
         rng = sys.modules.get("numpy.random")
         if rng is not None:  # the template's global RandomState would repeat in every worker
@@ -290,9 +316,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
     args = parser.parse_args(argv)
 
-    # Like a worker: die with the supervisor's thread that started us (our workers die with us).
+    # Like a worker: die with the supervisor's thread that started us; the workers we forked
+    # die with us (their own parent-death signal), those that exited already by _kill_workers.
     if not bridge.die_with_parent(args.ppid, PARENT_DEATH_SIGNAL):
         return EXIT_SETUP_ERROR
+    signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
     sock = socket.socket(fileno=args.fd)
     failed: Dict[str, str] = {}
