@@ -548,6 +548,9 @@ class ForkserverLauncher(Launcher):
                 return self._fork(argv, pass_fds)
             except TemplateGone:
                 continue
+            except OSError as e:  # (it lives, but could not fork this one: out of memory, ...)
+                log.warning("the worker template could not start a worker (%s): spawning it", e)
+                break
         self.spawned += 1
         return SpawnLauncher.spawn(argv, pass_fds, env)
 
@@ -563,7 +566,7 @@ class ForkserverLauncher(Launcher):
             request = pickle.dumps(Spawn([*argv, "--ppid", str(self.pid)], targets, os.getcwd()))
             try:
                 socket.send_fds(self.sock, [request], fds)
-            except OSError:
+            except (BrokenPipeError, ConnectionResetError):
                 self._died()
                 raise TemplateGone("is gone") from None
         except BaseException:
@@ -582,8 +585,15 @@ class ForkserverLauncher(Launcher):
         if reply[0] == "spawn_failed":
             os.close(out_r)
             os.close(err_r)
-            raise OSError(f"the worker template could not start the worker: {reply[1]}")
-        handle = ForkedWorker(self, reply[1], out_r, err_r)
+            raise OSError(reply[1])
+        try:
+            handle = ForkedWorker(self, reply[1], out_r, err_r)
+        except OSError as e:
+            # (out of descriptors) Not an OSError for launch(): the worker runs, and must not
+            # get a spawned twin on its control socket. The template kills it when it exits.
+            os.close(out_r)
+            os.close(err_r)
+            raise RuntimeError(f"cannot watch the forked worker (pid {reply[1]}): {e}") from e
         self.handles[handle.pid] = handle
         self.forked += 1
         return handle

@@ -52,6 +52,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 # What every worker imports: loading it here is the point of the template.
@@ -68,8 +69,8 @@ __all__ = ["main", "Hello", "Spawn", "Spawned", "SpawnFailed", "Exited", "Reap",
 
 #: Descriptors a Spawn request may carry.
 MAX_FDS = 16
-#: Largest message either side sends (a Spawn's environment changes are the big part).
-MAX_MESSAGE = 1 << 20
+#: Largest message either side sends (a Spawn, its argv and cwd: far less).
+MAX_MESSAGE = 1 << 16
 #: ``sys.argv[0]`` of a worker started with ``python -m supervisor.worker``.
 WORKER_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
 
@@ -131,7 +132,10 @@ def _quiesce() -> None:
     """A first fork whose child exits at once: libraries that start thread pools at import
     and stop them at fork (OpenBLAS, which numpy loads) stop them now, so the template holds
     no thread when it forks workers, and its thread count can be checked."""
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # (Python >= 3.12 warns about forking with threads: these stop at the fork)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
@@ -322,6 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_SETUP_ERROR
     signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
+    # An ignored SIGCHLD (inherited through exec) would reap the workers behind our back.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock = socket.socket(fileno=args.fd)
     failed: Dict[str, str] = {}
     for name in filter(None, args.preload.split(",")):
