@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import RemoteMediaError, SharedMemoryFullError, SupervisorError
+from remotemedia.options import DEFAULTS
 from remotemedia.pipeline import INPUT, OUTPUT
 
 from . import resources
@@ -160,7 +161,7 @@ class RunConfig:
     control: bool = True
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
-    start_method: str = "spawn"
+    start_method: str = DEFAULTS.start_method
 
 
 @dataclass
