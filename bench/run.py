@@ -36,7 +36,8 @@ Measured:
     flatness    remotemedia_loaned at 4 KiB, 6.2 MB and 64 MiB, all paced at 20 ms (the main
                 table paces each size differently, which confounds size with idleness)
     group       the 3 stages as one Group (one worker, 2 hops) against one worker each
-    ready       Supervisor start() to every worker READY, 10 pass-through nodes
+    ready       Supervisor start() to every worker READY, 10 pass-through nodes, per start_method
+                (bench/startup.py: 10 and 100 nodes, with memory and watchdog kills)
     serialize   serialize_node() time for a typical node (config + lambda) and a 10 MB model
 
 Results: a table with ratios against each baseline on stdout, and bench/results/<stamp>.json,
@@ -811,16 +812,19 @@ def bench_group(quick: bool) -> Dict[str, Any]:
             "throughput_ratio": thr["group"] / thr["separate"]}
 
 
-def bench_ready(n_nodes: int = 10, repeat: int = 3) -> Dict[str, float]:
-    times = []
+def bench_ready(n_nodes: int = 10, repeat: int = 3) -> Dict[str, Any]:
+    """Supervisor start() -> every worker READY per start_method (bench/startup.py has more)."""
+    from startup import METHODS, one_run
+
+    times: Dict[str, List[float]] = {m: [] for m in METHODS}
     for _ in range(repeat):
-        sup = Supervisor([PassThroughNode(name=f"p{i}") for i in range(n_nodes)], control=False)
-        t0 = time.monotonic()
-        sup.start()
-        times.append(time.monotonic() - t0)
-        sup.close()
-        sup.join()
-    return {"ready_s_min": min(times), "ready_s_median": statistics.median(times)}
+        for method in METHODS:
+            times[method].append(one_run(n_nodes, method)["ready_s"])
+    out: Dict[str, Any] = {"ready_nodes": n_nodes}
+    for method, ts in times.items():
+        out[f"ready_s_median_{method}"] = statistics.median(ts)
+        out[f"ready_s_min_{method}"] = min(ts)
+    return out
 
 
 def bench_serialize() -> Dict[str, float]:
@@ -922,7 +926,13 @@ def render(results: Dict[str, Any]) -> str:
     if dora or results.get("skipped"):
         lines.append("")
     ex = results["extra"]
-    lines.append(f"Supervisor start -> READY, 10 nodes: {ex['ready_s_median']:.3f} s (min {ex['ready_s_min']:.3f} s)")
+    ready = ", ".join(
+        f"{m} {ex[f'ready_s_median_{m}']:.3f} s (min {ex[f'ready_s_min_{m}']:.3f} s)" for m in ("spawn", "forkserver")
+    )
+    lines.append(
+        f"Supervisor start -> READY, {ex['ready_nodes']} nodes: {ready}; forkserver / spawn "
+        f"{ratio(ex['ready_s_median_forkserver'], ex['ready_s_median_spawn'])}"
+    )
     lines.append(f"serialize_node: typical node {ex['serialize_typical_ms']:.2f} ms, node with a 10 MB model {ex['serialize_model_10MB_ms']:.1f} ms")
     flat = ex.get("flat")
     if flat:

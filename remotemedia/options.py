@@ -47,6 +47,7 @@ __all__ = [
     "ON_ERROR_POLICIES",
     "QUEUE_POLICIES",
     "LOG_FORMATS",
+    "START_METHODS",
     "check",
     "check_supervisor",
     "check_node_keys",
@@ -64,6 +65,8 @@ ON_ERROR_POLICIES = ("raise", "skip")
 QUEUE_POLICIES = ("block", "drop_oldest", "latest")
 #: Formats of the captured worker output and log lines.
 LOG_FORMATS = ("text", "json")
+#: How worker processes are started (see the README's Supervision section).
+START_METHODS = ("spawn", "forkserver")
 #: Logging levels the command line accepts by name.
 LOG_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -285,6 +288,11 @@ def _table() -> Tuple[Option, ...]:
             "spin_us", 50, _int_at_least(0),
             "microseconds a worker spins (GIL released, adaptive) for the next frame before blocking; 0 always blocks",
             flag=Flag(int),
+        ),
+        Option(
+            "start_method", "forkserver", _one_of(START_METHODS),
+            "how workers start: `spawn` (a new Python interpreter each) or `forkserver` (forked from a template process of the run that has imported the runtime, numpy and the nodes' modules: faster, and sharing memory)",
+            flag=Flag(str, START_METHODS),
         ),
         Option(
             "trust_instances", False, _BOOL,

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import RemoteMediaError, SharedMemoryFullError, SupervisorError
+from remotemedia.options import DEFAULTS
 from remotemedia.pipeline import INPUT, OUTPUT
 
 from . import resources
@@ -51,6 +52,7 @@ from .channels import Transport
 from .control import ControlServer
 from .doorbells import RunDoorbells
 from .gateway import Gateway
+from .launch import Launcher, imported_modules, make_launcher
 from .tracebacks import forget_locals
 from .logs import LogSink
 from .process import WorkerProcess
@@ -159,6 +161,7 @@ class RunConfig:
     control: bool = True
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    start_method: str = DEFAULTS.start_method
 
 
 @dataclass
@@ -171,6 +174,7 @@ class Snapshot:
     started_at: Optional[float]
     workers: Dict[str, WorkerProcess]
     in_flight: Dict[int, int] = field(default_factory=dict)  # the caller's input edges
+    launcher: Dict[str, Any] = field(default_factory=dict)  # how workers start (Launcher.describe)
 
 
 class Arbiter:
@@ -215,6 +219,14 @@ class Arbiter:
         os.set_blocking(self._wake_w, False)
         self._iox: Any = None
         self._bells: Optional[RunDoorbells] = None
+        # How workers start; a template is started by run(), in the arbiter thread: it dies
+        # with that thread, as the workers it forks die with it.
+        self.launcher: Launcher = make_launcher(
+            config.start_method,
+            self.env,
+            imported_modules(w.blob for w in self.workers.values()),
+            hello_timeout=max((w.options["init_timeout"] for w in self.workers.values()), default=60.0),
+        )
         #: Starts a reload from the pipeline's source (in a thread of its own) and returns its
         #: future: the nodes replaced, or the error. None: nothing to reload from.
         self.on_reload: Optional[Callable[[], "Future[List[str]]"]] = None
@@ -272,6 +284,7 @@ class Arbiter:
 
     def run(self) -> None:
         try:
+            self.launcher.prepare()  # (first: a template imports while the rest is set up)
             resources.cleanup_stale_runs()
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.config.prefix, "supervisor", self.config.root)
@@ -316,6 +329,7 @@ class Arbiter:
             for msg in w.receive():
                 self._on_message(w, msg)
         self._service_gateway()
+        self.launcher.pump()  # (the exits a template reported)
         self.reap_workers()
         self.murder_workers()
         self.manage_workers()
@@ -328,8 +342,13 @@ class Arbiter:
             fds.extend(w.fds())
         if self._control is not None:
             fds.extend(self._control.fds())
+        fds.extend(self.launcher.fds())
+        # poll, not select: a big pipeline's descriptors (about 5 per worker) pass FD_SETSIZE
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         try:
-            select.select(fds, [], [], timeout)
+            poller.poll(timeout * 1000)
         except InterruptedError:  # pragma: no cover - PEP 475 retries
             pass
         try:
@@ -588,6 +607,7 @@ class Arbiter:
             self.started_at,
             dict(self.workers),
             gw.in_flight() if gw is not None and not gw.closed else {},
+            self.launcher.describe(),
         )
 
     def _on_control(self, req: Dict[str, Any]) -> Dict[str, Any]:
@@ -728,6 +748,7 @@ class Arbiter:
                 w.kill()
             for w in self.workers.values():
                 w.wait_gone()
+            self.launcher.close()  # (after the workers: it reports their exits)
             self._close_gateway()
             if self._iox is not None:
                 self._iox.close()
@@ -750,7 +771,8 @@ class Arbiter:
             if self.error is None:
                 self.error = SupervisorError(f"shutdown failed: {e!r}")
         finally:
-            self._close_gateway()  # (again, should the above have failed before it)
+            self.launcher.close()  # (again, should the above have failed before it)
+            self._close_gateway()
             if self._iox is not None:
                 self._iox.close()
                 self._iox = None

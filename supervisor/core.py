@@ -187,6 +187,9 @@ class Supervisor:
         metrics_host: the address it listens on (default 127.0.0.1).
         spin_us: workers spin (GIL released, adaptive) up to this many microseconds for the
             next frame before blocking; 0 always blocks.
+        start_method: ``"spawn"`` (each worker a new interpreter) or ``"forkserver"``
+            (workers forked from a template process of the run that has imported the
+            runtime, numpy and the modules the nodes' pickles import; see the README).
         trust_instances: accept manifest entries holding a pickled node instance (unpickling
             runs code: only for manifests you made yourself).
 
@@ -240,6 +243,7 @@ class Supervisor:
         metrics_port: Optional[int] = _D.metrics_port,
         metrics_host: str = _D.metrics_host,
         spin_us: int = _D.spin_us,
+        start_method: str = _D.start_method,
         trust_instances: bool = _D.trust_instances,
     ) -> None:
         self.pipeline = as_pipeline(nodes_or_pipeline, name, trust_instances)
@@ -261,6 +265,7 @@ class Supervisor:
         except ValueError as e:
             raise SupervisorError(str(e)) from None
         self.spin_us = spin_us
+        self.start_method = start_method
         self.control_enabled = control
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
@@ -315,6 +320,7 @@ class Supervisor:
             control=self.control_enabled,
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host,
+            start_method=self.start_method,
         )
         arbiter = Arbiter(config, edges, nodes, self.status)
         if self._reload_source is not None:

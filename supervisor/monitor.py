@@ -188,6 +188,7 @@ def build_status(sup: "Snapshot") -> Dict[str, Any]:
         "uptime_s": round(time.monotonic() - (sup.started_at or time.monotonic()), 3),
         "workers_up": sum(1 for w in sup.workers.values() if w.alive and w.state.value == "RUNNING"),
         "workers": len(sup.workers),
+        "launcher": dict(sup.launcher),
         "nodes": nodes,
     }
 

@@ -4,7 +4,8 @@ policy with backoff, poison-frame tracking and output capture.
 
 ::
 
-    spawn()  memfd blob + socketpair + status block -> Popen(python -m supervisor.worker)
+    spawn()  memfd blob + socketpair + status block -> the run's launcher (supervisor.launch:
+             spawned or forked python -m supervisor.worker)
              -> Setup(spec, restore)                          STOPPED/EXITED/BACKOFF -> STARTING
     ready()  Ready arrived                                    STARTING -> RUNNING
     check_deadlines()  init / process / heartbeat / memory    -> murder(): SIGTERM, SIGKILL later
@@ -23,8 +24,6 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
@@ -42,6 +41,7 @@ from remotemedia.errors import (
     WorkerStartTimeout,
 )
 
+from .launch import Launcher, WorkerHandle
 from .logring import LogRing
 from .logs import LineBuffer, LogSink, parse_worker_line
 from .monitor import WorkerSampler
@@ -104,6 +104,7 @@ class Context(Protocol):
     kill_timeout: float
     heartbeat_timeout: float
     doorbell_fd: int  # the run's doorbells (see supervisor.doorbells), -1: none
+    launcher: Launcher  # starts the run's workers (start_method)
 
     @property
     def booting(self) -> bool: ...  # the run has not reached RUNNING yet
@@ -129,7 +130,7 @@ class WorkerProcess:
         self.spec = spec
         self.options = options
         self.sm = StateMachine(spec.name)
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[WorkerHandle] = None
         self.chan: Optional[ControlChannel] = None
         self.pid: Optional[int] = None
         self.board: Optional[Scoreboard] = None
@@ -214,27 +215,7 @@ class WorkerProcess:
             while view:
                 n = os.write(blob_fd, view)
                 view = view[n:]
-            env = dict(os.environ)
-            env.update(self.ctx.env)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [os.path.abspath(p or os.getcwd()) for p in sys.path if p is not None]
-                + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-            )
-            env.setdefault("PYTHONUNBUFFERED", "1")
-            env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault still leaves a traceback
-            cmd = [
-                sys.executable,
-                "-m",
-                "supervisor.worker",
-                "--fd",
-                str(child_sock.fileno()),
-                "--blob-fd",
-                str(blob_fd),
-                "--ppid",
-                str(os.getpid()),
-                "--name",
-                self.name,
-            ]
+            argv = ["--fd", str(child_sock.fileno()), "--blob-fd", str(blob_fd), "--name", self.name]
             if self.board is None:
                 self.board = Scoreboard.create(
                     commit_slots=len(self.spec.in_edges) + len(self.spec.out_edges),
@@ -248,16 +229,10 @@ class WorkerProcess:
                     self.restore.consumed(self.spec.in_edges), [position[e] for e in self.restore.order]
                 )
             self.sm.change(ProcessState.STARTING, "spawn" if self.starts == 0 else "restart")
-            self.proc = subprocess.Popen(
-                cmd,
-                pass_fds=(child_sock.fileno(), blob_fd, self.board.fd)
-                + ((self.ctx.doorbell_fd,) if self.ctx.doorbell_fd >= 0 else ()),
-                process_group=0,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                close_fds=True,
+            self.proc = self.ctx.launcher.launch(
+                argv,
+                (child_sock.fileno(), blob_fd, self.board.fd) + ((self.ctx.doorbell_fd,) if self.ctx.doorbell_fd >= 0 else ()),
+                self.ctx.env,
             )
         except BaseException:
             parent_sock.close()
@@ -268,11 +243,10 @@ class WorkerProcess:
         self.pid = self.proc.pid
         self.chan = ControlChannel(parent_sock)
         self.out_fds = {}
-        for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
-            assert pipe is not None
-            os.set_blocking(pipe.fileno(), False)
-            self.out_fds[pipe.fileno()] = LineBuffer()
-            self.out_streams[pipe.fileno()] = stream
+        for fd, stream in ((self.proc.stdout_fd, "stdout"), (self.proc.stderr_fd, "stderr")):
+            os.set_blocking(fd, False)
+            self.out_fds[fd] = LineBuffer()
+            self.out_streams[fd] = stream
         self.spawned_at = time.monotonic()
         self.kill_reason = None
         self.kill_frame = None
@@ -469,9 +443,8 @@ class WorkerProcess:
 
     def _close_output(self) -> None:
         self.read_output(final=True)
-        for pipe in (self.proc.stdout, self.proc.stderr) if self.proc is not None else ():
-            if pipe is not None:
-                pipe.close()
+        if self.proc is not None:
+            self.proc.close_output()
         self.out_fds = {}
 
     def crash_report(self) -> Optional[str]:
@@ -486,13 +459,7 @@ class WorkerProcess:
     def signal(self, sig: int) -> None:
         if not self.alive or self.proc is None:
             return
-        try:
-            # The worker leads its own process group: take its children with it.
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            self.proc.send_signal(sig)
+        self.proc.signal(sig)  # (to its process group: its children go with it)
 
     def murder(self, reason: str, hard: bool = False) -> None:
         """Kill a misbehaving worker (SIGTERM, SIGKILL after kill_timeout); its exit is then
@@ -619,17 +586,12 @@ class WorkerProcess:
     def poll_exit(self) -> Optional[int]:
         """The exit status when the process has exited (reaped by its own handle), else None.
         What the node started and left running dies with it."""
-        if self.proc is None or self.proc.returncode is not None:
+        if self.proc is None:
             return None
-        try:
-            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                return None
-            # (a helper that ignored SIGTERM, one orphaned by a crash) The worker leads its
-            # process group and is not reaped yet, so its pid still names that group only.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ChildProcessError, ProcessLookupError, PermissionError):
-            pass  # (ChildProcessError: reaped elsewhere; poll() below has its status)
-        return self.proc.poll()
+        rc = self.proc.poll_exit()
+        if rc is not None and self.proc.note and not self.kill_reason:
+            self.kill_reason = self.proc.note  # ("its worker template died": not the node's doing)
+        return rc
 
     def collect_remains(self, rc: int) -> None:
         """After its last messages: the order it consumed in, its output, its counters."""
@@ -784,9 +746,7 @@ class WorkerProcess:
     def wait_gone(self) -> None:
         """Reap the killed process and close its control socket."""
         if self.proc is not None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+            if self.proc.wait(timeout=10) is None:  # pragma: no cover - unkillable (D state)
                 log.error("worker %s (pid %s) did not die", self.name, self.pid, extra={"node": self.name})
             if self.exit_status is None:
                 self.exit_status = self.proc.returncode

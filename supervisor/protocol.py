@@ -1,7 +1,8 @@
 """Control protocol between the supervisor and its workers.
 
-Each worker is connected to the supervisor by one ``socketpair`` (inherited as a file
-descriptor, never by fork). Messages are length-prefixed pickles of the small dataclasses
+Each worker is connected to the supervisor by one ``socketpair`` (a file descriptor a spawned
+worker inherits and a forked one gets through its template, see :mod:`supervisor.launch`; the
+supervisor itself never forks). Messages are length-prefixed pickles of the small dataclasses
 below; frames never travel here, they go through iceoryx2. EOF on the socket means the peer
 died, which is how both sides notice a crash without polling.
 

@@ -328,13 +328,24 @@ def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
         )  # fmt: skip
         followed: List[str] = []
         threading.Thread(target=lambda: followed.extend(follower.stdout), daemon=True).start()  # type: ignore[arg-type]
+        # -n 0 shows what comes after the follower connected, and nothing says when it has: a
+        # worker restarted before that (a forked one is READY within milliseconds) is not
+        # shown. Restart until one is, then the reload's worker comes after.
+        deadline = time.monotonic() + 60
+        while not followed:
+            assert time.monotonic() < deadline, "logs -f never showed a restarted worker"
+            assert _cli(tmp_path, "restart", "live", "scale").returncode == 0
+            wait_until = time.monotonic() + 2
+            while not followed and time.monotonic() < wait_until:
+                time.sleep(0.05)
         path.write_text(textwrap.dedent(_FILE.format(k=1000)))
         r = _cli(tmp_path, "reload", "live")
         assert r.returncode == 0 and r.stdout.startswith("reloaded live: replaced scale (pid "), r.stderr
         wait_for(lambda: any("scale k=1000 ready" in line for line in list(followed)), what="logs -f to show the new worker")
         follower.send_signal(signal.SIGINT)
         assert follower.wait(30) == 0
-        assert not any("k=1 ready" in line for line in followed)  # (-n 0: only what came after)
+        before = {e["pid"] for e in ready}  # (-n 0: only what came after, not the lines before)
+        assert not any(f"[scale {pid}]" in line for line in followed for pid in before), followed
         path.write_text("pipeline = [")  # a broken file: refused, the pipeline goes on
         r = _cli(tmp_path, "reload", "live")
         assert r.returncode == 1 and "refused, the pipeline goes on unchanged" in r.stderr and "syntax error in" in r.stderr

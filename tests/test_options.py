@@ -62,6 +62,7 @@ BAD = {
     "metrics_port": 70000,
     "metrics_host": "",
     "spin_us": -1,
+    "start_method": "fork",
     "trust_instances": 1,
     "queue_policy": "fifo",
     "enable_metrics": "yes",

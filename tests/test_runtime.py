@@ -418,7 +418,7 @@ def test_serialization_error_before_any_process(monkeypatch):
     import subprocess
     import threading
 
-    from supervisor import process
+    from supervisor import launch
 
     spawned = []
 
@@ -427,7 +427,7 @@ def test_serialization_error_before_any_process(monkeypatch):
             spawned.append(a)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(process.subprocess, "Popen", Spy)
+    monkeypatch.setattr(launch.subprocess, "Popen", Spy)  # (workers and worker templates alike)
 
     class Holder(Node):
         def __init__(self):
