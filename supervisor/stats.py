@@ -17,7 +17,9 @@ LATENCY_BUCKETS_S: Tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-_BOUNDS_NS: Tuple[int, ...] = tuple(round(b * 1e9) for b in LATENCY_BUCKETS_S)
+#: The same bounds in nanoseconds (the bridge's stage loop counts with them too).
+BOUNDS_NS: Tuple[int, ...] = tuple(round(b * 1e9) for b in LATENCY_BUCKETS_S)
+_BOUNDS_NS = BOUNDS_NS
 
 
 def percentile(sorted_values: List[int], q: float) -> Optional[float]:
@@ -68,11 +70,36 @@ class LatencyStats:
             self.ring[self.pos] = ns
             self.pos = (self.pos + 1) % self.size
 
-    def add_many(self, samples: List[int]) -> None:
-        """:meth:`add` of each of ``samples`` (a batch of frames, in order)."""
-        add = self.add
-        for ns in samples:
-            add(ns)
+    def merge(self, count: int, total_ns: int, max_ns: int, buckets: List[int], recent: List[int]) -> None:
+        """:meth:`add` of a batch counted elsewhere (the bridge's stage loop counts with the
+        same bounds, :data:`BOUNDS_NS`): its totals, its per-bucket counts and its samples in
+        order (the newest of them go into the ring).
+
+        >>> s = LatencyStats(size=2)
+        >>> s.merge(3, 60_000, 30_000, [2, 1] + [0] * 16, [10_000, 20_000, 30_000])
+        >>> s.count, s.ring, s.histogram()["counts"][:2]
+        (3, [30000, 20000], [2, 1])
+        """
+        self.count += count
+        self.total_ns += total_ns
+        if max_ns > self.max_ns:
+            self.max_ns = max_ns
+        mine = self.buckets
+        for i, n in enumerate(buckets):
+            if n:
+                mine[i] += n
+        ring, size = self.ring, self.size
+        room = size - len(ring)
+        if room > 0:
+            ring.extend(recent[:room])
+            recent = recent[room:]
+        pos = self.pos
+        while recent:
+            k = min(len(recent), size - pos)
+            ring[pos : pos + k] = recent[:k]
+            recent = recent[k:]
+            pos = (pos + k) % size
+        self.pos = pos
 
     def summary(self) -> Dict[str, Optional[float]]:
         s = sorted(self.ring)

@@ -42,6 +42,7 @@ from ..protocol import (
     WorkerSpec,
 )
 from ..scoreboard import Scoreboard
+from ..stats import BOUNDS_NS
 from .counters import Counters
 from .deadletter import dead_letter
 from .emitter import Emitter
@@ -169,7 +170,7 @@ class Runner:
         if self._lazy_frame and not (spec.records_order and board is not None and board.order_capacity):
             self._stage = bridge.StageLoop(
                 self.inputs, self.outputs, node, emitter, self.handle_frame, self._stage_failed,
-                self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL,
+                self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL, list(BOUNDS_NS),
                 board.buffer if board is not None else None,
             )  # fmt: skip
 
@@ -604,8 +605,8 @@ class Runner:
             else:
                 n = stage.run(BATCH, BATCH_NS)
             latencies = stage.take_latencies()
-            if latencies:
-                self.counters.latency.add_many(latencies)
+            if latencies is not None:
+                self.counters.latency.merge(*latencies)
             if n:
                 # (one commit point per batch: any point between two frames is one)
                 self._mark()

@@ -34,6 +34,45 @@ const BUSY_SEQ: usize = 3;
 const FRAMES_IN: usize = 4;
 const FRAMES_OUT: usize = 5;
 
+/// process() durations counted as `supervisor.stats.LatencyStats` counts them (its bucket
+/// bounds), handed over per batch.
+struct Latencies {
+    bounds: Vec<u64>,
+    count: u64,
+    total: u64,
+    max: u64,
+    buckets: Vec<u64>,
+    samples: Vec<u64>,
+}
+
+impl Latencies {
+    fn new(bounds: Vec<u64>) -> Self {
+        let n = bounds.len() + 1; // (+Inf)
+        Latencies { bounds, count: 0, total: 0, max: 0, buckets: vec![0; n], samples: Vec::with_capacity(64) }
+    }
+
+    fn push(&mut self, ns: u64) {
+        self.count += 1;
+        self.total += ns;
+        self.max = self.max.max(ns);
+        // (bisect_left: a sample equal to a bound belongs to that bound's bucket, le = "<=")
+        self.buckets[self.bounds.partition_point(|&b| b < ns)] += 1;
+        self.samples.push(ns);
+    }
+
+    fn take(&mut self) -> Option<(u64, u64, u64, Vec<u64>, Vec<u64>)> {
+        if self.count == 0 {
+            return None;
+        }
+        let n = self.buckets.len();
+        let out = (self.count, self.total, self.max, std::mem::replace(&mut self.buckets, vec![0; n]), std::mem::take(&mut self.samples));
+        self.count = 0;
+        self.total = 0;
+        self.max = 0;
+        Some(out)
+    }
+}
+
 /// A worker's status block, mapped by Python (kept alive through `owner`).
 struct Board {
     words: *mut i64,
@@ -81,7 +120,7 @@ pub struct StageLoop {
     /// (origin, stream, created) of the last frame the emitter was not told of
     last_origin: Option<(u64, u64, u64)>,
     /// process() durations of the frames since the last `take_latencies()`
-    latencies: Vec<u64>,
+    latencies: Latencies,
 }
 
 /// What a frame from `take()` is.
@@ -281,7 +320,7 @@ impl StageLoop {
     /// frames to; `board` is the status block's buffer (or None).
     #[new]
     #[pyo3(signature = (inputs, outputs, node, emitter, handle_frame, failed, halted, processed,
-                        counters, ndarray, dumps, protocol, board = None))]
+                        counters, ndarray, dumps, protocol, bounds, board = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -297,6 +336,7 @@ impl StageLoop {
         ndarray: Py<PyAny>,
         dumps: Py<PyAny>,
         protocol: i32,
+        bounds: Vec<u64>,
         board: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let process = node.bind(py).getattr(intern!(py, "process"))?.unbind();
@@ -331,7 +371,7 @@ impl StageLoop {
             codec: Codec::new(py)?,
             rr: 0,
             last_origin: None,
-            latencies: Vec::with_capacity(64),
+            latencies: Latencies::new(bounds),
         })
     }
 
@@ -444,8 +484,9 @@ impl StageLoop {
         Ok((steps, ended))
     }
 
-    /// The process() durations (ns) since the last call.
-    fn take_latencies(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.latencies)
+    /// The process() durations since the last call, as `LatencyStats.merge()` takes them:
+    /// `(count, total_ns, max_ns, per-bucket counts, samples)`; None when there were none.
+    fn take_latencies(&mut self) -> Option<(u64, u64, u64, Vec<u64>, Vec<u64>)> {
+        self.latencies.take()
     }
 }
