@@ -45,8 +45,8 @@ pub(crate) struct Codec {
     dtype: Py<PyAny>,
     /// dtype object address -> its `.str` (None: not encodable, e.g. objects, records)
     enc: HashMap<usize, Option<Vec<u8>>>,
-    /// `.str` -> dtype object
-    dec: HashMap<Vec<u8>, Py<PyAny>>,
+    /// `.str` -> (dtype object, itemsize)
+    dec: HashMap<Vec<u8>, (Py<PyAny>, usize)>,
 }
 
 impl Codec {
@@ -75,9 +75,13 @@ impl Codec {
             self.enc.clear();
         }
         self.enc.insert(key, s.clone());
-        // (the dtype object must outlive its cache entry: builtin ones do; keep others alive)
-        if s.is_some() {
-            self.dec.entry(s.clone().unwrap()).or_insert_with(|| dtype.clone().unbind());
+        // (the dtype object must outlive its cache entry: builtin ones do; others are kept
+        // alive here)
+        if let Some(k) = &s
+            && !self.dec.contains_key(k)
+        {
+            let n: usize = dtype.getattr(intern!(py, "itemsize"))?.extract()?;
+            self.dec.insert(k.clone(), (dtype.clone().unbind(), n));
         }
         Ok(s)
     }
@@ -109,10 +113,10 @@ impl Codec {
             meta.extend_from_slice(&(b.len() as u32).to_le_bytes());
             meta.extend_from_slice(b);
         } else if v.get_type().is(self.ndarray.bind(py)) {
-            if !v.getattr(intern!(py, "flags"))?.getattr(intern!(py, "c_contiguous"))?.is_truthy()?
-                || v.getattr(intern!(py, "size"))?.extract::<usize>()? == 0
-            {
-                return Ok(false);
+            // A simple buffer of a numpy array exists only when it is C-contiguous.
+            match crate::pubsub::RawBuffer::get(v) {
+                Ok(b) if b.len() > 0 => {}
+                _ => return Ok(false),
             }
             let Some(dt) = self.dtype_str(&v.getattr(intern!(py, "dtype"))?)? else { return Ok(false) };
             let shape: Vec<i64> = v.getattr(intern!(py, "shape"))?.extract()?;
@@ -246,20 +250,17 @@ impl Codec {
     }
 
     fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[i64], source: &Bound<'_, PyAny>, offset: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
-        let dtype = match self.dec.get(dt) {
-            Some(d) => d.clone_ref(py),
+        let (dtype, itemsize) = match self.dec.get(dt) {
+            Some((d, n)) => (d.clone_ref(py), *n),
             None => {
-                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| pyo3::exceptions::PyValueError::new_err("bad dtype"))?,))?.unbind();
-                self.dec.insert(dt.to_vec(), d.clone_ref(py));
-                d
+                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| pyo3::exceptions::PyValueError::new_err("bad dtype"))?,))?;
+                let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
+                self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
+                (d.unbind(), n)
             }
         };
-        let itemsize: usize = dtype.bind(py).getattr(intern!(py, "itemsize"))?.extract()?;
         let count = nbytes.checked_div(itemsize).unwrap_or(0);
-        let kw = PyDict::new(py);
-        kw.set_item(intern!(py, "count"), count)?;
-        kw.set_item(intern!(py, "offset"), offset)?;
-        let mut arr = self.frombuffer.bind(py).call((source, dtype.bind(py)), Some(&kw))?;
+        let mut arr = self.frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
         if shape.len() != 1 {
             arr = arr.call_method1(intern!(py, "reshape"), (PyTuple::new(py, shape)?,))?;
         }

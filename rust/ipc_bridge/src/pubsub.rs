@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::intern;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyBytes;
 
 use crate::errors::{loan_err, port_err, receive_err, send_err, service_err, shm_full_err, transport_err};
 use crate::layout;
@@ -119,12 +119,12 @@ pub fn buffer_address(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
 }
 
 /// A borrowed Python buffer (PyBUF_SIMPLE: contiguous bytes), released on drop.
-struct RawBuffer {
+pub(crate) struct RawBuffer {
     view: Box<ffi::Py_buffer>,
 }
 
 impl RawBuffer {
-    fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+    pub(crate) fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
         let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, ffi::PyBUF_SIMPLE) };
         if rc == -1 {
@@ -135,7 +135,7 @@ impl RawBuffer {
     fn ptr(&self) -> *const u8 {
         self.view.buf as *const u8
     }
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.view.len as usize
     }
 }
@@ -825,18 +825,16 @@ impl Subscriber {
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
         let (offset, nbytes) = sample.buffers[0];
-        let kw = PyDict::new(py);
-        kw.set_item(intern!(py, "count"), count)?;
-        let source = if copy {
+        let (source, offset) = if copy {
             let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
             let private = PyBytes::new(py, data).into_any();
             drop(sample); // the chunk goes back to the publisher now
-            private
+            (private, 0)
         } else {
-            kw.set_item(intern!(py, "offset"), offset)?;
-            Py::new(py, sample)?.into_bound(py).into_any()
+            (Py::new(py, sample)?.into_bound(py).into_any(), offset)
         };
-        let mut arr = frombuffer.bind(py).call((source, dtype.bind(py)), Some(&kw))?;
+        // (positional: frombuffer(buffer, dtype, count, offset), no keyword dict per frame)
+        let mut arr = frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
         if let Some(shape) = shape {
             arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
         }

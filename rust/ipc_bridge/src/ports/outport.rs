@@ -35,11 +35,11 @@ pub struct Retained {
     loaned: bool,
 }
 
-fn nbytes_of(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+fn nbytes_of(_py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     if let Ok(b) = obj.cast::<PyBytes>() {
         return Ok(b.as_bytes().len() as u64);
     }
-    pyo3::types::PyMemoryView::from(obj)?.getattr(intern!(py, "nbytes"))?.extract()
+    Ok(crate::pubsub::RawBuffer::get(obj)?.len() as u64)
 }
 
 /// Producer end of an edge (see `supervisor/channels.py` for the protocol).

@@ -34,6 +34,9 @@ const BUSY_SEQ: usize = 3;
 const FRAMES_IN: usize = 4;
 const FRAMES_OUT: usize = 5;
 
+/// `(count, total_ns, max_ns, per-bucket counts, samples)`: `LatencyStats.merge()`'s arguments.
+type LatencyBatch = (u64, u64, u64, Vec<u64>, Vec<u64>);
+
 /// process() durations counted as `supervisor.stats.LatencyStats` counts them (its bucket
 /// bounds), handed over per batch.
 struct Latencies {
@@ -60,7 +63,7 @@ impl Latencies {
         self.samples.push(ns);
     }
 
-    fn take(&mut self) -> Option<(u64, u64, u64, Vec<u64>, Vec<u64>)> {
+    fn take(&mut self) -> Option<LatencyBatch> {
         if self.count == 0 {
             return None;
         }
@@ -486,7 +489,7 @@ impl StageLoop {
 
     /// The process() durations since the last call, as `LatencyStats.merge()` takes them:
     /// `(count, total_ns, max_ns, per-bucket counts, samples)`; None when there were none.
-    fn take_latencies(&mut self) -> Option<(u64, u64, u64, Vec<u64>, Vec<u64>)> {
+    fn take_latencies(&mut self) -> Option<LatencyBatch> {
         self.latencies.take()
     }
 }
