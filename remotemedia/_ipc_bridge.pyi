@@ -1,18 +1,23 @@
 """Type stubs of the Rust extension ``remotemedia._ipc_bridge`` (rust/ipc_bridge).
 
-Mechanism only: iceoryx2 frame publish/subscribe, event wake-ups and dead-node cleanup.
+Mechanism: iceoryx2 frame publish/subscribe, event wake-ups and dead-node cleanup; and the data
+plane: the edge protocol's books (OutPortCore, InPortCore) and a stage's frame loop
+(StageLoop), whose policy (restarts, commits, errors) stays in ``supervisor``.
 Errors raised are the classes of :mod:`remotemedia.errors` (``ServiceError``, ``PortError``,
 ``LoanError``, ``SendError``, ``ReceiveError``, ``WaitError``, ``TransportError``,
 ``SharedMemoryFullError``).
 """
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Buffer
 
 __iceoryx2_version__: str
 BUFFER_ALIGN: int
 KIND_DATA: int
+KIND_EOS: int
+KIND_ACK: int
+KIND_PROBE: int
 SHM_RESERVE: int
 """Bytes a publisher leaves free in the shared-memory filesystem: it raises
 ``SharedMemoryFullError`` rather than reserve a chunk's memory (before writing into it) when
@@ -176,6 +181,9 @@ class Subscriber:
     def learn_pickle(self, loads: Callable[[bytes], Any], max_meta: int) -> None:
         """Let ``take`` unpickle data frames without out-of-band buffers whose meta is a pickle
         stream of at most ``max_meta`` bytes, as ``loads(bytes(meta))``."""
+    def learn_containers(self) -> None:
+        """Let ``take`` decode container frames (``remotemedia.frames.CT_TAG``: flat dicts,
+        tuples and lists holding arrays) itself, their arrays read-only views."""
     def take(
         self, expected: int, borrow_limit: int
     ) -> Union[None, Sample, Tuple[Any, int, int, int, int, int]]:
@@ -266,3 +274,170 @@ class Listener:
         """Block (GIL released) until notified, one of ``fds`` is readable, or ``timeout``
         seconds passed; with ``spin_us``, first spin (adaptive budget, sched_yield between
         checks) watching the ``watch`` subscribers' queues. Returns ``(notified, ready_fds)``."""
+
+
+def encode_container(obj: Any) -> Optional[Tuple[bytes, List[Any]]]:
+    """``(meta, buffers)`` of ``obj`` as a container frame (``remotemedia.frames.CT_TAG``),
+    or None when it is not one (then it is pickled). For tests: stages encode them
+    themselves."""
+
+class Retained:
+    """A copy of one retained frame's books (``OutPortCore.retained``)."""
+
+    seq: int
+    kind: int
+    meta: Any
+    buffers: List[Any]
+    origin: int
+    stream_id: int
+    created_ns: int
+    nbytes: int
+    loaned: bool
+
+class OutPortCore:
+    """The producer end of an edge: the books of ``supervisor/channels.py``'s protocol
+    (``rust/ipc_bridge/src/ports``). ``supervisor.channels.OutPort`` subclasses it; its
+    transport ports are this module's (called directly) or any objects with their methods."""
+
+    lossless: bool
+    depth: int
+    max_bytes: int
+    consumer_finished: bool
+    next_seq: int
+    processed: int
+    committed: int
+    retained_bytes: int
+    loaned_retained: int
+    undelivered: Optional[int]
+    eos_sent: bool
+    in_flight: int
+    retained: List[Retained]
+    retained_count: int
+    next_retry: Optional[float]
+    fully_acked: bool
+    notify_pending: bool
+    sent: int
+    zero_copy: int
+    copied_on_reuse: int
+    encoded_by_bridge: int
+    resent: int
+    discarded: int
+    lost: int
+    pub: Any
+    ack_sub: Any
+    notifier: Any
+    def __new__(
+        cls,
+        publisher: Any,
+        ack_subscriber: Any,
+        notifier: Any,
+        *,
+        name: str,
+        lossless: bool,
+        depth: int,
+        max_bytes: int,
+        next_seq: int = 0,
+        committed: int = 0,
+        consumer_finished: bool = False,
+        clock: Optional[Callable[[], float]] = None,
+    ) -> "OutPortCore": ...
+    def can_send(self) -> bool: ...
+    def send(
+        self,
+        kind: int,
+        meta: Buffer,
+        buffers: Sequence[Buffer],
+        origin: int = 0,
+        stream_id: int = 0,
+        created_ns: int = 0,
+        notify: bool = True,
+    ) -> int: ...
+    def flush_notify(self) -> None: ...
+    def send_array(self, value: Any, origin: int, stream_id: int, created_ns: int) -> bool: ...
+    def teach_array(self, array_type: type, dtype: Any, shape: Tuple[int, ...], meta: bytes, nbytes: int) -> None: ...
+    def send_loan(
+        self, loan: Any, meta: Buffer, buffer: Buffer, origin: int = 0, stream_id: int = 0, created_ns: int = 0
+    ) -> int: ...
+    def loan(self, nbytes: int) -> Any: ...
+    def poll_acks(self) -> bool: ...
+    def apply_ack(self, processed: int, committed: int) -> bool: ...
+    def replay(self, after: int) -> None: ...
+    def resend_due(self, force: bool = False) -> bool: ...
+    def close(self) -> None: ...
+
+class InPortCore:
+    """The consumer end of an edge (see ``OutPortCore``); ``supervisor.channels.InPort``
+    subclasses it."""
+
+    index: int
+    src: str
+    lossless: bool
+    expected: int
+    eos: bool
+    eos_seq: Optional[int]
+    acked_processed: int
+    acked_committed: int
+    notified_processed: int
+    window: int
+    notify_every: int
+    gap_since: Optional[float]
+    received: int
+    duplicates: int
+    dup_pending: bool
+    dropped: int
+    decoded_by_bridge: int
+    borrow_limit: int
+    sub: Any
+    ack_pub: Any
+    ack_notifier: Any
+    def __new__(
+        cls,
+        subscriber: Any,
+        ack_publisher: Any,
+        ack_notifier: Any,
+        *,
+        index: int,
+        src: str,
+        lossless: bool,
+        depth: int,
+        max_bytes: int,
+        expected: int = 0,
+        clock: Optional[Callable[[], float]] = None,
+    ) -> "InPortCore": ...
+    def receive(self) -> Any: ...
+    def take(self) -> Any: ...
+    def ack(self, processed: int, committed: int, force: bool = False) -> None: ...
+    def probe(self) -> None: ...
+    def gap_to_report(self, now: float, min_age: float = 0.05, interval: float = 0.2) -> Optional[int]: ...
+    def should_copy(self) -> bool: ...
+    def close(self) -> None: ...
+
+class StageLoop:
+    """A stage worker's frame loop (``rust/ipc_bridge/src/ports/stage.rs``): take, process,
+    send, status block, without Python per frame; built by ``supervisor.worker.runner``."""
+
+    def __init__(
+        self,
+        inputs: Sequence[InPortCore],
+        outputs: Sequence[OutPortCore],
+        node: Any,
+        emitter: Any,
+        handle_frame: Callable[[Any, Any], None],
+        failed: Callable[[int, int, BaseException], bool],
+        halted: Callable[[], bool],
+        processed: Dict[int, int],
+        counters: Any,
+        ndarray: type,
+        dumps: Callable[..., bytes],
+        protocol: int,
+        bounds: List[int],
+        board: Optional[Buffer] = None,
+    ) -> None: ...
+    def run(self, max_frames: int, max_ns: int) -> int:
+        """Frames (and ends of stream) taken; 0 when none waited or an output was full."""
+    def run_source(
+        self, items: Any, ledger: Any, failed: Callable[[int, BaseException, bool], None], max_frames: int, max_ns: int
+    ) -> Tuple[int, bool]:
+        """A source's items sent: ``(items, exhausted)``."""
+    def take_latencies(self) -> Optional[Tuple[int, int, int, List[int], List[int]]]:
+        """``LatencyStats.merge()``'s arguments for the frames since the last call."""

@@ -48,6 +48,14 @@ shape, a pickled object, a duplicate, a gap, end of stream) takes the Python pat
 queue overwrites its oldest frame, and the consumer counts the holes as drops. Their acks
 only tell the producer that the end of the stream was taken.
 
+*Where it runs.* The books above are Rust (``rust/ipc_bridge/src/ports``: ``books.rs`` is the
+protocol as plain state machines under ``cargo test``, ``outport.rs``/``inport.rs`` drive the
+transport by what they decide); :class:`OutPort` and :class:`InPort` subclass them and make
+their transport ports. A stage worker hands whole batches of frames to the bridge's
+``StageLoop`` (take, decode, ``process()``, encode, send, one wake-up per batch), so that in the
+steady state no Python runs per frame besides the node's own ``process()``; restarts,
+snapshots, commits and errors stay in Python (``supervisor.worker``).
+
 *Transport.* The ports do the books; a :class:`Transport` makes the bridge ports they publish,
 receive and notify with. The default is iceoryx2 (``remotemedia._ipc_bridge``); the unit tests
 (``tests/test_ports.py``) pass an in-memory fake and a fake clock, so the sequence, gap,

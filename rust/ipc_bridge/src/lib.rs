@@ -1,10 +1,12 @@
 //! `remotemedia._ipc_bridge`: the iceoryx2 frame transport of remotemedia.
 //!
-//! Mechanism only. The bridge moves frames (a small fixed header plus a payload laid out by
-//! [`layout`]) through iceoryx2 publish-subscribe services, wakes waiters through iceoryx2 event
-//! services, exposes dead-node cleanup and ties a worker's process group to its parent's life
-//! ([`process`]). Everything that is policy (naming of services, queue depths, pickling,
-//! acknowledgements, restarts) is decided in Python.
+//! The bridge moves frames (a small fixed header plus a payload laid out by [`layout`]) through
+//! iceoryx2 publish-subscribe services, wakes waiters through iceoryx2 event services, exposes
+//! dead-node cleanup and ties a worker's process group to its parent's life ([`process`]). It
+//! also carries the data plane: the exactly-once books of every edge end and a stage's frame
+//! loop ([`ports`]), and media frames encoded without pickle ([`container`]). Everything that
+//! is policy (naming of services, queue depths, restarts, snapshots, commits, errors) is
+//! decided in Python.
 //!
 //! ```text
 //!  producer process                              consumer process
