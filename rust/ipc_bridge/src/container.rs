@@ -47,6 +47,8 @@ pub(crate) struct Codec {
     enc: HashMap<usize, Option<Vec<u8>>>,
     /// `.str` -> (dtype object, itemsize)
     dec: HashMap<Vec<u8>, (Py<PyAny>, usize)>,
+    /// keys of received dicts
+    keys: HashMap<Vec<u8>, Py<PyString>>,
 }
 
 impl Codec {
@@ -59,6 +61,7 @@ impl Codec {
             dtype: np.getattr(intern!(py, "dtype"))?.unbind(),
             enc: HashMap::new(),
             dec: HashMap::new(),
+            keys: HashMap::new(),
         })
     }
 
@@ -200,13 +203,13 @@ impl Codec {
         for _ in 0..n {
             let key = if kind == 0 {
                 let len = r.u16().ok_or_else(bad)? as usize;
-                Some(std::str::from_utf8(r.take(len).ok_or_else(bad)?).map_err(|_| bad())?)
+                Some(self.key(py, r.take(len).ok_or_else(bad)?)?)
             } else {
                 None
             };
             let v = self.read_value(py, &mut r, source, offsets).ok_or_else(bad)??;
             match key {
-                Some(k) => dict.set_item(k, v)?,
+                Some(k) => dict.set_item(k.bind(py), v)?,
                 None => items.push(v),
             }
         }
@@ -216,6 +219,21 @@ impl Codec {
             2 => PyList::new(py, items)?.into_any().unbind(),
             _ => return Err(bad()),
         })
+    }
+
+    /// A key of a received dict: the same str object for the same bytes (a stream's frames
+    /// repeat their keys; dict lookups then compare by identity).
+    fn key(&mut self, py: Python<'_>, raw: &[u8]) -> PyResult<Py<PyString>> {
+        if let Some(k) = self.keys.get(raw) {
+            return Ok(k.clone_ref(py));
+        }
+        let s = std::str::from_utf8(raw).map_err(|_| pyo3::exceptions::PyValueError::new_err("malformed container frame meta"))?;
+        let k = PyString::intern(py, s).unbind();
+        if self.keys.len() > 1024 {
+            self.keys.clear();
+        }
+        self.keys.insert(raw.to_vec(), k.clone_ref(py));
+        Ok(k)
     }
 
     fn read_value(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
