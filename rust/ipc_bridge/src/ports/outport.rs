@@ -174,60 +174,6 @@ impl OutPort {
         Ok(true)
     }
 
-    /// `send()` (see the Python docstring of OutPort.send).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn send_frame(
-        &mut self,
-        py: Python<'_>,
-        kind: u32,
-        meta: &Bound<'_, PyAny>,
-        buffers: Vec<Py<PyAny>>,
-        origin: u64,
-        stream_id: u64,
-        created_ns: u64,
-        notify: bool,
-    ) -> PyResult<u64> {
-        let seq = match self.books.assign(kind == KIND_EOS) {
-            Assign::Skip(seq) => return Ok(seq),
-            Assign::Send(seq) => seq,
-        };
-        if !self.books.lossless {
-            self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
-            self.sent += 1;
-            if notify {
-                self.notify(py)?;
-            } else {
-                self.notify_pending = true;
-            }
-            return Ok(seq);
-        }
-        let mut nbytes = nbytes_of(py, meta)?;
-        for b in &buffers {
-            nbytes += nbytes_of(py, b.bind(py))?;
-        }
-        let frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
-        let k = Kept { seq, nbytes, loaned: false, frame };
-        let mut n = None;
-        if self.books.undelivered.is_none() {
-            if self.books.loaned_retained > 0 {
-                self.secure(py)?;
-            }
-            let h = frame_header(seq, kind, origin, stream_id, created_ns);
-            match self.pub_.send(py, h, meta, &k.frame.buffers) {
-                Ok(c) => n = Some(c),
-                Err(e) => {
-                    self.keep(py, k, None, false)?; // its seq is taken: a replay must find it
-                    return Err(e);
-                }
-            }
-        }
-        self.keep(py, k, n, notify)?;
-        if !notify && n.is_some_and(|c| c > 0) {
-            self.notify_pending = true;
-        }
-        Ok(seq)
-    }
-
     /// Copy-on-reuse: before this publisher loans a chunk again, retained frames that still
     /// point into chunks it sent get a private copy (their chunk may be the next loan).
     pub(crate) fn secure(&mut self, py: Python<'_>) -> PyResult<()> {
@@ -465,9 +411,9 @@ impl OutPort {
     /// Queue one frame (the caller checked `can_send`) and publish it if the edge is in order.
     /// Returns the frame's seq. With `notify=False` the consumer is not woken yet: the caller
     /// sends more and then calls `flush_notify()` (one wake-up per batch).
-    #[pyo3(signature = (kind, meta, buffers, origin = 0, stream_id = 0, created_ns = 0, notify = true))]
+    #[pyo3(name = "send", signature = (kind, meta, buffers, origin = 0, stream_id = 0, created_ns = 0, notify = true))]
     #[allow(clippy::too_many_arguments)]
-    fn send(
+    pub(crate) fn send_frame(
         &mut self,
         py: Python<'_>,
         kind: u32,
@@ -478,7 +424,45 @@ impl OutPort {
         created_ns: u64,
         notify: bool,
     ) -> PyResult<u64> {
-        self.send_frame(py, kind, meta, buffers, origin, stream_id, created_ns, notify)
+        let seq = match self.books.assign(kind == KIND_EOS) {
+            Assign::Skip(seq) => return Ok(seq),
+            Assign::Send(seq) => seq,
+        };
+        if !self.books.lossless {
+            self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
+            self.sent += 1;
+            if notify {
+                self.notify(py)?;
+            } else {
+                self.notify_pending = true;
+            }
+            return Ok(seq);
+        }
+        let mut nbytes = nbytes_of(py, meta)?;
+        for b in &buffers {
+            nbytes += nbytes_of(py, b.bind(py))?;
+        }
+        let frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
+        let k = Kept { seq, nbytes, loaned: false, frame };
+        let mut n = None;
+        if self.books.undelivered.is_none() {
+            if self.books.loaned_retained > 0 {
+                self.secure(py)?;
+            }
+            let h = frame_header(seq, kind, origin, stream_id, created_ns);
+            match self.pub_.send(py, h, meta, &k.frame.buffers) {
+                Ok(c) => n = Some(c),
+                Err(e) => {
+                    self.keep(py, k, None, false)?; // its seq is taken: a replay must find it
+                    return Err(e);
+                }
+            }
+        }
+        self.keep(py, k, n, notify)?;
+        if !notify && n.is_some_and(|c| c > 0) {
+            self.notify_pending = true;
+        }
+        Ok(seq)
     }
 
     /// Wake the consumer for the frames sent with `notify=False`.
