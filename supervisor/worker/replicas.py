@@ -1,0 +1,185 @@
+"""Replicas: a node with ``replicas`` N > 1 runs as N workers ``X[0]`` … ``X[N-1]``, each
+with its own exactly-once edges (see :mod:`supervisor.channels`) from the node's one upstream
+node ``U`` and to each downstream node ``D`` (``Supervisor._build`` makes them; ``Pipeline``
+refuses the graphs this does not fit).
+
+::
+
+    U --(frame k: to X[k mod N])--> X[i] --(k, kind, output)--> D (outputs in k order)
+
+*Dispatch* (``U``'s emitter): U's frames toward X are dealt round-robin, frame k to replica
+``k mod N``. The choice is a function of k, and k is the number of frames U has sent to the
+group (the sum of the replica edges' ``next_seq``), so a restarted U, which re-emits what it
+emitted after its commit under the same sequence numbers, deals every frame again to the
+replica it went to before: nothing to record. (Least-loaded dealing would send the next frame
+to whichever replica is free, but its choices would have to be recorded for a restart, and
+the outputs wait for the slowest replica anyway to leave in order: with replicas of one node
+round-robin keeps them all busy.)
+
+*Numbering* (each replica's emitter): replica i's input frame with sequence number ``s`` on
+its edge from U is frame ``k = s * N + i`` of U's. Every output of the replica goes as the
+tuple ``(k, kind, value)``: ``MORE`` (an output of k, more may follow), ``LAST`` (k's only or
+last output), ``END`` (no value: k had no more outputs), ``FLUSH`` (k = -1: an output of
+``flush()``, after the replica's last input).
+
+*Merge* (:class:`Merge`, D's input step): D consumes its N input edges in the order of k:
+from edge ``k mod N`` until it has taken the frame that ends k (``LAST`` or ``END``), then
+k + 1. When the edge of k shows ``FLUSH`` or ends, every input was consumed: the ``flush()``
+outputs follow, replica by replica. The order of consumption is a function of the frames'
+contents, so a restarted D (which starts where its commit was, with k unknown: it waits until
+every live edge shows its next frame, and the smallest k among them is where it was) consumes
+the replayed frames in the same order and re-emits exactly what it emitted before. A replica's
+crash is an ordinary restart: its edges replay the same frames with the same k's, and D waits
+for them in order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+from remotemedia.frames import decode
+
+from ..channels import KIND_EOS, InPort, OutPort
+from ..protocol import DeadLetter
+from .deadletter import dead_letter
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+#: What a replica's output frame ``(k, kind, value)`` is (see the module docstring).
+MORE, LAST, END, FLUSH = 0, 1, 2, 3
+
+Groups = Tuple[List[OutPort], List[List[OutPort]]]
+
+
+def dispatch_groups(outputs: Sequence[OutPort]) -> Optional[Groups]:
+    """The output edges of a worker, as (edges to nodes without replicas, the edges to each
+    node with replicas in replica order); None when none goes to a replica."""
+    plain: List[OutPort] = []
+    groups: dict = {}
+    for p in outputs:
+        e = p.spec
+        # (node names cannot contain "[": only a replica's worker name ends so)
+        if e.replica >= 0 and e.dst.endswith(f"[{e.replica}]"):
+            groups.setdefault(e.dst.rsplit("[", 1)[0], []).append(p)
+        else:
+            plain.append(p)
+    if not groups:
+        return None
+    return plain, [sorted(g, key=lambda p: p.spec.replica) for g in groups.values()]
+
+
+def pick(groups: Groups) -> List[OutPort]:
+    """The edges the next frame goes on: every plain one, and the replica whose turn it is
+    (frame k to replica k mod N, k being the frames sent to the group so far) of each group."""
+    plain, reps = groups
+    return plain + [g[sum(p.next_seq for p in g) % len(g)] for g in reps]
+
+
+# (k, kind, value, seq, origin, stream_id, created_ns, sent_ns, dead-lettered)
+Head = Tuple[int, int, Any, int, int, int, int, int, bool]
+
+
+class Merge:
+    """The input step of a node fed by replicas: their outputs in the order of their inputs
+    (see the module docstring). Holds at most one frame per edge (its *head*) until its turn.
+    """
+
+    def __init__(self, runner: "Runner", fresh: bool) -> None:
+        self.runner = runner
+        self.ports: List[InPort] = sorted(runner.inputs, key=lambda p: p.spec.replica)
+        self.n = len(self.ports)
+        self.heads: List[Optional[Head]] = [None] * self.n
+        # Nothing committed yet: consumption starts at k = 0. Else unknown until every live
+        # edge shows its next frame (see the module docstring).
+        self.next_k: Optional[int] = 0 if fresh else None
+        self.draining = False  # every input consumed: flush() outputs, replica by replica
+
+    def watch(self) -> List[Any]:
+        """The subscribers whose frames would let the merge go on (for Runner.wait)."""
+        return [p.sub for p, h in zip(self.ports, self.heads) if h is None and not p.eos]
+
+    def _fill(self, i: int) -> None:
+        port = self.ports[i]
+        if self.heads[i] is not None or port.eos:
+            return
+        r = self.runner
+        got = port.receive() if r.skip else port.take()
+        if got is None:
+            return
+        if type(got) is tuple:  # decoded by the bridge
+            data, seq, origin, stream_id, created_ns, sent_ns = got
+            skipped = False
+        elif got.kind == KIND_EOS:
+            return
+        else:
+            seq, origin, stream_id, created_ns, sent_ns, _ = got.info
+            data = decode(got, True)  # (held until its turn: not a borrowed chunk)
+            skipped = bool(r.skip) and seq in r.skip.get(port.spec.index, ())
+            if skipped:
+                r.counters.dead_letters += 1
+                path = dead_letter(r.spec.name, r.spec.dead_letter_dir, port, got)
+                r.chan.send(DeadLetter(port.spec.index, seq, path))
+            del got
+        k, kind, value = data
+        self.heads[i] = (k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped)
+
+    def step(self) -> bool:
+        """Consume the next frame in order if it is there; False when it is not."""
+        heads, ports, n = self.heads, self.ports, self.n
+        for i in range(n):
+            self._fill(i)
+        if self.next_k is None and not self.draining:
+            if any(h is None and not p.eos for h, p in zip(heads, ports)):
+                return False
+            ks = [h[0] for h in heads if h is not None and h[1] != FLUSH]
+            if ks:
+                self.next_k = min(ks)
+            else:
+                self.draining = True
+        if not self.draining:
+            k = self.next_k
+            assert k is not None
+            i = k % n
+            h = heads[i]
+            if h is None:
+                if not ports[i].eos:
+                    return False
+                self.draining = True  # (U sent nothing from k on)
+            elif h[1] == FLUSH:
+                self.draining = True
+            elif h[0] != k:
+                raise RuntimeError(
+                    f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {h[0]} where "
+                    f"those of frame {k} were due"
+                )
+            else:
+                self._consume(i, h)
+                if h[1] != MORE:
+                    self.next_k = k + 1
+                return True
+        for i in range(n):  # draining
+            h = heads[i]
+            if h is not None:
+                if h[1] != FLUSH:
+                    raise RuntimeError(
+                        f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {h[0]} "
+                        "after every frame's"
+                    )
+                self._consume(i, h)
+                return True
+            if not ports[i].eos:
+                return False
+        return False
+
+    def _consume(self, i: int, h: Head) -> None:
+        self.heads[i] = None
+        k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped = h
+        port = self.ports[i]
+        r = self.runner
+        if kind == END or skipped:
+            r.processed[port.spec.index] = seq
+            r._mark()
+            r._advance()
+        else:
+            r.run_node(port, value, seq, origin, stream_id, created_ns, sent_ns)
