@@ -1,0 +1,251 @@
+"""Replicas: ``Node(..., options={"replicas": N})`` runs N workers of one node; its upstream
+deals the frames over them, its downstream gets their outputs back in input order, and
+exactly-once holds across the crash of a replica, of the upstream and of the downstream."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from remotemedia import Node, Pipeline, Supervisor
+from remotemedia.errors import OptionValueError, PipelineValidationError
+from remotemedia.nodes import PassThroughNode, RangeSource
+
+
+class Tagged(Node):
+    """``(pid, x)``: which worker processed each frame."""
+
+    def process(self, x):
+        return (os.getpid(), x)
+
+
+class Varied(Node):
+    """0, 1 or 3 outputs per input (a generator for several), and a flush() output."""
+
+    def process(self, x):
+        if x % 3 == 1:
+            return None
+        if x % 3 == 2:
+            return x
+        return (x * 10 + j for j in range(3))
+
+    def flush(self):
+        return "flushed"
+
+
+class Slowish(Node):
+    def __init__(self, delay: float = 0.001, **kw):
+        super().__init__(**kw)
+        self.delay = delay
+
+    def process(self, x):
+        time.sleep(self.delay)
+        return x
+
+
+class Seen(Node):
+    """``(n, x)``: ``n`` counts the frames this node consumed (kept across its restarts by
+    snapshots), so the outputs sorted by ``n`` are the order the node consumed them in (the
+    caller's RunReport sorts outputs by input, whatever order they came in)."""
+
+    def initialize(self):
+        self.n = 0
+
+    def process(self, x):
+        self.n += 1
+        return (self.n - 1, x)
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, state):
+        self.n = state
+
+
+def _consumed(outputs):
+    """The values in the order Seen consumed them; every count once."""
+    outputs = sorted(outputs, key=lambda t: t[0])
+    assert [n for n, _ in outputs] == list(range(len(outputs)))
+    return [x for _, x in outputs]
+
+
+class Counting(Node):
+    def initialize(self):
+        self.n = 0
+
+    def process(self, x):
+        self.n += 1
+        return x
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, state):
+        self.n = state
+
+
+def _varied_expected(n):
+    out = []
+    for x in range(n):
+        if x % 3 == 2:
+            out.append(x)
+        elif x % 3 == 0:
+            out.extend(x * 10 + j for j in range(3))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_outputs_leave_in_input_order_and_every_replica_works(replicas):
+    n = 300
+    p = Pipeline([RangeSource(n, name="src"), Tagged(name="x", options={"replicas": replicas}), Seen(name="d")])
+    report = Supervisor(p).run()
+    consumed = _consumed(report.outputs)
+    assert [v for _, v in consumed] == list(range(n))
+    assert len({pid for pid, _ in consumed}) == replicas  # each replica is its own process
+    names = [f"x[{i}]" for i in range(replicas)]
+    assert set(names) <= set(report.nodes) and "x" not in report.nodes
+    assert sum(report.nodes[w]["frames_in"] for w in names) == n
+
+
+@pytest.mark.slow
+def test_zero_or_several_outputs_per_input_and_flush():
+    n = 100
+    p = Pipeline([RangeSource(n, name="src"), Varied(name="x", options={"replicas": 2}), Seen(name="d")])
+    out = _consumed(Supervisor(p).run().outputs)
+    # every input's outputs in input order, then each replica's flush() output
+    assert out == _varied_expected(n) + ["flushed", "flushed"]
+
+
+@pytest.mark.slow
+def test_status_names_the_replicas():
+    p = Pipeline([RangeSource(10**9, name="src"), Slowish(0.001, name="x", options={"replicas": 2}), PassThroughNode(name="d")])
+    with Supervisor(p) as sup:
+        nodes = sup.status()["nodes"]
+        assert {"src", "x[0]", "x[1]", "d"} <= set(nodes) and "x" not in nodes
+        assert [i["from"] for i in nodes["d"]["inputs"]] == ["x[0]", "x[1]"]
+        assert [i["from"] for i in nodes["x[1]"]["inputs"]] == ["src"]
+        sup.stop()
+
+
+def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25)):
+    """Run ``range(n)`` through ``pipeline`` while SIGKILLing one of ``victims`` every
+    ``period`` seconds; every output must arrive once, in input order."""
+    sup = Supervisor(pipeline, max_restarts=10_000, backoff_base=0.01, backoff_max=0.05)
+    sup.start()
+    kills = collections.Counter()
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "1616")))
+
+    def killer():
+        while sup.running and sum(kills.values()) < max_kills:
+            victim = rng.choice(victims)
+            while sup.running and sup.states().get(victim) != "RUNNING":
+                time.sleep(0.01)
+            time.sleep(rng.uniform(*period))
+            pid = sup.worker_pids().get(victim)
+            if not pid:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                kills[victim] += 1
+            except ProcessLookupError:
+                pass
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    report = sup.run(range(n))
+    t.join(5)
+    got = collections.Counter(x for _, x in report.outputs)
+    lost = sum(1 for x in range(n) if got[x] == 0)
+    dup = sum(c - 1 for c in got.values() if c > 1)
+    print(f"\nreplica chaos: {sum(kills.values())} SIGKILLs {dict(kills)}: {lost} lost, {dup} duplicated")
+    assert (lost, dup) == (0, 0)
+    assert _consumed(report.outputs) == list(range(n))  # d took them in input order
+    assert sum(kills.values()) >= min_kills, "the run was too short to kill anything"
+
+
+def _chain(replicas=2):
+    # input -> u -> x[0..N-1] -> d -> output
+    return Pipeline([PassThroughNode(name="u"), Slowish(0.0005, name="x", options={"replicas": replicas}), Seen(name="d")])
+
+
+@pytest.mark.slow
+def test_replica_killed_mid_stream_nothing_lost_or_duplicated_in_order():
+    _chaos(_chain(), ["x[0]", "x[1]"], 3000)
+
+
+@pytest.mark.slow
+def test_upstream_and_downstream_killed_mid_stream_nothing_lost_or_duplicated_in_order():
+    # u deals the frames (its choices are replayed after its restart); d merges them (it finds
+    # where it was from the frames replayed to it)
+    _chaos(_chain(3), ["u", "d"], 3000)
+
+
+def test_replicas_option_is_validated():
+    with pytest.raises(OptionValueError, match="replicas must be a positive int, got 0"):
+        Pipeline([RangeSource(3, name="src"), PassThroughNode(name="x", options={"replicas": 0}), PassThroughNode(name="d")])
+    with pytest.raises(OptionValueError, match="replicas"):
+        Pipeline([RangeSource(3, name="src"), PassThroughNode(name="x", options={"replicas": 1.5}), PassThroughNode(name="d")])
+
+
+def test_stateful_node_refuses_replicas():
+    with pytest.raises(PipelineValidationError, match=r"node 'x' has replicas=2, but it keeps state \(it has snapshot\(\)"):
+        Pipeline([RangeSource(3, name="src"), Counting(name="x", options={"replicas": 2}), PassThroughNode(name="d")])
+
+
+@pytest.mark.parametrize(
+    "nodes, connections, message",
+    [
+        ([RangeSource(3, name="x", options={"replicas": 2}), PassThroughNode(name="d")], None, "it is a Source"),
+        ([PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d")], None, "put a PassThroughNode before it"),
+        ([RangeSource(3, name="s"), PassThroughNode(name="x", options={"replicas": 2})], None, "put a PassThroughNode after it"),
+        (
+            [RangeSource(3, name="s"), RangeSource(3, name="t"), PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d")],
+            [("s", "x"), ("t", "x"), ("x", "d")],
+            "needs exactly one upstream node",
+        ),
+        (
+            [RangeSource(3, name="s"), PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d")],
+            [("s", "x"), ("x", "d"), ("s", "d")],
+            "its downstream node 'd' has other inputs too",
+        ),
+        (
+            [RangeSource(3, name="s"), PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d", options={"queue_policy": "latest"})],
+            None,
+            "node 'd' has queue_policy='latest'",
+        ),
+    ],
+)
+def test_graphs_replicas_do_not_fit_are_refused(nodes, connections, message):
+    with pytest.raises(PipelineValidationError, match=message):
+        Pipeline(nodes, connections=connections)
+
+
+def test_manifest_node_takes_the_option():
+    manifest = {
+        "version": "v1",
+        "nodes": [
+            {"id": "src", "node_type": "RangeSource", "params": {"stop": 3}},
+            {"id": "x", "node_type": "PassThroughNode", "params": {}, "options": {"replicas": 3}},
+            {"id": "d", "node_type": "PassThroughNode", "params": {}},
+        ],
+    }
+    p = Pipeline(manifest)
+    assert p.replicas("x") == 3 and p.replicas("d") == 1
+    sup = Supervisor(p)
+    assert sup.worker_names("x") == ["x[0]", "x[1]", "x[2]"] and sup.worker_names("d") == ["d"]
+    edges, nodes = sup._build({n.name: b"" for n in p.nodes})
+    assert [spec.name for spec, _, _ in nodes] == ["src", "x[0]", "x[1]", "x[2]", "d"]
+    assert [(e.src, e.dst, e.replica) for e in edges] == [
+        ("src", "x[0]", 0), ("src", "x[1]", 1), ("src", "x[2]", 2),
+        ("x[0]", "d", 0), ("x[1]", "d", 1), ("x[2]", "d", 2), ("d", "__output__", -1),
+    ]  # fmt: skip
+    manifest["nodes"][1]["options"]["replicas"] = -1
+    with pytest.raises(OptionValueError, match="replicas"):
+        Pipeline(manifest)
