@@ -134,6 +134,21 @@ def test_status_names_the_replicas():
         sup.stop()
 
 
+@pytest.mark.slow
+def test_restart_node_replaces_every_replica_at_a_commit_point():
+    n = 1500
+    p = Pipeline([RangeSource(n, name="src"), Slowish(0.0005, name="x", options={"replicas": 2}), Seen(name="d")])
+    with Supervisor(p) as sup:
+        starts = {w: sup.workers[w].starts for w in ("x[0]", "x[1]")}
+        out = []
+        for v in sup:
+            out.append(v)
+            if len(out) == 200:
+                sup.restart_node("x", timeout=60)  # (by the node's name: both replicas)
+        assert all(sup.workers[w].starts == starts[w] + 1 for w in starts)
+    assert _consumed(out) == list(range(n))
+
+
 def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25)):
     """Run ``range(n)`` through ``pipeline`` while SIGKILLing one of ``victims`` every
     ``period`` seconds; every output must arrive once, in input order."""
