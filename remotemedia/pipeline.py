@@ -244,9 +244,9 @@ class Pipeline:
 
     def _validate_replicas(self) -> None:
         """A node with ``replicas`` > 1 must fit what its workers do (see the README's
-        Replicas): its one upstream node spreads the frames over the replicas, and each
-        downstream node, fed by it alone, takes their outputs back in input order. The caller's
-        end (the gateway) neither spreads nor merges, and a node's state cannot be split."""
+        Replicas): its one upstream (a node or the caller) spreads the frames over the
+        replicas, and each downstream node, fed by it alone (or the caller), takes their
+        outputs back in input order. A node's state cannot be split."""
         for node in self.nodes:
             n = node.options.get("replicas")
             if n is None:
@@ -263,12 +263,7 @@ class Pipeline:
                     "part of the frames; drop the option or make the node stateless"
                 )
             ups = self.upstream(node.name)
-            if ups == [INPUT]:
-                raise PipelineValidationError(
-                    f"{what}, but it takes the pipeline inputs: replicas need an upstream node; put a "
-                    f"PassThroughNode before it"
-                )
-            if len(ups) != 1 or self.replicas(ups[0]) > 1:
+            if len(ups) != 1 or (ups != [INPUT] and self.replicas(ups[0]) > 1):
                 raise PipelineValidationError(
                     f"{what}, but it is fed by {', '.join(repr(u) for u in ups)}: a node with replicas needs exactly "
                     "one upstream node, itself without replicas"
@@ -281,12 +276,7 @@ class Pipeline:
                         "replicas are kept in order and never dropped; use 'block' there"
                     )
             for down in self.downstream(node.name):
-                if down == OUTPUT:
-                    raise PipelineValidationError(
-                        f"{what}, but its outputs go to the caller: replicas need a downstream node; put a "
-                        f"PassThroughNode after it"
-                    )
-                if self.upstream(down) != [node.name]:
+                if down != OUTPUT and self.upstream(down) != [node.name]:
                     raise PipelineValidationError(
                         f"{what}, but its downstream node {down!r} has other inputs too "
                         f"({', '.join(repr(u) for u in self.upstream(down) if u != node.name)}): a node fed by "

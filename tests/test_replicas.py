@@ -149,9 +149,33 @@ def test_restart_node_replaces_every_replica_at_a_commit_point():
     assert _consumed(out) == list(range(n))
 
 
-def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25)):
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_the_caller_deals_inputs_to_replicas_and_gets_outputs_in_input_order(replicas):
+    # input -> x[0..N-1] -> output: the gateway deals and merges
+    n = 300
+    p = Pipeline([Varied(name="x", options={"replicas": replicas})])
+    with Supervisor(p) as sup:
+        for x in range(n):
+            sup.send(x)
+        sup.close()
+        out = list(sup)  # (as they arrive: no sorting by input)
+        assert sup.join(60)
+        assert sup.report().nodes["x[0]"]["frames_in"] == len(range(0, n, replicas))
+    assert out == _varied_expected(n) + ["flushed"] * replicas
+
+
+@pytest.mark.slow
+def test_replicas_fed_by_the_caller_killed_mid_stream():
+    p = Pipeline([Slowish(0.0005, name="x", options={"replicas": 2})])
+    _chaos(p, ["x[0]", "x[1]"], 3000, key=None)
+
+
+def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25), key=_consumed):
     """Run ``range(n)`` through ``pipeline`` while SIGKILLing one of ``victims`` every
-    ``period`` seconds; every output must arrive once, in input order."""
+    ``period`` seconds; every output must arrive once, in input order (``key``: the values
+    in the order they were consumed, from the outputs; None: the outputs are the values, in
+    the order the caller got them)."""
     sup = Supervisor(pipeline, max_restarts=10_000, backoff_base=0.01, backoff_max=0.05)
     sup.start()
     kills = collections.Counter()
@@ -174,14 +198,25 @@ def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25))
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    report = sup.run(range(n))
+
+    def feed():
+        for x in range(n):
+            sup.send(x)
+        sup.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    outputs = list(sup)  # (in the order they came)
+    feeder.join(30)
     t.join(5)
-    got = collections.Counter(x for _, x in report.outputs)
+    values = [x for _, x in outputs] if key is not None else outputs
+    got = collections.Counter(values)
     lost = sum(1 for x in range(n) if got[x] == 0)
     dup = sum(c - 1 for c in got.values() if c > 1)
     print(f"\nreplica chaos: {sum(kills.values())} SIGKILLs {dict(kills)}: {lost} lost, {dup} duplicated")
+    assert sup.join(60)
     assert (lost, dup) == (0, 0)
-    assert _consumed(report.outputs) == list(range(n))  # d took them in input order
+    assert (key(outputs) if key is not None else outputs) == list(range(n))  # in input order
     assert sum(kills.values()) >= min_kills, "the run was too short to kill anything"
 
 
@@ -218,8 +253,11 @@ def test_stateful_node_refuses_replicas():
     "nodes, connections, message",
     [
         ([RangeSource(3, name="x", options={"replicas": 2}), PassThroughNode(name="d")], None, "it is a Source"),
-        ([PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d")], None, "put a PassThroughNode before it"),
-        ([RangeSource(3, name="s"), PassThroughNode(name="x", options={"replicas": 2})], None, "put a PassThroughNode after it"),
+        (
+            [PassThroughNode(name="u", options={"replicas": 2}), PassThroughNode(name="x", options={"replicas": 2})],
+            None,
+            "needs exactly one upstream node, itself without replicas",
+        ),
         (
             [RangeSource(3, name="s"), RangeSource(3, name="t"), PassThroughNode(name="x", options={"replicas": 2}), PassThroughNode(name="d")],
             [("s", "x"), ("t", "x"), ("x", "d")],

@@ -35,7 +35,8 @@ for them in order.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, List, Optional, Sequence, Tuple
 
 from remotemedia.frames import decode
 
@@ -74,6 +75,68 @@ def pick(groups: Groups) -> List[OutPort]:
     (frame k to replica k mod N, k being the frames sent to the group so far) of each group."""
     plain, reps = groups
     return plain + [g[sum(p.next_seq for p in g) % len(g)] for g in reps]
+
+
+def merge_groups(inputs: Sequence[InPort]) -> List[List[int]]:
+    """The positions in ``inputs`` of the edges from each node with replicas, in replica
+    order."""
+    groups: dict = {}
+    for j, p in enumerate(inputs):
+        e = p.spec
+        if e.replica >= 0 and e.src.endswith(f"[{e.replica}]"):
+            groups.setdefault(e.src.rsplit("[", 1)[0], []).append(j)
+    return [sorted(g, key=lambda j: inputs[j].spec.replica) for g in groups.values()]
+
+
+class Reorder:
+    """The merge at the caller's end (the gateway), which takes every frame as it comes (its
+    outputs are committed when received, and it never restarts): the outputs of N replicas,
+    released in the order of their inputs (see the module docstring)."""
+
+    def __init__(self, n: int) -> None:
+        self.queues: List[Deque[Tuple[int, int, Any]]] = [deque() for _ in range(n)]
+        self.ended = [False] * n
+        self.next_k = 0
+        self.draining = False
+
+    def put(self, i: int, k: int, kind: int, item: Any) -> None:
+        self.queues[i].append((k, kind, item))
+
+    def end(self, i: int) -> None:
+        self.ended[i] = True
+
+    def release(self) -> List[Any]:
+        """The items whose turn has come, in order."""
+        out: List[Any] = []
+        queues, n = self.queues, len(self.queues)
+        while not self.draining:
+            i = self.next_k % n
+            q = queues[i]
+            if not q:
+                if not self.ended[i]:
+                    return out
+                self.draining = True
+                break
+            k, kind, item = q[0]
+            if kind == FLUSH:
+                self.draining = True
+                break
+            if k != self.next_k:
+                raise RuntimeError(f"replica {i} sent the outputs of frame {k} where those of frame {self.next_k} were due")
+            q.popleft()
+            if kind != END:
+                out.append(item)
+            if kind != MORE:
+                self.next_k += 1
+        for i, q in enumerate(queues):  # draining: flush() outputs, replica by replica
+            while q:
+                k, kind, item = q.popleft()
+                if kind != FLUSH:
+                    raise RuntimeError(f"replica {i} sent the outputs of frame {k} after every frame's")
+                out.append(item)
+            if not self.ended[i]:
+                break
+        return out
 
 
 # (k, kind, value, seq, origin, stream_id, created_ns, sent_ns, dead-lettered)
