@@ -117,6 +117,17 @@ class EdgeSpec:
     def lossless(self) -> bool:
         return self.policy == "block"
 
+    @property
+    def from_replica(self) -> bool:
+        """Its producer is a replica (node names cannot contain "[": only a replica's worker
+        name ends so)."""
+        return self.replica >= 0 and self.src.endswith(f"[{self.replica}]")
+
+    @property
+    def to_replica(self) -> bool:
+        """Its consumer is a replica."""
+        return self.replica >= 0 and self.dst.endswith(f"[{self.replica}]")
+
     def channel_options(self) -> Dict[str, Any]:
         """Settings both ends pass to the bridge (they must match)."""
         # Two of each: a restarted process attaches before its dead predecessor is cleaned up.
@@ -164,15 +175,25 @@ class WorkerSpec:
             len(self.in_edges) > 1
             and all(e.lossless for e in self.in_edges)
             # (the outputs of replicas are merged in the order their k says: nothing to record)
-            and not any(e.replica >= 0 for e in self.in_edges)
+            and not self.merges
         )
 
     @property
     def replica(self) -> int:
         """Which replica of its node this worker is (-1: the node has no replicas)."""
-        if len(self.in_edges) == 1 and self.in_edges[0].dst == self.name:
+        if len(self.in_edges) == 1 and self.in_edges[0].to_replica:
             return self.in_edges[0].replica
         return -1
+
+    @property
+    def merges(self) -> bool:
+        """Its inputs are the outputs of a node's replicas (see supervisor.worker.replicas)."""
+        return any(e.from_replica for e in self.in_edges)
+
+    @property
+    def keeps_position(self) -> bool:
+        """Its commits hold a position: a source's items produced, a merge's next input."""
+        return self.is_source or self.merges
 
 
 @dataclass

@@ -171,6 +171,29 @@ def test_replicas_fed_by_the_caller_killed_mid_stream():
     _chaos(p, ["x[0]", "x[1]"], 3000, key=None)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", [Seen, PassThroughNode])  # (commits by message / in the status block)
+def test_one_request_at_a_time_through_a_restarted_merge(merge):
+    # After d's crash, the next input (one replica gets it, the other gets nothing) must come
+    # out: d knows which frame is next from its commit, it does not wait for every replica.
+    p = Pipeline([PassThroughNode(name="u"), Slowish(0.0005, name="x", options={"replicas": 2}), merge(name="d")])
+    with Supervisor(p, backoff_base=0.01) as sup:
+        for x in range(5):
+            sup.send(x)
+            assert sup.recv(timeout=30) in ((x, x), x)
+        pid = sup.worker_pids()["d"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (sup.states().get("d") == "RUNNING" and sup.worker_pids()["d"] not in (None, pid)):
+            assert time.monotonic() < deadline, "d was not restarted"
+            time.sleep(0.01)
+        for x in range(5, 8):
+            sup.send(x)
+            assert sup.recv(timeout=30) in ((x, x), x)
+        sup.close()
+        assert list(sup) == []
+
+
 def _chaos(pipeline, victims, n, min_kills=3, max_kills=12, period=(0.05, 0.25), key=_consumed):
     """Run ``range(n)`` through ``pipeline`` while SIGKILLing one of ``victims`` every
     ``period`` seconds; every output must arrive once, in input order (``key``: the values
@@ -232,8 +255,8 @@ def test_replica_killed_mid_stream_nothing_lost_or_duplicated_in_order():
 
 @pytest.mark.slow
 def test_upstream_and_downstream_killed_mid_stream_nothing_lost_or_duplicated_in_order():
-    # u deals the frames (its choices are replayed after its restart); d merges them (it finds
-    # where it was from the frames replayed to it)
+    # u deals the frames (its choices are replayed after its restart); d merges them (its
+    # commits hold the next frame's number)
     _chaos(_chain(3), ["u", "d"], 3000)
 
 

@@ -26,9 +26,9 @@ last output), ``END`` (no value: k had no more outputs), ``FLUSH`` (k = -1: an o
 from edge ``k mod N`` until it has taken the frame that ends k (``LAST`` or ``END``), then
 k + 1. When the edge of k shows ``FLUSH`` or ends, every input was consumed: the ``flush()``
 outputs follow, replica by replica. The order of consumption is a function of the frames'
-contents, so a restarted D (which starts where its commit was, with k unknown: it waits until
-every live edge shows its next frame, and the smallest k among them is where it was) consumes
-the replayed frames in the same order and re-emits exactly what it emitted before. A replica's
+contents, and D's commits hold the next k (as a source's hold its position), so a restarted D
+goes on from its commit's k, consumes the replayed frames in the same order and re-emits
+exactly what it emitted before. A replica's
 crash is an ordinary restart: its edges replay the same frames with the same k's, and D waits
 for them in order.
 """
@@ -60,8 +60,7 @@ def dispatch_groups(outputs: Sequence[OutPort]) -> Optional[Groups]:
     groups: dict = {}
     for p in outputs:
         e = p.spec
-        # (node names cannot contain "[": only a replica's worker name ends so)
-        if e.replica >= 0 and e.dst.endswith(f"[{e.replica}]"):
+        if e.to_replica:
             groups.setdefault(e.dst.rsplit("[", 1)[0], []).append(p)
         else:
             plain.append(p)
@@ -83,7 +82,7 @@ def merge_groups(inputs: Sequence[InPort]) -> List[List[int]]:
     groups: dict = {}
     for j, p in enumerate(inputs):
         e = p.spec
-        if e.replica >= 0 and e.src.endswith(f"[{e.replica}]"):
+        if e.from_replica:
             groups.setdefault(e.src.rsplit("[", 1)[0], []).append(j)
     return [sorted(g, key=lambda j: inputs[j].spec.replica) for g in groups.values()]
 
@@ -146,21 +145,28 @@ Head = Tuple[int, int, Any, int, int, int, int, int, bool]
 class Merge:
     """The input step of a node fed by replicas: their outputs in the order of their inputs
     (see the module docstring). Holds at most one frame per edge (its *head*) until its turn.
-    """
 
-    def __init__(self, runner: "Runner", fresh: bool) -> None:
+    Where it is (the next k, or -1 once every input was consumed) is the position of the
+    node's commits (the ledger's ``source_position``, which only sources use otherwise): a
+    restarted node goes on from the k of its commit."""
+
+    def __init__(self, runner: "Runner", position: int) -> None:
         self.runner = runner
+        self.ledger = runner.ledger
         self.ports: List[InPort] = sorted(runner.inputs, key=lambda p: p.spec.replica)
         self.n = len(self.ports)
         self.heads: List[Optional[Head]] = [None] * self.n
-        # Nothing committed yet: consumption starts at k = 0. Else unknown until every live
-        # edge shows its next frame (see the module docstring).
-        self.next_k: Optional[int] = 0 if fresh else None
-        self.draining = False  # every input consumed: flush() outputs, replica by replica
+        self.draining = position < 0  # every input consumed: flush() outputs, replica by replica
+        self.next_k = max(0, position)
+        self.ledger.source_position = position
 
     def watch(self) -> List[Any]:
-        """The subscribers whose frames would let the merge go on (for Runner.wait)."""
-        return [p.sub for p, h in zip(self.ports, self.heads) if h is None and not p.eos]
+        """The subscriber whose frame would let the merge go on (for Runner.wait): frames on
+        the others wait for their turn."""
+        if not self.draining:
+            p = self.ports[self.next_k % self.n]
+            return [] if p.eos else [p.sub]
+        return next(([p.sub] for p in self.ports if not p.eos), [])
 
     def _fill(self, i: int) -> None:
         port = self.ports[i]
@@ -190,38 +196,29 @@ class Merge:
     def step(self) -> bool:
         """Consume the next frame in order if it is there; False when it is not."""
         heads, ports, n = self.heads, self.ports, self.n
-        for i in range(n):
-            self._fill(i)
-        if self.next_k is None and not self.draining:
-            if any(h is None and not p.eos for h, p in zip(heads, ports)):
-                return False
-            ks = [h[0] for h in heads if h is not None and h[1] != FLUSH]
-            if ks:
-                self.next_k = min(ks)
-            else:
-                self.draining = True
         if not self.draining:
             k = self.next_k
-            assert k is not None
             i = k % n
+            self._fill(i)
             h = heads[i]
             if h is None:
                 if not ports[i].eos:
                     return False
-                self.draining = True  # (U sent nothing from k on)
+                self._drain()  # (its upstream sent nothing from k on)
             elif h[1] == FLUSH:
-                self.draining = True
+                self._drain()
             elif h[0] != k:
                 raise RuntimeError(
                     f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {h[0]} where "
                     f"those of frame {k} were due"
                 )
             else:
-                self._consume(i, h)
                 if h[1] != MORE:
-                    self.next_k = k + 1
+                    self.next_k = self.ledger.source_position = k + 1
+                self._consume(i, h)
                 return True
-        for i in range(n):  # draining
+        for i in range(n):
+            self._fill(i)
             h = heads[i]
             if h is not None:
                 if h[1] != FLUSH:
@@ -234,6 +231,10 @@ class Merge:
             if not ports[i].eos:
                 return False
         return False
+
+    def _drain(self) -> None:
+        self.draining = True
+        self.ledger.source_position = -1
 
     def _consume(self, i: int, h: Head) -> None:
         self.heads[i] = None

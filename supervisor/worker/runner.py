@@ -122,6 +122,7 @@ class Runner:
             chan=chan,
             board=board,
             is_source=spec.is_source,
+            keeps_position=spec.merges,
             source_position=self.restore.source_position,
             snapshot=(lambda: cloudpickle.dumps(node.snapshot())) if has_snapshot else None,
             snapshot_interval=spec.snapshot_interval if spec.snapshot_interval is not None else 1.0,
@@ -167,9 +168,8 @@ class Runner:
         # merges their outputs back into input order.
         self._replica = spec.replica >= 0
         self._merge: Optional[Merge] = None
-        if any(e.replica >= 0 and e.src != spec.name for e in spec.in_edges) and not self._replica:
-            fresh = all(self.restore.in_seqs.get(e.index, -1) < 0 for e in spec.in_edges)
-            self._merge = Merge(self, fresh)
+        if spec.merges:
+            self._merge = Merge(self, self.restore.source_position)
             self.step_input = self._merge.step  # type: ignore[method-assign]
         if self._replica:
             self._out1 = None  # (its outputs are wrapped: not the plain fast path)
