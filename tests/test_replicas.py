@@ -75,6 +75,21 @@ def _consumed(outputs):
     return [x for _, x in outputs]
 
 
+class Picky(Node):
+    """Raises on multiples of 7; dies (hard) on ``poison``."""
+
+    def __init__(self, poison: int = -1, **kw):
+        super().__init__(**kw)
+        self.poison = poison
+
+    def process(self, x):
+        if x == self.poison:
+            os._exit(1)
+        if x % 7 == 0:
+            raise ValueError(x)
+        return x
+
+
 class Counting(Node):
     def initialize(self):
         self.n = 0
@@ -121,6 +136,19 @@ def test_zero_or_several_outputs_per_input_and_flush():
     out = _consumed(Supervisor(p).run().outputs)
     # every input's outputs in input order, then each replica's flush() output
     assert out == _varied_expected(n) + ["flushed", "flushed"]
+
+
+@pytest.mark.slow
+def test_a_frame_a_replica_skips_or_dead_letters_does_not_stall_the_merge():
+    # on_error="skip": process() raised, no output; a poison frame (its replica dies on it
+    # until it is dead-lettered): no output either; the merge goes on past both.
+    n = 60
+    p = Pipeline(
+        [RangeSource(n, name="src"), Picky(poison=30, name="x", options={"replicas": 2, "on_error": "skip"}), Seen(name="d")]
+    )
+    report = Supervisor(p, backoff_base=0.01, poison_threshold=2).run()
+    assert _consumed(report.outputs) == [x for x in range(n) if x % 7 and x != 30]
+    assert report.nodes["x[0]"]["dead_letters"] == 1  # (30 went to replica 0)
 
 
 @pytest.mark.slow
