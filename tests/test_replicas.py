@@ -138,6 +138,34 @@ def test_zero_or_several_outputs_per_input_and_flush():
     assert out == _varied_expected(n) + ["flushed", "flushed"]
 
 
+class Add(Node):
+    def __init__(self, n: int, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def process(self, x):
+        return x + self.n
+
+
+@pytest.mark.slow
+def test_reload_replaces_every_replica_and_a_changed_count_is_refused():
+    from remotemedia.errors import ReloadError
+
+    def pipeline(n, replicas=2):
+        return Pipeline([PassThroughNode(name="u"), Add(n, name="x", options={"replicas": replicas}), PassThroughNode(name="d")])
+
+    with Supervisor(pipeline(0)) as sup:
+        sup.send(1)
+        assert sup.recv(timeout=30) == 1
+        assert sup.reload(pipeline(100)) == ["x[0]", "x[1]"]
+        sup.send(2)
+        sup.send(3)
+        assert [sup.recv(timeout=30), sup.recv(timeout=30)] == [102, 103]
+        with pytest.raises(ReloadError, match="replicas 2 -> 3"):
+            sup.reload(pipeline(100, replicas=3))
+        sup.close()
+
+
 @pytest.mark.slow
 def test_a_frame_a_replica_skips_or_dead_letters_does_not_stall_the_merge():
     # on_error="skip": process() raised, no output; a poison frame (its replica dies on it
