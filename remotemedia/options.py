@@ -304,6 +304,11 @@ def _table() -> Tuple[Option, ...]:
             "the edges into the node: `block` (lossless backpressure), `drop_oldest` (a bounded queue that overwrites its oldest frame) or `latest` (depth 1: only the newest frame)",
             per_node=True, supervisor=False,
         ),
+        Option(
+            "replicas", 1, _int_at_least(1),
+            "workers that run copies of the node side by side: its upstream spreads the frames over them, its downstream gets their outputs back in input order (see the README's Replicas; not for nodes with `snapshot()`)",
+            per_node=True, supervisor=False,
+        ),
         Option("enable_metrics", False, _BOOL, "return an `Outputs` list whose `.metrics` summarizes each node (from the RunReport)", supervisor=False, run=True),
         Option(
             "executor", None, _or_none(_one_of(("multiprocess", "inline"))),

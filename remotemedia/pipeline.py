@@ -34,6 +34,7 @@ import cloudpickle
 from .errors import NodeTypeError, PipelineValidationError
 from .manifest import MANIFEST_VERSION, instance_entry, load_manifest, node_from_entry, node_host, parse_connections
 from .node import Node, Source, check_node_name, missing_super_init
+from .options import check as check_option
 from .registry import get_node_class, type_name_of
 from .serialization import DEFAULT_MAX_SIZE, serialize_node
 
@@ -212,6 +213,7 @@ class Pipeline:
             conns = parse_connections(list(connections))
         self.connections: List[Tuple[str, str]] = self._validate_connections(conns)
         self.order: List[str] = self._toposort()
+        self._validate_replicas()
 
     # ------------------------------------------------------------------ validation
 
@@ -234,6 +236,52 @@ class Pipeline:
                 )
             seen.add((a, b))
         return list(conns)
+
+    def replicas(self, name: str) -> int:
+        """How many workers run node ``name`` (its ``replicas`` option; 1 when unset)."""
+        n = self._by_name[name].options.get("replicas")
+        return 1 if n is None else n
+
+    def _validate_replicas(self) -> None:
+        """A node with ``replicas`` > 1 must fit what its workers do (see the README's
+        Replicas): its one upstream (a node or the caller) spreads the frames over the
+        replicas, and each downstream node, fed by it alone (or the caller), takes their
+        outputs back in input order. A node's state cannot be split."""
+        for node in self.nodes:
+            n = node.options.get("replicas")
+            if n is None:
+                continue
+            check_option("replicas", n, f"node {node.name!r}")
+            if n == 1:
+                continue
+            what = f"node {node.name!r} has replicas={n}"
+            if isinstance(node, Source):
+                raise PipelineValidationError(f"{what}, but it is a Source: a source cannot be split; drop the option")
+            if callable(getattr(node, "snapshot", None)) and callable(getattr(node, "restore", None)):
+                raise PipelineValidationError(
+                    f"{what}, but it keeps state (it has snapshot() and restore()): each replica would see only "
+                    "part of the frames; drop the option or make the node stateless"
+                )
+            ups = self.upstream(node.name)
+            if len(ups) != 1 or (ups != [INPUT] and self.replicas(ups[0]) > 1):
+                raise PipelineValidationError(
+                    f"{what}, but it is fed by {', '.join(repr(u) for u in ups)}: a node with replicas needs exactly "
+                    "one upstream node, itself without replicas"
+                )
+            for name in [node.name, *self.downstream(node.name)]:
+                policy = self._by_name[name].options.get("queue_policy") if name != OUTPUT else None
+                if policy not in (None, "block"):
+                    raise PipelineValidationError(
+                        f"{what}, but node {name!r} has queue_policy={policy!r}: the frames into and out of "
+                        "replicas are kept in order and never dropped; use 'block' there"
+                    )
+            for down in self.downstream(node.name):
+                if down != OUTPUT and self.upstream(down) != [node.name]:
+                    raise PipelineValidationError(
+                        f"{what}, but its downstream node {down!r} has other inputs too "
+                        f"({', '.join(repr(u) for u in self.upstream(down) if u != node.name)}): a node fed by "
+                        "replicas takes no other input"
+                    )
 
     def _toposort(self) -> List[str]:
         indeg = {n: 0 for n in self._by_name}

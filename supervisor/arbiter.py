@@ -71,6 +71,7 @@ from .protocol import (
     Ready,
     Start,
     WorkerSpec,
+    replica_name,
 )
 from .states import ProcessState
 from .systemd import SystemdNotifier
@@ -405,6 +406,13 @@ class Arbiter:
         replacement is READY."""
         if self.phase is not Phase.RUNNING:
             raise SupervisorError(f"pipeline {self.name!r} is {self.phase.value.lower()}: nodes are replaced only while it runs")
+        # (a node with replicas, by its name: each of its workers)
+        blobs = {
+            w: b
+            for n, b in blobs.items()
+            for w in ([n] if n in self.workers or replica_name(n, 0) not in self.workers else
+                      [x for x in self.workers if x.startswith(n + "[")])
+        }  # fmt: skip
         unknown = [n for n in blobs if n not in self.workers]
         if unknown:
             raise SupervisorError(

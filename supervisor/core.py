@@ -55,7 +55,7 @@ from .gateway import EncodedFrame, Gateway
 from .logs import LogSink
 from .monitor import build_status
 from .process import WorkerProcess, describe_exit
-from .protocol import EdgeSpec, WorkerSpec
+from .protocol import EdgeSpec, WorkerSpec, replica_name
 from .states import ProcessState
 
 __all__ = ["Supervisor", "RunReport", "Progress", "describe_exit"]
@@ -428,11 +428,11 @@ class Supervisor:
         Raises SupervisorError for an unknown node or one that is not RUNNING, TimeoutError
         when ``wait`` ran out."""
         arb = self._check_running("restart_node()")
-        w = arb.workers.get(node)
-        starts = w.starts if w is not None else 0
-        self._replace({node: None}, f"restart of {node!r} requested")
+        names = self.worker_names(node)  # (every replica of a node with replicas)
+        starts = {n: arb.workers[n].starts if n in arb.workers else 0 for n in names}
+        self._replace({n: None for n in names}, f"restart of {node!r} requested")
         if wait:
-            self._wait_replaced({node: starts}, timeout)
+            self._wait_replaced(starts, timeout)
 
     def reload_from(self, source: Callable[[], Any]) -> None:
         """Where :meth:`reload` without an argument, SIGHUP (during :meth:`run`) and the
@@ -474,11 +474,13 @@ class Supervisor:
             self._check_reloadable(new)
             blobs = {n.name: serialize_node(n, self.max_node_size) for n in new.nodes}
             prints = {name: node_fingerprint(b) for name, b in blobs.items()}
-            changed: Dict[str, Optional[bytes]] = {n: b for n, b in blobs.items() if prints[n] != self._fingerprints.get(n)}
+            changed = [n for n in blobs if prints[n] != self._fingerprints.get(n)]
             starts = {name: w.starts for name, w in arb.workers.items()}
-            replaced = self._replace(changed, "reload") if changed else []
+            # (a node with replicas: each of its workers)
+            workers: Dict[str, Optional[bytes]] = {w: blobs[n] for n in changed for w in self.worker_names(n)}
+            replaced = self._replace(workers, "reload") if workers else []
             self.pipeline = new  # (what the next reload compares against)
-            self._fingerprints.update({n: prints[n] for n in replaced})
+            self._fingerprints.update({n: prints[n] for n in changed})
         if wait and replaced:
             self._wait_replaced({n: starts[n] for n in replaced}, timeout)
         return replaced
@@ -838,56 +840,74 @@ class Supervisor:
 
     # ================================================================== graph -> specs
 
+    def worker_names(self, node: str) -> List[str]:
+        """The workers of pipeline node ``node``: ``[node]``, or ``node[0]`` … ``node[N-1]``
+        for a node with ``replicas`` N > 1."""
+        n = self.pipeline.replicas(node) if node in (x.name for x in self.pipeline.nodes) else 1
+        return [node] if n == 1 else [replica_name(node, i) for i in range(n)]
+
     def _build(self, blobs: Dict[str, bytes]) -> Tuple[List[EdgeSpec], List[Tuple[WorkerSpec, bytes, Dict[str, Any]]]]:
-        """The edges and every node's WorkerSpec. The caller's edges end in the gateway,
-        like any other edge in a worker."""
+        """The edges and every worker's WorkerSpec. The caller's edges end in the gateway,
+        like any other edge in a worker. A node with ``replicas`` N > 1 becomes N workers
+        ``name[i]`` (each unpickles its own copy of the node), each with its own edges from
+        the node's upstream and to each of its downstream nodes (see
+        :mod:`supervisor.worker.replicas`)."""
         p = self.pipeline
-        index_of = {n.name: i for i, n in enumerate(p.nodes)}
+        workers = {n.name: self.worker_names(n.name) for n in p.nodes}
+        index_of = {w: i for i, w in enumerate(w for n in p.nodes for w in workers[n.name])}
         inbox = lambda name: GATEWAY_INBOX if name in (INPUT, OUTPUT) else f"in/w{index_of[name]}"  # noqa: E731
         bell = lambda name: GATEWAY_SLOT if name in (INPUT, OUTPUT) else worker_slot(index_of[name])  # noqa: E731
         edges: List[EdgeSpec] = []
-        for i, (src, dst) in enumerate(p.edges()):
+        for src, dst in p.edges():
             consumer_opts = self.node_options.get(dst, self.defaults)
-            edges.append(
-                EdgeSpec(
-                    index=i,
-                    src=src,
-                    dst=dst,
-                    data_service=f"e{i}/data",
-                    ack_service=f"e{i}/ack",
-                    src_inbox=inbox(src),
-                    dst_inbox=inbox(dst),
-                    src_bell=bell(src),
-                    dst_bell=bell(dst),
-                    depth=consumer_opts["queue_depth"],
-                    max_borrowed=self.max_borrowed,
-                    policy=consumer_opts["queue_policy"],
-                    max_bytes=consumer_opts["queue_bytes"],
-                )
-            )
+            srcs, dsts = workers.get(src, [src]), workers.get(dst, [dst])
+            replicas = max(len(srcs), len(dsts))  # (Pipeline refuses replicas at both ends)
+            for si, s in enumerate(srcs):
+                for di, d in enumerate(dsts):
+                    i = len(edges)
+                    edges.append(
+                        EdgeSpec(
+                            index=i,
+                            src=s,
+                            dst=d,
+                            data_service=f"e{i}/data",
+                            ack_service=f"e{i}/ack",
+                            src_inbox=inbox(s),
+                            dst_inbox=inbox(d),
+                            src_bell=bell(s),
+                            dst_bell=bell(d),
+                            depth=consumer_opts["queue_depth"],
+                            max_borrowed=self.max_borrowed,
+                            policy=consumer_opts["queue_policy"],
+                            max_bytes=consumer_opts["queue_bytes"],
+                            replica=-1 if replicas == 1 else max(si, di),
+                            replicas=replicas,
+                        )
+                    )
         nodes = []
         for node in p.nodes:
             opts = self.node_options[node.name]
-            spec = WorkerSpec(
-                name=node.name,
-                index=index_of[node.name],
-                run_id=self.run_id,
-                prefix=self.prefix,
-                root=self.root,
-                inbox=inbox(node.name),
-                bell=bell(node.name),
-                in_edges=tuple(e for e in edges if e.dst == node.name),
-                out_edges=tuple(e for e in edges if e.src == node.name),
-                is_source=isinstance(node, Source),
-                on_error=opts["on_error"],
-                heartbeat_interval=self.heartbeat_interval,
-                log_level=self.log_level,
-                snapshot_interval=opts["snapshot_interval"],
-                dead_letter_dir=self.dead_letter_dir,
-                spin_us=self.spin_us,
-                handover_timeout=self.handover_timeout,
-            )
-            nodes.append((spec, blobs[node.name], opts))
+            for w in workers[node.name]:
+                spec = WorkerSpec(
+                    name=w,
+                    index=index_of[w],
+                    run_id=self.run_id,
+                    prefix=self.prefix,
+                    root=self.root,
+                    inbox=inbox(w),
+                    bell=bell(w),
+                    in_edges=tuple(e for e in edges if e.dst == w),
+                    out_edges=tuple(e for e in edges if e.src == w),
+                    is_source=isinstance(node, Source),
+                    on_error=opts["on_error"],
+                    heartbeat_interval=self.heartbeat_interval,
+                    log_level=self.log_level,
+                    snapshot_interval=opts["snapshot_interval"],
+                    dead_letter_dir=self.dead_letter_dir,
+                    spin_us=self.spin_us,
+                    handover_timeout=self.handover_timeout,
+                )
+                nodes.append((spec, blobs[node.name], opts))
         return edges, nodes
 
 

@@ -41,6 +41,7 @@ from .channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
 from .doorbells import GATEWAY_SLOT
 from .protocol import EdgeSpec
 from .tracebacks import forget_locals
+from .worker.replicas import Reorder, dispatch_groups, merge_groups, pick
 
 __all__ = ["Gateway", "INBOX", "EncodedFrame"]
 
@@ -93,6 +94,13 @@ class Gateway:
         except BaseException:
             self._close_ports()
             raise
+        # Input nodes with replicas: each input goes to one of them; terminal nodes with
+        # replicas: their outputs are put back in input order (see supervisor.worker.replicas).
+        self._groups = dispatch_groups(self.inputs)
+        self._reorder: Dict[int, Tuple[Reorder, int]] = {}  # output port position -> (its group's, replica)
+        for g in merge_groups(self.outputs):
+            r = Reorder(len(g))
+            self._reorder.update({j: (r, i) for i, j in enumerate(g)})
         self._in_by_edge = {p.spec.index: p for p in self.inputs}
         self._out_by_edge = {p.spec.index: p for p in self.outputs}
         self._watch_out = [p.sub for p in self.outputs]
@@ -150,6 +158,8 @@ class Gateway:
                 break
         meta, bufs, stream_id = frame
         now = time.monotonic_ns()
+        if self._groups is not None:
+            ports = pick(self._groups)
         try:
             for p in ports:
                 p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now, notify)
@@ -314,7 +324,11 @@ class Gateway:
         with self._lock:
             if not self.inputs:
                 return 0
-            return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
+            if self._groups is None:
+                return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
+            plain, groups = self._groups
+            done = [p.committed for p in plain] + [sum(p.committed for p in g) for g in groups]
+            return self.sent - min(min(n, self.sent) for n in done)
 
     def interrupt(self) -> None:
         """Wake a caller waiting in the gateway (the run failed or ended)."""
@@ -336,6 +350,9 @@ class Gateway:
                 return
             self.closed = True
             self._settle()
+            for r, _ in self._reorder.values():  # (outputs whose turn never came: no view outlives the ports)
+                for q in r.queues:
+                    q.clear()
             self._close_ports()
             self._cond.notify_all()
 
@@ -359,37 +376,53 @@ class Gateway:
                     p.send(KIND_EOS, b"", [], self.sent, 0, 0)
 
     def _pump_outputs(self) -> None:
-        pending = self._pending
-        for p in self.outputs:
-            last = None
-            while True:
-                try:
-                    s = p.take()  # (a small pickled value comes unpickled by the bridge)
-                except Exception as e:
-                    self._undecodable(p, e)
-                if s is None:
-                    break
-                if type(s) is tuple:
-                    value, seq, origin, stream_id, created_ns, sent_ns = s
-                    last = seq
-                    pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, sent_ns, p.src), None))
-                    continue
-                last = s.seq
-                if s.kind == KIND_EOS:
-                    continue
-                info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.src)
-                views = bool(s.buffers)  # (a value unpickled from the meta alone holds no view)
-                copy = p.should_copy() or (views and self.copy_outputs)
-                try:
-                    value = decode(s, copy=copy)
-                except Exception as e:
-                    s = None  # (the error outlives the run: it must not hold the frame)
-                    self._undecodable(p, e)
-                pending.append((value, info, None if copy or not views else s))
-                del s
-            if last is not None or p.dup_pending:
-                n = p.expected  # the caller's queue is the end of the line: received = committed
-                p.ack(n, n)
+        reorder = self._reorder
+        for j, p in enumerate(self.outputs):
+            if j not in reorder:
+                self._take_outputs(p, self._pending)
+                continue
+            # (a replica's outputs: ((k, kind, value), info, sample) until their turn)
+            r, i = reorder[j]
+            taken: Deque[Tuple[Any, FrameInfo, Any]] = deque()
+            self._take_outputs(p, taken)
+            for (k, kind, value), info, sample in taken:
+                r.put(i, k, kind, (value, info, sample))
+            if p.eos:
+                r.end(i)
+        for r in {id(r): r for r, _ in reorder.values()}.values():
+            self._pending.extend(r.release())
+
+    def _take_outputs(self, p: InPort, pending: Deque[Tuple[Any, FrameInfo, Any]]) -> None:
+        """Append what output edge ``p`` has to ``pending``, and ack it."""
+        last = None
+        while True:
+            try:
+                s = p.take()  # (a small pickled value comes unpickled by the bridge)
+            except Exception as e:
+                self._undecodable(p, e)
+            if s is None:
+                break
+            if type(s) is tuple:
+                value, seq, origin, stream_id, created_ns, sent_ns = s
+                last = seq
+                pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, sent_ns, p.src), None))
+                continue
+            last = s.seq
+            if s.kind == KIND_EOS:
+                continue
+            info = FrameInfo(s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns, p.src)
+            views = bool(s.buffers)  # (a value unpickled from the meta alone holds no view)
+            copy = p.should_copy() or (views and self.copy_outputs)
+            try:
+                value = decode(s, copy=copy)
+            except Exception as e:
+                s = None  # (the error outlives the run: it must not hold the frame)
+                self._undecodable(p, e)
+            pending.append((value, info, None if copy or not views else s))
+            del s
+        if last is not None or p.dup_pending:
+            n = p.expected  # the caller's queue is the end of the line: received = committed
+            p.ack(n, n)
 
     def _undecodable(self, port: InPort, e: Exception) -> NoReturn:
         """An output this process cannot rebuild: the run fails."""

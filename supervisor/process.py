@@ -373,7 +373,7 @@ class WorkerProcess:
             self.restore.in_seqs[e.index] = seq
         for e, nxt in zip(self.spec.out_edges, seqs[n_in:]):
             self.restore.out_next[e.index] = nxt
-        if self.spec.is_source:
+        if self.spec.keeps_position:
             self.restore.source_position = source
 
     def sync_order(self) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "Handover",
     "EdgeSpec",
     "WorkerSpec",
+    "replica_name",
     "Setup",
     "Hello",
     "Ready",
@@ -85,6 +86,11 @@ EXIT_HANDOVER = 6
 # --------------------------------------------------------------------------- specs
 
 
+def replica_name(node: str, i: int) -> str:
+    """The worker name of replica ``i`` of node ``node`` (``"model[0]"``)."""
+    return f"{node}[{i}]"
+
+
 @dataclass(frozen=True)
 class EdgeSpec:
     """One edge of the pipeline graph, as both of its ends see it."""
@@ -102,10 +108,25 @@ class EdgeSpec:
     max_bytes: int = 256 * 1024 * 1024  # bytes in flight before the producer waits
     src_bell: int = -1  # doorbell slot of src_inbox (see supervisor.doorbells; -1: none)
     dst_bell: int = -1  # doorbell slot of dst_inbox
+    # An edge into or out of one replica of a node with ``replicas`` > 1 (see
+    # supervisor.replicas): which replica (of how many) its replicated end is; -1: none.
+    replica: int = -1
+    replicas: int = 1
 
     @property
     def lossless(self) -> bool:
         return self.policy == "block"
+
+    @property
+    def from_replica(self) -> bool:
+        """Its producer is a replica (node names cannot contain "[": only a replica's worker
+        name ends so)."""
+        return self.replica >= 0 and self.src.endswith(f"[{self.replica}]")
+
+    @property
+    def to_replica(self) -> bool:
+        """Its consumer is a replica."""
+        return self.replica >= 0 and self.dst.endswith(f"[{self.replica}]")
 
     def channel_options(self) -> Dict[str, Any]:
         """Settings both ends pass to the bridge (they must match)."""
@@ -150,7 +171,29 @@ class WorkerSpec:
         restart it consumes the replayed frames in the same order and re-emits exactly what it
         emitted (see :mod:`supervisor.scoreboard`). Not behind a lossy edge: nothing is replayed
         there, and exactly-once is not promised."""
-        return len(self.in_edges) > 1 and all(e.lossless for e in self.in_edges)
+        return (
+            len(self.in_edges) > 1
+            and all(e.lossless for e in self.in_edges)
+            # (the outputs of replicas are merged in the order their k says: nothing to record)
+            and not self.merges
+        )
+
+    @property
+    def replica(self) -> int:
+        """Which replica of its node this worker is (-1: the node has no replicas)."""
+        if len(self.in_edges) == 1 and self.in_edges[0].to_replica:
+            return self.in_edges[0].replica
+        return -1
+
+    @property
+    def merges(self) -> bool:
+        """Its inputs are the outputs of a node's replicas (see supervisor.worker.replicas)."""
+        return any(e.from_replica for e in self.in_edges)
+
+    @property
+    def keeps_position(self) -> bool:
+        """Its commits hold a position: a source's items produced, a merge's next input."""
+        return self.is_source or self.merges
 
 
 @dataclass

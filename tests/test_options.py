@@ -65,6 +65,7 @@ BAD = {
     "start_method": "fork",
     "trust_instances": 1,
     "queue_policy": "fifo",
+    "replicas": 0,
     "enable_metrics": "yes",
     "executor": "threads",
     "use_rust": 1,

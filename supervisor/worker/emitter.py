@@ -21,6 +21,7 @@ from remotemedia.frames import Frame, encode
 from remotemedia.node import iter_outputs
 
 from ..channels import KIND_DATA, MAX_LOANED, OutPort
+from .replicas import END, FLUSH, LAST, MORE, dispatch_groups, pick
 
 if TYPE_CHECKING:
     import asyncio
@@ -40,7 +41,7 @@ class Emitter:
     async nodes' results run on.
 
     ``origin``/``stream``/``created`` are those of the input frame being processed: the
-    outputs inherit them."""
+    outputs inherit them. ``replica``: which replica of its node this worker is (-1: none)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class Emitter:
         board: Any,
         wait_for_room: Callable[[OutPort], None],
         event_loop: Callable[[], "asyncio.AbstractEventLoop"],
+        replica: int = -1,
     ) -> None:
         self.node = node
         self.name = name
@@ -64,6 +66,14 @@ class Emitter:
         self.origin = 0
         self.stream = 0
         self.created = 0
+        # Edges to the replicas of a node: each frame goes to one of them (see .replicas).
+        self.groups = dispatch_groups(self.outputs)
+        # A replica: every output carries the number k of its input (see .replicas).
+        self.replica = replica
+        self.k = -1  # the input being processed (-1: flush())
+        self.k_open = False  # its end was not sent yet
+        if self.replica >= 0:
+            self.emit_result = self._emit_replica_result  # type: ignore[method-assign]
 
     def allocate(self, shape: Any, dtype: Any) -> np.ndarray:
         """Node.allocate() in a worker: a writable array over a chunk loaned from the first
@@ -75,7 +85,9 @@ class Emitter:
             shape = tuple(operator.index(n) for n in shape)
             count = math.prod(shape)
         nbytes = count * dtype.itemsize
-        if not self.outputs or nbytes == 0:
+        # (a loan is of one edge's memory: not when the frame may go to another replica's,
+        # nor when it is wrapped with its input's number)
+        if not self.outputs or nbytes == 0 or self.groups or self.replica >= 0:
             return np.empty(shape, dtype)
         port = self.outputs[0]
         if not port.can_send():
@@ -101,13 +113,17 @@ class Emitter:
                 loan.discard()
         self.loans.clear()
 
-    def emit(self, value: Any) -> None:
+    def emit(self, value: Any, tag: Any = None) -> None:
+        """Send ``value`` on every output edge (on one replica's of each group of replicas).
+        ``tag``: a replica's ``(k, kind)``, sent with the value (see .replicas)."""
         if type(value) is Frame:
             value, stream_id = value.value, value.stream_id
             if stream_id is None:
                 stream_id = self.stream
         else:
             stream_id = self.stream
+        if tag is not None:
+            value = (tag[0], tag[1], value)
         origin, created = self.origin, self.created
         # A bare array goes out through the bridge's hot path (encoded, copied, published and
         # notified in one call) on every edge that has seen its dtype and shape before.
@@ -115,7 +131,7 @@ class Emitter:
         meta: Any = None
         bufs: List[Any] = []
         loan = None
-        for i, port in enumerate(self.outputs):
+        for i, port in enumerate(self.outputs if not self.groups else pick(self.groups)):
             if not port.can_send():
                 self.wait_for_room(port)
             if fast and port.send_array(value, origin, stream_id, created):
@@ -135,10 +151,43 @@ class Emitter:
                 port.send(KIND_DATA, meta, bufs, origin, stream_id, created)
                 if fast and len(bufs) == 1:
                     port.learn_array(value, meta, bufs[0])
+        if tag is not None and tag[1] == END:
+            return  # (a marker, not an output)
         counters = self.counters
         counters.frames_out += 1
         if self.board is not None:
             self.board.set("frames_out", counters.frames_out)
+
+    def start_input(self, seq: int) -> None:
+        """A replica is about to process its input frame ``seq``: number k of the frame
+        among all the replicas' (its upstream dealt them round-robin)."""
+        n = self.outputs[0].spec.replicas
+        self.k = seq * n + self.replica
+        self.k_open = True
+
+    def end_input(self) -> None:
+        """A replica has processed input k: when no output said so (none, or a generator's),
+        an empty marker lets the downstream node go on to k + 1."""
+        if self.k_open:
+            self.k_open = False
+            self.emit(None, (self.k, END))
+
+    def _emit_replica_result(self, result: Any) -> None:
+        """emit_result() of a replica: each output goes with the number k of its input and
+        whether it is the input's last one (see .replicas); flush()'s (``k`` = -1) after
+        every input's."""
+        if result is None:
+            return
+        k = self.k
+        if k < 0:
+            for item in iter_outputs(result, self.event_loop):
+                self.emit(item, (-1, FLUSH))
+        elif type(result) in _PLAIN and self.k_open:
+            self.k_open = False
+            self.emit(result, (k, LAST))
+        else:
+            for item in iter_outputs(result, self.event_loop):
+                self.emit(item, (k, MORE))
 
     def emit_result(self, result: Any) -> None:
         """Emit what process()/flush() returned: nothing, one value, or what it yields."""

@@ -57,6 +57,7 @@ class Ledger:
         chan: Any,
         board: Any,
         is_source: bool,
+        keeps_position: bool = False,
         source_position: int = 0,
         snapshot: Optional[Callable[[], bytes]] = None,
         snapshot_interval: Optional[float] = 1.0,
@@ -66,6 +67,7 @@ class Ledger:
         self.chan = chan
         self.board = board
         self.is_source = is_source
+        self.keeps_position = keeps_position or is_source  # (commits hold source_position)
         self.clock = clock
         self.by_edge_in = {p.spec.index: p for p in inputs}
         self._in_ids = [p.spec.index for p in inputs]
@@ -229,7 +231,7 @@ class Ledger:
                     Commit(
                         in_seqs=dict(self.committed),
                         out_next=dict(self.commit_out_next),
-                        source_position=self.committed_position if self.is_source else None,
+                        source_position=self.committed_position if self.keeps_position else None,
                         snapshot=snap,
                         final=final,
                     )

@@ -49,6 +49,7 @@ from .emitter import Emitter
 from .failures import Aborted as _Abort
 from .failures import format_exc as _format_exc
 from .ledger import Ledger
+from .replicas import Merge
 from .source import SourceStepper
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Runner:
             chan=chan,
             board=board,
             is_source=spec.is_source,
+            keeps_position=spec.merges,
             source_position=self.restore.source_position,
             snapshot=(lambda: cloudpickle.dumps(node.snapshot())) if has_snapshot else None,
             snapshot_interval=spec.snapshot_interval if spec.snapshot_interval is not None else 1.0,
@@ -134,7 +136,9 @@ class Runner:
         self.counters = counters = Counters()
 
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.emitter = emitter = Emitter(node, spec.name, self.outputs, counters, board, self.wait_for_room, self.event_loop)
+        self.emitter = emitter = Emitter(
+            node, spec.name, self.outputs, counters, board, self.wait_for_room, self.event_loop, replica=spec.replica
+        )
         self._loans = emitter.loans  # (the same dict)
         self._emit_result = emitter.emit_result
         node._remotemedia_allocator = emitter.allocate
@@ -161,13 +165,26 @@ class Runner:
             self._replay_end = self._replay_from + len(self._replay)
             ledger.limit_order(self.consumed, board.order_capacity)
             self.step_input = self.step_ordered  # type: ignore[method-assign]
+        # Replicas (see .replicas): a replica numbers its outputs; a node fed by replicas
+        # merges their outputs back into input order.
+        self._replica = spec.replica >= 0
+        self._merge: Optional[Merge] = None
+        if spec.merges:
+            self._merge = Merge(self, self.restore.source_position)
+            self.step_input = self._merge.step  # type: ignore[method-assign]
+        if self._replica:
+            self._out1 = None  # (its outputs are wrapped: not the plain fast path)
         # A Node builds current_frame only when asked (see Node.current_frame).
         self._lazy_frame = isinstance(node, Node)
         # The frames of a stage go through the bridge's loop (take, process, send; see
         # StageLoop) unless the node needs what only this class does per frame: a recorded
         # input order, or a current_frame attribute of its own (not a Node).
         self._stage: Optional[bridge.StageLoop] = None
-        if self._lazy_frame and not (spec.records_order and board is not None and board.order_capacity):
+        if (
+            self._lazy_frame
+            and not (spec.records_order and board is not None and board.order_capacity)
+            and not (self._replica or self._merge is not None or emitter.groups)
+        ):
             self._stage = bridge.StageLoop(
                 self.inputs, self.outputs, node, emitter, self.handle_frame, self._stage_failed,
                 self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL, list(BOUNDS_NS),
@@ -267,6 +284,8 @@ class Runner:
         elif not self.failed and self.started and self.consumed < self.ledger.order_limit:
             if self.consumed < self._replay_end:  # only the recorded input lets us go on
                 watch = [self.inputs[self._replay[self.consumed - self._replay_from]].sub]
+            elif self._merge is not None:
+                watch = self._merge.watch()
             else:
                 watch = [p.sub for p in self.inputs if not p.eos]
         else:
@@ -424,6 +443,9 @@ class Runner:
             path = dead_letter(self.spec.name, self.spec.dead_letter_dir, port, sample)
             self.chan.send(DeadLetter(edge, seq, path))
             del sample
+            if self._replica:  # (its input k ends without an output)
+                self.emitter.start_input(seq)
+                self.emitter.end_input()
             self.processed[edge] = seq
             self._mark()
             self._advance()
@@ -452,6 +474,8 @@ class Runner:
         board = self.board
         if board is not None:
             board.busy(edge, seq)
+        if self._replica:
+            em.start_input(seq)
         t0 = time.perf_counter_ns()
         try:
             result = node.process(data)
@@ -491,6 +515,8 @@ class Runner:
                 node.current_frame = None
             if board is not None:
                 board.idle(counters.frames_in)
+        if self._replica:
+            em.end_input()  # (also when process() raised and on_error is "skip")
         self.processed[edge] = seq
         self._mark()
         self._advance()
@@ -506,6 +532,7 @@ class Runner:
         """Every input ended: flush, end the outputs, wait until they are committed."""
         flush = getattr(self.node, "flush", None)
         if callable(flush) and not self.failed:
+            self.emitter.k = -1  # (a replica's flush() outputs: after every input's)
             try:
                 self.emitter.emit_result(flush())
             except (_Abort, SharedMemoryFullError):
