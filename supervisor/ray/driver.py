@@ -1,0 +1,716 @@
+"""The driver of backend ``ray``: the Supervisor a caller gets from ``Supervisor(nodes,
+backend="ray")``, ``Pipeline.run(..., backend="ray")`` or ``remotemedia-supervisor start ...
+--ray-address ADDR``.
+
+::
+
+    caller (send/recv/run)        driver pump thread                    Ray cluster
+    ----------------------        ------------------                    -----------
+    send(x) -> EdgeSender per     push(edge, 1, frames) ------------>   HostAgent of the input
+               input edge         pull(edge, reply)  <---------------   HostAgent of the output
+    recv()  <- EdgeReceiver per   status() of every agent, every 0.5 s  (one per host, placed by
+               output edge        (a host silent for host_timeout:        label; state actor on
+                                  its agent is killed, Ray restarts it)   the driver's node)
+
+Placement: each host part of the pipeline (:mod:`supervisor.ray.plan`) gets one
+:class:`~supervisor.ray.agent.HostAgent`, placed with the label selector
+``{"remotemedia.host": <host>}`` (a hard constraint: a node never runs elsewhere), the part of
+the nodes without ``host`` on the driver's own Ray node. Status, the report and the end of the
+run combine every agent's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from remotemedia.errors import EndOfStream, NodeTypeError, RemoteMediaError, SupervisorError
+from remotemedia.frames import FrameInfo
+from remotemedia.pipeline import INPUT
+from remotemedia.node import Source
+
+from ..core import RunReport, Supervisor, _encode_input
+from ..channels import split_frame
+from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _frame_size, agent_name
+from .edges import DATA, EOS, EdgeReceiver, EdgeSender, Frame
+from .plan import CALLER, Part, host_text, plan_parts
+from .state import RunState
+
+__all__ = ["RaySupervisor", "LABEL"]
+
+log = logging.getLogger("remotemedia.supervisor")
+
+#: The node label that places a node: ``ray start --labels remotemedia.host=gpu``.
+LABEL = "remotemedia.host"
+#: Seconds between status polls of the agents.
+STATUS_EVERY = 0.5
+#: The driver's incarnation (it never restarts: when it dies, the run is over).
+DRIVER_INC = 1
+
+_RunState = ray.remote(num_cpus=0, max_restarts=0)(RunState)
+
+
+class _Input:
+    """An input edge of the pipeline: the driver's sender, and its push in flight."""
+
+    def __init__(self, edge: int, host: Optional[str], sender: EdgeSender) -> None:
+        self.edge, self.host, self.sender = edge, host, sender
+        self.data: Optional[Future] = None
+        self.poll: Optional[Future] = None
+        self.retry_at = 0.0
+
+
+class _Output:
+    """An output edge of the pipeline: the driver's receiver, and its pull in flight."""
+
+    def __init__(self, edge: int, host: Optional[str], src: str, receiver: EdgeReceiver) -> None:
+        self.edge, self.host, self.src, self.receiver = edge, host, src, receiver
+        self.pull: Optional[Future] = None
+        self.retry_at = 0.0
+
+
+class _Host:
+    """The driver's view of one host's agent."""
+
+    def __init__(self, host: Optional[str], part: Part, handle: Any) -> None:
+        self.host, self.part, self.handle = host, part, handle
+        self.status: Dict[str, Any] = {}
+        self.status_call: Optional[Future] = None
+        self.answered_at = time.monotonic()
+        self.lost_kills = 0
+        self.report: Optional[Dict[str, Any]] = None
+
+
+class RaySupervisor(Supervisor):
+    """A Supervisor whose nodes run on a Ray cluster, each on the host its ``host`` option
+    names (see the README's "Across hosts"). Same API as the local one, less the live
+    changes (``restart_node``, ``reload``).
+
+    Example::
+
+        from remotemedia import Pipeline
+        from remotemedia.nodes import MapNode
+
+        p = Pipeline([MapNode(decode, name="decode"),
+                      MapNode(infer, name="model", options={"host": "gpu"})])
+        p.run(frames, backend="ray", ray_address="auto")
+    """
+
+    def __init__(self, nodes_or_pipeline: Any, **options: Any) -> None:
+        super().__init__(nodes_or_pipeline, **options)
+        self.parts = plan_parts(self.pipeline)
+        self._options = dict(options)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._hosts: Dict[Optional[str], _Host] = {}
+        self._inputs: List[_Input] = []
+        self._outputs: List[_Output] = []
+        self._pending: Deque[Tuple[Any, FrameInfo]] = deque()
+        self._state: Any = None
+        self._thread: Optional[threading.Thread] = None
+        self._started_ray = False
+        self._phase = "new"
+        self._error: Optional[BaseException] = None
+        self._finished = threading.Event()
+        self._started_at: Optional[float] = None
+        self._ended_at: Optional[float] = None
+        self._stop_deadline: Optional[float] = None
+        self._aborting = False
+        self._aborted: Optional[str] = None
+        self._stopped = False
+        self._sent = 0
+        self._eos_sent = False
+
+    # ================================================================ start
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        kw: Dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+        if self.ray_address is None:
+            # A cluster of this host alone (for trying a pipeline out): nothing listens beyond
+            # this machine's loopback, and the object store stays small.
+            kw.update(include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1")
+        else:
+            kw["address"] = self.ray_address
+        ray.init(**kw)
+        self._started_ray = True
+
+    def _check_labels(self) -> None:
+        wanted = sorted(h for h in self.parts if h is not None)
+        if not wanted:
+            return
+        have = set()
+        for n in ray.nodes():
+            if n.get("Alive"):
+                v = (n.get("Labels") or {}).get(LABEL)
+                if v is not None:
+                    have.add(v)
+        missing = [h for h in wanted if h not in have]
+        if missing:
+            nodes = [n for n in self.pipeline.order if self._host_of(n) in missing]
+            raise SupervisorError(
+                f"pipeline {self.name!r}: no Ray node is labelled {', '.join(f'{LABEL}={h}' for h in missing)} "
+                f"(for node(s) {', '.join(nodes)}); hosts join with `ray start --address ADDR --labels {LABEL}={missing[0]}`"
+                + (f"; the labelled hosts are: {', '.join(sorted(have))}" if have else "")
+            )
+
+    def _host_of(self, node: str) -> Optional[str]:
+        for h, part in self.parts.items():
+            if node in part.nodes:
+                return h
+        return None
+
+    def start(self) -> "RaySupervisor":
+        """Connect to Ray, place one agent per host, wait until every host's part runs."""
+        if self._thread is not None:
+            raise SupervisorError(f"supervisor of {self.name!r} was already started")
+        blobs = self._serialize_nodes()
+        self._started_at = time.monotonic()
+        self._phase = "booting"
+        try:
+            self._connect()
+            self._check_labels()
+            here = ray.get_runtime_context().get_node_id()
+            self._state = _RunState.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+            ).remote()
+            local_opts = {k: v for k, v in self._options.items() if k not in ("backend", "ray_address", "host_timeout", "name", "control", "metrics_port", "metrics_host")}
+            local_opts.update(control=False)
+            sources = [n.name for n in self.pipeline.nodes if isinstance(n, Source)]
+            windows = {g: self.node_options.get(dst, self.defaults)["queue_depth"] for g, (_s, dst) in enumerate(self.pipeline.edges())}
+            for host, part in self.parts.items():
+                spec = HostSpec(
+                    run_id=self.run_id,
+                    name=self.name,
+                    host=host,
+                    part=part,
+                    blobs={n: blobs[n] for n in part.nodes},
+                    sources=[n for n in part.nodes if n in sources],
+                    node_options={n: dict(self.pipeline.node(n).options) for n in part.nodes},
+                    supervisor_options=local_opts,
+                    state=self._state,
+                    windows=windows,
+                )
+                if host is None:
+                    placement: Dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+                else:
+                    placement = {"label_selector": {LABEL: host}}
+                handle = HostAgent.options(name=agent_name(self.run_id, host), num_cpus=0, **placement).remote(spec)
+                self._hosts[host] = _Host(host, part, handle)
+                for local, (g, src) in part.cut_in.items():
+                    if src == CALLER:
+                        self._inputs.append(_Input(g, host, EdgeSender(g, DRIVER_INC, windows[g])))
+                for local, (g, dst) in part.cut_out.items():
+                    if dst == CALLER:
+                        self._outputs.append(_Output(g, host, part.edges[local][0], EdgeReceiver(g, DRIVER_INC)))
+            self._inputs.sort(key=lambda i: i.edge)
+            self._outputs.sort(key=lambda o: o.edge)
+            timeout = max(self.defaults["init_timeout"], 30.0) + 30.0
+            errors = ray.get([h.handle.ready.remote(timeout) for h in self._hosts.values()], timeout=timeout + 30.0)
+            failed = [e for e in errors if e]
+            if failed:
+                raise SupervisorError(f"pipeline {self.name!r} failed to start: {'; '.join(failed)}")
+        except BaseException:
+            self._teardown(abort=True)
+            self._phase = "finished"
+            self._finished.set()
+            raise
+        self._phase = "running"
+        if self._closed_by_user:
+            self._close_inputs()
+        self._thread = threading.Thread(target=self._loop, name=f"remotemedia-ray-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    # ================================================================ the caller's side
+
+    def send(self, value: Any, timeout: Optional[float] = None) -> None:
+        """Feed one input (see :meth:`Supervisor.send`); it is pushed to the input nodes'
+        hosts by the driver's pump."""
+        if self._thread is None:
+            raise SupervisorError("send() before start(): use `with Supervisor(...) as sup:` or call start()")
+        self._raise_if_failed()
+        if self._closed_by_user:
+            raise SupervisorError("send() after close(): the input stream is closed")
+        if not self._inputs:
+            raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); nothing to send to")
+        _encode_input(value, "the value given to send()")  # (a value that does not pickle is refused here)
+        if not self._try_send(value, None if timeout is None else time.monotonic() + timeout):
+            raise TimeoutError(f"send(): the pipeline's inputs stayed full for {timeout} s")
+
+    def _try_send(self, value: Any, deadline: Optional[float]) -> bool:
+        value, stream_id = split_frame(value)
+        with self._cond:
+            while not all(i.sender.room() for i in self._inputs):
+                self._raise_if_failed()
+                if self._finished.is_set() or self._phase in ("draining", "aborting"):
+                    raise SupervisorError("send(): the pipeline has stopped")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+            now = time.monotonic_ns()
+            for i in self._inputs:
+                s = i.sender
+                s.add((s.next_seq, DATA, value, self._sent, stream_id or 0, now))
+            self._sent += 1
+        self._wake.set()
+        return True
+
+    def recv(self, timeout: Optional[float] = None) -> Any:
+        return self.recv_frame(timeout)[0]
+
+    def recv_frame(self, timeout: Optional[float] = None) -> Tuple[Any, FrameInfo]:
+        if self._thread is None and not self._finished.is_set():
+            raise SupervisorError("recv() before start(): use `with Supervisor(...) as sup:` or call start()")
+        if self._eos_delivered:
+            raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._pending:
+                    return self._pending.popleft()
+                if self._error is not None:
+                    raise self._error
+                if self._all_eos() or self._finished.is_set():
+                    self._eos_delivered = True
+                    raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"recv(): no output within {timeout} s")
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+
+    def _all_eos(self) -> bool:
+        return bool(self._outputs) and all(o.receiver.eos for o in self._outputs)
+
+    def close(self) -> None:
+        if not self._closed_by_user:
+            self._closed_by_user = True
+            if self._thread is not None:
+                self._close_inputs()
+
+    def _close_inputs(self) -> None:
+        with self._cond:
+            if self._eos_sent:
+                return
+            self._eos_sent = True
+            for i in self._inputs:
+                s = i.sender
+                s.add((s.next_seq, EOS, None, self._sent, 0, 0))
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Drain across hosts: inputs end, every host's sources stop, frames in flight finish
+        on every host; abort after ``stop_timeout``."""
+        self._closed_by_user = True
+        if self._thread is None:
+            return
+        with self._cond:
+            if self._phase != "running":
+                return
+            self._phase = "draining"
+            self._stopped = True
+            self._stop_deadline = time.monotonic() + self.stop_timeout
+        self._close_inputs()
+        for h in self._hosts.values():
+            h.handle.drain.remote()
+        self._wake.set()
+
+    def kill(self) -> None:
+        self._closed_by_user = True
+        self._abort("kill requested")
+
+    def _abort(self, reason: str) -> None:
+        with self._cond:
+            if self._aborting or self._finished.is_set():
+                return
+            self._aborting = True
+            if self._aborted is None:
+                self._aborted = reason
+            self._phase = "aborting"
+        for h in self._hosts.values():
+            try:
+                h.handle.abort.remote()
+            except Exception:
+                pass
+        self._wake.set()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = err
+            self._cond.notify_all()
+        log.error("pipeline %s failed: %s", self.name, err)
+        self._abort(f"failed: {err}")
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._finished.is_set()
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def run(self, inputs: Optional[Iterable[Any]] = None, on_output: Optional[Callable[[Any, FrameInfo], None]] = None) -> RunReport:
+        """As :meth:`Supervisor.run`, across hosts."""
+        if self._run_called or self._finished.is_set():
+            raise SupervisorError(f"run() works once per Supervisor, and the supervisor of {self.name!r} has already run")
+        self._run_called = True
+        if inputs is not None:
+            if not self._input_edges:
+                raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs")
+            if isinstance(inputs, (str, bytes, dict)):
+                raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
+        restore = self._install_signal_handlers()
+        outputs: List[Tuple[int, int, Any]] = []
+        count = [0]
+
+        def deliver(value: Any, info: FrameInfo) -> None:
+            if on_output is not None:
+                on_output(value, info)
+            else:
+                outputs.append((info.origin, count[0], value))
+            count[0] += 1
+
+        try:
+            if self._thread is None:
+                self.start()
+            feeder = None
+            if inputs is not None:
+                feeder = threading.Thread(target=self._feed, args=(iter(inputs),), name="remotemedia-ray-feed", daemon=True)
+                feeder.start()
+            else:
+                self.close()
+            while True:
+                try:
+                    value, info = self.recv_frame(0.2)
+                except TimeoutError:
+                    if self._finished.is_set() and not self._pending:
+                        break
+                    continue
+                except EndOfStream:
+                    break
+                deliver(value, info)
+            self.join()
+            if feeder is not None:
+                feeder.join(5.0)
+            if self._error is not None:
+                raise self._error
+            outputs.sort(key=lambda t: (t[0], t[1]))
+            report = self.report([v for _, _, v in outputs])
+            report.output_count = count[0]
+            return report
+        except BaseException:
+            if self.running:
+                self.kill()
+                self.join()
+            raise
+        finally:
+            restore()
+
+    def _feed(self, inputs: Any) -> None:
+        position = 0
+        try:
+            for value in inputs:
+                if self._closed_by_user or self._finished.is_set():
+                    return
+                try:
+                    _encode_input(value, f"item {position} of run()'s inputs")
+                except RemoteMediaError as e:
+                    self._fail(e)
+                    return
+                position += 1
+                while not self._try_send(value, time.monotonic() + 0.5):
+                    if self._closed_by_user or self._finished.is_set():
+                        return
+            self.close()
+        except SupervisorError:
+            return
+        except Exception as e:  # noqa: BLE001 - the run fails, explained
+            self._fail(SupervisorError(f"the inputs iterator raised {type(e).__name__}: {e}"))
+
+    def __enter__(self) -> "RaySupervisor":
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.kill()
+            self.join()
+            return
+        self.close()
+        if not self.join(self.stop_timeout):
+            self.stop()
+            self.join()
+        if self._error is not None:
+            raise self._error
+
+    def restart_node(self, node: str, wait: bool = True, timeout: float = 60.0) -> None:
+        raise SupervisorError("restart_node() is not available with backend='ray' (a host's agent restarts its nodes itself)")
+
+    def reload(self, pipeline: Any = None, wait: bool = True, timeout: float = 120.0) -> List[str]:
+        raise SupervisorError("reload() is not available with backend='ray'; restart the pipeline")
+
+    # ================================================================ the pump
+
+    def _future(self, ref: Any) -> Future:
+        fut = ref.future()
+        fut.add_done_callback(lambda _f: self._wake.set())
+        return fut
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                self._turn()
+                if self._done():
+                    break
+        except BaseException as e:  # noqa: BLE001 - the caller must see it
+            log.exception("pipeline %s: the driver failed", self.name)
+            with self._cond:
+                if self._error is None:
+                    self._error = e if isinstance(e, RemoteMediaError) else SupervisorError(f"the driver failed: {e!r}")
+        finally:
+            self._teardown(abort=self._aborting or self._error is not None)
+            with self._cond:
+                self._phase = "finished"
+                self._ended_at = time.monotonic()
+                self._finished.set()
+                self._cond.notify_all()
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for i in self._inputs:
+                self._input_turn(i, now)
+            for o in self._outputs:
+                self._output_turn(o, now)
+            self._cond.notify_all()
+        for h in self._hosts.values():
+            self._status_turn(h, now)
+        if self._stop_deadline is not None and now > self._stop_deadline and not self._aborting:
+            log.warning("pipeline %s: the drain took longer than %.1f s; aborting", self.name, self.stop_timeout)
+            self._abort(f"drain timeout ({self.stop_timeout:g} s)")
+
+    def _input_turn(self, i: _Input, now: float) -> None:
+        s = i.sender
+        h = self._hosts[i.host]
+        for which in ("data", "poll"):
+            fut = getattr(i, which)
+            if fut is None or not fut.done():
+                continue
+            setattr(i, which, None)
+            try:
+                status, reply = fut.result()
+            except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
+                log.info("pipeline %s: input edge %d to %s: %s; retrying", self.name, i.edge, host_text(i.host), type(e).__name__)
+                i.retry_at = now + RETRY
+                continue
+            s.on_reply(reply, took=(which == "data"))
+        if now < i.retry_at or self._aborting:
+            return
+        if i.data is None and s.pending():
+            frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
+            i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, frames, s.committed))
+        if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
+            i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
+
+    def _output_turn(self, o: _Output, now: float) -> None:
+        r = o.receiver
+        h = self._hosts[o.host]
+        fut = o.pull
+        if fut is not None and fut.done():
+            o.pull = None
+            try:
+                status, inc, frames = fut.result()
+            except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
+                log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
+                o.retry_at = now + RETRY
+                fut = None
+            else:
+                if status == "ok" and frames:
+                    try:
+                        took = r.on_batch(inc, frames, lambda f: True)
+                    except Exception:  # (a stale incarnation's answer: ignored)
+                        took = []
+                    for f in took:
+                        if f[1] == DATA:
+                            seq, _k, value, origin, stream_id, created_ns = f
+                            self._pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, 0, o.src)))
+                    # the caller's queue is the end of the line: received is committed
+                    r.set_committed(r.expected)
+        if o.pull is None and now >= o.retry_at and not self._aborting:
+            finished = self._hosts[o.host].status.get("finished")
+            if not (r.eos and finished):
+                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
+
+    def _status_turn(self, h: _Host, now: float) -> None:
+        fut = h.status_call
+        if fut is not None and fut.done():
+            h.status_call = None
+            try:
+                st = fut.result()
+            except Exception as e:  # noqa: BLE001 - dead or restarting
+                if h.status.get("state") != "restarting":
+                    log.warning("pipeline %s: the agent of host %s is not answering (%s)", self.name, host_text(h.host), type(e).__name__)
+                h.status = {**h.status, "state": "restarting", "finished": False}
+            else:
+                h.answered_at = now
+                prev_inc = h.status.get("incarnation")
+                h.status = {**st, "state": "up"}
+                if prev_inc is not None and st.get("incarnation") != prev_inc:
+                    log.warning(
+                        "pipeline %s: host %s's agent was restarted (incarnation %s); its nodes resumed from their checkpoint",
+                        self.name, host_text(h.host), st.get("incarnation"),
+                    )  # fmt: skip
+                if st.get("error") and not self._aborting:
+                    err = st.get("error_obj")
+                    self._fail(err if isinstance(err, BaseException) else SupervisorError(f"host {host_text(h.host)}: {st['error']}"))
+        if h.status_call is None and (now - h.answered_at >= STATUS_EVERY or not h.status):
+            h.status_call = self._future(h.handle.status.remote())
+        if now - h.answered_at > self.host_timeout and h.status_call is not None:
+            # Lost (or hung): let Ray start its agent again, where the label allows.
+            log.warning("pipeline %s: host %s silent for %.0f s: restarting its agent", self.name, host_text(h.host), now - h.answered_at)
+            h.lost_kills += 1
+            h.answered_at = now
+            try:
+                ray.kill(h.handle, no_restart=False)
+            except Exception:
+                pass
+
+    def _done(self) -> bool:
+        if self._aborting:
+            return all(h.status.get("finished") or h.status.get("state") == "restarting" for h in self._hosts.values()) or (
+                self._stop_deadline is not None and time.monotonic() > self._stop_deadline + self.kill_timeout
+            ) or self._error is not None
+        if not (self._all_eos() or not self._outputs):
+            return False
+        return all(h.status.get("finished") for h in self._hosts.values())
+
+    def _teardown(self, abort: bool) -> None:
+        """Shut every agent down (their runs end, their files go), then the state actor."""
+        calls = []
+        for h in self._hosts.values():
+            try:
+                if abort:
+                    h.handle.abort.remote()
+                calls.append((h, h.handle.shutdown.remote(self.kill_timeout + 5.0)))
+            except Exception:
+                pass
+        for h, ref in calls:
+            try:
+                ray.get(ref, timeout=self.stop_timeout + self.kill_timeout + 10.0)
+            except Exception as e:  # noqa: BLE001
+                log.warning("pipeline %s: host %s did not shut down cleanly: %s", self.name, host_text(h.host), e)
+        for h in self._hosts.values():
+            try:
+                st = ray.get(h.handle.status.remote(), timeout=5.0)
+                h.report = st.get("report")
+                h.status = {**st, "state": "stopped"}
+            except Exception:
+                pass
+            try:
+                ray.kill(h.handle, no_restart=True)
+            except Exception:
+                pass
+        if self._state is not None:
+            try:
+                ray.kill(self._state, no_restart=True)
+            except Exception:
+                pass
+        if self._started_ray:
+            ray.shutdown()
+
+    # ================================================================ status, report
+
+    def report(self, outputs: Optional[List[Any]] = None) -> RunReport:
+        end = self._ended_at or time.monotonic()
+        nodes: Dict[str, Dict[str, Any]] = {}
+        for h in self._hosts.values():
+            for name, r in (h.report or {}).items():
+                nodes[name] = {**r, "host": host_text(h.host)}
+        return RunReport(
+            self.name,
+            end - (self._started_at or end),
+            outputs or [],
+            nodes,
+            self._stopped,
+            aborted=self._aborted,
+        )
+
+    def status(self) -> Dict[str, Any]:
+        """Every host's status combined: the nodes (each with its ``host``), and per host its
+        agent's incarnation, Ray node and state."""
+        nodes: Dict[str, Any] = {}
+        hosts: Dict[str, Any] = {}
+        for h in self._hosts.values():
+            st = h.status
+            key = host_text(h.host)
+            hosts[key] = {
+                "state": st.get("state", "starting"),
+                "incarnation": st.get("incarnation"),
+                "ray_node_id": st.get("ray_node_id"),
+                "agent_pid": st.get("agent_pid"),
+                "phase": st.get("phase"),
+                "nodes": list(h.part.nodes),
+                "lost_kills": h.lost_kills,
+            }
+            for name in h.part.nodes:
+                n = dict((st.get("nodes") or {}).get(name) or {"state": "STARTING"})
+                if st.get("state") == "restarting":
+                    n["state"] = "RESTARTING"
+                n["host"] = key
+                nodes[name] = n
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "backend": "ray",
+            "phase": self._phase,
+            "uptime_s": round(time.monotonic() - (self._started_at or time.monotonic()), 3),
+            "workers_up": sum(1 for n in nodes.values() if n.get("state") == "RUNNING"),
+            "workers": len(nodes),
+            "nodes": {n: nodes[n] for n in self.pipeline.order if n in nodes},
+            "hosts": hosts,
+        }
+
+    def status_line(self) -> str:
+        st = self.status()
+        return f"{st['workers_up']} of {st['workers']} workers up on {len(st['hosts'])} hosts, phase {st['phase']}"
+
+    def unhealthy_workers(self) -> List[str]:
+        return [n for n, s in self.status()["nodes"].items() if s.get("state") not in ("RUNNING", "EXITED")]
+
+    @property
+    def workers(self) -> Dict[str, Any]:
+        return {}
+
+    def hosts(self) -> Dict[str, Dict[str, Any]]:
+        """Host -> its agent's latest status (incarnation, Ray node, agent pid, nodes)."""
+        return {host_text(h.host): dict(h.status) for h in self._hosts.values()}
+
+    def agent(self, host: Optional[str]) -> Any:
+        """The Ray actor handle of ``host``'s agent (None: the driver's host's)."""
+        return self._hosts[host].handle
