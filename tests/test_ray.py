@@ -1,0 +1,263 @@
+"""Backend ``ray`` on a 2-node Ray cluster on this machine (issue 15): placement by label, a
+worker SIGKILL inside an agent, an agent SIGKILL mid-stream (0 lost, 0 duplicated, in order),
+a drain across hosts, nothing left behind.
+
+The cluster is ``ray.cluster_utils.Cluster`` with a label per node (``remotemedia.host=head``
+for the head, where the driver runs, and ``remotemedia.host=gpu``), one for the whole module.
+Ray must talk on 127.0.0.1 only: these tests run only inside a private network namespace
+(``unshare -n``, then ``ip link set lo up``), where loopback is the only interface; .ci/run runs
+them that way, and elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any, List
+
+import psutil
+import pytest
+
+from conftest import _children, _runs, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _private_network() -> bool:
+    # (/proc/net/dev lists this network namespace's interfaces; /sys/class/net may be the
+    # host's, when sysfs was not mounted again)
+    try:
+        with open("/proc/net/dev") as f:
+            names = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    except OSError:
+        return False
+    return names == ["lo"]
+
+
+if not _private_network():
+    pytest.skip(
+        "the Ray tests run inside a private network namespace only (unshare -n; ip link set lo up; see .ci/run): "
+        "Ray would otherwise use this host's network address",
+        allow_module_level=True,
+    )
+
+ray = pytest.importorskip("ray", reason="backend ray needs Ray: pip install 'remotemedia[ray]'")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from remotemedia import Node, Pipeline, Source, Supervisor  # noqa: E402
+from remotemedia.errors import EndOfStream, SupervisorError  # noqa: E402
+from remotemedia.nodes import MapNode  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LABEL = "remotemedia.host"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The node workers import this module's node classes: every Ray worker gets the tests'
+    # directory (and the project) on its path, through the environment the cluster inherits.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + ([old] if old else []))
+    common = dict(num_cpus=1, object_store_memory=80 << 20, node_ip_address="127.0.0.1")
+    c = Cluster(
+        initialize_head=True,
+        head_node_args=dict(common, labels={LABEL: "head"}, include_dashboard=False),
+    )
+    gpu = c.add_node(**common, labels={LABEL: "gpu"})
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        c.gpu_node_id = gpu.node_id
+        c.head_node_id = c.head_node.node_id
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    # nothing of Ray is left either
+    deadline = time.monotonic() + 30.0
+    while [p for p in _children() if "ray" in " ".join(_cmdline(p))] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [(p.pid, _cmdline(p)[:3]) for p in _children() if "ray" in " ".join(_cmdline(p))]
+    assert not left, f"Ray processes left behind: {left}"
+
+
+def _cmdline(p: psutil.Process) -> List[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """(Overrides conftest's: the cluster's own processes live across the tests.) No node
+    worker and no run directory (iceoryx2 files) left behind by a test."""
+    before = _runs()
+    yield
+    deadline = time.monotonic() + 30.0
+    while True:
+        workers = [p for p in _children() if "supervisor.worker" in _cmdline(p)]
+        files = _runs() - before
+        if (not workers and not files) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not workers, f"node workers left behind: {[(p.pid, _cmdline(p)) for p in workers]}"
+    assert not files, f"run directories left behind: {sorted(files)}"
+
+
+class Count(Node):
+    """Pairs each frame with how many it has seen: a restore from a stale snapshot, a frame
+    lost or processed twice shows in the counts."""
+
+    def __init__(self, delay: float = 0.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.delay = delay
+        self.n = 0
+
+    def process(self, x: Any) -> Any:
+        if self.delay:
+            time.sleep(self.delay)
+        self.n += 1
+        return (x, self.n)
+
+    def snapshot(self) -> int:
+        return self.n
+
+    def restore(self, state: int) -> None:
+        self.n = state
+
+
+class Ticks(Source):
+    """An endless paced stream 0, 1, 2, ..."""
+
+    def generate(self):
+        i = 0
+        while True:
+            time.sleep(0.005)
+            yield i
+            i += 1
+
+
+def _stream(sup: Supervisor, n: int, on_count=None) -> List[Any]:
+    """Send 0..n-1 from a thread, receive every output; ``on_count(k)`` after the k-th."""
+
+    def feed() -> None:
+        for i in range(n):
+            sup.send(i)
+        sup.close()
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    got: List[Any] = []
+    while True:
+        try:
+            got.append(sup.recv(timeout=120))
+        except EndOfStream:
+            break
+        if on_count is not None:
+            on_count(len(got))
+    t.join(30)
+    return got
+
+
+def _hop_pipeline(delay: float = 0.0) -> Pipeline:
+    return Pipeline(
+        [
+            MapNode(lambda x: x + 1, name="a"),
+            Count(delay, name="b", options={"host": "gpu", "snapshot_interval": 0.05}),
+            MapNode(lambda t: t, name="c"),
+        ]
+    )
+
+
+def test_placement_lands_on_the_labelled_node(cluster):
+    sup = Supervisor(_hop_pipeline(), backend="ray", name="placement")
+    with sup:
+        wait_for(lambda: all(h.get("ray_node_id") for h in sup.hosts().values()), 120, "the agents' status")
+        hosts = sup.hosts()
+        assert hosts["gpu"]["ray_node_id"] == cluster.gpu_node_id
+        assert hosts["(driver)"]["ray_node_id"] == cluster.head_node_id  # no host: the driver's
+        st = sup.status()
+        assert [st["nodes"][n]["host"] for n in ("a", "b", "c")] == ["(driver)", "gpu", "(driver)"]
+        got = _stream(sup, 50)
+    assert got == [(i + 1, i + 1) for i in range(50)]
+
+
+def test_a_host_label_no_node_has_is_refused_at_start(cluster):
+    p = Pipeline([MapNode(lambda x: x, name="m", options={"host": "tpu"})])
+    with pytest.raises(SupervisorError, match=r"no Ray node is labelled remotemedia.host=tpu .*ray start"):
+        Supervisor(p, backend="ray").start()
+
+
+def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):
+    sup = Supervisor(_hop_pipeline(delay=0.004), backend="ray", name="worker-kill")
+    killed: List[int] = []
+
+    def kill_b(k: int) -> None:
+        if k == 100 and not killed:
+            pid = sup.status()["nodes"]["b"]["pid"]
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with sup:
+        wait_for(lambda: sup.status()["nodes"]["b"].get("pid"), 120, "node b's worker")
+        got = _stream(sup, 300, kill_b)
+        hosts = sup.hosts()
+    assert killed
+    assert got == [(i + 1, i + 1) for i in range(300)]  # its snapshot restored, nothing lost
+    assert hosts["gpu"]["incarnation"] == 1  # the agent itself was not restarted
+    assert sup.report().nodes["b"]["restarts"] == 1
+    assert sup.report().nodes["b"]["host"] == "gpu"
+
+
+@pytest.mark.parametrize("host", ["gpu", "(driver)"])
+def test_an_agent_sigkill_mid_stream_loses_and_repeats_nothing(cluster, host):
+    """SIGKILL the agent of the receiving host (gpu) or of the host that both feeds it and
+    receives from it: 0 lost, 0 duplicated, in order, and the counter resumes from its
+    snapshot."""
+    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="agent-kill")
+    killed: List[int] = []
+
+    def kill_agent(k: int) -> None:
+        if k == 200 and not killed:
+            pid = sup.hosts()[host]["agent_pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with sup:
+        wait_for(lambda: sup.hosts()[host].get("agent_pid"), 120, "the agent's status")
+        got = _stream(sup, 600, kill_agent)
+        wait_for(lambda: (sup.hosts()[host].get("incarnation") or 0) >= 2 or not sup.running, 60, "the new incarnation")
+    assert killed
+    assert len(got) == 600 and got == [(i + 1, i + 1) for i in range(600)]
+    assert sup.hosts()[host]["incarnation"] == 2
+
+
+def test_stop_drains_across_hosts(cluster):
+    p = Pipeline(
+        [Ticks(name="ticks", options={"host": "gpu"}), MapNode(lambda x: x * 2, name="double")],
+    )
+    sup = Supervisor(p, backend="ray", name="drain", stop_timeout=60.0)
+    got: List[int] = []
+    with sup:
+        while len(got) < 50:
+            got.append(sup.recv(timeout=120))
+        sup.stop()
+        while True:
+            try:
+                got.append(sup.recv(timeout=120))
+            except EndOfStream:
+                break
+        assert sup.join(120)
+    assert got == [2 * i for i in range(len(got))]  # a clean end: every frame made is delivered
+    report = sup.report()
+    assert report.stopped and report.aborted is None
+    assert {n: r["host"] for n, r in report.nodes.items()} == {"ticks": "gpu", "double": "(driver)"}
