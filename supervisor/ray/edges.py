@@ -154,7 +154,13 @@ class EdgeSender:
         if inc < self.receiver_inc:
             self.stale_replies += 1
             return False
-        if inc > self.receiver_inc:
+        newer = inc > self.receiver_inc
+        if (took or newer) and expected < self.committed:
+            # Behind a commit that was durable: an incarnation older than the one that made it
+            # (a restarted sender does not know which that was), answering late.
+            self.stale_replies += 1
+            return False
+        if newer:
             if self.receiver_inc and expected < self.cursor:
                 self.resent += self.cursor - expected
             self.receiver_inc = inc
