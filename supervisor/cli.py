@@ -384,6 +384,7 @@ def start(
     from supervisor.core import Supervisor
 
     options = flag_values(flags)
+    _ray_address_means_ray(options)
 
     if inline:
         ctx = click.get_current_context()
@@ -446,6 +447,14 @@ def start(
     if lost is not None:
         _error(sink, lost)
         sys.exit(EXIT_FAILED)
+
+
+def _ray_address_means_ray(options: Dict[str, Any]) -> None:
+    """``--ray-address ADDR`` alone runs on that cluster: backend ``ray`` unless ``--backend``
+    was given (then a contradiction is the Supervisor's error)."""
+    ctx = click.get_current_context()
+    if options.get("ray_address") is not None and ctx.get_parameter_source("backend") is click.core.ParameterSource.DEFAULT:
+        options["backend"] = "ray"
 
 
 #: ``start`` parameters that keep their meaning with --inline (``input_file`` is ``--input``).
@@ -1052,6 +1061,7 @@ def systemd_unit(
     from .systemd import render_unit, unit_name
 
     options = flag_values(flags)
+    _ray_address_means_ray(options)
     pipeline = load_pipeline(pipeline_file, options["name"], options["trust_instances"])
     try:
         Supervisor(pipeline, **options)  # the checks of `start` (nothing runs)

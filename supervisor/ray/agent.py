@@ -543,6 +543,17 @@ class _Agent:
             st["report"] = {name: w.report() for name, w in arb.workers.items()} if arb.finished.is_set() else None
         return st
 
+    def logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """The recent lines of this host's nodes (the control socket's ``logs``)."""
+        sup = self.sup
+        arb = sup._arbiter if sup is not None else None
+        if arb is None:
+            return {"ok": True, "lines": [], "cursor": {}, "lost": {}}
+        out = arb._logs(req)
+        for line in out.get("lines", []):
+            line["host"] = self.key
+        return out
+
     def drain(self) -> None:
         """Stop the sources and drain (the cut edges into the host end when their senders
         drain)."""
@@ -601,6 +612,9 @@ class HostAgent:
 
     def status(self) -> Dict[str, Any]:
         return self._a.status()
+
+    def logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return self._a.logs(req)
 
     def drain(self) -> None:
         self._a.drain()

@@ -37,8 +37,10 @@ from remotemedia.frames import FrameInfo
 from remotemedia.pipeline import INPUT
 from remotemedia.node import Source
 
-from ..core import RunReport, Supervisor, _encode_input
 from ..channels import split_frame
+from ..control import ControlServer
+from ..core import RunReport, Supervisor, _encode_input
+from ..systemd import SystemdNotifier
 from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _frame_size, agent_name
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender, Frame
 from .plan import CALLER, Part, host_text, plan_parts
@@ -56,6 +58,15 @@ STATUS_EVERY = 0.5
 DRIVER_INC = 1
 
 _RunState = ray.remote(num_cpus=0, max_restarts=0)(RunState)
+
+
+#: A node's status before its host's agent first answered.
+_EMPTY_NODE: Dict[str, Any] = {
+    "state": "STARTING", "pid": None, "restarts": 0, "replacements": 0, "frames_in": 0, "frames_out": 0,
+    "fps_in": 0.0, "fps_out": 0.0, "p50_ms": None, "p99_ms": None, "rss_bytes": None, "cpu_percent": None,
+    "cpu_seconds": 0.0, "latency_histogram": {"le_s": [], "cumulative": [], "count": 0, "sum_s": 0.0},
+    "dead_letters": 0, "memory_kills": 0, "hang_kills": 0, "inputs": [],
+}  # fmt: skip
 
 
 class _Input:
@@ -129,6 +140,11 @@ class RaySupervisor(Supervisor):
         self._stopped = False
         self._sent = 0
         self._eos_sent = False
+        self._control: Optional[ControlServer] = None
+        self._metrics_server: Any = None
+        self._notifier = SystemdNotifier()
+        self._next_notify = 0.0
+        self._next_watchdog = 0.0
 
     # ================================================================ start
 
@@ -226,6 +242,19 @@ class RaySupervisor(Supervisor):
             self._finished.set()
             raise
         self._phase = "running"
+        try:
+            if self.control_enabled:
+                self._control = ControlServer(self.name, self._on_control)
+            if self.metrics_port is not None:
+                from ..metrics import serve_metrics
+
+                self._metrics_server = serve_metrics(self.status, self.metrics_port, self.metrics_host)
+        except BaseException:
+            self._teardown(abort=True)
+            self._phase = "finished"
+            self._finished.set()
+            raise
+        self._notifier.notify("READY=1", f"STATUS={self.status_line()}")
         if self._closed_by_user:
             self._close_inputs()
         self._thread = threading.Thread(target=self._loop, name=f"remotemedia-ray-{self.name}", daemon=True)
@@ -510,6 +539,9 @@ class RaySupervisor(Supervisor):
             self._cond.notify_all()
         for h in self._hosts.values():
             self._status_turn(h, now)
+        if self._control is not None:
+            self._control.poll()
+        self._notify_turn(now)
         if self._stop_deadline is not None and now > self._stop_deadline and not self._aborting:
             log.warning("pipeline %s: the drain took longer than %.1f s; aborting", self.name, self.stop_timeout)
             self._abort(f"drain timeout ({self.stop_timeout:g} s)")
@@ -600,6 +632,73 @@ class RaySupervisor(Supervisor):
             except Exception:
                 pass
 
+    def _notify_turn(self, now: float) -> None:
+        """systemd: STATUS from every host's figures; WATCHDOG=1 only while every host's
+        agent answers and none of its nodes is hung."""
+        n = self._notifier
+        if not n.enabled or self._phase not in ("running", "draining"):
+            return
+        if now >= self._next_notify:
+            self._next_notify = now + 2.0
+            n.notify(f"STATUS={self.status_line()}")
+        wd = n.watchdog_interval
+        if wd and now >= self._next_watchdog:
+            sick = self.unhealthy_workers()
+            if not sick:
+                n.notify("WATCHDOG=1")
+                self._next_watchdog = now + wd
+            else:
+                self._next_watchdog = now + min(wd, 0.5)
+                log.warning("watchdog withheld: %s", "; ".join(sick))
+
+    def _on_control(self, req: Dict[str, Any]) -> Any:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "stop":
+            self.stop()
+            return {"ok": True}
+        if cmd == "logs":
+            fut: Future = Future()
+
+            def gather() -> None:
+                try:
+                    fut.set_result(self._logs(req))
+                except BaseException as e:  # noqa: BLE001 - the requester gets it
+                    fut.set_exception(e)
+                self._wake.set()
+
+            threading.Thread(target=gather, name="remotemedia-ray-logs", daemon=True).start()
+            return fut
+        if cmd in ("restart", "reload"):
+            return {"ok": False, "error": f"{cmd} is not available with backend ray: restart the pipeline"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; use status, stop or logs"}
+
+    def _logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """Every host's recent lines of its nodes, merged by time (each line says its host)."""
+        node = req.get("node")
+        if node is not None and node not in self.pipeline.order:
+            return {"ok": False, "error": f"pipeline {self.name!r} has no node named {node!r}; its nodes: {', '.join(self.pipeline.order)}"}
+        after = req.get("after") or {}
+        calls = []
+        for h in self._hosts.values():
+            mine = [n for n in h.part.nodes if node is None or n == node]
+            if mine:
+                sub = dict(req, after={n: after[n] for n in mine if n in after})
+                calls.append(h.handle.logs.remote(sub))
+        lines: List[Dict[str, Any]] = []
+        cursor: Dict[str, int] = {}
+        lost: Dict[str, int] = {}
+        for got in ray.get(calls, timeout=30.0):
+            lines.extend(got.get("lines", []))
+            cursor.update(got.get("cursor", {}))
+            lost.update(got.get("lost", {}))
+        lines.sort(key=lambda e: (e.get("ts") or 0, e.get("n", 0)))
+        limit = req.get("lines")
+        if limit is not None and len(lines) > limit:
+            lines = lines[-limit:] if limit > 0 else []
+        return {"ok": True, "lines": lines, "cursor": cursor, "lost": lost}
+
     def _done(self) -> bool:
         if self._aborting:
             return all(h.status.get("finished") or h.status.get("state") == "restarting" for h in self._hosts.values()) or (
@@ -611,6 +710,13 @@ class RaySupervisor(Supervisor):
 
     def _teardown(self, abort: bool) -> None:
         """Shut every agent down (their runs end, their files go), then the state actor."""
+        self._notifier.notify("STOPPING=1")
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         calls = []
         for h in self._hosts.values():
             try:
@@ -642,6 +748,7 @@ class RaySupervisor(Supervisor):
                 pass
         if self._started_ray:
             ray.shutdown()
+        self._notifier.close()
 
     # ================================================================ status, report
 
@@ -677,11 +784,17 @@ class RaySupervisor(Supervisor):
                 "nodes": list(h.part.nodes),
                 "lost_kills": h.lost_kills,
             }
+            edges = self.pipeline.edges()
             for name in h.part.nodes:
-                n = dict((st.get("nodes") or {}).get(name) or {"state": "STARTING"})
+                n = {**_EMPTY_NODE, **((st.get("nodes") or {}).get(name) or {})}
                 if st.get("state") == "restarting":
-                    n["state"] = "RESTARTING"
+                    n["state"], n["pid"] = "RESTARTING", None
                 n["host"] = key
+                # the local run's edge numbers and "__input__" for a cut edge -> the pipeline's
+                n["inputs"] = [
+                    {**i, "edge": h.part.global_index[i["edge"]], "from": edges[h.part.global_index[i["edge"]]][0]}
+                    for i in n.get("inputs") or []
+                ]
                 nodes[name] = n
         return {
             "name": self.name,
