@@ -261,3 +261,63 @@ def test_stop_drains_across_hosts(cluster):
     report = sup.report()
     assert report.stopped and report.aborted is None
     assert {n: r["host"] for n, r in report.nodes.items()} == {"ticks": "gpu", "double": "(driver)"}
+
+
+ACROSS = '''
+import time
+from remotemedia import Node, Pipeline, Source
+
+class Ticks(Source):
+    def generate(self):
+        i = 0
+        while True:
+            time.sleep(0.01)
+            yield i
+            i += 1
+
+class Double(Node):
+    def process(self, x):
+        return 2 * x
+
+pipeline = Pipeline([Ticks(name="ticks", options={"host": "gpu"}), Double(name="double")], name="across")
+'''
+
+
+def test_the_cli_runs_across_hosts_shows_the_hosts_and_stop_drains(cluster, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("REMOTEMEDIA_RUNTIME_DIR", str(tmp_path / "run"))
+    f = tmp_path / "across.py"
+    f.write_text(ACROSS)
+    cli = [sys.executable, "-m", "supervisor.cli"]
+    proc = subprocess.Popen(
+        cli + ["start", str(f), "--ray-address", cluster.address, "-o", str(tmp_path / "out.jsonl"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        def running() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"start exited early: {proc.communicate()[1]}")
+            r = subprocess.run(cli + ["status", "across", "--json"], capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                return False
+            st = json.loads(r.stdout)
+            return all(n["state"] == "RUNNING" and n["frames_out"] > 0 for n in st["nodes"].values())
+
+        wait_for(running, 120, "both hosts running")
+        table = subprocess.run(cli + ["status", "across"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+        assert table.splitlines()[1].split()[:3] == ["node", "host", "state"]
+        assert rows["ticks"][1:3] == ["gpu", "RUNNING"] and rows["double"][1:3] == ["(driver)", "RUNNING"]
+        stop = subprocess.run(cli + ["stop", "across"], capture_output=True, text=True, cwd=ROOT, timeout=180)
+        assert stop.returncode == 0, stop.stderr
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    values = [json.loads(line)["value"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert values and values == [2 * i for i in range(len(values))]  # drained: nothing lost at the end
