@@ -53,6 +53,7 @@ __all__ = ["HostAgent", "HostSpec", "HostGateway", "agent_name", "AGENT_CLASS_NA
 
 log = logging.getLogger("remotemedia.supervisor")
 
+
 #: What ``ray list actors`` shows for the agents.
 AGENT_CLASS_NAME = "HostAgent"
 #: Frames of one push or pull at most (and about this many bytes).
@@ -82,7 +83,7 @@ class HostSpec:
     node_options: Dict[str, Dict[str, Any]]  # node -> its own options (Node(..., options=))
     supervisor_options: Dict[str, Any]  # the local Supervisor's keywords
     state: Any  # the run's state actor
-    checkpoint_interval: float = 0.02
+    checkpoint_interval: float = 0.05  # seconds between checkpoints (while the books move)
     window: int = 32  # frames in flight per cut edge (the consumer's queue_depth)
     windows: Dict[int, int] = field(default_factory=dict)  # global edge -> its window
 
@@ -138,12 +139,16 @@ class HostGateway(Gateway):
         self.by_in = {p.spec.index: p for p in self.inputs}
         self.by_out = {p.spec.index: p for p in self.outputs}
 
-    def _pump_inputs(self) -> None:
-        # (no end of stream of our own: each cut edge's comes from its sending host)
+    def _pump_inputs(self) -> bool:
+        """Acks and resends of the cut edges into the host; True when a consumer made room.
+        (No end of stream of our own: each cut edge's comes from its sending host.)"""
+        progress = False
         for p in self.inputs:
-            p.poll_acks()
+            if p.poll_acks():
+                progress = True
             if p.undelivered is not None:
                 p.resend_due()
+        return progress
 
     def _pump_outputs(self) -> None:
         pass  # the agent's pump takes them (HostAgent._take_outputs)
@@ -258,45 +263,65 @@ class _Agent:
 
     def _pump(self) -> None:
         """Move frames until shut down: local outputs into the senders and on to the receiving
-        agents, replies back; checkpoints when the books moved."""
-        next_ckpt = 0.0
+        agents, replies back. (Checkpoints have a thread of their own: a frame never waits
+        for one.)"""
         sup = self.sup
         assert sup is not None
         arb = sup._arbiter
+        threading.Thread(target=self._checkpoints, args=(arb,), name="remotemedia-agent-checkpoints", daemon=True).start()
         while not self.stopping:
             gw = self.gw
             if gw is None:
                 break
             try:
                 with self.lock:
-                    if not gw.closed:
-                        gw._pump_inputs()
-                        self._take_outputs(gw)
+                    if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw)):
+                        self.cond.notify_all()  # (room for a push, frames for a pull)
                     self._collect_replies()
-                    self.cond.notify_all()
                 self._send_pushes()
-                now = time.monotonic()
-                if now >= next_ckpt:
-                    next_ckpt = now + self.spec.checkpoint_interval
-                    self._checkpoint(arb)
-            except StaleIncarnation:
-                log.error("host %s: incarnation %d is stale (a newer agent runs): stopping", self.key, self.incarnation)
-                self.stopping = True
-                sup.kill()
+            except StaleIncarnation as e:
+                self._stale(e)
                 break
             except Exception as e:  # noqa: BLE001 - the run fails, explained
-                log.exception("host %s: the agent's pump failed", self.key)
-                self.error = f"{type(e).__name__}: {e}"
-                sup.kill()
+                self._failed("pump", e)
                 break
             if arb is not None and arb.finished.is_set() and gw.closed:
-                time.sleep(0.02)  # (finished: only replies and checkpoints are left)
+                time.sleep(0.02)  # (finished: only replies are left)
             else:
-                gw.wait(time.monotonic() + min(0.05, self.spec.checkpoint_interval))
+                gw.wait(time.monotonic() + 0.05)
 
-    def _take_outputs(self, gw: HostGateway) -> None:
+    def _checkpoints(self, arb: Any) -> None:
+        """Every ``checkpoint_interval``, when the books moved: store them, then report the
+        commits (see :meth:`_checkpoint`)."""
+        while not self.stopping:
+            t0 = time.monotonic()
+            try:
+                self._checkpoint(arb)
+            except StaleIncarnation as e:
+                self._stale(e)
+                return
+            except Exception as e:  # noqa: BLE001 - the run fails, explained
+                if self.stopping:
+                    return
+                self._failed("checkpoint", e)
+                return
+            time.sleep(max(0.0, self.spec.checkpoint_interval - (time.monotonic() - t0)))
+
+    def _stale(self, e: BaseException) -> None:
+        log.error("host %s: incarnation %d is stale (%s): stopping", self.key, self.incarnation, e)
+        self.stopping = True
+        if self.sup is not None:
+            self.sup.kill()
+
+    def _failed(self, what: str, e: BaseException) -> None:
+        log.exception("host %s: the agent's %s failed", self.key, what)
+        self.error = f"{type(e).__name__}: {e}"
+        if self.sup is not None:
+            self.sup.kill()
+
+    def _take_outputs(self, gw: HostGateway) -> bool:
         """The frames of the cut edges out of the host, from the gateway into the senders
-        (while their windows have room). Under the lock."""
+        (while their windows have room); True when there were any. Under the lock."""
         took = False
         for local, p in gw.by_out.items():
             o = self.out_by_local[local]
@@ -317,8 +342,7 @@ class _Agent:
                     del r
                 took = True
             p.ack(p.expected, s.committed)
-        if took:
-            gw.interrupt()
+        return took
 
     # ================================================================ cut edges out
 

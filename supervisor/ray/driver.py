@@ -50,6 +50,7 @@ __all__ = ["RaySupervisor", "LABEL"]
 
 log = logging.getLogger("remotemedia.supervisor")
 
+
 #: The node label that places a node: ``ray start --labels remotemedia.host=gpu``.
 LABEL = "remotemedia.host"
 #: Seconds between status polls of the agents.
@@ -532,11 +533,13 @@ class RaySupervisor(Supervisor):
     def _turn(self) -> None:
         now = time.monotonic()
         with self._cond:
+            changed = False
             for i in self._inputs:
-                self._input_turn(i, now)
+                changed |= self._input_turn(i, now)
             for o in self._outputs:
-                self._output_turn(o, now)
-            self._cond.notify_all()
+                changed |= self._output_turn(o, now)
+            if changed:  # (room for send(), outputs for recv())
+                self._cond.notify_all()
         for h in self._hosts.values():
             self._status_turn(h, now)
         if self._control is not None:
@@ -546,14 +549,18 @@ class RaySupervisor(Supervisor):
             log.warning("pipeline %s: the drain took longer than %.1f s; aborting", self.name, self.stop_timeout)
             self._abort(f"drain timeout ({self.stop_timeout:g} s)")
 
-    def _input_turn(self, i: _Input, now: float) -> None:
+    def _input_turn(self, i: _Input, now: float) -> bool:
+        """Replies of the input edge's calls, and its next push or commit poll; True when a
+        reply came (the window may have room)."""
         s = i.sender
         h = self._hosts[i.host]
+        changed = False
         for which in ("data", "poll"):
             fut = getattr(i, which)
             if fut is None or not fut.done():
                 continue
             setattr(i, which, None)
+            changed = True
             try:
                 status, reply = fut.result()
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
@@ -562,17 +569,21 @@ class RaySupervisor(Supervisor):
                 continue
             s.on_reply(reply, took=(which == "data"))
         if now < i.retry_at or self._aborting:
-            return
+            return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
             i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, frames, s.committed))
         if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
             i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
+        return changed
 
-    def _output_turn(self, o: _Output, now: float) -> None:
+    def _output_turn(self, o: _Output, now: float) -> bool:
+        """The output edge's pull: its frames to the caller's queue, then the next pull; True
+        when frames came."""
         r = o.receiver
         h = self._hosts[o.host]
         fut = o.pull
+        changed = False
         if fut is not None and fut.done():
             o.pull = None
             try:
@@ -587,6 +598,7 @@ class RaySupervisor(Supervisor):
                         took = r.on_batch(inc, frames, lambda f: True)
                     except Exception:  # (a stale incarnation's answer: ignored)
                         took = []
+                    changed = bool(took)
                     for f in took:
                         if f[1] == DATA:
                             seq, _k, value, origin, stream_id, created_ns = f
@@ -597,6 +609,7 @@ class RaySupervisor(Supervisor):
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
                 o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
+        return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
         fut = h.status_call
