@@ -226,25 +226,32 @@ def test_a_pipeline_is_cut_where_its_hosts_change():
             PassThroughNode(name="d"),
         ]
     )
-    edges = p.edges()  # in -> a, a -> b, b -> c, c -> d, d -> out
+    assert p.edges() == [("__input__", "a"), ("a", "b"), ("b", "c"), ("c", "d"), ("d", "__output__")]
     parts = plan_parts(p)
     assert set(parts) == {None, "gpu"}
-    gpu = parts["gpu"]
+    gpu, here = parts["gpu"], parts[None]
     assert gpu.nodes == ["b", "c"]
-    assert gpu.edges == [("__input__", "b"), ("b", "c"), ("c", "__output__")]
-    assert gpu.cut_in == {0: (edges.index(("a", "b")), None)} and gpu.cut_out == {2: (edges.index(("c", "d")), None)}
-    here = parts[None]
+    assert gpu.edges == [("__input__", "b"), ("b", "c"), ("c", "__output__")] and gpu.global_index == [1, 2, 3]
+    assert gpu.cut_in == {0: (1, None)} and gpu.cut_out == {2: (3, None)}
+    # the driver's host: the caller's edges stay local, the cut edges end in its gateway
     assert here.nodes == ["a", "d"]
-    assert here.cut_in[0] == (0, CALLER) and (edges.index(("d", "__output__")), CALLER) in here.cut_out.values()
-    assert [g for l, (g, _) in here.cut_out.items()] == [edges.index(("a", "b")), edges.index(("d", "__output__"))]
+    assert here.edges == [("__input__", "a"), ("a", "__output__"), ("__input__", "d"), ("d", "__output__")]
+    assert here.cut_out == {1: (1, "gpu")} and here.cut_in == {2: (3, "gpu")}
     assert here.local_connections() == []
+
+
+def test_the_callers_edges_to_other_hosts_are_cut():
+    p = Pipeline([MapNode(lambda x: x, name="m", options={"host": "gpu"})])
+    parts = plan_parts(p)
+    assert set(parts) == {"gpu"}
+    assert parts["gpu"].cut_in == {0: (0, CALLER)} and parts["gpu"].cut_out == {1: (1, CALLER)}
 
 
 def test_a_manifest_host_places_a_node_too():
     p = Pipeline({"nodes": [{"id": "s", "node_type": "RangeSource", "params": {"stop": 3}, "host": "cam"},
                             {"id": "m", "node_type": "PassThroughNode"}]})  # fmt: skip
     parts = plan_parts(p)
-    assert parts["cam"].nodes == ["s"] and parts["cam"].cut_out == {0: (0, None)}
+    assert parts["cam"].nodes == ["s"] and parts["cam"].cut_out == {0: (0, None)} and parts[None].cut_in == {0: (0, "cam")}
 
 
 # --------------------------------------------------------------------------- the state actor

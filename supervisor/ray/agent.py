@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -128,45 +129,89 @@ class HostSupervisor(Supervisor):
 
 
 class HostGateway(Gateway):
-    """The local end of a part's cut edges. Its input edges are fed per edge by the agent
-    (:meth:`send_cut`, frames of the sending host); its output edges are taken per edge by
-    the agent's pump (:meth:`HostAgent._take_outputs`), acknowledged as *processed* when
-    taken and as *committed* only when the receiving host reports them committed, so that
-    the nodes here commit a frame only once its outputs are safe on the other host."""
+    """The local end of a part's cut edges (and, in the driver's part, of the caller's edges,
+    which stay what the base Gateway makes of them). A cut edge into the host is fed per edge
+    by the agent (:meth:`send_cut`, frames of the sending host); a cut edge out of it is taken
+    per edge by the agent's pump (:meth:`_Agent._take_outputs`), acknowledged as *processed*
+    when taken and as *committed* only when the receiving host reports them committed, so that
+    the nodes here commit a frame only once its outputs are safe on the other host.
+
+    ``self.inputs`` / ``self.outputs`` hold the caller's edges only (what send(), recv() and
+    the end of the input stream act on); ``cut_in`` / ``cut_out`` the cut edges by local
+    index."""
 
     def __init__(self, transport: Any, input_edges: Any, output_edges: Any, spin_us: int = 0, on_error: Any = None, *, agent: "_Agent") -> None:
         super().__init__(transport, input_edges, output_edges, spin_us, on_error, start=agent.start_positions)
-        self.by_in = {p.spec.index: p for p in self.inputs}
-        self.by_out = {p.spec.index: p for p in self.outputs}
+        part = agent.spec.part
+        self.cut_in = {p.spec.index: p for p in self.inputs if p.spec.index in part.cut_in}
+        self.cut_out = {p.spec.index: p for p in self.outputs if p.spec.index in part.cut_out}
+        self.inputs = [p for p in self.inputs if p.spec.index not in part.cut_in]
+        self.outputs = [p for p in self.outputs if p.spec.index not in part.cut_out]
+        self._next_cut_probe = 0.0
 
     def _pump_inputs(self) -> bool:
-        """Acks and resends of the cut edges into the host; True when a consumer made room.
-        (No end of stream of our own: each cut edge's comes from its sending host.)"""
+        """Acks and resends of every edge into the host (the caller's get their end of stream
+        from the base); True when a consumer of a cut edge made room. (A cut edge's end of
+        stream comes from its sending host.)"""
+        super()._pump_inputs()
         progress = False
-        for p in self.inputs:
+        for p in self.cut_in.values():
             if p.poll_acks():
                 progress = True
             if p.undelivered is not None:
                 p.resend_due()
         return progress
 
-    def _pump_outputs(self) -> None:
-        pass  # the agent's pump takes them (HostAgent._take_outputs)
+    def service(self) -> List[Tuple[int, int]]:
+        gaps = super().service()
+        if not self._lock.acquire(blocking=False):
+            return gaps
+        try:
+            if self.closed:
+                return gaps
+            now = time.monotonic()
+            if now >= self._next_cut_probe:
+                self._next_cut_probe = now + 1.0
+                for p in self.cut_out.values():
+                    p.probe()
+            for p in self.cut_out.values():
+                if p.gap_since is not None:
+                    want = p.gap_to_report(now)
+                    if want is not None:
+                        gaps.append((p.spec.index, want - 1))
+        finally:
+            self._lock.release()
+        return gaps
+
+    def all_eos(self) -> bool:
+        return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
 
     def busy(self) -> bool:
-        return not self.closed and any(p.undelivered is not None for p in self.inputs)
+        return super().busy() or (not self.closed and any(p.undelivered is not None for p in self.cut_in.values()))
 
     def room(self, edge: int) -> bool:
-        p = self.by_in[edge]
+        p = self.cut_in[edge]
         if p.can_send():
             return True
         p.poll_acks()
         return p.can_send()
 
+    def free(self, edge: int) -> int:
+        """Frames the cut edge ``edge`` into the host can take now."""
+        p = self.cut_in[edge]
+        p.poll_acks()
+        return max(0, p.depth - p.in_flight) if p.lossless else p.depth
+
+    def _close_ports(self) -> None:
+        self.inputs = [*self.inputs, *self.cut_in.values()]
+        self.outputs = [*self.outputs, *self.cut_out.values()]
+        self.cut_in, self.cut_out = {}, {}
+        super()._close_ports()
+
     def send_cut(self, edge: int, frame: Frame) -> None:
         """Publish one frame of a cut edge into the host (the caller checked :meth:`room`)."""
         seq, kind, value, origin, stream_id, created_ns = frame
-        p = self.by_in[edge]
+        p = self.cut_in[edge]
         if kind == EOS:
             meta, bufs = b"", []
         else:
@@ -189,11 +234,30 @@ class _Out:
         self.peer: Any = None
 
 
-class _Agent:
-    """The body of :class:`HostAgent` (a plain class: the Ray actor wraps it)."""
+class _In:
+    """A cut edge into the driver's host's part: its receiver, and the pull in flight to the
+    sending agent (the driver's process cannot be called: it pulls)."""
 
-    def __init__(self, spec: HostSpec) -> None:
+    __slots__ = ("local", "edge", "src", "receiver", "pull", "retry_at", "peer", "reported")
+
+    def __init__(self, local: int, edge: int, src: Any, receiver: EdgeReceiver) -> None:
+        self.local, self.edge, self.src, self.receiver = local, edge, src, receiver
+        self.pull: Optional[Future] = None
+        self.retry_at = 0.0
+        self.peer: Any = None
+        self.reported = -1  # the commit the last answered pull reported
+
+
+class _Agent:
+    """The body of :class:`HostAgent` (a plain class: the Ray actor wraps it), and of the
+    driver's host's part in the driver process (``spec.state`` None: it never restarts, so
+    its commits need no state actor; it pulls its cut edges in, and hands the caller's
+    outputs to ``on_outputs``)."""
+
+    def __init__(self, spec: HostSpec, on_outputs: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None) -> None:
         self.spec = spec
+        self.in_driver = spec.state is None
+        self.on_outputs = on_outputs
         self.host = spec.host
         self.key = host_text(spec.host)
         self.error: Optional[str] = None
@@ -206,7 +270,10 @@ class _Agent:
         self.checkpoints = 0
         self.last_checkpoint: Dict[str, Any] = {}
         self._saved_snapshots: Dict[str, Any] = {}
-        self.incarnation, checkpoint = ray.get(spec.state.register.remote(self.key))
+        if self.in_driver:
+            self.incarnation, checkpoint = 1, None
+        else:
+            self.incarnation, checkpoint = ray.get(spec.state.register.remote(self.key))
         self.resumed = checkpoint is not None
         part = spec.part
         resume: Dict[str, RestoreState] = {}
@@ -233,6 +300,10 @@ class _Agent:
             sender = EdgeSender(g, self.incarnation, spec.windows.get(g, spec.window), self.start_positions.get(local, 0))
             self.outs[g] = _Out(local, g, dst, sender)
         self.out_by_local = {o.local: o for o in self.outs.values()}
+        self.ins: Dict[int, _In] = {}  # (the driver's part) global edge -> its pulling end
+        if self.in_driver:
+            for g, (local, rec) in self.receivers.items():
+                self.ins[g] = _In(local, g, part.cut_in[local][1], rec)
         self._started = threading.Thread(target=self._start, name="remotemedia-agent-start", daemon=True)
         self._started.start()
 
@@ -278,7 +349,15 @@ class _Agent:
                     if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw)):
                         self.cond.notify_all()  # (room for a push, frames for a pull)
                     self._collect_replies()
+                    if self.ins:
+                        self._collect_pulls(gw)
                 self._send_pushes()
+                if self.ins:
+                    self._send_pulls(gw)
+                if self.on_outputs is not None and gw.outputs:
+                    got = gw.take()  # (after the run ended too: what it took before)
+                    if got:
+                        self.on_outputs(got)
             except StaleIncarnation as e:
                 self._stale(e)
                 break
@@ -323,7 +402,7 @@ class _Agent:
         """The frames of the cut edges out of the host, from the gateway into the senders
         (while their windows have room); True when there were any. Under the lock."""
         took = False
-        for local, p in gw.by_out.items():
+        for local, p in gw.cut_out.items():
             o = self.out_by_local[local]
             s = o.sender
             while s.room():
@@ -356,8 +435,8 @@ class _Agent:
         host (the driver pulls its own)."""
         now = time.monotonic()
         for o in self.outs.values():
-            if o.dst == CALLER or now < o.retry_at:
-                continue
+            if o.dst == CALLER or o.dst is None or now < o.retry_at:
+                continue  # (the driver's process pulls what goes to its host)
             s = o.sender
             try:
                 if o.data is None and s.pending():
@@ -371,6 +450,61 @@ class _Agent:
                     o.poll = self._future(ref)
             except Exception as e:  # noqa: BLE001 - the peer is not there (yet): retry
                 self._peer_failed(o, e)
+
+    # ================================================================ cut edges in, pulled
+
+    def _send_pulls(self, gw: HostGateway) -> None:
+        """(The driver's part) one pull in flight per cut edge in, for what its local edge
+        has room for; after the end of the stream, until the sender knows it committed."""
+        now = time.monotonic()
+        for i in self.ins.values():
+            r = i.receiver
+            if i.pull is not None or now < i.retry_at:
+                continue
+            if r.eos and i.reported >= r.expected:
+                continue  # (done: the sender was told the end of its stream is committed)
+            with self.lock:
+                # (after the part's run ended, pulls only report the last commits)
+                room = 0 if gw.closed else gw.free(i.local)
+                reply = r.reply()
+            if room <= 0 and reply[1] <= i.reported:
+                continue  # (no room, no new commit to report: the pump comes back on an ack)
+            try:
+                if i.peer is None:
+                    i.peer = ray.get_actor(agent_name(self.spec.run_id, i.src))
+                i.pull = self._future(i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0))
+            except Exception as e:  # noqa: BLE001 - the sending agent is not there (yet)
+                i.peer = None
+                i.retry_at = now + RETRY
+                log.info("host %s: edge %d from %s: %s; retrying", self.key, i.edge, host_text(i.src), type(e).__name__)
+
+    def _collect_pulls(self, gw: HostGateway) -> None:
+        """Frames of the answered pulls into the local edges. Under the lock."""
+        for i in self.ins.values():
+            fut = i.pull
+            if fut is None or not fut.done():
+                continue
+            i.pull = None
+            try:
+                status, inc, frames, asked = fut.result()
+            except Exception as e:  # noqa: BLE001 - the sending agent died or restarts: retry
+                i.peer = None
+                i.retry_at = time.monotonic() + RETRY
+                log.info("host %s: edge %d from %s: %s; retrying", self.key, i.edge, host_text(i.src), type(e).__name__)
+                continue
+            if status != "ok":
+                continue
+            i.reported = max(i.reported, asked[1])
+            if gw.closed:
+                continue
+            try:
+                took = i.receiver.on_batch(inc, frames, lambda f: gw.room(i.local))
+            except StaleIncarnation:
+                continue
+            for f in took:
+                gw.send_cut(i.local, f)
+            if took:
+                gw.flush()
 
     def _future(self, ref: Any) -> Future:
         fut = ref.future()
@@ -434,17 +568,20 @@ class _Agent:
 
     def _checkpoint(self, arb: Any) -> None:
         """Store the commit points with the state actor, then report them to the senders."""
-        if arb.finished.is_set():
-            nodes = self._books()
-        else:
-            fut: Future = Future()
+        fut: Future = Future()
+        if not arb.finished.is_set():
             arb.post(CallInLoop(self._books, fut))
-            try:
-                nodes = fut.result(timeout=5.0)
-            except Exception:
-                if not arb.finished.is_set():
-                    raise
+        while True:
+            if arb.finished.is_set() and not fut.done():
+                # (the run ended: nothing changes the books any more, and a command posted
+                # as it ended is never read)
                 nodes = self._books()
+                break
+            try:
+                nodes = fut.result(timeout=0.05)
+                break
+            except FutureTimeout:
+                continue
         part = self.spec.part
         consumer = {local: part.edges[local][1] for local in part.cut_in}
         producer = {local: part.edges[local][0] for local in part.cut_out}
@@ -466,7 +603,9 @@ class _Agent:
             if self._saved_snapshots.get(n) is e["snapshot"]:
                 e["snapshot"] = NO_SNAPSHOT_CHANGE
             send_nodes[n] = e
-        ok = ray.get(self.spec.state.save.remote(self.key, self.incarnation, {"nodes": send_nodes, "cut_in": cut_in, "cut_out": cut_out}))
+        ok = self.in_driver or ray.get(
+            self.spec.state.save.remote(self.key, self.incarnation, {"nodes": send_nodes, "cut_in": cut_in, "cut_out": cut_out})
+        )
         if not ok:
             raise StaleIncarnation(f"host {self.key}: the state actor knows a newer incarnation than {self.incarnation}")
         for n, e in nodes.items():
@@ -520,24 +659,25 @@ class _Agent:
             return ("ok", rec.reply())
 
     def pull(self, edge: int, reply: Tuple[int, int, int], max_frames: int, wait: float) -> Tuple[Any, int, List[Frame]]:
-        """The caller's end of a cut edge out of this host asks for frames from its expected
-        on (``reply``: what the driver's receiver has). Returns ``(status, our incarnation,
-        frames)``; waits up to ``wait`` seconds for frames when there are none."""
+        """The driver's end of a cut edge out of this host (the caller's, or its host's part)
+        asks for up to ``max_frames`` frames from its expected on (``reply``: what its
+        receiver has and committed). Returns ``(status, our incarnation, frames, reply)``;
+        waits up to ``wait`` seconds for frames when there are none."""
         o = self.outs[edge]
         s = o.sender
         deadline = time.monotonic() + wait
         self.ready.wait(30.0)
         with self.cond:
             if not s.on_reply(reply, took=True):
-                return ("stale", self.incarnation, [])
+                return ("stale", self.incarnation, [], reply)
             self._wake()  # (the pump acks the commit to the local producer)
-            while not s.pending() and not self.stopping:
+            while not (s.pending() and max_frames > 0) and not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0 or s.finished:
                     break
                 self.cond.wait(left)
-            frames = s.batch(max_frames, BATCH_BYTES, _frame_size)
-        return ("ok", self.incarnation, frames)
+            frames = s.batch(max_frames, BATCH_BYTES, _frame_size) if max_frames > 0 else []
+        return ("ok", self.incarnation, frames, reply)
 
     def status(self) -> Dict[str, Any]:
         """This host's figures: the local run's status, the agent's incarnation, its Ray node,

@@ -41,7 +41,7 @@ from ..channels import split_frame
 from ..control import ControlServer
 from ..core import RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
-from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _frame_size, agent_name
+from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender, Frame
 from .plan import CALLER, Part, host_text, plan_parts
 from .state import RunState
@@ -92,8 +92,9 @@ class _Output:
 class _Host:
     """The driver's view of one host's agent."""
 
-    def __init__(self, host: Optional[str], part: Part, handle: Any) -> None:
+    def __init__(self, host: Optional[str], part: Part, handle: Any, local: Any = None) -> None:
         self.host, self.part, self.handle = host, part, handle
+        self.local = local  # the driver's host's part (no agent: it runs in this process)
         self.status: Dict[str, Any] = {}
         self.status_call: Optional[Future] = None
         self.answered_at = time.monotonic()
@@ -128,6 +129,8 @@ class RaySupervisor(Supervisor):
         self._outputs: List[_Output] = []
         self._pending: Deque[Tuple[Any, FrameInfo]] = deque()
         self._state: Any = None
+        self._local: Optional[_Agent] = None
+        self._send_lock = threading.Lock()  # one send at a time: every input edge numbers it alike
         self._thread: Optional[threading.Thread] = None
         self._started_ray = False
         self._phase = "new"
@@ -215,14 +218,18 @@ class RaySupervisor(Supervisor):
                     sources=[n for n in part.nodes if n in sources],
                     node_options={n: dict(self.pipeline.node(n).options) for n in part.nodes},
                     supervisor_options=local_opts,
-                    state=self._state,
+                    state=None if host is None else self._state,
                     windows=windows,
                 )
                 if host is None:
-                    placement: Dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
-                else:
-                    placement = {"label_selector": {LABEL: host}}
-                handle = HostAgent.options(name=agent_name(self.run_id, host), num_cpus=0, **placement).remote(spec)
+                    # The driver's host: its part runs here, under a local Supervisor of this
+                    # process (the caller's edges to it stay iceoryx2 edges).
+                    self._local = _Agent(spec, on_outputs=self._local_outputs)
+                    self._hosts[host] = _Host(host, part, None, self._local)
+                    continue
+                handle = HostAgent.options(
+                    name=agent_name(self.run_id, host), num_cpus=0, label_selector={LABEL: host}
+                ).remote(spec)
                 self._hosts[host] = _Host(host, part, handle)
                 for local, (g, src) in part.cut_in.items():
                     if src == CALLER:
@@ -233,8 +240,14 @@ class RaySupervisor(Supervisor):
             self._inputs.sort(key=lambda i: i.edge)
             self._outputs.sort(key=lambda o: o.edge)
             timeout = max(self.defaults["init_timeout"], 30.0) + 30.0
-            errors = ray.get([h.handle.ready.remote(timeout) for h in self._hosts.values()], timeout=timeout + 30.0)
-            failed = [e for e in errors if e]
+            calls = [h.handle.ready.remote(timeout) for h in self._hosts.values() if h.handle is not None]
+            failed = []
+            if self._local is not None:
+                if not self._local.ready.wait(timeout):
+                    failed.append(f"host (driver): the part's run did not start within {timeout:g} s")
+                elif self._local.error:
+                    failed.append(self._local.error)
+            failed += [e for e in ray.get(calls, timeout=timeout + 30.0) if e]
             if failed:
                 raise SupervisorError(f"pipeline {self.name!r} failed to start: {'; '.join(failed)}")
         except BaseException:
@@ -272,14 +285,34 @@ class RaySupervisor(Supervisor):
         self._raise_if_failed()
         if self._closed_by_user:
             raise SupervisorError("send() after close(): the input stream is closed")
-        if not self._inputs:
+        if not self._input_edges:
             raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); nothing to send to")
-        _encode_input(value, "the value given to send()")  # (a value that does not pickle is refused here)
-        if not self._try_send(value, None if timeout is None else time.monotonic() + timeout):
+        frame = _encode_input(value, "the value given to send()")  # (a value that does not pickle is refused here)
+        if not self._try_send(value, frame, None if timeout is None else time.monotonic() + timeout):
             raise TimeoutError(f"send(): the pipeline's inputs stayed full for {timeout} s")
 
-    def _try_send(self, value: Any, deadline: Optional[float]) -> bool:
-        value, stream_id = split_frame(value)
+    def _local_gateway(self) -> Any:
+        gw = self._local.gw if self._local is not None else None
+        return gw if gw is not None and gw.inputs else None
+
+    def _try_send(self, value: Any, frame: Any, deadline: Optional[float]) -> bool:
+        """One input to every input edge: those of the driver's host's part through its
+        gateway (iceoryx2), those of other hosts' nodes through the driver's senders. False
+        when ``deadline`` passed with an edge still full (nothing was sent)."""
+        with self._send_lock:
+            if not self._wait_room(deadline):
+                return False
+            gw = self._local_gateway()
+            if gw is not None:
+                try:
+                    gw.send(frame, deadline, self._raise_if_failed)
+                except TimeoutError:
+                    return False
+            self._add_input(value)
+        self._wake.set()
+        return True
+
+    def _wait_room(self, deadline: Optional[float]) -> bool:
         with self._cond:
             while not all(i.sender.room() for i in self._inputs):
                 self._raise_if_failed()
@@ -289,13 +322,22 @@ class RaySupervisor(Supervisor):
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(0.1 if left is None else min(0.1, left))
+        return True
+
+    def _add_input(self, value: Any) -> None:
+        value, stream_id = split_frame(value)
+        with self._cond:
             now = time.monotonic_ns()
             for i in self._inputs:
                 s = i.sender
                 s.add((s.next_seq, DATA, value, self._sent, stream_id or 0, now))
             self._sent += 1
-        self._wake.set()
-        return True
+
+    def _local_outputs(self, got: List[Tuple[Any, FrameInfo]]) -> None:
+        """Outputs of the driver's host's part (its pump thread): to the caller's queue."""
+        with self._cond:
+            self._pending.extend(got)
+            self._cond.notify_all()
 
     def recv(self, timeout: Optional[float] = None) -> Any:
         return self.recv_frame(timeout)[0]
@@ -321,7 +363,15 @@ class RaySupervisor(Supervisor):
                 self._cond.wait(0.1 if left is None else min(0.1, left))
 
     def _all_eos(self) -> bool:
-        return bool(self._outputs) and all(o.receiver.eos for o in self._outputs)
+        """Every output edge delivered its end of stream (and the driver's host's part has
+        handed over everything it took)."""
+        if not all(o.receiver.eos for o in self._outputs):
+            return False
+        local = self._local
+        if local is not None and local.gw is not None and local.gw.outputs:
+            arb = local.sup._arbiter if local.sup is not None else None
+            return arb is not None and arb.finished.is_set() and not local.gw._pending
+        return bool(self._outputs)
 
     def close(self) -> None:
         if not self._closed_by_user:
@@ -330,6 +380,8 @@ class RaySupervisor(Supervisor):
                 self._close_inputs()
 
     def _close_inputs(self) -> None:
+        if self._local is not None and self._local.sup is not None:
+            self._local.sup.close()
         with self._cond:
             if self._eos_sent:
                 return
@@ -353,7 +405,10 @@ class RaySupervisor(Supervisor):
             self._stop_deadline = time.monotonic() + self.stop_timeout
         self._close_inputs()
         for h in self._hosts.values():
-            h.handle.drain.remote()
+            if h.local is not None:
+                h.local.drain()
+            else:
+                h.handle.drain.remote()
         self._wake.set()
 
     def kill(self) -> None:
@@ -370,7 +425,10 @@ class RaySupervisor(Supervisor):
             self._phase = "aborting"
         for h in self._hosts.values():
             try:
-                h.handle.abort.remote()
+                if h.local is not None:
+                    h.local.abort()
+                else:
+                    h.handle.abort.remote()
             except Exception:
                 pass
         self._wake.set()
@@ -465,12 +523,12 @@ class RaySupervisor(Supervisor):
                 if self._closed_by_user or self._finished.is_set():
                     return
                 try:
-                    _encode_input(value, f"item {position} of run()'s inputs")
+                    frame = _encode_input(value, f"item {position} of run()'s inputs")
                 except RemoteMediaError as e:
                     self._fail(e)
                     return
                 position += 1
-                while not self._try_send(value, time.monotonic() + 0.5):
+                while not self._try_send(value, frame, time.monotonic() + 0.5):
                     if self._closed_by_user or self._finished.is_set():
                         return
             self.close()
@@ -587,7 +645,7 @@ class RaySupervisor(Supervisor):
         if fut is not None and fut.done():
             o.pull = None
             try:
-                status, inc, frames = fut.result()
+                status, inc, frames, _asked = fut.result()
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
                 o.retry_at = now + RETRY
@@ -612,6 +670,14 @@ class RaySupervisor(Supervisor):
         return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
+        if h.local is not None:
+            if now - h.answered_at >= STATUS_EVERY or not h.status:
+                h.answered_at = now
+                st = h.local.status()
+                h.status = {**st, "state": "up"}
+                if st.get("error") and not self._aborting:
+                    self._fail(SupervisorError(f"host (driver): {st['error']}"))
+            return
         fut = h.status_call
         if fut is not None and fut.done():
             h.status_call = None
@@ -712,14 +778,21 @@ class RaySupervisor(Supervisor):
             lines = lines[-limit:] if limit > 0 else []
         return {"ok": True, "lines": lines, "cursor": cursor, "lost": lost}
 
+    @staticmethod
+    def _finished_host(h: _Host) -> bool:
+        if h.local is not None:
+            arb = h.local.sup._arbiter if h.local.sup is not None else None
+            return h.local.error is not None or (arb is not None and arb.finished.is_set())
+        return bool(h.status.get("finished"))
+
     def _done(self) -> bool:
         if self._aborting:
-            return all(h.status.get("finished") or h.status.get("state") == "restarting" for h in self._hosts.values()) or (
+            return all(self._finished_host(h) or h.status.get("state") == "restarting" for h in self._hosts.values()) or (
                 self._stop_deadline is not None and time.monotonic() > self._stop_deadline + self.kill_timeout
             ) or self._error is not None
-        if not (self._all_eos() or not self._outputs):
+        if not self._all_eos():
             return False
-        return all(h.status.get("finished") for h in self._hosts.values())
+        return all(self._finished_host(h) for h in self._hosts.values())
 
     def _teardown(self, abort: bool) -> None:
         """Shut every agent down (their runs end, their files go), then the state actor."""
@@ -732,18 +805,31 @@ class RaySupervisor(Supervisor):
             self._metrics_server = None
         calls = []
         for h in self._hosts.values():
+            if h.local is not None:
+                continue
             try:
                 if abort:
                     h.handle.abort.remote()
                 calls.append((h, h.handle.shutdown.remote(self.kill_timeout + 5.0)))
             except Exception:
                 pass
+        local = self._local
+        if local is not None:
+            if abort:
+                local.abort()
+            if not local.shutdown(self.stop_timeout + self.kill_timeout + 10.0):
+                log.warning("pipeline %s: the driver's host's part did not shut down cleanly", self.name)
+            h = self._hosts[None]
+            st = local.status()
+            h.report, h.status = st.get("report"), {**st, "state": "stopped"}
         for h, ref in calls:
             try:
                 ray.get(ref, timeout=self.stop_timeout + self.kill_timeout + 10.0)
             except Exception as e:  # noqa: BLE001
                 log.warning("pipeline %s: host %s did not shut down cleanly: %s", self.name, host_text(h.host), e)
         for h in self._hosts.values():
+            if h.local is not None:
+                continue
             try:
                 st = ray.get(h.handle.status.remote(), timeout=5.0)
                 h.report = st.get("report")
@@ -837,6 +923,6 @@ class RaySupervisor(Supervisor):
         """Host -> its agent's latest status (incarnation, Ray node, agent pid, nodes)."""
         return {host_text(h.host): dict(h.status) for h in self._hosts.values()}
 
-    def agent(self, host: Optional[str]) -> Any:
-        """The Ray actor handle of ``host``'s agent (None: the driver's host's)."""
+    def agent(self, host: str) -> Any:
+        """The Ray actor handle of ``host``'s agent."""
         return self._hosts[host].handle

@@ -1,11 +1,13 @@
 """How a pipeline is cut into host parts (backend ``ray``): pure, no Ray.
 
 Every node goes to the part of its host (its ``host`` option, else a manifest's ``host``;
-None: the driver's host). Each part runs under a local Supervisor in that host's agent, where
-its edges are ordinary iceoryx2 edges; an edge between two parts (or between a part and the
-caller) is *cut*: inside the part it ends in the part's gateway (``__input__ -> node`` for a
-cut edge into it, ``node -> __output__`` for one out of it), and between the parts its frames
-cross with the protocol of :mod:`supervisor.ray.edges`.
+None: the driver's host). Each part runs under a local Supervisor, where its edges are
+ordinary iceoryx2 edges: the driver's host's part in the driver process (with the caller's
+edges to its nodes), every other host's in that host's agent. An edge between two parts is
+*cut*: inside each part it ends in the part's gateway (``__input__ -> node`` for a cut edge
+into it, ``node -> __output__`` for one out of it), and between the parts its frames cross
+with the protocol of :mod:`supervisor.ray.edges`. So do the caller's edges to and from nodes
+on other hosts (the other end is :data:`CALLER`).
 
 Example::
 
@@ -15,8 +17,12 @@ Example::
     >>> parts = plan_parts(p)
     >>> sorted(parts, key=str)
     [None, 'gpu']
-    >>> parts["gpu"].cut_in        # local edge 0 is global edge 1, from the part of the driver's host
+    >>> parts[None].edges         # the caller's input edge stays local; a -> b is cut
+    [('__input__', 'a'), ('a', '__output__')]
+    >>> parts["gpu"].cut_in       # local edge 0 is global edge 1, from the driver's host's part
     {0: (1, None)}
+    >>> parts["gpu"].cut_out      # b's outputs go to the caller
+    {1: (2, '__caller__')}
 """
 
 from __future__ import annotations
@@ -74,8 +80,9 @@ def plan_parts(pipeline: Any) -> Dict[Optional[str], Part]:
         host = where[name]
         parts.setdefault(host, Part(host)).nodes.append(name)
     for g, (src, dst) in enumerate(pipeline.edges()):
-        src_host = CALLER if src == INPUT else where[src]
-        dst_host = CALLER if dst == OUTPUT else where[dst]
+        # The caller is on the driver's host: its edges to the nodes there stay local.
+        src_host = None if src == INPUT else where[src]
+        dst_host = None if dst == OUTPUT else where[dst]
         if src_host == dst_host:
             part = parts[src_host]
             part.edges.append((src, dst))
@@ -83,12 +90,12 @@ def plan_parts(pipeline: Any) -> Dict[Optional[str], Part]:
             continue
         if src != INPUT:
             part = parts[src_host]
-            part.cut_out[len(part.edges)] = (g, dst_host)
+            part.cut_out[len(part.edges)] = (g, CALLER if dst == OUTPUT else dst_host)
             part.edges.append((src, OUTPUT))
             part.global_index.append(g)
         if dst != OUTPUT:
             part = parts[dst_host]
-            part.cut_in[len(part.edges)] = (g, src_host)
+            part.cut_in[len(part.edges)] = (g, CALLER if src == INPUT else src_host)
             part.edges.append((INPUT, dst))
             part.global_index.append(g)
     return parts
