@@ -123,7 +123,8 @@ class RaySupervisor(Supervisor):
         self._options = dict(options)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # the pump has work
+        self._arrived = threading.Event()  # an output (or the end) may be there for recv()
         self._hosts: Dict[Optional[str], _Host] = {}
         self._inputs: List[_Input] = []
         self._outputs: List[_Output] = []
@@ -338,6 +339,7 @@ class RaySupervisor(Supervisor):
         with self._cond:
             self._pending.extend(got)
             self._cond.notify_all()
+        self._arrived.set()
 
     def recv(self, timeout: Optional[float] = None) -> Any:
         return self.recv_frame(timeout)[0]
@@ -348,8 +350,16 @@ class RaySupervisor(Supervisor):
         if self._eos_delivered:
             raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            self._arrived.clear()
+            with self._cond:
+                if not self._pending and not self._finished.is_set():
+                    # (an answered pull is taken here, not left to the pump: one thread
+                    # switch less between a frame's arrival and the caller)
+                    now = time.monotonic()
+                    for o in self._outputs:
+                        if o.pull is not None and o.pull.done():
+                            self._output_turn(o, now)
                 if self._pending:
                     return self._pending.popleft()
                 if self._error is not None:
@@ -357,10 +367,10 @@ class RaySupervisor(Supervisor):
                 if self._all_eos() or self._finished.is_set():
                     self._eos_delivered = True
                     raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"recv(): no output within {timeout} s")
-                self._cond.wait(0.1 if left is None else min(0.1, left))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"recv(): no output within {timeout} s")
+            self._arrived.wait(0.1 if left is None else min(0.1, left))
 
     def _all_eos(self) -> bool:
         """Every output edge delivered its end of stream (and the driver's host's part has
@@ -438,6 +448,7 @@ class RaySupervisor(Supervisor):
             if self._error is None:
                 self._error = err
             self._cond.notify_all()
+        self._arrived.set()
         log.error("pipeline %s failed: %s", self.name, err)
         self._abort(f"failed: {err}")
 
@@ -564,8 +575,13 @@ class RaySupervisor(Supervisor):
 
     def _future(self, ref: Any) -> Future:
         fut = ref.future()
-        fut.add_done_callback(lambda _f: self._wake.set())
+        fut.add_done_callback(self._done_call)
         return fut
+
+    def _done_call(self, _fut: Any) -> None:
+        # (a Ray thread: no lock may be taken here, the pump holds ours while calling Ray)
+        self._wake.set()
+        self._arrived.set()
 
     def _loop(self) -> None:
         try:
@@ -587,6 +603,7 @@ class RaySupervisor(Supervisor):
                 self._ended_at = time.monotonic()
                 self._finished.set()
                 self._cond.notify_all()
+            self._arrived.set()
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -598,6 +615,7 @@ class RaySupervisor(Supervisor):
                 changed |= self._output_turn(o, now)
             if changed:  # (room for send(), outputs for recv())
                 self._cond.notify_all()
+                self._arrived.set()
         for h in self._hosts.values():
             self._status_turn(h, now)
         if self._control is not None:
