@@ -98,7 +98,8 @@ class _Host:
         self.status: Dict[str, Any] = {}
         self.status_call: Optional[Future] = None
         self.answered_at = time.monotonic()
-        self.lost_kills = 0
+        self.lost_kills = 0  # its agent killed for silence (host_timeout)
+        self.killed_at: Optional[float] = None  # ... the last time, until it answers again
         self.report: Optional[Dict[str, Any]] = None
 
 
@@ -707,6 +708,7 @@ class RaySupervisor(Supervisor):
                 h.status = {**h.status, "state": "restarting", "finished": False}
             else:
                 h.answered_at = now
+                h.killed_at = None
                 prev_inc = h.status.get("incarnation")
                 h.status = {**st, "state": "up"}
                 if prev_inc is not None and st.get("incarnation") != prev_inc:
@@ -719,11 +721,12 @@ class RaySupervisor(Supervisor):
                     self._fail(err if isinstance(err, BaseException) else SupervisorError(f"host {host_text(h.host)}: {st['error']}"))
         if h.status_call is None and (now - h.answered_at >= STATUS_EVERY or not h.status):
             h.status_call = self._future(h.handle.status.remote())
-        if now - h.answered_at > self.host_timeout and h.status_call is not None:
-            # Lost (or hung): let Ray start its agent again, where the label allows.
+        if now - h.answered_at > self.host_timeout and h.status_call is not None and h.killed_at is None:
+            # Lost (or hung): let Ray start its agent again, where the label allows. (Once:
+            # until its new incarnation answers, it is starting, not lost.)
             log.warning("pipeline %s: host %s silent for %.0f s: restarting its agent", self.name, host_text(h.host), now - h.answered_at)
             h.lost_kills += 1
-            h.answered_at = now
+            h.killed_at = now
             try:
                 ray.kill(h.handle, no_restart=False)
             except Exception:
