@@ -237,11 +237,16 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
         return
     click.echo(f"pipeline {report.pipeline!r}: {_plural(report.output_count, 'output')} in {report.duration:.2f} s", err=True)
     width = max([4] + [len(n) for n in report.nodes])
-    click.echo(f"  {'node':<{width}}  {'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
+    # backend ray: which host each node ran on
+    hosts = any("host" in s for s in report.nodes.values())
+    hw = max([4] + [len(str(s.get("host"))) for s in report.nodes.values()]) if hosts else 0
+    host_head = f"{'host':<{hw}} " if hosts else ""
+    click.echo(f"  {'node':<{width}}  {host_head}{'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
     for name, s in report.nodes.items():
         lat = (s.get("latency") or {}).get("p50_ms")
+        host_cell = f"{str(s.get('host')):<{hw}} " if hosts else ""
         click.echo(
-            f"  {name:<{width}}  {s.get('state', '?'):<8} {s.get('frames_in', 0):>8} {s.get('frames_out', 0):>8} "
+            f"  {name:<{width}}  {host_cell}{s.get('state', '?'):<8} {s.get('frames_in', 0):>8} {s.get('frames_out', 0):>8} "
             f"{s.get('restarts', 0):>8}  {'-' if lat is None else f'{lat:.3f}'}",
             err=True,
         )

@@ -164,6 +164,9 @@ class RaySupervisor(Supervisor):
             kw.update(include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1")
         else:
             kw["address"] = self.ray_address
+        # (a new local cluster turns Ray's token authentication on in os.environ: undone when
+        # it is shut down, so that a later connection of this process sees the same settings)
+        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
         ray.init(**kw)
         self._started_ray = True
 
@@ -781,15 +784,19 @@ class RaySupervisor(Supervisor):
             return {"ok": False, "error": f"pipeline {self.name!r} has no node named {node!r}; its nodes: {', '.join(self.pipeline.order)}"}
         after = req.get("after") or {}
         calls = []
+        answers = []
         for h in self._hosts.values():
             mine = [n for n in h.part.nodes if node is None or n == node]
             if mine:
                 sub = dict(req, after={n: after[n] for n in mine if n in after})
-                calls.append(h.handle.logs.remote(sub))
+                if h.local is not None:
+                    answers.append(h.local.logs(sub))
+                else:
+                    calls.append(h.handle.logs.remote(sub))
         lines: List[Dict[str, Any]] = []
         cursor: Dict[str, int] = {}
         lost: Dict[str, int] = {}
-        for got in ray.get(calls, timeout=30.0):
+        for got in answers + ray.get(calls, timeout=30.0):
             lines.extend(got.get("lines", []))
             cursor.update(got.get("cursor", {}))
             lost.update(got.get("lost", {}))
@@ -868,6 +875,10 @@ class RaySupervisor(Supervisor):
                 pass
         if self._started_ray:
             ray.shutdown()
+            if self._auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._auth_mode
         self._notifier.close()
 
     # ================================================================ status, report
