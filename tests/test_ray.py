@@ -295,18 +295,18 @@ def test_a_host_silent_for_host_timeout_gets_its_agent_restarted(cluster):
     """A hung host (its agent SIGSTOPped: it neither dies nor answers) is declared lost after
     host_timeout, not Ray's ~15 s: its agent is killed and Ray starts it again; the stream
     goes on with nothing lost or repeated."""
-    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="host-timeout", host_timeout=2.0)
+    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="host-timeout", host_timeout=3.0)
     stopped: List[int] = []
 
     def hang_agent(k: int) -> None:
-        if k == 100 and not stopped:
+        if k == 60 and not stopped:
             pid = sup.hosts()["gpu"]["agent_pid"]
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
 
     with sup:
         wait_for(lambda: sup.hosts()["gpu"].get("agent_pid"), 120, "the agent's status")
-        got = _stream(sup, 300, hang_agent)
+        got = _stream(sup, 200, hang_agent)
     assert stopped
-    assert got == [(i + 1, i + 1) for i in range(300)]
+    assert got == [(i + 1, i + 1) for i in range(200)]
     assert sup.hosts()["gpu"]["incarnation"] == 2 and sup.status()["hosts"]["gpu"]["lost_kills"] >= 1

@@ -724,7 +724,8 @@ class RaySupervisor(Supervisor):
                     self._fail(err if isinstance(err, BaseException) else SupervisorError(f"host {host_text(h.host)}: {st['error']}"))
         if h.status_call is None and (now - h.answered_at >= STATUS_EVERY or not h.status):
             h.status_call = self._future(h.handle.status.remote())
-        if now - h.answered_at > self.host_timeout and h.status_call is not None and h.killed_at is None:
+        running = h.status.get("phase") == "running"  # (a starting agent may be slow to answer)
+        if running and now - h.answered_at > self.host_timeout and h.status_call is not None and h.killed_at is None:
             # Lost (or hung): let Ray start its agent again, where the label allows. (Once:
             # until its new incarnation answers, it is starting, not lost.)
             log.warning("pipeline %s: host %s silent for %.0f s: restarting its agent", self.name, host_text(h.host), now - h.answered_at)
