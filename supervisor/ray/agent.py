@@ -79,11 +79,14 @@ class HostSpec:
     name: str  # the pipeline's
     host: Optional[str]
     part: Part
-    blobs: Dict[str, bytes]  # node -> its pickle (cleanup() then cloudpickle, by the driver)
+    # node -> its pickle (cleanup() then cloudpickle, by the driver); for an agent, empty: it
+    # takes them from the state actor (a restart must not depend on creation arguments kept
+    # in the object store)
+    blobs: Dict[str, bytes]
     sources: List[str]  # the part's nodes that are Sources
     node_options: Dict[str, Dict[str, Any]]  # node -> its own options (Node(..., options=))
     supervisor_options: Dict[str, Any]  # the local Supervisor's keywords
-    state: Any  # the run's state actor
+    state: Optional[str]  # the Ray name of the run's state actor; None: the driver's own part
     checkpoint_interval: float = 0.05  # seconds between checkpoints (while the books move)
     window: int = 32  # frames in flight per cut edge (the consumer's queue_depth)
     windows: Dict[int, int] = field(default_factory=dict)  # global edge -> its window
@@ -108,7 +111,9 @@ class HostSupervisor(Supervisor):
     made them) and edges, cut edges ending in the gateway; nodes may resume from a
     checkpoint."""
 
-    def __init__(self, spec: HostSpec, gateway_factory: Callable[..., Gateway], resume: Dict[str, RestoreState]) -> None:
+    def __init__(
+        self, spec: HostSpec, blobs: Dict[str, bytes], gateway_factory: Callable[..., Gateway], resume: Dict[str, RestoreState]
+    ) -> None:
         part = spec.part
         stands = [
             (_StandSource if n in spec.sources else _Stand)(name=n, options=dict(spec.node_options.get(n) or {}))
@@ -117,7 +122,7 @@ class HostSupervisor(Supervisor):
         pipeline = Pipeline(stands, connections=part.local_connections(), name=f"{spec.name}@{host_text(spec.host)}")
         self._part = part  # (before Supervisor.__init__, which reads the edges)
         super().__init__(pipeline, **spec.supervisor_options)
-        self._blobs = spec.blobs
+        self._blobs = blobs
         self._gateway_factory = gateway_factory
         self._resume = resume
 
@@ -270,10 +275,14 @@ class _Agent:
         self.checkpoints = 0
         self.last_checkpoint: Dict[str, Any] = {}
         self._saved_snapshots: Dict[str, Any] = {}
+        self.state: Any = None
         if self.in_driver:
             self.incarnation, checkpoint = 1, None
+            self.blobs = spec.blobs
         else:
-            self.incarnation, checkpoint = ray.get(spec.state.register.remote(self.key))
+            self.state = ray.get_actor(spec.state)
+            self.incarnation, checkpoint = ray.get(self.state.register.remote(self.key))
+            self.blobs = ray.get(self.state.blobs.remote(self.key))
         self.resumed = checkpoint is not None
         part = spec.part
         resume: Dict[str, RestoreState] = {}
@@ -311,7 +320,7 @@ class _Agent:
 
     def _start(self) -> None:
         try:
-            sup = HostSupervisor(self.spec, self._make_gateway, self._resume)
+            sup = HostSupervisor(self.spec, self.blobs, self._make_gateway, self._resume)
             self.sup = sup
             sup.start()
             arb = sup._arbiter
@@ -604,7 +613,7 @@ class _Agent:
                 e["snapshot"] = NO_SNAPSHOT_CHANGE
             send_nodes[n] = e
         ok = self.in_driver or ray.get(
-            self.spec.state.save.remote(self.key, self.incarnation, {"nodes": send_nodes, "cut_in": cut_in, "cut_out": cut_out})
+            self.state.save.remote(self.key, self.incarnation, {"nodes": send_nodes, "cut_in": cut_in, "cut_out": cut_out})
         )
         if not ok:
             raise StaleIncarnation(f"host {self.key}: the state actor knows a newer incarnation than {self.incarnation}")

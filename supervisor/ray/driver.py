@@ -206,9 +206,14 @@ class RaySupervisor(Supervisor):
             self._connect()
             self._check_labels()
             here = ray.get_runtime_context().get_node_id()
+            state_name = f"remotemedia/{self.run_id}/state"
             self._state = _RunState.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+                name=state_name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote()
+            ray.get([
+                self._state.put_blobs.remote(host_text(h), {n: blobs[n] for n in part.nodes})
+                for h, part in self.parts.items() if h is not None
+            ])  # fmt: skip
             local_opts = {k: v for k, v in self._options.items() if k not in ("backend", "ray_address", "host_timeout", "name", "control", "metrics_port", "metrics_host")}
             local_opts.update(control=False)
             sources = [n.name for n in self.pipeline.nodes if isinstance(n, Source)]
@@ -219,11 +224,11 @@ class RaySupervisor(Supervisor):
                     name=self.name,
                     host=host,
                     part=part,
-                    blobs={n: blobs[n] for n in part.nodes},
+                    blobs={n: blobs[n] for n in part.nodes} if host is None else {},
                     sources=[n for n in part.nodes if n in sources],
                     node_options={n: dict(self.pipeline.node(n).options) for n in part.nodes},
                     supervisor_options=local_opts,
-                    state=None if host is None else self._state,
+                    state=None if host is None else state_name,
                     windows=windows,
                 )
                 if host is None:

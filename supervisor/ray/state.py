@@ -1,7 +1,8 @@
 """The run's state actor (backend ``ray``): what a restarted host agent resumes from.
 
 One small actor, created and owned by the driver (it lives as long as the run): for each
-host, the incarnation of its agent and the agent's last *checkpoint*, i.e. each of its nodes'
+host, the pickled nodes of its part, the incarnation of its agent and the agent's last
+*checkpoint*, i.e. each of its nodes'
 commit point (input positions, next output seqs, source position, snapshot) and each of its
 cut edges' committed position. A host agent reports a commit to its senders only after the
 checkpoint holding it was stored here (see :mod:`supervisor.ray.edges`): whatever a sender
@@ -26,9 +27,18 @@ class RunState:
     that it is testable without Ray)."""
 
     def __init__(self) -> None:
+        self.parts: Dict[str, Dict[str, bytes]] = {}
         self.incarnations: Dict[str, int] = {}
         self.checkpoints: Dict[str, Dict[str, Any]] = {}
         self.saves = 0
+
+    def put_blobs(self, host: str, blobs: Dict[str, bytes]) -> None:
+        """The pickled nodes of a host's part (the driver, before it creates the agent)."""
+        self.parts[host] = blobs
+
+    def blobs(self, host: str) -> Dict[str, bytes]:
+        """What a host's agent runs: the pickled nodes of its part."""
+        return self.parts[host]
 
     def register(self, host: str) -> Tuple[int, Optional[Dict[str, Any]]]:
         """A host's agent (re)starts: its new incarnation and the checkpoint to resume from
