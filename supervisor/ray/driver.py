@@ -489,7 +489,7 @@ class RaySupervisor(Supervisor):
                 raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs")
             if isinstance(inputs, (str, bytes, dict)):
                 raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
-        restore = self._install_signal_handlers()
+        restore: Callable[[], None] = lambda: None  # noqa: E731
         outputs: List[Tuple[int, int, Any]] = []
         count = [0]
 
@@ -503,6 +503,8 @@ class RaySupervisor(Supervisor):
         try:
             if self._thread is None:
                 self.start()
+            # (after start(): connecting to Ray installs Ray's own handlers of these signals)
+            restore = self._install_signal_handlers()
             feeder = None
             if inputs is not None:
                 feeder = threading.Thread(target=self._feed, args=(iter(inputs),), name="remotemedia-ray-feed", daemon=True)
@@ -573,6 +575,33 @@ class RaySupervisor(Supervisor):
             self.join()
         if self._error is not None:
             raise self._error
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """While run() runs: SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGXCPU drain across hosts
+        (a second one aborts), as the local Supervisor's do."""
+        import signal
+
+        from ..core import _STOP_SIGNALS
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        count = [0]
+
+        def handler(signum: int, frame: Any) -> None:
+            count[0] += 1
+            if count[0] == 1:
+                log.warning("%s: %s received, draining across hosts (send it again to abort)", self.name, signal.Signals(signum).name)
+                threading.Thread(target=self.stop, daemon=True).start()  # (Ray calls: not in a handler)
+            else:
+                threading.Thread(target=self._abort, args=("second signal",), daemon=True).start()
+
+        old = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+
+        def restore() -> None:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+        return restore
 
     def restart_node(self, node: str, wait: bool = True, timeout: float = 60.0) -> None:
         raise SupervisorError("restart_node() is not available with backend='ray' (a host's agent restarts its nodes itself)")
