@@ -8,13 +8,13 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 
 from remotemedia import Pipeline, Supervisor
 from remotemedia.errors import OptionValueError, SupervisorError
-from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
+from remotemedia.nodes import MapNode, PassThroughNode
 from supervisor.ray.edges import DATA, EOS, EdgeProtocolError, EdgeReceiver, EdgeSender, StaleIncarnation
 from supervisor.ray.plan import CALLER, plan_parts
 from supervisor.ray.state import NO_SNAPSHOT_CHANGE, RunState

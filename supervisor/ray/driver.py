@@ -34,7 +34,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from remotemedia.errors import EndOfStream, NodeTypeError, RemoteMediaError, SupervisorError
 from remotemedia.frames import FrameInfo
-from remotemedia.pipeline import INPUT
 from remotemedia.node import Source
 
 from ..channels import split_frame
@@ -42,7 +41,7 @@ from ..control import ControlServer
 from ..core import RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name
-from .edges import DATA, EOS, EdgeReceiver, EdgeSender, Frame
+from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
 from .state import RunState
 
