@@ -165,11 +165,11 @@ def test_a_host_label_no_node_has_is_refused_at_start(cluster):
 
 
 def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):
-    sup = Supervisor(_hop_pipeline(delay=0.004), backend="ray", name="worker-kill")
+    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="worker-kill")
     killed: List[int] = []
 
     def kill_b(k: int) -> None:
-        if k == 100 and not killed:
+        if k == 60 and not killed:
             pid = sup.status()["nodes"]["b"]["pid"]
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
@@ -177,10 +177,10 @@ def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):
 
     with sup:
         wait_for(lambda: sup.status()["nodes"]["b"].get("pid"), 120, "node b's worker")
-        got = _stream(sup, 300, kill_b)
+        got = _stream(sup, 200, kill_b)
         hosts = sup.hosts()
     assert killed
-    assert got == [(i + 1, i + 1) for i in range(300)]  # its snapshot restored, nothing lost
+    assert got == [(i + 1, i + 1) for i in range(200)]  # its snapshot restored, nothing lost
     assert hosts["gpu"]["incarnation"] == 1  # the agent itself was not restarted
     assert sup.report().nodes["b"]["restarts"] == 1
     assert sup.report().nodes["b"]["host"] == "gpu"
@@ -191,7 +191,7 @@ def test_an_agent_sigkill_mid_stream_loses_and_repeats_nothing(cluster):
     sends back to it: 0 lost, 0 duplicated, in order, and its counter resumes from its
     snapshot."""
     host = "gpu"
-    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="agent-kill")
+    sup = Supervisor(_hop_pipeline(delay=0.002), backend="ray", name="agent-kill")
     killed: List[int] = []
 
     def kill_agent(k: int) -> None:
@@ -294,7 +294,7 @@ def test_a_host_silent_for_host_timeout_gets_its_agent_restarted(cluster):
     """A hung host (its agent SIGSTOPped: it neither dies nor answers) is declared lost after
     host_timeout, not Ray's ~15 s: its agent is killed and Ray starts it again; the stream
     goes on with nothing lost or repeated."""
-    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="host-timeout", host_timeout=3.0)
+    sup = Supervisor(_hop_pipeline(delay=0.003), backend="ray", name="host-timeout", host_timeout=2.0)
     stopped: List[int] = []
 
     def hang_agent(k: int) -> None:
