@@ -40,3 +40,12 @@ class Ticks(Source):
             time.sleep(0.005)
             yield i
             i += 1
+
+
+class Fails(Node):
+    """Raises on frame 3."""
+
+    def process(self, x: Any) -> Any:
+        if x == 3:
+            raise ValueError(f"bad frame {x}")
+        return x

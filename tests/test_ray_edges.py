@@ -310,3 +310,21 @@ def test_backend_ray_without_ray_installed_says_how_to_install_it():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "SupervisorError backend='ray' needs Ray: pip install 'remotemedia[ray]'"
+
+
+def test_every_error_pickles_with_its_attributes():
+    """A host's error reaches the driver pickled (backend ray raises the NodeError itself)."""
+    import inspect
+    import pickle
+
+    from remotemedia import errors
+
+    err = errors.NodeError("f", "ValueError: bad frame 3", pid=12, seq=3, exc_type="ValueError", traceback="tb")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is errors.NodeError and str(back) == str(err)
+    assert (back.node, back.pid, back.seq, back.exc_type, back.traceback) == ("f", 12, 3, "ValueError", "tb")
+    for name, cls in inspect.getmembers(errors, inspect.isclass):
+        if issubclass(cls, errors.RemoteMediaError) and cls.__reduce__ is errors.RemoteMediaError.__reduce__:
+            e = cls.__new__(cls)  # (those with a __reduce__ of their own have their tests)
+            e.args = ("x",)
+            assert type(pickle.loads(pickle.dumps(e))) is cls, name

@@ -700,7 +700,9 @@ class _Agent:
             resumed=self.resumed,
             agent_pid=os.getpid(),
             ray_node_id=ray.get_runtime_context().get_node_id(),
-            error=self.error or (repr(arb.error) if arb is not None and arb.error is not None else None),
+            error=self.error or (str(arb.error) if arb is not None and arb.error is not None else None),
+            # the part's own error (NodeError, NodeInitError, ...), for the driver to raise as is
+            error_obj=_portable(arb.error) if arb is not None and arb.error is not None else None,
             finished=bool(arb is not None and arb.finished.is_set()),
             checkpoints=self.checkpoints,
             cut_out={
@@ -751,6 +753,18 @@ class _Agent:
         with self.cond:
             self.cond.notify_all()
         return done
+
+
+def _portable(err: BaseException) -> Optional[BaseException]:
+    """``err`` when it survives a round trip through pickle (it crosses to the driver), else
+    None (the driver then reports its text)."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return None
+    return err
 
 
 def _frame_size(f: Frame) -> int:

@@ -731,7 +731,8 @@ class RaySupervisor(Supervisor):
                 st = h.local.status()
                 h.status = {**st, "state": "up"}
                 if st.get("error") and not self._aborting:
-                    self._fail(SupervisorError(f"host (driver): {st['error']}"))
+                    err = st.get("error_obj")
+                    self._fail(err if isinstance(err, BaseException) else SupervisorError(f"host (driver): {st['error']}"))
             return
         fut = h.status_call
         if fut is not None and fut.done():
