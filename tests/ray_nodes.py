@@ -49,3 +49,13 @@ class Fails(Node):
         if x == 3:
             raise ValueError(f"bad frame {x}")
         return x
+
+
+class BadInit(Node):
+    """Fails in initialize()."""
+
+    def initialize(self) -> None:
+        raise RuntimeError("no GPU here")
+
+    def process(self, x: Any) -> Any:
+        return x

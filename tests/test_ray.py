@@ -47,9 +47,9 @@ ray = pytest.importorskip("ray", reason="backend ray needs Ray: pip install 'rem
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ray_nodes import Count, Fails, Ticks  # noqa: E402  (a light module: the node workers import it)
+from ray_nodes import BadInit, Count, Fails, Ticks  # noqa: E402  (a light module: the node workers import it)
 from remotemedia import Pipeline, Supervisor  # noqa: E402
-from remotemedia.errors import EndOfStream, NodeError, SupervisorError  # noqa: E402
+from remotemedia.errors import EndOfStream, NodeError, NodeInitError, SupervisorError  # noqa: E402
 from remotemedia.nodes import MapNode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -164,11 +164,15 @@ def test_a_host_label_no_node_has_is_refused_at_start(cluster):
         Supervisor(p, backend="ray").start()
 
 
-def test_a_node_error_on_another_host_is_raised_as_is(cluster):
+def test_a_nodes_error_on_another_host_is_raised_as_is(cluster):
     p = Pipeline([MapNode(lambda x: x, name="a"), Fails(name="f", options={"host": "gpu"})])
     with pytest.raises(NodeError, match=r"bad frame 3") as e:
         p.run(list(range(10)), backend="ray")
     assert e.value.node == "f"
+    p = Pipeline([BadInit(name="init", options={"host": "gpu"})])
+    with pytest.raises(NodeInitError, match=r"no GPU here") as e2:
+        p.run([1], backend="ray")
+    assert e2.value.node == "init"
 
 
 def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):

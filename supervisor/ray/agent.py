@@ -266,6 +266,7 @@ class _Agent:
         self.host = spec.host
         self.key = host_text(spec.host)
         self.error: Optional[str] = None
+        self.start_error: Optional[BaseException] = None  # what the part's start raised
         self.ready = threading.Event()
         self.stopping = False
         self.lock: Any = threading.RLock()  # the gateway's lock once it exists
@@ -327,6 +328,7 @@ class _Agent:
             assert arb is not None and arb.gateway is not None
         except BaseException as e:  # noqa: BLE001 - reported to the driver by status()/ready()
             self.error = f"{type(e).__name__}: {e}"
+            self.start_error = _portable(e)
             log.error("host %s: the part's run failed to start: %s", self.key, self.error)
             self.ready.set()
             return
@@ -784,12 +786,13 @@ class HostAgent:
     def __init__(self, spec: HostSpec) -> None:
         self._a = _Agent(spec)
 
-    def ready(self, timeout: float) -> Optional[str]:
-        """Wait until the part's run started; None, or its start error."""
+    def ready(self, timeout: float) -> Any:
+        """Wait until the part's run started; None, or its start error (the exception itself
+        when it pickles, else its text)."""
         self._a.ready.wait(timeout)
         if not self._a.ready.is_set():
             return f"host {self._a.key}: the part's run did not start within {timeout:g} s"
-        return self._a.error
+        return self._a.start_error or self._a.error
 
     def push(self, edge: int, sender_inc: int, frames: List[Frame], known_committed: int) -> Any:
         return self._a.push(edge, sender_inc, frames, known_committed)

@@ -250,15 +250,18 @@ class RaySupervisor(Supervisor):
             self._outputs.sort(key=lambda o: o.edge)
             timeout = max(self.defaults["init_timeout"], 30.0) + 30.0
             calls = [h.handle.ready.remote(timeout) for h in self._hosts.values() if h.handle is not None]
-            failed = []
+            failed: List[Any] = []
             if self._local is not None:
                 if not self._local.ready.wait(timeout):
                     failed.append(f"host (driver): the part's run did not start within {timeout:g} s")
                 elif self._local.error:
-                    failed.append(self._local.error)
+                    failed.append(self._local.start_error or self._local.error)
             failed += [e for e in ray.get(calls, timeout=timeout + 30.0) if e]
+            for e in failed:  # (a node's own error, NodeInitError..., as the local backend raises it)
+                if isinstance(e, BaseException):
+                    raise e
             if failed:
-                raise SupervisorError(f"pipeline {self.name!r} failed to start: {'; '.join(failed)}")
+                raise SupervisorError(f"pipeline {self.name!r} failed to start: {'; '.join(map(str, failed))}")
         except BaseException:
             self._teardown(abort=True)
             self._phase = "finished"
