@@ -328,3 +328,34 @@ def test_every_error_pickles_with_its_attributes():
             e = cls.__new__(cls)  # (those with a __reduce__ of their own have their tests)
             e.args = ("x",)
             assert type(pickle.loads(pickle.dumps(e))) is cls, name
+
+
+def _ray_status() -> dict:
+    node = {
+        "state": "RUNNING", "pid": 7, "restarts": 0, "replacements": 0, "frames_in": 5, "frames_out": 5,
+        "fps_in": 1.0, "fps_out": 1.0, "p50_ms": 1.0, "p99_ms": 2.0, "rss_bytes": 1 << 20, "cpu_percent": 1.0,
+        "cpu_seconds": 0.5, "latency_histogram": {"le_s": [0.001], "cumulative": [5], "count": 5, "sum_s": 0.004},
+        "dead_letters": 0, "memory_kills": 0, "hang_kills": 0, "inputs": [],
+    }  # fmt: skip
+    return {
+        "name": "cams", "pid": 1, "run_id": "r", "backend": "ray", "phase": "running", "uptime_s": 3.0,
+        "workers_up": 2, "workers": 2,
+        "nodes": {"camera": {**node, "host": "(driver)"}, "detector": {**node, "host": "gpu"}},
+        "hosts": {"(driver)": {}, "gpu": {}},
+    }  # fmt: skip
+
+
+def test_status_and_metrics_say_each_nodes_host():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from supervisor.metrics import SupervisorCollector
+    from supervisor.monitor import format_table
+
+    lines = format_table(_ray_status()).splitlines()
+    assert lines[1].split()[:3] == ["node", "host", "state"]
+    assert lines[3].split()[:3] == ["detector", "gpu", "RUNNING"]
+    registry = CollectorRegistry()
+    registry.register(SupervisorCollector(_ray_status))
+    text = generate_latest(registry).decode()
+    assert 'remotemedia_node_frames_out_total{host="gpu",node="detector",pipeline="cams"} 5.0' in text
