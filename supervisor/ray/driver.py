@@ -50,6 +50,7 @@ __all__ = ["RaySupervisor", "LABEL"]
 log = logging.getLogger("remotemedia.supervisor")
 
 
+
 #: The node label that places a node: ``ray start --labels remotemedia.host=gpu``.
 LABEL = "remotemedia.host"
 #: Seconds between status polls of the agents.
@@ -125,6 +126,7 @@ class RaySupervisor(Supervisor):
         self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()  # the pump has work
         self._arrived = threading.Event()  # an output (or the end) may be there for recv()
+        self._receiving = 0  # callers waiting in recv()
         self._hosts: Dict[Optional[str], _Host] = {}
         self._inputs: List[_Input] = []
         self._outputs: List[_Output] = []
@@ -365,12 +367,14 @@ class RaySupervisor(Supervisor):
             self._arrived.clear()
             with self._cond:
                 if not self._pending and not self._finished.is_set():
-                    # (an answered pull is taken here, not left to the pump: one thread
-                    # switch less between a frame's arrival and the caller)
+                    # (while a caller waits here, the output edges' pulls are answered here,
+                    # not by the pump: one thread switch less between a frame and the caller)
                     now = time.monotonic()
                     for o in self._outputs:
                         if o.pull is not None and o.pull.done():
-                            self._output_turn(o, now)
+                            # (the next pull goes out from the pump: the frame first)
+                            self._output_turn(o, now, submit=False)
+                            self._wake.set()
                 if self._pending:
                     return self._pending.popleft()
                 if self._error is not None:
@@ -378,10 +382,15 @@ class RaySupervisor(Supervisor):
                 if self._all_eos() or self._finished.is_set():
                     self._eos_delivered = True
                     raise EndOfStream(f"pipeline {self.name!r}: every output has been received")
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"recv(): no output within {timeout} s")
-            self._arrived.wait(0.1 if left is None else min(0.1, left))
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"recv(): no output within {timeout} s")
+                self._receiving += 1
+            try:
+                self._arrived.wait(0.1 if left is None else min(0.1, left))
+            finally:
+                with self._cond:
+                    self._receiving -= 1
 
     def _all_eos(self) -> bool:
         """Every output edge delivered its end of stream (and the driver's host's part has
@@ -652,7 +661,8 @@ class RaySupervisor(Supervisor):
             for i in self._inputs:
                 changed |= self._input_turn(i, now)
             for o in self._outputs:
-                changed |= self._output_turn(o, now)
+                if not self._receiving or o.pull is None:  # (else recv() takes the answer)
+                    changed |= self._output_turn(o, now)
             if changed:  # (room for send(), outputs for recv())
                 self._cond.notify_all()
                 self._arrived.set()
@@ -693,9 +703,9 @@ class RaySupervisor(Supervisor):
             i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
         return changed
 
-    def _output_turn(self, o: _Output, now: float) -> bool:
-        """The output edge's pull: its frames to the caller's queue, then the next pull; True
-        when frames came."""
+    def _output_turn(self, o: _Output, now: float, submit: bool = True) -> bool:
+        """The output edge's pull: its frames to the caller's queue, then (``submit``) the
+        next pull; True when frames came."""
         r = o.receiver
         h = self._hosts[o.host]
         fut = o.pull
@@ -721,7 +731,7 @@ class RaySupervisor(Supervisor):
                             self._pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, 0, o.src)))
                     # the caller's queue is the end of the line: received is committed
                     r.set_committed(r.expected)
-        if o.pull is None and now >= o.retry_at and not self._aborting:
+        if submit and o.pull is None and now >= o.retry_at and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
                 o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
