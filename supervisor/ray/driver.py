@@ -367,14 +367,12 @@ class RaySupervisor(Supervisor):
             self._arrived.clear()
             with self._cond:
                 if not self._pending and not self._finished.is_set():
-                    # (while a caller waits here, the output edges' pulls are answered here,
-                    # not by the pump: one thread switch less between a frame and the caller)
+                    # (while a caller waits here, it takes the answers of the output edges'
+                    # pulls itself, not the pump: one thread switch less per frame)
                     now = time.monotonic()
                     for o in self._outputs:
-                        if o.pull is not None and o.pull.done():
-                            # (the next pull goes out from the pump: the frame first)
-                            self._output_turn(o, now, submit=False)
-                            self._wake.set()
+                        if o.pull is None or o.pull.done():
+                            self._output_turn(o, now)
                 if self._pending:
                     return self._pending.popleft()
                 if self._error is not None:
@@ -703,9 +701,9 @@ class RaySupervisor(Supervisor):
             i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
         return changed
 
-    def _output_turn(self, o: _Output, now: float, submit: bool = True) -> bool:
-        """The output edge's pull: its frames to the caller's queue, then (``submit``) the
-        next pull; True when frames came."""
+    def _output_turn(self, o: _Output, now: float) -> bool:
+        """The output edge's pull: its frames to the caller's queue, then the next pull; True
+        when frames came."""
         r = o.receiver
         h = self._hosts[o.host]
         fut = o.pull
@@ -731,7 +729,7 @@ class RaySupervisor(Supervisor):
                             self._pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, 0, o.src)))
                     # the caller's queue is the end of the line: received is committed
                     r.set_committed(r.expected)
-        if submit and o.pull is None and now >= o.retry_at and not self._aborting:
+        if o.pull is None and now >= o.retry_at and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
                 o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
