@@ -14,7 +14,7 @@ import pytest
 
 from remotemedia import Pipeline, Supervisor
 from remotemedia.errors import OptionValueError, SupervisorError
-from remotemedia.nodes import MapNode, PassThroughNode
+from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
 from supervisor.ray.edges import DATA, EOS, EdgeProtocolError, EdgeReceiver, EdgeSender, StaleIncarnation
 from supervisor.ray.plan import CALLER, plan_parts
 from supervisor.ray.state import NO_SNAPSHOT_CHANGE, RunState
@@ -359,3 +359,25 @@ def test_status_and_metrics_say_each_nodes_host():
     registry.register(SupervisorCollector(_ray_status))
     text = generate_latest(registry).decode()
     assert 'remotemedia_node_frames_out_total{host="gpu",node="detector",pipeline="cams"} 5.0' in text
+
+
+def test_the_progress_line_and_the_watchdog_read_every_hosts_report():
+    """(backend ray, no cluster) progress and the watchdog's health from the hosts' reports."""
+    import time as _time
+
+    pytest.importorskip("ray")  # (imported, never started)
+
+    from supervisor.ray.driver import RaySupervisor, _Host
+    from supervisor.ray.plan import plan_parts
+
+    p = Pipeline([RangeSource(stop=10, name="src", options={"host": "cam"}), PassThroughNode(name="out")])
+    sup = RaySupervisor(p, backend="ray")
+    parts = plan_parts(p)
+    cam = _Host("cam", parts["cam"], handle=object())
+    cam.status = {"nodes": {"src": {"frames_out": 7, "restarts": 1}}, "unhealthy": ["src (pid 9) silent for 12.0 s"]}
+    cam.answered_at = _time.monotonic()
+    sup._hosts = {"cam": cam}
+    assert (sup.progress().generated, sup.progress().total, sup.progress().restarts) == (7, 10, 1)
+    assert sup.unhealthy_workers() == ["src (pid 9) silent for 12.0 s on host cam"]
+    cam.answered_at -= 60
+    assert sup.unhealthy_workers()[0].startswith("host cam silent for 6")

@@ -706,6 +706,7 @@ class _Agent:
             # the part's own error (NodeError, NodeInitError, ...), for the driver to raise as is
             error_obj=_portable(arb.error) if arb is not None and arb.error is not None else None,
             finished=bool(arb is not None and arb.finished.is_set()),
+            unhealthy=sup.unhealthy_workers() if sup is not None else [],
             checkpoints=self.checkpoints,
             cut_out={
                 g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent}

@@ -38,7 +38,7 @@ from remotemedia.node import Source
 
 from ..channels import split_frame
 from ..control import ControlServer
-from ..core import RunReport, Supervisor, _encode_input
+from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
@@ -990,8 +990,26 @@ class RaySupervisor(Supervisor):
         st = self.status()
         return f"{st['workers_up']} of {st['workers']} workers up on {len(st['hosts'])} hosts, phase {st['phase']}"
 
+    def progress(self) -> Progress:
+        """The run's progress as of the hosts' last reports (see :meth:`Supervisor.progress`)."""
+        st = self.status()
+        sources = {n.name for n in self.pipeline.sources}
+        generated = sum(n.get("frames_out", 0) for name, n in st["nodes"].items() if name in sources)
+        total = sum(self.totals.values()) if self.totals is not None else None
+        restarts = sum(n.get("restarts", 0) for n in st["nodes"].values())
+        return Progress(generated, total, self._sent, restarts, self._phase)
+
     def unhealthy_workers(self) -> List[str]:
-        return [n for n, s in self.status()["nodes"].items() if s.get("state") not in ("RUNNING", "EXITED")]
+        """What withholds systemd's WATCHDOG=1: a host whose agent has not answered for a few
+        status rounds, and every host's hung workers (a restart under way is not counted)."""
+        now = time.monotonic()
+        out = []
+        for h in self._hosts.values():
+            silent = now - h.answered_at
+            if h.local is None and silent > 4 * STATUS_EVERY:
+                out.append(f"host {host_text(h.host)} silent for {silent:.1f} s")
+            out.extend(f"{w} on host {host_text(h.host)}" for w in h.status.get("unhealthy") or [])
+        return out
 
     @property
     def workers(self) -> Dict[str, Any]:
