@@ -197,27 +197,33 @@ def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):
     assert sup.report().nodes["b"]["host"] == "gpu"
 
 
-def test_an_agent_sigkill_mid_stream_loses_and_repeats_nothing(cluster):
-    """SIGKILL the agent of the gpu host, which both receives from the driver's host and
-    sends back to it: 0 lost, 0 duplicated, in order, and its counter resumes from its
-    snapshot."""
-    host = "gpu"
-    sup = Supervisor(_hop_pipeline(delay=0.002), backend="ray", name="agent-kill")
-    killed: List[int] = []
+def test_agent_sigkills_mid_stream_lose_and_repeat_nothing(cluster):
+    """Three parts: a on the head's agent, b on the gpu's, c in the driver (a -> b is an edge
+    between two agents). SIGKILL the head's agent after 200 outputs, the gpu's after 400:
+    0 lost, 0 duplicated, in order, and both counters resume from their snapshots."""
+    p = Pipeline(
+        [
+            Count(0.002, name="a", options={"host": "head", "snapshot_interval": 0.05}),
+            Count(0.002, name="b", options={"host": "gpu", "snapshot_interval": 0.05}),
+            MapNode(lambda t: t, name="c"),
+        ]
+    )
+    sup = Supervisor(p, backend="ray", name="agent-kill")
+    killed: List[str] = []
 
     def kill_agent(k: int) -> None:
-        if k == 200 and not killed:
-            pid = sup.hosts()[host]["agent_pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        victim = {200: "head", 400: "gpu"}.get(k)
+        if victim is not None:
+            os.kill(sup.hosts()[victim]["agent_pid"], signal.SIGKILL)
+            killed.append(victim)
 
     with sup:
-        wait_for(lambda: sup.hosts()[host].get("agent_pid"), 120, "the agent's status")
+        wait_for(lambda: all(h.get("agent_pid") for h in sup.hosts().values()), 120, "the agents' status")
         got = _stream(sup, 600, kill_agent)
-        wait_for(lambda: (sup.hosts()[host].get("incarnation") or 0) >= 2 or not sup.running, 60, "the new incarnation")
-    assert killed
-    assert len(got) == 600 and got == [(i + 1, i + 1) for i in range(600)]
-    assert sup.hosts()[host]["incarnation"] == 2
+        wait_for(lambda: all((sup.hosts()[h].get("incarnation") or 0) >= 2 for h in killed) or not sup.running, 60, "the new incarnations")
+    assert killed == ["head", "gpu"]
+    assert len(got) == 600 and got == [((i, i + 1), i + 1) for i in range(600)]
+    assert {h: s["incarnation"] for h, s in sup.hosts().items()} == {"head": 2, "gpu": 2, "(driver)": 1}
 
 
 def test_sigterm_drains_across_hosts(cluster):
