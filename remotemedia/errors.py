@@ -53,7 +53,7 @@ raised :class:`NodeError`, as in :mod:`concurrent.futures.process`::
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 __all__ = [
     "RemoteMediaError",
@@ -91,7 +91,21 @@ __all__ = [
 
 
 class RemoteMediaError(Exception):
-    """Base class of every error raised by remotemedia."""
+    """Base class of every error raised by remotemedia.
+
+    Every one pickles, whatever its constructor's arguments (a run's error crosses processes:
+    backend ray raises a host's NodeError in the driver): rebuilt from its message and its
+    attributes."""
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type, args: Tuple[Any, ...], state: Dict[str, Any]) -> BaseException:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 # --------------------------------------------------------------------------- validation

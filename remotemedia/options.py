@@ -48,6 +48,7 @@ __all__ = [
     "QUEUE_POLICIES",
     "LOG_FORMATS",
     "START_METHODS",
+    "BACKENDS",
     "check",
     "check_supervisor",
     "check_node_keys",
@@ -67,6 +68,9 @@ QUEUE_POLICIES = ("block", "drop_oldest", "latest")
 LOG_FORMATS = ("text", "json")
 #: How worker processes are started (see the README's Supervision section).
 START_METHODS = ("spawn", "forkserver")
+#: Where the workers run: ``local`` (this host) or ``ray`` (a Ray cluster; nodes placed by
+#: their ``host`` option, see the README's "Across hosts").
+BACKENDS = ("local", "ray")
 #: Logging levels the command line accepts by name.
 LOG_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -298,6 +302,26 @@ def _table() -> Tuple[Option, ...]:
             "trust_instances", False, _BOOL,
             "accept manifest entries holding a pickled node instance (unpickling runs code: only for manifests you made yourself)",
             flag=Flag(bool),
+        ),
+        Option(
+            "backend", "local", _one_of(BACKENDS),
+            "`local` (every worker on this host) or `ray` (nodes run on the Ray cluster's hosts, placed by their `host` option; needs `pip install 'remotemedia[ray]'`)",
+            flag=Flag(str, BACKENDS),
+        ),
+        Option(
+            "ray_address", None, _or_none(_NAME),
+            "the Ray cluster of backend `ray` (`auto`, `HOST:PORT`); None: the cluster this process is connected to, else a new one on this host only",
+            flag=Flag(str),
+        ),
+        Option(
+            "host_timeout", 10.0, _POSITIVE_SECONDS,
+            "backend `ray`: seconds a host's agent may leave the supervisor's pings unanswered before it is declared lost and restarted (Ray's own node health check takes about 15 s)",
+            shown="10 s", flag=Flag(float),
+        ),
+        Option(
+            "host", None, _or_none(Allowed("a non-empty str without '/' or spaces", lambda v: isinstance(v, str) and v != "" and not any(c.isspace() or c == "/" for c in v))),
+            "backend `ray`: run the node on the Ray nodes labelled `remotemedia.host=<host>` (hard placement); None: on the driver's host. The local backend ignores it",
+            per_node=True, supervisor=False,
         ),
         Option(
             "queue_policy", "block", _one_of(QUEUE_POLICIES),

@@ -384,6 +384,8 @@ class Pipeline:
         :class:`~remotemedia.Supervisor` options and ``enable_metrics=True``, which returns
         an :class:`~remotemedia.runs.Outputs` list with per-node ``.metrics``.
 
+        ``backend="ray"`` (with ``ray_address=``) runs the nodes across the hosts of a Ray
+        cluster, each on the host its ``host`` option names (see the README's "Across hosts").
         ``executor="multiprocess"`` (the default; also ``use_rust=True``, its transport being
         the Rust bridge) runs each node in a supervised worker. ``executor="inline"`` (also
         ``use_rust=False``) runs the pipeline in this process on these very node objects,

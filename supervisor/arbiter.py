@@ -76,7 +76,7 @@ from .protocol import (
 from .states import ProcessState
 from .systemd import SystemdNotifier
 
-__all__ = ["Arbiter", "Phase", "StopRun", "AbortRun", "FailRun", "RunConfig", "Snapshot"]
+__all__ = ["Arbiter", "Phase", "StopRun", "AbortRun", "FailRun", "CallInLoop", "RunConfig", "Snapshot"]
 
 log = logging.getLogger("remotemedia.supervisor")
 
@@ -142,7 +142,17 @@ class ReloadRun:
     reason: str
 
 
-Command = Union[StopRun, AbortRun, FailRun, ReplaceNodes, ReloadRun]
+@dataclass(frozen=True)
+class CallInLoop:
+    """Run ``fn()`` in the arbiter thread, between two turns (it reads the workers' books
+    consistently: nothing else changes them meanwhile); ``done`` gets its result or error.
+    Used by the Ray backend's host agent for its checkpoints (supervisor.ray.agent)."""
+
+    fn: Callable[[], Any]
+    done: "Future[Any]"
+
+
+Command = Union[StopRun, AbortRun, FailRun, ReplaceNodes, ReloadRun, CallInLoop]
 
 
 @dataclass
@@ -163,6 +173,8 @@ class RunConfig:
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
     start_method: str = DEFAULTS.start_method
+    #: Makes the caller's end of the edges (default: :class:`Gateway`); same arguments.
+    gateway_factory: Optional[Callable[..., Gateway]] = None
 
 
 @dataclass
@@ -290,7 +302,7 @@ class Arbiter:
             resources.check_shm_space(f"starting pipeline {self.name!r}")
             self._iox = bridge.Node(self.config.prefix, "supervisor", self.config.root)
             self._bells = RunDoorbells(1 + len(self.workers))
-            self.gateway = Gateway(
+            self.gateway = (self.config.gateway_factory or Gateway)(
                 Transport(self._iox, self._bells.bells),
                 self._input_edges,
                 self._output_edges,
@@ -396,6 +408,11 @@ class Arbiter:
                     cmd.done.set_exception(e)
             elif isinstance(cmd, ReloadRun):
                 self._reload(cmd.reason)
+            elif isinstance(cmd, CallInLoop):
+                try:
+                    cmd.done.set_result(cmd.fn())
+                except BaseException as e:  # noqa: BLE001 - the requester gets it
+                    cmd.done.set_exception(e)
 
     # ================================================================== replacing workers
 

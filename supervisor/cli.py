@@ -237,11 +237,16 @@ def _print_report(report: Any, sink: Optional[LogSink] = None) -> None:
         return
     click.echo(f"pipeline {report.pipeline!r}: {_plural(report.output_count, 'output')} in {report.duration:.2f} s", err=True)
     width = max([4] + [len(n) for n in report.nodes])
-    click.echo(f"  {'node':<{width}}  {'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
+    # backend ray: which host each node ran on
+    hosts = any("host" in s for s in report.nodes.values())
+    hw = max([4] + [len(str(s.get("host"))) for s in report.nodes.values()]) if hosts else 0
+    host_head = f"{'host':<{hw}} " if hosts else ""
+    click.echo(f"  {'node':<{width}}  {host_head}{'state':<8} {'in':>8} {'out':>8} {'restarts':>8}  p50 ms", err=True)
     for name, s in report.nodes.items():
         lat = (s.get("latency") or {}).get("p50_ms")
+        host_cell = f"{str(s.get('host')):<{hw}} " if hosts else ""
         click.echo(
-            f"  {name:<{width}}  {s.get('state', '?'):<8} {s.get('frames_in', 0):>8} {s.get('frames_out', 0):>8} "
+            f"  {name:<{width}}  {host_cell}{s.get('state', '?'):<8} {s.get('frames_in', 0):>8} {s.get('frames_out', 0):>8} "
             f"{s.get('restarts', 0):>8}  {'-' if lat is None else f'{lat:.3f}'}",
             err=True,
         )
@@ -384,6 +389,7 @@ def start(
     from supervisor.core import Supervisor
 
     options = flag_values(flags)
+    _ray_address_means_ray(options)
 
     if inline:
         ctx = click.get_current_context()
@@ -446,6 +452,14 @@ def start(
     if lost is not None:
         _error(sink, lost)
         sys.exit(EXIT_FAILED)
+
+
+def _ray_address_means_ray(options: Dict[str, Any]) -> None:
+    """``--ray-address ADDR`` alone runs on that cluster: backend ``ray`` unless ``--backend``
+    was given (then a contradiction is the Supervisor's error)."""
+    ctx = click.get_current_context()
+    if options.get("ray_address") is not None and ctx.get_parameter_source("backend") is click.core.ParameterSource.DEFAULT:
+        options["backend"] = "ray"
 
 
 #: ``start`` parameters that keep their meaning with --inline (``input_file`` is ``--input``).
@@ -1052,6 +1066,7 @@ def systemd_unit(
     from .systemd import render_unit, unit_name
 
     options = flag_values(flags)
+    _ray_address_means_ray(options)
     pipeline = load_pipeline(pipeline_file, options["name"], options["trust_instances"])
     try:
         Supervisor(pipeline, **options)  # the checks of `start` (nothing runs)

@@ -192,6 +192,13 @@ class Supervisor:
             runtime, numpy and the modules the nodes' pickles import; see the README).
         trust_instances: accept manifest entries holding a pickled node instance (unpickling
             runs code: only for manifests you made yourself).
+        backend: ``"local"`` (every worker on this host) or ``"ray"`` (the nodes run on the
+            hosts of a Ray cluster, each where its ``host`` option says; see the README's
+            "Across hosts"; needs ``pip install 'remotemedia[ray]'``).
+        ray_address: the Ray cluster of backend ``"ray"`` (``"auto"``, ``"HOST:PORT"``);
+            None: the one this process is connected to, else a new single-host one.
+        host_timeout: backend ``"ray"``: seconds a host's agent may leave the supervisor's
+            pings unanswered before it is declared lost and restarted.
 
     The options, their defaults and the values they allow are one table,
     :data:`remotemedia.options.OPTIONS` (also the README's). The per-node ones
@@ -209,6 +216,15 @@ class Supervisor:
             assert sup.recv(timeout=10) == 42
             sup.close()
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Supervisor":
+        # backend="ray" gives the Ray backend's Supervisor (same API; supervisor.ray.driver).
+        # Imported only then: the local backend never imports Ray.
+        if cls is Supervisor and kwargs.get("backend") == "ray":
+            from .ray import ray_supervisor_class
+
+            return super().__new__(ray_supervisor_class())
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -245,10 +261,20 @@ class Supervisor:
         spin_us: int = _D.spin_us,
         start_method: str = _D.start_method,
         trust_instances: bool = _D.trust_instances,
+        backend: str = _D.backend,
+        ray_address: Optional[str] = _D.ray_address,
+        host_timeout: float = _D.host_timeout,
     ) -> None:
         self.pipeline = as_pipeline(nodes_or_pipeline, name, trust_instances)
         self.name = name or self.pipeline.name
         check_supervisor(locals())  # every keyword against the options table (remotemedia.options)
+        if backend == "local" and ray_address is not None:
+            raise SupervisorError(
+                f"Supervisor: ray_address={ray_address!r} is for backend='ray'; pass backend='ray' (CLI: --backend ray), or drop it"
+            )
+        self.backend = backend
+        self.ray_address = ray_address
+        self.host_timeout = host_timeout
         self.defaults = node_defaults(locals())  # the Supervisor-wide values of the per-node options
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
@@ -272,7 +298,7 @@ class Supervisor:
         self.totals = self._source_totals()
         self.node_options = {n.name: self._node_options(n) for n in self.pipeline.nodes}
 
-        self._input_edges = [dst for src, dst in self.pipeline.edges() if src == INPUT]
+        self._input_edges = [dst for src, dst in self._edge_list() if src == INPUT]
         self.run_id = resources.new_run_id()
         self.prefix = resources.PREFIX
         self.root = resources.run_root(self.run_id)  # the run's private directory, made by start()
@@ -285,11 +311,23 @@ class Supervisor:
         self._reload_source: Optional[Callable[[], Any]] = None  # see reload_from()
         self._reload_lock = threading.Lock()  # one reload at a time
         self._fingerprints: Dict[str, bytes] = {}  # node -> node_fingerprint of its running blob
+        # (the Ray backend's host agent: its gateway, and where its nodes resume)
+        self._gateway_factory: Optional[Callable[..., Gateway]] = None
+        self._resume: Dict[str, Any] = {}  # node -> RestoreState its first worker starts from
 
     # ================================================================== options
 
     def _node_options(self, node: Node) -> Dict[str, Any]:
         return resolve_node(node.name, self.defaults, node.options)
+
+    def _serialize_nodes(self) -> Dict[str, bytes]:
+        """Each node's pickle (cleanup() then cloudpickle), as start() hands it to its worker."""
+        return {n.name: serialize_node(n, self.max_node_size) for n in self.pipeline.nodes}
+
+    def _edge_list(self) -> List[Tuple[str, str]]:
+        """The run's edges, ``(src, dst)`` by edge index: the pipeline's (the Ray backend's
+        host agent runs part of a pipeline, whose cut edges end in its gateway)."""
+        return self.pipeline.edges()
 
     # ================================================================== caller API
 
@@ -303,7 +341,7 @@ class Supervisor:
         """
         if self._arbiter is not None:
             raise SupervisorError(f"supervisor of {self.name!r} was already started")
-        blobs = {n.name: serialize_node(n, self.max_node_size) for n in self.pipeline.nodes}
+        blobs = self._serialize_nodes()
         self._fingerprints = {name: node_fingerprint(b) for name, b in blobs.items()}  # (what reload() compares)
         edges, nodes = self._build(blobs)
         config = RunConfig(
@@ -321,8 +359,12 @@ class Supervisor:
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host,
             start_method=self.start_method,
+            gateway_factory=self._gateway_factory,
         )
         arbiter = Arbiter(config, edges, nodes, self.status)
+        for node_name, restore in self._resume.items():
+            w = arbiter.workers[node_name]
+            w.restore, w.resumed = restore, True
         if self._reload_source is not None:
             arbiter.on_reload = self._reload_async
         resources.create_run_dir(self.root)
@@ -858,7 +900,7 @@ class Supervisor:
         inbox = lambda name: GATEWAY_INBOX if name in (INPUT, OUTPUT) else f"in/w{index_of[name]}"  # noqa: E731
         bell = lambda name: GATEWAY_SLOT if name in (INPUT, OUTPUT) else worker_slot(index_of[name])  # noqa: E731
         edges: List[EdgeSpec] = []
-        for src, dst in p.edges():
+        for src, dst in self._edge_list():
             consumer_opts = self.node_options.get(dst, self.defaults)
             srcs, dsts = workers.get(src, [src]), workers.get(dst, [dst])
             replicas = max(len(srcs), len(dsts))  # (Pipeline refuses replicas at both ends)

@@ -72,7 +72,10 @@ class Gateway:
         output_edges: Sequence[EdgeSpec],
         spin_us: int = 0,
         on_error: Optional[Callable[[BaseException], None]] = None,
+        start: Optional[Dict[int, int]] = None,
     ) -> None:
+        """``start``: edge -> the seq its frames start at (0 when absent): where a run resumed
+        by the Ray backend's host agent picks its cut edges up."""
         self._on_error = on_error
         # reentrant: a failure found inside the lock fails the run, which ends the inputs
         self._lock = threading.RLock()
@@ -87,10 +90,12 @@ class Gateway:
             t = transport
             self._listener = t.listener(INBOX, GATEWAY_SLOT)
             self._waker = t.notifier(INBOX, GATEWAY_SLOT)
+            at = start or {}
             for e in input_edges:
-                self.inputs.append(OutPort(t.node, e, transport=t))
+                n = at.get(e.index, 0)
+                self.inputs.append(OutPort(t.node, e, next_seq=n, committed=n, transport=t))
             for e in output_edges:
-                self.outputs.append(InPort(t.node, e, transport=t))
+                self.outputs.append(InPort(t.node, e, expected=at.get(e.index, 0), transport=t))
         except BaseException:
             self._close_ports()
             raise

@@ -3,7 +3,8 @@
 Requires ``prometheus-client`` (``pip install 'remotemedia[metrics]'``). Served from a
 background HTTP thread of the supervisor on ``metrics_host:metrics_port`` (loopback by
 default). Metric names (labels ``pipeline`` and ``node`` on every ``remotemedia_node_*`` and
-``remotemedia_edge_*``; ``source`` is the producing node of an input edge)::
+``remotemedia_edge_*``, and ``host`` with backend ``ray``; ``source`` is the producing node of
+an input edge)::
 
     remotemedia_node_frames_in_total                  counter  frames taken in
     remotemedia_node_frames_out_total                 counter  frames emitted
@@ -82,7 +83,9 @@ class SupervisorCollector:
 
         st = self.status()
         p = st["name"]
-        lab = ["pipeline", "node"]
+        # backend ray: every node's series also says which host it runs on
+        by_host = "hosts" in st
+        lab = ["pipeline", "node"] + (["host"] if by_host else [])
         counter = lambda name, doc, extra=(): CounterMetricFamily(name, doc, labels=lab + list(extra))  # noqa: E731
         gauge = lambda name, doc, extra=(): GaugeMetricFamily(name, doc, labels=lab + list(extra))  # noqa: E731
         c_in = counter("remotemedia_node_frames_in", "Frames a node has taken in")
@@ -101,7 +104,7 @@ class SupervisorCollector:
         g_q = gauge("remotemedia_edge_queued_frames", "Frames in flight on an input edge", ["source"])
         c_drop = counter("remotemedia_edge_dropped_frames", "Frames dropped on a lossy input edge", ["source"])
         for node, n in st["nodes"].items():
-            l = [p, node]
+            l = [p, node] + ([n.get("host") or ""] if by_host else [])
             c_in.add_metric(l, n["frames_in"])
             c_out.add_metric(l, n["frames_out"])
             h = n["latency_histogram"]

@@ -212,13 +212,18 @@ def format_table(status: Dict[str, Any]) -> str:
         f"{status['workers_up']}/{status['workers']} workers up)"
     ]
     width = max([4, *(len(name) for name in status["nodes"])])  # whole names: they are how nodes are addressed
-    head = f"  {'node':<{width}} {'state':<9} {'pid':>7} {'rst':>4} {'in':>9} {'out':>9} {'fps':>8} {'p50ms':>8} {'p99ms':>8} {'rss MiB':>8} {'cpu%':>6}  inputs (queued/depth drops)"
+    # backend ray: a host column (each host's agent runs its nodes)
+    hosts = "hosts" in status
+    hw = max([4, *(len(str(n.get("host"))) for n in status["nodes"].values())]) if hosts else 0
+    host_head = f"{'host':<{hw}} " if hosts else ""
+    head = f"  {'node':<{width}} {host_head}{'state':<9} {'pid':>7} {'rst':>4} {'in':>9} {'out':>9} {'fps':>8} {'p50ms':>8} {'p99ms':>8} {'rss MiB':>8} {'cpu%':>6}  inputs (queued/depth drops)"
     lines.append(head)
     for name, n in status["nodes"].items():
         rss = None if n["rss_bytes"] is None else n["rss_bytes"] / 2**20
         inputs = ", ".join(f"{i['from']}:{i['queued']}/{i['depth']} {i['dropped']}" for i in n["inputs"])
+        host_cell = f"{str(n.get('host')):<{hw}} " if hosts else ""
         lines.append(
-            f"  {name:<{width}} {n['state']:<9} {_fmt(n['pid']):>7} {n['restarts']:>4} {n['frames_in']:>9} {n['frames_out']:>9} "
+            f"  {name:<{width}} {host_cell}{n['state']:<9} {_fmt(n['pid']):>7} {n['restarts']:>4} {n['frames_in']:>9} {n['frames_out']:>9} "
             f"{n['fps_out']:>8.1f} {_fmt(n['p50_ms'], '.3f'):>8} {_fmt(n['p99_ms'], '.3f'):>8} {_fmt(rss, '.1f'):>8} {_fmt(n['cpu_percent'], '.1f'):>6}  {inputs}"
         )
     return "\n".join(lines)

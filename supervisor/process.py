@@ -137,6 +137,9 @@ class WorkerProcess:
         self.spawned_at = 0.0
         self.ready_at: Optional[float] = None
         self.restore = RestoreState()
+        # The first start resumes from ``restore`` too (set before spawn(): the Ray backend's
+        # host agent restarted, its nodes resume from the commit points it had saved).
+        self.resumed = False
         self.sampler = WorkerSampler()
         self.starts = 0
         self.stats = {}  # (after the sampler and starts: see the setter)
@@ -259,7 +262,7 @@ class WorkerProcess:
         self.kill_at = None
         self.starts += 1
         restore = None
-        if self.starts > 1:
+        if self.starts > 1 or self.resumed:
             restore = self.restore
             restore.out_committed = {e.index: self.ctx.committed_count(e) for e in self.spec.out_edges}
             restore.out_finished = {e.index: self.ctx.consumer_finished(e) for e in self.spec.out_edges}

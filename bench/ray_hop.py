@@ -1,0 +1,198 @@
+"""The cross-host hop of backend ray, next to a plain Ray actor chain, in the same run.
+
+    python bench/ray_hop.py            # ~2 min on 2 cores; as root it enters a private
+    python bench/ray_hop.py --quick    # network namespace itself (unshare -n), see below
+
+A 2-node Ray cluster on this machine (``ray.cluster_utils.Cluster``; nodes labelled
+``remotemedia.host=head`` and ``remotemedia.host=gpu``), and the same shape twice:
+
+    remotemedia   driver --> a (head) --> b (gpu) --> driver     Pipeline.run / send+recv,
+                  backend="ray": a and b are pass-through nodes in worker processes under
+                  each host's HostAgent; a -> b is the cross-host edge
+    ray           driver --> A (head) --> B (gpu) --> driver     B.f.remote(A.f.remote(x)),
+                  two pass-through actors placed by the same labels
+
+Measured at 4 KiB and 6.2 MB (a 1080p RGB frame):
+    latency     one frame at a time: send, receive, repeat; p50 and p90 round trip
+    throughput  N frames streamed (ray: at most 16 chains in flight); frames/s and MB/s
+
+Ratios are remotemedia / ray of the same run (these machines are shared and noisy: only
+ratios within one run mean anything). Ray talks on 127.0.0.1 only: the bench runs inside a
+private network namespace whose only interface is loopback (as root it makes one with
+``unshare -n``). Results go to bench/results/ray-<stamp>.json and ray-latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LABEL = "remotemedia.host"
+SIZES = {"4 KiB": 4096, "6.2 MB": 1920 * 1080 * 3}
+
+
+def _private_network() -> bool:
+    try:
+        with open("/proc/net/dev") as f:
+            return [line.split(":")[0].strip() for line in f.readlines()[2:]] == ["lo"]
+    except OSError:
+        return False
+
+
+def _pct(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _frame(size: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
+
+
+def bench_remotemedia(size: int, n_ping: int, n_stream: int) -> Dict[str, float]:
+    from remotemedia import Pipeline, Supervisor
+    from remotemedia.nodes import PassThroughNode
+
+    frame = _frame(size)
+    p = Pipeline([PassThroughNode(name="a"), PassThroughNode(name="b", options={"host": "gpu"})], name="hop")
+    out: Dict[str, float] = {}
+    with Supervisor(p, backend="ray", control=False) as sup:
+        for _ in range(5):
+            sup.send(frame)
+            sup.recv(timeout=120)
+        rtt = []
+        for _ in range(n_ping):
+            t0 = time.perf_counter()
+            sup.send(frame)
+            sup.recv(timeout=120)
+            rtt.append(time.perf_counter() - t0)
+        out["p50_ms"], out["p90_ms"] = _pct(rtt, 0.5) * 1e3, _pct(rtt, 0.9) * 1e3
+
+        def feed() -> None:
+            for _ in range(n_stream):
+                sup.send(frame)
+
+        t0 = time.perf_counter()
+        t = threading.Thread(target=feed, daemon=True)
+        t.start()
+        for _ in range(n_stream):
+            sup.recv(timeout=120)
+        dt = time.perf_counter() - t0
+        t.join()
+        sup.close()
+    out["fps"] = n_stream / dt
+    out["MBps"] = n_stream * size / dt / 1e6
+    return out
+
+
+def bench_ray(size: int, n_ping: int, n_stream: int) -> Dict[str, float]:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Stage:
+        def f(self, x: Any) -> Any:
+            return x
+
+    a = Stage.options(label_selector={LABEL: "head"}).remote()
+    b = Stage.options(label_selector={LABEL: "gpu"}).remote()
+    frame = _frame(size)
+    out: Dict[str, float] = {}
+    try:
+        for _ in range(5):
+            ray.get(b.f.remote(a.f.remote(frame)))
+        rtt = []
+        for _ in range(n_ping):
+            t0 = time.perf_counter()
+            ray.get(b.f.remote(a.f.remote(frame)))
+            rtt.append(time.perf_counter() - t0)
+        out["p50_ms"], out["p90_ms"] = _pct(rtt, 0.5) * 1e3, _pct(rtt, 0.9) * 1e3
+        t0 = time.perf_counter()
+        pending: List[Any] = []
+        done = 0
+        for _ in range(n_stream):
+            if len(pending) >= 16:
+                ray.get(pending.pop(0))
+                done += 1
+            pending.append(b.f.remote(a.f.remote(frame)))
+        for r in pending:
+            ray.get(r)
+        dt = time.perf_counter() - t0
+    finally:
+        ray.kill(a)
+        ray.kill(b)
+    out["fps"] = n_stream / dt
+    out["MBps"] = n_stream * size / dt / 1e6
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer frames (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    args = ap.parse_args()
+    if not _private_network():
+        if os.geteuid() != 0:
+            print("run inside a private network namespace (as root: this script enters one itself)", file=sys.stderr)
+            return 2
+        cmd = "ip link set lo up && exec " + " ".join([sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
+        return subprocess.call(["unshare", "-n", "--", "bash", "-c", cmd])
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    common = dict(num_cpus=1, object_store_memory=400 << 20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, head_node_args=dict(common, labels={LABEL: "head"}, include_dashboard=False))
+    cluster.add_node(**common, labels={LABEL: "gpu"})
+    ray.init(address=cluster.address, log_to_driver=False)
+    results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}}
+    try:
+        for label, size in SIZES.items():
+            big = size > 1 << 20
+            n_ping = (10 if big else 50) if args.quick else (40 if big else 300)
+            n_stream = (20 if big else 300) if args.quick else (150 if big else 3000)
+            rm = bench_remotemedia(size, n_ping, n_stream)
+            rr = bench_ray(size, n_ping, n_stream)
+            results["sizes"][label] = {"bytes": size, "remotemedia": rm, "ray": rr}
+            print(f"{label}: remotemedia {rm}\n{'':{len(label)}}  ray         {rr}", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    lines = [
+        f"# The cross-host hop (backend ray) next to a plain Ray actor chain, {results['stamp']}",
+        "",
+        f"`python bench/ray_hop.py`: Ray {results['ray']}, a 2-node cluster on one {results['cpus']}-core machine "
+        "(both \"hosts\" share the cores), driver -> a (head) -> b (gpu) -> driver in both systems. "
+        "Ratio: remotemedia / ray (latency: lower is better; throughput: higher is better).",
+        "",
+        "| frame | measure | remotemedia | plain Ray actor chain | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in results["sizes"].items():
+        rm, rr = r["remotemedia"], r["ray"]
+        lines.append(f"| {label} | latency p50 | {rm['p50_ms']:.2f} ms | {rr['p50_ms']:.2f} ms | {rm['p50_ms'] / rr['p50_ms']:.2f} |")
+        lines.append(f"| {label} | latency p90 | {rm['p90_ms']:.2f} ms | {rr['p90_ms']:.2f} ms | {rm['p90_ms'] / rr['p90_ms']:.2f} |")
+        lines.append(f"| {label} | throughput | {rm['fps']:.0f} frames/s ({rm['MBps']:.0f} MB/s) | {rr['fps']:.0f} frames/s ({rr['MBps']:.0f} MB/s) | {rm['fps'] / rr['fps']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        out_dir = os.path.join(ROOT, "bench", "results")
+        with open(os.path.join(out_dir, f"ray-{results['stamp']}.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(out_dir, "ray-latest.md"), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
