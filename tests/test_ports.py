@@ -19,7 +19,7 @@ import pytest
 
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.errors import TransportError
-from remotemedia.frames import Kind, decode, encode
+from remotemedia.frames import CT_TAG, Kind, decode, decode_bytes, encode
 from supervisor import channels
 from supervisor.channels import KIND_ACK, KIND_DATA, KIND_EOS, KIND_PROBE, InPort, OutPort
 from supervisor.protocol import EdgeSpec
@@ -81,6 +81,8 @@ class FakeSubscriber:
         self.overflowed = 0
         self._learned: Optional[Tuple[bytes, int, Any, int, Any]] = None
         self._pickle: Optional[Tuple[Any, int]] = None
+        self._containers = False
+        self.last_len = 0
         bus.subscribers.setdefault(service, []).append(self)
 
     def deliver(self, s: FakeSample) -> bool:
@@ -106,8 +108,12 @@ class FakeSubscriber:
         if s is None or s.seq != expected or s.kind != KIND_DATA:
             return s
         m0, m1 = s.meta
+        self.last_len = len(s)  # (as the bridge's: the payload of the frame returned decoded)
         if self._pickle is not None and not s.buffers and 0 < m1 - m0 <= self._pickle[1] and s[m0] == 0x80:
             return (self._pickle[0](bytes(s[m0:m1])), s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns)
+        if self._containers and s.buffers and bytes(s[m0 : m0 + 4]) == CT_TAG:
+            value = decode_bytes(bytes(s[m0:m1]), [memoryview(s)[o : o + n] for o, n in s.buffers])
+            return (value, s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns)
         c = self._learned
         if c is None or len(s) != c[1]:
             return s
@@ -126,7 +132,7 @@ class FakeSubscriber:
         self._pickle = (loads, max_meta)
 
     def learn_containers(self) -> None:
-        pass  # (container frames come as samples: Python decodes them)
+        self._containers = True
 
     def has_samples(self) -> bool:
         return bool(self.queue)
@@ -768,3 +774,17 @@ def test_replay_on_a_lossy_edge_without_end_of_stream_sends_nothing() -> None:
     e.restart_consumer(expected=0)
     e.out.replay(after=-1)
     assert len(e.out.pub.log) == n and e.out.processed == 1 and e.out.fully_acked
+
+
+def test_frames_the_bridge_decodes_size_the_window_too() -> None:
+    # Media frames of 512 KiB with 1 MiB in flight: a 2-frame window, though the depth allows
+    # 32. They come decoded from the first one on (no Sample for the consumer to measure), so
+    # the taken frame's length must reach the window estimate, or the consumer would wake its
+    # waiting producer every 16 frames instead of every frame.
+    e = Edge(depth=32, max_bytes=1 << 20)
+    for i in range(2):
+        meta, bufs = bridge.encode_container((i, np.zeros(512 << 10, np.uint8)))
+        e.out.send(KIND_DATA, meta, bufs)
+    got = e.inp.take()
+    assert type(got) is tuple and got[0][0] == 0
+    assert (e.inp.window, e.inp.notify_every) == (2, 1)

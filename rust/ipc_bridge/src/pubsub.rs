@@ -586,6 +586,9 @@ pub struct Subscriber {
     rx_pickle: Mutex<Option<(Py<PyAny>, usize)>>,
     /// Set by `learn_containers()`: container frames (see container.rs) are decoded by `take()`.
     rx_container: Mutex<Option<crate::container::Codec>>,
+    /// Payload length of the last frame `take()` returned decoded (the consumer sizes its
+    /// producer's window from it).
+    last_len: AtomicUsize,
     #[pyo3(get)]
     max_borrowed: usize,
     #[pyo3(get)]
@@ -620,6 +623,7 @@ impl Subscriber {
             let mut guard = self.rx_container.lock().expect("subscriber cache poisoned");
             if let Some(codec) = guard.as_mut() {
                 let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        self.last_len.store(sample.len, Ordering::Relaxed);
                 let meta = unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) }.to_vec();
                 let offsets = sample.buffers.clone();
                 let source = if copy {
@@ -651,6 +655,7 @@ impl Subscriber {
             _ => return Ok(Some(Py::new(py, sample)?.into_any())),
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        self.last_len.store(sample.len, Ordering::Relaxed);
         let meta = PyBytes::new(py, unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) });
         drop(sample); // the chunk goes back to the publisher before the unpickling runs
         let obj = loads.bind(py).call1((meta,))?;
@@ -746,6 +751,7 @@ impl Subscriber {
             rx_cache: Mutex::new(None),
             rx_pickle: Mutex::new(None),
             rx_container: Mutex::new(None),
+            last_len: AtomicUsize::new(0),
             max_borrowed,
             service: service.to_owned(),
             anchor: Anchor::new(factory, node),
@@ -824,6 +830,7 @@ impl Subscriber {
             }
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        self.last_len.store(sample.len, Ordering::Relaxed);
         let (offset, nbytes) = sample.buffers[0];
         let (source, offset) = if copy {
             let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
@@ -851,6 +858,12 @@ impl Subscriber {
                 .map_err(|e| receive_err(format!("checking {:?}", self.service), e)),
             None => Ok(false),
         }
+    }
+
+    /// Payload length of the last frame `take()` returned decoded.
+    #[getter]
+    pub(crate) fn last_len(&self) -> usize {
+        self.last_len.load(Ordering::Relaxed)
     }
 
     /// Number of received frames still referenced (not yet returned to the publisher).

@@ -309,14 +309,22 @@ impl InBooks {
         if eos {
             self.eos = true;
             self.eos_seq = Some(seq);
-        } else if len as i64 != self.frame_len {
+        } else {
+            self.sized(len);
+        }
+        Accept::Take
+    }
+
+    /// A data frame of `len` payload bytes was taken: the producer's window in frames is
+    /// `depth`, or fewer when `max_bytes` of such frames fill it first.
+    pub fn sized(&mut self, len: usize) {
+        if len as i64 != self.frame_len {
             // A payload is a little larger than what the producer counts, so this never
             // overestimates its window.
             self.frame_len = len as i64;
             self.window = self.depth.min(self.max_bytes.div_ceil(len.max(1) as u64)).max(1);
             self.notify_every = (self.window / 2).max(1);
         }
-        Accept::Take
     }
 
     /// Frame `seq` was taken in order (checked by the subscriber itself on the hot path).
@@ -528,6 +536,10 @@ mod tests {
         let mut i = InBooks::new(true, 8, 1000, 0);
         i.accept(0, false, 400, 0.0);
         assert_eq!((i.window, i.notify_every), (3, 1), "1000 bytes hold 3 frames of 400 (rounded up)");
+        let mut hot = InBooks::new(true, 8, 1000, 0);
+        hot.took(0);
+        hot.sized(400);
+        assert_eq!(hot.window, 3, "frames decoded by the subscriber size the window too");
         let mut j = InBooks::new(true, 8, 1 << 20, 0);
         for s in 0..4 {
             j.accept(s, false, 10, 0.0);

@@ -45,6 +45,10 @@ impl InPort {
         if r.bind(py).is_instance_of::<PyTuple>() {
             // (the subscriber decodes only the frame it was told to expect)
             self.books.took(self.books.expected);
+            let len = self.sub_.last_len(py);
+            if len > 0 {
+                self.books.sized(len);
+            }
             self.decoded_by_bridge += 1;
             return Ok(Some(r));
         }

@@ -177,6 +177,14 @@ impl Sub {
         }
     }
 
+    /// Payload length of the frame `take()` last returned decoded (0: unknown).
+    pub(crate) fn last_len(&self, py: Python<'_>) -> usize {
+        match self {
+            Sub::Iox(s) => s.get().last_len(),
+            Sub::Py(o) => o.bind(py).getattr(intern!(py, "last_len")).and_then(|v| v.extract()).unwrap_or(0),
+        }
+    }
+
     pub(crate) fn has_samples(&self, py: Python<'_>) -> PyResult<bool> {
         match self {
             Sub::Iox(s) => s.get().has_samples(),
