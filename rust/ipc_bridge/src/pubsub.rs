@@ -334,7 +334,7 @@ impl Publisher {
         if n > 0
             && let Some(nt) = notifier
         {
-            nt.notify_quiet(py);
+            nt.notify_quiet(py, buf.len());
         }
         Ok(n as isize)
     }

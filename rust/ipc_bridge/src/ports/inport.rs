@@ -88,7 +88,7 @@ impl InPort {
         // (processed, committed) in the seq and origin fields: see Kind.ACK
         self.ack_pub_.send_empty(py, frame_header(self.books.acked_processed, KIND_ACK, self.books.acked_committed, 0, 0))?;
         if wake {
-            self.ack_notifier_.notify(py)?;
+            self.ack_notifier_.notify(py, 0)?;
         }
         Ok(())
     }
@@ -261,7 +261,7 @@ impl InPort {
         let now_ns = (now_s(py, &self.clock)? * 1e9) as u64;
         let b = &self.books;
         self.ack_pub_.send_empty(py, frame_header(b.acked_processed, KIND_PROBE, b.acked_committed, b.expected, now_ns))?;
-        self.ack_notifier_.notify(py)
+        self.ack_notifier_.notify(py, 0)
     }
 
     fn _producer_may_wait(&self, py: Python<'_>) -> PyResult<bool> {

@@ -73,6 +73,8 @@ pub struct OutPort {
     /// Frames sent with notify=False wait for flush_notify().
     #[pyo3(get)]
     notify_pending: bool,
+    /// Bytes of frames sent since the consumer was last woken.
+    unwoken: u64,
     array_meta: Option<Py<PyAny>>,
     array_nbytes: u64,
 }
@@ -82,8 +84,10 @@ impl OutPort {
         now_s(py, &self.clock)
     }
 
-    pub(crate) fn notify(&self, py: Python<'_>) -> PyResult<()> {
-        self.notifier_.notify(py)
+    /// Wakes the consumer for the frames sent since the last wake-up (`unwoken` bytes).
+    pub(crate) fn notify(&mut self, py: Python<'_>) -> PyResult<()> {
+        let nbytes = std::mem::take(&mut self.unwoken);
+        self.notifier_.notify(py, nbytes as usize)
     }
 
     /// Retain a frame of a lossless edge for replay, and book its publish: it reached `n`
@@ -91,7 +95,7 @@ impl OutPort {
     /// later frame are resent in order after a backoff; None: it was not published (an
     /// earlier frame is still undelivered, or the publish raised).
     fn keep(&mut self, py: Python<'_>, k: Kept<Ret>, n: Option<usize>, notify: bool) -> PyResult<()> {
-        let seq = k.seq;
+        let (seq, nbytes) = (k.seq, k.nbytes);
         self.books.keep(k);
         match n {
             None => {}
@@ -102,6 +106,7 @@ impl OutPort {
             }
             Some(_) => {
                 self.sent += 1;
+                self.unwoken += nbytes;
                 if notify {
                     self.notify(py)?;
                 }
@@ -117,6 +122,8 @@ impl OutPort {
         let n = self.pub_.send(py, h, r.meta.bind(py), &r.buffers)?;
         if n == 0 {
             self.discarded += 1;
+        } else {
+            self.unwoken += k.nbytes;
         }
         Ok(n > 0)
     }
@@ -161,6 +168,9 @@ impl OutPort {
         let _ = self.books.assign(false);
         if !notify && n > 0 {
             self.notify_pending = true;
+        }
+        if !self.books.lossless && !notify {
+            self.unwoken += self.array_nbytes; // (a lossless frame is counted by keep())
         }
         self.encoded_by_bridge += 1;
         if !self.books.lossless {
@@ -293,6 +303,7 @@ impl OutPort {
             discarded: 0,
             lost: 0,
             notify_pending: false,
+            unwoken: 0,
             array_meta: None,
             array_nbytes: 0,
         }
@@ -431,6 +442,9 @@ impl OutPort {
         if !self.books.lossless {
             self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
             self.sent += 1;
+            for b in &buffers {
+                self.unwoken += nbytes_of(py, b.bind(py))?;
+            }
             if notify {
                 self.notify(py)?;
             } else {
@@ -519,6 +533,7 @@ impl OutPort {
             loan_send(seq)?;
             self.sent += 1;
             self.zero_copy += 1;
+            self.unwoken += nbytes_of(py, buffer)?;
             self.notify(py)?;
             return Ok(seq);
         }
@@ -557,7 +572,7 @@ impl OutPort {
         self.secure(py)
     }
 
-    fn _notify(&self, py: Python<'_>) -> PyResult<()> {
+    fn _notify(&mut self, py: Python<'_>) -> PyResult<()> {
         self.notify(py)
     }
 

@@ -225,11 +225,12 @@ impl Notif {
         }
     }
 
-    /// Wakes the other end; a peer that is gone is not an error (it is woken by its restart).
-    pub(crate) fn notify(&self, py: Python<'_>) -> PyResult<()> {
+    /// Wakes the other end for `nbytes` of frames; a peer that is gone is not an error (it is
+    /// woken by its restart).
+    pub(crate) fn notify(&self, py: Python<'_>, nbytes: usize) -> PyResult<()> {
         match self {
             Notif::Iox(n) => {
-                n.get().notify_quiet(py);
+                n.get().notify_quiet(py, nbytes);
                 Ok(())
             }
             Notif::Py(o) => match o.bind(py).call_method0(intern!(py, "notify")) {
