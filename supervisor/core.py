@@ -802,7 +802,7 @@ class Supervisor:
         return totals or None
 
     def __enter__(self) -> "Supervisor":
-        if self._arbiter is None:
+        if not self._started():
             self.start()
         return self
 
@@ -813,13 +813,20 @@ class Supervisor:
             return
         self.close()
         # Outputs nobody asked for are dropped; the stream still drains to a clean end.
-        arb = self._arbiter
-        assert arb is not None
         if not self.join(self.stop_timeout):
             self.stop()
             self.join()
-        if arb.error is not None:
-            raise arb.error
+        error = self._run_error()
+        if error is not None:
+            raise error
+
+    def _started(self) -> bool:
+        """start() was called (the Ray backend's driver says it its own way)."""
+        return self._arbiter is not None
+
+    def _run_error(self) -> Optional[BaseException]:
+        """The error the run failed with, once it has ended."""
+        return self._arbiter.error if self._arbiter is not None else None
 
     # ================================================================== plumbing for the caller
 

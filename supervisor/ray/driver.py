@@ -568,22 +568,12 @@ class RaySupervisor(Supervisor):
         except Exception as e:  # noqa: BLE001 - the run fails, explained
             self._fail(SupervisorError(f"the inputs iterator raised {type(e).__name__}: {e}"))
 
-    def __enter__(self) -> "RaySupervisor":
-        if self._thread is None:
-            self.start()
-        return self
+    # (the context manager is Supervisor's, through these two)
+    def _started(self) -> bool:
+        return self._thread is not None
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.kill()
-            self.join()
-            return
-        self.close()
-        if not self.join(self.stop_timeout):
-            self.stop()
-            self.join()
-        if self._error is not None:
-            raise self._error
+    def _run_error(self) -> Optional[BaseException]:
+        return self._error
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """While run() runs: SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGXCPU drain across hosts
