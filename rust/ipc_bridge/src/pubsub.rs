@@ -210,17 +210,19 @@ impl Publisher {
     }
 
     /// `send()` for the ports: `meta` and `buffers` are any contiguous buffer-protocol objects.
+    /// Returns the subscribers reached and the frame's bytes (meta and buffers).
     pub(crate) fn send_objects<'py, B: std::borrow::Borrow<Bound<'py, PyAny>>>(
         &self,
         py: Python<'py>,
         h: FrameHeader,
         meta: &Bound<'py, PyAny>,
         buffers: &[B],
-    ) -> PyResult<usize> {
+    ) -> PyResult<(usize, u64)> {
         let meta_buf = RawBuffer::get(meta)?;
         let bufs = buffers.iter().map(|b| RawBuffer::get(b.borrow())).collect::<PyResult<Vec<_>>>()?;
         let parts: Vec<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
-        self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)
+        let nbytes = (meta_buf.len() + parts.iter().map(|p| p.1).sum::<usize>()) as u64;
+        Ok((self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)?, nbytes))
     }
 
     /// A frame with no payload (acks, probes, ends of stream): the header says it all.
@@ -404,7 +406,7 @@ impl Publisher {
         created_ns: u64,
         flags: u32,
     ) -> PyResult<usize> {
-        self.send_objects(py, header(seq, kind, origin, stream_id, created_ns, flags), meta, &buffers)
+        Ok(self.send_objects(py, header(seq, kind, origin, stream_id, created_ns, flags), meta, &buffers)?.0)
     }
 
     /// Tells `send_array()` which arrays it may encode by itself: exactly of type `array_type`,

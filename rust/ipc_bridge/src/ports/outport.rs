@@ -5,10 +5,9 @@
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 
 use super::books::{Assign, Kept, OutBooks};
-use super::transport::{frame_header, Notif, Pub, Sub};
+use super::transport::{buffer_bytes, frame_bytes, frame_header, Notif, Pub, Sub};
 use super::{now_s, KIND_DATA, KIND_EOS, KIND_PROBE};
 
 /// What a retained frame needs to be sent again (its seq and size are the books').
@@ -33,13 +32,6 @@ pub struct Retained {
     created_ns: u64,
     nbytes: u64,
     loaned: bool,
-}
-
-fn nbytes_of(_py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
-    if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(b.as_bytes().len() as u64);
-    }
-    Ok(crate::pubsub::RawBuffer::get(obj)?.len() as u64)
 }
 
 /// Producer end of an edge (see `supervisor/channels.py` for the protocol).
@@ -119,7 +111,7 @@ impl OutPort {
         let k = &self.books.retained[i];
         let r = &k.frame;
         let h = frame_header(k.seq, r.kind, r.origin, r.stream_id, r.created_ns);
-        let n = self.pub_.send(py, h, r.meta.bind(py), &r.buffers)?;
+        let (n, _) = self.pub_.send(py, h, r.meta.bind(py), &r.buffers)?;
         if n == 0 {
             self.discarded += 1;
         } else {
@@ -440,11 +432,9 @@ impl OutPort {
             Assign::Send(seq) => seq,
         };
         if !self.books.lossless {
-            self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
+            let (_, nbytes) = self.pub_.send(py, frame_header(seq, kind, origin, stream_id, created_ns), meta, &buffers)?;
             self.sent += 1;
-            for b in &buffers {
-                self.unwoken += nbytes_of(py, b.bind(py))?;
-            }
+            self.unwoken += nbytes;
             if notify {
                 self.notify(py)?;
             } else {
@@ -452,27 +442,30 @@ impl OutPort {
             }
             return Ok(seq);
         }
-        let mut nbytes = nbytes_of(py, meta)?;
-        for b in &buffers {
-            nbytes += nbytes_of(py, b.bind(py))?;
-        }
         let frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
-        let k = Kept { seq, nbytes, loaned: false, frame };
         let mut n = None;
-        if self.books.undelivered.is_none() {
+        // (the frame's size comes from the publish, which reads every buffer anyway)
+        let nbytes = if self.books.undelivered.is_none() {
             if self.books.loaned_retained > 0 {
                 self.secure(py)?;
             }
             let h = frame_header(seq, kind, origin, stream_id, created_ns);
-            match self.pub_.send(py, h, meta, &k.frame.buffers) {
-                Ok(c) => n = Some(c),
+            match self.pub_.send(py, h, meta, &frame.buffers) {
+                Ok((c, nbytes)) => {
+                    n = Some(c);
+                    nbytes
+                }
                 Err(e) => {
-                    self.keep(py, k, None, false)?; // its seq is taken: a replay must find it
+                    let nbytes = frame_bytes(meta, &frame.buffers)?;
+                    // its seq is taken: a replay must find it
+                    self.keep(py, Kept { seq, nbytes, loaned: false, frame }, None, false)?;
                     return Err(e);
                 }
             }
-        }
-        self.keep(py, k, n, notify)?;
+        } else {
+            frame_bytes(meta, &frame.buffers)?
+        };
+        self.keep(py, Kept { seq, nbytes, loaned: false, frame }, n, notify)?;
         if !notify && n.is_some_and(|c| c > 0) {
             self.notify_pending = true;
         }
@@ -494,7 +487,7 @@ impl OutPort {
     /// Let `send_array()` take arrays of this type, dtype and shape, encoded as `meta` and one
     /// buffer of `nbytes` bytes.
     fn teach_array(&mut self, py: Python<'_>, array_type: Py<PyAny>, dtype: Py<PyAny>, shape: Py<PyAny>, meta: Py<PyAny>, nbytes: u64) -> PyResult<()> {
-        let meta_len = nbytes_of(py, meta.bind(py))?;
+        let meta_len = buffer_bytes(meta.bind(py))?;
         self.pub_.call(py, "learn_array", (array_type, dtype, shape, meta.clone_ref(py), nbytes))?;
         self.array_meta = Some(meta);
         self.array_nbytes = meta_len + nbytes;
@@ -533,11 +526,11 @@ impl OutPort {
             loan_send(seq)?;
             self.sent += 1;
             self.zero_copy += 1;
-            self.unwoken += nbytes_of(py, buffer)?;
+            self.unwoken += buffer_bytes(buffer)?;
             self.notify(py)?;
             return Ok(seq);
         }
-        let nbytes = nbytes_of(py, meta)? + nbytes_of(py, buffer)?;
+        let nbytes = buffer_bytes(meta)? + buffer_bytes(buffer)?;
         let frame = Ret { kind: KIND_DATA, meta: meta.clone().unbind(), buffers: vec![buffer.clone().unbind()], origin, stream_id, created_ns };
         let mut k = Kept { seq, nbytes, loaned: true, frame };
         if self.books.undelivered.is_some() {

@@ -42,8 +42,9 @@ impl Pub {
         }
     }
 
-    /// Publishes one frame; the number of subscribers reached (0: discarded).
-    pub(crate) fn send(&self, py: Python<'_>, h: FrameHeader, meta: &Bound<'_, PyAny>, buffers: &[Py<PyAny>]) -> PyResult<usize> {
+    /// Publishes one frame: the number of subscribers reached (0: discarded) and the frame's
+    /// bytes (meta and buffers).
+    pub(crate) fn send(&self, py: Python<'_>, h: FrameHeader, meta: &Bound<'_, PyAny>, buffers: &[Py<PyAny>]) -> PyResult<(usize, u64)> {
         match self {
             Pub::Iox(p) => {
                 let bufs: Vec<&Bound<'_, PyAny>> = buffers.iter().map(|b| b.bind(py)).collect();
@@ -55,7 +56,8 @@ impl Pub {
                 kw.set_item(intern!(py, "stream_id"), h.stream_id)?;
                 kw.set_item(intern!(py, "created_ns"), h.created_ns)?;
                 let bufs: Vec<Py<PyAny>> = buffers.iter().map(|b| b.clone_ref(py)).collect();
-                o.bind(py).call_method(intern!(py, "send"), (h.seq, h.kind, meta, bufs), Some(&kw))?.extract()
+                let n = o.bind(py).call_method(intern!(py, "send"), (h.seq, h.kind, meta, bufs), Some(&kw))?.extract()?;
+                Ok((n, frame_bytes(meta, buffers)?))
             }
         }
     }
@@ -248,4 +250,22 @@ impl Notif {
 
 pub(crate) fn frame_header(seq: u64, kind: u32, origin: u64, stream_id: u64, created_ns: u64) -> FrameHeader {
     header(seq, kind, origin, stream_id, created_ns, 0)
+}
+
+/// Bytes of a frame: its meta and every buffer (any buffer-protocol objects).
+pub(crate) fn frame_bytes(meta: &Bound<'_, PyAny>, buffers: &[Py<PyAny>]) -> PyResult<u64> {
+    let py = meta.py();
+    let mut n = buffer_bytes(meta)?;
+    for b in buffers {
+        n += buffer_bytes(b.bind(py))?;
+    }
+    Ok(n)
+}
+
+/// Bytes of one buffer-protocol object.
+pub(crate) fn buffer_bytes(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(b) = obj.cast::<pyo3::types::PyBytes>() {
+        return Ok(b.as_bytes().len() as u64);
+    }
+    Ok(crate::pubsub::RawBuffer::get(obj)?.len() as u64)
 }
