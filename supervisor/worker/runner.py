@@ -311,9 +311,12 @@ class Runner:
         n, ctrl_ready = got
         if ctrl_ready:
             self._ctrl_ready = True
+        counters = self.counters
+        counters.serve_turns += 1
+        counters.serve_steps += n
         latencies = stage.take_latencies()
         if latencies is not None:
-            self.counters.latency.merge(*latencies)
+            counters.latency.merge(*latencies)
         if n:
             self._mark()
         self._advance()  # (the bridge took the acks: commits from downstream among them)
@@ -745,6 +748,7 @@ class Runner:
             "errors": c.errors,
             "dead_letters": c.dead_letters,
             "latency": c.latency.summary(),
+            "bridge_loop": {"turns": c.serve_turns, "frames": c.serve_steps},
             # cumulative since this process started; the supervisor sums it over restarts
             "latency_histogram": c.latency.histogram(),
             "edges_in": {

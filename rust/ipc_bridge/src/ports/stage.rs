@@ -146,6 +146,8 @@ enum Got {
     Sample(Py<PyAny>),
 }
 
+type Subs = Vec<Py<Subscriber>>;
+
 /// How a wait of `serve()` ended.
 enum Woke {
     Notified,
@@ -255,7 +257,7 @@ impl StageLoop {
 
     /// The iceoryx2 subscribers of the inputs and of the outputs' acks; None when a port has
     /// a Python transport.
-    fn iox_subs(&self, py: Python<'_>) -> Option<(Vec<Py<Subscriber>>, Vec<Py<Subscriber>>)> {
+    fn iox_subs(&self, py: Python<'_>) -> Option<(Subs, Subs)> {
         let subs: Option<Vec<_>> = self.inputs.iter().map(|p| p.borrow(py).iox_sub(py)).collect();
         let acks: Option<Vec<_>> = self.outputs.iter().map(|p| p.borrow(py).iox_ack_sub(py)).collect();
         Some((subs?, acks?))
