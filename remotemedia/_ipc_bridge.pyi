@@ -270,10 +270,13 @@ class Listener:
         fds: Sequence[int] = ...,
         spin_us: int = 0,
         watch: Sequence[Subscriber] = ...,
+        flow: bool = True,
     ) -> Tuple[bool, List[int]]:
         """Block (GIL released) until notified, one of ``fds`` is readable, or ``timeout``
         seconds passed; with ``spin_us``, first spin (adaptive budget, sched_yield between
-        checks) watching the ``watch`` subscribers' queues. Returns ``(notified, ready_fds)``."""
+        checks) watching the ``watch`` subscribers' queues. With ``flow`` False (a doorbell
+        only) acks that only make room in a window do not end the sleep: they are found at
+        the next look. Returns ``(notified, ready_fds)``."""
 
 
 def encode_container(obj: Any) -> Optional[Tuple[bytes, List[Any]]]:
@@ -444,21 +447,25 @@ class StageLoop:
         inbox: Listener,
         fds: List[int],
         timeout: float,
+        commit_in: float,
         spin_us: int,
         ack_every: int,
         max_frames: int,
         max_ns: int,
         slice_ns: int,
+        lull_ns: int,
     ) -> Optional[Tuple[int, bool]]:
         """``run()`` turns, flow-control acks upstream, acks from downstream and the waits
-        between them (GIL released) until ``timeout``, ``slice_ns`` after the first frame, or
+        between them (GIL released) until ``timeout``, ``slice_ns`` after the first frame or
+        ``lull_ns`` after the last, after frames once ``commit_in`` seconds passed (a commit
+        report is due), or
         something the runner must handle (one of ``fds`` readable, a frame Python handled, a
         gap, duplicates, a resend, a commit from downstream, every input ended, a signal).
         ``(steps, fds_ready)``; None when a port's transport is not the bridge's iceoryx2.
 
         Example (what ``Runner.serve`` does)::
 
-            steps, ctrl = stage.serve(inbox, [chan.fileno()], 1.0, 50, 1, 16, 2_000_000, 2_000_000)
+            steps, ctrl = stage.serve(inbox, [chan.fileno()], 1.0, 0.0, 50, 1, 16, 2_000_000, 2_000_000, 200_000)
         """
     def serve_source(
         self,
@@ -468,10 +475,12 @@ class StageLoop:
         inbox: Listener,
         fds: List[int],
         timeout: float,
+        commit_in: float,
         spin_us: int,
         max_frames: int,
         max_ns: int,
         slice_ns: int,
+        lull_ns: int,
     ) -> Optional[Tuple[int, bool, bool]]:
         """``serve()`` for a source: ``run_source()`` turns and the waits for room between
         them. ``(items, exhausted, fds_ready)``; None as for ``serve()``."""

@@ -98,6 +98,38 @@ def test_sleeping_listener_is_woken(node, bells):
     assert bells.bells.state(2) == (0, 0)
 
 
+def _sleep_in_thread(lis, bells, slot, **kw):
+    result = []
+    t = threading.Thread(target=lambda: result.append(lis.wait(60.0, **kw)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while bells.bells.state(slot)[0] != 1:  # it sleeps in ppoll()
+        assert time.monotonic() < deadline, "the listener never went to sleep"
+        time.sleep(0.001)
+    return t, result
+
+
+def test_an_ack_that_only_makes_room_wakes_only_a_sleeper_waiting_for_room(node, bells):
+    # StageLoop.serve sleeps with flow=False while it waits for input with room downstream:
+    # acks of its consumer (Notifier.notify_flow) then only mark it pending.
+    lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=2)
+    nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=2)
+    other = b.Notifier(node, "inbox", doorbells=bells.bells, slot=2)
+    lis.drain()
+    t, result = _sleep_in_thread(lis, bells, 2, flow=False)
+    nt.notify_flow()
+    t.join(0.3)
+    assert t.is_alive() and bells.bells.state(2) == (1, 1)  # asleep, the ack pending
+    other.notify()  # (its input, say)
+    t.join(30)
+    assert not t.is_alive() and result == [(True, [])]
+    t, result = _sleep_in_thread(lis, bells, 2)  # (flow=True: it waits for room)
+    nt.notify_flow()
+    t.join(30)
+    assert not t.is_alive() and result == [(True, [])]
+    assert bells.bells.state(2) == (0, 0)
+
+
 def test_a_closed_notifier_still_raises(node, bells):
     nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=1)
     nt.close()

@@ -69,6 +69,9 @@ BATCH_NS = int(BATCH_S * 1e9)
 # While frames flow, a stage's bridge loop (StageLoop.serve) hands back to this loop at least
 # this often: the commit point, the commit report and the heartbeat are made here.
 SERVE_SLICE_NS = 2_000_000
+# ... and once no frame came for this long (a paced stream: the housekeeping is done before the
+# next frame, instead of when it arrives)
+SERVE_LULL_NS = 200_000
 
 
 class Runner:
@@ -297,14 +300,16 @@ class Runner:
             if o.undelivered is not None:
                 return False
         fds = [self.chan.fileno()]
+        now = time.monotonic()
         timeout = self._timeout(self.spec.heartbeat_interval)
+        commit_in = self.ledger.next_commit - now
         source = self.source
         if source is not None:
-            got = source.serve(stage, self.inbox, fds, timeout, self.spec.spin_us, BATCH, BATCH_NS, SERVE_SLICE_NS)
+            got = source.serve(stage, self.inbox, fds, timeout, commit_in, self.spec.spin_us, BATCH, BATCH_NS, SERVE_SLICE_NS, SERVE_LULL_NS)
             if got is None:
                 return False
         else:
-            got = stage.serve(self.inbox, fds, timeout, self.spec.spin_us, self.ledger.ack_every, BATCH, BATCH_NS, SERVE_SLICE_NS)
+            got = stage.serve(self.inbox, fds, timeout, commit_in, self.spec.spin_us, self.ledger.ack_every, BATCH, BATCH_NS, SERVE_SLICE_NS, SERVE_LULL_NS)
             if got is None:
                 self._serves = False
                 return False

@@ -131,13 +131,13 @@ class SourceStepper:
             self.draining = True
         return n
 
-    def serve(self, stage: Any, inbox: Any, fds: List[int], timeout: float, spin_us: int, max_items: int, max_ns: int, slice_ns: int) -> Optional[Tuple[int, bool]]:
+    def serve(self, stage: Any, inbox: Any, fds: List[int], timeout: float, commit_in: float, spin_us: int, max_items: int, max_ns: int, slice_ns: int, lull_ns: int) -> Optional[Tuple[int, bool]]:
         """:meth:`run_batch`'s turns and the waits for room between them, in the bridge
         (``StageLoop.serve_source``) until it needs the runner. ``(items sent, fds ready)``;
         None when the bridge cannot (not started, draining, a Python transport)."""
         if self._gen is None or self.draining:
             return None
-        got = stage.serve_source(self._gen, self.ledger, self._failed, inbox, fds, timeout, spin_us, max_items, max_ns, slice_ns)
+        got = stage.serve_source(self._gen, self.ledger, self._failed, inbox, fds, timeout, commit_in, spin_us, max_items, max_ns, slice_ns, lull_ns)
         if got is None:
             return None
         n, ended, ready = got

@@ -8,6 +8,8 @@
 //! ```text
 //!  offset 0  sleeping: listeners of the inbox blocked (or about to block) in ppoll()
 //!  offset 4  pending:  something was sent since the listener last looked
+//!  offset 8  flow:     the sleeper waits for room: acks that only make room wake it
+//!                      (ring_flow); else they only mark it pending
 //!
 //!  producer (Notifier.notify)              consumer (Listener.wait)
 //!  --------------------------              -----------------------
@@ -127,10 +129,22 @@ impl Bell {
         self.db.get().word(self.slot, 4)
     }
 
+    fn flow(&self) -> &AtomicU32 {
+        self.db.get().word(self.slot, 8)
+    }
+
     /// Producer: mark the inbox pending; true when a listener may sleep (then notify it).
     pub fn ring(&self) -> bool {
         self.pending().swap(1, Ordering::SeqCst);
         self.sleeping().load(Ordering::SeqCst) != 0
+    }
+
+    /// Producer of an ack that only makes room: mark the inbox pending; true when a listener
+    /// may sleep waiting for room (then notify it). A sleeper waiting for anything else finds
+    /// the ack when it next looks.
+    pub fn ring_flow(&self) -> bool {
+        self.pending().swap(1, Ordering::SeqCst);
+        self.sleeping().load(Ordering::SeqCst) != 0 && self.flow().load(Ordering::SeqCst) != 0
     }
 
     /// Consumer: take the pending mark (true: look at the queues, as after a wake-up).
@@ -139,9 +153,11 @@ impl Bell {
         self.pending().load(Ordering::Relaxed) != 0 && self.pending().swap(0, Ordering::SeqCst) != 0
     }
 
-    /// Consumer, before ppoll(): announce the sleep, then check nothing came meanwhile. False
-    /// (the sleep is cancelled) when something did.
-    pub fn sleep(&self) -> bool {
+    /// Consumer, before ppoll(): announce the sleep (and whether acks that make room should
+    /// end it: `flow`), then check nothing came meanwhile. False (the sleep is cancelled) when
+    /// something did.
+    pub fn sleep(&self, flow: bool) -> bool {
+        self.flow().store(flow as u32, Ordering::SeqCst);
         self.sleeping().fetch_add(1, Ordering::SeqCst);
         if self.pending().swap(0, Ordering::SeqCst) != 0 {
             self.wake();
@@ -157,6 +173,7 @@ impl Bell {
 
     /// Consumer, when its listener is created: nobody sleeps, and look at the queues once.
     pub fn reset(&self) {
+        self.flow().store(1, Ordering::SeqCst);
         self.sleeping().store(0, Ordering::SeqCst);
         self.pending().store(1, Ordering::SeqCst);
     }

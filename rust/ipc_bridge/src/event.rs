@@ -91,6 +91,19 @@ impl Notifier {
         }
     }
 
+    /// `notify_quiet` for an ack that only makes room: with a doorbell, a listener asleep for
+    /// another reason than room (see `Listener.wait(flow=...)`) is only marked pending.
+    pub(crate) fn notify_flow(&self, py: Python<'_>) {
+        match &self.bell {
+            Some(b) => {
+                if b.ring_flow() {
+                    let _ = self.notifier.lock().expect("notifier mutex poisoned").as_ref().map(|n| n.notify());
+                }
+            }
+            None => self.notify_quiet(py, 0),
+        }
+    }
+
     fn after_notify(&self, py: Python<'_>) {
         let subs = self.yield_unless.lock().expect("notifier mutex poisoned");
         if subs.is_empty() || subs.iter().any(|s| s.get().peek()) {
@@ -228,9 +241,12 @@ impl Listener {
     /// microsecond wake-ups and an idle one stops spinning (no CPU). Extra fds are only
     /// checked by the blocking part.
     ///
+    /// With `flow` False (a doorbell only), acks that only make room in a producer's window do
+    /// not wake this sleep (it does not wait for room); they are found at the next look.
+    ///
     /// Returns early with `(False, [])` when a signal interrupts the wait, after running the
     /// Python signal handlers (so KeyboardInterrupt propagates).
-    #[pyo3(signature = (timeout = None, fds = Vec::new(), spin_us = 0, watch = Vec::new()))]
+    #[pyo3(signature = (timeout = None, fds = Vec::new(), spin_us = 0, watch = Vec::new(), flow = true))]
     pub(crate) fn wait(
         &self,
         py: Python<'_>,
@@ -238,6 +254,7 @@ impl Listener {
         fds: Vec<i32>,
         spin_us: u64,
         watch: Vec<Py<Subscriber>>,
+        flow: bool,
     ) -> PyResult<(bool, Vec<i32>)> {
         // With a doorbell, datagrams come only to a sleeper: ppoll() finds one left over and
         // drains it, so the non-blocking recvfrom() of every wait is saved here and in the spin.
@@ -288,7 +305,7 @@ impl Listener {
             .chain(fds.iter().copied())
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
-        if self.bell.as_ref().is_some_and(|b| !b.sleep()) {
+        if self.bell.as_ref().is_some_and(|b| !b.sleep(flow)) {
             return Ok((true, Vec::new())); // rung between the last look and the sleep
         }
         let blocked = Instant::now();

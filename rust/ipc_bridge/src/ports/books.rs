@@ -234,6 +234,17 @@ pub enum Accept {
 }
 
 /// The consumer end's books.
+/// Whether an ack wakes its producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    No,
+    /// Only if it sleeps waiting for room (flow control); a producer asleep for another
+    /// reason finds the ack when it wakes (doorbell `flow`, see Bell::ring_flow).
+    Flow,
+    /// Whatever it waits for: commits, ends of stream, answers to duplicates.
+    Always,
+}
+
 pub struct InBooks {
     pub lossless: bool,
     pub depth: u64,
@@ -335,9 +346,9 @@ impl InBooks {
     }
 
     /// An ack of `processed`/`committed` counts: None when there is nothing new to say
-    /// (unless `force` or a duplicate arrived), else whether to wake the producer.
+    /// (unless `force` or a duplicate arrived), else whether to wake the producer (see Wake).
     /// `queued` tells whether frames wait in our queue (asked only when it matters).
-    pub fn ack(&mut self, processed: u64, committed: u64, force: bool, queued: impl FnOnce() -> bool) -> Option<bool> {
+    pub fn ack(&mut self, processed: u64, committed: u64, force: bool, queued: impl FnOnce() -> bool) -> Option<Wake> {
         let force = force || self.dup_pending;
         self.dup_pending = false;
         if !force && processed <= self.acked_processed && committed <= self.acked_committed {
@@ -351,11 +362,14 @@ impl InBooks {
         // before it could be stuck: wake it every half window. Commits (at most every 10 ms
         // per worker) always wake it: its own commits, and so its producer's reuse of loaned
         // chunks, wait on them.
-        let wake = force
-            || new_commit
-            || (self.acked_processed - self.notified_processed >= self.notify_every && self.producer_may_wait(queued))
-            || self.eos_seq.is_some_and(|e| self.acked_processed > e);
-        if wake {
+        let wake = if force || new_commit || self.eos_seq.is_some_and(|e| self.acked_processed > e) {
+            Wake::Always
+        } else if self.acked_processed - self.notified_processed >= self.notify_every && self.producer_may_wait(queued) {
+            Wake::Flow
+        } else {
+            Wake::No
+        };
+        if wake != Wake::No {
             self.notified_processed = self.acked_processed;
         }
         Some(wake)
@@ -544,12 +558,12 @@ mod tests {
         for s in 0..4 {
             j.accept(s, false, 10, 0.0);
         }
-        assert_eq!(j.ack(2, 0, false, || false), Some(false), "a quarter window: no wake-up");
+        assert_eq!(j.ack(2, 0, false, || false), Some(Wake::No), "a quarter window: no wake-up");
         assert_eq!(j.ack(2, 0, false, || false), None, "nothing new");
-        assert_eq!(j.ack(4, 0, false, || true), Some(true), "half a window with frames queued");
-        assert_eq!(j.ack(4, 1, false, || false), Some(true), "a commit always wakes it");
-        assert_eq!(j.ack(4, 1, true, || false), Some(true), "forced");
+        assert_eq!(j.ack(4, 0, false, || true), Some(Wake::Flow), "half a window with frames queued: if it waits for room");
+        assert_eq!(j.ack(4, 1, false, || false), Some(Wake::Always), "a commit always wakes it");
+        assert_eq!(j.ack(4, 1, true, || false), Some(Wake::Always), "forced");
         j.dup_pending = true;
-        assert_eq!(j.ack(4, 1, false, || false), Some(true), "after a duplicate: the producer must learn our position");
+        assert_eq!(j.ack(4, 1, false, || false), Some(Wake::Always), "after a duplicate: the producer must learn our position");
     }
 }

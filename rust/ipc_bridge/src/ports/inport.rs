@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::books::{Accept, InBooks};
+use super::books::{Accept, InBooks, Wake};
 use super::transport::{frame_header, sample_info, Notif, Pub, Sub};
 use super::{now_s, KIND_ACK, KIND_EOS, KIND_PROBE};
 
@@ -91,8 +91,10 @@ impl InPort {
         };
         // (processed, committed) in the seq and origin fields: see Kind.ACK
         self.ack_pub_.send_empty(py, frame_header(self.books.acked_processed, KIND_ACK, self.books.acked_committed, 0, 0))?;
-        if wake {
-            self.ack_notifier_.notify(py, 0)?;
+        match wake {
+            Wake::No => {}
+            Wake::Flow => self.ack_notifier_.notify_flow(py)?,
+            Wake::Always => self.ack_notifier_.notify(py, 0)?,
         }
         Ok(())
     }

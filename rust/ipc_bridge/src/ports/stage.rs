@@ -157,10 +157,19 @@ enum Woke {
     Timeout,
 }
 
-/// The inbox's wait for at most `ns`, spinning on `watch` (when there is one to watch).
-fn wait_until(py: Python<'_>, inbox: &Bound<'_, Listener>, fds: &[i32], ns: u64, spin_us: u64, watch: Vec<Py<Subscriber>>) -> PyResult<Woke> {
+/// The inbox's wait for at most `ns`, spinning on `watch` (when there is one to watch); `room`:
+/// it waits for room (acks that make room must wake it; else they need not).
+fn wait_until(
+    py: Python<'_>,
+    inbox: &Bound<'_, Listener>,
+    fds: &[i32],
+    ns: u64,
+    spin_us: u64,
+    watch: Vec<Py<Subscriber>>,
+    room: bool,
+) -> PyResult<Woke> {
     let spin = if watch.is_empty() { 0 } else { spin_us };
-    let (notified, ready) = inbox.get().wait(py, Some(ns as f64 / 1e9), fds.to_vec(), spin, watch)?;
+    let (notified, ready) = inbox.get().wait(py, Some(ns as f64 / 1e9), fds.to_vec(), spin, watch, room)?;
     Ok(if !ready.is_empty() {
         Woke::Fds
     } else if notified {
@@ -515,13 +524,15 @@ impl StageLoop {
     /// The stage's turn while frames flow: batches (`run`), the acks upstream that flow control
     /// needs, the acks from downstream, and the waits between them (GIL released), all here,
     /// without the runner's loop per wake-up. Hands back after `timeout` seconds, `slice_ns`
-    /// after the first frame (the runner then records the commit point and does its
-    /// housekeeping), or as soon as something needs the runner: the control channel readable
+    /// after the first frame or `lull_ns` after the last (the runner then records the commit
+    /// point and does its housekeeping: a paced stream's next frame will not find it busy),
+    /// after frames once `commit_in` seconds passed (the runner may report a commit then: a
+    /// producer's loaned chunks wait for it), or as soon as something needs the runner: the control channel readable
     /// (one of `fds`), a frame that went Python's way (an error, a new encoding, an end of
     /// stream), a gap or duplicates upstream, a frame to resend downstream, every input ended,
     /// a signal. Returns `(steps, fds_ready)`, or None when a port's transport is not this
     /// crate's iceoryx2 (the runner then waits itself).
-    #[pyo3(signature = (inbox, fds, timeout, spin_us, ack_every, max_frames, max_ns, slice_ns))]
+    #[pyo3(signature = (inbox, fds, timeout, commit_in, spin_us, ack_every, max_frames, max_ns, slice_ns, lull_ns))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &mut self,
@@ -529,16 +540,20 @@ impl StageLoop {
         inbox: &Bound<'_, Listener>,
         fds: Vec<i32>,
         timeout: f64,
+        commit_in: f64,
         spin_us: u64,
         ack_every: u64,
         max_frames: usize,
         max_ns: u64,
         slice_ns: u64,
+        lull_ns: u64,
     ) -> PyResult<Option<(usize, bool)>> {
         let Some((subs, acks)) = self.iox_subs(py) else { return Ok(None) };
         let start = monotonic_ns();
         let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
+        let commit_at = start.saturating_add((commit_in.max(0.0) * 1e9) as u64);
         let mut slice_end = u64::MAX;
+        let mut lull_end = u64::MAX;
         let mut steps = 0;
         self.python_turn = false;
         loop {
@@ -557,10 +572,16 @@ impl StageLoop {
             let idle = n == 0;
             self.ack_inputs(py, ack_every, idle)?;
             let now = monotonic_ns();
-            if n > 0 && slice_end == u64::MAX {
-                slice_end = now.saturating_add(slice_ns);
+            if n > 0 {
+                if now >= commit_at {
+                    break; // (the runner reports commits now: loaned chunks upstream wait for them)
+                }
+                if slice_end == u64::MAX {
+                    slice_end = now.saturating_add(slice_ns);
+                }
+                lull_end = now.saturating_add(lull_ns);
             }
-            let end = until.min(slice_end);
+            let end = until.min(slice_end).min(lull_end);
             if now >= end {
                 break;
             }
@@ -569,10 +590,11 @@ impl StageLoop {
             }
             // Spin only on what would let us go on: acks of full outputs, else the inputs.
             let mut watch = self.blocked_acks(py, &acks);
-            if watch.is_empty() {
+            let room = !watch.is_empty();
+            if !room {
                 watch = self.inputs.iter().zip(&subs).filter(|(p, _)| !p.borrow(py).books.eos).map(|(_, s)| s.clone_ref(py)).collect();
             }
-            match wait_until(py, inbox, &fds, end - now, spin_us, watch)? {
+            match wait_until(py, inbox, &fds, end - now, spin_us, watch, room)? {
                 Woke::Notified => {}
                 Woke::Fds => return Ok(Some((steps, true))),
                 Woke::Timeout => break,
@@ -658,10 +680,10 @@ impl StageLoop {
 
     /// `serve()` for a source: `run_source` turns while its outputs have room, and the waits
     /// for acks when they have none, until `timeout` seconds passed, `slice_ns` after the
-    /// first item, or something needs the runner (as `serve()`; also: the generator ended or
+    /// first item or `lull_ns` after the last, after items once `commit_in` passed, or something needs the runner (as `serve()`; also: the generator ended or
     /// failed). Returns `(steps, ended, fds_ready)`, or None when a port's transport is not
     /// this crate's iceoryx2.
-    #[pyo3(signature = (items, ledger, failed, inbox, fds, timeout, spin_us, max_frames, max_ns, slice_ns))]
+    #[pyo3(signature = (items, ledger, failed, inbox, fds, timeout, commit_in, spin_us, max_frames, max_ns, slice_ns, lull_ns))]
     #[allow(clippy::too_many_arguments)]
     fn serve_source(
         &mut self,
@@ -672,15 +694,19 @@ impl StageLoop {
         inbox: &Bound<'_, Listener>,
         fds: Vec<i32>,
         timeout: f64,
+        commit_in: f64,
         spin_us: u64,
         max_frames: usize,
         max_ns: u64,
         slice_ns: u64,
+        lull_ns: u64,
     ) -> PyResult<Option<(usize, bool, bool)>> {
         let Some((_, acks)) = self.iox_subs(py) else { return Ok(None) };
         let start = monotonic_ns();
         let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
+        let commit_at = start.saturating_add((commit_in.max(0.0) * 1e9) as u64);
         let mut slice_end = u64::MAX;
+        let mut lull_end = u64::MAX;
         let mut steps = 0;
         self.python_turn = false;
         loop {
@@ -693,10 +719,16 @@ impl StageLoop {
                 return Ok(Some((steps, ended, false)));
             }
             let now = monotonic_ns();
-            if n > 0 && slice_end == u64::MAX {
-                slice_end = now.saturating_add(slice_ns);
+            if n > 0 {
+                if now >= commit_at {
+                    break; // (the runner reports commits now: loaned chunks upstream wait for them)
+                }
+                if slice_end == u64::MAX {
+                    slice_end = now.saturating_add(slice_ns);
+                }
+                lull_end = now.saturating_add(lull_ns);
             }
-            let end = until.min(slice_end);
+            let end = until.min(slice_end).min(lull_end);
             if now >= end {
                 break;
             }
@@ -707,7 +739,7 @@ impl StageLoop {
                 }
                 continue;
             }
-            match wait_until(py, inbox, &fds, end - now, spin_us, watch)? {
+            match wait_until(py, inbox, &fds, end - now, spin_us, watch, true)? {
                 Woke::Notified => {}
                 Woke::Fds => return Ok(Some((steps, false, true))),
                 Woke::Timeout => break,

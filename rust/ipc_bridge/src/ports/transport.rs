@@ -235,6 +235,18 @@ impl Notif {
         }
     }
 
+    /// Wakes the other end if it sleeps waiting for room (an ack that only makes room); else
+    /// it finds the ack when it next looks. A Python transport is always notified.
+    pub(crate) fn notify_flow(&self, py: Python<'_>) -> PyResult<()> {
+        match self {
+            Notif::Iox(n) => {
+                n.get().notify_flow(py);
+                Ok(())
+            }
+            Notif::Py(_) => self.notify(py, 0),
+        }
+    }
+
     /// Wakes the other end for `nbytes` of frames; a peer that is gone is not an error (it is
     /// woken by its restart).
     pub(crate) fn notify(&self, py: Python<'_>, nbytes: usize) -> PyResult<()> {
