@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import time
 from concurrent.futures import Future
@@ -60,6 +61,8 @@ AGENT_CLASS_NAME = "HostAgent"
 #: Frames of one push or pull at most (and about this many bytes).
 BATCH_FRAMES = 256
 BATCH_BYTES = 64 << 20
+#: Batches up to this many bytes travel pickled in one bytes object (see pack_frames).
+PACK_BYTES = 64 << 10
 #: Seconds a commit poll or an empty pull waits at the other end for news.
 LONG_POLL = 0.2
 #: Seconds between retries of a call to an agent that is not there (restarting, lost).
@@ -454,7 +457,7 @@ class _Agent:
                     with self.lock:
                         frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
                     if frames:
-                        ref = self._peer(o).push.remote(o.edge, self.incarnation, frames, s.committed)
+                        ref = self._peer(o).push.remote(o.edge, self.incarnation, pack_frames(frames), s.committed)
                         o.data = (self._future(ref), len(frames))
                 if o.poll is None and o.data is None and s.uncommitted() and not s.pending():
                     ref = self._peer(o).push.remote(o.edge, self.incarnation, [], s.committed)
@@ -497,7 +500,8 @@ class _Agent:
                 continue
             i.pull = None
             try:
-                status, inc, frames, asked = fut.result()
+                status, inc, packed, asked = fut.result()
+                frames = unpack_frames(packed)
             except Exception as e:  # noqa: BLE001 - the sending agent died or restarts: retry
                 i.peer = None
                 i.retry_at = time.monotonic() + RETRY
@@ -630,10 +634,11 @@ class _Agent:
 
     # ================================================================ calls from others
 
-    def push(self, edge: int, sender_inc: int, frames: List[Frame], known_committed: int) -> Tuple[Any, Any]:
-        """Frames of a cut edge into this host (or none: a commit poll, answered when the
-        commit passes ``known_committed`` or after LONG_POLL). Returns ``("ok", reply)`` or
-        ``("stale", reply)``."""
+    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int) -> Tuple[Any, Any]:
+        """Frames of a cut edge into this host (as :func:`pack_frames` made them; or none: a
+        commit poll, answered when the commit passes ``known_committed`` or after LONG_POLL).
+        Returns ``("ok", reply)`` or ``("stale", reply)``."""
+        frames = unpack_frames(frames)
         local, rec = self.receivers[edge]
         if not self.ready.wait(30.0) or self.error is not None:
             return ("ok", rec.reply())
@@ -679,16 +684,21 @@ class _Agent:
         deadline = time.monotonic() + wait
         self.ready.wait(30.0)
         with self.cond:
+            full = not s.room()
             if not s.on_reply(reply, took=True):
                 return ("stale", self.incarnation, [], reply)
-            self._wake()  # (the pump acks the commit to the local producer)
+            if full and s.room():
+                # (the pump takes more outputs now; a commit alone it acks to the local
+                # producer on its next turn: waking it here would have it compete with the
+                # next frame's push for this process's GIL)
+                self._wake()
             while not (s.pending() and max_frames > 0) and not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0 or s.finished:
                     break
                 self.cond.wait(left)
             frames = s.batch(max_frames, BATCH_BYTES, _frame_size) if max_frames > 0 else []
-        return ("ok", self.incarnation, frames, reply)
+        return ("ok", self.incarnation, pack_frames(frames), reply)
 
     def status(self) -> Dict[str, Any]:
         """This host's figures: the local run's status, the agent's incarnation, its Ray node,
@@ -761,8 +771,6 @@ class _Agent:
 def _portable(err: BaseException) -> Optional[BaseException]:
     """``err`` when it survives a round trip through pickle (it crosses to the driver), else
     None (the driver then reports its text)."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(err))
     except Exception:
@@ -777,6 +785,24 @@ def _frame_size(f: Frame) -> int:
     if isinstance(v, (bytes, bytearray, memoryview)):
         return len(v) + 64
     return 256
+
+
+def pack_frames(frames: List[Frame]) -> Any:
+    """A batch as one Ray call carries it: small batches pickled here into one bytes object
+    (one argument to serialize instead of a list of tuples of arrays: a 4 KiB frame's call
+    costs ~0.2 ms less, on each end), big ones as they are (their arrays then go through
+    Ray's object store without a copy into a pickle)."""
+    if not frames or sum(_frame_size(f) for f in frames) > PACK_BYTES:
+        return frames
+    try:
+        return pickle.dumps(frames, protocol=5)
+    except Exception:  # (what only cloudpickle can pickle, Ray pickles)
+        return frames
+
+
+def unpack_frames(frames: Any) -> List[Frame]:
+    """Inverse of :func:`pack_frames`."""
+    return pickle.loads(frames) if type(frames) is bytes else frames
 
 
 @ray.remote(max_restarts=-1, max_concurrency=64)
@@ -795,7 +821,7 @@ class HostAgent:
             return f"host {self._a.key}: the part's run did not start within {timeout:g} s"
         return self._a.start_error or self._a.error
 
-    def push(self, edge: int, sender_inc: int, frames: List[Frame], known_committed: int) -> Any:
+    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int) -> Any:
         return self._a.push(edge, sender_inc, frames, known_committed)
 
     def pull(self, edge: int, reply: Tuple[int, int, int], max_frames: int, wait: float) -> Any:

@@ -40,7 +40,9 @@ from ..channels import split_frame
 from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
-from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name
+from .agent import (
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, pack_frames, unpack_frames,
+)  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
 from .state import RunState
@@ -368,11 +370,13 @@ class RaySupervisor(Supervisor):
             with self._cond:
                 if not self._pending and not self._finished.is_set():
                     # (while a caller waits here, it takes the answers of the output edges'
-                    # pulls itself, not the pump: one thread switch less per frame)
+                    # pulls itself, not the pump: one thread switch less per frame; the next
+                    # pull is the pump's, while the caller has its frame)
                     now = time.monotonic()
                     for o in self._outputs:
-                        if o.pull is None or o.pull.done():
-                            self._output_turn(o, now)
+                        if o.pull is not None and o.pull.done():
+                            self._output_turn(o, now, issue=False)
+                            self._wake.set()
                 if self._pending:
                     return self._pending.popleft()
                 if self._error is not None:
@@ -610,15 +614,22 @@ class RaySupervisor(Supervisor):
 
     # ================================================================ the pump
 
-    def _future(self, ref: Any) -> Future:
+    def _future(self, ref: Any, pull: bool = False) -> Future:
         fut = ref.future()
-        fut.add_done_callback(self._done_call)
+        fut.add_done_callback(self._pulled if pull else self._done_call)
         return fut
 
     def _done_call(self, _fut: Any) -> None:
         # (a Ray thread: no lock may be taken here, the pump holds ours while calling Ray)
         self._wake.set()
         self._arrived.set()
+
+    def _pulled(self, _fut: Any) -> None:
+        # A pull answered: a caller waiting in recv() takes it (and wakes the pump for the
+        # next pull once it has its frames); the pump only when nobody waits.
+        self._arrived.set()
+        if not self._receiving:
+            self._wake.set()
 
     def _loop(self) -> None:
         try:
@@ -686,14 +697,14 @@ class RaySupervisor(Supervisor):
             return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
-            i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, frames, s.committed))
+            i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, pack_frames(frames), s.committed))
         if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
             i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
         return changed
 
-    def _output_turn(self, o: _Output, now: float) -> bool:
-        """The output edge's pull: its frames to the caller's queue, then the next pull; True
-        when frames came."""
+    def _output_turn(self, o: _Output, now: float, issue: bool = True) -> bool:
+        """The output edge's pull: its frames to the caller's queue, then (``issue``) the next
+        pull; True when frames came."""
         r = o.receiver
         h = self._hosts[o.host]
         fut = o.pull
@@ -701,7 +712,8 @@ class RaySupervisor(Supervisor):
         if fut is not None and fut.done():
             o.pull = None
             try:
-                status, inc, frames, _asked = fut.result()
+                status, inc, packed, _asked = fut.result()
+                frames = unpack_frames(packed)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
                 o.retry_at = now + RETRY
@@ -719,10 +731,10 @@ class RaySupervisor(Supervisor):
                             self._pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, 0, o.src)))
                     # the caller's queue is the end of the line: received is committed
                     r.set_committed(r.expected)
-        if o.pull is None and now >= o.retry_at and not self._aborting:
+        if issue and o.pull is None and now >= o.retry_at and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
-                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
+                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), pull=True)
         return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
