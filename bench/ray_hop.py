@@ -6,15 +6,20 @@
 A 2-node Ray cluster on this machine (``ray.cluster_utils.Cluster``; nodes labelled
 ``remotemedia.host=head`` and ``remotemedia.host=gpu``), and the same shape twice:
 
-    remotemedia   driver --> a (head) --> b (gpu) --> driver     Pipeline.run / send+recv,
-                  backend="ray": a and b are pass-through nodes in worker processes under
-                  each host's HostAgent; a -> b is the cross-host edge
+    remotemedia   driver --> a (head) --> b (gpu) --> driver     send+recv, backend="ray":
+                  a and b are pass-through nodes in worker processes, a under the driver's
+                  own part (iceoryx2 from the caller), b under the gpu host's HostAgent;
+                  a -> b and b -> the caller are cut edges (a push, a pull: Ray calls)
     ray           driver --> A (head) --> B (gpu) --> driver     B.f.remote(A.f.remote(x)),
                   two pass-through actors placed by the same labels
 
-Measured at 4 KiB and 6.2 MB (a 1080p RGB frame):
-    latency     one frame at a time: send, receive, repeat; p50 and p90 round trip
+Both are alive for the whole run and measured in alternating rounds (the host's load moves:
+each round weighs on both alike), at 4 KiB and 6.2 MB (a 1080p RGB frame):
+    latency     one frame at a time: send, receive, repeat; p50 and p99 round trip
     throughput  N frames streamed (ray: at most 16 chains in flight); frames/s and MB/s
+    parts       where a lone frame's time goes: one Ray actor call to each host's actor and
+                back, and one local-backend hop (caller -> pass-through worker -> caller,
+                iceoryx2), each alone, in alternating rounds with both chains again
 
 Ratios are remotemedia / ray of the same run (these machines are shared and noisy: only
 ratios within one run mean anything). Ray talks on 127.0.0.1 only: the bench runs inside a
@@ -134,6 +139,42 @@ class _Plain:
         ray.get(pending)
 
 
+class _RayCall:
+    """A part: one Ray actor call from the driver to the plain chain's actor on ``host``
+    and back (``X.f.remote(x)``, waited for): two Ray messages and the call's overhead."""
+
+    def __init__(self, plain: _Plain, host: str) -> None:
+        self.name = f"ray call to {host}"
+        self.actor = plain.a if host == "head" else plain.b
+
+    def one(self, frame: np.ndarray) -> None:
+        import ray
+
+        ray.get(self.actor.f.remote(frame))
+
+
+class _LocalHop:
+    """A part: one pass-through node on the local backend (caller -> worker -> caller over
+    iceoryx2), the hop each host's part adds around a Ray message."""
+
+    name = "local iceoryx2 hop"
+
+    def __enter__(self) -> "_LocalHop":
+        from remotemedia import Pipeline, Supervisor
+        from remotemedia.nodes import PassThroughNode
+
+        self.sup = Supervisor(Pipeline([PassThroughNode(name="p")], name="hop-local"), control=False).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sup.close()
+        self.sup.join(60)
+
+    def one(self, frame: np.ndarray) -> None:
+        self.sup.send(frame)
+        self.sup.recv(timeout=120)
+
+
 def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: int) -> Dict[str, Dict[str, float]]:
     """Latency and throughput of each system at ``size``, in ``rounds`` alternating rounds
     (so that the host's load, which moves, weighs on every system alike)."""
@@ -151,21 +192,16 @@ def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: i
                 s.one(frame)
                 rtt[s.name].append(time.perf_counter() - t0)
         for s in order:
-            t0 = time.perf_counter()
-            s.stream(frame, max(1, n_stream // rounds))
-            busy[s.name] += time.perf_counter() - t0
+            if n_stream and hasattr(s, "stream"):
+                t0 = time.perf_counter()
+                s.stream(frame, max(1, n_stream // rounds))
+                busy[s.name] += time.perf_counter() - t0
     out: Dict[str, Dict[str, float]] = {}
     for s in systems:
         xs, n = rtt[s.name], max(1, n_stream // rounds) * rounds
-        out[s.name] = {
-            "p50_ms": _pct(xs, 0.5) * 1e3,
-            "p99_ms": _pct(xs, 0.99) * 1e3,
-            "mean_ms": sum(xs) / len(xs) * 1e3,
-            "fps": n / busy[s.name],
-            "MBps": n * size / busy[s.name] / 1e6,
-            "frames_latency": len(xs),
-            "frames_stream": n,
-        }
+        out[s.name] = {"p50_ms": _pct(xs, 0.5) * 1e3, "p99_ms": _pct(xs, 0.99) * 1e3, "frames_latency": len(xs)}
+        if busy[s.name]:
+            out[s.name].update(fps=n / busy[s.name], MBps=n * size / busy[s.name] / 1e6, frames_stream=n)
     return out
 
 
@@ -189,7 +225,7 @@ def main() -> int:
     cluster = Cluster(initialize_head=True, head_node_args=dict(common, labels={LABEL: "head"}, include_dashboard=False))
     cluster.add_node(**common, labels={LABEL: "gpu"})
     ray.init(address=cluster.address, log_to_driver=False)
-    results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}}
+    results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}, "parts": {}}
     try:
         with _Ours() as ours, _Plain() as plain:
             for label, size in SIZES.items():
@@ -200,6 +236,16 @@ def main() -> int:
                 results["sizes"][label] = {"bytes": size, **got}
                 for name, r in got.items():
                     print(f"{label:7s} {name:12s} {r}", flush=True)
+            # Where a lone frame's time goes: the parts, measured alone, alternating with the
+            # two chains again (p50s; latency only)
+            with _LocalHop() as hop:
+                parts = [ours, plain, _RayCall(plain, "head"), _RayCall(plain, "gpu"), hop]
+                for label, size in SIZES.items():
+                    big = size > 1 << 20
+                    n_ping = (10 if big else 60) if args.quick else (40 if big else 300)
+                    got = measure(parts, size, n_ping, 0, rounds=2 if args.quick else 4)
+                    results["parts"][label] = {name: r["p50_ms"] for name, r in got.items()}
+                    print(f"{label:7s} parts (p50 ms) {results['parts'][label]}", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -218,6 +264,21 @@ def main() -> int:
         lines.append(f"| {label} | latency p50 | {rm['p50_ms']:.2f} ms | {rr['p50_ms']:.2f} ms | {rm['p50_ms'] / rr['p50_ms']:.2f} |")
         lines.append(f"| {label} | latency p99 | {rm['p99_ms']:.2f} ms | {rr['p99_ms']:.2f} ms | {rm['p99_ms'] / rr['p99_ms']:.2f} |")
         lines.append(f"| {label} | throughput | {rm['fps']:.0f} frames/s ({rm['MBps']:.0f} MB/s) | {rr['fps']:.0f} frames/s ({rr['MBps']:.0f} MB/s) | {rm['fps'] / rr['fps']:.2f} |")
+    lines += [
+        "",
+        "Where a lone frame's time goes (p50 in ms of each part measured alone, in alternating rounds with both chains "
+        "again; remotemedia's rest: its hop minus one Ray call to gpu and two local hops, i.e. its threads' hand-offs "
+        "and the Ray call made from them):",
+        "",
+        "| frame | remotemedia | plain chain | Ray call to head | Ray call to gpu | local iceoryx2 hop | remotemedia's rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, p in results["parts"].items():
+        rest = p["remotemedia"] - p["ray call to gpu"] - 2 * p["local iceoryx2 hop"]
+        lines.append(
+            f"| {label} | {p['remotemedia']:.2f} | {p['ray']:.2f} | {p['ray call to head']:.2f} | {p['ray call to gpu']:.2f} "
+            f"| {p['local iceoryx2 hop']:.2f} | {rest:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

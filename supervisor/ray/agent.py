@@ -458,10 +458,11 @@ class _Agent:
                         frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
                     if frames:
                         ref = self._peer(o).push.remote(o.edge, self.incarnation, pack_frames(frames), s.committed)
-                        o.data = (self._future(ref), len(frames))
+                        upto = frames[-1][0] + 1
+                        o.data = (self._future(ref, lambda: s.next_seq > upto or not s.room()), len(frames))
                 if o.poll is None and o.data is None and s.uncommitted() and not s.pending():
                     ref = self._peer(o).push.remote(o.edge, self.incarnation, [], s.committed)
-                    o.poll = self._future(ref)
+                    o.poll = self._future(ref, lambda: not s.room())
             except Exception as e:  # noqa: BLE001 - the peer is not there (yet): retry
                 self._peer_failed(o, e)
 
@@ -521,9 +522,16 @@ class _Agent:
             if took:
                 gw.flush()
 
-    def _future(self, ref: Any) -> Future:
+    def _future(self, ref: Any, urgent: Optional[Callable[[], bool]] = None) -> Future:
+        """A call's future, waking the pump when it is done (only if ``urgent()`` says so: a
+        push's reply matters now only when frames wait for it, newer than those it carried or
+        held back by a full window; else the pump takes it on its next turn, which the next
+        frame starts, instead of competing with this frame's hop for the cores)."""
         fut = ref.future()
-        fut.add_done_callback(lambda _f: self._wake())
+        if urgent is None:
+            fut.add_done_callback(lambda _f: self._wake())
+        else:
+            fut.add_done_callback(lambda _f: self._wake() if urgent() else None)
         return fut
 
     def _wake(self) -> None:
