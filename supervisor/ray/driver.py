@@ -93,6 +93,7 @@ class _Output:
         self.edge, self.host, self.src, self.receiver = edge, host, src, receiver
         self.pull: Optional[Future] = None  # a pull of its own, or one a push carries
         self.carried = False  # ... that one
+        self.carried_frames = 0  # frames that came with a push (a Ray call less each)
         self.retry_at = 0.0
         self.own_pull_at = 0.0  # no pull of its own before (the next push may carry it)
 
@@ -787,6 +788,7 @@ class RaySupervisor(Supervisor):
                     # (frames came with a push: the next push to that host may well carry
                     # the next pull too, a Ray call less per frame)
                     o.own_pull_at = now + CARRIED_IDLE
+                    o.carried_frames += len(frames)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
                 o.retry_at = now + RETRY
