@@ -470,7 +470,10 @@ class _Agent:
                     with self.lock:
                         frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
                     if frames:
-                        pulls, attach = self.piggyback(o.dst) if self.piggyback is not None else (None, None)
+                        # (a lone frame's push carries the driver's pulls: a stream's pushes
+                        # return at once, for the next batch)
+                        carry = self.piggyback is not None and len(frames) == 1
+                        pulls, attach = self.piggyback(o.dst) if carry else (None, None)
                         try:
                             ref = self._peer(o).push.remote(o.edge, self.incarnation, pack_frames(frames), s.committed, pulls)
                         except BaseException as e:

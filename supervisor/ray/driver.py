@@ -759,7 +759,7 @@ class RaySupervisor(Supervisor):
             return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
-            pulls, attach = self._claim_pulls(i.host)
+            pulls, attach = self._claim_pulls(i.host) if len(frames) == 1 else (None, None)
             try:
                 i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, pack_frames(frames), s.committed, pulls))
             except BaseException as e:
