@@ -6,15 +6,20 @@
 A 2-node Ray cluster on this machine (``ray.cluster_utils.Cluster``; nodes labelled
 ``remotemedia.host=head`` and ``remotemedia.host=gpu``), and the same shape twice:
 
-    remotemedia   driver --> a (head) --> b (gpu) --> driver     Pipeline.run / send+recv,
-                  backend="ray": a and b are pass-through nodes in worker processes under
-                  each host's HostAgent; a -> b is the cross-host edge
+    remotemedia   driver --> a (head) --> b (gpu) --> driver     send+recv, backend="ray":
+                  a and b are pass-through nodes in worker processes, a under the driver's
+                  own part (iceoryx2 from the caller), b under the gpu host's HostAgent;
+                  a -> b and b -> the caller are cut edges (a push, a pull: Ray calls)
     ray           driver --> A (head) --> B (gpu) --> driver     B.f.remote(A.f.remote(x)),
                   two pass-through actors placed by the same labels
 
-Measured at 4 KiB and 6.2 MB (a 1080p RGB frame):
-    latency     one frame at a time: send, receive, repeat; p50 and p90 round trip
+Both are alive for the whole run and measured in alternating rounds (the host's load moves:
+each round weighs on both alike), at 4 KiB and 6.2 MB (a 1080p RGB frame):
+    latency     one frame at a time: send, receive, repeat; p50 and p99 round trip
     throughput  N frames streamed (ray: at most 16 chains in flight); frames/s and MB/s
+    parts       where a lone frame's time goes: one Ray actor call to each host's actor and
+                back, and one local-backend hop (caller -> pass-through worker -> caller,
+                iceoryx2), each alone, in alternating rounds with both chains again
 
 Ratios are remotemedia / ray of the same run (these machines are shared and noisy: only
 ratios within one run mean anything). Ray talks on 127.0.0.1 only: the bench runs inside a
@@ -40,6 +45,8 @@ sys.path.insert(0, ROOT)
 
 LABEL = "remotemedia.host"
 SIZES = {"4 KiB": 4096, "6.2 MB": 1920 * 1080 * 3}
+#: Chains the plain Ray baseline keeps in flight when streaming.
+IN_FLIGHT = 16
 
 
 def _private_network() -> bool:
@@ -59,79 +66,142 @@ def _frame(size: int) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
 
 
-def bench_remotemedia(size: int, n_ping: int, n_stream: int) -> Dict[str, float]:
-    from remotemedia import Pipeline, Supervisor
-    from remotemedia.nodes import PassThroughNode
+class _Ours:
+    """Backend ray: ``a`` in a worker of the driver's host's part, ``b`` under the gpu
+    host's agent; a -> b and b -> the caller are cut edges (Ray calls)."""
 
-    frame = _frame(size)
-    p = Pipeline([PassThroughNode(name="a"), PassThroughNode(name="b", options={"host": "gpu"})], name="hop")
-    out: Dict[str, float] = {}
-    with Supervisor(p, backend="ray", control=False) as sup:
-        for _ in range(5):
-            sup.send(frame)
-            sup.recv(timeout=120)
-        rtt = []
-        for _ in range(n_ping):
-            t0 = time.perf_counter()
-            sup.send(frame)
-            sup.recv(timeout=120)
-            rtt.append(time.perf_counter() - t0)
-        out["p50_ms"], out["p90_ms"] = _pct(rtt, 0.5) * 1e3, _pct(rtt, 0.9) * 1e3
+    name = "remotemedia"
 
+    def __enter__(self) -> "_Ours":
+        from remotemedia import Pipeline, Supervisor
+        from remotemedia.nodes import PassThroughNode
+
+        p = Pipeline([PassThroughNode(name="a"), PassThroughNode(name="b", options={"host": "gpu"})], name="hop")
+        self.sup = Supervisor(p, backend="ray", control=False).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sup.close()
+        self.sup.join(60)
+
+    def one(self, frame: np.ndarray) -> None:
+        self.sup.send(frame)
+        self.sup.recv(timeout=120)
+
+    def stream(self, frame: np.ndarray, n: int) -> None:
         def feed() -> None:
-            for _ in range(n_stream):
-                sup.send(frame)
+            for _ in range(n):
+                self.sup.send(frame)
 
-        t0 = time.perf_counter()
         t = threading.Thread(target=feed, daemon=True)
         t.start()
-        for _ in range(n_stream):
-            sup.recv(timeout=120)
-        dt = time.perf_counter() - t0
+        for _ in range(n):
+            self.sup.recv(timeout=120)
         t.join()
-        sup.close()
-    out["fps"] = n_stream / dt
-    out["MBps"] = n_stream * size / dt / 1e6
-    return out
 
 
-def bench_ray(size: int, n_ping: int, n_stream: int) -> Dict[str, float]:
-    import ray
+class _Plain:
+    """Two pass-through Ray actors placed by the same labels: ``B.f.remote(A.f.remote(x))``."""
 
-    @ray.remote(num_cpus=0)
-    class Stage:
-        def f(self, x: Any) -> Any:
-            return x
+    name = "ray"
 
-    a = Stage.options(label_selector={LABEL: "head"}).remote()
-    b = Stage.options(label_selector={LABEL: "gpu"}).remote()
-    frame = _frame(size)
-    out: Dict[str, float] = {}
-    try:
-        for _ in range(5):
-            ray.get(b.f.remote(a.f.remote(frame)))
-        rtt = []
-        for _ in range(n_ping):
-            t0 = time.perf_counter()
-            ray.get(b.f.remote(a.f.remote(frame)))
-            rtt.append(time.perf_counter() - t0)
-        out["p50_ms"], out["p90_ms"] = _pct(rtt, 0.5) * 1e3, _pct(rtt, 0.9) * 1e3
-        t0 = time.perf_counter()
+    def __enter__(self) -> "_Plain":
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Stage:
+            def f(self, x: Any) -> Any:
+                return x
+
+        self.a = Stage.options(label_selector={LABEL: "head"}).remote()
+        self.b = Stage.options(label_selector={LABEL: "gpu"}).remote()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        ray.kill(self.a)
+        ray.kill(self.b)
+
+    def one(self, frame: np.ndarray) -> None:
+        import ray
+
+        ray.get(self.b.f.remote(self.a.f.remote(frame)))
+
+    def stream(self, frame: np.ndarray, n: int) -> None:
+        import ray
+
         pending: List[Any] = []
-        done = 0
-        for _ in range(n_stream):
-            if len(pending) >= 16:
+        for _ in range(n):
+            if len(pending) >= IN_FLIGHT:
                 ray.get(pending.pop(0))
-                done += 1
-            pending.append(b.f.remote(a.f.remote(frame)))
-        for r in pending:
-            ray.get(r)
-        dt = time.perf_counter() - t0
-    finally:
-        ray.kill(a)
-        ray.kill(b)
-    out["fps"] = n_stream / dt
-    out["MBps"] = n_stream * size / dt / 1e6
+            pending.append(self.b.f.remote(self.a.f.remote(frame)))
+        ray.get(pending)
+
+
+class _RayCall:
+    """A part: one Ray actor call from the driver to the plain chain's actor on ``host``
+    and back (``X.f.remote(x)``, waited for): two Ray messages and the call's overhead."""
+
+    def __init__(self, plain: _Plain, host: str) -> None:
+        self.name = f"ray call to {host}"
+        self.actor = plain.a if host == "head" else plain.b
+
+    def one(self, frame: np.ndarray) -> None:
+        import ray
+
+        ray.get(self.actor.f.remote(frame))
+
+
+class _LocalHop:
+    """A part: one pass-through node on the local backend (caller -> worker -> caller over
+    iceoryx2), the hop each host's part adds around a Ray message."""
+
+    name = "local iceoryx2 hop"
+
+    def __enter__(self) -> "_LocalHop":
+        from remotemedia import Pipeline, Supervisor
+        from remotemedia.nodes import PassThroughNode
+
+        self.sup = Supervisor(Pipeline([PassThroughNode(name="p")], name="hop-local"), control=False).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sup.close()
+        self.sup.join(60)
+
+    def one(self, frame: np.ndarray) -> None:
+        self.sup.send(frame)
+        self.sup.recv(timeout=120)
+
+
+def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Latency and throughput of each system at ``size``, in ``rounds`` alternating rounds
+    (so that the host's load, which moves, weighs on every system alike)."""
+    frame = _frame(size)
+    rtt: Dict[str, List[float]] = {s.name: [] for s in systems}
+    busy: Dict[str, float] = {s.name: 0.0 for s in systems}
+    for s in systems:
+        for _ in range(5):
+            s.one(frame)
+    for r in range(rounds):
+        order = systems if r % 2 == 0 else systems[::-1]
+        for s in order:
+            for _ in range(max(1, n_ping // rounds)):
+                t0 = time.perf_counter()
+                s.one(frame)
+                rtt[s.name].append(time.perf_counter() - t0)
+        for s in order:
+            if n_stream and hasattr(s, "stream"):
+                t0 = time.perf_counter()
+                s.stream(frame, max(1, n_stream // rounds))
+                busy[s.name] += time.perf_counter() - t0
+    out: Dict[str, Dict[str, float]] = {}
+    for s in systems:
+        xs, n = rtt[s.name], max(1, n_stream // rounds) * rounds
+        out[s.name] = {"p50_ms": _pct(xs, 0.5) * 1e3, "p99_ms": _pct(xs, 0.99) * 1e3, "frames_latency": len(xs)}
+        if busy[s.name]:
+            out[s.name].update(fps=n / busy[s.name], MBps=n * size / busy[s.name] / 1e6, frames_stream=n)
     return out
 
 
@@ -155,16 +225,27 @@ def main() -> int:
     cluster = Cluster(initialize_head=True, head_node_args=dict(common, labels={LABEL: "head"}, include_dashboard=False))
     cluster.add_node(**common, labels={LABEL: "gpu"})
     ray.init(address=cluster.address, log_to_driver=False)
-    results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}}
+    results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}, "parts": {}}
     try:
-        for label, size in SIZES.items():
-            big = size > 1 << 20
-            n_ping = (10 if big else 50) if args.quick else (40 if big else 300)
-            n_stream = (20 if big else 300) if args.quick else (150 if big else 3000)
-            rm = bench_remotemedia(size, n_ping, n_stream)
-            rr = bench_ray(size, n_ping, n_stream)
-            results["sizes"][label] = {"bytes": size, "remotemedia": rm, "ray": rr}
-            print(f"{label}: remotemedia {rm}\n{'':{len(label)}}  ray         {rr}", flush=True)
+        with _Ours() as ours, _Plain() as plain:
+            for label, size in SIZES.items():
+                big = size > 1 << 20
+                n_ping = (10 if big else 60) if args.quick else (60 if big else 600)
+                n_stream = (20 if big else 300) if args.quick else (120 if big else 3000)
+                got = measure([ours, plain], size, n_ping, n_stream, rounds=2 if args.quick else 6)
+                results["sizes"][label] = {"bytes": size, **got}
+                for name, r in got.items():
+                    print(f"{label:7s} {name:12s} {r}", flush=True)
+            # Where a lone frame's time goes: the parts, measured alone, alternating with the
+            # two chains again (p50s; latency only)
+            with _LocalHop() as hop:
+                parts = [ours, plain, _RayCall(plain, "head"), _RayCall(plain, "gpu"), hop]
+                for label, size in SIZES.items():
+                    big = size > 1 << 20
+                    n_ping = (10 if big else 60) if args.quick else (40 if big else 300)
+                    got = measure(parts, size, n_ping, 0, rounds=2 if args.quick else 4)
+                    results["parts"][label] = {name: r["p50_ms"] for name, r in got.items()}
+                    print(f"{label:7s} parts (p50 ms) {results['parts'][label]}", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -181,8 +262,23 @@ def main() -> int:
     for label, r in results["sizes"].items():
         rm, rr = r["remotemedia"], r["ray"]
         lines.append(f"| {label} | latency p50 | {rm['p50_ms']:.2f} ms | {rr['p50_ms']:.2f} ms | {rm['p50_ms'] / rr['p50_ms']:.2f} |")
-        lines.append(f"| {label} | latency p90 | {rm['p90_ms']:.2f} ms | {rr['p90_ms']:.2f} ms | {rm['p90_ms'] / rr['p90_ms']:.2f} |")
+        lines.append(f"| {label} | latency p99 | {rm['p99_ms']:.2f} ms | {rr['p99_ms']:.2f} ms | {rm['p99_ms'] / rr['p99_ms']:.2f} |")
         lines.append(f"| {label} | throughput | {rm['fps']:.0f} frames/s ({rm['MBps']:.0f} MB/s) | {rr['fps']:.0f} frames/s ({rr['MBps']:.0f} MB/s) | {rm['fps'] / rr['fps']:.2f} |")
+    lines += [
+        "",
+        "Where a lone frame's time goes (p50 in ms of each part measured alone, in alternating rounds with both chains "
+        "again; remotemedia's rest: its hop minus one Ray call to gpu and two local hops, i.e. its threads' hand-offs "
+        "and the Ray call made from them):",
+        "",
+        "| frame | remotemedia | plain chain | Ray call to head | Ray call to gpu | local iceoryx2 hop | remotemedia's rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, p in results["parts"].items():
+        rest = p["remotemedia"] - p["ray call to gpu"] - 2 * p["local iceoryx2 hop"]
+        lines.append(
+            f"| {label} | {p['remotemedia']:.2f} | {p['ray']:.2f} | {p['ray call to head']:.2f} | {p['ray call to gpu']:.2f} "
+            f"| {p['local iceoryx2 hop']:.2f} | {rest:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

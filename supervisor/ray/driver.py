@@ -40,7 +40,9 @@ from ..channels import split_frame
 from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
-from .agent import BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name
+from .agent import (
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, pack_frames, unpack_frames,
+)  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
 from .state import RunState
@@ -55,6 +57,10 @@ log = logging.getLogger("remotemedia.supervisor")
 LABEL = "remotemedia.host"
 #: Seconds between status polls of the agents.
 STATUS_EVERY = 0.5
+#: Seconds an output edge whose frames came with a push waits for the next push to carry
+#: its next pull before it pulls on its own (a caller sending one frame at a time sends the
+#: next one well within this).
+CARRIED_IDLE = 0.005
 #: The driver's incarnation (it never restarts: when it dies, the run is over).
 DRIVER_INC = 1
 
@@ -85,8 +91,11 @@ class _Output:
 
     def __init__(self, edge: int, host: Optional[str], src: str, receiver: EdgeReceiver) -> None:
         self.edge, self.host, self.src, self.receiver = edge, host, src, receiver
-        self.pull: Optional[Future] = None
+        self.pull: Optional[Future] = None  # a pull of its own, or one a push carries
+        self.carried = False  # ... that one
+        self.carried_frames = 0  # frames that came with a push (a Ray call less each)
         self.retry_at = 0.0
+        self.own_pull_at = 0.0  # no pull of its own before (the next push may carry it)
 
 
 class _Host:
@@ -235,7 +244,7 @@ class RaySupervisor(Supervisor):
                 if host is None:
                     # The driver's host: its part runs here, under a local Supervisor of this
                     # process (the caller's edges to it stay iceoryx2 edges).
-                    self._local = _Agent(spec, on_outputs=self._local_outputs)
+                    self._local = _Agent(spec, on_outputs=self._local_outputs, piggyback=self._claim_pulls)
                     self._hosts[host] = _Host(host, part, None, self._local)
                     continue
                 handle = HostAgent.options(
@@ -368,11 +377,13 @@ class RaySupervisor(Supervisor):
             with self._cond:
                 if not self._pending and not self._finished.is_set():
                     # (while a caller waits here, it takes the answers of the output edges'
-                    # pulls itself, not the pump: one thread switch less per frame)
+                    # pulls itself, not the pump: one thread switch less per frame; the next
+                    # pull is the pump's, while the caller has its frame)
                     now = time.monotonic()
                     for o in self._outputs:
-                        if o.pull is None or o.pull.done():
-                            self._output_turn(o, now)
+                        if o.pull is not None and o.pull.done():
+                            self._output_turn(o, now, issue=False)
+                            self._wake.set()
                 if self._pending:
                     return self._pending.popleft()
                 if self._error is not None:
@@ -610,9 +621,9 @@ class RaySupervisor(Supervisor):
 
     # ================================================================ the pump
 
-    def _future(self, ref: Any) -> Future:
+    def _future(self, ref: Any, pull: bool = False) -> Future:
         fut = ref.future()
-        fut.add_done_callback(self._done_call)
+        fut.add_done_callback(self._pulled if pull else self._done_call)
         return fut
 
     def _done_call(self, _fut: Any) -> None:
@@ -620,10 +631,62 @@ class RaySupervisor(Supervisor):
         self._wake.set()
         self._arrived.set()
 
+    def _pulled(self, _fut: Any) -> None:
+        # A pull answered: a caller waiting in recv() takes it (and wakes the pump for the
+        # next pull once it has its frames); the pump only when nobody waits.
+        self._arrived.set()
+        if not self._receiving:
+            self._wake.set()
+
+    def _claim_pulls(self, host: Any) -> Tuple[Optional[Dict[int, Any]], Optional[Callable[[Any], None]]]:
+        """The pulls of the caller's outputs from ``host`` that a push to it may carry now
+        (edge -> its receiver's reply and the frames it takes at most; None: none), and
+        ``attach(future of the push, or what its call raised)``, which hands each pull its
+        answer out of the push's reply (see HostAgent.push). An output edge has one pull at
+        a time, its own or carried: a carried one takes the slot of its own."""
+        with self._cond:
+            if self._aborting:
+                return None, None
+            now = time.monotonic()
+            finished = self._hosts[host].status.get("finished") if host in self._hosts else False
+            mine = [
+                o for o in self._outputs
+                if o.host == host and o.pull is None and now >= o.retry_at and not (o.receiver.eos and finished)
+            ]  # fmt: skip
+            if not mine:
+                return None, None
+            answers: List[Tuple[int, Future]] = []
+            for o in mine:
+                fut: Future = Future()
+                fut.add_done_callback(self._pulled)
+                o.pull, o.carried = fut, True
+                answers.append((o.edge, fut))
+            pulls = {o.edge: (o.receiver.reply(), BATCH_FRAMES) for o in mine}
+
+        def hand_out(push: Any) -> None:
+            try:
+                got = push.result()
+                pulled = got[2] if len(got) > 2 else {}
+            except BaseException as e:  # noqa: BLE001 - each pull fails as the push did
+                for _edge, fut in answers:
+                    fut.set_exception(e)
+                return
+            for edge, fut in answers:
+                fut.set_result(pulled.get(edge, ("none", 0, [], None)))
+
+        def attach(push: Any) -> None:
+            if isinstance(push, BaseException):
+                for _edge, fut in answers:
+                    fut.set_exception(push)
+            else:
+                push.add_done_callback(hand_out)
+
+        return pulls, attach
+
     def _loop(self) -> None:
         try:
             while True:
-                self._wake.wait(0.05)
+                self._wake.wait(self._next_wait())
                 self._wake.clear()
                 self._turn()
                 if self._done():
@@ -641,6 +704,16 @@ class RaySupervisor(Supervisor):
                 self._finished.set()
                 self._cond.notify_all()
             self._arrived.set()
+
+    def _next_wait(self) -> float:
+        """Seconds the pump may sleep: until an output edge whose last frames came with a
+        push pulls on its own again (no push carried its next pull), else 0.05."""
+        now = time.monotonic()
+        left = 0.05
+        for o in self._outputs:
+            if o.pull is None and o.own_pull_at > now:
+                left = min(left, o.own_pull_at - now)
+        return left
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -676,7 +749,7 @@ class RaySupervisor(Supervisor):
             setattr(i, which, None)
             changed = True
             try:
-                status, reply = fut.result()
+                status, reply = fut.result()[:2]
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: input edge %d to %s: %s; retrying", self.name, i.edge, host_text(i.host), type(e).__name__)
                 i.retry_at = now + RETRY
@@ -686,22 +759,36 @@ class RaySupervisor(Supervisor):
             return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
-            i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, frames, s.committed))
+            pulls, attach = self._claim_pulls(i.host) if len(frames) == 1 else (None, None)
+            try:
+                i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, pack_frames(frames), s.committed, pulls))
+            except BaseException as e:
+                if attach is not None:
+                    attach(e)
+                raise
+            if attach is not None:
+                attach(i.data)
         if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
             i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
         return changed
 
-    def _output_turn(self, o: _Output, now: float) -> bool:
-        """The output edge's pull: its frames to the caller's queue, then the next pull; True
-        when frames came."""
+    def _output_turn(self, o: _Output, now: float, issue: bool = True) -> bool:
+        """The output edge's pull: its frames to the caller's queue, then (``issue``) the next
+        pull; True when frames came."""
         r = o.receiver
         h = self._hosts[o.host]
         fut = o.pull
         changed = False
         if fut is not None and fut.done():
-            o.pull = None
+            carried, o.pull, o.carried = o.carried, None, False
             try:
-                status, inc, frames, _asked = fut.result()
+                status, inc, packed, _asked = fut.result()
+                frames = unpack_frames(packed)
+                if carried and frames:
+                    # (frames came with a push: the next push to that host may well carry
+                    # the next pull too, a Ray call less per frame)
+                    o.own_pull_at = now + CARRIED_IDLE
+                    o.carried_frames += len(frames)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
                 o.retry_at = now + RETRY
@@ -719,10 +806,10 @@ class RaySupervisor(Supervisor):
                             self._pending.append((value, FrameInfo(seq, origin, stream_id, created_ns, 0, o.src)))
                     # the caller's queue is the end of the line: received is committed
                     r.set_committed(r.expected)
-        if o.pull is None and now >= o.retry_at and not self._aborting:
+        if issue and o.pull is None and now >= max(o.retry_at, o.own_pull_at) and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
-                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL))
+                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), pull=True)
         return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
