@@ -56,6 +56,11 @@ def test_roundtrip_header_and_zero_copy(node):
     assert not obj["a"].flags.writeable
     with pytest.raises((BufferError, TypeError)):
         (ctypes.c_char * 4).from_buffer(s)  # a writable view of a received frame is refused
+    get_buffer = ctypes.pythonapi.PyObject_GetBuffer  # (the C call, error as raised)
+    get_buffer.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
+    view = (ctypes.c_byte * 256)()  # (room for a Py_buffer)
+    with pytest.raises(BufferError, match="read-only shared memory; copy it"):
+        get_buffer(s, ctypes.addressof(view), 1)  # PyBUF_WRITABLE
     assert sub.receive() is None
 
 

@@ -995,9 +995,16 @@ unsafe fn fill_view(
         return Err(PyBufferError::new_err("Py_buffer view is null"));
     }
     if readonly && (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
-        return Err(PyBufferError::new_err(
-            "a received frame is read-only shared memory; copy it (e.g. numpy.array(x)) to modify it",
-        ));
+        // numpy.frombuffer() asks for a writable view first and clears this error (every array
+        // decoded from a frame): set it as CPython itself would, not as a pyo3 error, which
+        // would build the exception object just to have it thrown away.
+        unsafe {
+            ffi::PyErr_SetString(
+                ffi::PyExc_BufferError,
+                c"a received frame is read-only shared memory; copy it (e.g. numpy.array(x)) to modify it".as_ptr(),
+            );
+        }
+        return Err(PyErr::fetch(owner.py()));
     }
     unsafe {
         (*view).obj = owner.into_ptr();
