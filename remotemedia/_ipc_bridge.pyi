@@ -415,6 +415,14 @@ class InPortCore:
     def should_copy(self) -> bool: ...
     def close(self) -> None: ...
 
+class FrameSlot:
+    """The frame a stage's ``process()`` has in hand (``Node.current_frame`` calls it through
+    ``Node._remotemedia_frame_of``)."""
+
+    def __call__(self) -> Optional[Tuple[int, int, int, int, int, str]]:
+        """``(seq, origin, stream_id, created_ns, sent_ns, source node)``; None outside
+        ``process()``."""
+
 class StageLoop:
     """A stage worker's frame loop (``rust/ipc_bridge/src/ports/stage.rs``): take, process,
     send, status block, without Python per frame; built by ``supervisor.worker.runner``."""
@@ -484,5 +492,7 @@ class StageLoop:
     ) -> Optional[Tuple[int, bool, bool]]:
         """``serve()`` for a source: ``run_source()`` turns and the waits for room between
         them. ``(items, exhausted, fds_ready)``; None as for ``serve()``."""
+    @property
+    def frame_slot(self) -> FrameSlot: ...
     def take_latencies(self) -> Optional[Tuple[int, int, int, List[int], List[int]]]:
         """``LatencyStats.merge()``'s arguments for the frames since the last call."""

@@ -155,7 +155,7 @@ class Group(Node):
 
     def _through(self, start: int, items: List[Any]) -> List[Any]:
         """Pass ``items`` through members ``start..`` in turn; the last member's outputs."""
-        frame = self._remotemedia_frame
+        frame = self._frame_raw()
         last = len(self.nodes) - 1
         stream_id: Optional[int] = None
         for i in range(start, last + 1):

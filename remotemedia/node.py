@@ -169,6 +169,17 @@ class Node:
     # (seq, origin, stream_id, created_ns, sent_ns, source) of the frame being processed, set
     # by the worker; the FrameInfo is only built when a node asks for it.
     _remotemedia_frame: Optional[Tuple[int, int, int, int, int, str]] = None
+    # ... or asked of the worker's frame loop, when it keeps that tuple itself (the bridge's
+    # stage loop: no attribute set per frame)
+    _remotemedia_frame_of: Optional[Callable[[], Optional[Tuple[int, int, int, int, int, str]]]] = None
+
+    def _frame_raw(self) -> Optional[Tuple[int, int, int, int, int, str]]:
+        raw = self._remotemedia_frame
+        if raw is None:
+            frame_of = self._remotemedia_frame_of
+            if frame_of is not None:
+                raw = frame_of()
+        return raw
 
     @property
     def current_frame(self) -> Optional[FrameInfo]:
@@ -180,7 +191,7 @@ class Node:
                 if self.current_frame.stream_id == 1:
                     ...
         """
-        raw = self._remotemedia_frame
+        raw = self._frame_raw()
         return None if raw is None else FrameInfo(*raw)
 
     @current_frame.setter

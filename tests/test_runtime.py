@@ -176,6 +176,9 @@ class HeaderEcho(Node):
         f = self.current_frame
         return (data, f.seq, f.origin, f.source)
 
+    def flush(self):
+        return ("after", self.current_frame)  # (no frame in hand outside process())
+
 
 @dataclasses.dataclass
 class Packet:
@@ -290,7 +293,7 @@ def test_generator_async_and_none_outputs():
 @pytest.mark.slow
 def test_frame_header_reaches_the_node():
     out = Pipeline([PassThroughNode(name="up"), HeaderEcho(name="echo")]).run(["x", "y"])
-    assert out == [("x", 0, 0, "up"), ("y", 1, 1, "up")]
+    assert out == [("x", 0, 0, "up"), ("y", 1, 1, "up"), ("after", None)]
 
 
 def test_any_picklable_payload_dataclass_text_bytes_json():

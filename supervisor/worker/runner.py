@@ -197,6 +197,7 @@ class Runner:
                 self._halted, ledger.processed, counters, np.ndarray, _dumps, _PROTOCOL, list(BOUNDS_NS),
                 board.buffer if board is not None else None,
             )  # fmt: skip
+            node._remotemedia_frame_of = self._stage.frame_slot  # (Node.current_frame asks it)
 
     # (views of the ledger's state, for tests and tools)
 

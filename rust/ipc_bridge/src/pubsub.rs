@@ -610,10 +610,40 @@ struct RxCache {
     shape: Option<Py<PyAny>>,
 }
 
+/// What `take()` got: a frame the subscriber decoded, or a Sample for Python to handle.
+pub(crate) enum Taken {
+    /// `(data, seq, origin, stream_id, created_ns, sent_ns)`
+    Decoded(Py<PyAny>, u64, u64, u64, u64, u64),
+    Sample(Py<PyAny>),
+}
+
+impl Taken {
+    /// As Python sees it: the tuple `(data, seq, origin, stream_id, created_ns, sent_ns)`, or
+    /// the Sample.
+    pub(crate) fn into_object(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(match self {
+            Taken::Decoded(data, seq, origin, stream_id, created_ns, sent_ns) => {
+                (data, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?.into_any().unbind()
+            }
+            Taken::Sample(s) => s,
+        })
+    }
+
+    /// From what a Python transport's `take()` returned.
+    pub(crate) fn from_object(obj: Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(if obj.is_instance_of::<pyo3::types::PyTuple>() {
+            let (data, seq, origin, stream_id, created_ns, sent_ns) = obj.extract()?;
+            Taken::Decoded(data, seq, origin, stream_id, created_ns, sent_ns)
+        } else {
+            Taken::Sample(obj.unbind())
+        })
+    }
+}
+
 impl Subscriber {
     /// `take()` of a frame that is not a learned array: a small pickled object, decoded; the
     /// Sample otherwise.
-    fn take_pickled(&self, py: Python<'_>, sample: Sample, expected: u64, copy: bool) -> PyResult<Option<Py<PyAny>>> {
+    fn take_pickled(&self, py: Python<'_>, sample: Sample, expected: u64, copy: bool) -> PyResult<Option<Taken>> {
         let h = &sample.header;
         let (m0, m1) = sample.meta;
         if h.seq == expected
@@ -639,8 +669,7 @@ impl Subscriber {
                     Py::new(py, sample)?.into_bound(py).into_any()
                 };
                 let obj = codec.decode(py, &meta, &source, &offsets)?;
-                let t = (obj, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
-                return Ok(Some(t.into_any().unbind()));
+                return Ok(Some(Taken::Decoded(obj, seq, origin, stream_id, created_ns, sent_ns)));
             }
         }
         let loads = match self.rx_pickle.lock().expect("subscriber cache poisoned").as_ref() {
@@ -654,15 +683,64 @@ impl Subscriber {
             {
                 loads.clone_ref(py)
             }
-            _ => return Ok(Some(Py::new(py, sample)?.into_any())),
+            _ => return Ok(Some(Taken::Sample(Py::new(py, sample)?.into_any()))),
         };
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
         self.last_len.store(sample.len, Ordering::Relaxed);
         let meta = PyBytes::new(py, unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) });
         drop(sample); // the chunk goes back to the publisher before the unpickling runs
         let obj = loads.bind(py).call1((meta,))?;
-        let t = (obj, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
-        Ok(Some(t.into_any().unbind()))
+        Ok(Some(Taken::Decoded(obj.unbind(), seq, origin, stream_id, created_ns, sent_ns)))
+    }
+
+    /// The hot path of a stage's input. Receives the next frame; when it is the data frame
+    /// `expected` carrying an array like the learned one (see `learn_array()`), returns
+    /// `(array, seq, origin, stream_id, created_ns, sent_ns)` with `array` read-only: a view on
+    /// shared memory while fewer than `borrow_limit` frames are held, else a private copy (the
+    /// chunk goes back at once, as Python's `decode(copy=True)`). A small pickled object (see
+    /// `learn_pickle()`) comes the same way, unpickled from a private copy of its bytes. Any
+    /// other frame comes back as a `Sample` for Python to handle; None when the queue is empty.
+    pub(crate) fn take_frame(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Taken>> {
+        // (counted before this frame, as Python's decode(copy=...) decision is)
+        let copy = self.borrowed.load(Ordering::Acquire) >= borrow_limit;
+        let Some(sample) = self.receive_sample()? else { return Ok(None) };
+        let h = &sample.header;
+        // (nothing is called back into Python while the cache is locked)
+        let (frombuffer, dtype, count, shape) = {
+            let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
+            match guard.as_ref() {
+                Some(c)
+                    if h.seq == expected
+                        && h.kind == KIND_DATA
+                        && sample.buffers.len() == 1
+                        && sample.len == c.payload_len
+                        && sample.meta.1 - sample.meta.0 == c.meta.len()
+                        && unsafe {
+                            std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
+                        } == c.meta.as_slice() =>
+                {
+                    (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
+                }
+                _ => return self.take_pickled(py, sample, expected, copy),
+            }
+        };
+        let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
+        self.last_len.store(sample.len, Ordering::Relaxed);
+        let (offset, nbytes) = sample.buffers[0];
+        let (source, offset) = if copy {
+            let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
+            let private = PyBytes::new(py, data).into_any();
+            drop(sample); // the chunk goes back to the publisher now
+            (private, 0)
+        } else {
+            (Py::new(py, sample)?.into_bound(py).into_any(), offset)
+        };
+        // (positional: frombuffer(buffer, dtype, count, offset), no keyword dict per frame)
+        let mut arr = frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
+        if let Some(shape) = shape {
+            arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
+        }
+        Ok(Some(Taken::Decoded(arr.unbind(), seq, origin, stream_id, created_ns, sent_ns)))
     }
 
     pub(crate) fn receive_sample(&self) -> PyResult<Option<Sample>> {
@@ -800,55 +878,11 @@ impl Subscriber {
         Ok(())
     }
 
-    /// The hot path of a stage's input. Receives the next frame; when it is the data frame
-    /// `expected` carrying an array like the learned one (see `learn_array()`), returns
-    /// `(array, seq, origin, stream_id, created_ns, sent_ns)` with `array` read-only: a view on
-    /// shared memory while fewer than `borrow_limit` frames are held, else a private copy (the
-    /// chunk goes back at once, as Python's `decode(copy=True)`). A small pickled object (see
-    /// `learn_pickle()`) comes the same way, unpickled from a private copy of its bytes. Any
-    /// other frame comes back as a `Sample` for Python to handle; None when the queue is empty.
+    /// `take()` for Python (see `take_frame`): the tuple
+    /// `(data, seq, origin, stream_id, created_ns, sent_ns)` or a Sample; None when the queue
+    /// is empty.
     pub(crate) fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
-        // (counted before this frame, as Python's decode(copy=...) decision is)
-        let copy = self.borrowed.load(Ordering::Acquire) >= borrow_limit;
-        let Some(sample) = self.receive_sample()? else { return Ok(None) };
-        let h = &sample.header;
-        // (nothing is called back into Python while the cache is locked)
-        let (frombuffer, dtype, count, shape) = {
-            let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
-            match guard.as_ref() {
-                Some(c)
-                    if h.seq == expected
-                        && h.kind == KIND_DATA
-                        && sample.buffers.len() == 1
-                        && sample.len == c.payload_len
-                        && sample.meta.1 - sample.meta.0 == c.meta.len()
-                        && unsafe {
-                            std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
-                        } == c.meta.as_slice() =>
-                {
-                    (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
-                }
-                _ => return self.take_pickled(py, sample, expected, copy),
-            }
-        };
-        let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
-        self.last_len.store(sample.len, Ordering::Relaxed);
-        let (offset, nbytes) = sample.buffers[0];
-        let (source, offset) = if copy {
-            let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
-            let private = PyBytes::new(py, data).into_any();
-            drop(sample); // the chunk goes back to the publisher now
-            (private, 0)
-        } else {
-            (Py::new(py, sample)?.into_bound(py).into_any(), offset)
-        };
-        // (positional: frombuffer(buffer, dtype, count, offset), no keyword dict per frame)
-        let mut arr = frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
-        if let Some(shape) = shape {
-            arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
-        }
-        let t = (arr, seq, origin, stream_id, created_ns, sent_ns).into_pyobject(py)?;
-        Ok(Some(t.into_any().unbind()))
+        self.take_frame(py, expected, borrow_limit)?.map(|t| t.into_object(py)).transpose()
     }
 
     /// True when at least one frame is queued.

@@ -3,9 +3,9 @@
 //! `supervisor.channels.InPort` builds one.
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 use super::books::{Accept, InBooks, Wake};
+use crate::pubsub::Taken;
 use super::transport::{frame_header, sample_info, Notif, Pub, Sub};
 use super::{now_s, KIND_ACK, KIND_EOS, KIND_PROBE};
 
@@ -44,22 +44,25 @@ impl InPort {
     }
 
     /// `take()`: the next in-order frame, decoded by the subscriber when it can.
-    pub(crate) fn take_next(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+    pub(crate) fn take_next(&mut self, py: Python<'_>) -> PyResult<Option<Taken>> {
         let Some(r) = self.sub_.take(py, self.books.expected, self.borrow_limit)? else { return Ok(None) };
-        if r.bind(py).is_instance_of::<PyTuple>() {
-            // (the subscriber decodes only the frame it was told to expect)
-            self.books.took(self.books.expected);
-            let len = self.sub_.last_len(py);
-            if len > 0 {
-                self.books.sized(len);
+        let r = match r {
+            Taken::Decoded(..) => {
+                // (the subscriber decodes only the frame it was told to expect)
+                self.books.took(self.books.expected);
+                let len = self.sub_.last_len(py);
+                if len > 0 {
+                    self.books.sized(len);
+                }
+                self.decoded_by_bridge += 1;
+                return Ok(Some(r));
             }
-            self.decoded_by_bridge += 1;
-            return Ok(Some(r));
-        }
+            Taken::Sample(s) => s,
+        };
         if self.accept(py, r.bind(py))? {
-            return Ok(Some(r));
+            return Ok(Some(Taken::Sample(r)));
         }
-        self.receive_next(py)
+        Ok(self.receive_next(py)?.map(Taken::Sample))
     }
 
     pub(crate) fn receive_next(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
@@ -242,7 +245,7 @@ impl InPort {
     /// Python decoding). Anything else comes as a Sample. Raises what decoding raised (the
     /// frame is consumed).
     fn take(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        self.take_next(py)
+        self.take_next(py)?.map(|t| t.into_object(py)).transpose()
     }
 
     fn _accept(&mut self, py: Python<'_>, s: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {

@@ -27,16 +27,18 @@
 //! Python decides when this loop may run (a lazily framed Node, no recorded input order, no
 //! frames to skip, no gap to answer) and keeps every policy: errors, restarts, commits.
 
+use std::sync::Mutex;
+
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString};
 
 use super::inport::InPort;
 use crate::container::Codec;
 use super::outport::OutPort;
 use super::KIND_DATA;
 use crate::event::Listener;
-use crate::pubsub::{monotonic_ns, Subscriber};
+use crate::pubsub::{monotonic_ns, Subscriber, Taken};
 
 /// Fields of the worker's status block (`supervisor/scoreboard.py`), as 64-bit word indexes.
 const BUSY_SINCE: usize = 1;
@@ -106,12 +108,40 @@ impl Board {
     }
 }
 
+/// `(seq, origin, stream_id, created_ns, sent_ns, input index)` of the frame in process().
+type FrameNow = (u64, u64, u64, u64, u64, usize);
+
+/// The frame a stage's process() has in hand. The node's `current_frame` asks it (through
+/// `Node._remotemedia_frame_of`, set by the runner) only when process() wants to know, instead
+/// of the loop setting an attribute on the node twice per frame.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct FrameSlot {
+    now: Mutex<Option<FrameNow>>,
+    /// the producing node of each input
+    srcs: Vec<Py<PyAny>>,
+}
+
+impl FrameSlot {
+    fn set(&self, frame: Option<FrameNow>) {
+        *self.now.lock().expect("frame slot poisoned") = frame;
+    }
+}
+
+#[pymethods]
+impl FrameSlot {
+    /// `(seq, origin, stream_id, created_ns, sent_ns, source node)` of the frame being
+    /// processed; None outside process().
+    fn __call__(&self, py: Python<'_>) -> Option<(u64, u64, u64, u64, u64, Py<PyAny>)> {
+        let now = *self.now.lock().expect("frame slot poisoned");
+        now.map(|(seq, origin, stream, created, sent, j)| (seq, origin, stream, created, sent, self.srcs[j].clone_ref(py)))
+    }
+}
+
 /// The frame loop of one stage worker (see the module doc).
 #[pyclass(module = "remotemedia._ipc_bridge", name = "StageLoop")]
 pub struct StageLoop {
     inputs: Vec<Py<InPort>>,
     outputs: Vec<Py<OutPort>>,
-    node: Py<PyAny>,
     process: Py<PyAny>,
     /// Runner callbacks: emit_result(result) (with origin/stream/created set on the emitter),
     /// handle_frame(port, sample), failed(seq, origin, exc) -> True when the loop must stop,
@@ -135,15 +165,11 @@ pub struct StageLoop {
     last_origin: Option<(u64, u64, u64)>,
     /// process() durations of the frames since the last `take_latencies()`
     latencies: Latencies,
+    /// The frame process() has in hand, for the node's `current_frame` (see FrameSlot).
+    frame: Py<FrameSlot>,
     /// Python ran a frame's way (the emitter, handle_frame, a failure) since `serve()` began:
     /// the runner's state may have changed, so `serve()` hands back.
     python_turn: bool,
-}
-
-/// What a frame from `take()` is.
-enum Got {
-    Decoded(Py<PyAny>, u64, u64, u64, u64, u64),
-    Sample(Py<PyAny>),
 }
 
 type Subs = Vec<Py<Subscriber>>;
@@ -185,7 +211,7 @@ impl StageLoop {
     }
 
     /// The next frame of the inputs, round robin: (input index, frame), None when none waits.
-    fn next_frame(&mut self, py: Python<'_>) -> PyResult<Option<(usize, Got)>> {
+    fn next_frame(&mut self, py: Python<'_>) -> PyResult<Option<(usize, Taken)>> {
         let n = self.inputs.len();
         for i in 0..n {
             let j = (self.rr + i) % n;
@@ -200,12 +226,7 @@ impl StageLoop {
             if n > 1 {
                 self.rr = (j + 1) % n;
             }
-            let b = got.bind(py);
-            if let Ok(t) = b.cast::<PyTuple>() {
-                let (data, seq, origin, stream, created, sent): (Py<PyAny>, u64, u64, u64, u64, u64) = t.extract()?;
-                return Ok(Some((j, Got::Decoded(data, seq, origin, stream, created, sent))));
-            }
-            return Ok(Some((j, Got::Sample(got))));
+            return Ok(Some((j, got)));
         }
         Ok(None)
     }
@@ -301,16 +322,11 @@ impl StageLoop {
         created_ns: u64,
         sent_ns: u64,
     ) -> PyResult<bool> {
-        let (edge, src) = {
-            let p = self.inputs[j].borrow(py);
-            (p.index(), p.src(py))
-        };
-        let node = self.node.clone_ref(py).into_bound(py);
+        let edge = self.inputs[j].borrow(py).index();
         let frames_in_name = intern!(py, "frames_in");
         let frames_in = self.counter(py, frames_in_name)? + 1;
         self.counters.bind(py).setattr(frames_in_name, frames_in)?;
-        let frame_attr = intern!(py, "_remotemedia_frame");
-        node.setattr(frame_attr, (seq, origin, stream_id, created_ns, sent_ns, src))?;
+        self.frame.get().set(Some((seq, origin, stream_id, created_ns, sent_ns, j)));
         if let Some(b) = &self.board {
             b.set(BUSY_EDGE, edge as i64);
             b.set(BUSY_SEQ, seq as i64);
@@ -321,7 +337,7 @@ impl StageLoop {
         let mut python_ran = false;
         let outcome = self.process_and_send(py, data, origin, stream_id, created_ns, &mut python_ran);
         self.latencies.push(monotonic_ns().saturating_sub(t0));
-        node.setattr(frame_attr, py.None())?;
+        self.frame.get().set(None);
         if let Some(b) = &self.board {
             b.set(BUSY_SINCE, 0);
             b.set(FRAMES_IN, frames_in);
@@ -447,6 +463,7 @@ impl StageLoop {
         board: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let process = node.bind(py).getattr(intern!(py, "process"))?.unbind();
+        let srcs = inputs.iter().map(|p| p.borrow(py).src(py)).collect();
         let loans = emitter.bind(py).getattr(intern!(py, "loans"))?.cast_into::<PyDict>()?.unbind();
         let board = match board {
             None => None,
@@ -462,7 +479,6 @@ impl StageLoop {
         Ok(StageLoop {
             inputs,
             outputs,
-            node,
             process,
             emitter,
             handle_frame,
@@ -479,6 +495,7 @@ impl StageLoop {
             rr: 0,
             last_origin: None,
             latencies: Latencies::new(bounds),
+            frame: Py::new(py, FrameSlot { now: Mutex::new(None), srcs })?,
             python_turn: false,
         })
     }
@@ -496,10 +513,10 @@ impl StageLoop {
             let Some((j, got)) = self.next_frame(py)? else { break };
             steps += 1;
             let go_on = match got {
-                Got::Decoded(data, seq, origin, stream, created, sent) => {
+                Taken::Decoded(data, seq, origin, stream, created, sent) => {
                     self.run_frame(py, j, data, seq, origin, stream, created, sent)?
                 }
-                Got::Sample(sample) => {
+                Taken::Sample(sample) => {
                     if super::transport::sample_info(py, sample.bind(py))?.1 == super::KIND_EOS {
                         continue; // (the port marked its input ended)
                     }
@@ -746,6 +763,12 @@ impl StageLoop {
             }
         }
         Ok(Some((steps, false, false)))
+    }
+
+    /// What the node's `current_frame` asks (see FrameSlot).
+    #[getter]
+    fn frame_slot(&self, py: Python<'_>) -> Py<FrameSlot> {
+        self.frame.clone_ref(py)
     }
 
     /// The process() durations since the last call, as `LatencyStats.merge()` takes them:

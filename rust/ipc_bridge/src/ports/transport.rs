@@ -7,7 +7,7 @@ use pyo3::types::PyDict;
 
 use crate::errors::TransportError;
 use crate::event::Notifier;
-use crate::pubsub::{header, FrameHeader, Publisher, Sample, Subscriber};
+use crate::pubsub::{header, FrameHeader, Publisher, Sample, Subscriber, Taken};
 
 /// What an ack channel's newest frame said: `(seq, origin, stream_id, created_ns, kind)`.
 pub(crate) type AckInfo = (u64, u64, u64, u64, u32);
@@ -168,13 +168,13 @@ impl Sub {
         Ok(newest)
     }
 
-    /// `take()`: a decoded tuple, a Sample, or None.
-    pub(crate) fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Py<PyAny>>> {
+    /// `take()`: a decoded frame, a Sample, or None.
+    pub(crate) fn take(&self, py: Python<'_>, expected: u64, borrow_limit: usize) -> PyResult<Option<Taken>> {
         match self {
-            Sub::Iox(s) => s.get().take(py, expected, borrow_limit),
+            Sub::Iox(s) => s.get().take_frame(py, expected, borrow_limit),
             Sub::Py(o) => {
                 let r = o.bind(py).call_method1(intern!(py, "take"), (expected, borrow_limit))?;
-                Ok(if r.is_none() { None } else { Some(r.unbind()) })
+                Ok(if r.is_none() { None } else { Some(Taken::from_object(r)?) })
             }
         }
     }
