@@ -1,5 +1,5 @@
 """Replicas: ``Node(..., options={"replicas": N})`` runs N workers of one node; its upstream
-deals the frames over them, its downstream gets their outputs back in input order, and
+sends each frame to the least-loaded one, its downstream gets their outputs back in input order, and
 exactly-once holds across the crash of a replica, of the upstream and of the downstream."""
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def test_a_frame_a_replica_skips_or_dead_letters_does_not_stall_the_merge():
     )
     report = Supervisor(p, backoff_base=0.01, poison_threshold=2).run()
     assert _consumed(report.outputs) == [x for x in range(n) if x % 7 and x != 30]
-    assert report.nodes["x[0]"]["dead_letters"] == 1  # (30 went to replica 0)
+    assert report.nodes["x[0]"]["dead_letters"] + report.nodes["x[1]"]["dead_letters"] == 1
 
 
 @pytest.mark.slow
@@ -217,7 +217,7 @@ def test_the_caller_deals_inputs_to_replicas_and_gets_outputs_in_input_order(rep
         sup.close()
         out = list(sup)  # (as they arrive: no sorting by input)
         assert sup.join(60)
-        assert sup.report().nodes["x[0]"]["frames_in"] == len(range(0, n, replicas))
+        assert sum(sup.report().nodes[f"x[{i}]"]["frames_in"] for i in range(replicas)) == n
     assert out == _varied_expected(n) + ["flushed"] * replicas
 
 
