@@ -27,18 +27,17 @@ only or last output), ``END`` (no value: k had no more outputs), ``FLUSH`` (k = 
 of ``flush()``, after the replica's last input). A replica takes its inputs in seq order, and
 U sent them in k order, so each replica's outputs come in increasing k.
 
-*Merge* (:class:`Merge`, D's input step; :class:`Reorder` at the gateway): D consumes the
-outputs of its N input edges in the order of k, taking the next frame of each edge (its
-*head*) and consuming the head whose k is the next one until it has taken the frame that ends
-k (``LAST`` or ``END``), then k + 1. Each edge's frames come in increasing k, so the head that
-has k is the first frame after the last k consumed of whichever replica got it; while that
-is none of the heads, D waits for the edges without one. When every edge shows ``FLUSH`` or
-ended, every input was consumed: the ``flush()`` outputs follow, replica by replica. The
-order of consumption is a function of the frames' contents, and D's commits hold the next k
-(as a source's hold its position), so a restarted D goes on from its commit's k, consumes the
-replayed frames in the same order and re-emits exactly what it emitted before. A replica's
-crash is an ordinary restart: its edges replay the same frames with the same k's, and D waits
-for them in order.
+*Merge* (:class:`Merge`, D's input step; :class:`Reorder` at the gateway): D takes the
+frames of its N input edges as they come and consumes them in the order of k: the frame whose
+k is the next one until it has taken the frame that ends k (``LAST`` or ``END``), then
+k + 1. Each edge's frames come in increasing k, so the next k is the first frame not yet
+consumed of whichever replica got it; while it is on none of the edges, D waits for more.
+When every edge shows ``FLUSH`` or ended, every input was consumed: the ``flush()`` outputs
+follow, replica by replica. The order of consumption is a function of the frames' contents,
+and D's commits hold the next k (as a source's hold its position), so a restarted D goes on
+from its commit's k, consumes the replayed frames in the same order and re-emits exactly what
+it emitted before. A replica's crash is an ordinary restart: its edges replay the same frames
+with the same k's, and D waits for them in order.
 
 In-order output bounds what least-loaded can gain: while the replica with frame k is busy
 with it, the others run ahead only as far as their edges to D hold (D's ``queue_depth``).
@@ -239,12 +238,18 @@ class Reorder:
 
 
 # (k, kind, value, seq, origin, stream_id, created_ns, sent_ns, dead-lettered)
-Head = Tuple[int, int, Any, int, int, int, int, int, bool]
+Held = Tuple[int, int, Any, int, int, int, int, int, bool]
 
 
 class Merge:
     """The input step of a node fed by replicas: their outputs in the order of their inputs
-    (see the module docstring). Holds at most one frame per edge (its *head*) until its turn.
+    (see the module docstring).
+
+    It takes every frame that has arrived on every edge (each edge's queue here holds at most
+    its window: a frame counts as processed for flow control only once consumed). Reading
+    only up to one frame per edge would deadlock: a restarted replica sends its regenerated
+    outputs again, the duplicates are dropped (and acked) only as later frames are read, and
+    while they fill its window it processes nothing, maybe not the frame the merge waits for.
 
     Where it is (the next k, or -1 once every input was consumed) is the position of the
     node's commits (the ledger's ``source_position``, which only sources use otherwise): a
@@ -255,79 +260,93 @@ class Merge:
         self.ledger = runner.ledger
         self.ports: List[InPort] = sorted(runner.inputs, key=lambda p: p.spec.replica)
         self.n = len(self.ports)
-        self.heads: List[Optional[Head]] = [None] * self.n
+        self.held: List[Deque[Held]] = [deque() for _ in range(self.n)]
         self.draining = position < 0  # every input consumed: flush() outputs, replica by replica
         self.next_k = max(0, position)
         self.ledger.source_position = position
 
     def watch(self) -> List[Any]:
         """The subscribers whose frame would let the merge go on (for Runner.wait): the edges
-        without a head (one of them has the next k when no head has it)."""
+        with nothing held (one of them brings the next k when no held frame is it)."""
         if not self.draining:
-            return [p.sub for p, h in zip(self.ports, self.heads) if h is None and not p.eos]
+            return [p.sub for p, q in zip(self.ports, self.held) if not q and not p.eos]
         return next(([p.sub] for p in self.ports if not p.eos), [])
 
+    def holds(self) -> bool:
+        """Frames taken off the edges are waiting for their turn."""
+        return any(self.held)
+
     def _fill(self, i: int) -> None:
+        """Take what edge ``i`` has."""
         port = self.ports[i]
-        if self.heads[i] is not None or port.eos:
-            return
+        q = self.held[i]
         r = self.runner
-        got = port.receive() if r.skip else port.take()
-        if got is None:
-            return
-        if type(got) is tuple:  # decoded by the bridge
-            data, seq, origin, stream_id, created_ns, sent_ns = got
-            skipped = False
-        elif got.kind == KIND_EOS:
-            return
-        else:
-            seq, origin, stream_id, created_ns, sent_ns, _ = got.info
-            data = decode(got, True)  # (held until its turn: not a borrowed chunk)
-            skipped = bool(r.skip) and seq in r.skip.get(port.spec.index, ())
-            if skipped:
-                r.counters.dead_letters += 1
-                path = dead_letter(r.spec.name, r.spec.dead_letter_dir, port, got)
-                r.chan.send(DeadLetter(port.spec.index, seq, path))
-            del got
-        k, kind, value = data
-        self.heads[i] = (k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped)
+        while not port.eos:
+            got = port.receive() if r.skip else port.take()
+            if got is None:
+                return
+            if type(got) is tuple:  # decoded by the bridge
+                data, seq, origin, stream_id, created_ns, sent_ns = got
+                skipped = False
+            elif got.kind == KIND_EOS:
+                return
+            else:
+                seq, origin, stream_id, created_ns, sent_ns, _ = got.info
+                data = decode(got, port.sub.borrowed >= port.borrow_limit)
+                skipped = bool(r.skip) and seq in r.skip.get(port.spec.index, ())
+                if skipped:
+                    r.counters.dead_letters += 1
+                    path = dead_letter(r.spec.name, r.spec.dead_letter_dir, port, got)
+                    r.chan.send(DeadLetter(port.spec.index, seq, path))
+                del got
+            k, kind, value = data
+            q.append((k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped))
 
     def step(self) -> bool:
         """Consume the next frame in order if it is there; False when it is not."""
-        heads, ports, n = self.heads, self.ports, self.n
+        held, ports, n = self.held, self.ports, self.n
         if not self.draining:
             k = self.next_k
-            waiting = False  # an edge without a head may still bring k
+            waiting = False  # an edge with nothing held may still bring k
             for i in range(n):
-                self._fill(i)
-                h = heads[i]
-                if h is None:
-                    waiting = waiting or not ports[i].eos
-                elif h[0] == k and h[1] != FLUSH:
-                    if h[1] != MORE:
-                        self.next_k = self.ledger.source_position = k + 1
-                    self._consume(i, h)
-                    return True
+                q = held[i]
+                if not q:
+                    self._fill(i)
+                if q:
+                    h = q[0]
+                    if h[0] == k and h[1] != FLUSH:
+                        if h[1] != MORE:
+                            self.next_k = self.ledger.source_position = k + 1
+                        self._consume(i)
+                        return True
+                elif not ports[i].eos:
+                    waiting = True
+            # (the frames behind the held ones: duplicates of a restarted replica are dropped
+            # and acked only as they are read)
+            for i in range(n):
+                if held[i]:
+                    self._fill(i)
             if waiting:
                 return False
             # Every edge ended or shows its flush() outputs (its upstream sent nothing from k on).
-            for i, h in enumerate(heads):
-                if h is not None and h[1] != FLUSH:
+            for i, q in enumerate(held):
+                if q and q[0][1] != FLUSH:
                     raise RuntimeError(
-                        f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {h[0]} where "
+                        f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {q[0][0]} where "
                         f"those of frame {k} were due"
                     )
             self._drain()
         for i in range(n):
-            self._fill(i)
-            h = heads[i]
-            if h is not None:
-                if h[1] != FLUSH:
+            q = held[i]
+            if not q:
+                self._fill(i)
+            if q:
+                if q[0][1] != FLUSH:
                     raise RuntimeError(
-                        f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {h[0]} "
+                        f"node {self.runner.spec.name}: replica {ports[i].src} sent the outputs of frame {q[0][0]} "
                         "after every frame's"
                     )
-                self._consume(i, h)
+                self._consume(i)
                 return True
             if not ports[i].eos:
                 return False
@@ -337,9 +356,8 @@ class Merge:
         self.draining = True
         self.ledger.source_position = -1
 
-    def _consume(self, i: int, h: Head) -> None:
-        self.heads[i] = None
-        k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped = h
+    def _consume(self, i: int) -> None:
+        k, kind, value, seq, origin, stream_id, created_ns, sent_ns, skipped = self.held[i].popleft()
         port = self.ports[i]
         r = self.runner
         if kind == END or skipped:

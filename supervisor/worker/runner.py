@@ -581,6 +581,8 @@ class Runner:
     def inputs_done(self) -> bool:
         if self.source is not None:
             return self.source.done
+        if self._merge is not None and self._merge.holds():
+            return False  # (frames taken off the edges, not yet consumed)
         return all(p.eos for p in self.inputs)
 
     def finish(self) -> None:
