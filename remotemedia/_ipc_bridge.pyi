@@ -439,5 +439,41 @@ class StageLoop:
         self, items: Any, ledger: Any, failed: Callable[[int, BaseException, bool], None], max_frames: int, max_ns: int
     ) -> Tuple[int, bool]:
         """A source's items sent: ``(items, exhausted)``."""
+    def serve(
+        self,
+        inbox: Listener,
+        fds: List[int],
+        timeout: float,
+        spin_us: int,
+        ack_every: int,
+        max_frames: int,
+        max_ns: int,
+        slice_ns: int,
+    ) -> Optional[Tuple[int, bool]]:
+        """``run()`` turns, flow-control acks upstream, acks from downstream and the waits
+        between them (GIL released) until ``timeout``, ``slice_ns`` after the first frame, or
+        something the runner must handle (one of ``fds`` readable, a frame Python handled, a
+        gap, duplicates, a resend, a commit from downstream, every input ended, a signal).
+        ``(steps, fds_ready)``; None when a port's transport is not the bridge's iceoryx2.
+
+        Example (what ``Runner.serve`` does)::
+
+            steps, ctrl = stage.serve(inbox, [chan.fileno()], 1.0, 50, 1, 16, 2_000_000, 2_000_000)
+        """
+    def serve_source(
+        self,
+        items: Any,
+        ledger: Any,
+        failed: Callable[[int, BaseException, bool], None],
+        inbox: Listener,
+        fds: List[int],
+        timeout: float,
+        spin_us: int,
+        max_frames: int,
+        max_ns: int,
+        slice_ns: int,
+    ) -> Optional[Tuple[int, bool, bool]]:
+        """``serve()`` for a source: ``run_source()`` turns and the waits for room between
+        them. ``(items, exhausted, fds_ready)``; None as for ``serve()``."""
     def take_latencies(self) -> Optional[Tuple[int, int, int, List[int], List[int]]]:
         """``LatencyStats.merge()``'s arguments for the frames since the last call."""

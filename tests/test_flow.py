@@ -187,6 +187,28 @@ def test_a_producer_waiting_for_bytes_is_woken_by_its_consumer():
     assert report.outputs == list(range(4000))
 
 
+class Sleepy(Node):
+    def process(self, x):
+        if x < 100:
+            time.sleep(0.001)  # (the source's window fills: it waits for room)
+        return x
+
+
+def test_frames_flow_in_the_bridge_loop_not_per_frame_in_python():
+    # StageLoop.serve keeps a stage's wait/take/process/send/ack loop in the bridge and hands
+    # back to the runner's Python loop per 2 ms slice (or for control, commits, gaps...), not
+    # per wake-up; serve_source does the same for a source waiting for room.
+    report = Supervisor(
+        [RangeSource(3000, name="src"), PassThroughNode(name="mid"), Sleepy(name="sink", options={"queue_depth": 4})]
+    ).run()
+    assert report.outputs == list(range(3000))
+    mid = report.nodes["mid"]["bridge_loop"]
+    assert mid["frames"] > mid["turns"] > 0, mid
+    assert mid["frames"] >= 2000, mid  # (the first batches of a wake-up may run outside it)
+    src = report.nodes["src"]["bridge_loop"]
+    assert src["frames"] > 0, src
+
+
 def test_queue_bytes_must_be_a_positive_int():
     with pytest.raises(SupervisorError, match="queue_bytes must be a positive int"):
         Supervisor([PassThroughNode(name="p", options={"queue_bytes": 0})])

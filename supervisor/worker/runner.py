@@ -66,6 +66,9 @@ _SCALARS = frozenset((int, float, bool, str, bytes))
 _dumps = pickle.dumps
 BATCH_S = 0.002
 BATCH_NS = int(BATCH_S * 1e9)
+# While frames flow, a stage's bridge loop (StageLoop.serve) hands back to this loop at least
+# this often: the commit point, the commit report and the heartbeat are made here.
+SERVE_SLICE_NS = 2_000_000
 
 
 class Runner:
@@ -195,6 +198,7 @@ class Runner:
         # StageLoop) unless the node needs what only this class does per frame: a recorded
         # input order, or a current_frame attribute of its own (not a Node).
         self._stage: Optional[bridge.StageLoop] = None
+        self._serves = True  # (False once StageLoop.serve found a Python transport)
         if (
             self._lazy_frame
             and not (spec.records_order and board is not None and board.order_capacity)
@@ -281,14 +285,60 @@ class Runner:
             elif isinstance(msg, Abort):
                 raise _Abort("abort requested")
 
-    def wait(self, timeout: float) -> None:
+    def _timeout(self, timeout: float) -> float:
+        """``timeout``, or less when the heartbeat, a resend, a snapshot or a commit report
+        falls due sooner."""
         deadline = self.next_heartbeat
         for p in self.outputs:
             r = p.next_retry
             if r is not None:
                 deadline = min(deadline, r)
         deadline = self.ledger.deadline(deadline)
-        timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        return max(0.0, min(timeout, deadline - time.monotonic()))
+
+    def serve(self) -> bool:
+        """Idle and on the bridge's loop: let it wait, take (or generate), process, send and
+        ack until it needs us (StageLoop.serve / serve_source), then record the commit point
+        of what it did. False when this worker must wait here instead: a restart's frames to
+        skip, a gap or duplicates to answer, a resend due, a source not started or ending, a
+        Python transport."""
+        stage = self._stage
+        if stage is None or not self._serves or not self.started or self.skip or self.failed or self.handing_over:
+            return False
+        for i in self.inputs:
+            if i.gap_since is not None or i.dup_pending:
+                return False
+        for o in self.outputs:
+            if o.undelivered is not None:
+                return False
+        fds = [self.chan.fileno()]
+        timeout = self._timeout(self.spec.heartbeat_interval)
+        source = self.source
+        if source is not None:
+            got = source.serve(stage, self.inbox, fds, timeout, self.spec.spin_us, BATCH, BATCH_NS, SERVE_SLICE_NS)
+            if got is None:
+                return False
+        else:
+            got = stage.serve(self.inbox, fds, timeout, self.spec.spin_us, self.ledger.ack_every, BATCH, BATCH_NS, SERVE_SLICE_NS)
+            if got is None:
+                self._serves = False
+                return False
+        n, ctrl_ready = got
+        if ctrl_ready:
+            self._ctrl_ready = True
+        counters = self.counters
+        counters.serve_turns += 1
+        counters.serve_steps += n
+        latencies = stage.take_latencies()
+        if latencies is not None:
+            counters.latency.merge(*latencies)
+        if n:
+            self._mark()
+        self._advance()  # (the bridge took the acks: commits from downstream among them)
+        return True
+
+    def wait(self, timeout: float) -> None:
+        timeout = self._timeout(timeout)
         # Spin only on what would let us go on: inputs when we may send, acks of the full
         # outputs when we may not. (Acks of an output with room are no reason to burn a
         # core: on a paced stream every ack would be "caught" and grow the spin, stealing
@@ -740,7 +790,8 @@ class Runner:
             # Idle: tell upstream what we processed now; the commit report to the supervisor
             # follows within 10 ms (a message per frame would wake it for every frame).
             ledger.advance(force_acks=True)
-            self.wait(self.spec.heartbeat_interval)
+            if not self.serve():
+                self.wait(self.spec.heartbeat_interval)
 
     def stats(self) -> Dict[str, Any]:
         out = self._stats()
@@ -760,6 +811,7 @@ class Runner:
             "errors": c.errors,
             "dead_letters": c.dead_letters,
             "latency": c.latency.summary(),
+            "bridge_loop": {"turns": c.serve_turns, "frames": c.serve_steps},
             # cumulative since this process started; the supervisor sums it over restarts
             "latency_histogram": c.latency.histogram(),
             "edges_in": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from remotemedia.errors import OutputSerializationError, SharedMemoryFullError
 from remotemedia.node import iter_generated
@@ -130,6 +130,21 @@ class SourceStepper:
             self._gen = None
             self.draining = True
         return n
+
+    def serve(self, stage: Any, inbox: Any, fds: List[int], timeout: float, spin_us: int, max_items: int, max_ns: int, slice_ns: int) -> Optional[Tuple[int, bool]]:
+        """:meth:`run_batch`'s turns and the waits for room between them, in the bridge
+        (``StageLoop.serve_source``) until it needs the runner. ``(items sent, fds ready)``;
+        None when the bridge cannot (not started, draining, a Python transport)."""
+        if self._gen is None or self.draining:
+            return None
+        got = stage.serve_source(self._gen, self.ledger, self._failed, inbox, fds, timeout, spin_us, max_items, max_ns, slice_ns)
+        if got is None:
+            return None
+        n, ended, ready = got
+        if ended:
+            self._gen = None
+            self.draining = True
+        return n, ready
 
     def _failed(self, position: int, e: BaseException, emitting: bool) -> None:
         """run_batch: generate() (or sending its item) raised ``e``; as step()'s except

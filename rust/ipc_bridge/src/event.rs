@@ -231,7 +231,7 @@ impl Listener {
     /// Returns early with `(False, [])` when a signal interrupts the wait, after running the
     /// Python signal handlers (so KeyboardInterrupt propagates).
     #[pyo3(signature = (timeout = None, fds = Vec::new(), spin_us = 0, watch = Vec::new()))]
-    fn wait(
+    pub(crate) fn wait(
         &self,
         py: Python<'_>,
         timeout: Option<f64>,

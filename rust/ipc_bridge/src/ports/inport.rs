@@ -35,6 +35,10 @@ impl InPort {
         self.index
     }
 
+    pub(crate) fn iox_sub(&self, py: Python<'_>) -> Option<Py<crate::pubsub::Subscriber>> {
+        self.sub_.iox(py)
+    }
+
     pub(crate) fn src(&self, py: Python<'_>) -> Py<PyAny> {
         self.src.clone_ref(py)
     }

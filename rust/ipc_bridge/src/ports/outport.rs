@@ -120,6 +120,18 @@ impl OutPort {
         Ok(n > 0)
     }
 
+    pub(crate) fn iox_ack_sub(&self, py: Python<'_>) -> Option<Py<crate::pubsub::Subscriber>> {
+        self.ack.iox(py)
+    }
+
+    pub(crate) fn committed_seq(&self) -> u64 {
+        self.books.committed
+    }
+
+    pub(crate) fn undelivered_any(&self) -> bool {
+        self.books.undelivered.is_some()
+    }
+
     /// True when a lossless edge has room in its window (read for every frame).
     #[inline]
     pub(crate) fn has_room(&self) -> bool {

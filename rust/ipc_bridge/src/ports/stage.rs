@@ -1,21 +1,31 @@
-//! The stage loop: the frames of one wake-up taken, processed and sent without a line of
-//! Python besides the node's own `process()`.
+//! The stage loop: the frames of a worker taken, processed and sent without a line of Python
+//! besides the node's own `process()` (or a source's `generate()`).
 //!
 //! ```text
-//!   Runner.step_batch (Python)            StageLoop.run (here), up to N frames or T ns
-//!   ------------------------              -------------------------------------------
-//!   once per wake-up: wait, pump    --->  every output has room? -> take (round robin)
-//!   (control, acks, commits, gaps,          decoded by the subscriber (array, small pickle)
-//!   heartbeat), then the ledger's           -> status block busy -> process(data)
-//!   mark/advance for the batch              -> bare array / scalar on one output edge: sent
-//!                                             here; anything else: emit_result (Python)
-//!                                           -> status block idle, processed[edge] = seq
-//!                                         anything else taken (a Sample: a new encoding, an
-//!                                         end of stream) goes to handle_frame (Python)
+//!   Runner.run (Python)                    StageLoop.serve (here), GIL released while waiting
+//!   -------------------                    -----------------------------------------------
+//!   once per hand-back: control, commit    loop:
+//!   point (ledger mark/advance), commit      acks from downstream (poll); a commit or a
+//!   report, heartbeat, gaps, resends    <--    resend is the runner's -> hand back
+//!   -> serve() again                         run: up to N frames or T ns, each:
+//!                                              every output has room? -> take (round robin)
+//!                                              decoded by the subscriber (array, media frame)
+//!                                              -> status block busy -> process(data)
+//!                                              -> bare array / scalar / media frame on one
+//!                                                 output edge: sent here; else emit_result
+//!                                              -> status block idle, processed[edge] = seq
+//!                                              anything else taken (a new encoding, an end
+//!                                              of stream) goes to handle_frame (Python)
+//!                                            flow-control acks upstream (committed half as
+//!                                            the runner last reported it)
+//!                                            hand back: slice over, timeout, control fd
+//!                                            readable, Python ran, gap, all inputs ended
+//!                                            wait (spin, then ppoll) on inputs, or on the
+//!                                            acks of a full output
 //! ```
 //!
-//! Python decides when this loop may run (a lazily framed Node, not a source, no recorded
-//! input order, no frames to skip) and keeps every policy: errors, restarts, commits.
+//! Python decides when this loop may run (a lazily framed Node, no recorded input order, no
+//! frames to skip, no gap to answer) and keeps every policy: errors, restarts, commits.
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -25,7 +35,8 @@ use super::inport::InPort;
 use crate::container::Codec;
 use super::outport::OutPort;
 use super::KIND_DATA;
-use crate::pubsub::monotonic_ns;
+use crate::event::Listener;
+use crate::pubsub::{monotonic_ns, Subscriber};
 
 /// Fields of the worker's status block (`supervisor/scoreboard.py`), as 64-bit word indexes.
 const BUSY_SINCE: usize = 1;
@@ -124,12 +135,39 @@ pub struct StageLoop {
     last_origin: Option<(u64, u64, u64)>,
     /// process() durations of the frames since the last `take_latencies()`
     latencies: Latencies,
+    /// Python ran a frame's way (the emitter, handle_frame, a failure) since `serve()` began:
+    /// the runner's state may have changed, so `serve()` hands back.
+    python_turn: bool,
 }
 
 /// What a frame from `take()` is.
 enum Got {
     Decoded(Py<PyAny>, u64, u64, u64, u64, u64),
     Sample(Py<PyAny>),
+}
+
+type Subs = Vec<Py<Subscriber>>;
+
+/// How a wait of `serve()` ended.
+enum Woke {
+    Notified,
+    /// one of the runner's file descriptors (its control channel) is readable
+    Fds,
+    /// the time is up, or a signal (the runner looks)
+    Timeout,
+}
+
+/// The inbox's wait for at most `ns`, spinning on `watch` (when there is one to watch).
+fn wait_until(py: Python<'_>, inbox: &Bound<'_, Listener>, fds: &[i32], ns: u64, spin_us: u64, watch: Vec<Py<Subscriber>>) -> PyResult<Woke> {
+    let spin = if watch.is_empty() { 0 } else { spin_us };
+    let (notified, ready) = inbox.get().wait(py, Some(ns as f64 / 1e9), fds.to_vec(), spin, watch)?;
+    Ok(if !ready.is_empty() {
+        Woke::Fds
+    } else if notified {
+        Woke::Notified
+    } else {
+        Woke::Timeout
+    })
 }
 
 impl StageLoop {
@@ -181,6 +219,62 @@ impl StageLoop {
         Ok(())
     }
 
+    /// The acks flow control needs (Ledger.advance's, with the committed half unchanged: only
+    /// the runner's commit report moves it): every `ack_every` frames or `notify_every`, and
+    /// with `idle` whatever was processed (the producer may be waiting for it).
+    fn ack_inputs(&self, py: Python<'_>, ack_every: u64, idle: bool) -> PyResult<()> {
+        let processed = self.processed.bind(py);
+        for p in &self.inputs {
+            let mut port = p.borrow_mut(py);
+            let Some(last) = processed.get_item(port.index())? else { continue };
+            let n = (last.extract::<i64>()? + 1).max(0) as u64;
+            let ahead = n.saturating_sub(port.books.acked_processed);
+            if ahead > 0 && (idle || ahead >= ack_every || ahead >= port.books.notify_every) {
+                let committed = port.books.acked_committed;
+                port.send_ack(py, n, committed, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the acks of every output; true when one has a frame to resend or a commit came
+    /// back (the runner's job: its commit point may move).
+    fn poll_outputs(&self, py: Python<'_>) -> PyResult<bool> {
+        let mut runner = false;
+        for o in &self.outputs {
+            let mut port = o.borrow_mut(py);
+            let committed = port.committed_seq();
+            port.poll(py)?;
+            runner |= port.undelivered_any() || port.committed_seq() != committed;
+        }
+        Ok(runner)
+    }
+
+    /// The ack subscribers of the outputs without room.
+    fn blocked_acks(&self, py: Python<'_>, acks: &[Py<Subscriber>]) -> Vec<Py<Subscriber>> {
+        self.outputs.iter().zip(acks).filter(|(o, _)| !o.borrow(py).has_room()).map(|(_, a)| a.clone_ref(py)).collect()
+    }
+
+    /// The iceoryx2 subscribers of the inputs and of the outputs' acks; None when a port has
+    /// a Python transport.
+    fn iox_subs(&self, py: Python<'_>) -> Option<(Subs, Subs)> {
+        let subs: Option<Vec<_>> = self.inputs.iter().map(|p| p.borrow(py).iox_sub(py)).collect();
+        let acks: Option<Vec<_>> = self.outputs.iter().map(|p| p.borrow(py).iox_ack_sub(py)).collect();
+        Some((subs?, acks?))
+    }
+
+    /// What the inputs ask of the runner: (every input ended, a gap or duplicates to answer).
+    fn inputs_state(&self, py: Python<'_>) -> (bool, bool) {
+        let mut ended = true;
+        let mut attention = false;
+        for p in &self.inputs {
+            let b = &p.borrow(py).books;
+            ended &= b.eos;
+            attention |= b.gap_since.is_some() || b.dup_pending;
+        }
+        (ended, attention)
+    }
+
     fn counter(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<i64> {
         self.counters.bind(py).getattr(name)?.extract()
     }
@@ -224,6 +318,7 @@ impl StageLoop {
             b.set(FRAMES_IN, frames_in);
         }
         let mut go_on = true;
+        self.python_turn |= python_ran || outcome.is_err();
         if let Err(e) = outcome {
             // (raises again what the runner does not report: Abort, a full /dev/shm, ...)
             self.flush_outputs(py)?;
@@ -375,6 +470,7 @@ impl StageLoop {
             rr: 0,
             last_origin: None,
             latencies: Latencies::new(bounds),
+            python_turn: false,
         })
     }
 
@@ -399,6 +495,7 @@ impl StageLoop {
                         continue; // (the port marked its input ended)
                     }
                     let port = self.inputs[j].clone_ref(py);
+                    self.python_turn = true;
                     self.flush_outputs(py)?;
                     self.handle_frame.bind(py).call1((port, sample))?;
                     !self.halted.bind(py).call0()?.is_truthy()?
@@ -413,6 +510,75 @@ impl StageLoop {
             self.set_origin(py, origin, stream_id, created_ns)?;
         }
         Ok(steps)
+    }
+
+    /// The stage's turn while frames flow: batches (`run`), the acks upstream that flow control
+    /// needs, the acks from downstream, and the waits between them (GIL released), all here,
+    /// without the runner's loop per wake-up. Hands back after `timeout` seconds, `slice_ns`
+    /// after the first frame (the runner then records the commit point and does its
+    /// housekeeping), or as soon as something needs the runner: the control channel readable
+    /// (one of `fds`), a frame that went Python's way (an error, a new encoding, an end of
+    /// stream), a gap or duplicates upstream, a frame to resend downstream, every input ended,
+    /// a signal. Returns `(steps, fds_ready)`, or None when a port's transport is not this
+    /// crate's iceoryx2 (the runner then waits itself).
+    #[pyo3(signature = (inbox, fds, timeout, spin_us, ack_every, max_frames, max_ns, slice_ns))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &mut self,
+        py: Python<'_>,
+        inbox: &Bound<'_, Listener>,
+        fds: Vec<i32>,
+        timeout: f64,
+        spin_us: u64,
+        ack_every: u64,
+        max_frames: usize,
+        max_ns: u64,
+        slice_ns: u64,
+    ) -> PyResult<Option<(usize, bool)>> {
+        let Some((subs, acks)) = self.iox_subs(py) else { return Ok(None) };
+        let start = monotonic_ns();
+        let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
+        let mut slice_end = u64::MAX;
+        let mut steps = 0;
+        self.python_turn = false;
+        loop {
+            if self.poll_outputs(py)? {
+                break;
+            }
+            let n = self.run(py, max_frames, max_ns)?;
+            steps += n;
+            if self.python_turn {
+                break;
+            }
+            let (ended, attention) = self.inputs_state(py);
+            if ended || attention {
+                break;
+            }
+            let idle = n == 0;
+            self.ack_inputs(py, ack_every, idle)?;
+            let now = monotonic_ns();
+            if n > 0 && slice_end == u64::MAX {
+                slice_end = now.saturating_add(slice_ns);
+            }
+            let end = until.min(slice_end);
+            if now >= end {
+                break;
+            }
+            if !idle {
+                continue;
+            }
+            // Spin only on what would let us go on: acks of full outputs, else the inputs.
+            let mut watch = self.blocked_acks(py, &acks);
+            if watch.is_empty() {
+                watch = self.inputs.iter().zip(&subs).filter(|(p, _)| !p.borrow(py).books.eos).map(|(_, s)| s.clone_ref(py)).collect();
+            }
+            match wait_until(py, inbox, &fds, end - now, spin_us, watch)? {
+                Woke::Notified => {}
+                Woke::Fds => return Ok(Some((steps, true))),
+                Woke::Timeout => break,
+            }
+        }
+        Ok(Some((steps, false)))
     }
 
     /// A source's turn: up to `max_frames` items of `items` (its generate(), started),
@@ -451,6 +617,7 @@ impl StageLoop {
             }
             if next.is_null() {
                 if let Some(e) = PyErr::take(py) {
+                    self.python_turn = true;
                     failed.call1((position, e.into_value(py), false))?;
                 } else {
                     ended = true;
@@ -464,7 +631,9 @@ impl StageLoop {
             // (an item goes out as emit() sends it; a process() result as emit_result())
             let sent = if item.is_none() { Ok(()) } else { self.send_result(py, item, position, 0, created, &mut python_ran, false) };
             self.latencies.push(monotonic_ns().saturating_sub(t0));
+            self.python_turn |= python_ran;
             if let Err(e) = sent {
+                self.python_turn = true;
                 failed.call1((position, e.into_value(py), true))?;
                 break;
             }
@@ -485,6 +654,66 @@ impl StageLoop {
             self.set_origin(py, origin, stream_id, created_ns)?;
         }
         Ok((steps, ended))
+    }
+
+    /// `serve()` for a source: `run_source` turns while its outputs have room, and the waits
+    /// for acks when they have none, until `timeout` seconds passed, `slice_ns` after the
+    /// first item, or something needs the runner (as `serve()`; also: the generator ended or
+    /// failed). Returns `(steps, ended, fds_ready)`, or None when a port's transport is not
+    /// this crate's iceoryx2.
+    #[pyo3(signature = (items, ledger, failed, inbox, fds, timeout, spin_us, max_frames, max_ns, slice_ns))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve_source(
+        &mut self,
+        py: Python<'_>,
+        items: &Bound<'_, PyAny>,
+        ledger: &Bound<'_, PyAny>,
+        failed: &Bound<'_, PyAny>,
+        inbox: &Bound<'_, Listener>,
+        fds: Vec<i32>,
+        timeout: f64,
+        spin_us: u64,
+        max_frames: usize,
+        max_ns: u64,
+        slice_ns: u64,
+    ) -> PyResult<Option<(usize, bool, bool)>> {
+        let Some((_, acks)) = self.iox_subs(py) else { return Ok(None) };
+        let start = monotonic_ns();
+        let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
+        let mut slice_end = u64::MAX;
+        let mut steps = 0;
+        self.python_turn = false;
+        loop {
+            if self.poll_outputs(py)? {
+                break;
+            }
+            let (n, ended) = self.run_source(py, items, ledger, failed, max_frames, max_ns)?;
+            steps += n;
+            if ended || self.python_turn {
+                return Ok(Some((steps, ended, false)));
+            }
+            let now = monotonic_ns();
+            if n > 0 && slice_end == u64::MAX {
+                slice_end = now.saturating_add(slice_ns);
+            }
+            let end = until.min(slice_end);
+            if now >= end {
+                break;
+            }
+            let watch = self.blocked_acks(py, &acks);
+            if watch.is_empty() {
+                if n == 0 {
+                    break; // (room, and no item: the generator failed; the runner looks)
+                }
+                continue;
+            }
+            match wait_until(py, inbox, &fds, end - now, spin_us, watch)? {
+                Woke::Notified => {}
+                Woke::Fds => return Ok(Some((steps, false, true))),
+                Woke::Timeout => break,
+            }
+        }
+        Ok(Some((steps, false, false)))
     }
 
     /// The process() durations since the last call, as `LatencyStats.merge()` takes them:

@@ -187,6 +187,14 @@ impl Sub {
         }
     }
 
+    /// The iceoryx2 subscriber behind this port (None for a Python transport).
+    pub(crate) fn iox(&self, py: Python<'_>) -> Option<Py<Subscriber>> {
+        match self {
+            Sub::Iox(s) => Some(s.clone_ref(py)),
+            Sub::Py(_) => None,
+        }
+    }
+
     pub(crate) fn has_samples(&self, py: Python<'_>) -> PyResult<bool> {
         match self {
             Sub::Iox(s) => s.get().has_samples(),
