@@ -191,7 +191,6 @@ class Runner:
             self.step_input = self._merge.step  # type: ignore[method-assign]
         if self._replica:
             self._out1 = None  # (its outputs are wrapped: not the plain fast path)
-            self._replica_port = self.inputs[0]
         # A Node builds current_frame only when asked (see Node.current_frame).
         self._lazy_frame = isinstance(node, Node)
         # The frames of a stage go through the bridge's loop (take, process, send; see
