@@ -448,11 +448,10 @@ def test_the_callers_merge_releases_outputs_in_input_order_whatever_replica_had_
 @pytest.mark.slow
 def test_a_stopped_replica_gets_no_frames_the_others_take_them():
     # x[0] is SIGSTOPped before the first frame: least-loaded sends the frames to x[1] while
-    # x[0]'s window is full (round-robin would stall on x[0] after its window of 4 frames);
-    # x[1] runs ahead as far as d's queue holds (the outputs leave in input order, and frame
-    # 0 is x[0]'s). After SIGCONT every frame comes out once, in order, and x[1] has taken
-    # more of them.
-    n = 400
+    # x[0]'s window (4) is full; round-robin would stall on x[0] after 4 frames (x[1] would
+    # take 4 too). x[1] runs ahead as far as d's queue (128) holds its outputs (they leave in
+    # input order, and frame 0 is x[0]'s). After SIGCONT every frame comes out once, in order.
+    n = 300
     p = Pipeline(
         [
             PassThroughNode(name="u"),
@@ -470,6 +469,7 @@ def test_a_stopped_replica_gets_no_frames_the_others_take_them():
             while sup.status()["nodes"]["x[1]"]["frames_in"] < 100:
                 assert time.monotonic() < deadline, f"x[1] took {sup.status()['nodes']['x[1]']['frames_in']} frames only"
                 time.sleep(0.02)
+            assert sup.status()["nodes"]["x[0]"]["frames_in"] == 0
         finally:
             os.kill(stopped, signal.SIGCONT)
         feeder.join(120)
@@ -480,8 +480,8 @@ def test_a_stopped_replica_gets_no_frames_the_others_take_them():
     consumed = _consumed(outputs)
     assert [x for _, x in consumed] == list(range(n))
     by_pid = collections.Counter(pid for pid, _ in consumed)
-    assert by_pid[stopped] == nodes["x[0]"]["frames_in"] and sum(by_pid.values()) == n
-    assert nodes["x[1]"]["frames_in"] >= nodes["x[0]"]["frames_in"] + 50, nodes
+    assert by_pid[stopped] == nodes["x[0]"]["frames_in"] > 0 and nodes["x[1]"]["frames_in"] >= 100
+    assert sum(by_pid.values()) == n
 
 
 class Uneven(Node):
