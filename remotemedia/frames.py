@@ -220,14 +220,16 @@ def encode(obj: Any) -> Tuple[bytes, List[memoryview]]:
     return meta, [b.raw() for b in bufs]
 
 
-def decode(sample: Any, copy: bool = False) -> Any:
+def decode(sample: Any, copy: bool = False, skip: int = 0) -> Any:
     """Rebuild the object of a received sample (an ``_ipc_bridge.Sample``).
 
     With ``copy=False`` numpy arrays are read-only views on the shared-memory chunk, which
     stays borrowed while any of them lives. With ``copy=True`` the payload is copied once into
     private memory (arrays stay read-only, like views) and the chunk is released immediately.
+    ``skip``: bytes in front of the meta that are not the object's (the runtime's own tag).
     """
     m0, m1 = sample.meta
+    m0 += skip
     if copy:
         # bytes, not bytearray: arrays decoded from a copy are read-only too, like views
         mv = memoryview(bytes(memoryview(sample)))

@@ -330,7 +330,7 @@ def _table() -> Tuple[Option, ...]:
         ),
         Option(
             "replicas", 1, _int_at_least(1),
-            "workers that run copies of the node side by side: its upstream spreads the frames over them, its downstream gets their outputs back in input order (see the README's Replicas; not for nodes with `snapshot()`)",
+            "workers that run copies of the node side by side: its upstream sends each frame to the least-loaded one (fewest frames in flight), its downstream gets their outputs back in input order (see the README's Replicas; not for nodes with `snapshot()`)",
             per_node=True, supervisor=False,
         ),
         Option("enable_metrics", False, _BOOL, "return an `Outputs` list whose `.metrics` summarizes each node (from the RunReport)", supervisor=False, run=True),

@@ -41,7 +41,7 @@ from .channels import KIND_DATA, KIND_EOS, InPort, OutPort, Transport
 from .doorbells import GATEWAY_SLOT
 from .protocol import EdgeSpec
 from .tracebacks import forget_locals
-from .worker.replicas import Reorder, dispatch_groups, merge_groups, pick
+from .worker.replicas import Reorder, dispatch_groups, merge_groups, tag
 
 __all__ = ["Gateway", "INBOX", "EncodedFrame"]
 
@@ -99,9 +99,11 @@ class Gateway:
         except BaseException:
             self._close_ports()
             raise
-        # Input nodes with replicas: each input goes to one of them; terminal nodes with
-        # replicas: their outputs are put back in input order (see supervisor.worker.replicas).
+        # Input nodes with replicas: each input goes to the least-loaded one; terminal nodes
+        # with replicas: their outputs are put back in input order (see
+        # supervisor.worker.replicas).
         self._groups = dispatch_groups(self.inputs)
+        self._plain = self.inputs if self._groups is None else self._groups[0]
         self._reorder: Dict[int, Tuple[Reorder, int]] = {}  # output port position -> (its group's, replica)
         for g in merge_groups(self.outputs):
             r = Reorder(len(g))
@@ -151,28 +153,37 @@ class Gateway:
     def _try_send(self, frame: EncodedFrame, notify: bool = True) -> bool:
         if self.closed or self.inputs_closed:
             raise SupervisorError("send(): the pipeline has stopped" if self.closed else "send() after close(): the input stream is closed")
-        ports = self.inputs
-        for p in ports:
-            if not p.can_send():
-                if not notify:  # (the batch so far must not wait for room)
-                    for q in ports:
-                        q.flush_notify()
-                self._pump_inputs()
-                if not all(p.can_send() for p in ports):
-                    return False
-                break
+        groups = self._groups
+        if not self._room():
+            if not notify:  # (the batch so far must not wait for room)
+                for q in self.inputs:
+                    q.flush_notify()
+            self._pump_inputs()
+            if not self._room():
+                return False
         meta, bufs, stream_id = frame
         now = time.monotonic_ns()
-        if self._groups is not None:
-            ports = pick(self._groups)
         try:
-            for p in ports:
+            for p in self._plain:
                 p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now, notify)
+            if groups is not None:
+                for d in groups[1]:
+                    for p in d.ports:  # (the replicas' loads as of now)
+                        p.poll_acks()
+                    port, k = d.sent(d.choose())  # (one has room: _room())
+                    port.send(KIND_DATA, tag(k, meta), bufs, self.sent, stream_id, now, notify)
         except SharedMemoryFullError as e:  # not the caller's fault: the run fails, explained
             self._report(e)
             raise
         self.sent += 1
         return True
+
+    def _room(self) -> bool:
+        """Every input edge has room, but of those to the replicas of a node, one is enough."""
+        if self._groups is None:
+            return all(p.can_send() for p in self.inputs)
+        plain, groups = self._groups
+        return all(p.can_send() for p in plain) and all(any(p.can_send() for p in d.ports) for d in groups)
 
     def close_inputs(self) -> None:
         """End the input stream: end of stream on every input edge (now, or as soon as its
@@ -332,7 +343,7 @@ class Gateway:
             if self._groups is None:
                 return self.sent - min(min(p.committed, self.sent) for p in self.inputs)
             plain, groups = self._groups
-            done = [p.committed for p in plain] + [sum(p.committed for p in g) for g in groups]
+            done = [p.committed for p in plain] + [sum(p.committed for p in d.ports) for d in groups]
             return self.sent - min(min(n, self.sent) for n in done)
 
     def interrupt(self) -> None:

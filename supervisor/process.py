@@ -222,15 +222,21 @@ class WorkerProcess:
             if self.board is None:
                 self.board = Scoreboard.create(
                     commit_slots=len(self.spec.in_edges) + len(self.spec.out_edges),
-                    order_slots=ORDER_CAPACITY if self.spec.records_order else 0,
+                    order_slots=ORDER_CAPACITY if self.spec.rings else 0,
+                    rings=self.spec.rings,
                 )
             self.board.reset()
+            # Before the worker exists: the recorded order and choices outlive it if it dies
+            # before replaying them.
             if self.restore.order:
-                # Before the worker exists: the order outlives it if it dies before replaying it.
                 position = {e.index: i for i, e in enumerate(self.spec.in_edges)}
                 self.board.write_order(
                     self.restore.consumed(self.spec.in_edges), [position[e] for e in self.restore.order]
                 )
+            for g, (node, edges) in enumerate(self.spec.dispatch_groups):
+                choices = self.restore.dispatch.get(node)
+                if choices:
+                    self.board.write_order(self.restore.dispatched(edges), choices, ring=self.spec.dispatch_ring(g))
             self.sm.change(ProcessState.STARTING, "spawn" if self.starts == 0 else "restart")
             self.proc = self.ctx.launcher.launch(
                 argv,
@@ -380,13 +386,20 @@ class WorkerProcess:
             self.restore.source_position = source
 
     def sync_order(self) -> None:
-        """Take the order in which an exited worker with several inputs consumed its input
-        frames after its last commit (from its status block) into its restore state: its
-        restart consumes the replayed frames in that order (see ``Runner.step_ordered``)."""
+        """Take what an exited worker recorded after its last commit (from its status block)
+        into its restore state: the order in which a worker with several inputs consumed its
+        input frames (its restart consumes the replayed frames in that order, see
+        ``Runner.step_ordered``), and the replicas a worker feeding a node with replicas sent
+        each frame to (its restart sends them to the same ones, see
+        :mod:`supervisor.worker.replicas`)."""
         if self.board is None or not self.board.order_capacity:
             return
-        edges = [e.index for e in self.spec.in_edges]
-        self.restore.order = [edges[i] for i in self.board.read_order(self.restore.consumed(self.spec.in_edges))]
+        spec = self.spec
+        if spec.records_order:
+            edges = [e.index for e in spec.in_edges]
+            self.restore.order = [edges[i] for i in self.board.read_order(self.restore.consumed(spec.in_edges))]
+        for g, (node, edges) in enumerate(spec.dispatch_groups):
+            self.restore.dispatch[node] = self.board.read_order(self.restore.dispatched(edges), ring=spec.dispatch_ring(g))
 
     def busy_frame(self) -> Optional[Tuple[int, int]]:
         """(edge, seq) of the input frame the worker's process() is in, per its status block."""

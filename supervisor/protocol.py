@@ -56,6 +56,7 @@ __all__ = [
     "EdgeSpec",
     "WorkerSpec",
     "replica_name",
+    "replica_node",
     "Setup",
     "Hello",
     "Ready",
@@ -89,6 +90,11 @@ EXIT_HANDOVER = 6
 def replica_name(node: str, i: int) -> str:
     """The worker name of replica ``i`` of node ``node`` (``"model[0]"``)."""
     return f"{node}[{i}]"
+
+
+def replica_node(worker: str) -> str:
+    """The node a replica's worker runs (``"model[0]"`` -> ``"model"``)."""
+    return worker.rsplit("[", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,28 @@ class WorkerSpec:
         )
 
     @property
+    def dispatch_groups(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """The nodes with replicas this worker feeds, by name: ``(node, its replica edges'
+        indexes in replica order)`` (each frame toward such a node goes to one of the edges,
+        see :mod:`supervisor.worker.replicas`)."""
+        groups: Dict[str, List[EdgeSpec]] = {}
+        for e in self.out_edges:
+            if e.to_replica:
+                groups.setdefault(replica_node(e.dst), []).append(e)
+        return [(n, tuple(e.index for e in sorted(g, key=lambda e: e.replica))) for n, g in sorted(groups.items())]
+
+    @property
+    def rings(self) -> int:
+        """Order rings of its status block (see :mod:`supervisor.scoreboard`): the input
+        order (ring 0) when it :attr:`records_order`, then the dispatch choices toward each of
+        its :attr:`dispatch_groups` (:meth:`dispatch_ring`)."""
+        return int(self.records_order) + len(self.dispatch_groups)
+
+    def dispatch_ring(self, group: int) -> int:
+        """The order ring of the dispatch choices toward ``dispatch_groups[group]``."""
+        return int(self.records_order) + group
+
+    @property
     def replica(self) -> int:
         """Which replica of its node this worker is (-1: the node has no replicas)."""
         if len(self.in_edges) == 1 and self.in_edges[0].to_replica:
@@ -213,11 +241,19 @@ class RestoreState:
     # (nodes with several inputs) the input edge of each frame consumed after the commit,
     # in the order consumed: a restarted worker consumes the replayed frames in this order
     order: List[int] = field(default_factory=list)
+    # (workers feeding nodes with replicas) node -> the replica each frame sent toward it
+    # after the commit went to, in order: a restarted worker sends them to the same ones
+    dispatch: Dict[str, List[int]] = field(default_factory=dict)
 
     def consumed(self, in_edges: Tuple[EdgeSpec, ...]) -> int:
         """Input frames consumed up to the commit point, all input edges together (each
         lossless edge numbers its frames from 0, and a node consumes them in seq order)."""
         return sum(self.in_seqs.get(e.index, -1) + 1 for e in in_edges)
+
+    def dispatched(self, edges: Tuple[int, ...]) -> int:
+        """Frames sent toward a node with replicas up to the commit point (``edges``: its
+        replica edges; each numbers its frames from 0)."""
+        return sum(self.out_next.get(e, 0) for e in edges)
 
 
 # --------------------------------------------------------------------------- messages

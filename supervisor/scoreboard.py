@@ -16,28 +16,41 @@ not looping at all (hang detection).
     32      frames_in
     40      frames_out
     48      pid
-    56      order_capacity entries of the order ring below (0: none); set by the creator
+    56      order_capacity entries of each order ring below (0: no ring); set by the creator
     64      commit_gen     commits written by this incarnation (0: none yet)
-    72...   two commit buffers, the newest is number commit_gen % 2; each holds the
+    72      rings          (only with order_capacity > 0) how many order rings; set by the creator
+    ...     two commit buffers, the newest is number commit_gen % 2; each holds the
             committed source position (sources), then the committed seq of every input edge
             and the next seq of every output edge (the edge order of the worker's spec)
-    then    order_count    input frames whose input edge is recorded (fan-in nodes only)
-    then    order ring     order_capacity uint16: the position (in the spec's input edges) of
-                           the edge of input frame number i is at i % order_capacity
+    then    per ring:
+            count          frames recorded in this ring so far
+            entries        order_capacity uint16: the entry of frame number i is at
+                           i % order_capacity
 
 The commit area is how a worker reports a commit point (see ``Runner.flush_commit``): a
 handful of stores instead of a pickled message per commit that would wake the supervisor
 100 times a second per worker. The supervisor reads it when it needs it (a worker exited, a
 producer restarts), and, as for everything here, it is still there after a crash.
 
-The order ring is how a node with several inputs keeps exactly-once across a restart (see
-``Runner.step_ordered``): frames are numbered by how many the node consumed, all edges
-together, and the commit point of frame counts per edge gives that number at the commit; the
-frames it consumed after it were consumed in the order ``ring[commit .. order_count)``, and
-a restarted worker consumes the replayed frames in that order again, so it re-emits what it
-emitted before under the same output seqs. One store per frame plus the count, each before any
-output of the frame can leave; the worker never runs more than ``order_capacity`` frames ahead
-of its reported commit, so the entries after the commit are never overwritten.
+An order ring records, frame by frame, a choice a restarted worker must make again the same
+way for exactly-once, numbered so that a commit point gives the number of the first frame
+after it (see ``WorkerSpec.rings`` for which ring is which):
+
+* *the input order* of a node with several inputs (see ``Runner.step_ordered``): frames are
+  numbered by how many the node consumed, all edges together, and the commit point of frame
+  counts per edge gives that number at the commit; the entry is the position (in the spec's
+  input edges) of the frame's edge. The frames it consumed after the commit were consumed in
+  the order ``ring[commit .. count)``, and a restarted worker consumes the replayed frames in
+  that order again, so it re-emits what it emitted before under the same output seqs.
+* *the dispatch choices* toward a node with replicas (see :mod:`supervisor.worker.replicas`):
+  frames are numbered by how many the worker sent to that node's replicas, and the commit's
+  next seqs of the replica edges add up to that number at the commit; the entry is the
+  replica the frame went to. A restarted worker re-emits the frames after its commit to the
+  replicas they went to before, under the same seqs.
+
+One store per frame plus the count, each before the frame (or any output of it) can leave;
+the worker never runs more than ``order_capacity`` frames ahead of its reported commit, so
+the entries after the commit are never overwritten.
 
 The block is a memfd, not a named file: the supervisor creates it (:meth:`Scoreboard.create`)
 and keeps the descriptor for the whole run, every incarnation of the worker inherits it
@@ -63,47 +76,58 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _HEADER = 64
 _GEN = 8  # index of commit_gen
 _ORDER_CAP = 7  # index of order_capacity
-#: Entries of a fan-in worker's order ring: how many input frames it may consume beyond its
-#: last reported commit (commits wait on downstream acks of a few windows of frames, and are
-#: reported every 10 ms). 32 KiB per fan-in worker.
+_RINGS = 9  # index of rings (boards with rings only)
+#: Entries of each order ring of a worker: how many frames it may consume (or send to a
+#: node's replicas) beyond its last reported commit (commits wait on downstream acks of a few
+#: windows of frames, and are reported every 10 ms). 32 KiB per ring.
 ORDER_CAPACITY = 16384
 
 
-def _order_words(capacity: int) -> int:
-    """64-bit words of the order region: the count, then the uint16 entries."""
-    return 1 + (2 * capacity + 7) // 8 if capacity else 0
+def _ring_words(capacity: int) -> int:
+    """64-bit words of one order ring: the count, then the uint16 entries."""
+    return 1 + (2 * capacity + 7) // 8
 
 
 class Scoreboard:
     """One worker's status block. Create it with :meth:`create` (supervisor) or map an
     inherited one with :meth:`from_fd` (worker)."""
 
-    def __init__(self, fd: int, owner: bool, order_slots: Optional[int] = None) -> None:
+    def __init__(self, fd: int, owner: bool, order_slots: Optional[int] = None, rings: int = 0) -> None:
         #: the memfd, kept open by its creator to pass it to every incarnation (-1: not ours)
         self.fd = fd if owner else -1
         self._mm = mmap.mmap(fd, os.fstat(fd).st_size)
         self._q = memoryview(self._mm).cast("q")
         if order_slots is not None:  # a new block: its layout is recorded in it
             self._q[_ORDER_CAP] = order_slots
-        self.order_capacity = self._q[_ORDER_CAP]
-        order_words = _order_words(self.order_capacity)
+            if order_slots:
+                self._q[_RINGS] = rings
+        self.order_capacity = cap = self._q[_ORDER_CAP]
+        #: order rings (see the module docstring)
+        self.rings = self._q[_RINGS] if cap else 0
+        self._commit0 = _RINGS + 1 if cap else _GEN + 1  # index of the first commit buffer
         # each of the two commit buffers: source position, then the seqs
-        self._width = (len(self._q) - _GEN - 1 - order_words) // 2
+        self._width = (len(self._q) - self._commit0 - self.rings * _ring_words(cap)) // 2
         self.commit_slots = self._width - 1
-        self._order_count = _GEN + 1 + 2 * self._width  # index of order_count
-        self._ring: Optional[memoryview] = None
-        if self.order_capacity:
-            start = 8 * (self._order_count + 1)
-            self._ring = memoryview(self._mm)[start : start + 2 * self.order_capacity].cast("H")
+        self._counts: List[int] = []  # index of each ring's count
+        self._ring: List[memoryview] = []
+        at = self._commit0 + 2 * self._width
+        for _ in range(self.rings):
+            self._counts.append(at)
+            start = 8 * (at + 1)
+            self._ring.append(memoryview(self._mm)[start : start + 2 * cap].cast("H"))
+            at += _ring_words(cap)
 
     @classmethod
-    def create(cls, commit_slots: int, order_slots: int = 0) -> "Scoreboard":
+    def create(cls, commit_slots: int, order_slots: int = 0, rings: int = 1) -> "Scoreboard":
         """A new, zeroed block for a worker whose commits hold ``commit_slots`` seqs (input
-        edges + output edges), with an order ring of ``order_slots`` entries (0: none, the
-        node has fewer than two inputs)."""
-        fd = sealed_memfd("remotemedia-board", _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * _order_words(order_slots))
+        edges + output edges), with ``rings`` order rings of ``order_slots`` entries each
+        (``order_slots`` 0: none)."""
+        if not order_slots or not rings:
+            order_slots = rings = 0
+        ring_words = 1 + rings * _ring_words(order_slots) if order_slots else 0
+        fd = sealed_memfd("remotemedia-board", _HEADER + 8 + 2 * 8 * (1 + commit_slots) + 8 * ring_words)
         try:
-            return cls(fd, owner=True, order_slots=order_slots)
+            return cls(fd, owner=True, order_slots=order_slots, rings=rings)
         except BaseException:
             os.close(fd)
             raise
@@ -122,6 +146,8 @@ class Scoreboard:
             self._q[i] = 0
         self._q[_INDEX["busy_edge"]] = -1
         self._q[_ORDER_CAP] = self.order_capacity
+        if self.order_capacity:
+            self._q[_RINGS] = self.rings
 
     def write_commit(self, source_position: int, seqs: List[int]) -> None:
         """Publish a commit point (worker side). Two buffers, used in turn: the generation
@@ -129,7 +155,7 @@ class Scoreboard:
         of a write leaves the previous commit intact."""
         q = self._q
         gen = q[_GEN] + 1
-        base = _GEN + 1 + (gen & 1) * self._width
+        base = self._commit0 + (gen & 1) * self._width
         q[base] = source_position
         q[base + 1 : base + 1 + len(seqs)] = array("q", seqs)
         q[_GEN] = gen
@@ -142,45 +168,45 @@ class Scoreboard:
             gen = q[_GEN]
             if gen == 0:
                 return None
-            base = _GEN + 1 + (gen & 1) * self._width
+            base = self._commit0 + (gen & 1) * self._width
             source, seqs = q[base], q[base + 1 : base + self._width].tolist()
             # One newer write goes to the other buffer; two would have reused this one.
             if q[_GEN] - gen < 2:
                 return source, seqs
 
-    # order ring (fan-in nodes)
+    # order rings (see the module docstring)
 
-    def record_order(self, count: int, position: int) -> None:
-        """Worker side, before any output of the frame can leave: input frame number
-        ``count`` came from input edge ``position`` (the caller keeps ``count`` less than
+    def record_order(self, count: int, position: int, ring: int = 0) -> None:
+        """Worker side, before the frame (or any output of it) can leave: the entry of frame
+        number ``count`` of ``ring`` is ``position`` (the caller keeps ``count`` less than
         ``order_capacity`` ahead of its reported commit)."""
-        self._ring[count % self.order_capacity] = position  # type: ignore[index]
-        self._q[self._order_count] = count + 1
+        self._ring[ring][count % self.order_capacity] = position
+        self._q[self._counts[ring]] = count + 1
 
-    def write_order(self, start: int, positions: List[int]) -> None:
-        """Supervisor side, before a restarted worker starts: the order it must consume input
-        frames ``start ..`` in (its predecessor's), recorded as if consumed already, so that it
-        survives this worker dying too."""
+    def write_order(self, start: int, positions: List[int], ring: int = 0) -> None:
+        """Supervisor side, before a restarted worker starts: the entries of frames
+        ``start ..`` of ``ring`` (its predecessor's), recorded as if made already, so that
+        they survive this worker dying too."""
         if len(positions) > self.order_capacity:
             raise ValueError(f"{len(positions)} recorded frames do not fit an order ring of {self.order_capacity}")
-        ring, cap = self._ring, self.order_capacity
+        entries, cap = self._ring[ring], self.order_capacity
         for i, pos in enumerate(positions):
-            ring[(start + i) % cap] = pos  # type: ignore[index]
-        self._q[self._order_count] = start + len(positions)
+            entries[(start + i) % cap] = pos
+        self._q[self._counts[ring]] = start + len(positions)
 
-    def read_order(self, start: int) -> List[int]:
-        """The input edge positions of frames ``start ..`` (a commit point) as recorded, for a
-        restart; empty when there is no ring or nothing after ``start``."""
-        if not self.order_capacity:
+    def read_order(self, start: int, ring: int = 0) -> List[int]:
+        """The entries of frames ``start ..`` (a commit point) of ``ring`` as recorded, for a
+        restart; empty when there is no such ring or nothing after ``start``."""
+        if ring >= self.rings:
             return []
-        count, cap = self._q[self._order_count], self.order_capacity
+        count, cap = self._q[self._counts[ring]], self.order_capacity
         if count - start > cap:
             raise RuntimeError(
                 f"order ring of the status block holds {count - start} frames after the commit at {start}, more than its "
                 f"capacity {cap}: the worker ran ahead of its commits"
             )
-        ring = self._ring
-        return [ring[i % cap] for i in range(start, count)]  # type: ignore[index]
+        entries = self._ring[ring]
+        return [entries[i % cap] for i in range(start, count)]
 
     def set(self, field: str, value: int) -> None:
         self._q[_INDEX[field]] = value
@@ -214,8 +240,8 @@ class Scoreboard:
 
     def close(self) -> None:
         try:
-            if self._ring is not None:
-                self._ring.release()
+            for ring in self._ring:
+                ring.release()
             self._q.release()
             self._mm.close()
         except (BufferError, ValueError):

@@ -203,3 +203,21 @@ def test_the_order_ring_limit_follows_the_reported_commit():
     ledger.tick(True, clock())
     assert ledger.reported == {0: 0, 1: 0}
     assert ledger.order_limit == 2 + 4
+
+
+def test_the_dispatch_ring_limit_follows_the_reported_commit():
+    # outputs 1 and 2 go to the two replicas of one node: the frames sent toward them after
+    # the reported commit may fill a ring of 4
+    ledger, ins, (o1, o2), board, chan, clock = _ledger(outs=(1, 2))
+    group = SimpleNamespace(edges=(1, 2), limit=None)
+    ledger.limit_dispatch([group], 4)
+    assert group.limit == 0 + 4
+    o1.next_seq, o2.next_seq = 2, 1  # frame 0 made three frames: two to replica 0, one to 1
+    ledger.processed[0] = 0
+    ledger.mark()
+    ledger.advance()
+    assert group.limit == 4  # (not committed downstream yet)
+    o1.committed, o2.committed = 2, 1
+    ledger.tick(True, clock())
+    assert ledger.reported == {0: 0} and group.limit == 3 + 4
+    assert ledger.order_limit > 10**9  # (no input order ring)

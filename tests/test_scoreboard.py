@@ -115,3 +115,26 @@ def test_the_board_has_no_name_and_a_sealed_size():
     finally:
         board.close()
     assert board.fd == -1
+
+
+def test_rings_of_a_worker_feeding_replicas_are_independent():
+    # a fan-in worker (ring 0: its input order) feeding two nodes with replicas (rings 1, 2:
+    # the replica each frame went to)
+    supervisor = Scoreboard.create(commit_slots=4, order_slots=8, rings=3)
+    worker = Scoreboard.from_fd(os.dup(supervisor.fd))
+    try:
+        assert (worker.rings, worker.order_capacity, worker.commit_slots) == (3, 8, 4)
+        worker.write_commit(7, [1, 2, 3, 4])
+        for k, replica in enumerate([0, 1, 1, 0, 2]):
+            worker.record_order(k, replica, ring=2)
+        worker.record_order(0, 1, ring=0)
+        assert supervisor.read_commit() == (7, [1, 2, 3, 4])
+        assert supervisor.read_order(0, ring=0) == [1] and supervisor.read_order(0, ring=1) == []
+        assert supervisor.read_order(2, ring=2) == [1, 0, 2]
+        supervisor.reset()
+        assert worker.rings == 3 and worker.read_order(0, ring=2) == []
+        supervisor.write_order(2, [1, 0, 2], ring=2)  # (a restart: before the new worker exists)
+        assert worker.read_order(2, ring=2) == [1, 0, 2] and worker.read_order(0, ring=1) == []
+    finally:
+        worker.close()
+        supervisor.close()

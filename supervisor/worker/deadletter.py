@@ -12,18 +12,21 @@ from typing import Any, List, Optional, Sequence, Tuple
 log = logging.getLogger("remotemedia.worker")
 
 
-def dead_letter(node_name: str, directory: Optional[str], port: Any, sample: Any) -> Optional[str]:
+def dead_letter(node_name: str, directory: Optional[str], port: Any, sample: Any, skip: int = 0) -> Optional[str]:
     """Keep a copy of ``sample`` (a frame of ``port``) in ``directory`` if set; returns its
-    path (None without a directory)."""
+    path (None without a directory). ``skip``: bytes in front of the meta that are the
+    runtime's, not the frame's (a replica's input: its dispatch number), left out of the
+    header's meta range."""
     path = None
     if directory:
+        m0, m1 = sample.meta
         header = {
             "node": node_name,
             "edge": port.spec.index,
             "from": port.spec.src,
             "seq": sample.seq,
             "origin": sample.origin,
-            "meta": list(sample.meta),
+            "meta": [m0 + skip, m1],
             "buffers": [list(b) for b in sample.buffers],
         }
         path = write_private(

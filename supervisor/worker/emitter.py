@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from remotemedia.frames import Frame, encode
 from remotemedia.node import iter_outputs
 
 from ..channels import KIND_DATA, MAX_LOANED, OutPort
-from .replicas import END, FLUSH, LAST, MORE, dispatch_groups, pick
+from .replicas import END, FLUSH, LAST, MORE, Dispatch, dispatch_groups
+from .replicas import tag as tag_meta
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,9 +37,11 @@ _PLAIN = frozenset((np.ndarray, dict, bytes, str, tuple, list, int, float, bool)
 
 
 class Emitter:
-    """Sends a node's outputs. ``wait_for_room(port)`` is the worker loop's backpressure (it
-    keeps the housekeeping going while ``port`` is full); ``event_loop()`` the loop that
-    async nodes' results run on.
+    """Sends a node's outputs. ``wait_for_room(*ports)`` is the worker loop's backpressure
+    (it keeps the housekeeping going until one of ``ports`` has room); ``wait_for_dispatch(d)``
+    waits until the commit has moved far enough for the next frame toward the replicas of
+    ``d`` to be recorded (see .replicas); ``event_loop()`` the loop that async nodes' results
+    run on.
 
     ``origin``/``stream``/``created`` are those of the input frame being processed: the
     outputs inherit them. ``replica``: which replica of its node this worker is (-1: none)."""
@@ -50,9 +53,10 @@ class Emitter:
         outputs: Sequence[OutPort],
         counters: "Counters",
         board: Any,
-        wait_for_room: Callable[[OutPort], None],
+        wait_for_room: Callable[..., None],
         event_loop: Callable[[], "asyncio.AbstractEventLoop"],
         replica: int = -1,
+        wait_for_dispatch: Optional[Callable[[Dispatch], None]] = None,
     ) -> None:
         self.node = node
         self.name = name
@@ -60,6 +64,7 @@ class Emitter:
         self.counters = counters
         self.board = board
         self.wait_for_room = wait_for_room
+        self.wait_for_dispatch = wait_for_dispatch
         self.event_loop = event_loop
         self.loans: Dict[int, Any] = {}  # address -> loan, of arrays allocate() handed out
         self._loan_warned = False
@@ -68,6 +73,7 @@ class Emitter:
         self.created = 0
         # Edges to the replicas of a node: each frame goes to one of them (see .replicas).
         self.groups = dispatch_groups(self.outputs)
+        self._plain = self.outputs if self.groups is None else self.groups[0]
         # A replica: every output carries the number k of its input (see .replicas).
         self.replica = replica
         self.k = -1  # the input being processed (-1: flush())
@@ -114,8 +120,9 @@ class Emitter:
         self.loans.clear()
 
     def emit(self, value: Any, tag: Any = None) -> None:
-        """Send ``value`` on every output edge (on one replica's of each group of replicas).
-        ``tag``: a replica's ``(k, kind)``, sent with the value (see .replicas)."""
+        """Send ``value`` on every output edge (on the least-loaded replica's of each node
+        with replicas, see .replicas). ``tag``: a replica's ``(k, kind)``, sent with the
+        value."""
         if type(value) is Frame:
             value, stream_id = value.value, value.stream_id
             if stream_id is None:
@@ -131,7 +138,7 @@ class Emitter:
         meta: Any = None
         bufs: List[Any] = []
         loan = None
-        for i, port in enumerate(self.outputs if not self.groups else pick(self.groups)):
+        for i, port in enumerate(self._plain):
             if not port.can_send():
                 self.wait_for_room(port)
             if fast and port.send_array(value, origin, stream_id, created):
@@ -151,6 +158,15 @@ class Emitter:
                 port.send(KIND_DATA, meta, bufs, origin, stream_id, created)
                 if fast and len(bufs) == 1:
                     port.learn_array(value, meta, bufs[0])
+        if self.groups is not None:
+            for d in self.groups[1]:
+                port, k = self._dispatch(d)
+                if meta is None:
+                    try:
+                        meta, bufs = encode(value)
+                    except Exception as e:
+                        raise self._unsendable(value, e) from None
+                port.send(KIND_DATA, tag_meta(k, meta), bufs, origin, stream_id, created)
         if tag is not None and tag[1] == END:
             return  # (a marker, not an output)
         counters = self.counters
@@ -158,11 +174,23 @@ class Emitter:
         if self.board is not None:
             self.board.set("frames_out", counters.frames_out)
 
-    def start_input(self, seq: int) -> None:
-        """A replica is about to process its input frame ``seq``: number k of the frame
-        among all the replicas' (its upstream dealt them round-robin)."""
-        n = self.outputs[0].spec.replicas
-        self.k = seq * n + self.replica
+    def _dispatch(self, d: Dispatch) -> Tuple[OutPort, int]:
+        """The replica edge of ``d`` the next frame goes on (waiting for room), and its k."""
+        if d.k >= d.limit and self.wait_for_dispatch is not None:
+            self.wait_for_dispatch(d)
+        if d.forced() < 0:
+            for p in d.ports:  # (the replicas' loads as of now)
+                p.poll_acks()
+        i = d.choose()
+        while i < 0:
+            self.wait_for_room(*d.waits_on())
+            i = d.choose()
+        return d.sent(i)
+
+    def start_input(self, k: int) -> None:
+        """A replica is about to process input frame number ``k`` (its upstream's number:
+        see .replicas)."""
+        self.k = k
         self.k_open = True
 
     def end_input(self) -> None:

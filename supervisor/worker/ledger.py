@@ -94,11 +94,28 @@ class Ledger:
         # holds past the reported commit (see Runner.step_ordered).
         self.order_cap = 0
         self.order_limit = sys.maxsize
+        self._limits_order = False
+        # A worker feeding nodes with replicas may send toward each no further than its ring
+        # of dispatch choices holds past the reported commit (see .replicas.Dispatch).
+        self._dispatch: List[Any] = []
 
     def limit_order(self, consumed: int, capacity: int) -> None:
         """Record-order mode: ``consumed`` frames so far, an order ring of ``capacity``."""
         self.order_cap = capacity
         self.order_limit = consumed + capacity
+        self._limits_order = True
+
+    def limit_dispatch(self, dispatch: Sequence[Any], capacity: int) -> None:
+        """Toward nodes with replicas: ``dispatch`` (their ``replicas.Dispatch``, whose
+        ``limit`` each reported commit moves) record their choices in rings of
+        ``capacity``."""
+        self.order_cap = capacity
+        self._dispatch = list(dispatch)
+        self._limit_dispatch(self.commit_out_next)
+
+    def _limit_dispatch(self, out_next: Dict[int, int]) -> None:
+        for d in self._dispatch:  # (the frames after this commit may fill the ring)
+            d.limit = sum(out_next[e] for e in d.edges) + self.order_cap
 
     def release(self) -> None:
         """Forget the ports (the worker closes them)."""
@@ -238,8 +255,11 @@ class Ledger:
                 )
             self.reported = self.committed
             if self.order_cap:
-                # the frames after this commit may fill the order ring (Scoreboard.read_order)
-                self.order_limit = sum(self.committed.values()) + len(self.committed) + self.order_cap
+                # the frames after this commit may fill the order rings (Scoreboard.read_order)
+                if self._limits_order:
+                    self.order_limit = sum(self.committed.values()) + len(self.committed) + self.order_cap
+                if self._dispatch:
+                    self._limit_dispatch(self.commit_out_next)
             self.next_commit = self.clock() + 0.01
         for i, p in self.by_edge_in.items():
             p.ack(self.processed[i] + 1, self.reported[i] + 1)

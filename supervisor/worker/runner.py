@@ -49,7 +49,7 @@ from .emitter import Emitter
 from .failures import Aborted as _Abort
 from .failures import format_exc as _format_exc
 from .ledger import Ledger
-from .replicas import Merge
+from .replicas import TAG_LEN, Dispatch, Merge, tagged_k, untag
 from .source import SourceStepper
 
 if TYPE_CHECKING:
@@ -133,7 +133,10 @@ class Runner:
             source_position=self.restore.source_position,
             snapshot=(lambda: cloudpickle.dumps(node.snapshot())) if has_snapshot else None,
             snapshot_interval=spec.snapshot_interval if spec.snapshot_interval is not None else 1.0,
-            ack_every=spec.ack_every or max(1, min((e.depth for e in spec.in_edges), default=4) // 4),
+            # (a replica acks every frame: its upstream sends the next frame to the replica
+            # with the fewest in flight, see .replicas)
+            ack_every=spec.ack_every
+            or (1 if spec.replica >= 0 else max(1, min((e.depth for e in spec.in_edges), default=4) // 4)),
         )
         # (the per-frame path calls these: bound once)
         self.processed: Dict[int, int] = ledger.processed  # (the same dict, updated in place)
@@ -143,8 +146,19 @@ class Runner:
 
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.emitter = emitter = Emitter(
-            node, spec.name, self.outputs, counters, board, self.wait_for_room, self.event_loop, replica=spec.replica
-        )
+            node, spec.name, self.outputs, counters, board, self.wait_for_room, self.event_loop, replica=spec.replica,
+            wait_for_dispatch=self.wait_for_dispatch,
+        )  # fmt: skip
+        # Toward nodes with replicas: each frame's replica is recorded in an order ring of the
+        # status block, the choices of the predecessor after the commit are made again, and
+        # the worker stays less than the ring's capacity ahead of its reported commit.
+        self._dispatch = emitter.groups[1] if emitter.groups is not None else []
+        if self._dispatch and board is not None and board.order_capacity:
+            for g, d in enumerate(self._dispatch):
+                ring = spec.dispatch_ring(g)
+                d.record = lambda k, i, ring=ring: board.record_order(k, i, ring)  # type: ignore[misc]
+                d.replay = list(self.restore.dispatch.get(d.node, ()))
+            ledger.limit_dispatch(self._dispatch, board.order_capacity)
         self._loans = emitter.loans  # (the same dict)
         self._emit_result = emitter.emit_result
         node._remotemedia_allocator = emitter.allocate
@@ -334,7 +348,7 @@ class Runner:
         # outputs when we may not. (Acks of an output with room are no reason to burn a
         # core: on a paced stream every ack would be "caught" and grow the spin, stealing
         # the CPU from the very stage about to send us our next frame.)
-        blocked = [p.ack_sub for p in self.outputs if not p.can_send()]
+        blocked = [p.ack_sub for p in self.blocked()]
         if blocked:
             watch = blocked
         elif not self.failed and self.started and self.consumed < self.ledger.order_limit:
@@ -350,16 +364,51 @@ class Runner:
         if ready:
             self._ctrl_ready = True
 
-    def wait_for_room(self, port: OutPort) -> None:
-        """Backpressure: wait until ``port`` may send. Time spent here is not processing
-        time, so the per-frame deadline is paused meanwhile."""
+    def blocked(self) -> List[OutPort]:
+        """The outputs whose lack of room keeps the next frame from being handled (none: it
+        may go): every full one, but toward a node with replicas only when none of those
+        the frame may go to has room."""
+        if not self._dispatch:
+            return [p for p in self.outputs if not p.can_send()]
+        out = [p for p in self.emitter.groups[0] if not p.can_send()]  # type: ignore[index]
+        for d in self._dispatch:
+            ports = d.waits_on()
+            if not any(p.can_send() for p in ports):
+                out.extend(ports)
+        return out
+
+    def wait_for_room(self, *ports: OutPort) -> None:
+        """Backpressure: wait until one of ``ports`` may send. Time spent here is not
+        processing time, so the per-frame deadline is paused meanwhile."""
         busy = self.board.read() if self.board is not None else None
         if self.board is not None:
             self.board.idle()
-        while not port.can_send():
+        while not any(p.can_send() for p in ports):
             self.ledger.flush()
             self.pump()
-            if port.can_send():
+            if any(p.can_send() for p in ports):
+                break
+            self.wait(0.05)
+        if busy is not None and busy["busy_since_ns"] and self.board is not None:
+            self.board.busy(busy["busy_edge"], busy["busy_seq"])
+
+    def wait_for_dispatch(self, d: Dispatch) -> None:
+        """The next frame toward the replicas of ``d`` has no room in the status block's
+        ring (the worker is a ring's capacity ahead of its reported commit): commit, and wait
+        until the commit has moved."""
+        busy = self.board.read() if self.board is not None else None
+        if self.board is not None:
+            self.board.idle()
+        ledger = self.ledger
+        while d.k >= d.limit:
+            if not ledger.markers and not ledger.commit_dirty:
+                raise RuntimeError(
+                    f"node {self.spec.name}: one input made more than {ledger.order_cap} frames for the replicas of "
+                    f"{d.node}, more than their exactly-once record holds; split the work over more inputs"
+                )
+            ledger.commit_now()
+            self.pump()
+            if d.k < d.limit:
                 break
             self.wait(0.05)
         if busy is not None and busy["busy_since_ns"] and self.board is not None:
@@ -496,19 +545,24 @@ class Runner:
         edge = port.spec.index
         if self.skip and seq in self.skip.get(edge, ()):
             self.counters.dead_letters += 1
-            path = dead_letter(self.spec.name, self.spec.dead_letter_dir, port, sample)
+            k = tagged_k(sample) if self._replica else -1
+            path = dead_letter(self.spec.name, self.spec.dead_letter_dir, port, sample, TAG_LEN if self._replica else 0)
             self.chan.send(DeadLetter(edge, seq, path))
             del sample
             if self._replica:  # (its input k ends without an output)
-                self.emitter.start_input(seq)
+                self.emitter.start_input(k)
                 self.emitter.end_input()
             self.processed[edge] = seq
             self._mark()
             self._advance()
             return
-        data = decode(sample, port.sub.borrowed >= port.borrow_limit)
-        if type(data) is np.ndarray:
-            port.learn(sample, data)  # the next frames like it take the hot path
+        if self._replica:
+            k, data = untag(sample, port.sub.borrowed >= port.borrow_limit)
+            self.emitter.start_input(k)
+        else:
+            data = decode(sample, port.sub.borrowed >= port.borrow_limit)
+            if type(data) is np.ndarray:
+                port.learn(sample, data)  # the next frames like it take the hot path
         del sample
         self.run_node(port, data, seq, origin, stream_id, created_ns, sent_ns)
 
@@ -530,8 +584,8 @@ class Runner:
         board = self.board
         if board is not None:
             board.busy(edge, seq)
-        if self._replica:
-            em.start_input(seq)
+        if self._replica and not em.k_open:  # (handle_frame read k from the frame)
+            raise RuntimeError(f"node {self.spec.name}: frame {seq} from {port.src} came without its dispatch number")
         t0 = time.perf_counter_ns()
         try:
             result = node.process(data)
@@ -582,6 +636,8 @@ class Runner:
     def inputs_done(self) -> bool:
         if self.source is not None:
             return self.source.done
+        if self._merge is not None and self._merge.holds():
+            return False  # (frames taken off the edges, not yet consumed)
         return all(p.eos for p in self.inputs)
 
     def finish(self) -> None:
@@ -665,6 +721,12 @@ class Runner:
         if self.failed or self.handing_over:
             return False
         source = self.source
+        if self._dispatch:
+            if self.blocked():
+                return False
+            if source is not None:
+                return self.started and not source.done and source.step()
+            return self.step_input()
         if source is not None:
             if self.started and not source.done and all(p.can_send() for p in self.outputs):
                 return source.step()
