@@ -174,6 +174,41 @@ pub struct StageLoop {
 
 type Subs = Vec<Py<Subscriber>>;
 
+/// When `serve()` hands back to the runner: at its timeout, once frames went through and a
+/// commit report is due (a producer's loaned chunks wait for it), `slice_ns` after the first
+/// frame, `lull_ns` after the last.
+struct Turn {
+    until: u64,
+    commit_at: u64,
+    slice_ns: u64,
+    lull_ns: u64,
+    slice_end: u64,
+    lull_end: u64,
+}
+
+impl Turn {
+    fn new(timeout: f64, commit_in: f64, slice_ns: u64, lull_ns: u64) -> Self {
+        let start = monotonic_ns();
+        let at = |s: f64| start.saturating_add((s.max(0.0) * 1e9) as u64);
+        Turn { until: at(timeout), commit_at: at(commit_in), slice_ns, lull_ns, slice_end: u64::MAX, lull_end: u64::MAX }
+    }
+
+    /// After a step of `n` frames, at `now`: until when to wait for more; None: hand back.
+    fn next(&mut self, n: usize, now: u64) -> Option<u64> {
+        if n > 0 {
+            if now >= self.commit_at {
+                return None;
+            }
+            if self.slice_end == u64::MAX {
+                self.slice_end = now.saturating_add(self.slice_ns);
+            }
+            self.lull_end = now.saturating_add(self.lull_ns);
+        }
+        let end = self.until.min(self.slice_end).min(self.lull_end);
+        (now < end).then_some(end)
+    }
+}
+
 /// How a wait of `serve()` ended.
 enum Woke {
     Notified,
@@ -566,11 +601,7 @@ impl StageLoop {
         lull_ns: u64,
     ) -> PyResult<Option<(usize, bool)>> {
         let Some((subs, acks)) = self.iox_subs(py) else { return Ok(None) };
-        let start = monotonic_ns();
-        let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
-        let commit_at = start.saturating_add((commit_in.max(0.0) * 1e9) as u64);
-        let mut slice_end = u64::MAX;
-        let mut lull_end = u64::MAX;
+        let mut turn = Turn::new(timeout, commit_in, slice_ns, lull_ns);
         let mut steps = 0;
         self.python_turn = false;
         loop {
@@ -589,19 +620,7 @@ impl StageLoop {
             let idle = n == 0;
             self.ack_inputs(py, ack_every, idle)?;
             let now = monotonic_ns();
-            if n > 0 {
-                if now >= commit_at {
-                    break; // (the runner reports commits now: loaned chunks upstream wait for them)
-                }
-                if slice_end == u64::MAX {
-                    slice_end = now.saturating_add(slice_ns);
-                }
-                lull_end = now.saturating_add(lull_ns);
-            }
-            let end = until.min(slice_end).min(lull_end);
-            if now >= end {
-                break;
-            }
+            let Some(end) = turn.next(n, now) else { break };
             if !idle {
                 continue;
             }
@@ -719,11 +738,7 @@ impl StageLoop {
         lull_ns: u64,
     ) -> PyResult<Option<(usize, bool, bool)>> {
         let Some((_, acks)) = self.iox_subs(py) else { return Ok(None) };
-        let start = monotonic_ns();
-        let until = start.saturating_add((timeout.max(0.0) * 1e9) as u64);
-        let commit_at = start.saturating_add((commit_in.max(0.0) * 1e9) as u64);
-        let mut slice_end = u64::MAX;
-        let mut lull_end = u64::MAX;
+        let mut turn = Turn::new(timeout, commit_in, slice_ns, lull_ns);
         let mut steps = 0;
         self.python_turn = false;
         loop {
@@ -736,19 +751,7 @@ impl StageLoop {
                 return Ok(Some((steps, ended, false)));
             }
             let now = monotonic_ns();
-            if n > 0 {
-                if now >= commit_at {
-                    break; // (the runner reports commits now: loaned chunks upstream wait for them)
-                }
-                if slice_end == u64::MAX {
-                    slice_end = now.saturating_add(slice_ns);
-                }
-                lull_end = now.saturating_add(lull_ns);
-            }
-            let end = until.min(slice_end).min(lull_end);
-            if now >= end {
-                break;
-            }
+            let Some(end) = turn.next(n, now) else { break };
             let watch = self.blocked_acks(py, &acks);
             if watch.is_empty() {
                 if n == 0 {
@@ -775,5 +778,31 @@ impl StageLoop {
     /// `(count, total_ns, max_ns, per-bucket counts, samples)`; None when there were none.
     fn take_latencies(&mut self) -> Option<LatencyBatch> {
         self.latencies.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Turn;
+
+    fn turn() -> Turn {
+        Turn { until: 1_000_000, commit_at: 50_000, slice_ns: 2_000, lull_ns: 200, slice_end: u64::MAX, lull_end: u64::MAX }
+    }
+
+    #[test]
+    fn serve_hands_back_after_the_slice_the_lull_or_a_due_commit() {
+        let mut t = turn();
+        assert_eq!(t.next(0, 100), Some(1_000_000), "idle, no frame yet: until the timeout");
+        assert_eq!(t.next(3, 1_000), Some(1_200), "after frames: the lull");
+        assert_eq!(t.next(0, 1_100), Some(1_200));
+        assert_eq!(t.next(0, 1_200), None, "no frame for the lull: hand back");
+        let mut t = turn();
+        for now in (1_000..2_900).step_by(100) {
+            assert!(t.next(1, now).is_some(), "frames keep coming: within the slice");
+        }
+        assert_eq!(t.next(1, 3_000), None, "the slice is over");
+        let mut t = turn();
+        assert_eq!(t.next(0, 60_000), Some(1_000_000), "a commit due does not end an idle wait");
+        assert_eq!(t.next(1, 60_100), None, "frames and a commit due: hand back");
     }
 }
