@@ -448,7 +448,12 @@ class _Agent:
                     s.add((seq, DATA, value, origin, stream_id, created_ns))
                 else:
                     kind = r.kind
-                    value = decode(r, copy=True) if kind == DATA else None
+                    if kind != DATA:
+                        value = None
+                    elif len(r) >= STORE_BYTES:
+                        value = _Stored(ray.put(decode(r)), len(r))  # (from the chunk's views)
+                    else:
+                        value = decode(r, copy=True)
                     s.add((r.seq, kind, value, r.origin, r.stream_id, r.created_ns))
                     del r
                 took = True
@@ -850,14 +855,15 @@ def _portable(err: BaseException) -> Optional[BaseException]:
 
 
 class _Stored:
-    """The array of a frame a host sends on, put into this process's Ray object store once,
-    straight from the shared-memory chunk the pump took it from (one copy, where a private
-    copy and then Ray's own copy of a call argument made two). It is what the sender retains
-    until the receiving host commits the frame, and every send of it (a replay too) passes
-    the reference: a push as an argument of the call (Ray brings the object to the
-    receiver's node before the call runs, and hands the agent a zero-copy array of it), a
-    pull's answer inside its frames (the driver fetches it, :func:`with_arrays`). The object
-    lives while the sender retains it or a receiver still holds the reference."""
+    """The value of a frame a host sends on (a big array, or what holds big arrays), put
+    into this process's Ray object store once, straight from the shared-memory chunk the
+    pump took it from (one copy, where a private copy and then Ray's own copy of a call
+    argument made two). It is what the sender retains until the receiving host commits the
+    frame, and every send of it (a replay too) passes the reference: a push as an argument
+    of the call (Ray brings the object to the receiver's node before the call runs, and
+    hands the agent a zero-copy array of it), a pull's answer inside its frames (the driver
+    fetches it, :func:`with_arrays`). The object lives while the sender retains it or a
+    receiver still holds the reference."""
 
     __slots__ = ("ref", "nbytes")
 
@@ -881,8 +887,8 @@ class _Arg:
 
 
 def _keep(view: np.ndarray) -> Any:
-    """What a sender retains of an array taken from shared memory (the chunk is released
-    after): a big one in the object store, a small one copied."""
+    """What a sender retains of an array the bridge decoded (a view of shared memory; the
+    chunk is released after): a big one in the object store, a small one copied."""
     if view.nbytes >= STORE_BYTES:
         return _Stored(ray.put(view), view.nbytes)
     return view.copy()
