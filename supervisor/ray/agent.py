@@ -201,7 +201,10 @@ class HostGateway(Gateway):
         return gaps
 
     def all_eos(self) -> bool:
-        return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
+        # (under the lock, as the base reads its ports: a port is borrowed while the pump
+        # takes from it, and the arbiter's thread asks this)
+        with self._lock:
+            return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
 
     def busy(self) -> bool:
         return super().busy() or (not self.closed and any(p.undelivered is not None for p in self.cut_in.values()))
@@ -241,10 +244,11 @@ class HostGateway(Gateway):
 class _Out:
     """A cut edge out of the host: its sender, and the call in flight to the receiving agent."""
 
-    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer")
+    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored")
 
     def __init__(self, local: int, edge: int, dst: Any, sender: EdgeSender) -> None:
         self.local, self.edge, self.dst, self.sender = local, edge, dst, sender
+        self.stored = 0  # frames whose value went into the object store (_Stored)
         self.data: Optional[Tuple[Future, int]] = None  # (future, frames sent)
         self.poll: Optional[Future] = None
         self.retry_at = 0.0
@@ -377,12 +381,15 @@ class _Agent:
             if gw is None:
                 break
             try:
+                big: List[Tuple[_Out, Any, Frame]] = []
                 with self.lock:
-                    if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw)):
+                    if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw, big)):
                         self.cond.notify_all()  # (room for a push, frames for a pull)
                     self._collect_replies()
                     if self.ins:
                         self._collect_pulls(gw)
+                if big:
+                    self._store(big)
                 self._send_pushes()
                 if self.ins:
                     self._send_pulls(gw)
@@ -430,9 +437,12 @@ class _Agent:
         if self.sup is not None:
             self.sup.kill()
 
-    def _take_outputs(self, gw: HostGateway) -> bool:
+    def _take_outputs(self, gw: HostGateway, big: List[Tuple["_Out", Any, Frame]]) -> bool:
         """The frames of the cut edges out of the host, from the gateway into the senders
-        (while their windows have room); True when there were any. Under the lock."""
+        (while their windows have room); True when there were any. Under the lock. A big
+        frame (STORE_BYTES) goes to ``big`` instead, still in shared memory, and ends its
+        edge's turn: :meth:`_store` puts it into the object store outside the lock (a put
+        waits when the store is full: the agent must still answer meanwhile)."""
         took = False
         for local, p in gw.cut_out.items():
             o = self.out_by_local[local]
@@ -441,24 +451,38 @@ class _Agent:
                 r = p.take()
                 if r is None:
                     break
+                took = True
                 if type(r) is tuple:
                     value, seq, origin, stream_id, created_ns, _sent = r
                     if type(value) is np.ndarray:
-                        value = _keep(value)  # (a view of shared memory: the sender keeps it)
+                        if value.nbytes >= STORE_BYTES:
+                            big.append((o, value, (seq, DATA, value.nbytes, origin, stream_id, created_ns)))
+                            break
+                        value = value.copy()  # (a view of shared memory: the sender keeps it)
                     s.add((seq, DATA, value, origin, stream_id, created_ns))
-                else:
-                    kind = r.kind
-                    if kind != DATA:
-                        value = None
-                    elif len(r) >= STORE_BYTES:
-                        value = _Stored(ray.put(decode(r)), len(r))  # (from the chunk's views)
-                    else:
-                        value = decode(r, copy=True)
-                    s.add((r.seq, kind, value, r.origin, r.stream_id, r.created_ns))
-                    del r
-                took = True
+                    continue
+                kind = r.kind
+                if kind == DATA and len(r) >= STORE_BYTES:
+                    big.append((o, r, (r.seq, DATA, len(r), r.origin, r.stream_id, r.created_ns)))
+                    break
+                value = decode(r, copy=True) if kind == DATA else None
+                s.add((r.seq, kind, value, r.origin, r.stream_id, r.created_ns))
+                del r
             p.ack(p.expected, s.committed)
         return took
+
+    def _store(self, big: List[Tuple["_Out", Any, Frame]]) -> None:
+        """Put the big frames :meth:`_take_outputs` left (each a view of shared memory, or
+        the sample holding it) into the object store, then into their senders. Not under
+        the lock."""
+        while big:
+            o, held, (seq, kind, nbytes, origin, stream_id, created_ns) = big.pop(0)
+            ref = ray.put(held if type(held) is np.ndarray else decode(held))
+            del held  # (the chunk goes back to its producer)
+            with self.lock:
+                o.sender.add((seq, kind, _Stored(ref, nbytes), origin, stream_id, created_ns))
+                o.stored += 1
+                self.cond.notify_all()  # (frames for a pull)
 
     # ================================================================ cut edges out
 
@@ -795,7 +819,7 @@ class _Agent:
             unhealthy=sup.unhealthy_workers() if sup is not None else [],
             checkpoints=self.checkpoints,
             cut_out={
-                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent}
+                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent, "stored": o.stored}
                 for g, o in self.outs.items()
             },
             cut_in={
@@ -884,14 +908,6 @@ class _Arg:
 
     def __reduce__(self) -> Any:
         return (_Arg, (self.i,))
-
-
-def _keep(view: np.ndarray) -> Any:
-    """What a sender retains of an array the bridge decoded (a view of shared memory; the
-    chunk is released after): a big one in the object store, a small one copied."""
-    if view.nbytes >= STORE_BYTES:
-        return _Stored(ray.put(view), view.nbytes)
-    return view.copy()
 
 
 def _frame_size(f: Frame) -> int:
