@@ -997,9 +997,7 @@ def fill_arrays(answer: Tuple[Any, int, Any, Any], out: Future) -> None:
     def fetched(k: int, g: Future) -> None:
         try:
             value = g.result()
-            if isinstance(value, BaseException):  # (how Ray reports a lost object here)
-                raise value
-        except BaseException as e:  # noqa: BLE001 - the object is lost: the answer fails
+        except BaseException as e:  # noqa: BLE001 - the object is lost (OwnerDiedError, ...): the answer fails
             with lock:
                 first = left[0] > 0
                 left[0] = 0
