@@ -31,6 +31,16 @@ class Count(Node):
         self.n = state
 
 
+class Tally(Count):
+    """Count for arrays: the frame with how many it has seen appended (an int64 array)."""
+
+    def process(self, x: Any) -> Any:
+        import numpy as np
+
+        x, n = super().process(x)
+        return np.append(x, np.int64(n))
+
+
 class Ticks(Source):
     """An endless paced stream 0, 1, 2, ..."""
 

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, List
 
+import numpy as np
 import psutil
 import pytest
 
@@ -47,7 +48,7 @@ ray = pytest.importorskip("ray", reason="backend ray needs Ray: pip install 'rem
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ray_nodes import BadInit, Count, Fails, Ticks  # noqa: E402  (a light module: the node workers import it)
+from ray_nodes import BadInit, Count, Fails, Tally, Ticks  # noqa: E402  (a light module: the node workers import it)
 from remotemedia import Pipeline, Supervisor  # noqa: E402
 from remotemedia.errors import EndOfStream, NodeError, NodeInitError, SupervisorError  # noqa: E402
 from remotemedia.nodes import MapNode  # noqa: E402
@@ -113,8 +114,9 @@ def no_leaks():
     assert not files, f"run directories left behind: {sorted(files)}"
 
 
-def _stream(sup: Supervisor, n: int, on_count=None) -> List[Any]:
-    """Send 0..n-1 from a thread, receive every output; ``on_count(k)`` after the k-th."""
+def _stream(sup: Supervisor, n: int, on_count=None, keep=lambda x: x) -> List[Any]:
+    """Send 0..n-1 from a thread, receive every output (``keep(output)`` of each);
+    ``on_count(k)`` after the k-th."""
 
     def feed() -> None:
         for i in range(n):
@@ -126,7 +128,7 @@ def _stream(sup: Supervisor, n: int, on_count=None) -> List[Any]:
     got: List[Any] = []
     while True:
         try:
-            got.append(sup.recv(timeout=120))
+            got.append(keep(sup.recv(timeout=120)))
         except EndOfStream:
             break
         if on_count is not None:
@@ -247,6 +249,43 @@ def test_agent_sigkills_mid_stream_lose_and_repeat_nothing(cluster):
         wait_for(lambda: all((sup.hosts()[h].get("incarnation") or 0) >= 2 for h in killed) or not sup.running, 60, "the new incarnations")
     assert killed == ["head", "gpu"]
     assert len(got) == 600 and got == [((i, i + 1), i + 1) for i in range(600)]
+    assert {h: s["incarnation"] for h, s in sup.hosts().items()} == {"head": 2, "gpu": 2, "(driver)": 1}
+
+
+def test_big_frames_cross_as_objects_through_agent_sigkills(cluster):
+    """Frames of 256 KiB (past STORE_BYTES: each host puts them into its Ray object store
+    once, from shared memory, and retains the reference until commit): made in the driver's
+    part, through the head's agent and the gpu's to the caller (a push with the driver's
+    objects, a push with an agent's, pulls answered with the gpu agent's). SIGKILL the
+    head's agent after 100 outputs, the gpu's after 200 (their objects die with them): 0
+    lost, 0 duplicated, in order, every array intact, the counts resumed."""
+    size = 32 << 10  # int64s
+    p = Pipeline(
+        [
+            MapNode(lambda i: np.full(size, i, dtype=np.int64), name="a"),
+            Tally(0.002, name="b", options={"host": "head", "snapshot_interval": 0.05}),
+            Tally(0.002, name="c", options={"host": "gpu", "snapshot_interval": 0.05}),
+        ]
+    )
+    sup = Supervisor(p, backend="ray", name="big-kill")
+    killed: List[str] = []
+    stored = {}
+
+    def kill_agent(k: int) -> None:
+        victim = {100: "head", 200: "gpu"}.get(k)
+        if victim is not None:
+            stored[victim] = sum(e["stored"] for e in sup.hosts()[victim]["cut_out"].values())
+            os.kill(sup.hosts()[victim]["agent_pid"], signal.SIGKILL)
+            killed.append(victim)
+
+    with sup:
+        wait_for(lambda: all(h.get("agent_pid") for h in sup.hosts().values()), 120, "the agents' status")
+        # (what is kept of each output: its arrays are views of the driver's object store,
+        # which 300 of them would fill)
+        got = _stream(sup, 300, kill_agent, lambda g: (len(g), int(g[0]), bool((g[:size] == g[0]).all()), *map(int, g[size:])))
+    assert killed == ["head", "gpu"]
+    assert stored["head"] > 0 and stored["gpu"] > 0  # (the frames did go as objects)
+    assert got == [(size + 2, i, True, i + 1, i + 1) for i in range(300)]
     assert {h: s["incarnation"] for h, s in sup.hosts().items()} == {"head": 2, "gpu": 2, "(driver)": 1}
 
 

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import ray
@@ -63,6 +63,11 @@ BATCH_FRAMES = 256
 BATCH_BYTES = 64 << 20
 #: Batches up to this many bytes travel pickled in one bytes object (see pack_frames).
 PACK_BYTES = 64 << 10
+#: Arrays of at least this many bytes that a host's pump takes from a cut edge out of it are
+#: put into the process's Ray object store straight from shared memory (see _Stored); smaller
+#: ones are copied (Ray would send them inline with the call anyway: its
+#: max_direct_call_object_size, 100 KiB).
+STORE_BYTES = 100 << 10
 #: Seconds a commit poll or an empty pull waits at the other end for news.
 LONG_POLL = 0.2
 #: Seconds a push that carries the pushing process's pulls waits for their frames at most
@@ -196,7 +201,10 @@ class HostGateway(Gateway):
         return gaps
 
     def all_eos(self) -> bool:
-        return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
+        # (under the lock, as the base reads its ports: a port is borrowed while the pump
+        # takes from it, and the arbiter's thread asks this)
+        with self._lock:
+            return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
 
     def busy(self) -> bool:
         return super().busy() or (not self.closed and any(p.undelivered is not None for p in self.cut_in.values()))
@@ -236,10 +244,11 @@ class HostGateway(Gateway):
 class _Out:
     """A cut edge out of the host: its sender, and the call in flight to the receiving agent."""
 
-    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer")
+    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored")
 
     def __init__(self, local: int, edge: int, dst: Any, sender: EdgeSender) -> None:
         self.local, self.edge, self.dst, self.sender = local, edge, dst, sender
+        self.stored = 0  # frames whose value went into the object store (_Stored)
         self.data: Optional[Tuple[Future, int]] = None  # (future, frames sent)
         self.poll: Optional[Future] = None
         self.retry_at = 0.0
@@ -372,12 +381,15 @@ class _Agent:
             if gw is None:
                 break
             try:
+                big: List[Tuple[_Out, Any, Frame]] = []
                 with self.lock:
-                    if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw)):
+                    if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw, big)):
                         self.cond.notify_all()  # (room for a push, frames for a pull)
                     self._collect_replies()
                     if self.ins:
                         self._collect_pulls(gw)
+                if big:
+                    self._store(big)
                 self._send_pushes()
                 if self.ins:
                     self._send_pulls(gw)
@@ -425,9 +437,12 @@ class _Agent:
         if self.sup is not None:
             self.sup.kill()
 
-    def _take_outputs(self, gw: HostGateway) -> bool:
+    def _take_outputs(self, gw: HostGateway, big: List[Tuple["_Out", Any, Frame]]) -> bool:
         """The frames of the cut edges out of the host, from the gateway into the senders
-        (while their windows have room); True when there were any. Under the lock."""
+        (while their windows have room); True when there were any. Under the lock. A big
+        frame (STORE_BYTES) goes to ``big`` instead, still in shared memory, and ends its
+        edge's turn: :meth:`_store` puts it into the object store outside the lock (a put
+        waits when the store is full: the agent must still answer meanwhile)."""
         took = False
         for local, p in gw.cut_out.items():
             o = self.out_by_local[local]
@@ -436,19 +451,38 @@ class _Agent:
                 r = p.take()
                 if r is None:
                     break
+                took = True
                 if type(r) is tuple:
                     value, seq, origin, stream_id, created_ns, _sent = r
                     if type(value) is np.ndarray:
+                        if value.nbytes >= STORE_BYTES:
+                            big.append((o, value, (seq, DATA, value.nbytes, origin, stream_id, created_ns)))
+                            break
                         value = value.copy()  # (a view of shared memory: the sender keeps it)
                     s.add((seq, DATA, value, origin, stream_id, created_ns))
-                else:
-                    kind = r.kind
-                    value = decode(r, copy=True) if kind == DATA else None
-                    s.add((r.seq, kind, value, r.origin, r.stream_id, r.created_ns))
-                    del r
-                took = True
+                    continue
+                kind = r.kind
+                if kind == DATA and len(r) >= STORE_BYTES:
+                    big.append((o, r, (r.seq, DATA, len(r), r.origin, r.stream_id, r.created_ns)))
+                    break
+                value = decode(r, copy=True) if kind == DATA else None
+                s.add((r.seq, kind, value, r.origin, r.stream_id, r.created_ns))
+                del r
             p.ack(p.expected, s.committed)
         return took
+
+    def _store(self, big: List[Tuple["_Out", Any, Frame]]) -> None:
+        """Put the big frames :meth:`_take_outputs` left (each a view of shared memory, or
+        the sample holding it) into the object store, then into their senders. Not under
+        the lock."""
+        while big:
+            o, held, (seq, kind, nbytes, origin, stream_id, created_ns) = big.pop(0)
+            ref = ray.put(held if type(held) is np.ndarray else decode(held))
+            del held  # (the chunk goes back to its producer)
+            with self.lock:
+                o.sender.add((seq, kind, _Stored(ref, nbytes), origin, stream_id, created_ns))
+                o.stored += 1
+                self.cond.notify_all()  # (frames for a pull)
 
     # ================================================================ cut edges out
 
@@ -475,7 +509,8 @@ class _Agent:
                         carry = self.piggyback is not None and len(frames) == 1
                         pulls, attach = self.piggyback(o.dst) if carry else (None, None)
                         try:
-                            ref = self._peer(o).push.remote(o.edge, self.incarnation, pack_frames(frames), s.committed, pulls)
+                            packed, refs = pack_push(frames)
+                            ref = self._peer(o).push.remote(o.edge, self.incarnation, packed, s.committed, pulls, *refs)
                         except BaseException as e:
                             if attach is not None:
                                 attach(e)
@@ -511,7 +546,9 @@ class _Agent:
             try:
                 if i.peer is None:
                     i.peer = ray.get_actor(agent_name(self.spec.run_id, i.src))
-                i.pull = self._future(i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0))
+                call = i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0)
+                i.pull = with_arrays(call.future())
+                i.pull.add_done_callback(lambda _f: self._wake())
             except Exception as e:  # noqa: BLE001 - the sending agent is not there (yet)
                 i.peer = None
                 i.retry_at = now + RETRY
@@ -667,11 +704,18 @@ class _Agent:
     # ================================================================ calls from others
 
     def push(
-        self, edge: int, sender_inc: int, frames: Any, known_committed: int, pulls: Optional[Dict[int, Tuple[Reply, int]]] = None
+        self,
+        edge: int,
+        sender_inc: int,
+        frames: Any,
+        known_committed: int,
+        pulls: Optional[Dict[int, Tuple[Reply, int]]] = None,
+        values: Sequence[Any] = (),
     ) -> Tuple[Any, ...]:
-        """Frames of a cut edge into this host (as :func:`pack_frames` made them; or none: a
-        commit poll, answered when the commit passes ``known_committed`` or after LONG_POLL).
-        Returns ``("ok", reply, pulled)`` or ``("stale", reply, pulled)``.
+        """Frames of a cut edge into this host (as :func:`pack_push` made them, ``values``
+        the arrays of its object refs as Ray hands them over; or none: a commit poll,
+        answered when the commit passes ``known_committed`` or after LONG_POLL). Returns
+        ``("ok", reply, pulled)`` or ``("stale", reply, pulled)``.
 
         ``pulls``: the pulls of the pushing (driver) process from this host, carried by its
         push (edge -> its receiver's reply and the frames it takes at most): each is served
@@ -679,7 +723,7 @@ class _Agent:
         that comes back from this host within that time needs no Ray call of its own.
         ``pulled``: edge -> what :meth:`pull` would have returned (empty when the push was
         refused)."""
-        status, reply = self._push(edge, sender_inc, unpack_frames(frames), known_committed)
+        status, reply = self._push(edge, sender_inc, unpack_frames(frames, values), known_committed)
         pulled = self._pull_many(pulls, PIGGY_WAIT) if pulls and status == "ok" else {}
         return status, reply, pulled
 
@@ -723,8 +767,8 @@ class _Agent:
         """The driver's end of a cut edge out of this host (the caller's, or its host's part)
         asks for up to ``max_frames`` frames from its expected on (``reply``: what its
         receiver has and committed). Returns ``(status, our incarnation, frames, reply)``
-        (frames as :func:`pack_frames` made them); waits up to ``wait`` seconds for frames
-        when there are none."""
+        (frames as :func:`pack_frames` made them, big arrays as :class:`_Stored`: see
+        :func:`with_arrays`); waits up to ``wait`` seconds for frames when there are none."""
         return self._pull_many({edge: (reply, max_frames)}, wait)[edge]
 
     def _pull_many(self, pulls: Dict[int, Tuple[Reply, int]], wait: float) -> Dict[int, Tuple[Any, int, Any, Reply]]:
@@ -775,7 +819,7 @@ class _Agent:
             unhealthy=sup.unhealthy_workers() if sup is not None else [],
             checkpoints=self.checkpoints,
             cut_out={
-                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent}
+                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent, "stored": o.stored}
                 for g, o in self.outs.items()
             },
             cut_in={
@@ -834,8 +878,42 @@ def _portable(err: BaseException) -> Optional[BaseException]:
     return err
 
 
+class _Stored:
+    """The value of a frame a host sends on (a big array, or what holds big arrays), put
+    into this process's Ray object store once, straight from the shared-memory chunk the
+    pump took it from (one copy, where a private copy and then Ray's own copy of a call
+    argument made two). It is what the sender retains until the receiving host commits the
+    frame, and every send of it (a replay too) passes the reference: a push as an argument
+    of the call (Ray brings the object to the receiver's node before the call runs, and
+    hands the agent a zero-copy array of it), a pull's answer inside its frames (the driver
+    fetches it, :func:`with_arrays`). The object lives while the sender retains it or a
+    receiver still holds the reference."""
+
+    __slots__ = ("ref", "nbytes")
+
+    def __init__(self, ref: Any, nbytes: int) -> None:
+        self.ref, self.nbytes = ref, nbytes
+
+    def __reduce__(self) -> Any:
+        return (_Stored, (self.ref, self.nbytes))
+
+
+class _Arg:
+    """In a push's frames: the value is the push's ``i``-th array argument (:func:`pack_push`)."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __reduce__(self) -> Any:
+        return (_Arg, (self.i,))
+
+
 def _frame_size(f: Frame) -> int:
     v = f[2]
+    if type(v) is _Stored:
+        return v.nbytes + 64
     if type(v) is np.ndarray:
         return v.nbytes + 64
     if isinstance(v, (bytes, bytearray, memoryview)):
@@ -856,9 +934,88 @@ def pack_frames(frames: List[Frame]) -> Any:
         return frames
 
 
-def unpack_frames(frames: Any) -> List[Frame]:
-    """Inverse of :func:`pack_frames`."""
-    return pickle.loads(frames) if type(frames) is bytes else frames
+def unpack_frames(frames: Any, values: Sequence[Any] = ()) -> List[Frame]:
+    """Inverse of :func:`pack_frames` (and of :func:`pack_push`, given the push's array
+    arguments)."""
+    out = pickle.loads(frames) if type(frames) is bytes else frames
+    if values:
+        out = [(f[0], f[1], values[f[2].i], f[3], f[4], f[5]) if type(f[2]) is _Arg else f for f in out]
+    return out
+
+
+def pack_push(frames: List[Frame]) -> Tuple[Any, List[Any]]:
+    """A push's frames as :func:`pack_frames` makes them, with each :class:`_Stored` array
+    replaced by its index among the call's extra arguments, and those arguments (the object
+    refs): Ray moves an argument's object to the receiver's node and hands over its value
+    (no borrowed reference for the agent to fetch, the frames small enough to pickle)."""
+    refs: List[Any] = []
+    if any(type(f[2]) is _Stored for f in frames):
+        out: List[Frame] = []
+        for f in frames:
+            v = f[2]
+            if type(v) is _Stored:
+                out.append((f[0], f[1], _Arg(len(refs)), f[3], f[4], f[5]))
+                refs.append(v.ref)
+            else:
+                out.append(f)
+        frames = out
+    return pack_frames(frames), refs
+
+
+def with_arrays(answer: Future) -> Future:
+    """The future of a pull's answer ``(status, incarnation, frames, reply)`` once the
+    arrays its frames hold as :class:`_Stored` are fetched (see :func:`fill_arrays`)."""
+    out: Future = Future()
+
+    def answered(f: Future) -> None:
+        try:
+            got = f.result()
+        except BaseException as e:  # noqa: BLE001 - the call failed: so does the answer
+            out.set_exception(e)
+            return
+        fill_arrays(got, out)
+
+    answer.add_done_callback(answered)
+    return out
+
+
+def fill_arrays(answer: Tuple[Any, int, Any, Any], out: Future) -> None:
+    """Complete ``out`` with a pull's answer ``(status, incarnation, frames, reply)`` once
+    the arrays its frames hold as :class:`_Stored` are fetched (their values replace them;
+    the fetches run in Ray's threads, none blocks the caller). A fetch that fails (the
+    sending agent died, and its objects with it) fails ``out`` as a failed call would: the
+    pull is retried and the restarted sender sends those frames again."""
+    status, inc, frames, reply = answer
+    stored = [(k, fr[2].ref) for k, fr in enumerate(frames) if type(fr[2]) is _Stored] if type(frames) is list else []
+    if not stored:
+        out.set_result(answer)
+        return
+    frames = list(frames)
+    lock = threading.Lock()
+    left = [len(stored)]
+
+    def fetched(k: int, g: Future) -> None:
+        try:
+            value = g.result()
+        except BaseException as e:  # noqa: BLE001 - the object is lost (OwnerDiedError, ...): the answer fails
+            with lock:
+                first = left[0] > 0
+                left[0] = 0
+            if first:
+                out.set_exception(e)
+            return
+        with lock:
+            if left[0] <= 0:
+                return
+            fr = frames[k]
+            frames[k] = (fr[0], fr[1], value, fr[3], fr[4], fr[5])
+            left[0] -= 1
+            done = left[0] == 0
+        if done:
+            out.set_result((status, inc, frames, reply))
+
+    for k, ref in stored:
+        ref.future().add_done_callback(lambda g, k=k: fetched(k, g))
 
 
 @ray.remote(max_restarts=-1, max_concurrency=64)
@@ -877,8 +1034,8 @@ class HostAgent:
             return f"host {self._a.key}: the part's run did not start within {timeout:g} s"
         return self._a.start_error or self._a.error
 
-    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int, pulls: Any = None) -> Any:
-        return self._a.push(edge, sender_inc, frames, known_committed, pulls)
+    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int, pulls: Any = None, *values: Any) -> Any:
+        return self._a.push(edge, sender_inc, frames, known_committed, pulls, values)
 
     def pull(self, edge: int, reply: Tuple[int, int, int], max_frames: int, wait: float) -> Any:
         return self._a.pull(edge, reply, max_frames, wait)
