@@ -103,7 +103,6 @@ class Gateway:
         # with replicas: their outputs are put back in input order (see
         # supervisor.worker.replicas).
         self._groups = dispatch_groups(self.inputs)
-        self._plain = self.inputs if self._groups is None else self._groups[0]
         self._reorder: Dict[int, Tuple[Reorder, int]] = {}  # output port position -> (its group's, replica)
         for g in merge_groups(self.outputs):
             r = Reorder(len(g))
@@ -164,7 +163,9 @@ class Gateway:
         meta, bufs, stream_id = frame
         now = time.monotonic_ns()
         try:
-            for p in self._plain:
+            # (self.inputs read now: a host agent's gateway keeps its cut edges apart, see
+            # supervisor.ray.agent.HostGateway)
+            for p in self.inputs if groups is None else groups[0]:
                 p.send(KIND_DATA, meta, bufs, self.sent, stream_id, now, notify)
             if groups is not None:
                 for d in groups[1]:
