@@ -66,7 +66,22 @@ def _frame(size: int) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
 
 
-class _Ours:
+class _Running:
+    """A started Supervisor (``self.sup``, made by ``__enter__``): closed on exit; ``one()``
+    is a frame's round trip through it."""
+
+    sup: Any
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sup.close()
+        self.sup.join(60)
+
+    def one(self, frame: np.ndarray) -> None:
+        self.sup.send(frame)
+        self.sup.recv(timeout=120)
+
+
+class _Ours(_Running):
     """Backend ray: ``a`` in a worker of the driver's host's part, ``b`` under the gpu
     host's agent; a -> b and b -> the caller are cut edges (Ray calls)."""
 
@@ -79,14 +94,6 @@ class _Ours:
         p = Pipeline([PassThroughNode(name="a"), PassThroughNode(name="b", options={"host": "gpu"})], name="hop")
         self.sup = Supervisor(p, backend="ray", control=False).start()
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.sup.close()
-        self.sup.join(60)
-
-    def one(self, frame: np.ndarray) -> None:
-        self.sup.send(frame)
-        self.sup.recv(timeout=120)
 
     def stream(self, frame: np.ndarray, n: int) -> None:
         def feed() -> None:
@@ -153,7 +160,7 @@ class _RayCall:
         ray.get(self.actor.f.remote(frame))
 
 
-class _LocalHop:
+class _LocalHop(_Running):
     """A part: one pass-through node on the local backend (caller -> worker -> caller over
     iceoryx2), the hop each host's part adds around a Ray message."""
 
@@ -165,14 +172,6 @@ class _LocalHop:
 
         self.sup = Supervisor(Pipeline([PassThroughNode(name="p")], name="hop-local"), control=False).start()
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.sup.close()
-        self.sup.join(60)
-
-    def one(self, frame: np.ndarray) -> None:
-        self.sup.send(frame)
-        self.sup.recv(timeout=120)
 
 
 def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: int) -> Dict[str, Dict[str, float]]:
