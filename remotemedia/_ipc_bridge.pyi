@@ -223,7 +223,13 @@ class Doorbells:
     def __init__(self, fd: int) -> None:
         """OSError when ``fd`` cannot be mapped, ValueError when it holds less than a slot."""
     def state(self, slot: int) -> Tuple[int, int]:
-        """``(sleeping, pending)`` of ``slot`` (tests, tools)."""
+        """``(sleeping, pending)`` of ``slot`` (tests, tools); sleeping counts listeners in
+        ppoll() and on the futex alike."""
+    def sleepers(self, slot: int) -> Tuple[int, int]:
+        """``(in ppoll(), on the futex)`` of ``slot`` (tests)."""
+    def ring_control(self, slot: int) -> None:
+        """After writing on the control channel of the listener of ``slot``: wakes it if it
+        naps on the futex (it then polls its descriptors)."""
 
 class Notifier:
     service: str
@@ -256,9 +262,13 @@ class Listener:
         max_notifiers: int = 64,
         doorbells: Optional[Doorbells] = None,
         slot: int = 0,
+        control_rings: bool = False,
     ) -> None:
         """With ``doorbells``: notifiers ringing the same ``slot`` wake this listener with a
-        syscall only while it sleeps; the slot must be this listener's alone."""
+        syscall only while it sleeps; the slot must be this listener's alone. It then sleeps
+        on the doorbell's futex (a cheaper wake-up than ppoll()) whenever ``wait()`` has no
+        ``fds``, or with ``control_rings``: whoever writes on those fds calls
+        ``Doorbells.ring_control(slot)`` after (they are also polled every 50 ms)."""
     def fileno(self) -> int:
         """-1 once closed."""
     def drain(self) -> int: ...

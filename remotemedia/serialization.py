@@ -146,6 +146,10 @@ def _children(obj: Any) -> Iterator[Tuple[str, Any]]:
 #: whose parts were examined). Reset by each :func:`find_unpicklable` call.
 search_stats: Dict[str, int] = {"pickles": 0, "visited": 0}
 
+#: Default time budget of :func:`find_unpicklable`, in seconds: an error message must not
+#: wait long for a pinpointed path (read at each call, so a test can raise it).
+SEARCH_BUDGET_S = 1.5
+
 # Parts of these exact types always pickle: the search never tries them one by one.
 _PLAIN = frozenset((int, float, bool, complex, str, bytes, type(None)))
 
@@ -162,7 +166,7 @@ def _pickle_error(obj: Any) -> Optional[BaseException]:
 
 
 def find_unpicklable(
-    obj: Any, path: str = "", error: Optional[BaseException] = None, budget_s: float = 1.5
+    obj: Any, path: str = "", error: Optional[BaseException] = None, budget_s: Optional[float] = None
 ) -> Tuple[str, BaseException]:
     """Locate the part of ``obj`` that fails to pickle: the nearest object on a path of failing
     parts none of whose own parts fail (e.g. the lock in ``model.session._lock``).
@@ -174,15 +178,15 @@ def find_unpicklable(
     Breadth first, each object examined once (so a reference cycle is not followed round and
     the path found is a shortest one). The failing parts of an object are found by bisection:
     its parts are pickled together, half by half, so a list of a million ints costs a few
-    pickles of the list, not a million pickles of one int. After ``budget_s`` seconds the
-    deepest failing part found so far is returned.
+    pickles of the list, not a million pickles of one int. After ``budget_s`` seconds
+    (default :data:`SEARCH_BUDGET_S`) the deepest failing part found so far is returned.
     """
     search_stats["pickles"] = search_stats["visited"] = 0
     if error is None:
         error = _pickle_error(obj)
         if error is None:
             raise ValueError("object pickles fine")
-    deadline = time.monotonic() + budget_s
+    deadline = time.monotonic() + (SEARCH_BUDGET_S if budget_s is None else budget_s)
     # id -> the error it fails with, or None: it pickles. ``alive`` keeps every object whose id
     # is recorded alive (__getstate__ may return temporaries, whose ids could be reused).
     known: Dict[int, Optional[BaseException]] = {id(obj): error}

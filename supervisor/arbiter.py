@@ -537,6 +537,11 @@ class Arbiter:
         """Frames of edge ``e`` its consumer has committed, as far as the supervisor knows."""
         return self._endpoints[e.dst].committed(e.index)
 
+    def ring_control(self, slot: int) -> None:
+        bells = self._bells
+        if bells is not None:
+            bells.bells.ring_control(slot)
+
     def consumer_finished(self, e: EdgeSpec) -> bool:
         return self._endpoints[e.dst].finished(e.index)
 

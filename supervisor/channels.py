@@ -133,10 +133,13 @@ class Transport:
             return bridge.Notifier(self.node, inbox, doorbells=self.doorbells, slot=bell)
         return bridge.Notifier(self.node, inbox)
 
-    def listener(self, inbox: str, bell: int = -1) -> Any:
-        """The one listener of ``inbox`` (and of its doorbell slot ``bell``)."""
+    def listener(self, inbox: str, bell: int = -1, control_rings: bool = False) -> Any:
+        """The one listener of ``inbox`` (and of its doorbell slot ``bell``). ``control_rings``:
+        whoever writes on the descriptors given to its ``wait()`` rings the slot's control
+        word after (the supervisor does for a worker's control channel), so it may sleep on
+        the doorbell's futex instead of in ppoll()."""
         if self.doorbells is not None and bell >= 0:
-            return bridge.Listener(self.node, inbox, doorbells=self.doorbells, slot=bell)
+            return bridge.Listener(self.node, inbox, doorbells=self.doorbells, slot=bell, control_rings=control_rings)
         return bridge.Listener(self.node, inbox)
 
 

@@ -118,6 +118,8 @@ class Context(Protocol):
 
     def consumer_finished(self, edge: EdgeSpec) -> bool: ...
 
+    def ring_control(self, slot: int) -> None: ...  # wake the listener of doorbell ``slot``
+
 
 class WorkerProcess:
     """The supervisor's side of one node's worker process."""
@@ -284,7 +286,10 @@ class WorkerProcess:
         try:
             self.chan.send(msg)
         except ChannelClosed:
-            pass
+            return
+        if self.spec.bell >= 0:
+            # its inbox may nap on the doorbell's futex, which does not watch this channel
+            self.ctx.ring_control(self.spec.bell)
 
     def receive(self) -> List[Any]:
         """Control messages the worker has sent."""

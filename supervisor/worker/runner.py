@@ -91,7 +91,8 @@ class Runner:
             finally:
                 os.close(spec.doorbell_fd)
         t = Transport(self.iox, doorbells)
-        self.inbox = t.listener(spec.inbox, spec.bell)
+        # (the supervisor rings the doorbell after each control message: WorkerProcess.send)
+        self.inbox = t.listener(spec.inbox, spec.bell, control_rings=True)
         # Inputs first: a restarted worker must be attached before anyone replays to it.
         self.inputs: List[InPort] = [
             InPort(self.iox, e, expected=self.restore.in_seqs.get(e.index, -1) + 1, transport=t) for e in spec.in_edges

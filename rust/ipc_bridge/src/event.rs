@@ -11,7 +11,7 @@ use iceoryx2::prelude::*;
 use iceoryx2::service::port_factory::event::PortFactory;
 use pyo3::prelude::*;
 
-use crate::doorbell::{Bell, Doorbells};
+use crate::doorbell::{Bell, Doorbells, Napped, Rang};
 use crate::errors::{port_err, service_err, transport_err, wait_err};
 use crate::node::{Anchor, Node, Svc};
 use crate::pubsub::Subscriber;
@@ -74,7 +74,12 @@ impl Notifier {
     /// restart, not by us; a closed notifier wakes nobody). `nbytes`: what the wake-up is
     /// for (the frames sent since the last one).
     pub(crate) fn notify_quiet(&self, py: Python<'_>, nbytes: usize) {
-        if self.bell.as_ref().is_some_and(|b| !b.ring()) {
+        let rang = self.bell.as_ref().map(|b| b.ring());
+        if rang == Some(Rang::Napper) {
+            self.after_notify(py);
+            return;
+        }
+        if rang == Some(Rang::Awake) {
             // Awake: it looks at its queues before it sleeps. Let it run first only for big
             // frames: awake may mean runnable but waiting for this core, and a big copy needs
             // it (64 MiB copies ran at half the throughput without the yield); for small ones
@@ -96,7 +101,7 @@ impl Notifier {
     pub(crate) fn notify_flow(&self, py: Python<'_>) {
         match &self.bell {
             Some(b) => {
-                if b.ring_flow() {
+                if b.ring_flow() == Rang::Sleeper {
                     let _ = self.notifier.lock().expect("notifier mutex poisoned").as_ref().map(|n| n.notify());
                 }
             }
@@ -120,7 +125,7 @@ impl Notifier {
     /// attached, e.g. while the consumer restarts). With a doorbell, a listener that is awake
     /// is only marked pending (no syscall; it looks before it sleeps): that counts as 1.
     fn notify(&self, py: Python<'_>) -> PyResult<usize> {
-        if self.bell.as_ref().is_some_and(|b| !b.ring()) {
+        if self.bell.as_ref().is_some_and(|b| b.ring() != Rang::Sleeper) {
             if self.notifier.lock().expect("notifier mutex poisoned").is_none() {
                 return Err(transport_err(format!("notifier of {:?} is closed", self.service)));
             }
@@ -158,6 +163,8 @@ impl Notifier {
 pub struct Listener {
     listener: Mutex<Option<IoxListener<Svc>>>,
     bell: Option<Bell>,
+    /// whoever writes on the fds given to wait() rings the doorbell's control word after
+    control_rings: bool,
     fd: i32,
     spin_ns: AtomicU64,
     #[pyo3(get)]
@@ -166,6 +173,41 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// The blocking part of `wait()` on the doorbell's futex (see the doorbell module): until
+    /// rung, until `deadline`, until one of `fds` (whose writers ring the control word) is
+    /// readable, or until a signal. The fds are polled when the control word is set and
+    /// every NAP_POLL.
+    fn nap(
+        &self,
+        py: Python<'_>,
+        bell: &Bell,
+        fds: &[i32],
+        flow: bool,
+        deadline: Option<Instant>,
+        spin_us: u64,
+    ) -> PyResult<(bool, Vec<i32>)> {
+        let napped_at = Instant::now();
+        let mut ready = Vec::new();
+        let napped = py.detach(|| {
+            bell.nap(flow, deadline, || {
+                ready = poll_now(fds);
+                !ready.is_empty()
+            })
+        });
+        if bell.take_control() && ready.is_empty() {
+            ready = poll_now(fds);
+        }
+        let notified = bell.take();
+        if let Some(Napped::Interrupted) = napped {
+            py.check_signals()?;
+        }
+        if spin_us > 0 && notified && napped_at.elapsed() < Duration::from_micros(spin_us * 4) {
+            // Woken soon after giving up the spin: traffic is flowing, spin again next time.
+            self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
+        }
+        Ok((notified, ready))
+    }
+
     fn rung(&self) -> bool {
         self.bell.as_ref().is_some_and(|b| b.take())
     }
@@ -181,15 +223,20 @@ impl Listener {
 #[pymethods]
 impl Listener {
     /// With `doorbells`, notifiers that ring the same `slot` wake it with a syscall only while
-    /// it sleeps (see the doorbell module); the slot must be this listener's alone.
+    /// it sleeps (see the doorbell module); the slot must be this listener's alone. Then it
+    /// sleeps on the doorbell's futex (the cheaper wake-up) rather than in ppoll() whenever
+    /// `wait()` has no file descriptors to watch, or `control_rings` is True: whoever writes on
+    /// those descriptors then calls `Doorbells.ring_control(slot)`, as the supervisor does for
+    /// a worker's control channel.
     #[new]
-    #[pyo3(signature = (node, service, *, max_notifiers = 64, doorbells = None, slot = 0))]
+    #[pyo3(signature = (node, service, *, max_notifiers = 64, doorbells = None, slot = 0, control_rings = false))]
     fn new(
         node: Py<Node>,
         service: &str,
         max_notifiers: usize,
         doorbells: Option<Py<Doorbells>>,
         slot: usize,
+        control_rings: bool,
     ) -> PyResult<Self> {
         let bell = doorbells.map(|d| Bell::new(d, slot)).transpose()?;
         let factory = open_event(node.get(), service, max_notifiers)?;
@@ -204,6 +251,7 @@ impl Listener {
         Ok(Self {
             listener: Mutex::new(Some(listener)),
             bell,
+            control_rings,
             fd,
             spin_ns: AtomicU64::new(0),
             service: service.to_owned(),
@@ -299,6 +347,9 @@ impl Listener {
             }
             self.spin_ns.store(cur / 2, Ordering::Relaxed);
         }
+        if let Some(b) = self.bell.as_ref().filter(|_| fds.is_empty() || self.control_rings) {
+            return self.nap(py, b, &fds, flow, limit.map(|l| start + l), spin_us);
+        }
         let remaining = limit.map(|l| l.saturating_sub(start.elapsed()));
         let ts = remaining.map(|r| libc::timespec { tv_sec: r.as_secs() as libc::time_t, tv_nsec: r.subsec_nanos() as libc::c_long });
         let mut pfds: Vec<libc::pollfd> = std::iter::once(self.fd)
@@ -340,3 +391,16 @@ impl Listener {
     }
 }
 
+
+/// The readable ones of `fds`, without blocking.
+fn poll_now(fds: &[i32]) -> Vec<i32> {
+    if fds.is_empty() {
+        return Vec::new();
+    }
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
+    if rc <= 0 {
+        return Vec::new();
+    }
+    pfds.iter().filter(|p| p.revents != 0).map(|p| p.fd).collect()
+}
