@@ -6,8 +6,11 @@ inbox. A notification is a datagram (``sendto`` for the sender, ``recvfrom`` for
 which a consumer that is busy anyway does not need: it looks at its queues before it sleeps.
 So each inbox also has a doorbell, one cache line in a memfd the supervisor creates and every
 process of the run maps: a sender marks it *pending* and sends the datagram only when the
-listener says it *sleeps*. The protocol and why no wake-up is lost: the bridge's
-``doorbell.rs``.
+listener says it *sleeps*. A listener with nothing else to watch sleeps on a futex in its slot,
+which a sender wakes more cheaply than a datagram ends a ``ppoll()``; a worker waits on its
+control channel too, so the supervisor rings the slot's *control* word after each control
+message it sends (``WorkerProcess.send``). The protocol and why no wake-up is lost: the
+bridge's ``doorbell.rs``.
 
 ::
 
