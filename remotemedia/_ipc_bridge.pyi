@@ -433,6 +433,14 @@ class FrameSlot:
         """``(seq, origin, stream_id, created_ns, sent_ns, source node)``; None outside
         ``process()``."""
 
+class FrameCounts:
+    """Frames in and out of a worker, bumped by ``StageLoop`` per frame without Python's
+    attribute protocol; the base of ``supervisor.worker.counters.Counters``."""
+
+    frames_in: int
+    frames_out: int
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
 class StageLoop:
     """A stage worker's frame loop (``rust/ipc_bridge/src/ports/stage.rs``): take, process,
     send, status block, without Python per frame; built by ``supervisor.worker.runner``."""
@@ -447,7 +455,7 @@ class StageLoop:
         failed: Callable[[int, int, BaseException], bool],
         halted: Callable[[], bool],
         processed: Dict[int, int],
-        counters: Any,
+        counters: FrameCounts,
         ndarray: type,
         dumps: Callable[..., bytes],
         protocol: int,

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from remotemedia import _ipc_bridge as bridge
+
 from ..stats import LatencyStats
 
 
-class Counters:
+class Counters(bridge.FrameCounts):
     """Frames in and out, errors, dead letters and process() latency of one worker; shared
-    by the loop, the emitter and the source stepper (plain attributes: bumped every frame)."""
+    by the loop, the emitter and the source stepper. ``frames_in`` and ``frames_out`` (bumped
+    every frame) live in the bridge's ``FrameCounts``, which its stage loop bumps directly."""
 
-    __slots__ = ("frames_in", "frames_out", "errors", "dead_letters", "latency", "serve_turns", "serve_steps")
+    __slots__ = ("errors", "dead_letters", "latency", "serve_turns", "serve_steps")
 
     def __init__(self) -> None:
-        self.frames_in = 0
-        self.frames_out = 0
         self.errors = 0
         self.dead_letters = 0
         self.latency = LatencyStats()

@@ -66,6 +66,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ports::inport::InPort>()?;
     m.add_class::<ports::stage::StageLoop>()?;
     m.add_class::<ports::stage::FrameSlot>()?;
+    m.add_class::<ports::stage::FrameCounts>()?;
     m.add("KIND_EOS", ports::KIND_EOS)?;
     m.add("KIND_ACK", ports::KIND_ACK)?;
     m.add("KIND_PROBE", ports::KIND_PROBE)?;

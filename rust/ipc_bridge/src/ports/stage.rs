@@ -137,6 +137,27 @@ impl FrameSlot {
     }
 }
 
+/// Frames in and out of a worker: the base of `supervisor.worker.counters.Counters`, so that
+/// the loop bumps them per frame without Python's attribute protocol (Python code still
+/// reads and writes them as attributes).
+#[pyclass(module = "remotemedia._ipc_bridge", subclass)]
+#[derive(Default)]
+pub struct FrameCounts {
+    #[pyo3(get, set)]
+    pub frames_in: u64,
+    #[pyo3(get, set)]
+    pub frames_out: u64,
+}
+
+#[pymethods]
+impl FrameCounts {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, pyo3::types::PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        Self::default()
+    }
+}
+
 /// The frame loop of one stage worker (see the module doc).
 #[pyclass(module = "remotemedia._ipc_bridge", name = "StageLoop")]
 pub struct StageLoop {
@@ -154,7 +175,7 @@ pub struct StageLoop {
     loans: Py<PyDict>,
     /// ledger.processed: edge -> last processed seq
     processed: Py<PyDict>,
-    counters: Py<PyAny>,
+    counters: Py<FrameCounts>,
     ndarray: Py<PyAny>,
     dumps: Py<PyAny>,
     protocol: i32,
@@ -340,8 +361,11 @@ impl StageLoop {
         (ended, attention)
     }
 
-    fn counter(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<i64> {
-        self.counters.bind(py).getattr(name)?.extract()
+    /// frames_in + 1, counted; the new count.
+    fn count_in(&self, py: Python<'_>) -> u64 {
+        let mut c = self.counters.borrow_mut(py);
+        c.frames_in += 1;
+        c.frames_in
     }
 
     /// One decoded frame through process() and out; Ok(false) when the loop must stop.
@@ -358,9 +382,7 @@ impl StageLoop {
         sent_ns: u64,
     ) -> PyResult<bool> {
         let edge = self.inputs[j].borrow(py).index();
-        let frames_in_name = intern!(py, "frames_in");
-        let frames_in = self.counter(py, frames_in_name)? + 1;
-        self.counters.bind(py).setattr(frames_in_name, frames_in)?;
+        let frames_in = self.count_in(py);
         self.frame.get().set(Some((seq, origin, stream_id, created_ns, sent_ns, j)));
         if let Some(b) = &self.board {
             b.set(BUSY_EDGE, edge as i64);
@@ -375,7 +397,7 @@ impl StageLoop {
         self.frame.get().set(None);
         if let Some(b) = &self.board {
             b.set(BUSY_SINCE, 0);
-            b.set(FRAMES_IN, frames_in);
+            b.set(FRAMES_IN, frames_in as i64);
         }
         let mut go_on = true;
         self.python_turn |= python_ran || outcome.is_err();
@@ -451,11 +473,13 @@ impl StageLoop {
             }
         }
         if sent {
-            let name = intern!(py, "frames_out");
-            let frames_out = self.counter(py, name)? + 1;
-            self.counters.bind(py).setattr(name, frames_out)?;
+            let frames_out = {
+                let mut c = self.counters.borrow_mut(py);
+                c.frames_out += 1;
+                c.frames_out
+            };
             if let Some(b) = &self.board {
-                b.set(FRAMES_OUT, frames_out);
+                b.set(FRAMES_OUT, frames_out as i64);
             }
         } else {
             *python_ran = true;
@@ -490,7 +514,7 @@ impl StageLoop {
         failed: Py<PyAny>,
         halted: Py<PyAny>,
         processed: Py<PyDict>,
-        counters: Py<PyAny>,
+        counters: Bound<'_, FrameCounts>,
         ndarray: Py<PyAny>,
         dumps: Py<PyAny>,
         protocol: i32,
@@ -521,7 +545,7 @@ impl StageLoop {
             halted,
             loans,
             processed,
-            counters,
+            counters: counters.unbind(),
             ndarray,
             dumps,
             protocol,
@@ -655,7 +679,6 @@ impl StageLoop {
     ) -> PyResult<(usize, bool)> {
         let until = monotonic_ns() + max_ns;
         let position_name = intern!(py, "source_position");
-        let frames_in_name = intern!(py, "frames_in");
         let mut position: u64 = ledger.getattr(position_name)?.extract()?;
         let mut steps = 0;
         let mut ended = false;
@@ -698,10 +721,9 @@ impl StageLoop {
             steps += 1;
             position += 1;
             ledger.setattr(position_name, position)?;
-            let frames_in = self.counter(py, frames_in_name)? + 1;
-            self.counters.bind(py).setattr(frames_in_name, frames_in)?;
+            let frames_in = self.count_in(py);
             if let Some(b) = &self.board {
-                b.set(FRAMES_IN, frames_in);
+                b.set(FRAMES_IN, frames_in as i64);
             }
             if (python_ran && self.halted.bind(py).call0()?.is_truthy()?) || monotonic_ns() >= until {
                 break;
