@@ -14,6 +14,7 @@
 //!                                              -> bare array / scalar / media frame on one
 //!                                                 output edge: sent here; else emit_result
 //!                                              -> status block idle, processed[edge] = seq
+//!                                                 (written to the dict once per batch)
 //!                                              anything else taken (a new encoding, an end
 //!                                              of stream) goes to handle_frame (Python)
 //!                                            flow-control acks upstream (committed half as
@@ -175,6 +176,9 @@ pub struct StageLoop {
     loans: Py<PyDict>,
     /// ledger.processed: edge -> last processed seq
     processed: Py<PyDict>,
+    /// per input: the last seq processed since `processed` was last written (one dict write
+    /// per batch, not per frame; written before any Python runs and at the end of run())
+    processed_now: Vec<Option<u64>>,
     counters: Py<FrameCounts>,
     ndarray: Py<PyAny>,
     dumps: Py<PyAny>,
@@ -361,11 +365,59 @@ impl StageLoop {
         (ended, attention)
     }
 
+    /// Writes the seqs processed since the last write into `processed` (before Python runs:
+    /// the runner reads it).
+    fn sync_processed(&mut self, py: Python<'_>) -> PyResult<()> {
+        for (j, last) in self.processed_now.iter_mut().enumerate() {
+            if let Some(seq) = last.take() {
+                self.processed.bind(py).set_item(self.inputs[j].borrow(py).index(), seq)?;
+            }
+        }
+        Ok(())
+    }
+
     /// frames_in + 1, counted; the new count.
     fn count_in(&self, py: Python<'_>) -> u64 {
         let mut c = self.counters.borrow_mut(py);
         c.frames_in += 1;
         c.frames_in
+    }
+
+    /// `run()`'s loop (`processed` is written by the caller).
+    fn run_frames(&mut self, py: Python<'_>, max_frames: usize, max_ns: u64) -> PyResult<usize> {
+        let until = monotonic_ns() + max_ns;
+        let mut steps = 0;
+        while steps < max_frames {
+            if !self.outputs_have_room(py) {
+                break;
+            }
+            let Some((j, got)) = self.next_frame(py)? else { break };
+            steps += 1;
+            let go_on = match got {
+                Taken::Decoded(data, seq, origin, stream, created, sent) => {
+                    self.run_frame(py, j, data, seq, origin, stream, created, sent)?
+                }
+                Taken::Sample(sample) => {
+                    if super::transport::sample_info(py, sample.bind(py))?.1 == super::KIND_EOS {
+                        continue; // (the port marked its input ended)
+                    }
+                    let port = self.inputs[j].clone_ref(py);
+                    self.python_turn = true;
+                    self.flush_outputs(py)?;
+                    self.sync_processed(py)?;
+                    self.handle_frame.bind(py).call1((port, sample))?;
+                    !self.halted.bind(py).call0()?.is_truthy()?
+                }
+            };
+            if !go_on || (steps > 1 && monotonic_ns() >= until) {
+                break;
+            }
+        }
+        self.flush_outputs(py)?;
+        if let Some((origin, stream_id, created_ns)) = self.last_origin {
+            self.set_origin(py, origin, stream_id, created_ns)?;
+        }
+        Ok(steps)
     }
 
     /// One decoded frame through process() and out; Ok(false) when the loop must stop.
@@ -404,12 +456,14 @@ impl StageLoop {
         if let Err(e) = outcome {
             // (raises again what the runner does not report: Abort, a full /dev/shm, ...)
             self.flush_outputs(py)?;
+            self.sync_processed(py)?;
             let stop = self.failed.bind(py).call1((seq, origin, e.into_value(py)))?;
             go_on = !stop.is_truthy()?;
         } else if python_ran {
+            self.sync_processed(py)?;
             go_on = !self.halted.bind(py).call0()?.is_truthy()?;
         }
-        self.processed.bind(py).set_item(edge, seq)?;
+        self.processed_now[j] = Some(seq);
         Ok(go_on)
     }
 
@@ -484,12 +538,14 @@ impl StageLoop {
         } else {
             *python_ran = true;
             self.flush_outputs(py)?; // (the emitter may wait for room: downstream must be awake)
+            self.sync_processed(py)?;
             self.set_origin(py, origin, stream_id, created_ns)?;
             let how = if a_result { intern!(py, "emit_result") } else { intern!(py, "emit") };
             self.emitter.bind(py).call_method1(how, (result,))?;
         }
         if !self.loans.bind(py).is_empty() {
             *python_ran = true;
+            self.sync_processed(py)?;
             self.emitter.bind(py).call_method0(intern!(py, "release_loans"))?; // allocated but not returned
         }
         Ok(())
@@ -535,6 +591,7 @@ impl StageLoop {
                 Some(Board { words: addr as *mut i64, len, _owner: owner })
             }
         };
+        let n_inputs = inputs.len();
         Ok(StageLoop {
             inputs,
             outputs,
@@ -544,6 +601,7 @@ impl StageLoop {
             failed,
             halted,
             loans,
+            processed_now: vec![None; n_inputs],
             processed,
             counters: counters.unbind(),
             ndarray,
@@ -563,38 +621,10 @@ impl StageLoop {
     /// nanoseconds; returns how many steps were taken (frames, ends of stream), 0 when none
     /// waited or an output had no room.
     fn run(&mut self, py: Python<'_>, max_frames: usize, max_ns: u64) -> PyResult<usize> {
-        let until = monotonic_ns() + max_ns;
-        let mut steps = 0;
-        while steps < max_frames {
-            if !self.outputs_have_room(py) {
-                break;
-            }
-            let Some((j, got)) = self.next_frame(py)? else { break };
-            steps += 1;
-            let go_on = match got {
-                Taken::Decoded(data, seq, origin, stream, created, sent) => {
-                    self.run_frame(py, j, data, seq, origin, stream, created, sent)?
-                }
-                Taken::Sample(sample) => {
-                    if super::transport::sample_info(py, sample.bind(py))?.1 == super::KIND_EOS {
-                        continue; // (the port marked its input ended)
-                    }
-                    let port = self.inputs[j].clone_ref(py);
-                    self.python_turn = true;
-                    self.flush_outputs(py)?;
-                    self.handle_frame.bind(py).call1((port, sample))?;
-                    !self.halted.bind(py).call0()?.is_truthy()?
-                }
-            };
-            if !go_on || (steps > 1 && monotonic_ns() >= until) {
-                break;
-            }
-        }
-        self.flush_outputs(py)?;
-        if let Some((origin, stream_id, created_ns)) = self.last_origin {
-            self.set_origin(py, origin, stream_id, created_ns)?;
-        }
-        Ok(steps)
+        let steps = self.run_frames(py, max_frames, max_ns);
+        // (also when an error escapes: the frames before it were processed)
+        self.sync_processed(py)?;
+        steps
     }
 
     /// The stage's turn while frames flow: batches (`run`), the acks upstream that flow control
