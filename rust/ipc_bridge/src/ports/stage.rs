@@ -729,6 +729,7 @@ impl StageLoop {
             if next.is_null() {
                 if let Some(e) = PyErr::take(py) {
                     self.python_turn = true;
+                    ledger.setattr(position_name, position)?;
                     failed.call1((position, e.into_value(py), false))?;
                 } else {
                     ended = true;
@@ -745,20 +746,28 @@ impl StageLoop {
             self.python_turn |= python_ran;
             if let Err(e) = sent {
                 self.python_turn = true;
+                ledger.setattr(position_name, position)?;
                 failed.call1((position, e.into_value(py), true))?;
                 break;
             }
             steps += 1;
             position += 1;
-            ledger.setattr(position_name, position)?;
             let frames_in = self.count_in(py);
             if let Some(b) = &self.board {
                 b.set(FRAMES_IN, frames_in as i64);
             }
-            if (python_ran && self.halted.bind(py).call0()?.is_truthy()?) || monotonic_ns() >= until {
+            if python_ran {
+                ledger.setattr(position_name, position)?;
+                if self.halted.bind(py).call0()?.is_truthy()? {
+                    break;
+                }
+            }
+            if monotonic_ns() >= until {
                 break;
             }
         }
+        // (the ledger learns the position once per turn, and before any of the runner's code)
+        ledger.setattr(position_name, position)?;
         self.flush_outputs(py)?;
         if let Some((origin, stream_id, created_ns)) = self.last_origin {
             self.set_origin(py, origin, stream_id, created_ns)?;
