@@ -56,6 +56,9 @@ __all__ = ["HostAgent", "HostSpec", "HostGateway", "agent_name", "AGENT_CLASS_NA
 log = logging.getLogger("remotemedia.supervisor")
 
 
+
+
+
 #: What ``ray list actors`` shows for the agents.
 AGENT_CLASS_NAME = "HostAgent"
 #: Frames of one push or pull at most (and about this many bytes).
@@ -64,9 +67,10 @@ BATCH_BYTES = 64 << 20
 #: Batches up to this many bytes travel pickled in one bytes object (see pack_frames).
 PACK_BYTES = 64 << 10
 #: Arrays of at least this many bytes that a host's pump takes from a cut edge out of it are
-#: put into the process's Ray object store straight from shared memory (see _Stored); smaller
-#: ones are copied (Ray would send them inline with the call anyway: its
-#: max_direct_call_object_size, 100 KiB).
+#: not copied: on an edge it pushes, put into the process's Ray object store straight from
+#: shared memory (see _Stored); on an edge the driver's process pulls, kept as the view of
+#: shared memory they came in (see _Agent._take_outputs). Smaller ones are copied (Ray sends
+#: them inline with the call anyway: its max_direct_call_object_size, 100 KiB).
 STORE_BYTES = 100 << 10
 #: Seconds a commit poll or an empty pull waits at the other end for news.
 LONG_POLL = 0.2
@@ -244,11 +248,17 @@ class HostGateway(Gateway):
 class _Out:
     """A cut edge out of the host: its sender, and the call in flight to the receiving agent."""
 
-    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored")
+    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored", "pulled", "lent", "held_back")
 
     def __init__(self, local: int, edge: int, dst: Any, sender: EdgeSender) -> None:
         self.local, self.edge, self.dst, self.sender = local, edge, dst, sender
         self.stored = 0  # frames whose value went into the object store (_Stored)
+        # The driver's process pulls this edge (it cannot be called): a big frame is
+        # retained as the view of shared memory it came in, and a pull's answer returns it
+        # (see _Agent._take_outputs)
+        self.pulled = dst == CALLER or dst is None
+        self.lent = 0  # frames retained as views of shared memory (pulled edges)
+        self.held_back = False  # the local edge holds frames back: the borrow limit was reached
         self.data: Optional[Tuple[Future, int]] = None  # (future, frames sent)
         self.poll: Optional[Future] = None
         self.retry_at = 0.0
@@ -439,15 +449,30 @@ class _Agent:
 
     def _take_outputs(self, gw: HostGateway, big: List[Tuple["_Out", Any, Frame]]) -> bool:
         """The frames of the cut edges out of the host, from the gateway into the senders
-        (while their windows have room); True when there were any. Under the lock. A big
-        frame (STORE_BYTES) goes to ``big`` instead, still in shared memory, and ends its
+        (while their windows have room); True when there were any. Under the lock.
+
+        A big frame (STORE_BYTES) of an edge the driver's process pulls is retained as the
+        view of shared memory it came in: a pull's answer returns it, and Ray copies it into
+        this node's object store as the call's return value, owned by the caller (one copy,
+        as a put, but the caller's Ray then knows where the object is: a put's reference in
+        the answer made it ask this process first, ~3 ms more per 6.2 MB frame here). Such
+        views hold the producer's chunks: the edge takes no more while it borrows as many as
+        it may (InPort.should_copy), until a pull reports commits. A big frame of an edge
+        pushed to another agent goes to ``big`` instead, still in shared memory, and ends its
         edge's turn: :meth:`_store` puts it into the object store outside the lock (a put
         waits when the store is full: the agent must still answer meanwhile)."""
         took = False
         for local, p in gw.cut_out.items():
             o = self.out_by_local[local]
             s = o.sender
+            pulled = o.pulled
+            o.held_back = False
             while s.room():
+                if pulled and p.should_copy():
+                    # (the sender retains as many views as the edge may borrow: the next
+                    # frames wait in the local edge until a commit releases some)
+                    o.held_back = True
+                    break
                 r = p.take()
                 if r is None:
                     break
@@ -456,6 +481,10 @@ class _Agent:
                     value, seq, origin, stream_id, created_ns, _sent = r
                     if type(value) is np.ndarray:
                         if value.nbytes >= STORE_BYTES:
+                            if pulled:
+                                s.add((seq, DATA, value, origin, stream_id, created_ns))
+                                o.lent += 1
+                                continue
                             big.append((o, value, (seq, DATA, value.nbytes, origin, stream_id, created_ns)))
                             break
                         value = value.copy()  # (a view of shared memory: the sender keeps it)
@@ -463,6 +492,11 @@ class _Agent:
                     continue
                 kind = r.kind
                 if kind == DATA and len(r) >= STORE_BYTES:
+                    if pulled:
+                        s.add((r.seq, DATA, decode(r), r.origin, r.stream_id, r.created_ns))
+                        o.lent += 1
+                        del r
+                        continue
                     big.append((o, r, (r.seq, DATA, len(r), r.origin, r.stream_id, r.created_ns)))
                     break
                 value = decode(r, copy=True) if kind == DATA else None
@@ -547,7 +581,7 @@ class _Agent:
                 if i.peer is None:
                     i.peer = ray.get_actor(agent_name(self.spec.run_id, i.src))
                 call = i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0)
-                i.pull = with_arrays(call.future())
+                i.pull = call.future()
                 i.pull.add_done_callback(lambda _f: self._wake())
             except Exception as e:  # noqa: BLE001 - the sending agent is not there (yet)
                 i.peer = None
@@ -767,8 +801,11 @@ class _Agent:
         """The driver's end of a cut edge out of this host (the caller's, or its host's part)
         asks for up to ``max_frames`` frames from its expected on (``reply``: what its
         receiver has and committed). Returns ``(status, our incarnation, frames, reply)``
-        (frames as :func:`pack_frames` made them, big arrays as :class:`_Stored`: see
-        :func:`with_arrays`); waits up to ``wait`` seconds for frames when there are none."""
+        (frames as :func:`pack_frames` made them; a big array is the view of shared memory
+        the sender retains, which Ray copies into this node's object store as the call's
+        return value, owned by the caller: the caller's Ray fetches it with the answer,
+        without asking another process where it is); waits up to ``wait`` seconds for
+        frames when there are none."""
         return self._pull_many({edge: (reply, max_frames)}, wait)[edge]
 
     def _pull_many(self, pulls: Dict[int, Tuple[Reply, int]], wait: float) -> Dict[int, Tuple[Any, int, Any, Reply]]:
@@ -779,15 +816,18 @@ class _Agent:
         with self.cond:
             asked: List[Tuple[int, EdgeSender, int, Reply]] = []
             for edge, (reply, max_frames) in pulls.items():
-                s = self.outs[edge].sender
+                o = self.outs[edge]
+                s = o.sender
                 full = not s.room()
+                committed = s.committed
                 if not s.on_reply(reply, took=True):
                     out[edge] = ("stale", self.incarnation, [], reply)
                     continue
-                if full and s.room():
-                    # (the pump takes more outputs now; a commit alone it acks to the local
-                    # producer on its next turn: waking it here would have it compete with
-                    # the next frame's push for this process's GIL)
+                if (full and s.room()) or (o.held_back and s.committed > committed):
+                    # (the pump takes more outputs now: the window has room, or views it
+                    # retained were released; a commit alone it acks to the local producer
+                    # on its next turn: waking it here would have it compete with the next
+                    # frame's push for this process's GIL)
                     self._wake()
                 asked.append((edge, s, max_frames, reply))
             while asked and not any(s.pending() and n > 0 for _e, s, n, _r in asked) and not self.stopping:
@@ -819,7 +859,10 @@ class _Agent:
             unhealthy=sup.unhealthy_workers() if sup is not None else [],
             checkpoints=self.checkpoints,
             cut_out={
-                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent, "stored": o.stored}
+                g: {
+                    "next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent,
+                    "stored": o.stored, "lent": o.lent,
+                }  # fmt: skip
                 for g, o in self.outs.items()
             },
             cut_in={
@@ -879,23 +922,19 @@ def _portable(err: BaseException) -> Optional[BaseException]:
 
 
 class _Stored:
-    """The value of a frame a host sends on (a big array, or what holds big arrays), put
+    """The value of a frame a host pushes on (a big array, or what holds big arrays), put
     into this process's Ray object store once, straight from the shared-memory chunk the
     pump took it from (one copy, where a private copy and then Ray's own copy of a call
     argument made two). It is what the sender retains until the receiving host commits the
-    frame, and every send of it (a replay too) passes the reference: a push as an argument
-    of the call (Ray brings the object to the receiver's node before the call runs, and
-    hands the agent a zero-copy array of it), a pull's answer inside its frames (the driver
-    fetches it, :func:`with_arrays`). The object lives while the sender retains it or a
+    frame, and every push of it (a replay too) passes the reference as an argument of the
+    call (Ray brings the object to the receiver's node before the call runs, and hands the
+    agent a zero-copy array of it). The object lives while the sender retains it or a
     receiver still holds the reference."""
 
     __slots__ = ("ref", "nbytes")
 
     def __init__(self, ref: Any, nbytes: int) -> None:
         self.ref, self.nbytes = ref, nbytes
-
-    def __reduce__(self) -> Any:
-        return (_Stored, (self.ref, self.nbytes))
 
 
 class _Arg:
@@ -960,62 +999,6 @@ def pack_push(frames: List[Frame]) -> Tuple[Any, List[Any]]:
                 out.append(f)
         frames = out
     return pack_frames(frames), refs
-
-
-def with_arrays(answer: Future) -> Future:
-    """The future of a pull's answer ``(status, incarnation, frames, reply)`` once the
-    arrays its frames hold as :class:`_Stored` are fetched (see :func:`fill_arrays`)."""
-    out: Future = Future()
-
-    def answered(f: Future) -> None:
-        try:
-            got = f.result()
-        except BaseException as e:  # noqa: BLE001 - the call failed: so does the answer
-            out.set_exception(e)
-            return
-        fill_arrays(got, out)
-
-    answer.add_done_callback(answered)
-    return out
-
-
-def fill_arrays(answer: Tuple[Any, int, Any, Any], out: Future) -> None:
-    """Complete ``out`` with a pull's answer ``(status, incarnation, frames, reply)`` once
-    the arrays its frames hold as :class:`_Stored` are fetched (their values replace them;
-    the fetches run in Ray's threads, none blocks the caller). A fetch that fails (the
-    sending agent died, and its objects with it) fails ``out`` as a failed call would: the
-    pull is retried and the restarted sender sends those frames again."""
-    status, inc, frames, reply = answer
-    stored = [(k, fr[2].ref) for k, fr in enumerate(frames) if type(fr[2]) is _Stored] if type(frames) is list else []
-    if not stored:
-        out.set_result(answer)
-        return
-    frames = list(frames)
-    lock = threading.Lock()
-    left = [len(stored)]
-
-    def fetched(k: int, g: Future) -> None:
-        try:
-            value = g.result()
-        except BaseException as e:  # noqa: BLE001 - the object is lost (OwnerDiedError, ...): the answer fails
-            with lock:
-                first = left[0] > 0
-                left[0] = 0
-            if first:
-                out.set_exception(e)
-            return
-        with lock:
-            if left[0] <= 0:
-                return
-            fr = frames[k]
-            frames[k] = (fr[0], fr[1], value, fr[3], fr[4], fr[5])
-            left[0] -= 1
-            done = left[0] == 0
-        if done:
-            out.set_result((status, inc, frames, reply))
-
-    for k, ref in stored:
-        ref.future().add_done_callback(lambda g, k=k: fetched(k, g))
 
 
 @ray.remote(max_restarts=-1, max_concurrency=64)

@@ -41,8 +41,8 @@ from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import (
-    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, fill_arrays, pack_frames,
-    unpack_frames, with_arrays,
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, pack_frames,
+    unpack_frames,
 )  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
@@ -623,7 +623,7 @@ class RaySupervisor(Supervisor):
     # ================================================================ the pump
 
     def _future(self, ref: Any, pull: bool = False) -> Future:
-        fut = with_arrays(ref.future()) if pull else ref.future()
+        fut = ref.future()
         fut.add_done_callback(self._pulled if pull else self._done_call)
         return fut
 
@@ -673,7 +673,7 @@ class RaySupervisor(Supervisor):
                     fut.set_exception(e)
                 return
             for edge, fut in answers:
-                fill_arrays(pulled.get(edge, ("none", 0, [], None)), fut)
+                fut.set_result(pulled.get(edge, ("none", 0, [], None)))
 
         def attach(push: Any) -> None:
             if isinstance(push, BaseException):
