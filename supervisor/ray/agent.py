@@ -64,7 +64,8 @@ AGENT_CLASS_NAME = "HostAgent"
 #: Frames of one push or pull at most (and about this many bytes).
 BATCH_FRAMES = 256
 BATCH_BYTES = 64 << 20
-#: Batches up to this many bytes travel pickled in one bytes object (see pack_frames).
+#: Calls whose frames come to at most this many bytes travel pickled in one bytes object
+#: (see pack).
 PACK_BYTES = 64 << 10
 #: Arrays of at least this many bytes that a host's pump takes from a cut edge out of it are
 #: not copied: on an edge it pushes, put into the process's Ray object store straight from
@@ -543,8 +544,9 @@ class _Agent:
                         carry = self.piggyback is not None and len(frames) == 1
                         pulls, attach = self.piggyback(o.dst) if carry else (None, None)
                         try:
-                            packed, refs = pack_push(frames)
-                            ref = self._peer(o).push.remote(o.edge, self.incarnation, packed, s.committed, pulls, *refs)
+                            sent, refs = with_refs(frames)
+                            msg = pack((o.edge, self.incarnation, sent, s.committed, pulls), _frames_size(sent))
+                            ref = self._peer(o).push.remote(msg, *refs)
                         except BaseException as e:
                             if attach is not None:
                                 attach(e)
@@ -554,7 +556,7 @@ class _Agent:
                         if attach is not None:
                             attach(o.data[0])
                 if o.poll is None and o.data is None and s.uncommitted() and not s.pending():
-                    ref = self._peer(o).push.remote(o.edge, self.incarnation, [], s.committed)
+                    ref = self._peer(o).push.remote(pack((o.edge, self.incarnation, [], s.committed, None), 0))
                     o.poll = self._future(ref, lambda: not s.room())
             except Exception as e:  # noqa: BLE001 - the peer is not there (yet): retry
                 self._peer_failed(o, e)
@@ -580,7 +582,7 @@ class _Agent:
             try:
                 if i.peer is None:
                     i.peer = ray.get_actor(agent_name(self.spec.run_id, i.src))
-                call = i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0)
+                call = i.peer.pull.remote(pack((i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0), 0))
                 i.pull = call.future()
                 i.pull.add_done_callback(lambda _f: self._wake())
             except Exception as e:  # noqa: BLE001 - the sending agent is not there (yet)
@@ -596,8 +598,7 @@ class _Agent:
                 continue
             i.pull = None
             try:
-                status, inc, packed, asked = fut.result()
-                frames = unpack_frames(packed)
+                status, inc, frames, asked = unpack(fut.result())
             except Exception as e:  # noqa: BLE001 - the sending agent died or restarts: retry
                 i.peer = None
                 i.retry_at = time.monotonic() + RETRY
@@ -646,7 +647,7 @@ class _Agent:
                     continue
                 setattr(o, which, None)
                 try:
-                    reply = fut.result()
+                    reply = unpack(fut.result())
                 except Exception as e:  # noqa: BLE001 - the receiving agent died or restarts
                     self._peer_failed(o, e)
                     continue
@@ -746,7 +747,7 @@ class _Agent:
         pulls: Optional[Dict[int, Tuple[Reply, int]]] = None,
         values: Sequence[Any] = (),
     ) -> Tuple[Any, ...]:
-        """Frames of a cut edge into this host (as :func:`pack_push` made them, ``values``
+        """Frames of a cut edge into this host (as :func:`with_refs` made them, ``values``
         the arrays of its object refs as Ray hands them over; or none: a commit poll,
         answered when the commit passes ``known_committed`` or after LONG_POLL). Returns
         ``("ok", reply, pulled)`` or ``("stale", reply, pulled)``.
@@ -757,7 +758,7 @@ class _Agent:
         that comes back from this host within that time needs no Ray call of its own.
         ``pulled``: edge -> what :meth:`pull` would have returned (empty when the push was
         refused)."""
-        status, reply = self._push(edge, sender_inc, unpack_frames(frames, values), known_committed)
+        status, reply = self._push(edge, sender_inc, with_values(frames, values), known_committed)
         pulled = self._pull_many(pulls, PIGGY_WAIT) if pulls and status == "ok" else {}
         return status, reply, pulled
 
@@ -801,7 +802,7 @@ class _Agent:
         """The driver's end of a cut edge out of this host (the caller's, or its host's part)
         asks for up to ``max_frames`` frames from its expected on (``reply``: what its
         receiver has and committed). Returns ``(status, our incarnation, frames, reply)``
-        (frames as :func:`pack_frames` made them; a big array is the view of shared memory
+        (a big array in the frames is the view of shared memory
         the sender retains, which Ray copies into this node's object store as the call's
         return value, owned by the caller: the caller's Ray fetches it with the answer,
         without asking another process where it is); waits up to ``wait`` seconds for
@@ -837,7 +838,7 @@ class _Agent:
                 self.cond.wait(left)
             for edge, s, n, reply in asked:
                 frames = s.batch(n, BATCH_BYTES, _frame_size) if n > 0 else []
-                out[edge] = ("ok", self.incarnation, pack_frames(frames), reply)
+                out[edge] = ("ok", self.incarnation, frames, reply)
         return out
 
     def status(self) -> Dict[str, Any]:
@@ -938,7 +939,7 @@ class _Stored:
 
 
 class _Arg:
-    """In a push's frames: the value is the push's ``i``-th array argument (:func:`pack_push`)."""
+    """In a push's frames: the value is the push's ``i``-th array argument (:func:`with_refs`)."""
 
     __slots__ = ("i",)
 
@@ -960,45 +961,53 @@ def _frame_size(f: Frame) -> int:
     return 256
 
 
-def pack_frames(frames: List[Frame]) -> Any:
-    """A batch as one Ray call carries it: small batches pickled here into one bytes object
-    (one argument to serialize instead of a list of tuples of arrays: a 4 KiB frame's call
-    took ~0.1 ms less here, both ends together), big ones as they are (their arrays then go through
-    Ray's object store without a copy into a pickle)."""
-    if not frames or sum(_frame_size(f) for f in frames) > PACK_BYTES:
-        return frames
+def _frames_size(frames: Sequence[Frame]) -> int:
+    return sum(_frame_size(f) for f in frames)
+
+
+def pack(msg: Tuple[Any, ...], nbytes: int) -> Any:
+    """A call's arguments, or its answer, as Ray carries them: pickled here into one bytes
+    object when its frames come to at most PACK_BYTES (``nbytes``), else the tuple as it is
+    (its arrays then go through Ray's object store out of band, not copied into a pickle).
+    Ray serializes one bytes object for much less than a tuple of headers, dicts and a
+    list of frames: a lone 4 KiB frame's push and its answer took ~0.9 ms less here."""
+    if nbytes > PACK_BYTES:
+        return msg
     try:
-        return pickle.dumps(frames, protocol=5)
+        return pickle.dumps(msg, protocol=5)
     except Exception:  # (what only cloudpickle can pickle, Ray pickles)
-        return frames
+        return msg
 
 
-def unpack_frames(frames: Any, values: Sequence[Any] = ()) -> List[Frame]:
-    """Inverse of :func:`pack_frames` (and of :func:`pack_push`, given the push's array
-    arguments)."""
-    out = pickle.loads(frames) if type(frames) is bytes else frames
-    if values:
-        out = [(f[0], f[1], values[f[2].i], f[3], f[4], f[5]) if type(f[2]) is _Arg else f for f in out]
-    return out
+def unpack(msg: Any) -> Tuple[Any, ...]:
+    """Inverse of :func:`pack`."""
+    return pickle.loads(msg) if type(msg) is bytes else msg
 
 
-def pack_push(frames: List[Frame]) -> Tuple[Any, List[Any]]:
-    """A push's frames as :func:`pack_frames` makes them, with each :class:`_Stored` array
-    replaced by its index among the call's extra arguments, and those arguments (the object
-    refs): Ray moves an argument's object to the receiver's node and hands over its value
-    (no borrowed reference for the agent to fetch, the frames small enough to pickle)."""
+def with_refs(frames: List[Frame]) -> Tuple[List[Frame], List[Any]]:
+    """A push's frames with each :class:`_Stored` value replaced by its index among the
+    call's extra arguments, and those arguments (the object refs): Ray moves an argument's
+    object to the receiver's node and hands over its value (no borrowed reference for the
+    agent to fetch, the frames small enough to pickle)."""
     refs: List[Any] = []
-    if any(type(f[2]) is _Stored for f in frames):
-        out: List[Frame] = []
-        for f in frames:
-            v = f[2]
-            if type(v) is _Stored:
-                out.append((f[0], f[1], _Arg(len(refs)), f[3], f[4], f[5]))
-                refs.append(v.ref)
-            else:
-                out.append(f)
-        frames = out
-    return pack_frames(frames), refs
+    if not any(type(f[2]) is _Stored for f in frames):
+        return frames, refs
+    out: List[Frame] = []
+    for f in frames:
+        v = f[2]
+        if type(v) is _Stored:
+            out.append((f[0], f[1], _Arg(len(refs)), f[3], f[4], f[5]))
+            refs.append(v.ref)
+        else:
+            out.append(f)
+    return out, refs
+
+
+def with_values(frames: List[Frame], values: Sequence[Any]) -> List[Frame]:
+    """Inverse of :func:`with_refs`, given the values of the push's extra arguments."""
+    if not values:
+        return frames
+    return [(f[0], f[1], values[f[2].i], f[3], f[4], f[5]) if type(f[2]) is _Arg else f for f in frames]
 
 
 @ray.remote(max_restarts=-1, max_concurrency=64)
@@ -1017,11 +1026,17 @@ class HostAgent:
             return f"host {self._a.key}: the part's run did not start within {timeout:g} s"
         return self._a.start_error or self._a.error
 
-    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int, pulls: Any = None, *values: Any) -> Any:
-        return self._a.push(edge, sender_inc, frames, known_committed, pulls, values)
+    def push(self, msg: Any, *values: Any) -> Any:
+        """:meth:`_Agent.push`: ``msg`` its arguments but ``values`` (see :func:`pack`),
+        ``values`` the arrays of the frames' object refs (see :func:`with_refs`)."""
+        edge, sender_inc, frames, known_committed, pulls = unpack(msg)
+        status, reply, pulled = self._a.push(edge, sender_inc, frames, known_committed, pulls, values)
+        return pack((status, reply, pulled), sum(_frames_size(p[2]) for p in pulled.values()))
 
-    def pull(self, edge: int, reply: Tuple[int, int, int], max_frames: int, wait: float) -> Any:
-        return self._a.pull(edge, reply, max_frames, wait)
+    def pull(self, msg: Any) -> Any:
+        """:meth:`_Agent.pull`: ``msg`` its arguments (see :func:`pack`)."""
+        answer = self._a.pull(*unpack(msg))
+        return pack(answer, _frames_size(answer[2]))
 
     def status(self) -> Dict[str, Any]:
         return self._a.status()

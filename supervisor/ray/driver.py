@@ -41,8 +41,8 @@ from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import (
-    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, pack_frames,
-    unpack_frames,
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, _frames_size, agent_name, pack,
+    unpack,
 )  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
@@ -666,7 +666,7 @@ class RaySupervisor(Supervisor):
 
         def hand_out(push: Any) -> None:
             try:
-                got = push.result()
+                got = unpack(push.result())
                 pulled = got[2] if len(got) > 2 else {}
             except BaseException as e:  # noqa: BLE001 - each pull fails as the push did
                 for _edge, fut in answers:
@@ -750,7 +750,7 @@ class RaySupervisor(Supervisor):
             setattr(i, which, None)
             changed = True
             try:
-                status, reply = fut.result()[:2]
+                status, reply = unpack(fut.result())[:2]
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: input edge %d to %s: %s; retrying", self.name, i.edge, host_text(i.host), type(e).__name__)
                 i.retry_at = now + RETRY
@@ -762,7 +762,8 @@ class RaySupervisor(Supervisor):
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
             pulls, attach = self._claim_pulls(i.host) if len(frames) == 1 else (None, None)
             try:
-                i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, pack_frames(frames), s.committed, pulls))
+                msg = pack((i.edge, DRIVER_INC, frames, s.committed, pulls), _frames_size(frames))
+                i.data = self._future(h.handle.push.remote(msg))
             except BaseException as e:
                 if attach is not None:
                     attach(e)
@@ -770,7 +771,7 @@ class RaySupervisor(Supervisor):
             if attach is not None:
                 attach(i.data)
         if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
-            i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
+            i.poll = self._future(h.handle.push.remote(pack((i.edge, DRIVER_INC, [], s.committed, None), 0)))
         return changed
 
     def _output_turn(self, o: _Output, now: float, issue: bool = True) -> bool:
@@ -783,8 +784,7 @@ class RaySupervisor(Supervisor):
         if fut is not None and fut.done():
             carried, o.pull, o.carried = o.carried, None, False
             try:
-                status, inc, packed, _asked = fut.result()
-                frames = unpack_frames(packed)
+                status, inc, frames, _asked = unpack(fut.result())
                 if carried and frames:
                     # (frames came with a push: the next push to that host may well carry
                     # the next pull too, a Ray call less per frame)
@@ -810,7 +810,7 @@ class RaySupervisor(Supervisor):
         if issue and o.pull is None and now >= max(o.retry_at, o.own_pull_at) and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
-                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), pull=True)
+                o.pull = self._future(h.handle.pull.remote(pack((o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), 0)), pull=True)
         return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
