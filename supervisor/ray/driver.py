@@ -333,7 +333,8 @@ class RaySupervisor(Supervisor):
                 except TimeoutError:
                     return False
             self._add_input(value)
-        self._wake.set()
+        if self._inputs:  # (else the driver's host's part took it: nothing for the pump)
+            self._wake.set()
         return True
 
     def _wait_room(self, deadline: Optional[float]) -> bool:
