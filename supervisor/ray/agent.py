@@ -212,7 +212,16 @@ class HostGateway(Gateway):
             return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
 
     def busy(self) -> bool:
-        return super().busy() or (not self.closed and any(p.undelivered is not None for p in self.cut_in.values()))
+        if super().busy():
+            return True
+        # (under the lock, as the base reads its ports: a push thread may be sending on a
+        # cut edge, and the arbiter's thread asks this: 'Already mutably borrowed')
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            return not self.closed and any(p.undelivered is not None for p in self.cut_in.values())
+        finally:
+            self._lock.release()
 
     def room(self, edge: int) -> bool:
         p = self.cut_in[edge]
