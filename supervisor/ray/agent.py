@@ -79,9 +79,6 @@ LONG_POLL = 0.2
 #: (see _Agent.push): about a fast node's turn; a slower node's outputs come with a pull of
 #: their own.
 PIGGY_WAIT = 0.002
-#: ... plus this many seconds per byte of the pushed frames (a big frame takes longer to get
-#: into and out of the nodes: copies into and out of shared memory).
-PIGGY_WAIT_PER_BYTE = 1e-9
 #: Seconds between retries of a call to an agent that is not there (restarting, lost).
 RETRY = 0.2
 
@@ -770,10 +767,8 @@ class _Agent:
         that comes back from this host within that time needs no Ray call of its own.
         ``pulled``: edge -> what :meth:`pull` would have returned (empty when the push was
         refused)."""
-        frames = with_values(frames, values)
-        status, reply = self._push(edge, sender_inc, frames, known_committed)
-        wait = PIGGY_WAIT + PIGGY_WAIT_PER_BYTE * _frames_size(frames)
-        pulled = self._pull_many(pulls, wait) if pulls and status == "ok" else {}
+        status, reply = self._push(edge, sender_inc, with_values(frames, values), known_committed)
+        pulled = self._pull_many(pulls, PIGGY_WAIT) if pulls and status == "ok" else {}
         return status, reply, pulled
 
     def _push(self, edge: int, sender_inc: int, frames: List[Frame], known_committed: int) -> Tuple[str, Reply]:

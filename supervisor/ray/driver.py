@@ -62,9 +62,6 @@ STATUS_EVERY = 0.5
 #: its next pull before it pulls on its own (a caller sending one frame at a time sends the
 #: next one well within this).
 CARRIED_IDLE = 0.005
-#: ... plus this many seconds per byte of the frames that came (a big input takes longer to
-#: reach the next push: the caller's copy, the node's, the put).
-CARRIED_IDLE_PER_BYTE = 2e-9
 #: The driver's incarnation (it never restarts: when it dies, the run is over).
 DRIVER_INC = 1
 
@@ -789,12 +786,10 @@ class RaySupervisor(Supervisor):
             carried, o.pull, o.carried = o.carried, None, False
             try:
                 status, inc, frames, _asked = unpack(fut.result())
-                if frames and (carried or self._idle_to(o.host)):
-                    # (frames came with a push, or nothing this process sends that host is in
-                    # flight: the next push to that host may well carry the next pull, a Ray
-                    # call less per frame)
-                    o.own_pull_at = now + CARRIED_IDLE + CARRIED_IDLE_PER_BYTE * _frames_size(frames)
                 if carried and frames:
+                    # (frames came with a push: the next push to that host may well carry
+                    # the next pull too, a Ray call less per frame)
+                    o.own_pull_at = now + CARRIED_IDLE
                     o.carried_frames += len(frames)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
@@ -818,15 +813,6 @@ class RaySupervisor(Supervisor):
             if not (r.eos and finished):
                 o.pull = self._future(h.handle.pull.remote(pack((o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), 0)), pull=True)
         return changed
-
-    def _idle_to(self, host: Any) -> bool:
-        """This process pushes to ``host`` (the caller's inputs, or its host's part's cut
-        edges), and no such push is in flight or waiting. (Read without the part's lock: a
-        hint of when to pull.)"""
-        pushes = [(i.data, i.sender) for i in self._inputs if i.host == host]
-        if self._local is not None:
-            pushes += [(o.data, o.sender) for o in self._local.outs.values() if o.dst == host]
-        return bool(pushes) and all(data is None and not s.pending() for data, s in pushes)
 
     def _status_turn(self, h: _Host, now: float) -> None:
         if h.local is not None:
