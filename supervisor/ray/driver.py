@@ -41,7 +41,7 @@ from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import (
-    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, _frames_size, agent_name, pack,
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, PIGGY_WAIT, PIGGY_WAIT_PER_BYTE, RETRY, HostAgent, HostSpec, _Agent, _frame_size, _frames_size, agent_name, pack,
     unpack,
 )  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
@@ -62,6 +62,11 @@ STATUS_EVERY = 0.5
 #: its next pull before it pulls on its own (a caller sending one frame at a time sends the
 #: next one well within this).
 CARRIED_IDLE = 0.005
+#: ... plus this many seconds per byte of the frames that came, after the output of a lone
+#: frame (no other input is waiting for its output): the caller's next frame reaches the next
+#: push later when it is big (the caller's copy, the node's, the put). A big lone frame's
+#: output comes with its push only so (a pull of its own was always in flight before).
+CARRIED_IDLE_PER_BYTE = 2e-9
 #: The driver's incarnation (it never restarts: when it dies, the run is over).
 DRIVER_INC = 1
 
@@ -156,6 +161,7 @@ class RaySupervisor(Supervisor):
         self._aborted: Optional[str] = None
         self._stopped = False
         self._sent = 0
+        self._delivered = 0  # outputs recv() returned
         self._eos_sent = False
         self._control: Optional[ControlServer] = None
         self._metrics_server: Any = None
@@ -387,6 +393,7 @@ class RaySupervisor(Supervisor):
                             self._output_turn(o, now, issue=False)
                             self._wake.set()
                 if self._pending:
+                    self._delivered += 1
                     return self._pending.popleft()
                 if self._error is not None:
                     raise self._error
@@ -640,9 +647,16 @@ class RaySupervisor(Supervisor):
         if not self._receiving:
             self._wake.set()
 
-    def _claim_pulls(self, host: Any) -> Tuple[Optional[Dict[int, Any]], Optional[Callable[[Any], None]]]:
-        """The pulls of the caller's outputs from ``host`` that a push to it may carry now
-        (edge -> its receiver's reply and the frames it takes at most; None: none), and
+    def _lone(self) -> bool:
+        """Every input sent but the newest has its output (as far as a pipeline with one
+        output per input goes: a hint of how long a push may wait for its frame's output,
+        never of what is delivered). Under the lock."""
+        return self._sent > 0 and self._sent - self._delivered - len(self._pending) <= 1
+
+    def _claim_pulls(self, host: Any, nbytes: int) -> Tuple[Optional[Dict[int, Any]], Optional[Callable[[Any], None]]]:
+        """The pulls of the caller's outputs from ``host`` that a push to it (of ``nbytes``
+        of frames) may carry now (edge -> its receiver's reply, the frames it takes at most
+        and the seconds it waits for them; None: none), and
         ``attach(future of the push, or what its call raised)``, which hands each pull its
         answer out of the push's reply (see HostAgent.push). An output edge has one pull at
         a time, its own or carried: a carried one takes the slot of its own."""
@@ -663,7 +677,8 @@ class RaySupervisor(Supervisor):
                 fut.add_done_callback(self._pulled)
                 o.pull, o.carried = fut, True
                 answers.append((o.edge, fut))
-            pulls = {o.edge: (o.receiver.reply(), BATCH_FRAMES) for o in mine}
+            wait = PIGGY_WAIT + (PIGGY_WAIT_PER_BYTE * nbytes if self._lone() else 0.0)
+            pulls = {o.edge: (o.receiver.reply(), BATCH_FRAMES, wait) for o in mine}
 
         def hand_out(push: Any) -> None:
             try:
@@ -761,7 +776,7 @@ class RaySupervisor(Supervisor):
             return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
-            pulls, attach = self._claim_pulls(i.host) if len(frames) == 1 else (None, None)
+            pulls, attach = self._claim_pulls(i.host, _frames_size(frames)) if len(frames) == 1 else (None, None)
             try:
                 msg = pack((i.edge, DRIVER_INC, frames, s.committed, pulls), _frames_size(frames))
                 i.data = self._future(h.handle.push.remote(msg))
@@ -786,10 +801,15 @@ class RaySupervisor(Supervisor):
             carried, o.pull, o.carried = o.carried, None, False
             try:
                 status, inc, frames, _asked = unpack(fut.result())
-                if carried and frames:
+                if frames and self._sent > 0 and self._sent - self._delivered - len(self._pending) - len(frames) <= 0:
+                    # (the output of a lone frame: the next one comes with the caller's next
+                    # frame, whose push may carry the next pull, a Ray call less per frame)
+                    o.own_pull_at = now + CARRIED_IDLE + CARRIED_IDLE_PER_BYTE * _frames_size(frames)
+                elif carried and frames:
                     # (frames came with a push: the next push to that host may well carry
-                    # the next pull too, a Ray call less per frame)
+                    # the next pull too)
                     o.own_pull_at = now + CARRIED_IDLE
+                if carried and frames:
                     o.carried_frames += len(frames)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
