@@ -254,12 +254,14 @@ def test_agent_sigkills_mid_stream_lose_and_repeat_nothing(cluster):
 
 
 def test_big_frames_cross_as_objects_through_agent_sigkills(cluster):
-    """Frames of 256 KiB (past STORE_BYTES: each host puts them into its Ray object store
-    once, from shared memory, and retains the reference until commit): made in the driver's
-    part, through the head's agent and the gpu's to the caller (a push with the driver's
-    objects, a push with an agent's, pulls answered with the gpu agent's). SIGKILL the
-    head's agent after 100 outputs, the gpu's after 200 (their objects die with them): 0
-    lost, 0 duplicated, in order, every array intact, the counts resumed."""
+    """Frames of 256 KiB (past STORE_BYTES: a host that pushes them puts them into its Ray
+    object store once, from shared memory, and retains the reference until commit; a host
+    that is pulled retains the view of shared memory and returns it in the pull's answer):
+    made in the driver's part, through the head's agent and the gpu's to the caller (a push
+    with the driver's objects, a push with an agent's, pulls answered with the gpu agent's
+    views). SIGKILL the head's agent after 100 outputs, the gpu's after 200 (their objects
+    and views die with them): 0 lost, 0 duplicated, in order, every array intact, the
+    counts resumed."""
     size = 32 << 10  # int64s
     p = Pipeline(
         [
@@ -271,11 +273,13 @@ def test_big_frames_cross_as_objects_through_agent_sigkills(cluster):
     sup = Supervisor(p, backend="ray", name="big-kill")
     killed: List[str] = []
     stored = {}
+    lent = {}
 
     def kill_agent(k: int) -> None:
         victim = {100: "head", 200: "gpu"}.get(k)
         if victim is not None:
             stored[victim] = sum(e["stored"] for e in sup.hosts()[victim]["cut_out"].values())
+            lent[victim] = sum(e["lent"] for e in sup.hosts()[victim]["cut_out"].values())
             os.kill(sup.hosts()[victim]["agent_pid"], signal.SIGKILL)
             killed.append(victim)
 
@@ -285,7 +289,8 @@ def test_big_frames_cross_as_objects_through_agent_sigkills(cluster):
         # which 300 of them would fill)
         got = _stream(sup, 300, kill_agent, lambda g: (len(g), int(g[0]), bool((g[:size] == g[0]).all()), *map(int, g[size:])))
     assert killed == ["head", "gpu"]
-    assert stored["head"] > 0 and stored["gpu"] > 0  # (the frames did go as objects)
+    # (the frames did go as objects to the gpu, and as views in the pulls' answers from it)
+    assert stored["head"] > 0 and lent["gpu"] > 0
     assert got == [(size + 2, i, True, i + 1, i + 1) for i in range(300)]
     assert {h: s["incarnation"] for h, s in sup.hosts().items()} == {"head": 2, "gpu": 2, "(driver)": 1}
 

@@ -56,17 +56,22 @@ __all__ = ["HostAgent", "HostSpec", "HostGateway", "agent_name", "AGENT_CLASS_NA
 log = logging.getLogger("remotemedia.supervisor")
 
 
+
+
+
 #: What ``ray list actors`` shows for the agents.
 AGENT_CLASS_NAME = "HostAgent"
 #: Frames of one push or pull at most (and about this many bytes).
 BATCH_FRAMES = 256
 BATCH_BYTES = 64 << 20
-#: Batches up to this many bytes travel pickled in one bytes object (see pack_frames).
+#: Calls whose frames come to at most this many bytes travel pickled in one bytes object
+#: (see pack).
 PACK_BYTES = 64 << 10
 #: Arrays of at least this many bytes that a host's pump takes from a cut edge out of it are
-#: put into the process's Ray object store straight from shared memory (see _Stored); smaller
-#: ones are copied (Ray would send them inline with the call anyway: its
-#: max_direct_call_object_size, 100 KiB).
+#: not copied: on an edge it pushes, put into the process's Ray object store straight from
+#: shared memory (see _Stored); on an edge the driver's process pulls, kept as the view of
+#: shared memory they came in (see _Agent._take_outputs). Smaller ones are copied (Ray sends
+#: them inline with the call anyway: its max_direct_call_object_size, 100 KiB).
 STORE_BYTES = 100 << 10
 #: Seconds a commit poll or an empty pull waits at the other end for news.
 LONG_POLL = 0.2
@@ -74,6 +79,11 @@ LONG_POLL = 0.2
 #: (see _Agent.push): about a fast node's turn; a slower node's outputs come with a pull of
 #: their own.
 PIGGY_WAIT = 0.002
+#: ... plus this many seconds per byte of the pushed frame, when the driver says the frame is
+#: a lone one (its caller waits for its output before it sends the next): a big frame takes
+#: longer to get into and out of the nodes (8 ms more for 6.2 MB). A stream's pushes wait
+#: PIGGY_WAIT only: the edge's next push waits for the reply.
+PIGGY_WAIT_PER_BYTE = 1e-9
 #: Seconds between retries of a call to an agent that is not there (restarting, lost).
 RETRY = 0.2
 
@@ -207,7 +217,16 @@ class HostGateway(Gateway):
             return all(p.eos for p in self.outputs) and all(p.eos for p in self.cut_out.values())
 
     def busy(self) -> bool:
-        return super().busy() or (not self.closed and any(p.undelivered is not None for p in self.cut_in.values()))
+        if super().busy():
+            return True
+        # (under the lock, as the base reads its ports: a push thread may be sending on a
+        # cut edge, and the arbiter's thread asks this: 'Already mutably borrowed')
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            return not self.closed and any(p.undelivered is not None for p in self.cut_in.values())
+        finally:
+            self._lock.release()
 
     def room(self, edge: int) -> bool:
         p = self.cut_in[edge]
@@ -244,11 +263,17 @@ class HostGateway(Gateway):
 class _Out:
     """A cut edge out of the host: its sender, and the call in flight to the receiving agent."""
 
-    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored")
+    __slots__ = ("local", "edge", "dst", "sender", "data", "poll", "retry_at", "peer", "stored", "pulled", "lent", "held_back")
 
     def __init__(self, local: int, edge: int, dst: Any, sender: EdgeSender) -> None:
         self.local, self.edge, self.dst, self.sender = local, edge, dst, sender
         self.stored = 0  # frames whose value went into the object store (_Stored)
+        # The driver's process pulls this edge (it cannot be called): a big frame is
+        # retained as the view of shared memory it came in, and a pull's answer returns it
+        # (see _Agent._take_outputs)
+        self.pulled = dst == CALLER or dst is None
+        self.lent = 0  # frames retained as views of shared memory (pulled edges)
+        self.held_back = False  # the local edge holds frames back: the borrow limit was reached
         self.data: Optional[Tuple[Future, int]] = None  # (future, frames sent)
         self.poll: Optional[Future] = None
         self.retry_at = 0.0
@@ -279,9 +304,9 @@ class _Agent:
         self,
         spec: HostSpec,
         on_outputs: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None,
-        piggyback: Optional[Callable[[Any], Tuple[Any, Any]]] = None,
+        piggyback: Optional[Callable[[Any, int], Tuple[Any, Any]]] = None,
     ) -> None:
-        """``piggyback(host)`` (the driver's part): the driver's pulls from ``host`` for a
+        """``piggyback(host, nbytes)`` (the driver's part): the driver's pulls from ``host`` for a
         push to it to carry, and what to do with the push's future (see
         :meth:`RaySupervisor._claim_pulls`)."""
         self.spec = spec
@@ -439,15 +464,30 @@ class _Agent:
 
     def _take_outputs(self, gw: HostGateway, big: List[Tuple["_Out", Any, Frame]]) -> bool:
         """The frames of the cut edges out of the host, from the gateway into the senders
-        (while their windows have room); True when there were any. Under the lock. A big
-        frame (STORE_BYTES) goes to ``big`` instead, still in shared memory, and ends its
+        (while their windows have room); True when there were any. Under the lock.
+
+        A big frame (STORE_BYTES) of an edge the driver's process pulls is retained as the
+        view of shared memory it came in: a pull's answer returns it, and Ray copies it into
+        this node's object store as the call's return value, owned by the caller (one copy,
+        as a put, but the caller's Ray then knows where the object is: a put's reference in
+        the answer made it ask this process first, ~3 ms more per 6.2 MB frame here). Such
+        views hold the producer's chunks: the edge takes no more while it borrows as many as
+        it may (InPort.should_copy), until a pull reports commits. A big frame of an edge
+        pushed to another agent goes to ``big`` instead, still in shared memory, and ends its
         edge's turn: :meth:`_store` puts it into the object store outside the lock (a put
         waits when the store is full: the agent must still answer meanwhile)."""
         took = False
         for local, p in gw.cut_out.items():
             o = self.out_by_local[local]
             s = o.sender
+            pulled = o.pulled
+            o.held_back = False
             while s.room():
+                if pulled and p.should_copy():
+                    # (the sender retains as many views as the edge may borrow: the next
+                    # frames wait in the local edge until a commit releases some)
+                    o.held_back = True
+                    break
                 r = p.take()
                 if r is None:
                     break
@@ -456,6 +496,10 @@ class _Agent:
                     value, seq, origin, stream_id, created_ns, _sent = r
                     if type(value) is np.ndarray:
                         if value.nbytes >= STORE_BYTES:
+                            if pulled:
+                                s.add((seq, DATA, value, origin, stream_id, created_ns))
+                                o.lent += 1
+                                continue
                             big.append((o, value, (seq, DATA, value.nbytes, origin, stream_id, created_ns)))
                             break
                         value = value.copy()  # (a view of shared memory: the sender keeps it)
@@ -463,6 +507,11 @@ class _Agent:
                     continue
                 kind = r.kind
                 if kind == DATA and len(r) >= STORE_BYTES:
+                    if pulled:
+                        s.add((r.seq, DATA, decode(r), r.origin, r.stream_id, r.created_ns))
+                        o.lent += 1
+                        del r
+                        continue
                     big.append((o, r, (r.seq, DATA, len(r), r.origin, r.stream_id, r.created_ns)))
                     break
                 value = decode(r, copy=True) if kind == DATA else None
@@ -507,10 +556,11 @@ class _Agent:
                         # (a lone frame's push carries the driver's pulls: a stream's pushes
                         # return at once, for the next batch)
                         carry = self.piggyback is not None and len(frames) == 1
-                        pulls, attach = self.piggyback(o.dst) if carry else (None, None)
+                        pulls, attach = self.piggyback(o.dst, _frames_size(frames)) if carry else (None, None)
                         try:
-                            packed, refs = pack_push(frames)
-                            ref = self._peer(o).push.remote(o.edge, self.incarnation, packed, s.committed, pulls, *refs)
+                            sent, refs = with_refs(frames)
+                            msg = pack((o.edge, self.incarnation, sent, s.committed, pulls), _frames_size(sent))
+                            ref = self._peer(o).push.remote(msg, *refs)
                         except BaseException as e:
                             if attach is not None:
                                 attach(e)
@@ -520,7 +570,7 @@ class _Agent:
                         if attach is not None:
                             attach(o.data[0])
                 if o.poll is None and o.data is None and s.uncommitted() and not s.pending():
-                    ref = self._peer(o).push.remote(o.edge, self.incarnation, [], s.committed)
+                    ref = self._peer(o).push.remote(pack((o.edge, self.incarnation, [], s.committed, None), 0))
                     o.poll = self._future(ref, lambda: not s.room())
             except Exception as e:  # noqa: BLE001 - the peer is not there (yet): retry
                 self._peer_failed(o, e)
@@ -546,8 +596,8 @@ class _Agent:
             try:
                 if i.peer is None:
                     i.peer = ray.get_actor(agent_name(self.spec.run_id, i.src))
-                call = i.peer.pull.remote(i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0)
-                i.pull = with_arrays(call.future())
+                call = i.peer.pull.remote(pack((i.edge, reply, max(room, 0), LONG_POLL if room > 0 else 0.0), 0))
+                i.pull = call.future()
                 i.pull.add_done_callback(lambda _f: self._wake())
             except Exception as e:  # noqa: BLE001 - the sending agent is not there (yet)
                 i.peer = None
@@ -562,8 +612,7 @@ class _Agent:
                 continue
             i.pull = None
             try:
-                status, inc, packed, asked = fut.result()
-                frames = unpack_frames(packed)
+                status, inc, frames, asked = unpack(fut.result())
             except Exception as e:  # noqa: BLE001 - the sending agent died or restarts: retry
                 i.peer = None
                 i.retry_at = time.monotonic() + RETRY
@@ -612,7 +661,7 @@ class _Agent:
                     continue
                 setattr(o, which, None)
                 try:
-                    reply = fut.result()
+                    reply = unpack(fut.result())
                 except Exception as e:  # noqa: BLE001 - the receiving agent died or restarts
                     self._peer_failed(o, e)
                     continue
@@ -712,19 +761,24 @@ class _Agent:
         pulls: Optional[Dict[int, Tuple[Reply, int]]] = None,
         values: Sequence[Any] = (),
     ) -> Tuple[Any, ...]:
-        """Frames of a cut edge into this host (as :func:`pack_push` made them, ``values``
+        """Frames of a cut edge into this host (as :func:`with_refs` made them, ``values``
         the arrays of its object refs as Ray hands them over; or none: a commit poll,
         answered when the commit passes ``known_committed`` or after LONG_POLL). Returns
         ``("ok", reply, pulled)`` or ``("stale", reply, pulled)``.
 
         ``pulls``: the pulls of the pushing (driver) process from this host, carried by its
-        push (edge -> its receiver's reply and the frames it takes at most): each is served
-        as :meth:`pull` serves one, waiting at most PIGGY_WAIT for frames, so that a frame
+        push (edge -> its receiver's reply, the frames it takes at most and the seconds it
+        waits for them): each is served as :meth:`pull` serves one, waiting at most that
+        long for frames (PIGGY_WAIT, more for a big lone frame), so that a frame
         that comes back from this host within that time needs no Ray call of its own.
         ``pulled``: edge -> what :meth:`pull` would have returned (empty when the push was
         refused)."""
-        status, reply = self._push(edge, sender_inc, unpack_frames(frames, values), known_committed)
-        pulled = self._pull_many(pulls, PIGGY_WAIT) if pulls and status == "ok" else {}
+        status, reply = self._push(edge, sender_inc, with_values(frames, values), known_committed)
+        if pulls and status == "ok":
+            wait = max(w for _r, _n, w in pulls.values())
+            pulled = self._pull_many({e: (r, n) for e, (r, n, _w) in pulls.items()}, wait)
+        else:
+            pulled = {}
         return status, reply, pulled
 
     def _push(self, edge: int, sender_inc: int, frames: List[Frame], known_committed: int) -> Tuple[str, Reply]:
@@ -767,8 +821,11 @@ class _Agent:
         """The driver's end of a cut edge out of this host (the caller's, or its host's part)
         asks for up to ``max_frames`` frames from its expected on (``reply``: what its
         receiver has and committed). Returns ``(status, our incarnation, frames, reply)``
-        (frames as :func:`pack_frames` made them, big arrays as :class:`_Stored`: see
-        :func:`with_arrays`); waits up to ``wait`` seconds for frames when there are none."""
+        (a big array in the frames is the view of shared memory
+        the sender retains, which Ray copies into this node's object store as the call's
+        return value, owned by the caller: the caller's Ray fetches it with the answer,
+        without asking another process where it is); waits up to ``wait`` seconds for
+        frames when there are none."""
         return self._pull_many({edge: (reply, max_frames)}, wait)[edge]
 
     def _pull_many(self, pulls: Dict[int, Tuple[Reply, int]], wait: float) -> Dict[int, Tuple[Any, int, Any, Reply]]:
@@ -779,15 +836,18 @@ class _Agent:
         with self.cond:
             asked: List[Tuple[int, EdgeSender, int, Reply]] = []
             for edge, (reply, max_frames) in pulls.items():
-                s = self.outs[edge].sender
+                o = self.outs[edge]
+                s = o.sender
                 full = not s.room()
+                committed = s.committed
                 if not s.on_reply(reply, took=True):
                     out[edge] = ("stale", self.incarnation, [], reply)
                     continue
-                if full and s.room():
-                    # (the pump takes more outputs now; a commit alone it acks to the local
-                    # producer on its next turn: waking it here would have it compete with
-                    # the next frame's push for this process's GIL)
+                if (full and s.room()) or (o.held_back and s.committed > committed):
+                    # (the pump takes more outputs now: the window has room, or views it
+                    # retained were released; a commit alone it acks to the local producer
+                    # on its next turn: waking it here would have it compete with the next
+                    # frame's push for this process's GIL)
                     self._wake()
                 asked.append((edge, s, max_frames, reply))
             while asked and not any(s.pending() and n > 0 for _e, s, n, _r in asked) and not self.stopping:
@@ -797,7 +857,7 @@ class _Agent:
                 self.cond.wait(left)
             for edge, s, n, reply in asked:
                 frames = s.batch(n, BATCH_BYTES, _frame_size) if n > 0 else []
-                out[edge] = ("ok", self.incarnation, pack_frames(frames), reply)
+                out[edge] = ("ok", self.incarnation, frames, reply)
         return out
 
     def status(self) -> Dict[str, Any]:
@@ -819,7 +879,10 @@ class _Agent:
             unhealthy=sup.unhealthy_workers() if sup is not None else [],
             checkpoints=self.checkpoints,
             cut_out={
-                g: {"next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent, "stored": o.stored}
+                g: {
+                    "next": o.sender.next_seq, "committed": o.sender.committed, "resent": o.sender.resent,
+                    "stored": o.stored, "lent": o.lent,
+                }  # fmt: skip
                 for g, o in self.outs.items()
             },
             cut_in={
@@ -879,14 +942,13 @@ def _portable(err: BaseException) -> Optional[BaseException]:
 
 
 class _Stored:
-    """The value of a frame a host sends on (a big array, or what holds big arrays), put
+    """The value of a frame a host pushes on (a big array, or what holds big arrays), put
     into this process's Ray object store once, straight from the shared-memory chunk the
     pump took it from (one copy, where a private copy and then Ray's own copy of a call
     argument made two). It is what the sender retains until the receiving host commits the
-    frame, and every send of it (a replay too) passes the reference: a push as an argument
-    of the call (Ray brings the object to the receiver's node before the call runs, and
-    hands the agent a zero-copy array of it), a pull's answer inside its frames (the driver
-    fetches it, :func:`with_arrays`). The object lives while the sender retains it or a
+    frame, and every push of it (a replay too) passes the reference as an argument of the
+    call (Ray brings the object to the receiver's node before the call runs, and hands the
+    agent a zero-copy array of it). The object lives while the sender retains it or a
     receiver still holds the reference."""
 
     __slots__ = ("ref", "nbytes")
@@ -894,12 +956,9 @@ class _Stored:
     def __init__(self, ref: Any, nbytes: int) -> None:
         self.ref, self.nbytes = ref, nbytes
 
-    def __reduce__(self) -> Any:
-        return (_Stored, (self.ref, self.nbytes))
-
 
 class _Arg:
-    """In a push's frames: the value is the push's ``i``-th array argument (:func:`pack_push`)."""
+    """In a push's frames: the value is the push's ``i``-th array argument (:func:`with_refs`)."""
 
     __slots__ = ("i",)
 
@@ -921,101 +980,53 @@ def _frame_size(f: Frame) -> int:
     return 256
 
 
-def pack_frames(frames: List[Frame]) -> Any:
-    """A batch as one Ray call carries it: small batches pickled here into one bytes object
-    (one argument to serialize instead of a list of tuples of arrays: a 4 KiB frame's call
-    took ~0.1 ms less here, both ends together), big ones as they are (their arrays then go through
-    Ray's object store without a copy into a pickle)."""
-    if not frames or sum(_frame_size(f) for f in frames) > PACK_BYTES:
-        return frames
+def _frames_size(frames: Sequence[Frame]) -> int:
+    return sum(_frame_size(f) for f in frames)
+
+
+def pack(msg: Tuple[Any, ...], nbytes: int) -> Any:
+    """A call's arguments, or its answer, as Ray carries them: pickled here into one bytes
+    object when its frames come to at most PACK_BYTES (``nbytes``), else the tuple as it is
+    (its arrays then go through Ray's object store out of band, not copied into a pickle).
+    Ray serializes one bytes object for much less than a tuple of headers, dicts and a
+    list of frames: a lone 4 KiB frame's push and its answer took ~0.9 ms less here."""
+    if nbytes > PACK_BYTES:
+        return msg
     try:
-        return pickle.dumps(frames, protocol=5)
+        return pickle.dumps(msg, protocol=5)
     except Exception:  # (what only cloudpickle can pickle, Ray pickles)
-        return frames
+        return msg
 
 
-def unpack_frames(frames: Any, values: Sequence[Any] = ()) -> List[Frame]:
-    """Inverse of :func:`pack_frames` (and of :func:`pack_push`, given the push's array
-    arguments)."""
-    out = pickle.loads(frames) if type(frames) is bytes else frames
-    if values:
-        out = [(f[0], f[1], values[f[2].i], f[3], f[4], f[5]) if type(f[2]) is _Arg else f for f in out]
-    return out
+def unpack(msg: Any) -> Tuple[Any, ...]:
+    """Inverse of :func:`pack`."""
+    return pickle.loads(msg) if type(msg) is bytes else msg
 
 
-def pack_push(frames: List[Frame]) -> Tuple[Any, List[Any]]:
-    """A push's frames as :func:`pack_frames` makes them, with each :class:`_Stored` array
-    replaced by its index among the call's extra arguments, and those arguments (the object
-    refs): Ray moves an argument's object to the receiver's node and hands over its value
-    (no borrowed reference for the agent to fetch, the frames small enough to pickle)."""
+def with_refs(frames: List[Frame]) -> Tuple[List[Frame], List[Any]]:
+    """A push's frames with each :class:`_Stored` value replaced by its index among the
+    call's extra arguments, and those arguments (the object refs): Ray moves an argument's
+    object to the receiver's node and hands over its value (no borrowed reference for the
+    agent to fetch, the frames small enough to pickle)."""
     refs: List[Any] = []
-    if any(type(f[2]) is _Stored for f in frames):
-        out: List[Frame] = []
-        for f in frames:
-            v = f[2]
-            if type(v) is _Stored:
-                out.append((f[0], f[1], _Arg(len(refs)), f[3], f[4], f[5]))
-                refs.append(v.ref)
-            else:
-                out.append(f)
-        frames = out
-    return pack_frames(frames), refs
+    if not any(type(f[2]) is _Stored for f in frames):
+        return frames, refs
+    out: List[Frame] = []
+    for f in frames:
+        v = f[2]
+        if type(v) is _Stored:
+            out.append((f[0], f[1], _Arg(len(refs)), f[3], f[4], f[5]))
+            refs.append(v.ref)
+        else:
+            out.append(f)
+    return out, refs
 
 
-def with_arrays(answer: Future) -> Future:
-    """The future of a pull's answer ``(status, incarnation, frames, reply)`` once the
-    arrays its frames hold as :class:`_Stored` are fetched (see :func:`fill_arrays`)."""
-    out: Future = Future()
-
-    def answered(f: Future) -> None:
-        try:
-            got = f.result()
-        except BaseException as e:  # noqa: BLE001 - the call failed: so does the answer
-            out.set_exception(e)
-            return
-        fill_arrays(got, out)
-
-    answer.add_done_callback(answered)
-    return out
-
-
-def fill_arrays(answer: Tuple[Any, int, Any, Any], out: Future) -> None:
-    """Complete ``out`` with a pull's answer ``(status, incarnation, frames, reply)`` once
-    the arrays its frames hold as :class:`_Stored` are fetched (their values replace them;
-    the fetches run in Ray's threads, none blocks the caller). A fetch that fails (the
-    sending agent died, and its objects with it) fails ``out`` as a failed call would: the
-    pull is retried and the restarted sender sends those frames again."""
-    status, inc, frames, reply = answer
-    stored = [(k, fr[2].ref) for k, fr in enumerate(frames) if type(fr[2]) is _Stored] if type(frames) is list else []
-    if not stored:
-        out.set_result(answer)
-        return
-    frames = list(frames)
-    lock = threading.Lock()
-    left = [len(stored)]
-
-    def fetched(k: int, g: Future) -> None:
-        try:
-            value = g.result()
-        except BaseException as e:  # noqa: BLE001 - the object is lost (OwnerDiedError, ...): the answer fails
-            with lock:
-                first = left[0] > 0
-                left[0] = 0
-            if first:
-                out.set_exception(e)
-            return
-        with lock:
-            if left[0] <= 0:
-                return
-            fr = frames[k]
-            frames[k] = (fr[0], fr[1], value, fr[3], fr[4], fr[5])
-            left[0] -= 1
-            done = left[0] == 0
-        if done:
-            out.set_result((status, inc, frames, reply))
-
-    for k, ref in stored:
-        ref.future().add_done_callback(lambda g, k=k: fetched(k, g))
+def with_values(frames: List[Frame], values: Sequence[Any]) -> List[Frame]:
+    """Inverse of :func:`with_refs`, given the values of the push's extra arguments."""
+    if not values:
+        return frames
+    return [(f[0], f[1], values[f[2].i], f[3], f[4], f[5]) if type(f[2]) is _Arg else f for f in frames]
 
 
 @ray.remote(max_restarts=-1, max_concurrency=64)
@@ -1034,11 +1045,17 @@ class HostAgent:
             return f"host {self._a.key}: the part's run did not start within {timeout:g} s"
         return self._a.start_error or self._a.error
 
-    def push(self, edge: int, sender_inc: int, frames: Any, known_committed: int, pulls: Any = None, *values: Any) -> Any:
-        return self._a.push(edge, sender_inc, frames, known_committed, pulls, values)
+    def push(self, msg: Any, *values: Any) -> Any:
+        """:meth:`_Agent.push`: ``msg`` its arguments but ``values`` (see :func:`pack`),
+        ``values`` the arrays of the frames' object refs (see :func:`with_refs`)."""
+        edge, sender_inc, frames, known_committed, pulls = unpack(msg)
+        status, reply, pulled = self._a.push(edge, sender_inc, frames, known_committed, pulls, values)
+        return pack((status, reply, pulled), sum(_frames_size(p[2]) for p in pulled.values()))
 
-    def pull(self, edge: int, reply: Tuple[int, int, int], max_frames: int, wait: float) -> Any:
-        return self._a.pull(edge, reply, max_frames, wait)
+    def pull(self, msg: Any) -> Any:
+        """:meth:`_Agent.pull`: ``msg`` its arguments (see :func:`pack`)."""
+        answer = self._a.pull(*unpack(msg))
+        return pack(answer, _frames_size(answer[2]))
 
     def status(self) -> Dict[str, Any]:
         return self._a.status()

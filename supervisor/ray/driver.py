@@ -41,8 +41,8 @@ from ..control import ControlServer
 from ..core import Progress, RunReport, Supervisor, _encode_input
 from ..systemd import SystemdNotifier
 from .agent import (
-    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, RETRY, HostAgent, HostSpec, _Agent, _frame_size, agent_name, fill_arrays, pack_frames,
-    unpack_frames, with_arrays,
+    BATCH_BYTES, BATCH_FRAMES, LONG_POLL, PIGGY_WAIT, PIGGY_WAIT_PER_BYTE, RETRY, HostAgent, HostSpec, _Agent, _frame_size, _frames_size, agent_name, pack,
+    unpack,
 )  # fmt: skip
 from .edges import DATA, EOS, EdgeReceiver, EdgeSender
 from .plan import CALLER, Part, host_text, plan_parts
@@ -62,6 +62,11 @@ STATUS_EVERY = 0.5
 #: its next pull before it pulls on its own (a caller sending one frame at a time sends the
 #: next one well within this).
 CARRIED_IDLE = 0.005
+#: ... plus this many seconds per byte of the frames that came, after the output of a lone
+#: frame (no other input is waiting for its output): the caller's next frame reaches the next
+#: push later when it is big (the caller's copy, the node's, the put). A big lone frame's
+#: output comes with its push only so (a pull of its own was always in flight before).
+CARRIED_IDLE_PER_BYTE = 2e-9
 #: The driver's incarnation (it never restarts: when it dies, the run is over).
 DRIVER_INC = 1
 
@@ -156,6 +161,7 @@ class RaySupervisor(Supervisor):
         self._aborted: Optional[str] = None
         self._stopped = False
         self._sent = 0
+        self._delivered = 0  # outputs recv() returned
         self._eos_sent = False
         self._control: Optional[ControlServer] = None
         self._metrics_server: Any = None
@@ -333,7 +339,8 @@ class RaySupervisor(Supervisor):
                 except TimeoutError:
                     return False
             self._add_input(value)
-        self._wake.set()
+        if self._inputs:  # (else the driver's host's part took it: nothing for the pump)
+            self._wake.set()
         return True
 
     def _wait_room(self, deadline: Optional[float]) -> bool:
@@ -386,6 +393,7 @@ class RaySupervisor(Supervisor):
                             self._output_turn(o, now, issue=False)
                             self._wake.set()
                 if self._pending:
+                    self._delivered += 1
                     return self._pending.popleft()
                 if self._error is not None:
                     raise self._error
@@ -623,7 +631,7 @@ class RaySupervisor(Supervisor):
     # ================================================================ the pump
 
     def _future(self, ref: Any, pull: bool = False) -> Future:
-        fut = with_arrays(ref.future()) if pull else ref.future()
+        fut = ref.future()
         fut.add_done_callback(self._pulled if pull else self._done_call)
         return fut
 
@@ -639,9 +647,16 @@ class RaySupervisor(Supervisor):
         if not self._receiving:
             self._wake.set()
 
-    def _claim_pulls(self, host: Any) -> Tuple[Optional[Dict[int, Any]], Optional[Callable[[Any], None]]]:
-        """The pulls of the caller's outputs from ``host`` that a push to it may carry now
-        (edge -> its receiver's reply and the frames it takes at most; None: none), and
+    def _lone(self) -> bool:
+        """Every input sent but the newest has its output (as far as a pipeline with one
+        output per input goes: a hint of how long a push may wait for its frame's output,
+        never of what is delivered). Under the lock."""
+        return self._sent > 0 and self._sent - self._delivered - len(self._pending) <= 1
+
+    def _claim_pulls(self, host: Any, nbytes: int) -> Tuple[Optional[Dict[int, Any]], Optional[Callable[[Any], None]]]:
+        """The pulls of the caller's outputs from ``host`` that a push to it (of ``nbytes``
+        of frames) may carry now (edge -> its receiver's reply, the frames it takes at most
+        and the seconds it waits for them; None: none), and
         ``attach(future of the push, or what its call raised)``, which hands each pull its
         answer out of the push's reply (see HostAgent.push). An output edge has one pull at
         a time, its own or carried: a carried one takes the slot of its own."""
@@ -662,18 +677,19 @@ class RaySupervisor(Supervisor):
                 fut.add_done_callback(self._pulled)
                 o.pull, o.carried = fut, True
                 answers.append((o.edge, fut))
-            pulls = {o.edge: (o.receiver.reply(), BATCH_FRAMES) for o in mine}
+            wait = PIGGY_WAIT + (PIGGY_WAIT_PER_BYTE * nbytes if self._lone() else 0.0)
+            pulls = {o.edge: (o.receiver.reply(), BATCH_FRAMES, wait) for o in mine}
 
         def hand_out(push: Any) -> None:
             try:
-                got = push.result()
+                got = unpack(push.result())
                 pulled = got[2] if len(got) > 2 else {}
             except BaseException as e:  # noqa: BLE001 - each pull fails as the push did
                 for _edge, fut in answers:
                     fut.set_exception(e)
                 return
             for edge, fut in answers:
-                fill_arrays(pulled.get(edge, ("none", 0, [], None)), fut)
+                fut.set_result(pulled.get(edge, ("none", 0, [], None)))
 
         def attach(push: Any) -> None:
             if isinstance(push, BaseException):
@@ -750,7 +766,7 @@ class RaySupervisor(Supervisor):
             setattr(i, which, None)
             changed = True
             try:
-                status, reply = fut.result()[:2]
+                status, reply = unpack(fut.result())[:2]
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: input edge %d to %s: %s; retrying", self.name, i.edge, host_text(i.host), type(e).__name__)
                 i.retry_at = now + RETRY
@@ -760,9 +776,10 @@ class RaySupervisor(Supervisor):
             return changed
         if i.data is None and s.pending():
             frames = s.batch(BATCH_FRAMES, BATCH_BYTES, _frame_size)
-            pulls, attach = self._claim_pulls(i.host) if len(frames) == 1 else (None, None)
+            pulls, attach = self._claim_pulls(i.host, _frames_size(frames)) if len(frames) == 1 else (None, None)
             try:
-                i.data = self._future(h.handle.push.remote(i.edge, DRIVER_INC, pack_frames(frames), s.committed, pulls))
+                msg = pack((i.edge, DRIVER_INC, frames, s.committed, pulls), _frames_size(frames))
+                i.data = self._future(h.handle.push.remote(msg))
             except BaseException as e:
                 if attach is not None:
                     attach(e)
@@ -770,7 +787,7 @@ class RaySupervisor(Supervisor):
             if attach is not None:
                 attach(i.data)
         if i.poll is None and i.data is None and s.uncommitted() and not s.pending():
-            i.poll = self._future(h.handle.push.remote(i.edge, DRIVER_INC, [], s.committed))
+            i.poll = self._future(h.handle.push.remote(pack((i.edge, DRIVER_INC, [], s.committed, None), 0)))
         return changed
 
     def _output_turn(self, o: _Output, now: float, issue: bool = True) -> bool:
@@ -783,12 +800,16 @@ class RaySupervisor(Supervisor):
         if fut is not None and fut.done():
             carried, o.pull, o.carried = o.carried, None, False
             try:
-                status, inc, packed, _asked = fut.result()
-                frames = unpack_frames(packed)
-                if carried and frames:
+                status, inc, frames, _asked = unpack(fut.result())
+                if frames and self._sent > 0 and self._sent - self._delivered - len(self._pending) - len(frames) <= 0:
+                    # (the output of a lone frame: the next one comes with the caller's next
+                    # frame, whose push may carry the next pull, a Ray call less per frame)
+                    o.own_pull_at = now + CARRIED_IDLE + CARRIED_IDLE_PER_BYTE * _frames_size(frames)
+                elif carried and frames:
                     # (frames came with a push: the next push to that host may well carry
-                    # the next pull too, a Ray call less per frame)
+                    # the next pull too)
                     o.own_pull_at = now + CARRIED_IDLE
+                if carried and frames:
                     o.carried_frames += len(frames)
             except Exception as e:  # noqa: BLE001 - the agent died or restarts: retry
                 log.info("pipeline %s: output edge %d from %s: %s; retrying", self.name, o.edge, host_text(o.host), type(e).__name__)
@@ -810,7 +831,7 @@ class RaySupervisor(Supervisor):
         if issue and o.pull is None and now >= max(o.retry_at, o.own_pull_at) and not self._aborting:
             finished = self._hosts[o.host].status.get("finished")
             if not (r.eos and finished):
-                o.pull = self._future(h.handle.pull.remote(o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), pull=True)
+                o.pull = self._future(h.handle.pull.remote(pack((o.edge, r.reply(), BATCH_FRAMES, LONG_POLL), 0)), pull=True)
         return changed
 
     def _status_turn(self, h: _Host, now: float) -> None:
