@@ -52,6 +52,7 @@ from ray_nodes import BadInit, Count, Fails, Tally, Ticks  # noqa: E402  (a ligh
 from remotemedia import Pipeline, Supervisor  # noqa: E402
 from remotemedia.errors import EndOfStream, NodeError, NodeInitError, SupervisorError  # noqa: E402
 from remotemedia.nodes import MapNode  # noqa: E402
+from supervisor.ray import driver as ray_driver  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -199,11 +200,16 @@ def test_a_worker_sigkill_inside_an_agent_is_restarted_there(cluster):
     assert sup.report().nodes["b"]["host"] == "gpu"
 
 
-def test_outputs_carried_by_pushes_survive_an_agent_sigkill(cluster):
+def test_outputs_carried_by_pushes_survive_an_agent_sigkill(cluster, monkeypatch):
     """One frame at a time through a (driver) -> b (gpu) -> the caller: b's outputs come back
     in the replies of the pushes to gpu (a Ray call per frame, not two). SIGKILL the gpu's
     agent right after a frame was sent (its push, and the pull it carries, in flight or just
     answered): 0 lost, 0 duplicated, in order, b's count resumed from its snapshot."""
+    # The driver pulls a lone frame's output itself when the caller's next frame has not come
+    # within CARRIED_IDLE (5 ms); on a loaded host this loop's recv -> send took longer every
+    # time and no push carried anything (0 of 61, 1 run in 5). Waiting longer keeps what is
+    # tested here (pushes carry the pulls, across the agent's death) from depending on load.
+    monkeypatch.setattr(ray_driver, "CARRIED_IDLE", 0.2)
     p = Pipeline([MapNode(lambda x: x + 1, name="a"), Count(name="b", options={"host": "gpu", "snapshot_interval": 0.05})])
     sup = Supervisor(p, backend="ray", name="carried")
     got: List[Any] = []
@@ -218,8 +224,7 @@ def test_outputs_carried_by_pushes_survive_an_agent_sigkill(cluster):
         sup.close()
         with pytest.raises(EndOfStream):
             sup.recv(timeout=120)
-    # (how many outputs ride back with a push depends on the machine's load: 12-55 of 61 here)
-    assert carried > 0
+    assert carried > 30, carried
     assert got == [(i + 1, i + 1) for i in range(150)]
     assert sup.hosts()["gpu"]["incarnation"] == 2
 
