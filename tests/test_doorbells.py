@@ -216,73 +216,69 @@ def test_no_wake_up_is_lost_between_processes(node, bells):
     assert sleeps > 0 and woken > 0  # (waits found nothing pending: the race was run)
 
 
-def _wait_in_thread(lis, *args, **kw):
+class _Pipe:
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def close_w(self) -> None:
+        os.close(self.w)
+        self.w = -1
+
+
+@pytest.fixture
+def pipe():
+    p = _Pipe()
+    yield p
+    os.close(p.r)
+    if p.w >= 0:
+        os.close(p.w)
+
+
+def _asleep(lis, bells, slot, how, fds):
+    """lis.wait(60, fds) in a thread, once the slot shows it asleep ``how``: (in ppoll(), on
+    the futex)."""
     result = []
-    t = threading.Thread(target=lambda: result.append(lis.wait(*args, **kw)))
+    t = threading.Thread(target=lambda: result.append(lis.wait(60.0, fds)))
     t.start()
+    deadline = time.monotonic() + 30
+    while bells.bells.sleepers(slot) != how:
+        assert time.monotonic() < deadline, f"the listener never slept as {how}"
+        time.sleep(0.001)
     return t, result
 
 
-def _until(cond, what):
-    deadline = time.monotonic() + 30
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
-
-
-def test_a_listener_whose_fds_ring_naps_on_the_futex_and_the_ring_wakes_it(node, bells):
+def test_a_listener_whose_fds_ring_naps_on_the_futex_and_the_ring_wakes_it(node, bells, pipe):
     # A worker's inbox: the supervisor rings the control word after each control message, so
     # the listener sleeps on the futex (the cheaper wake-up) though it has an fd to watch.
     lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=1, control_rings=True)
     nt = b.Notifier(node, "inbox", doorbells=bells.bells, slot=1)
     lis.drain()
-    r, w = os.pipe()
-    try:
-        t, result = _wait_in_thread(lis, 60.0, [r])
-        _until(lambda: bells.bells.sleepers(1) == (0, 1), "the listener never napped on the futex")
-        nt.notify()  # a frame: the futex wake-up
-        t.join(30)
-        assert not t.is_alive() and result == [(True, [])]
-        t, result = _wait_in_thread(lis, 60.0, [r])
-        _until(lambda: bells.bells.sleepers(1) == (0, 1), "the listener never napped again")
-        os.write(w, b"x")
-        bells.bells.ring_control(1)  # a control message
-        t.join(30)
-        assert not t.is_alive() and result and result[0][1] == [r]
-        assert bells.bells.state(1) == (0, 0)
-    finally:
-        os.close(r)
-        os.close(w)
+    t, result = _asleep(lis, bells, 1, (0, 1), [pipe.r])
+    nt.notify()  # a frame: the futex wake-up
+    t.join(30)
+    assert not t.is_alive() and result == [(True, [])]
+    t, result = _asleep(lis, bells, 1, (0, 1), [pipe.r])
+    os.write(pipe.w, b"x")
+    bells.bells.ring_control(1)  # a control message
+    t.join(30)
+    assert not t.is_alive() and result and result[0][1] == [pipe.r]
+    assert bells.bells.state(1) == (0, 0)
 
 
-def test_a_napping_listener_still_finds_an_fd_nobody_rang_for(node, bells):
+def test_a_napping_listener_still_finds_an_fd_nobody_rang_for(node, bells, pipe):
     # (the supervisor died: its channel's end of file rings nothing) -- found at a poll tick
     lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=1, control_rings=True)
     lis.drain()
-    r, w = os.pipe()
-    try:
-        t, result = _wait_in_thread(lis, 60.0, [r])
-        _until(lambda: bells.bells.sleepers(1) == (0, 1), "the listener never napped on the futex")
-        os.close(w)
-        w = -1
-        t.join(30)
-        assert not t.is_alive() and result == [(False, [r])]
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+    t, result = _asleep(lis, bells, 1, (0, 1), [pipe.r])
+    pipe.close_w()
+    t.join(30)
+    assert not t.is_alive() and result == [(False, [pipe.r])]
 
 
-def test_fds_whose_writers_do_not_ring_keep_the_listener_in_ppoll(node, bells):
+def test_fds_whose_writers_do_not_ring_keep_the_listener_in_ppoll(node, bells, pipe):
     lis = b.Listener(node, "inbox", doorbells=bells.bells, slot=2)
     lis.drain()
-    r, w = os.pipe()
-    try:
-        t, result = _wait_in_thread(lis, 60.0, [r])
-        _until(lambda: bells.bells.sleepers(2) == (1, 0), "the listener never slept in ppoll()")
-        os.write(w, b"x")  # no ring: ppoll() itself sees it
-        t.join(30)
-        assert not t.is_alive() and result == [(False, [r])]
-    finally:
-        os.close(r)
-        os.close(w)
+    t, result = _asleep(lis, bells, 2, (1, 0), [pipe.r])
+    os.write(pipe.w, b"x")  # no ring: ppoll() itself sees it
+    t.join(30)
+    assert not t.is_alive() and result == [(False, [pipe.r])]
