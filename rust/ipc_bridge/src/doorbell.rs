@@ -124,6 +124,18 @@ impl Drop for Doorbells {
 }
 
 impl Doorbells {
+    /// After `pending` of `slot` is set: bumps `seq` and wakes the listener napping on it, if
+    /// one does; true when one did.
+    fn wake_nappers(&self, slot: usize) -> bool {
+        if self.word(slot, NAPPING).load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let seq = self.word(slot, SEQ);
+        seq.fetch_add(1, Ordering::SeqCst);
+        futex_wake(seq);
+        true
+    }
+
     fn word(&self, slot: usize, offset: usize) -> &AtomicU32 {
         debug_assert!(slot < self.len / SLOT_BYTES);
         // In bounds (checked by Bell::new), 4-aligned (mmap is page-aligned).
@@ -182,11 +194,7 @@ impl Doorbells {
         check_slot(self, slot)?;
         self.word(slot, CONTROL).store(1, Ordering::SeqCst);
         self.word(slot, PENDING).swap(1, Ordering::SeqCst);
-        if self.word(slot, NAPPING).load(Ordering::SeqCst) != 0 {
-            let seq = self.word(slot, SEQ);
-            seq.fetch_add(1, Ordering::SeqCst);
-            futex_wake(seq);
-        }
+        self.wake_nappers(slot);
         Ok(())
     }
 }
@@ -219,13 +227,14 @@ impl Bell {
         if flow_only && self.w(FLOW).load(Ordering::SeqCst) == 0 {
             return Rang::Awake;
         }
-        let mut rang = Rang::Awake;
-        if self.w(NAPPING).load(Ordering::SeqCst) != 0 {
-            self.w(SEQ).fetch_add(1, Ordering::SeqCst);
-            futex_wake(self.w(SEQ));
-            rang = Rang::Napper;
+        let napper = self.db.get().wake_nappers(self.slot);
+        if self.w(SLEEPING).load(Ordering::SeqCst) != 0 {
+            Rang::Sleeper
+        } else if napper {
+            Rang::Napper
+        } else {
+            Rang::Awake
         }
-        if self.w(SLEEPING).load(Ordering::SeqCst) != 0 { Rang::Sleeper } else { rang }
     }
 
     /// Producer: mark the inbox pending and wake a napping listener.

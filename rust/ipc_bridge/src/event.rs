@@ -201,11 +201,18 @@ impl Listener {
         if let Some(Napped::Interrupted) = napped {
             py.check_signals()?;
         }
-        if spin_us > 0 && notified && napped_at.elapsed() < Duration::from_micros(spin_us * 4) {
-            // Woken soon after giving up the spin: traffic is flowing, spin again next time.
-            self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
+        if notified {
+            self.woken_after(napped_at, spin_us);
         }
         Ok((notified, ready))
+    }
+
+    /// Woken soon after giving up the spin (it slept since `slept`): traffic is flowing, spin
+    /// again next time.
+    fn woken_after(&self, slept: Instant, spin_us: u64) {
+        if spin_us > 0 && slept.elapsed() < Duration::from_micros(spin_us * 4) {
+            self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
+        }
     }
 
     fn rung(&self) -> bool {
@@ -368,9 +375,8 @@ impl Listener {
         if let Some(b) = &self.bell {
             b.wake();
         }
-        if spin_us > 0 && rc > 0 && blocked.elapsed() < Duration::from_micros(spin_us * 4) {
-            // Woken soon after giving up the spin: traffic is flowing, spin again next time.
-            self.spin_ns.fetch_max(spin_us * 250, Ordering::Relaxed);
+        if rc > 0 {
+            self.woken_after(blocked, spin_us);
         }
         if rc < 0 {
             if errno == libc::EINTR {
