@@ -13,8 +13,12 @@ import time
 
 import pytest
 
+from conftest import wait_for
+from remotemedia import Source, Supervisor
 from remotemedia import _ipc_bridge as b
+from remotemedia.nodes import MapNode
 from supervisor import resources
+from supervisor.arbiter import Arbiter
 from supervisor.doorbells import GATEWAY_SLOT, RunDoorbells, worker_slot
 
 
@@ -282,3 +286,35 @@ def test_fds_whose_writers_do_not_ring_keep_the_listener_in_ppoll(node, bells, p
     os.write(pipe.w, b"x")  # no ring: ppoll() itself sees it
     t.join(30)
     assert not t.is_alive() and result == [(False, [pipe.r])]
+
+
+class _Idle(Source):
+    """Yields once, then waits until told to go on: the stage downstream sits idle."""
+
+    def __init__(self, go: str, **kw):
+        super().__init__(**kw)
+        self.go = go
+
+    def generate(self):
+        yield 1
+        while not os.path.exists(self.go):
+            time.sleep(0.01)
+        yield 2
+
+
+def test_an_idle_worker_naps_and_the_supervisor_rings_its_control_word(tmp_path, monkeypatch):
+    # Workers build their inbox with control_rings=True, so an idle one naps on the futex; that
+    # is safe only because WorkerProcess.send rings its slot after every control message.
+    rung = []
+    real = Arbiter.ring_control
+    monkeypatch.setattr(Arbiter, "ring_control", lambda self, slot: (rung.append(slot), real(self, slot)))
+    go = tmp_path / "go"
+    sup = Supervisor([_Idle(str(go), name="src"), MapNode(lambda x: x * 10, name="stage")], name="naps")
+    with sup:
+        assert sup.recv(timeout=60) == 10
+        bells = sup._arbiter._bells.bells
+        slot = worker_slot(1)  # (the stage: workers are numbered in pipeline order)
+        wait_for(lambda: bells.sleepers(slot) == (0, 1), 60, "the idle stage napping on the futex")
+        go.touch()
+        assert sup.recv(timeout=60) == 20
+    assert worker_slot(0) in rung and slot in rung  # (Setup, Start, ... rang each worker's)
