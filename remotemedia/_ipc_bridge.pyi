@@ -150,6 +150,7 @@ class Subscriber:
     service: str
     max_borrowed: int
     borrowed: int
+    copied: int  # frames take() decoded into a private copy at the borrow limit
     def __init__(
         self,
         node: Node,
@@ -393,6 +394,7 @@ class InPortCore:
     notified_processed: int
     window: int
     notify_every: int
+    frame_len: int  # payload bytes of the last data frame taken (-1: none yet)
     gap_since: Optional[float]
     received: int
     duplicates: int

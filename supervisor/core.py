@@ -55,7 +55,7 @@ from .gateway import EncodedFrame, Gateway
 from .logs import LogSink
 from .monitor import build_status
 from .process import WorkerProcess, describe_exit
-from .protocol import EdgeSpec, WorkerSpec, replica_name
+from .protocol import EdgeSpec, WorkerSpec, replica_name, with_retention_allowance
 from .states import ProcessState
 
 __all__ = ["Supervisor", "RunReport", "Progress", "describe_exit"]
@@ -169,6 +169,8 @@ class Supervisor:
             whatever ``queue_depth`` allows: it bounds the memory of big frames in flight.
         max_borrowed: received frames a consumer may hold zero-copy per edge; past that,
             frames are copied out of shared memory so a hoarding node never stalls the edge.
+            (Besides these, a worker may keep as many as the queues downstream of it hold, for
+            replay: see :func:`supervisor.protocol.with_retention_allowance`.)
         max_node_size: refuse nodes whose pickle exceeds this many bytes (default 100 MiB).
         on_error: ``"raise"`` (a process() exception stops the pipeline with NodeError) or
             ``"skip"`` (log it, drop the frame, continue).
@@ -933,6 +935,7 @@ class Supervisor:
                             replicas=replicas,
                         )
                     )
+        edges = with_retention_allowance(edges)
         nodes = []
         for node in p.nodes:
             opts = self.node_options[node.name]

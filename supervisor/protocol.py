@@ -43,7 +43,7 @@ import errno
 import pickle
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "EXIT_HANDOVER",
     "Handover",
     "EdgeSpec",
+    "RETENTION_CAP",
+    "with_retention_allowance",
     "WorkerSpec",
     "replica_name",
     "replica_node",
@@ -144,6 +146,41 @@ class EdgeSpec:
             max_borrowed=self.max_borrowed,
             safe_overflow=not self.lossless,
         )
+
+
+#: At most this many frames of an edge's borrow allowance are for the runtime's own retention
+#: (see :func:`with_retention_allowance`): each is a chunk of the producer's segment, which is
+#: sparse (only chunks in use take memory), but its size grows with the count.
+RETENTION_CAP = 64
+
+
+def with_retention_allowance(edges: List[EdgeSpec]) -> List[EdgeSpec]:
+    """The edges, each consumer allowed to borrow, besides the frames its node may hold
+    (``max_borrowed``), as many as its worker may keep for replay: the windows along the
+    longest path downstream of it (at most :data:`RETENTION_CAP`).
+
+    A node that returns its input (or a view of it) sends it on, and its worker keeps that
+    input for replay until the frame is committed downstream, which is after every window on
+    the way to the sink has passed it. Those frames would otherwise count against the node's
+    own borrow limit, and in a stream that keeps the windows full every frame past it would be
+    copied out of shared memory once more (a 6 MB frame: as long as the hop's own copy). Kept
+    frames need the memory either way (a chunk, or a private copy): the allowance only saves
+    the copy."""
+    out: Dict[str, List[EdgeSpec]] = {}
+    for e in edges:
+        out.setdefault(e.src, []).append(e)
+    below: Dict[str, int] = {}
+
+    def downstream(node: str, seen: Tuple[str, ...] = ()) -> int:
+        if node not in below:
+            # (a pipeline is a DAG; `seen` only guards this walk against a malformed one)
+            below[node] = max((e.depth + downstream(e.dst, seen + (node,)) for e in out.get(node, []) if e.dst not in seen), default=0)
+        return below[node]
+
+    return [
+        replace(e, max_borrowed=e.max_borrowed + min(RETENTION_CAP, downstream(e.dst))) if e.lossless else e
+        for e in edges
+    ]
 
 
 @dataclass(frozen=True)

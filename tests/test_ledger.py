@@ -8,8 +8,9 @@ from supervisor.worker.ledger import Ledger
 
 
 class FakeIn:
-    def __init__(self, index, expected=0, notify_every=1 << 30):
+    def __init__(self, index, expected=0, notify_every=1 << 30, frame_len=-1):
         self.spec = SimpleNamespace(index=index)
+        self.frame_len = frame_len
         self.expected = expected
         self.acked_processed = expected
         self.notify_every = notify_every
@@ -221,3 +222,24 @@ def test_the_dispatch_ring_limit_follows_the_reported_commit():
     ledger.tick(True, clock())
     assert ledger.reported == {0: 0} and group.limit == 3 + 4
     assert ledger.order_limit > 10**9  # (no input order ring)
+
+
+def test_a_commit_of_big_input_frames_is_reported_at_once():
+    # Upstream keeps the frames until it hears of the commit (a pass-through node's worker:
+    # the chunks it received); big ones are reported without waiting for the interval.
+    from supervisor.worker.ledger import COMMIT_REPORT_BYTES
+
+    for frame_len, reported_at_once in ((4096, False), (COMMIT_REPORT_BYTES, True)):
+        ledger, (inp,), (out,), board, chan, clock = _ledger()
+        inp.frame_len = frame_len
+        _process(ledger, [out], 0, 0)
+        out.committed = 1
+        ledger.tick(True, clock())
+        assert len(board.commits) == 1  # (the first report is due at once)
+        _process(ledger, [out], 0, 1)
+        out.committed = 2
+        ledger.tick(True, clock())
+        assert len(board.commits) == (2 if reported_at_once else 1), frame_len
+        clock.t += 0.011
+        ledger.tick(True, clock())
+        assert len(board.commits) == 2 and inp.acks[-1] == (2, 2)

@@ -788,3 +788,25 @@ def test_frames_the_bridge_decodes_size_the_window_too() -> None:
     got = e.inp.take()
     assert type(got) is tuple and got[0][0] == 0
     assert (e.inp.window, e.inp.notify_every) == (2, 1)
+
+
+def test_each_consumer_may_borrow_what_its_worker_keeps_for_replay():
+    # A worker keeps what it sent until it is committed downstream, i.e. at most the
+    # windows on the longest path from it to the end: its input edge gets that on top of the
+    # node's own max_borrowed (capped), so kept inputs are not copied out of shared memory.
+    from supervisor.protocol import RETENTION_CAP, with_retention_allowance
+
+    def edge(i, src, dst, depth, policy="block"):
+        return EdgeSpec(index=i, src=src, dst=dst, data_service=f"e{i}", ack_service=f"a{i}", src_inbox="x",
+                        dst_inbox="y", depth=depth, max_borrowed=2, policy=policy)  # fmt: skip
+
+    # src -> a -> b -> out, and a -> c (lossy) -> out
+    edges = [
+        edge(0, "__input__", "a", 4), edge(1, "a", "b", 8), edge(2, "b", "__output__", 16),
+        edge(3, "a", "c", 32, "latest"), edge(4, "c", "__output__", 2),
+    ]  # fmt: skip
+    got = {e.index: e.max_borrowed for e in with_retention_allowance(edges)}
+    # a: max(8 + 16 via b, 32 + 2 via c); b: 16; the lossy edge keeps nothing to replay
+    assert got == {0: 2 + 34, 1: 2 + 16, 2: 2, 3: 2, 4: 2}
+    deep = [edge(i, f"n{i}", f"n{i + 1}", 32) for i in range(5)]
+    assert with_retention_allowance(deep)[0].max_borrowed == 2 + RETENTION_CAP

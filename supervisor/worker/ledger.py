@@ -8,7 +8,7 @@ committed (their outputs committed downstream), and who is told what, when.
     acks from downstream (OutPort.committed grows)    -> advance()  (markers whose outputs are
                                                                      all committed -> the commit)
     every ack_every frames                            -> InPort.ack(processed, reported)  (flow)
-    at most every 10 ms, or final                     -> flush()    (status block, or a Commit
+    every 10 ms, or 1 MiB of input, or final          -> flush()    (status block, or a Commit
                                                                      message with a snapshot /
                                                                      the final one; then acks
                                                                      upstream with reported)
@@ -27,6 +27,15 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from ..protocol import Commit
+
+#: Seconds between commit reports while frames flow (each costs the status block's stores and
+#: an ack per input).
+COMMIT_INTERVAL = 0.01
+#: ... unless the input frames committed since the last report hold this many bytes: until it
+#: hears of the commit, upstream keeps them for replay, and a stage that passes its input
+#: through keeps the chunks it received, so past its borrow limit (a few frames) every big
+#: frame would be copied out of shared memory once more. Small frames wait for the interval.
+COMMIT_REPORT_BYTES = 1 << 20
 
 
 class Marker:
@@ -206,7 +215,7 @@ class Ledger:
             if m.snapshot is not None:
                 self.commit_snapshot = m.snapshot
             self.commit_dirty = True
-        if self.commit_dirty and (force_flush or self.clock() >= self.next_commit):
+        if self.commit_dirty and (force_flush or self.clock() >= self.next_commit or self.unreported_bytes() >= COMMIT_REPORT_BYTES):
             self.flush()
             return
         processed, reported, ack_every = self.processed, self.reported, self.ack_every
@@ -215,6 +224,12 @@ class Ledger:
             # (a quarter of the window, or less when big frames make the window small)
             if force_flush or force_acks or n - p.acked_processed >= ack_every or n - p.acked_processed >= p.notify_every:
                 p.ack(n, reported[i] + 1)
+
+    def unreported_bytes(self) -> int:
+        """Bytes of the input frames committed but not yet reported (from each input's last
+        frame size; 0 while unknown)."""
+        committed, reported = self.committed, self.reported
+        return sum((committed[i] - reported[i]) * max(0, p.frame_len) for i, p in self.by_edge_in.items())
 
     def tick(self, acks_arrived: bool, now: float) -> None:
         """Housekeeping: commits after acks from downstream, the commit report when due, and
@@ -260,7 +275,7 @@ class Ledger:
                     self.order_limit = sum(self.committed.values()) + len(self.committed) + self.order_cap
                 if self._dispatch:
                     self._limit_dispatch(self.commit_out_next)
-            self.next_commit = self.clock() + 0.01
+            self.next_commit = self.clock() + COMMIT_INTERVAL
         for i, p in self.by_edge_in.items():
             p.ack(self.processed[i] + 1, self.reported[i] + 1)
 

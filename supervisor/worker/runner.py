@@ -826,6 +826,8 @@ class Runner:
                     "duplicates": p.duplicates,
                     "dropped": p.dropped,
                     "decoded_by_bridge": p.decoded_by_bridge,
+                    # (of those, copied out of shared memory at the borrow limit)
+                    "copied_by_bridge": getattr(p.sub, "copied", 0),
                 }
                 for p in self.inputs
             },

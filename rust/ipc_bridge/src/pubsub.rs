@@ -1,7 +1,7 @@
 //! Frame publish/subscribe over iceoryx2 `[u8]` services with a [`FrameHeader`] user header.
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use iceoryx2::port::publisher::Publisher as IoxPublisher;
@@ -591,6 +591,8 @@ pub struct Subscriber {
     /// Payload length of the last frame `take()` returned decoded (the consumer sizes its
     /// producer's window from it).
     last_len: AtomicUsize,
+    /// Frames `take()` decoded into a private copy because `borrow_limit` frames were held.
+    copied: AtomicU64,
     #[pyo3(get)]
     max_borrowed: usize,
     #[pyo3(get)]
@@ -659,6 +661,7 @@ impl Subscriber {
                 let meta = unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) }.to_vec();
                 let offsets = sample.buffers.clone();
                 let source = if copy {
+                    self.copied.fetch_add(1, Ordering::Relaxed);
                     // (a private copy of the payload, as Python's decode(copy=True); the chunk
                     // goes back now)
                     let data = unsafe { std::slice::from_raw_parts(sample.ptr as *const u8, sample.len) };
@@ -728,6 +731,7 @@ impl Subscriber {
         self.last_len.store(sample.len, Ordering::Relaxed);
         let (offset, nbytes) = sample.buffers[0];
         let (source, offset) = if copy {
+            self.copied.fetch_add(1, Ordering::Relaxed);
             let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
             let private = PyBytes::new(py, data).into_any();
             drop(sample); // the chunk goes back to the publisher now
@@ -832,6 +836,7 @@ impl Subscriber {
             rx_pickle: Mutex::new(None),
             rx_container: Mutex::new(None),
             last_len: AtomicUsize::new(0),
+            copied: AtomicU64::new(0),
             max_borrowed,
             service: service.to_owned(),
             anchor: Anchor::new(factory, node),
@@ -900,6 +905,12 @@ impl Subscriber {
     #[getter]
     pub(crate) fn last_len(&self) -> usize {
         self.last_len.load(Ordering::Relaxed)
+    }
+
+    /// Frames `take()` decoded into a private copy because the borrow limit was reached.
+    #[getter]
+    fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
     }
 
     /// Number of received frames still referenced (not yet returned to the publisher).

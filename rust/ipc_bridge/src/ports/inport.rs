@@ -203,6 +203,12 @@ impl InPort {
         self.books.window
     }
 
+    /// Payload bytes of the last data frame taken (-1: none yet).
+    #[getter]
+    fn frame_len(&self) -> i64 {
+        self.books.frame_len
+    }
+
     #[getter]
     fn notify_every(&self) -> u64 {
         self.books.notify_every
