@@ -1,7 +1,7 @@
 """Benchmark suite: remotemedia against its baselines, in one run on one machine.
 
-    python bench/run.py                 # full run, ~10 min on 2 cores
-    python bench/run.py --quick         # fewer frames, ~3 min
+    python bench/run.py                 # full run, 3 rounds, ~25 min on 2 cores
+    python bench/run.py --quick --rounds 1   # fewer frames, one round, ~3 min
     python bench/run.py --sizes 64,4096 --systems remotemedia,mp_queue
 
 Every system runs the same pipeline, one process per stage:
@@ -27,7 +27,8 @@ Systems:
 
 Payloads: 64 B, 4 KiB (audio chunk), 6,220,800 B (1080p RGB), 64 MiB (tensor).
 
-Measured:
+Measured (each system R times per payload, interleaved, --rounds; a row shows the medians, and
+each ratio its spread round by round, as this machine's load drifts during a run):
     latency     frames paced so the pipeline is empty between them; source timestamp (in the
                 first 8 bytes of the payload, CLOCK_MONOTONIC) to sink; per hop = end to end / 4
     throughput  frames sent back to back; frames/s and GB/s at the sink (delivered frames)
@@ -770,6 +771,59 @@ RUNNERS = {
     "dora": run_dora,
 }
 
+#: What a row reports as the median of its rounds.
+MEDIAN_KEYS = ("hop_p50_us", "hop_p99_us", "e2e_p50_us", "e2e_p99_us", "fps_thr", "gbps_thr")
+
+
+def run_system(system: str, size: int, n_lat: int, interval: float, n_thr: int) -> Dict[str, Any]:
+    """One round of one system: the paced run (latency, idle CPU) and the back-to-back run
+    (throughput, loaded CPU)."""
+    try:
+        lat = RUNNERS[system](size, n_lat, interval, True)
+        thr = RUNNERS[system](size, n_thr, 0.0, False)
+    except Exception as e:  # one broken baseline must not lose the rest of the run
+        return {"error": f"{type(e).__name__}: {e}"}
+    lat["fps_thr"], lat["gbps_thr"], lat["cpu_loaded"] = thr["fps"], thr["gbps"], thr["cpu_loaded"]
+    lat["sent"], lat["lost"] = n_lat, n_lat - lat["n"]
+    lat["sent_thr"], lat["lost_thr"] = n_thr, n_thr - thr["n"]
+    if "dora" in thr:
+        lat["dora_thr"] = thr["dora"]
+    return lat
+
+
+def combine(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A system's row from its rounds: the median of each of MEDIAN_KEYS and of each stage's
+    CPU, frames lost summed over the rounds, and the rounds themselves (``rounds``, for the
+    ratios round by round). An error when no round ran."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return {"error": rounds[-1]["error"] if rounds else "not run"}
+    out = dict(ok[0])
+    for k in MEDIAN_KEYS:
+        vals = [r[k] for r in ok if r.get(k) == r.get(k)]  # (NaN: not measured)
+        out[k] = statistics.median(vals) if vals else float("nan")
+    for k in ("cpu_idle", "cpu_loaded"):
+        if all(r.get(k) for r in ok):
+            out[k] = [statistics.median(c) for c in zip(*(r[k] for r in ok))]
+    for k in ("sent", "lost", "sent_thr", "lost_thr"):
+        out[k] = sum(r[k] for r in ok)
+    out["rounds"] = [{k: r.get(k) for k in ("hop_p50_us", "hop_p99_us", "fps_thr")} if "error" not in r else r for r in rounds]
+    out["failed_rounds"] = len(rounds) - len(ok)
+    return out
+
+
+def round_ratios(r: Dict[str, Any], b: Dict[str, Any], key: str) -> List[float]:
+    """``r[key] / b[key]`` of each round both ran (the systems of a round ran minutes apart
+    at most, so the machine's load drifts less between them than across the run)."""
+    return [x[key] / y[key] for x, y in zip(r.get("rounds", []), b.get("rounds", [])) if "error" not in x and "error" not in y and y[key]]
+
+
+def ratio_cell(r: Dict[str, Any], b: Dict[str, Any], key: str) -> str:
+    """The ratio of the medians, and the spread of the ratios round by round."""
+    cell = ratio(r[key], b[key])
+    rs = round_ratios(r, b, key)
+    return f"{cell} ({min(rs):.2f}–{max(rs):.2f})" if len(rs) > 1 else cell
+
 
 FLAT_INTERVAL = 0.02
 
@@ -864,7 +918,8 @@ def render(results: Dict[str, Any]) -> str:
     lines = [f"# remotemedia benchmark ({results['when']}, {results['machine']})", ""]
     lines.append(
         f"Pipeline: source -> 3 stages -> sink, one process each; latency per hop = end to end / 4; "
-        f"{results.get('queue', 8)} frames in flight per edge, every system."
+        f"{results.get('queue', 8)} frames in flight per edge, every system; each row the median of "
+        f"{results.get('rounds', 1)} rounds, the systems of a payload interleaved round by round."
     )
     lines.append("")
     lines.append("| payload | system | hop p50 µs | hop p99 µs | frames/s | GB/s | lost (paced, back to back) | CPU idle % | CPU loaded % |")
@@ -882,7 +937,10 @@ def render(results: Dict[str, Any]) -> str:
                 f"{r['fps_thr']:.0f} | {r['gbps_thr']:.3f} | {lost} | {idle} | {loaded} |"
             )
     lines.append("")
-    lines.append("Ratios (remotemedia / baseline; < 1 is better for latency, > 1 better for throughput):")
+    lines.append(
+        "Ratios (remotemedia / baseline; < 1 is better for latency, > 1 better for throughput): of the medians, "
+        "and in brackets the lowest and highest of the same ratio round by round:"
+    )
     lines.append("")
     lines.append("| payload | system | vs | hop p50 ratio | hop p99 ratio | throughput ratio |")
     lines.append("|---|---|---|---|---|---|")
@@ -896,8 +954,8 @@ def render(results: Dict[str, Any]) -> str:
                 if not b or "error" in b:
                     continue
                 lines.append(
-                    f"| {fmt_size(int(size_s))} | {system} | {base} | {ratio(r['hop_p50_us'], b['hop_p50_us'])} | "
-                    f"{ratio(r['hop_p99_us'], b['hop_p99_us'])} | {ratio(r['fps_thr'], b['fps_thr'])} |"
+                    f"| {fmt_size(int(size_s))} | {system} | {base} | {ratio_cell(r, b, 'hop_p50_us')} | "
+                    f"{ratio_cell(r, b, 'hop_p99_us')} | {ratio_cell(r, b, 'fps_thr')} |"
                 )
     lines.append("")
     pairs = [(k, per) for k, per in results["runs"].items() if "error" not in per.get("remotemedia_dict", {"error": 1})]
@@ -909,9 +967,7 @@ def render(results: Dict[str, Any]) -> str:
         for size_s, per in pairs:
             d, b = per["remotemedia_dict"], per.get("remotemedia")
             if b and "error" not in b:
-                lines.append(
-                    f"| {fmt_size(int(size_s))} | {ratio(d['hop_p50_us'], b['hop_p50_us'])} | {ratio(d['fps_thr'], b['fps_thr'])} |"
-                )
+                lines.append(f"| {fmt_size(int(size_s))} | {ratio_cell(d, b, 'hop_p50_us')} | {ratio_cell(d, b, 'fps_thr')} |")
         lines.append("")
     dora = results.get("dora")
     if dora:
@@ -993,6 +1049,7 @@ def main() -> None:
     ap.add_argument("--queue", type=int, default=QUEUE, help="frames in flight per edge, every system (default 8)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--no-group", action="store_true", help="skip the Group comparison")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every system per payload, interleaved (default 3): the table shows their medians")
     args = ap.parse_args()
     QUEUE = SLOTS = DORA_QUEUE = args.queue
     DORA_POOL_FRAMES = DORA_QUEUE + 2
@@ -1003,6 +1060,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
         "queue": args.queue,
+        "rounds": args.rounds,
         "runs": {},
         "skipped": {},
     }
@@ -1017,24 +1075,19 @@ def main() -> None:
                                "pool_min_bytes": DORA_POOL_MIN}
     for size in sizes:
         n_lat, interval, n_thr = counts(size, args.quick)
-        per: Dict[str, Any] = {}
-        for system in systems:
-            print(f"{fmt_size(size):>9} {system:<20}", end=" ", flush=True)
-            try:
-                lat = RUNNERS[system](size, n_lat, interval, True)
-                thr = RUNNERS[system](size, n_thr, 0.0, False)
-                lat["fps_thr"], lat["gbps_thr"], lat["cpu_loaded"] = thr["fps"], thr["gbps"], thr["cpu_loaded"]
-                lat["sent"], lat["lost"] = n_lat, n_lat - lat["n"]
-                lat["sent_thr"], lat["lost_thr"] = n_thr, n_thr - thr["n"]
-                if "dora" in thr:
-                    lat["dora_thr"] = thr["dora"]
-                per[system] = lat
-                lost = f"  lost {lat['lost']}/{n_lat} paced, {lat['lost_thr']}/{n_thr} back to back" if lat["lost"] or lat["lost_thr"] else ""
-                print(f"hop p50 {lat['hop_p50_us']:9.1f} us  p99 {lat['hop_p99_us']:9.1f} us  {thr['fps']:9.0f} frames/s{lost}", flush=True)
-            except Exception as e:  # one broken baseline must not lose the rest of the run
-                per[system] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"error: {e}", flush=True)
-        results["runs"][str(size)] = per
+        rounds: Dict[str, List[Dict[str, Any]]] = {system: [] for system in systems}
+        for r in range(args.rounds):
+            # (each round in another order: no system always runs first, or after the same one)
+            for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+                print(f"{fmt_size(size):>9} {system:<20} round {r + 1}/{args.rounds}", end=" ", flush=True)
+                got = run_system(system, size, n_lat, interval, n_thr)
+                rounds[system].append(got)
+                if "error" in got:
+                    print(f"error: {got['error']}", flush=True)
+                    continue
+                lost = f"  lost {got['lost']}/{n_lat} paced, {got['lost_thr']}/{n_thr} back to back" if got["lost"] or got["lost_thr"] else ""
+                print(f"hop p50 {got['hop_p50_us']:9.1f} us  p99 {got['hop_p99_us']:9.1f} us  {got['fps_thr']:9.0f} frames/s{lost}", flush=True)
+        results["runs"][str(size)] = {system: combine(rounds[system]) for system in systems}
     results["extra"] = {**bench_ready(), **bench_serialize()}
     if "remotemedia" in systems and not args.no_group:
         results["extra"]["group"] = bench_group(args.quick)
