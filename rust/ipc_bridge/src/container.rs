@@ -15,7 +15,7 @@
 //! Anything else (nesting, an int beyond 64 bits, a non-contiguous array, a key that is not a
 //! str) is not a container frame: it is pickled.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -44,11 +44,11 @@ pub(crate) struct Codec {
     frombuffer: Py<PyAny>,
     dtype: Py<PyAny>,
     /// dtype object address -> its `.str` (None: not encodable, e.g. objects, records)
-    enc: HashMap<usize, Option<Vec<u8>>>,
+    enc: FastMap<usize, Option<Vec<u8>>>,
     /// `.str` -> (dtype object, itemsize)
-    dec: HashMap<Vec<u8>, (Py<PyAny>, usize)>,
+    dec: FastMap<Vec<u8>, (Py<PyAny>, usize)>,
     /// keys of received dicts
-    keys: HashMap<Vec<u8>, Py<PyString>>,
+    keys: FastMap<Vec<u8>, Py<PyString>>,
 }
 
 impl Codec {
@@ -59,9 +59,9 @@ impl Codec {
             ndarray: np.getattr(intern!(py, "ndarray"))?.unbind(),
             frombuffer: np.getattr(intern!(py, "frombuffer"))?.unbind(),
             dtype: np.getattr(intern!(py, "dtype"))?.unbind(),
-            enc: HashMap::new(),
-            dec: HashMap::new(),
-            keys: HashMap::new(),
+            enc: FastMap::default(),
+            dec: FastMap::default(),
+            keys: FastMap::default(),
         })
     }
 
@@ -122,7 +122,8 @@ impl Codec {
                 _ => return Ok(false),
             }
             let Some(dt) = self.dtype_str(&v.getattr(intern!(py, "dtype"))?)? else { return Ok(false) };
-            let shape: Vec<i64> = v.getattr(intern!(py, "shape"))?.extract()?;
+            let shape = v.getattr(intern!(py, "shape"))?;
+            let shape = shape.cast::<PyTuple>()?;
             if dt.len() > 255 || shape.len() > 255 {
                 return Ok(false);
             }
@@ -130,8 +131,8 @@ impl Codec {
             meta.push(dt.len() as u8);
             meta.extend_from_slice(&dt);
             meta.push(shape.len() as u8);
-            for n in &shape {
-                meta.extend_from_slice(&n.to_le_bytes());
+            for n in shape.iter() {
+                meta.extend_from_slice(&n.extract::<i64>()?.to_le_bytes());
             }
             meta.extend_from_slice(&(bufs.len() as u32).to_le_bytes());
             bufs.push(v.clone().unbind());
@@ -253,21 +254,19 @@ impl Codec {
             }
             T_ARRAY => {
                 let dlen = r.u8()? as usize;
-                let dt = r.take(dlen)?.to_vec();
+                let dt = r.take(dlen)?;
                 let ndim = r.u8()? as usize;
-                let mut shape = Vec::with_capacity(ndim);
-                for _ in 0..ndim {
-                    shape.push(i64::from_le_bytes(r.take(8)?.try_into().ok()?));
-                }
+                let shape = r.take(ndim.checked_mul(8)?)?; // (ndim little-endian i64)
                 let index = r.u32()? as usize;
                 let &(offset, nbytes) = offsets.get(index)?;
-                Some(self.array(py, &dt, &shape, source, offset, nbytes))?
+                Some(self.array(py, dt, shape, source, offset, nbytes))?
             }
             _ => return None,
         })
     }
 
-    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[i64], source: &Bound<'_, PyAny>, offset: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
+    /// An array of dtype `.str` `dt` and shape `shape` (`ndim` little-endian i64).
+    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[u8], source: &Bound<'_, PyAny>, offset: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
         let (dtype, itemsize) = match self.dec.get(dt) {
             Some((d, n)) => (d.clone_ref(py), *n),
             None => {
@@ -279,8 +278,9 @@ impl Codec {
         };
         let count = nbytes.checked_div(itemsize).unwrap_or(0);
         let mut arr = self.frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
-        if shape.len() != 1 {
-            arr = arr.call_method1(intern!(py, "reshape"), (PyTuple::new(py, shape)?,))?;
+        if shape.len() != 8 {
+            let dims = shape.chunks_exact(8).map(|d| i64::from_le_bytes(d.try_into().expect("8 bytes")));
+            arr = arr.call_method1(intern!(py, "reshape"), (PyTuple::new(py, dims)?,))?;
         }
         Ok(arr.unbind())
     }

@@ -33,6 +33,7 @@ pub mod container;
 pub mod doorbell;
 pub mod errors;
 pub mod event;
+pub mod fasthash;
 pub mod layout;
 pub mod node;
 pub mod ports;

@@ -20,9 +20,8 @@
 //! directory are serialized (a `flock` on the directory), so two of them never fill the
 //! filesystem together.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 use std::ffi::CString;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -83,31 +82,12 @@ pub struct Segment {
     lockable: AtomicBool,
 }
 
-/// Chunk addresses are unique and page-aligned: use them as their own hash.
-#[derive(Default)]
-pub struct AddrHasher(u64);
-
-impl Hasher for AddrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | b as u64;
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        // (Fibonacci hashing: page-aligned addresses spread over all the bits)
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// What one publisher knows about its chunks: the segment it loans from, and for every chunk
 /// of that segment already reserved, the end of the reserved range.
 #[derive(Default)]
 pub struct Reserver {
     segment: Option<Arc<Segment>>,
-    reserved: HashMap<usize, usize, BuildHasherDefault<AddrHasher>>,
+    reserved: FastMap<usize, usize>,
 }
 
 /// What [`Reserver::plan`] decided.
