@@ -401,7 +401,7 @@ class InPortCore:
     dup_pending: bool
     dropped: int
     decoded_by_bridge: int
-    borrow_limit: int
+    borrow_limit: int  # frames held before the next one taken is copied (see retain)
     sub: Any
     ack_pub: Any
     ack_notifier: Any
@@ -417,6 +417,8 @@ class InPortCore:
         depth: int,
         max_bytes: int,
         expected: int = 0,
+        retain: int = 0,  # of the subscriber's max_borrowed, frames for the worker's replay log
+        retain_bytes: int = 0,  # ... of which at most this many bytes
         clock: Optional[Callable[[], float]] = None,
     ) -> "InPortCore": ...
     def receive(self) -> Any: ...

@@ -73,7 +73,7 @@ import numpy as np
 from remotemedia import _ipc_bridge as bridge
 from remotemedia.frames import ND_TAG, Frame, Kind, ndarray_meta
 
-from .protocol import EdgeSpec
+from .protocol import RETENTION_BYTES, EdgeSpec
 
 __all__ = ["OutPort", "InPort", "Transport", "ack_channel_options"]
 
@@ -235,6 +235,7 @@ class InPort(bridge.InPortCore):
             self = super().__new__(
                 cls, sub, ack_pub, ack_notifier, index=spec.index, src=spec.src, lossless=spec.lossless,
                 depth=spec.depth, max_bytes=spec.max_bytes, expected=expected,
+                retain=spec.retain, retain_bytes=RETENTION_BYTES,
                 clock=None if clock is time.monotonic else clock,
             )  # fmt: skip
         except BaseException:

@@ -54,6 +54,7 @@ __all__ = [
     "EXIT_HANDOVER",
     "Handover",
     "EdgeSpec",
+    "RETENTION_BYTES",
     "RETENTION_CAP",
     "with_retention_allowance",
     "WorkerSpec",
@@ -120,6 +121,9 @@ class EdgeSpec:
     # supervisor.replicas): which replica (of how many) its replicated end is; -1: none.
     replica: int = -1
     replicas: int = 1
+    # Of max_borrowed, the frames the consumer may borrow for what its worker keeps for
+    # replay, not for its node (see with_retention_allowance).
+    retain: int = 0
 
     @property
     def lossless(self) -> bool:
@@ -152,6 +156,10 @@ class EdgeSpec:
 #: (see :func:`with_retention_allowance`): each is a chunk of the producer's segment, which is
 #: sparse (only chunks in use take memory), but its size grows with the count.
 RETENTION_CAP = 64
+#: ... and at most this many bytes of them: a chunk once used keeps its memory while the run
+#: lasts, and shared memory is often scarcer than private memory (a container's /dev/shm), so
+#: past it kept frames are copied into private memory, as before there was an allowance.
+RETENTION_BYTES = 128 << 20
 
 
 def with_retention_allowance(edges: List[EdgeSpec]) -> List[EdgeSpec]:
@@ -165,7 +173,7 @@ def with_retention_allowance(edges: List[EdgeSpec]) -> List[EdgeSpec]:
     own borrow limit, and in a stream that keeps the windows full every frame past it would be
     copied out of shared memory once more (a 6 MB frame: as long as the hop's own copy). Kept
     frames need the memory either way (a chunk, or a private copy): the allowance only saves
-    the copy."""
+    the copy. The consumer uses at most :data:`RETENTION_BYTES` of it (``InPort``)."""
     out: Dict[str, List[EdgeSpec]] = {}
     for e in edges:
         out.setdefault(e.src, []).append(e)
@@ -177,10 +185,11 @@ def with_retention_allowance(edges: List[EdgeSpec]) -> List[EdgeSpec]:
             below[node] = max((e.depth + downstream(e.dst, seen + (node,)) for e in out.get(node, []) if e.dst not in seen), default=0)
         return below[node]
 
-    return [
-        replace(e, max_borrowed=e.max_borrowed + min(RETENTION_CAP, downstream(e.dst))) if e.lossless else e
-        for e in edges
-    ]
+    def allow(e: EdgeSpec) -> EdgeSpec:
+        retain = min(RETENTION_CAP, downstream(e.dst))
+        return replace(e, max_borrowed=e.max_borrowed + retain, retain=retain)
+
+    return [allow(e) if e.lossless else e for e in edges]
 
 
 @dataclass(frozen=True)

@@ -446,7 +446,7 @@ def test_media_frames_cross_decoded_and_encoded_by_the_bridge():
         assert e_in["decoded_by_bridge"] >= 60 - 2 * (e_out["resent"] + e_in["duplicates"]), (down, e_in, e_out)
 
 
-class BigFrames(Source):
+class StampedFrames(Source):
     def __init__(self, n, nbytes, **kw):
         super().__init__(**kw)
         self.n, self.nbytes = n, nbytes
@@ -474,7 +474,7 @@ def _pass_through_copies(monkeypatch, cap):
 
     monkeypatch.setattr(protocol, "RETENTION_CAP", cap)
     n = 60
-    nodes = [BigFrames(n, 2 << 20, name="src"), PassOn(name="a"), PassOn(name="b"), Tally(name="sink")]
+    nodes = [StampedFrames(n, 2 << 20, name="src"), PassOn(name="a"), PassOn(name="b"), Tally(name="sink")]
     report = Supervisor(nodes, queue_depth=4, max_borrowed=2, control=False).run()
     assert report.outputs == [[(i, i % 251) for i in range(n)]]
     return {name: next(iter(report.nodes[name]["edges_in"].values()))["copied_by_bridge"] for name in ("a", "b")}

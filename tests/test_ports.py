@@ -810,3 +810,24 @@ def test_each_consumer_may_borrow_what_its_worker_keeps_for_replay():
     assert got == {0: 2 + 34, 1: 2 + 16, 2: 2, 3: 2, 4: 2}
     deep = [edge(i, f"n{i}", f"n{i + 1}", 32) for i in range(5)]
     assert with_retention_allowance(deep)[0].max_borrowed == 2 + RETENTION_CAP
+
+
+def test_the_retention_allowance_is_bounded_in_bytes(monkeypatch):
+    # The consumer borrows for its worker's replay log at most RETENTION_BYTES of frames the
+    # size of the last one it took; then, as without an allowance, frames are copied.
+    import dataclasses
+
+    monkeypatch.setattr(channels, "RETENTION_BYTES", 3000)
+    e = Edge()
+    e.spec = dataclasses.replace(e.spec, max_borrowed=2 + 10, retain=10)
+    e.inp.close()
+    e.inp = e.consumer()
+    assert e.inp.borrow_limit == 1 + 10  # (nothing taken yet)
+    e.send(np.zeros(1000, np.uint8))
+    assert e.drain()[0][0] == 0
+    assert 1000 < e.inp.frame_len < 1500 and e.inp.borrow_limit == 1 + 2
+    e.send(np.zeros(10, np.uint8))
+    e.drain()
+    assert e.inp.borrow_limit == 1 + 10
+    with pytest.raises(ValueError, match="retain"):
+        InPort(None, dataclasses.replace(e.spec, max_borrowed=4, retain=4), transport=e.transport)

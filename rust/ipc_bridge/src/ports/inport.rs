@@ -26,8 +26,12 @@ pub struct InPort {
     /// Frames `take()` returned decoded (the hot path).
     #[pyo3(get, set)]
     decoded_by_bridge: u64,
-    #[pyo3(get)]
-    borrow_limit: usize,
+    /// Frames the node may hold before a frame is copied (its max_borrowed less one).
+    base_limit: usize,
+    /// Frames the worker may keep for replay on top (see `protocol.with_retention_allowance`),
+    /// using at most `retain_bytes` of shared memory.
+    retain: usize,
+    retain_bytes: u64,
 }
 
 impl InPort {
@@ -45,7 +49,7 @@ impl InPort {
 
     /// `take()`: the next in-order frame, decoded by the subscriber when it can.
     pub(crate) fn take_next(&mut self, py: Python<'_>) -> PyResult<Option<Taken>> {
-        let Some(r) = self.sub_.take(py, self.books.expected, self.borrow_limit)? else { return Ok(None) };
+        let Some(r) = self.sub_.take(py, self.books.expected, self.limit())? else { return Ok(None) };
         let r = match r {
             Taken::Decoded(..) => {
                 // (the subscriber decodes only the frame it was told to expect)
@@ -63,6 +67,13 @@ impl InPort {
             return Ok(Some(Taken::Sample(r)));
         }
         Ok(self.receive_next(py)?.map(Taken::Sample))
+    }
+
+    /// Frames held before the next one is copied: the node's own, and as many of the
+    /// retention allowance as `retain_bytes` of frames the size of the last one.
+    fn limit(&self) -> usize {
+        let len = self.books.frame_len.max(1) as u64;
+        self.base_limit + self.retain.min((self.retain_bytes / len) as usize)
     }
 
     pub(crate) fn receive_next(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
@@ -108,7 +119,7 @@ impl InPort {
     /// Made by `supervisor.channels.InPort` (see there).
     #[new]
     #[pyo3(signature = (subscriber, ack_publisher, ack_notifier, *, index, src, lossless, depth, max_bytes,
-                        expected = 0, clock = None))]
+                        expected = 0, retain = 0, retain_bytes = 0, clock = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         subscriber: &Bound<'_, PyAny>,
@@ -120,9 +131,16 @@ impl InPort {
         depth: u64,
         max_bytes: u64,
         expected: u64,
+        retain: usize,
+        retain_bytes: u64,
         clock: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let max_borrowed: usize = subscriber.getattr("max_borrowed")?.extract()?;
+        if retain >= max_borrowed {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "retain ({retain}) must be less than the subscriber's max_borrowed ({max_borrowed}), which includes it"
+            )));
+        }
         Ok(InPort {
             sub_: Sub::new(subscriber),
             ack_pub_: Pub::new(ack_publisher),
@@ -132,8 +150,16 @@ impl InPort {
             src,
             books: InBooks::new(lossless, depth, max_bytes, expected),
             decoded_by_bridge: 0,
-            borrow_limit: max_borrowed.saturating_sub(1),
+            base_limit: (max_borrowed - retain).saturating_sub(1),
+            retain,
+            retain_bytes,
         })
+    }
+
+    /// Frames that may be held before the next frame taken is copied out of shared memory.
+    #[getter]
+    fn borrow_limit(&self) -> usize {
+        self.limit()
     }
 
     #[getter]
@@ -294,7 +320,7 @@ impl InPort {
     /// True when the next frame must be copied out of shared memory so that the borrow limit
     /// is never reached (a node holding on to frames must not stall the edge).
     fn should_copy(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.sub_.borrowed(py)? >= self.borrow_limit)
+        Ok(self.sub_.borrowed(py)? >= self.limit())
     }
 
     /// Release every port of this end (idempotent). Frames already received stay valid: each
