@@ -310,11 +310,12 @@ class Gateway:
                 p.replay(after)
 
     def apply_ack(self, edge: int, processed: int, committed: int) -> None:
-        """An ack relayed by the arbiter (an input node's final commit)."""
+        """An ack relayed by the arbiter (an input node's final commit: it has exited)."""
         with self._lock:
             p = self._in_by_edge.get(edge)
             if p is not None and not self.closed:
                 p.apply_ack(processed, committed)
+                p.consumer_ended()
 
     def committed(self, edge: int) -> int:
         """Frames of output edge ``edge`` received (for the caller, received is committed)."""

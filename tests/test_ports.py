@@ -621,6 +621,21 @@ def test_end_of_stream_not_resent_to_a_finished_consumer() -> None:
     assert e.out.pub.log == [] and e.out.fully_acked
 
 
+def test_a_consumer_that_ended_is_not_waited_for_by_a_restarted_producer() -> None:
+    # The consumer took 0..2 and its end of stream (seq 3), committed all 4 and exited; the
+    # producer restarted before the supervisor knew (consumer_finished False) and regenerates.
+    e = Edge()
+    e.out = e.producer(next_seq=0, committed=3)
+    for i in range(3):
+        e.send(i)
+    e.out.apply_ack(4, 4)  # the relayed final commit (Acked)...
+    e.out.consumer_ended()  # ...of a consumer that has exited (Runner.handle_control)
+    assert e.eos() == 3 and e.out.pub.log == []  # its end: skipped, not sent past the consumer's
+    assert e.out.fully_acked and e.out.can_send() and e.out.committed == e.out.next_seq
+    e.send(9)  # (a frame regenerated beyond the consumer's end: skipped too, no window used)
+    assert e.out.pub.log == [] and e.out.fully_acked and not e.out.retained
+
+
 def test_end_of_stream_below_expected_is_taken_not_dropped() -> None:
     e = Edge()
     e.restart_consumer(expected=5)

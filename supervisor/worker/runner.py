@@ -271,10 +271,11 @@ class Runner:
     def handle_control(self, msgs: Sequence[Any]) -> None:
         """Act on control messages from the supervisor (those read with Setup too)."""
         for msg in msgs:
-            if isinstance(msg, Acked):
+            if isinstance(msg, Acked):  # (a consumer's final commit: it has exited)
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:
                     port.apply_ack(msg.processed, msg.committed)
+                    port.consumer_ended()
             elif isinstance(msg, Replay):
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:

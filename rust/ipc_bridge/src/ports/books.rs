@@ -28,7 +28,8 @@ pub struct OutBooks<F> {
     pub lossless: bool,
     pub depth: u64,
     pub max_bytes: u64,
-    /// The consumer's stream already ended (restarts only).
+    /// The consumer's stream ended: it took its end of stream and made its final commit
+    /// (known at a restart, or relayed later: `consumer_ended`).
     pub consumer_finished: bool,
     pub next_seq: u64,
     /// Frames the consumer has processed / committed (counts).
@@ -83,21 +84,48 @@ impl<F> OutBooks<F> {
     /// The seq of a new frame (`eos`: an end of stream). After a restart a regenerated frame
     /// already committed downstream is skipped; an end of stream the consumer has not seen
     /// becomes the next frame it takes (behind a lossy edge the outputs may number
-    /// differently).
+    /// differently). Once the consumer's stream has ended, every frame is skipped: nothing
+    /// reaches it any more, so nothing is kept or waited for.
     pub fn assign(&mut self, eos: bool) -> Assign {
         let seq = self.next_seq;
         self.next_seq += 1;
         if eos {
             self.eos_sent = true;
         }
-        if !self.lossless || seq >= self.committed {
+        if !self.lossless {
             return Assign::Send(seq);
         }
-        if !eos || self.consumer_finished {
+        if self.consumer_finished {
+            self.processed = self.processed.max(self.next_seq);
+            self.committed = self.committed.max(self.next_seq);
+            return Assign::Skip(seq);
+        }
+        if seq >= self.committed {
+            return Assign::Send(seq);
+        }
+        if !eos {
             return Assign::Skip(seq);
         }
         self.next_seq = self.committed + 1;
         Assign::Send(self.committed)
+    }
+
+    /// The consumer ended its stream and exited (its final commit, relayed by the
+    /// supervisor). A producer restarted before it knew regenerates its outputs, and an end of
+    /// stream numbered past what the consumer committed would wait for an ack forever: what is
+    /// kept is forgotten, everything counts as committed, and later frames are skipped.
+    pub fn consumer_ended(&mut self) {
+        if !self.lossless {
+            return;
+        }
+        self.consumer_finished = true;
+        self.retained.clear();
+        self.retained_bytes = 0;
+        self.loaned_retained = 0;
+        self.undelivered = None;
+        self.probe = None;
+        self.processed = self.processed.max(self.next_seq);
+        self.committed = self.committed.max(self.next_seq);
     }
 
     /// Keeps a frame of a lossless edge for replay.
@@ -565,5 +593,26 @@ mod tests {
         assert_eq!(j.ack(4, 1, true, || false), Some(Wake::Always), "forced");
         j.dup_pending = true;
         assert_eq!(j.ack(4, 1, false, || false), Some(Wake::Always), "after a duplicate: the producer must learn our position");
+    }
+
+    #[test]
+    fn a_consumer_that_ended_is_never_waited_for() {
+        // A producer restarted before the consumer's final commit reached it: the consumer
+        // committed 0..=2 and its end of stream (3 frames + EOS = 4), then exited.
+        let mut b: OutBooks<()> = OutBooks::new(true, 4, 1 << 20, 0, 3, false);
+        for _ in 0..3 {
+            assert!(matches!(b.assign(false), Assign::Skip(_)));
+        }
+        b.apply(4, 4); // (the relayed final commit)
+        assert_eq!(b.assign(true), Assign::Send(4), "without knowing it ended: an EOS past its end");
+        b.keep(Kept { seq: 4, nbytes: 0, loaned: false, frame: () });
+        assert!(!b.fully_acked(), "... that nobody will ever ack");
+        b.consumer_ended();
+        assert!(b.fully_acked() && b.has_room() && b.committed == b.next_seq);
+        assert_eq!(b.assign(false), Assign::Skip(5), "a frame regenerated beyond its end: skipped");
+        for _ in 0..10 {
+            b.assign(false);
+        }
+        assert!(b.has_room() && b.fully_acked() && b.committed == b.next_seq, "and never waits for room");
     }
 }

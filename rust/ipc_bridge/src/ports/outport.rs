@@ -161,8 +161,8 @@ impl OutPort {
     ) -> PyResult<bool> {
         let Some(meta) = self.array_meta.as_ref() else { return Ok(false) };
         let b = &self.books;
-        if b.undelivered.is_some() || b.loaned_retained > 0 || b.next_seq < b.committed {
-            return Ok(false); // (out of order, or regenerated after a restart: send() knows)
+        if b.undelivered.is_some() || b.loaned_retained > 0 || b.next_seq < b.committed || b.consumer_finished {
+            return Ok(false); // (out of order, regenerated after a restart, or for nobody: send() knows)
         }
         let seq = b.next_seq;
         let n = self.pub_.send_array(py, seq, value, origin, stream_id, created_ns, notify.then_some(&self.notifier_))?;
@@ -343,10 +343,17 @@ impl OutPort {
         self.books.max_bytes
     }
 
-    /// The consumer's stream already ended (restarts only).
+    /// The consumer's stream ended (known at a restart, or from `consumer_ended()`).
     #[getter]
     fn consumer_finished(&self) -> bool {
         self.books.consumer_finished
+    }
+
+    /// The consumer ended its stream and exited (the supervisor relays its final commit):
+    /// forget what is kept for it and skip whatever is sent to it later (see
+    /// `OutBooks::consumer_ended`).
+    fn consumer_ended(&mut self) {
+        self.books.consumer_ended();
     }
 
     #[getter]
