@@ -21,7 +21,8 @@ died, which is how both sides notice a crash without polling.
                                      <-------    Commit(seqs, snapshot) (nodes with snapshots,
                                                  and every node's final commit), Gap(edge, want)
     reads the status block  ........            commit points of nodes without snapshots
-    Acked(edge, seq) (relayed final) ------->    drop retained frames <= seq
+    Acked(edge, seq) (relayed final) ------->    drop retained frames <= seq; the consumer
+                                                 has ended: skip what is sent to it later
                                      <-------    NodeFailed(seq, traceback), Heartbeat(stats)
                                      <-------    Done(stats)  then exit 0
 
@@ -362,7 +363,9 @@ class Commit:
 
 @dataclass
 class Acked:
-    """Relayed final ack of a consumer that exited (counts of processed / committed frames)."""
+    """Relayed final ack of a consumer that exited (counts of processed / committed frames):
+    the producer forgets what it kept for it and skips what it would send it later
+    (``OutPort.consumer_ended``)."""
 
     edge: int
     processed: int
