@@ -154,7 +154,7 @@ class OutPort(bridge.OutPortCore):
     ``send(kind, meta, buffers, origin, stream_id, created_ns, notify=True) -> seq``,
     ``send_array(value, origin, stream_id, created_ns) -> bool`` (the hot path),
     ``send_loan(...)``, ``loan(nbytes)``, ``flush_notify()``, ``poll_acks()``,
-    ``apply_ack(processed, committed)``, ``consumer_ended()``, ``replay(after)``, ``resend_due(force=False)``,
+    ``apply_ack(processed, committed)``, ``consumer_ended(processed, committed)``, ``replay(after)``, ``resend_due(force=False)``,
     ``close()``; the books ``next_seq processed committed retained undelivered in_flight
     next_retry fully_acked`` and counters ``sent zero_copy copied_on_reuse encoded_by_bridge
     resent discarded lost``."""

@@ -314,8 +314,7 @@ class Gateway:
         with self._lock:
             p = self._in_by_edge.get(edge)
             if p is not None and not self.closed:
-                p.apply_ack(processed, committed)
-                p.consumer_ended()
+                p.consumer_ended(processed, committed)
 
     def committed(self, edge: int) -> int:
         """Frames of output edge ``edge`` received (for the caller, received is committed)."""

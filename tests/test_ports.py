@@ -628,8 +628,7 @@ def test_a_consumer_that_ended_is_not_waited_for_by_a_restarted_producer() -> No
     e.out = e.producer(next_seq=0, committed=3)
     for i in range(3):
         e.send(i)
-    e.out.apply_ack(4, 4)  # the relayed final commit (Acked)...
-    e.out.consumer_ended()  # ...of a consumer that has exited (Runner.handle_control)
+    e.out.consumer_ended(4, 4)  # the relayed final commit (Acked) of a consumer that has exited
     assert e.eos() == 3 and e.out.pub.log == []  # its end: skipped, not sent past the consumer's
     assert e.out.fully_acked and e.out.can_send() and e.out.committed == e.out.next_seq
     e.send(9)  # (a frame regenerated beyond the consumer's end: skipped too, no window used)

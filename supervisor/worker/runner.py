@@ -274,8 +274,7 @@ class Runner:
             if isinstance(msg, Acked):  # (a consumer's final commit: it has exited)
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:
-                    port.apply_ack(msg.processed, msg.committed)
-                    port.consumer_ended()
+                    port.consumer_ended(msg.processed, msg.committed)
             elif isinstance(msg, Replay):
                 port = self.by_edge_out.get(msg.edge)
                 if port is not None:

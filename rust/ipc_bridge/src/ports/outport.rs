@@ -349,10 +349,11 @@ impl OutPort {
         self.books.consumer_finished
     }
 
-    /// The consumer ended its stream and exited (the supervisor relays its final commit):
-    /// forget what is kept for it and skip whatever is sent to it later (see
-    /// `OutBooks::consumer_ended`).
-    fn consumer_ended(&mut self) {
+    /// The consumer ended its stream and exited, having processed and committed these counts
+    /// (its final commit, relayed by the supervisor): apply them, forget what is kept for it
+    /// and skip whatever is sent to it later (see `OutBooks::consumer_ended`).
+    fn consumer_ended(&mut self, processed: u64, committed: u64) {
+        self.books.apply(processed, committed);
         self.books.consumer_ended();
     }
 
