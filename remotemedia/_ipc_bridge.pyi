@@ -171,14 +171,15 @@ class Subscriber:
         self,
         meta: bytes,
         payload_len: int,
-        frombuffer: Callable[..., Any],
         dtype: Any,
         count: int,
         shape: Optional[Tuple[int, ...]] = None,
     ) -> None:
-        """Let ``take`` decode frames with this meta and payload length by itself, as
-        ``frombuffer(sample, dtype, count=count, offset=...)`` reshaped to ``shape`` (one entry,
-        replaced by the next call)."""
+        """Let ``take`` decode frames with this meta and payload length by itself: a read-only
+        array of ``count`` items of ``dtype`` on the frame's buffer, as ``numpy.frombuffer``
+        makes it, of shape ``shape`` (one entry, replaced by the next call). ValueError when
+        ``shape`` does not hold ``count`` items or they do not fit the payload, or the dtype
+        holds Python objects."""
     def learn_pickle(self, loads: Callable[[bytes], Any], max_meta: int) -> None:
         """Let ``take`` unpickle data frames without out-of-band buffers whose meta is a pickle
         stream of at most ``max_meta`` bytes, as ``loads(bytes(meta))``."""

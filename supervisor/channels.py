@@ -264,7 +264,7 @@ class InPort(bridge.InPortCore):
             return  # (a frame the bridge passed on for another reason: a gap, a duplicate)
         self._learned = key
         self.sub.learn_array(
-            meta, len(sample), np.frombuffer, data.dtype, data.size, data.shape if data.ndim != 1 else None
+            meta, len(sample), data.dtype, data.size, data.shape if data.ndim != 1 else None
         )
 
 def _close_all(*ports: Any) -> None:

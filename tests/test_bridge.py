@@ -191,7 +191,7 @@ def test_list_nodes_and_stale_cleanup(node):
 def _learn_rx(sub, sample, arr):
     from remotemedia.frames import ndarray_meta
 
-    sub.learn_array(ndarray_meta(sample), len(sample), np.frombuffer, arr.dtype, arr.size,
+    sub.learn_array(ndarray_meta(sample), len(sample), arr.dtype, arr.size,
                     arr.shape if arr.ndim != 1 else None)
 
 

@@ -119,14 +119,14 @@ class FakeSubscriber:
             return s
         if bytes(s[m0:m1]) != c[0]:
             return s
-        frombuffer, dtype, count, shape = c[2], c[3], c[4], c[5]
-        a = frombuffer(s, dtype, count=count, offset=s.buffers[0][0])
+        dtype, count, shape = c[2], c[3], c[4]
+        a = np.frombuffer(s, dtype, count=count, offset=s.buffers[0][0])
         if shape is not None:
             a = a.reshape(shape)
         return (a, s.seq, s.origin, s.stream_id, s.created_ns, s.sent_ns)
 
-    def learn_array(self, meta: bytes, payload_len: int, frombuffer: Any, dtype: Any, count: int, shape: Any = None) -> None:
-        self._learned = (bytes(meta), payload_len, frombuffer, dtype, count, shape)
+    def learn_array(self, meta: bytes, payload_len: int, dtype: Any, count: int, shape: Any = None) -> None:
+        self._learned = (bytes(meta), payload_len, dtype, count, shape)
 
     def learn_pickle(self, loads: Any, max_meta: int) -> None:
         self._pickle = (loads, max_meta)

@@ -41,7 +41,6 @@ const T_ARRAY: u8 = 7;
 /// What the codec needs from numpy, and what it learned of dtypes.
 pub(crate) struct Codec {
     ndarray: Py<PyAny>,
-    frombuffer: Py<PyAny>,
     dtype: Py<PyAny>,
     /// dtype object address -> its `.str` (None: not encodable, e.g. objects, records)
     enc: FastMap<usize, Option<Vec<u8>>>,
@@ -57,7 +56,6 @@ impl Codec {
         let np = py.import(intern!(py, "numpy"))?;
         Ok(Codec {
             ndarray: np.getattr(intern!(py, "ndarray"))?.unbind(),
-            frombuffer: np.getattr(intern!(py, "frombuffer"))?.unbind(),
             dtype: np.getattr(intern!(py, "dtype"))?.unbind(),
             enc: FastMap::default(),
             dec: FastMap::default(),
@@ -188,10 +186,20 @@ impl Codec {
         Ok(if bufs.is_empty() { None } else { Some((meta, bufs)) })
     }
 
-    /// Rebuilds a container frame; its arrays are `frombuffer(source, dtype, count, offset)`
-    /// with `offsets[i]` the offset of buffer `i` in `source` (a Sample: zero copy; or bytes
-    /// of a private copy), reshaped.
-    pub(crate) fn decode(&mut self, py: Python<'_>, meta: &[u8], source: &Bound<'_, PyAny>, offsets: &[(usize, usize)]) -> PyResult<Py<PyAny>> {
+    /// Rebuilds a container frame; its arrays are read-only views on `source`, whose memory
+    /// starts at `base` (a Sample: zero copy; or bytes of a private copy), buffer `i` at
+    /// `offsets[i]` of it.
+    ///
+    /// # Safety
+    /// Every `(offset, len)` of `offsets` must lie in the memory `source` owns at `base`.
+    pub(crate) unsafe fn decode(
+        &mut self,
+        py: Python<'_>,
+        meta: &[u8],
+        source: &Bound<'_, PyAny>,
+        base: usize,
+        offsets: &[(usize, usize)],
+    ) -> PyResult<Py<PyAny>> {
         let bad = || pyo3::exceptions::PyValueError::new_err("malformed container frame meta");
         let mut r = Reader { b: meta, i: 4 };
         let kind = r.u8().ok_or_else(bad)?;
@@ -208,7 +216,7 @@ impl Codec {
             } else {
                 None
             };
-            let v = self.read_value(py, &mut r, source, offsets).ok_or_else(bad)??;
+            let v = self.read_value(py, &mut r, source, base, offsets).ok_or_else(bad)??;
             match key {
                 Some(k) => dict.set_item(k.bind(py), v)?,
                 None => items.push(v),
@@ -237,7 +245,7 @@ impl Codec {
         Ok(k)
     }
 
-    fn read_value(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
+    fn read_value(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, base: usize, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
         Some(match r.u8()? {
             T_NONE => Ok(py.None()),
             T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
@@ -259,29 +267,50 @@ impl Codec {
                 let shape = r.take(ndim.checked_mul(8)?)?; // (ndim little-endian i64)
                 let index = r.u32()? as usize;
                 let &(offset, nbytes) = offsets.get(index)?;
-                Some(self.array(py, dt, shape, source, offset, nbytes))?
+                Some(self.array(py, dt, shape, source, base + offset, nbytes))?
             }
             _ => return None,
         })
     }
 
-    /// An array of dtype `.str` `dt` and shape `shape` (`ndim` little-endian i64).
-    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[u8], source: &Bound<'_, PyAny>, offset: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
+    /// An array of dtype `.str` `dt` and shape `shape` (`ndim` little-endian i64) over the
+    /// `nbytes` at `data`, which `source` owns.
+    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[u8], source: &Bound<'_, PyAny>, data: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
+        let bad = |what: &str| pyo3::exceptions::PyValueError::new_err(format!("malformed container frame meta: {what}"));
         let (dtype, itemsize) = match self.dec.get(dt) {
             Some((d, n)) => (d.clone_ref(py), *n),
             None => {
-                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| pyo3::exceptions::PyValueError::new_err("bad dtype"))?,))?;
+                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
+                // (an array of Python objects over received bytes would be pointers from another process)
+                if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
+                    return Err(bad("a dtype holding Python objects"));
+                }
                 let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
                 self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
                 (d.unbind(), n)
             }
         };
         let count = nbytes.checked_div(itemsize).unwrap_or(0);
-        let mut arr = self.frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
-        if shape.len() != 8 {
-            let dims = shape.chunks_exact(8).map(|d| i64::from_le_bytes(d.try_into().expect("8 bytes")));
-            arr = arr.call_method1(intern!(py, "reshape"), (PyTuple::new(py, dims)?,))?;
+        let mut dims = [0isize; 32];
+        let ndim = shape.len() / 8;
+        if ndim > dims.len() {
+            return Err(bad("more than 32 dimensions"));
         }
+        if ndim == 1 {
+            dims[0] = count as isize; // (as frombuffer: the buffer's items)
+        } else {
+            let mut n = 1usize;
+            for (d, raw) in dims.iter_mut().zip(shape.chunks_exact(8)) {
+                let v = i64::from_le_bytes(raw.try_into().expect("8 bytes"));
+                *d = isize::try_from(v).map_err(|_| bad("shape"))?;
+                n = usize::try_from(v).ok().and_then(|v| n.checked_mul(v)).ok_or_else(|| bad("shape"))?;
+            }
+            if n != count {
+                return Err(bad("shape does not match the buffer"));
+            }
+        }
+        // (count x itemsize <= nbytes: inside the buffer)
+        let arr = unsafe { crate::ndarray::view(dtype.bind(py), &dims[..ndim], data as *const u8, source.clone())? };
         Ok(arr.unbind())
     }
 }

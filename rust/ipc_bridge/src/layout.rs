@@ -15,12 +15,15 @@ pub const BUFFER_ALIGN: usize = 64;
 /// Size of one table entry (offset, len).
 pub const ENTRY_SIZE: usize = 16;
 
+/// Per-buffer entries of a frame, inline up to four buffers (no allocation per frame).
+pub type PerBuffer<T> = smallvec::SmallVec<[T; 4]>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     /// Offset of the meta bytes (right after the table).
     pub meta_offset: usize,
     /// Offset of every buffer.
-    pub buffer_offsets: Vec<usize>,
+    pub buffer_offsets: PerBuffer<usize>,
     /// Total payload size in bytes.
     pub total: usize,
 }
@@ -62,7 +65,7 @@ pub fn compute(meta_len: usize, buffer_lens: &[usize]) -> Result<Layout, LayoutE
     let table = buffer_lens.len().checked_mul(ENTRY_SIZE).ok_or(LayoutError::Overflow)?;
     let meta_offset = table;
     let mut cursor = meta_offset.checked_add(meta_len).ok_or(LayoutError::Overflow)?;
-    let mut buffer_offsets = Vec::with_capacity(buffer_lens.len());
+    let mut buffer_offsets = PerBuffer::with_capacity(buffer_lens.len());
     for &len in buffer_lens {
         let start = align_up(cursor, BUFFER_ALIGN).ok_or(LayoutError::Overflow)?;
         buffer_offsets.push(start);
@@ -88,7 +91,7 @@ pub unsafe fn write_table(dst: *mut u8, layout: &Layout, buffer_lens: &[usize]) 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     pub meta: (usize, usize),
-    pub buffers: Vec<(usize, usize)>,
+    pub buffers: PerBuffer<(usize, usize)>,
 }
 
 /// Validates and parses the table of a received payload, so that Python never slices outside
@@ -99,7 +102,7 @@ pub fn parse(payload: &[u8], meta_len: usize, nbufs: usize) -> Result<Parsed, La
     if meta_end > payload.len() {
         return Err(LayoutError::Truncated { needed: meta_end, available: payload.len() });
     }
-    let mut buffers = Vec::with_capacity(nbufs);
+    let mut buffers = PerBuffer::with_capacity(nbufs);
     for index in 0..nbufs {
         let e = &payload[index * ENTRY_SIZE..(index + 1) * ENTRY_SIZE];
         let offset = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
@@ -147,7 +150,7 @@ mod tests {
     #[test]
     fn no_buffers_is_just_meta() {
         let layout = compute(10, &[]).unwrap();
-        assert_eq!(layout, Layout { meta_offset: 0, buffer_offsets: vec![], total: 10 });
+        assert_eq!(layout, Layout { meta_offset: 0, buffer_offsets: PerBuffer::new(), total: 10 });
         let payload = build(b"0123456789", &[]);
         assert_eq!(parse(&payload, 10, 0).unwrap().meta, (0, 10));
     }

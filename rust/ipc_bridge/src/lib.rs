@@ -35,6 +35,7 @@ pub mod errors;
 pub mod event;
 pub mod fasthash;
 pub mod layout;
+pub mod ndarray;
 pub mod node;
 pub mod ports;
 pub mod process;
@@ -64,6 +65,7 @@ fn _ipc_bridge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event::Listener>()?;
     m.add_class::<ports::outport::OutPort>()?;
     m.add_class::<ports::outport::Retained>()?;
+    m.add_class::<ports::retain::KeptBytes>()?;
     m.add_class::<ports::inport::InPort>()?;
     m.add_class::<ports::stage::StageLoop>()?;
     m.add_class::<ports::stage::FrameSlot>()?;

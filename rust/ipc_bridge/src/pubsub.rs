@@ -138,6 +138,12 @@ impl RawBuffer {
     pub(crate) fn len(&self) -> usize {
         self.view.len as usize
     }
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        if self.len() == 0 {
+            return &[];
+        }
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len()) }
+    }
 }
 
 impl Drop for RawBuffer {
@@ -149,7 +155,7 @@ impl Drop for RawBuffer {
 /// Raw copy job that may cross into a GIL-free closure: the source buffers stay exported (and
 /// the destination chunk loaned) for the whole copy.
 struct CopyJob {
-    parts: Vec<(usize, usize, usize)>, // (src ptr, dst offset, len)
+    parts: layout::PerBuffer<(usize, usize, usize)>, // (src ptr, dst offset, len)
     dst: usize,
 }
 unsafe impl Send for CopyJob {}
@@ -195,8 +201,8 @@ struct Port {
 struct TxCache {
     array_type: Py<PyAny>,
     dtype: Py<PyAny>,
-    shape: Py<PyAny>,
-    meta: Vec<u8>,
+    dims: Vec<isize>,
+    meta: Arc<[u8]>,
     nbytes: usize,
 }
 
@@ -220,7 +226,7 @@ impl Publisher {
     ) -> PyResult<(usize, u64)> {
         let meta_buf = RawBuffer::get(meta)?;
         let bufs = buffers.iter().map(|b| RawBuffer::get(b.borrow())).collect::<PyResult<Vec<_>>>()?;
-        let parts: Vec<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
+        let parts: layout::PerBuffer<(usize, usize)> = bufs.iter().map(|b| (b.ptr() as usize, b.len())).collect();
         let nbytes = (meta_buf.len() + parts.iter().map(|p| p.1).sum::<usize>()) as u64;
         Ok((self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)?, nbytes))
     }
@@ -233,7 +239,7 @@ impl Publisher {
 
     /// Copies `meta` and the `(ptr, len)` buffers into one chunk and sends it.
     fn send_parts(&self, py: Python<'_>, mut h: FrameHeader, meta: (usize, usize), bufs: &[(usize, usize)]) -> PyResult<usize> {
-        let lens: Vec<usize> = bufs.iter().map(|b| b.1).collect();
+        let lens: layout::PerBuffer<usize> = bufs.iter().map(|b| b.1).collect();
         let lay = layout::compute(meta.1, &lens).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if meta.1 > u32::MAX as usize || bufs.len() > u32::MAX as usize {
             return Err(PyValueError::new_err("frame meta larger than 4 GiB"));
@@ -245,7 +251,7 @@ impl Publisher {
         let mut sample = self.loan_reserved(py, lay.total, || format!("frame {seq} ({} bytes) on {:?}", lay.total, self.service))?;
         let dst = sample.payload_mut().as_mut_ptr() as usize;
         unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
-        let mut parts = Vec::with_capacity(bufs.len() + 1);
+        let mut parts = layout::PerBuffer::with_capacity(bufs.len() + 1);
         parts.push((meta.0, lay.meta_offset, meta.1));
         for (&(ptr, len), &off) in bufs.iter().zip(&lay.buffer_offsets) {
             parts.push((ptr, off, len));
@@ -308,35 +314,30 @@ impl Publisher {
         created_ns: u64,
         notifier: Option<&Notifier>,
     ) -> PyResult<isize> {
-        let (meta, buf) = {
+        let (meta, data, nbytes) = {
             let guard = self.tx_cache.lock().expect("publisher cache poisoned");
             let Some(c) = guard.as_ref() else { return Ok(-1) };
             if array.get_type().as_ptr() != c.array_type.as_ptr() {
                 return Ok(-1);
             }
+            let Some(a) = crate::ndarray::contiguous(array) else { return Ok(-1) };
             // Builtin dtypes are singletons; flexible ones (strings, datetimes with a unit, other
             // byte orders) are new objects with every array, so identity falls back to equality.
-            let dtype = array.getattr(intern!(py, "dtype"))?;
-            if (dtype.as_ptr() != c.dtype.as_ptr() && !dtype.eq(c.dtype.bind(py))?)
-                || !array.getattr(intern!(py, "shape"))?.eq(c.shape.bind(py))?
+            if a.dims != c.dims.as_slice()
+                || (a.descr != c.dtype.as_ptr() && !array.getattr(intern!(py, "dtype"))?.eq(c.dtype.bind(py))?)
             {
                 return Ok(-1);
             }
-            // Type, dtype and shape match what Python vetted; only contiguity is left, and the
-            // simple buffer request refuses a non-contiguous array.
-            let Ok(buf) = RawBuffer::get(array) else { return Ok(-1) };
-            if buf.len() != c.nbytes {
-                return Ok(-1);
-            }
-            // (the guard is not held across the copy, which may release the GIL)
-            (c.meta.clone(), buf)
+            // (type, dtype and shape are what Python vetted, so the bytes are `nbytes`; the guard
+            // is not held across the copy, which may release the GIL)
+            (c.meta.clone(), a.data as usize, c.nbytes)
         };
         let h = header(seq, KIND_DATA, origin, stream_id, created_ns, 0);
-        let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(buf.ptr() as usize, buf.len())])?;
+        let n = self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), &[(data, nbytes)])?;
         if n > 0
             && let Some(nt) = notifier
         {
-            nt.notify_quiet(py, buf.len());
+            nt.notify_quiet(py, nbytes);
         }
         Ok(n as isize)
     }
@@ -412,16 +413,9 @@ impl Publisher {
     /// Tells `send_array()` which arrays it may encode by itself: exactly of type `array_type`,
     /// with this dtype object and this shape, whose bytes Python encodes as `meta` followed by
     /// one buffer of `nbytes` bytes. One entry: a new one replaces the last.
-    fn learn_array(
-        &self,
-        array_type: Py<PyAny>,
-        dtype: Py<PyAny>,
-        shape: Py<PyAny>,
-        meta: &[u8],
-        nbytes: usize,
-    ) {
+    fn learn_array(&self, array_type: Py<PyAny>, dtype: Py<PyAny>, shape: Vec<isize>, meta: &[u8], nbytes: usize) {
         *self.tx_cache.lock().expect("publisher cache poisoned") =
-            Some(TxCache { array_type, dtype, shape, meta: meta.to_vec(), nbytes });
+            Some(TxCache { array_type, dtype, dims: shape, meta: meta.into(), nbytes });
     }
 
     /// The hot path of a stage's output: encodes `array` with the learned meta (see
@@ -555,7 +549,7 @@ impl Loan {
             .take()
             .ok_or_else(|| transport_err("this loaned frame was already sent"))?;
         let lens = [self.nbytes];
-        let lay = layout::Layout { meta_offset: layout::ENTRY_SIZE, buffer_offsets: vec![self.data_offset], total: 0 };
+        let lay = layout::Layout { meta_offset: layout::ENTRY_SIZE, buffer_offsets: smallvec::smallvec![self.data_offset], total: 0 };
         unsafe {
             layout::write_table(self.base as *mut u8, &lay, &lens);
             core::ptr::copy_nonoverlapping(meta_buf.ptr(), (self.base as *mut u8).add(layout::ENTRY_SIZE), meta_buf.len());
@@ -601,15 +595,14 @@ pub struct Subscriber {
 }
 
 /// What `Subscriber.take()` needs to decode a frame by itself: the meta Python decoded as a bare
-/// array, the payload length of such frames, and how to build the array (`frombuffer(sample,
-/// dtype, count, offset)`, then `reshape(shape)` unless `shape` is None).
+/// array, the payload length of such frames, and the array's dtype (a `numpy.dtype`) and shape.
 struct RxCache {
     meta: Vec<u8>,
     payload_len: usize,
-    frombuffer: Py<PyAny>,
     dtype: Py<PyAny>,
-    count: usize,
-    shape: Option<Py<PyAny>>,
+    dims: Arc<[isize]>,
+    /// the buffer's bytes: count x itemsize
+    nbytes: usize,
 }
 
 /// What `take()` got: a frame the subscriber decoded, or a Sample for Python to handle.
@@ -660,18 +653,21 @@ impl Subscriber {
         self.last_len.store(sample.len, Ordering::Relaxed);
                 let meta = unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) }.to_vec();
                 let offsets = sample.buffers.clone();
-                let source = if copy {
+                let (source, base) = if copy {
                     self.copied.fetch_add(1, Ordering::Relaxed);
                     // (a private copy of the payload, as Python's decode(copy=True); the chunk
                     // goes back now)
                     let data = unsafe { std::slice::from_raw_parts(sample.ptr as *const u8, sample.len) };
-                    let private = PyBytes::new(py, data).into_any();
+                    let private = PyBytes::new(py, data);
                     drop(sample);
-                    private
+                    let base = private.as_bytes().as_ptr() as usize;
+                    (private.into_any(), base)
                 } else {
-                    Py::new(py, sample)?.into_bound(py).into_any()
+                    let base = sample.ptr;
+                    (Py::new(py, sample)?.into_bound(py).into_any(), base)
                 };
-                let obj = codec.decode(py, &meta, &source, &offsets)?;
+                // (the offsets are the parsed layout's: inside the payload at `base`)
+                let obj = unsafe { codec.decode(py, &meta, &source, base, &offsets)? };
                 return Ok(Some(Taken::Decoded(obj, seq, origin, stream_id, created_ns, sent_ns)));
             }
         }
@@ -709,20 +705,21 @@ impl Subscriber {
         let Some(sample) = self.receive_sample()? else { return Ok(None) };
         let h = &sample.header;
         // (nothing is called back into Python while the cache is locked)
-        let (frombuffer, dtype, count, shape) = {
+        let (dtype, dims) = {
             let guard = self.rx_cache.lock().expect("subscriber cache poisoned");
             match guard.as_ref() {
                 Some(c)
                     if h.seq == expected
                         && h.kind == KIND_DATA
                         && sample.buffers.len() == 1
+                        && sample.buffers[0].1 == c.nbytes
                         && sample.len == c.payload_len
                         && sample.meta.1 - sample.meta.0 == c.meta.len()
                         && unsafe {
                             std::slice::from_raw_parts((sample.ptr + sample.meta.0) as *const u8, c.meta.len())
                         } == c.meta.as_slice() =>
                 {
-                    (c.frombuffer.clone_ref(py), c.dtype.clone_ref(py), c.count, c.shape.as_ref().map(|s| s.clone_ref(py)))
+                    (c.dtype.clone_ref(py), c.dims.clone())
                 }
                 _ => return self.take_pickled(py, sample, expected, copy),
             }
@@ -730,20 +727,18 @@ impl Subscriber {
         let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
         self.last_len.store(sample.len, Ordering::Relaxed);
         let (offset, nbytes) = sample.buffers[0];
-        let (source, offset) = if copy {
+        let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
+        // (the learned meta fixes the dtype and shape, and so the buffer's length)
+        let arr = if copy {
             self.copied.fetch_add(1, Ordering::Relaxed);
-            let data = unsafe { std::slice::from_raw_parts((sample.ptr + offset) as *const u8, nbytes) };
-            let private = PyBytes::new(py, data).into_any();
+            let private = PyBytes::new(py, data);
             drop(sample); // the chunk goes back to the publisher now
-            (private, 0)
+            let ptr = private.as_bytes().as_ptr();
+            unsafe { crate::ndarray::view(dtype.bind(py), &dims, ptr, private.into_any())? }
         } else {
-            (Py::new(py, sample)?.into_bound(py).into_any(), offset)
+            let ptr = data.as_ptr();
+            unsafe { crate::ndarray::view(dtype.bind(py), &dims, ptr, Py::new(py, sample)?.into_bound(py).into_any())? }
         };
-        // (positional: frombuffer(buffer, dtype, count, offset), no keyword dict per frame)
-        let mut arr = frombuffer.bind(py).call1((source, dtype.bind(py), count, offset))?;
-        if let Some(shape) = shape {
-            arr = arr.call_method1(intern!(py, "reshape"), (shape.bind(py),))?;
-        }
         Ok(Some(Taken::Decoded(arr.unbind(), seq, origin, stream_id, created_ns, sent_ns)))
     }
 
@@ -852,20 +847,23 @@ impl Subscriber {
     }
 
     /// Tells `take()` how to decode frames whose meta is `meta` and whose payload is
-    /// `payload_len` bytes: `frombuffer(sample, dtype, count=count, offset=<buffer offset>)`,
-    /// reshaped to `shape` unless it is None. One entry: a new one replaces the last.
-    #[pyo3(signature = (meta, payload_len, frombuffer, dtype, count, shape = None))]
-    fn learn_array(
-        &self,
-        meta: &[u8],
-        payload_len: usize,
-        frombuffer: Py<PyAny>,
-        dtype: Py<PyAny>,
-        count: usize,
-        shape: Option<Py<PyAny>>,
-    ) {
+    /// `payload_len` bytes: a read-only array of `count` items of `dtype` on the frame's buffer
+    /// (as `numpy.frombuffer`), of shape `shape` unless it is None. One entry: a new one
+    /// replaces the last.
+    #[pyo3(signature = (meta, payload_len, dtype, count, shape = None))]
+    fn learn_array(&self, meta: &[u8], payload_len: usize, dtype: &Bound<'_, PyAny>, count: usize, shape: Option<Vec<isize>>) -> PyResult<()> {
+        let dtype = crate::ndarray::descr(dtype)?;
+        let itemsize: usize = dtype.getattr(intern!(dtype.py(), "itemsize"))?.extract()?;
+        let dims = shape.unwrap_or_else(|| vec![count as isize]);
+        let n = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
+        if n != Some(count) || count.checked_mul(itemsize).is_none_or(|b| b > payload_len) {
+            return Err(PyValueError::new_err(format!(
+                "learn_array: shape {dims:?} of {count} items of {itemsize} bytes does not fit a payload of {payload_len} bytes"
+            )));
+        }
         *self.rx_cache.lock().expect("subscriber cache poisoned") =
-            Some(RxCache { meta: meta.to_vec(), payload_len, frombuffer, dtype, count, shape });
+            Some(RxCache { meta: meta.to_vec(), payload_len, dtype: dtype.unbind(), dims: dims.into(), nbytes: count * itemsize });
+        Ok(())
     }
 
     /// Lets `take()` decode small pickled frames itself: a data frame without out-of-band
@@ -948,7 +946,7 @@ pub struct Sample {
     pub(crate) len: usize,
     pub(crate) header: FrameHeader,
     meta: (usize, usize),
-    buffers: Vec<(usize, usize)>,
+    buffers: layout::PerBuffer<(usize, usize)>,
     borrowed: Arc<AtomicUsize>,
 }
 
@@ -1014,7 +1012,7 @@ impl Sample {
     /// `(offset, len)` of every out-of-band buffer in the payload.
     #[getter]
     fn buffers(&self) -> Vec<(usize, usize)> {
-        self.buffers.clone()
+        self.buffers.to_vec()
     }
     /// Address of the payload (for tests that check where the memory lies).
     #[getter]
@@ -1028,7 +1026,7 @@ impl Sample {
 }
 
 /// Fills a one-dimensional byte view. Read-only views refuse PyBUF_WRITABLE requests.
-unsafe fn fill_view(
+pub(crate) unsafe fn fill_view(
     view: *mut ffi::Py_buffer,
     flags: c_int,
     ptr: usize,

@@ -15,6 +15,7 @@
 pub mod books;
 pub mod inport;
 pub mod outport;
+pub mod retain;
 pub mod stage;
 pub mod transport;
 

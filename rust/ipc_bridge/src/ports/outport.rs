@@ -7,6 +7,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::books::{Assign, Kept, OutBooks};
+use super::retain::{views_chunk, Pool, COPY_MAX};
 use super::transport::{buffer_bytes, frame_bytes, frame_header, Notif, Pub, Sub};
 use super::{now_s, KIND_DATA, KIND_EOS, KIND_PROBE};
 
@@ -69,6 +70,11 @@ pub struct OutPort {
     unwoken: u64,
     array_meta: Option<Py<PyAny>>,
     array_nbytes: u64,
+    /// Buffers for the copies of small retained frames (see retain.rs).
+    pool: Pool,
+    /// Retained frames kept as such copies.
+    #[pyo3(get)]
+    retained_copies: u64,
 }
 
 impl OutPort {
@@ -105,6 +111,16 @@ impl OutPort {
             }
         }
         Ok(())
+    }
+
+    /// What to keep of a lossless frame's buffer for replay: the buffer itself, or a copy when
+    /// the frame is small and the buffer views a received chunk (see retain.rs).
+    fn retainable(&mut self, buffer: &Bound<'_, PyAny>, nbytes: u64) -> PyResult<Py<PyAny>> {
+        if nbytes <= COPY_MAX && views_chunk(buffer) {
+            self.retained_copies += 1;
+            return self.pool.copy_of(buffer);
+        }
+        Ok(buffer.clone().unbind())
     }
 
     fn publish(&mut self, py: Python<'_>, i: usize) -> PyResult<bool> {
@@ -181,7 +197,9 @@ impl OutPort {
             self.sent += 1;
             return Ok(true);
         }
-        let frame = Ret { kind: KIND_DATA, meta: meta.clone_ref(py), buffers: vec![value.clone().unbind()], origin, stream_id, created_ns };
+        let meta = meta.clone_ref(py);
+        let buffer = self.retainable(value, self.array_nbytes)?;
+        let frame = Ret { kind: KIND_DATA, meta, buffers: vec![buffer], origin, stream_id, created_ns };
         let k = Kept { seq, nbytes: self.array_nbytes, loaned: false, frame };
         // (the publisher notified the consumer already, or the batch will)
         self.keep(py, k, Some(n as usize), false)?;
@@ -310,6 +328,8 @@ impl OutPort {
             unwoken: 0,
             array_meta: None,
             array_nbytes: 0,
+            pool: Pool::default(),
+            retained_copies: 0,
         }
     }
 
@@ -462,7 +482,7 @@ impl OutPort {
             }
             return Ok(seq);
         }
-        let frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
+        let mut frame = Ret { kind, meta: meta.clone().unbind(), buffers, origin, stream_id, created_ns };
         let mut n = None;
         // (the frame's size comes from the publish, which reads every buffer anyway)
         let nbytes = if self.books.undelivered.is_none() {
@@ -485,6 +505,11 @@ impl OutPort {
         } else {
             frame_bytes(meta, &frame.buffers)?
         };
+        if nbytes <= COPY_MAX {
+            for b in frame.buffers.iter_mut() {
+                *b = self.retainable(&b.clone_ref(py).into_bound(py), nbytes)?;
+            }
+        }
         self.keep(py, Kept { seq, nbytes, loaned: false, frame }, n, notify)?;
         if !notify && n.is_some_and(|c| c > 0) {
             self.notify_pending = true;

@@ -1,0 +1,124 @@
+//! What a producer keeps of a small frame for replay when the frame still views a chunk it
+//! received: a copy, in a buffer reused from a pool, so that the chunk goes back upstream as
+//! soon as `process()` is done with it.
+//!
+//! A pass-through stage returns its input, a view on the received chunk. Kept as it is, the
+//! view holds the chunk until the frame is committed downstream; small frames stream at tens
+//! of thousands a second and their commits come back hundreds of frames later, so the input
+//! port soon reaches its borrow limit and copies every frame it takes into a fresh Python
+//! `bytes` (a malloc, a free when committed, an array's buffer info) instead. Copying the
+//! few KiB here, into a buffer this port had already, costs less; big frames (above
+//! [`COPY_MAX`]) are kept as views (their copy would cost more than holding the chunk: the
+//! retention allowance of `supervisor/protocol.py` sizes the input's borrow limit for them).
+
+use std::sync::{Arc, Mutex};
+
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyMemoryView};
+use std::os::raw::c_int;
+
+use crate::pubsub::{fill_view, RawBuffer, Sample};
+
+/// Frames of at most this many bytes (meta and buffers) are kept as copies when they view a
+/// received chunk.
+pub(crate) const COPY_MAX: u64 = 64 << 10;
+/// Bytes of spare buffers a port's pool keeps for its next frames.
+const POOL_BYTES: usize = 4 << 20;
+
+/// Spare buffers of one output port (shared with the buffers it handed out, which come back
+/// when they are dropped).
+#[derive(Clone, Default)]
+pub(crate) struct Pool(Arc<Mutex<Spare>>);
+
+#[derive(Default)]
+struct Spare {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut spare = self.0.lock().expect("pool poisoned");
+        match spare.bufs.pop() {
+            Some(mut v) => {
+                spare.bytes -= v.capacity();
+                v.clear();
+                v.reserve(len);
+                v
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        let mut spare = self.0.lock().expect("pool poisoned");
+        if v.capacity() as u64 <= COPY_MAX && spare.bytes + v.capacity() <= POOL_BYTES {
+            spare.bytes += v.capacity();
+            spare.bufs.push(v);
+        }
+    }
+
+    /// A read-only copy of `obj`'s bytes (any contiguous buffer-protocol object).
+    pub(crate) fn copy_of(&self, obj: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let src = RawBuffer::get(obj)?;
+        let mut buf = self.take(src.len());
+        buf.extend_from_slice(src.as_slice());
+        Ok(Py::new(obj.py(), KeptBytes { buf, pool: self.clone() })?.into_any())
+    }
+}
+
+/// A retained frame's buffer: a private copy, read-only through the buffer protocol.
+#[pyclass(module = "remotemedia._ipc_bridge", frozen)]
+pub struct KeptBytes {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl Drop for KeptBytes {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
+#[pymethods]
+impl KeptBytes {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        let (ptr, len) = (this.buf.as_ptr() as usize, this.buf.len());
+        unsafe { fill_view(view, flags, ptr, len, true, slf.into_any()) }
+    }
+
+    fn __len__(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// True when `obj` (an array, a memoryview, a Sample) views a received chunk: keeping it keeps
+/// the chunk from its publisher.
+pub(crate) fn views_chunk(obj: &Bound<'_, PyAny>) -> bool {
+    let py = obj.py();
+    let mut cur = obj.clone();
+    // (numpy collapses chains of views to the owner; a memoryview of an array adds one step)
+    for _ in 0..4 {
+        if cur.is_instance_of::<Sample>() {
+            return true;
+        }
+        if cur.is_exact_instance_of::<PyBytes>() {
+            return false;
+        }
+        let next = if let Ok(mv) = cur.cast::<PyMemoryView>() {
+            mv.getattr(intern!(py, "obj"))
+        } else if crate::ndarray::is_array(&cur) {
+            cur.getattr(intern!(py, "base"))
+        } else {
+            return false;
+        };
+        match next {
+            Ok(n) if !n.is_none() => cur = n,
+            _ => return false,
+        }
+    }
+    false
+}
