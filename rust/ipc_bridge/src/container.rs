@@ -26,8 +26,11 @@ const MAX_ENTRIES: usize = 64;
 
 /// A frame's out-of-band buffers (the arrays themselves).
 pub(crate) type Buffers = Vec<Py<PyAny>>;
-/// `(meta, buffers)` of an encoded container frame.
-pub(crate) type Encoded = (Vec<u8>, Buffers);
+/// An array of an encoded frame: the array, and the address and length of its bytes (valid
+/// while the array is).
+pub(crate) type Part = (Py<PyAny>, usize, usize);
+/// `(meta, parts)` of an encoded container frame.
+pub(crate) type Encoded = (Vec<u8>, Vec<Part>);
 
 const T_NONE: u8 = 0;
 const T_FALSE: u8 = 1;
@@ -38,12 +41,17 @@ const T_STR: u8 = 5;
 const T_BYTES: u8 = 6;
 const T_ARRAY: u8 = 7;
 
+/// A dtype's `.str` and itemsize.
+type DtypeCode = (Vec<u8>, usize);
+
 /// What the codec needs from numpy, and what it learned of dtypes.
 pub(crate) struct Codec {
     ndarray: Py<PyAny>,
     dtype: Py<PyAny>,
-    /// dtype object address -> its `.str` (None: not encodable, e.g. objects, records)
-    enc: FastMap<usize, Option<Vec<u8>>>,
+    /// dtype object address -> the object (kept alive: its address cannot name another dtype
+    /// while it is cached) and its `.str` and itemsize (None: not encodable, e.g. objects,
+    /// records)
+    enc: FastMap<usize, (Py<PyAny>, Option<DtypeCode>)>,
     /// `.str` -> (dtype object, itemsize)
     dec: FastMap<Vec<u8>, (Py<PyAny>, usize)>,
     /// keys of received dicts
@@ -63,31 +71,35 @@ impl Codec {
         })
     }
 
-    fn dtype_str(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+    /// Learns how `dtype` is encoded (see `enc`); false when it is not encodable.
+    fn learn_dtype(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<bool> {
         let key = dtype.as_ptr() as usize;
-        if let Some(s) = self.enc.get(&key) {
-            return Ok(s.clone());
+        if let Some((_, s)) = self.enc.get(&key) {
+            return Ok(s.is_some());
         }
         let py = dtype.py();
         let ok = !dtype.getattr(intern!(py, "hasobject"))?.is_truthy()? && dtype.getattr(intern!(py, "names"))?.is_none();
-        let s = if ok { Some(dtype.getattr(intern!(py, "str"))?.extract::<String>()?.into_bytes()) } else { None };
+        let s = if ok {
+            let n: usize = dtype.getattr(intern!(py, "itemsize"))?.extract()?;
+            Some((dtype.getattr(intern!(py, "str"))?.extract::<String>()?.into_bytes(), n))
+        } else {
+            None
+        };
         // Builtin dtypes are singletons; others are made per array: keep the cache small.
         if self.enc.len() > 256 {
             self.enc.clear();
         }
-        self.enc.insert(key, s.clone());
-        // (the dtype object must outlive its cache entry: builtin ones do; others are kept
-        // alive here)
-        if let Some(k) = &s
+        if let Some((k, n)) = &s
             && !self.dec.contains_key(k)
         {
-            let n: usize = dtype.getattr(intern!(py, "itemsize"))?.extract()?;
-            self.dec.insert(k.clone(), (dtype.clone().unbind(), n));
+            self.dec.insert(k.clone(), (dtype.clone().unbind(), *n));
         }
-        Ok(s)
+        let known = s.is_some();
+        self.enc.insert(key, (dtype.clone().unbind(), s));
+        Ok(known)
     }
 
-    fn value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Py<PyAny>>) -> PyResult<bool> {
+    fn value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Part>) -> PyResult<bool> {
         let py = v.py();
         if v.is_none() {
             meta.push(T_NONE);
@@ -114,26 +126,27 @@ impl Codec {
             meta.extend_from_slice(&(b.len() as u32).to_le_bytes());
             meta.extend_from_slice(b);
         } else if v.get_type().is(self.ndarray.bind(py)) {
-            // A simple buffer of a numpy array exists only when it is C-contiguous.
-            match crate::pubsub::RawBuffer::get(v) {
-                Ok(b) if b.len() > 0 => {}
-                _ => return Ok(false),
+            // (read from the array's fields: no buffer request, no shape tuple per frame)
+            let Some(a) = crate::ndarray::contiguous(v) else { return Ok(false) };
+            let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
+            if !self.learn_dtype(&descr)? {
+                return Ok(false);
             }
-            let Some(dt) = self.dtype_str(&v.getattr(intern!(py, "dtype"))?)? else { return Ok(false) };
-            let shape = v.getattr(intern!(py, "shape"))?;
-            let shape = shape.cast::<PyTuple>()?;
-            if dt.len() > 255 || shape.len() > 255 {
+            let Some((_, Some((dt, itemsize)))) = self.enc.get(&(a.descr as usize)) else { return Ok(false) };
+            let nbytes = a.dims.iter().try_fold(*itemsize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
+            let Some(nbytes) = nbytes.filter(|&n| n > 0) else { return Ok(false) };
+            if dt.len() > 255 || a.dims.len() > 255 {
                 return Ok(false);
             }
             meta.push(T_ARRAY);
             meta.push(dt.len() as u8);
-            meta.extend_from_slice(&dt);
-            meta.push(shape.len() as u8);
-            for n in shape.iter() {
-                meta.extend_from_slice(&n.extract::<i64>()?.to_le_bytes());
+            meta.extend_from_slice(dt);
+            meta.push(a.dims.len() as u8);
+            for &n in a.dims {
+                meta.extend_from_slice(&(n as i64).to_le_bytes());
             }
             meta.extend_from_slice(&(bufs.len() as u32).to_le_bytes());
-            bufs.push(v.clone().unbind());
+            bufs.push((v.clone().unbind(), a.data as usize, nbytes));
         } else {
             return Ok(false);
         }
@@ -341,5 +354,5 @@ impl<'a> Reader<'a> {
 /// frame (for tests: the workers' loop encodes them itself).
 #[pyfunction]
 pub fn encode_container(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<(Py<PyBytes>, Buffers)>> {
-    Ok(Codec::new(py)?.encode(obj)?.map(|(meta, bufs)| (PyBytes::new(py, &meta).unbind(), bufs)))
+    Ok(Codec::new(py)?.encode(obj)?.map(|(meta, parts)| (PyBytes::new(py, &meta).unbind(), parts.into_iter().map(|p| p.0).collect())))
 }

@@ -231,6 +231,13 @@ impl Publisher {
         Ok((self.send_parts(py, h, (meta_buf.ptr() as usize, meta_buf.len()), &parts)?, nbytes))
     }
 
+    /// `send()` of a frame whose meta and buffers the caller has as memory: `parts` are
+    /// `(address, len)` of buffers that stay valid during the call. Returns the subscribers
+    /// reached.
+    pub(crate) fn send_slices(&self, py: Python<'_>, h: FrameHeader, meta: &[u8], parts: &[(usize, usize)]) -> PyResult<usize> {
+        self.send_parts(py, h, (meta.as_ptr() as usize, meta.len()), parts)
+    }
+
     /// A frame with no payload (acks, probes, ends of stream): the header says it all.
     pub(crate) fn send_empty(&self, py: Python<'_>, h: FrameHeader) -> PyResult<usize> {
         let empty: &[u8] = &[]; // (a dangling but non-null pointer: copying 0 bytes from it is sound)

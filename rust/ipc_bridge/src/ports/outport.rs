@@ -206,6 +206,54 @@ impl OutPort {
         Ok(true)
     }
 
+    /// The hot path of a media frame (a container the stage loop encoded: its meta, and each
+    /// array with the address and length of its bytes), published from that memory. False
+    /// when the caller must `send()` it (out of order, after a restart, a Python transport).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_send_encoded(
+        &mut self,
+        py: Python<'_>,
+        meta: &[u8],
+        parts: &[crate::container::Part],
+        origin: u64,
+        stream_id: u64,
+        created_ns: u64,
+    ) -> PyResult<bool> {
+        let b = &self.books;
+        if b.undelivered.is_some() || b.loaned_retained > 0 || b.next_seq < b.committed || b.consumer_finished {
+            return Ok(false);
+        }
+        let Pub::Iox(publisher) = &self.pub_ else { return Ok(false) };
+        let seq = b.next_seq;
+        let slices: crate::layout::PerBuffer<(usize, usize)> = parts.iter().map(|p| (p.1, p.2)).collect();
+        let nbytes = (meta.len() + slices.iter().map(|s| s.1).sum::<usize>()) as u64;
+        let n = publisher.get().send_slices(py, frame_header(seq, KIND_DATA, origin, stream_id, created_ns), meta, &slices)?;
+        let _ = self.books.assign(false);
+        if n > 0 {
+            self.notify_pending = true;
+        }
+        if !self.books.lossless {
+            self.sent += 1;
+            self.unwoken += nbytes;
+            return Ok(true);
+        }
+        let mut buffers = Vec::with_capacity(parts.len());
+        for (obj, ptr, len) in parts {
+            let obj = obj.bind(py);
+            buffers.push(if nbytes <= COPY_MAX && views_chunk(obj) {
+                self.retained_copies += 1;
+                // (the array is alive: its bytes are)
+                self.pool.copy_slice(py, unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) })?
+            } else {
+                obj.clone().unbind()
+            });
+        }
+        let meta = pyo3::types::PyBytes::new(py, meta).into_any().unbind();
+        let frame = Ret { kind: KIND_DATA, meta, buffers, origin, stream_id, created_ns };
+        self.keep(py, Kept { seq, nbytes, loaned: false, frame }, Some(n), false)?;
+        Ok(true)
+    }
+
     /// Copy-on-reuse: before this publisher loans a chunk again, retained frames that still
     /// point into chunks it sent get a private copy (their chunk may be the next loan).
     pub(crate) fn secure(&mut self, py: Python<'_>) -> PyResult<()> {

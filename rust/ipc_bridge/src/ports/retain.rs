@@ -63,10 +63,42 @@ impl Pool {
     /// A read-only copy of `obj`'s bytes (any contiguous buffer-protocol object).
     pub(crate) fn copy_of(&self, obj: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let src = RawBuffer::get(obj)?;
-        let mut buf = self.take(src.len());
-        buf.extend_from_slice(src.as_slice());
-        Ok(Py::new(obj.py(), KeptBytes { buf, pool: self.clone() })?.into_any())
+        self.copy_slice(obj.py(), src.as_slice())
     }
+
+    /// A read-only copy of `bytes`.
+    pub(crate) fn copy_slice(&self, py: Python<'_>, bytes: &[u8]) -> PyResult<Py<PyAny>> {
+        let mut buf = self.take(bytes.len());
+        copy_around_cache(&mut buf, bytes);
+        Ok(Py::new(py, KeptBytes { buf, pool: self.clone() })?.into_any())
+    }
+}
+
+/// Appends `src` to the empty `dst` with stores that bypass the cache where the CPU has them: a
+/// retained copy is read again only for a replay, and its buffer (one of the hundreds a port
+/// keeps between commits) is cold, so ordinary stores would first read each of its lines in.
+fn copy_around_cache(dst: &mut Vec<u8>, src: &[u8]) {
+    debug_assert!(dst.is_empty() && dst.capacity() >= src.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let p = dst.as_mut_ptr();
+        // (streaming stores want 16-byte aligned destinations: the allocator's are)
+        if (p as usize).is_multiple_of(16) && src.len() >= 256 {
+            let n = src.len() / 16 * 16;
+            unsafe {
+                for i in (0..n).step_by(16) {
+                    let v = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                    _mm_stream_si128(p.add(i) as *mut __m128i, v);
+                }
+                _mm_sfence();
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(n), p.add(n), src.len() - n);
+                dst.set_len(src.len());
+            }
+            return;
+        }
+    }
+    dst.extend_from_slice(src);
 }
 
 /// A retained frame's buffer: a private copy, read-only through the buffer protocol.
