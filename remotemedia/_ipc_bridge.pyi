@@ -296,6 +296,12 @@ def encode_container(obj: Any) -> Optional[Tuple[bytes, List[Any]]]:
     or None when it is not one (then it is pickled). For tests: stages encode them
     themselves."""
 
+class KeptBytes:
+    """A retained frame's buffer copied out of the chunk it viewed (read-only buffer
+    protocol); its memory goes back to the port's pool when it is dropped."""
+
+    def __len__(self) -> int: ...
+
 class Retained:
     """A copy of one retained frame's books (``OutPortCore.retained``)."""
 
@@ -334,6 +340,8 @@ class OutPortCore:
     sent: int
     zero_copy: int
     copied_on_reuse: int
+    #: retained frames kept as copies (small frames that viewed a received chunk)
+    retained_copies: int
     encoded_by_bridge: int
     resent: int
     discarded: int

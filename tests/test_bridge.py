@@ -263,6 +263,63 @@ def test_take_decodes_learned_frames_only(node):
     assert sub.take(6, 3) is None
 
 
+def test_taken_arrays_are_views_owned_by_their_sample(node):
+    # take() builds arrays through numpy's C API: the array's base is the Sample (the chunk
+    # goes back when the last view is gone), read-only, any shape numpy has (0-d included).
+    pub, sub = pair(node, max_borrowed=4)
+    for a in (np.arange(24, dtype=">f8").reshape(2, 3, 4), np.array(7, dtype=np.int32), np.arange(5, dtype=np.uint8)):
+        meta, bufs = encode(a)
+        pub.send(0, 0, meta, bufs)
+        s = sub.take(0, 3)
+        _learn_rx(sub, s, decode(s))
+        del s
+        pub.send(1, 0, meta, [memoryview(np.ascontiguousarray(a)).cast("B")])
+        got, seq = sub.take(1, 3)[:2]
+        assert seq == 1 and got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+        assert type(got.base) is b.Sample and not got.flags.writeable and sub.borrowed == 1
+        with pytest.raises(ValueError):
+            got[...] = 0
+        del got
+        assert sub.borrowed == 0
+
+
+def test_learn_array_refuses_what_cannot_be_a_view(node):
+    _, sub = pair(node)
+    with pytest.raises(ValueError, match="Python objects"):
+        sub.learn_array(b"m", 64, np.dtype(object), 8)  # pointers of another process
+    with pytest.raises(ValueError, match="does not fit"):
+        sub.learn_array(b"m", 64, np.dtype(np.uint8), 6, (2, 2))  # the shape holds 4 items, not 6
+    with pytest.raises(ValueError, match="does not fit"):
+        sub.learn_array(b"m", 64, np.dtype(np.float64), 9)  # 72 bytes in a 64-byte payload
+
+
+def _container(dtype: str, shape, nbytes: int) -> tuple:
+    import struct
+
+    from remotemedia.frames import CT_TAG
+
+    dt = dtype.encode()
+    meta = CT_TAG + struct.pack("<BI", 1, 1) + bytes([7, len(dt)]) + dt + bytes([len(shape)])
+    meta += b"".join(struct.pack("<q", d) for d in shape) + struct.pack("<I", 0)
+    return meta, [bytes(nbytes)]
+
+
+def test_a_hostile_media_frame_is_refused_not_mapped(node):
+    # A container's dtype and shape come from the sender: an object dtype over received bytes
+    # would be pointers from another process, a shape beyond the buffer would read past it.
+    pub, sub = pair(node)
+    sub.learn_containers()
+    for seq, (dtype, shape, nbytes) in enumerate([("|O", (8,), 64), ("<f4", (4, 4), 32), ("<f4", (-1, -4), 16)]):
+        meta, bufs = _container(dtype, shape, nbytes)
+        pub.send(seq, 0, meta, bufs)
+        with pytest.raises(ValueError, match="malformed container"):
+            sub.take(seq, 3)
+    meta, bufs = _container("<f4", (2, 2), 16)  # (and a well-formed one still decodes)
+    pub.send(3, 0, meta, bufs)
+    (got,) = sub.take(3, 3)[0]
+    assert got.shape == (2, 2) and type(got.base) is b.Sample and not got.any()
+
+
 def test_notify_may_yield_and_still_wakes(node):
     pub, sub = pair(node)
     listener = b.Listener(node, "e/inbox")

@@ -490,3 +490,39 @@ def test_a_pass_through_stage_keeps_its_input_for_replay_without_copying_it(monk
     assert without["a"] > 20 and without["b"] > 20, without  # (the counter and the load are real)
     copies = _pass_through_copies(monkeypatch, 64)
     assert copies["a"] <= 3 and copies["b"] <= 3, (copies, without)
+
+
+class StampedDicts(StampedFrames):
+    """Media frames: the stamped array next to a little metadata."""
+
+    def generate(self):
+        for i, a in enumerate(super().generate()):
+            yield {"t": i, "rate": 16000, "data": a}
+
+
+class TallyDicts(Tally):
+    def process(self, d):
+        assert d["rate"] == 16000
+        super().process(d["data"])
+
+
+@pytest.mark.parametrize("media", [False, True], ids=["arrays", "media dicts"])
+def test_a_pass_through_stage_keeps_small_frames_as_copies_and_lets_the_chunks_go(media):
+    # Small frames stream too fast for their commits: kept as views until then they would hold
+    # the chunks they came in, and past the borrow limit every input would be copied out of
+    # shared memory into a fresh bytes object. A small frame that views its input is kept as a
+    # copy instead (supervisor worker stats: edges_out retained_copies), so the input's chunk
+    # goes back when process() is done with it and nothing is copied at the borrow limit.
+    n = 400
+    src = (StampedDicts if media else StampedFrames)(n, 4096, name="src")
+    sink = (TallyDicts if media else Tally)(name="sink")
+    report = Supervisor([src, PassOn(name="a"), PassOn(name="b"), sink], queue_depth=4, max_borrowed=2,
+                        control=False).run()
+    assert report.outputs == [[(i, i % 251) for i in range(n)]]
+    for name in ("a", "b"):
+        st = report.nodes[name]
+        (edge_in,) = st["edges_in"].values()
+        (edge_out,) = st["edges_out"].values()
+        assert edge_in["copied_by_bridge"] <= 3, (name, edge_in)
+        assert edge_out["retained_copies"] >= n - 3, (name, edge_out)
+        assert edge_out["encoded_by_bridge"] >= n - 3, (name, edge_out)  # (the hot path sent them)

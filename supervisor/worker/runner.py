@@ -841,7 +841,9 @@ class Runner:
                     "discarded": p.discarded,
                     "lost": p.lost,
                     "in_flight": p.in_flight,
-                    "retained": len(p.retained),
+                    "retained": p.retained_count,
+                    # (small frames that viewed a chunk this worker received: kept as copies)
+                    "retained_copies": p.retained_copies,
                 }
                 for p in self.outputs
             },
