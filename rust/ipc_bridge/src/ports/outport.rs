@@ -114,13 +114,17 @@ impl OutPort {
     }
 
     /// What to keep of a lossless frame's buffer for replay: the buffer itself, or a copy when
-    /// the frame is small and the buffer views a received chunk (see retain.rs).
-    fn retainable(&mut self, buffer: &Bound<'_, PyAny>, nbytes: u64) -> PyResult<Py<PyAny>> {
-        if nbytes <= COPY_MAX && views_chunk(buffer) {
-            self.retained_copies += 1;
-            return self.pool.copy_of(buffer);
+    /// the frame (`nbytes` in all) is small and the buffer views a received chunk (see
+    /// retain.rs). `bytes`: the buffer's memory when the caller has it already.
+    fn retainable(&mut self, buffer: &Bound<'_, PyAny>, bytes: Option<&[u8]>, nbytes: u64) -> PyResult<Py<PyAny>> {
+        if nbytes > COPY_MAX || !views_chunk(buffer) {
+            return Ok(buffer.clone().unbind());
         }
-        Ok(buffer.clone().unbind())
+        self.retained_copies += 1;
+        match bytes {
+            Some(b) => self.pool.copy_slice(buffer.py(), b),
+            None => self.pool.copy_of(buffer),
+        }
     }
 
     fn publish(&mut self, py: Python<'_>, i: usize) -> PyResult<bool> {
@@ -198,7 +202,7 @@ impl OutPort {
             return Ok(true);
         }
         let meta = meta.clone_ref(py);
-        let buffer = self.retainable(value, self.array_nbytes)?;
+        let buffer = self.retainable(value, None, self.array_nbytes)?;
         let frame = Ret { kind: KIND_DATA, meta, buffers: vec![buffer], origin, stream_id, created_ns };
         let k = Kept { seq, nbytes: self.array_nbytes, loaned: false, frame };
         // (the publisher notified the consumer already, or the batch will)
@@ -239,14 +243,9 @@ impl OutPort {
         }
         let mut buffers = Vec::with_capacity(parts.len());
         for (obj, ptr, len) in parts {
-            let obj = obj.bind(py);
-            buffers.push(if nbytes <= COPY_MAX && views_chunk(obj) {
-                self.retained_copies += 1;
-                // (the array is alive: its bytes are)
-                self.pool.copy_slice(py, unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) })?
-            } else {
-                obj.clone().unbind()
-            });
+            // (the array is alive: its bytes are)
+            let bytes = unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) };
+            buffers.push(self.retainable(obj.bind(py), Some(bytes), nbytes)?);
         }
         let meta = pyo3::types::PyBytes::new(py, meta).into_any().unbind();
         let frame = Ret { kind: KIND_DATA, meta, buffers, origin, stream_id, created_ns };
@@ -553,10 +552,9 @@ impl OutPort {
         } else {
             frame_bytes(meta, &frame.buffers)?
         };
-        if nbytes <= COPY_MAX {
-            for b in frame.buffers.iter_mut() {
-                *b = self.retainable(&b.clone_ref(py).into_bound(py), nbytes)?;
-            }
+        for b in frame.buffers.iter_mut() {
+            let obj = b.bind(py).clone();
+            *b = self.retainable(&obj, None, nbytes)?;
         }
         self.keep(py, Kept { seq, nbytes, loaned: false, frame }, n, notify)?;
         if !notify && n.is_some_and(|c| c > 0) {
