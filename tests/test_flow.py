@@ -525,4 +525,7 @@ def test_a_pass_through_stage_keeps_small_frames_as_copies_and_lets_the_chunks_g
         (edge_out,) = st["edges_out"].values()
         assert edge_in["copied_by_bridge"] <= 3, (name, edge_in)
         assert edge_out["retained_copies"] >= n - 3, (name, edge_out)
-        assert edge_out["encoded_by_bridge"] >= n - 3, (name, edge_out)  # (the hot path sent them)
+        # The hot path sent them, but for the first frame and, after a publish the transport
+        # discarded (a loaded host), the frames of the window that wait behind it for the resend.
+        slow = 3 + 4 * edge_out["discarded"]
+        assert edge_out["encoded_by_bridge"] >= n - slow, (name, edge_out)
