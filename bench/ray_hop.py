@@ -181,25 +181,39 @@ def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: i
     frame = _frame(size)
     rtt: Dict[str, List[float]] = {s.name: [] for s in systems}
     busy: Dict[str, float] = {s.name: 0.0 for s in systems}
+    # (each round's p50 and rate too: the ratios' spread across rounds shows the noise)
+    round_p50: Dict[str, List[float]] = {s.name: [] for s in systems}
+    round_fps: Dict[str, List[float]] = {s.name: [] for s in systems}
     for s in systems:
         for _ in range(5):
             s.one(frame)
     for r in range(rounds):
         order = systems if r % 2 == 0 else systems[::-1]
         for s in order:
+            this: List[float] = []
             for _ in range(max(1, n_ping // rounds)):
                 t0 = time.perf_counter()
                 s.one(frame)
-                rtt[s.name].append(time.perf_counter() - t0)
+                this.append(time.perf_counter() - t0)
+            rtt[s.name] += this
+            round_p50[s.name].append(_pct(this, 0.5) * 1e3)
         for s in order:
             if n_stream and hasattr(s, "stream"):
                 t0 = time.perf_counter()
                 s.stream(frame, max(1, n_stream // rounds))
-                busy[s.name] += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                busy[s.name] += took
+                round_fps[s.name].append(max(1, n_stream // rounds) / took)
     out: Dict[str, Dict[str, float]] = {}
     for s in systems:
         xs, n = rtt[s.name], max(1, n_stream // rounds) * rounds
-        out[s.name] = {"p50_ms": _pct(xs, 0.5) * 1e3, "p99_ms": _pct(xs, 0.99) * 1e3, "frames_latency": len(xs)}
+        out[s.name] = {
+            "p50_ms": _pct(xs, 0.5) * 1e3,
+            "p99_ms": _pct(xs, 0.99) * 1e3,
+            "frames_latency": len(xs),
+            "round_p50_ms": round_p50[s.name],
+            "round_fps": round_fps[s.name],
+        }
         if busy[s.name]:
             out[s.name].update(fps=n / busy[s.name], MBps=n * size / busy[s.name] / 1e6, frames_stream=n)
     return out
@@ -258,14 +272,23 @@ def main() -> int:
         "(both \"hosts\" share the cores), driver -> a (head) -> b (gpu) -> driver in both systems. "
         "Ratio: remotemedia / ray (latency: lower is better; throughput: higher is better).",
         "",
-        "| frame | measure | remotemedia | plain Ray actor chain | ratio |",
-        "|---|---|---|---|---|",
+        "| frame | measure | remotemedia | plain Ray actor chain | ratio | ratio round by round |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def spread(a: List[float], b: List[float]) -> str:
+        rs = [x / y for x, y in zip(a, b) if y]
+        return f"{min(rs):.2f}–{max(rs):.2f}, median {_pct(rs, 0.5):.2f}" if rs else ""
+
     for label, r in results["sizes"].items():
         rm, rr = r["remotemedia"], r["ray"]
-        lines.append(f"| {label} | latency p50 | {rm['p50_ms']:.2f} ms | {rr['p50_ms']:.2f} ms | {rm['p50_ms'] / rr['p50_ms']:.2f} |")
-        lines.append(f"| {label} | latency p99 | {rm['p99_ms']:.2f} ms | {rr['p99_ms']:.2f} ms | {rm['p99_ms'] / rr['p99_ms']:.2f} |")
-        lines.append(f"| {label} | throughput | {rm['fps']:.0f} frames/s ({rm['MBps']:.0f} MB/s) | {rr['fps']:.0f} frames/s ({rr['MBps']:.0f} MB/s) | {rm['fps'] / rr['fps']:.2f} |")
+        p50s, fpss = spread(rm["round_p50_ms"], rr["round_p50_ms"]), spread(rm["round_fps"], rr["round_fps"])
+        lines.append(f"| {label} | latency p50 | {rm['p50_ms']:.2f} ms | {rr['p50_ms']:.2f} ms | {rm['p50_ms'] / rr['p50_ms']:.2f} | {p50s} |")
+        lines.append(f"| {label} | latency p99 | {rm['p99_ms']:.2f} ms | {rr['p99_ms']:.2f} ms | {rm['p99_ms'] / rr['p99_ms']:.2f} | |")
+        lines.append(
+            f"| {label} | throughput | {rm['fps']:.0f} frames/s ({rm['MBps']:.0f} MB/s) | {rr['fps']:.0f} frames/s "
+            f"({rr['MBps']:.0f} MB/s) | {rm['fps'] / rr['fps']:.2f} | {fpss} |"
+        )
     lines += [
         "",
         "Where a lone frame's time goes (p50 in ms of each part measured alone, in alternating rounds with both chains "
