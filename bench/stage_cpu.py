@@ -6,6 +6,7 @@ time and context switches per frame, read from /proc while it runs.
     python bench/stage_cpu.py --size 6220800 -n 600    # 1080p RGB frames
     python bench/stage_cpu.py --dict --rounds 5        # media dicts, five runs
     python bench/stage_cpu.py --perf s2.data           # and a `perf record` of stage s2
+    python bench/stage_cpu.py --spin-us 50             # workers that give up spinning sooner
 
 Per frame, a worker's CPU time is its own work plus its waiting: a stage that waits for its
 input spins (yielding the core) before it sleeps, so when one stage slows the whole pipeline
@@ -83,10 +84,11 @@ class Sampler:
         return out
 
 
-def one_run(size: int, n: int, as_dict: bool, queue: int, perf: Optional[str], perf_who: str) -> None:
+def one_run(size: int, n: int, as_dict: bool, queue: int, perf: Optional[str], perf_who: str, spin_us: Optional[int] = None) -> None:
     nodes = [bench.BenchSource(n, size, 0.0, False, 0.5, as_dict, name="source")]
     nodes += [bench.CopyStage(name=f"s{i}") for i in range(1, 4)] + [bench.BenchSink(name="sink")]
-    sup = Supervisor(nodes, queue_depth=queue, control=False)
+    spin = {} if spin_us is None else {"spin_us": spin_us}
+    sup = Supervisor(nodes, queue_depth=queue, control=False, **spin)
     sup.start()
     pids = sup.worker_pids()
     time.sleep(0.25)  # (the source waits 0.5 s before its first frame)
@@ -119,11 +121,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--perf", metavar="FILE", help="`perf record` one worker into FILE (needs perf)")
     ap.add_argument("--perf-who", default="s2", help="the worker --perf records (default s2)")
+    ap.add_argument("--spin-us", type=int, help="the Supervisor's spin_us (default: the runtime's)")
     args = ap.parse_args()
     if args.perf and args.rounds > 1:
         ap.error("--perf records one round")
     for _ in range(args.rounds):
-        one_run(args.size, args.n, args.dict, args.queue, args.perf, args.perf_who)
+        one_run(args.size, args.n, args.dict, args.queue, args.perf, args.perf_who, args.spin_us)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def _table() -> Tuple[Option, ...]:
         ),
         Option("metrics_host", "127.0.0.1", _NAME, "address of the metrics endpoint", shown="`127.0.0.1`", flag=Flag(str)),
         Option(
-            "spin_us", 50, _int_at_least(0),
+            "spin_us", 200, _int_at_least(0),
             "microseconds a worker spins (GIL released, adaptive) for the next frame before blocking; 0 always blocks",
             flag=Flag(int),
         ),
