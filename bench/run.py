@@ -27,8 +27,9 @@ Systems:
 
 Payloads: 64 B, 4 KiB (audio chunk), 6,220,800 B (1080p RGB), 64 MiB (tensor).
 
-Measured (each system R times per payload, interleaved, --rounds; a row shows the medians, and
-each ratio its spread round by round, as this machine's load drifts during a run):
+Measured (each system R times per payload, interleaved, --rounds, media dicts next to bare
+arrays; a row shows the medians, and each ratio its spread round by round, as this machine's
+load drifts during a run):
     latency     frames paced so the pipeline is empty between them; source timestamp (in the
                 first 8 bytes of the payload, CLOCK_MONOTONIC) to sink; per hop = end to end / 4
     throughput  frames sent back to back; frames/s and GB/s at the sink (delivered frames)
@@ -820,11 +821,16 @@ def round_ratios(r: Dict[str, Any], b: Dict[str, Any], key: str) -> List[float]:
     return [x[key] / y[key] for x, y in zip(r.get("rounds", []), b.get("rounds", [])) if "error" not in x and "error" not in y and y[key]]
 
 
-def ratio_cell(r: Dict[str, Any], b: Dict[str, Any], key: str) -> str:
-    """The ratio of the medians, and the spread of the ratios round by round."""
+def ratio_cell(r: Dict[str, Any], b: Dict[str, Any], key: str, paired: bool = False) -> str:
+    """The ratio of the medians, and the spread of the ratios round by round; ``paired``
+    (systems run back to back every round, see PAIRED): also the median of those ratios,
+    each from two runs seconds apart."""
     cell = ratio(r[key], b[key])
     rs = round_ratios(r, b, key)
-    return f"{cell} ({min(rs):.2f}–{max(rs):.2f})" if len(rs) > 1 else cell
+    if len(rs) < 2:
+        return cell
+    mid = f", median {statistics.median(rs):.2f}" if paired else ""
+    return f"{cell} ({min(rs):.2f}–{max(rs):.2f}{mid})"
 
 
 FLAT_INTERVAL = 0.02
@@ -962,14 +968,23 @@ def render(results: Dict[str, Any]) -> str:
     lines.append("")
     pairs = [(k, per) for k, per in results["runs"].items() if "error" not in per.get("remotemedia_dict", {"error": 1})]
     if pairs:
-        lines.append("Media frames (`{\"t\", \"rate\", \"data\": array}` dicts) against bare arrays of the same size:")
+        paired = bool(results.get("paired"))  # (runs before the pairing: the rounds' order only rotated)
+        lines.append(
+            "Media frames (`{\"t\", \"rate\", \"data\": array}` dicts) against bare arrays of the same size"
+            + (
+                ", run back to back every round: the ratio of the medians, and in brackets the lowest, highest and median "
+                "of the ratios of each round's pair:"
+                if paired
+                else ":"
+            )
+        )
         lines.append("")
         lines.append("| payload | hop p50 ratio | throughput ratio |")
         lines.append("|---|---|---|")
         for size_s, per in pairs:
             d, b = per["remotemedia_dict"], per.get("remotemedia")
             if b and "error" not in b:
-                lines.append(f"| {fmt_size(int(size_s))} | {ratio_cell(d, b, 'hop_p50_us')} | {ratio_cell(d, b, 'fps_thr')} |")
+                lines.append(f"| {fmt_size(int(size_s))} | {ratio_cell(d, b, 'hop_p50_us', paired)} | {ratio_cell(d, b, 'fps_thr', paired)} |")
         lines.append("")
     dora = results.get("dora")
     if dora:
@@ -1042,6 +1057,24 @@ def plot(results: Dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+#: Systems run back to back in every round, their order alternating: the ratio of each pair
+#: compares runs seconds apart, not a round's length apart (this VM's speed moves by a third
+#: between runs of a few seconds).
+PAIRED = [("remotemedia", "remotemedia_dict")]
+
+
+def round_order(systems: List[str], r: int) -> List[str]:
+    """Round ``r``'s order: rotated every round (no system always runs first, or after the
+    same one), each PAIRED second system moved next to its first, before it in odd rounds."""
+    order = systems[r % len(systems):] + systems[: r % len(systems)]
+    for first, second in PAIRED:
+        if first in order and second in order:
+            order.remove(second)
+            i = order.index(first)
+            order.insert(i if r % 2 else i + 1, second)
+    return order
+
+
 def main() -> None:
     global QUEUE, SLOTS, DORA_QUEUE, DORA_POOL_FRAMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1063,6 +1096,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
         "queue": args.queue,
         "rounds": args.rounds,
+        "paired": PAIRED,
         "runs": {},
         "skipped": {},
     }
@@ -1079,8 +1113,7 @@ def main() -> None:
         n_lat, interval, n_thr = counts(size, args.quick)
         rounds: Dict[str, List[Dict[str, Any]]] = {system: [] for system in systems}
         for r in range(args.rounds):
-            # (each round in another order: no system always runs first, or after the same one)
-            for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+            for system in round_order(systems, r):
                 print(f"{fmt_size(size):>9} {system:<20} round {r + 1}/{args.rounds}", end=" ", flush=True)
                 got = run_system(system, size, n_lat, interval, n_thr)
                 rounds[system].append(got)
