@@ -184,6 +184,7 @@ def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: i
     # (each round's p50 and rate too: the ratios' spread across rounds shows the noise)
     round_p50: Dict[str, List[float]] = {s.name: [] for s in systems}
     round_fps: Dict[str, List[float]] = {s.name: [] for s in systems}
+    per_round = max(1, n_stream // rounds)  # (frames each system streams per round)
     for s in systems:
         for _ in range(5):
             s.one(frame)
@@ -200,13 +201,13 @@ def measure(systems: List[Any], size: int, n_ping: int, n_stream: int, rounds: i
         for s in order:
             if n_stream and hasattr(s, "stream"):
                 t0 = time.perf_counter()
-                s.stream(frame, max(1, n_stream // rounds))
+                s.stream(frame, per_round)
                 took = time.perf_counter() - t0
                 busy[s.name] += took
-                round_fps[s.name].append(max(1, n_stream // rounds) / took)
+                round_fps[s.name].append(per_round / took)
     out: Dict[str, Dict[str, float]] = {}
     for s in systems:
-        xs, n = rtt[s.name], max(1, n_stream // rounds) * rounds
+        xs, n = rtt[s.name], per_round * rounds
         out[s.name] = {
             "p50_ms": _pct(xs, 0.5) * 1e3,
             "p99_ms": _pct(xs, 0.99) * 1e3,
