@@ -320,6 +320,44 @@ def test_a_hostile_media_frame_is_refused_not_mapped(node):
     assert got.shape == (2, 2) and type(got.base) is b.Sample and not got.any()
 
 
+def test_media_frames_in_a_row_decode_each_its_own_values(node):
+    # The decoder reuses the objects of the last frame's entries whose bytes repeat (a stream's
+    # keys, its rate, its codec name): each frame must still get exactly its own values,
+    # whatever changes between frames (a value of the same length, a key over the same value,
+    # the kind of container, a long str, -0.0 after 0.0).
+    pub, sub = pair(node, max_borrowed=16)
+    sub.learn_containers()
+    a = np.arange(4, dtype=np.int16)
+    long1, long2 = "x" * 100, "x" * 99 + "y"
+    frames = [
+        {"t": 1, "rate": 16000, "data": a, "codec": "pcm"},
+        {"t": 2, "rate": 16000, "data": a, "codec": "pcm"},
+        {"u": 2, "rate": 16000, "data": a, "codec": "pcm"},
+        {"t": 3, "rate": 8000, "data": a, "codec": long1},
+        {"t": 3, "rate": 8000, "data": a, "codec": long2},
+        (0.0, a, True),
+        (-0.0, a, 1),
+        [-0.0, a, None, b"raw"],
+        {"t": 1, "rate": 16000, "data": a, "codec": "pcm"},
+    ]
+    got = []
+    for seq, f in enumerate(frames):
+        meta, bufs = b.encode_container(f)
+        pub.send(seq, 0, meta, bufs)
+        got.append(sub.take(seq, 16)[0])
+    for g, f in zip(got, frames):
+        assert type(g) is type(f)
+        gv, fv = (list(g.items()), list(f.items())) if isinstance(f, dict) else (list(enumerate(g)), list(enumerate(f)))
+        assert [k for k, _ in gv] == [k for k, _ in fv]
+        for (_, x), (_, y) in zip(gv, fv):
+            if isinstance(y, np.ndarray):
+                assert np.array_equal(x, y) and x.dtype == y.dtype
+            else:
+                assert type(x) is type(y) and x == y and str(x) == str(y), (x, y)  # (str: -0.0)
+    assert got[1]["rate"] is got[0]["rate"] and got[1]["codec"] is got[0]["codec"]  # (reused)
+    assert got[0]["data"] is not got[1]["data"]  # (arrays never: each views its own frame)
+
+
 def test_notify_may_yield_and_still_wakes(node):
     pub, sub = pair(node)
     listener = b.Listener(node, "e/inbox")

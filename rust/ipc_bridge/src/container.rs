@@ -23,6 +23,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 
 pub const CT_TAG: &[u8; 4] = b"RMC1";
 const MAX_ENTRIES: usize = 64;
+/// Longest scalar (tag and bytes) a decoder keeps to compare the next frame's with.
+const RECENT_MAX: usize = 64;
 
 /// A frame's out-of-band buffers (the arrays themselves).
 pub(crate) type Buffers = Vec<Py<PyAny>>;
@@ -56,6 +58,22 @@ pub(crate) struct Codec {
     dec: FastMap<Vec<u8>, (Py<PyAny>, usize)>,
     /// keys of received dicts
     keys: FastMap<Vec<u8>, Py<PyString>>,
+    /// the entries of the last frame decoded, by position: a stream's frames repeat their
+    /// keys and most of their values (a rate, a channel count, a codec name)
+    recent: Vec<Recent>,
+    /// the vectors of the last frame encoded, empty, for the next (see `recycle`)
+    scratch: Option<Encoded>,
+}
+
+/// An entry of the last frame decoded: its key's and value's bytes in the meta, and the
+/// objects made of them (values only when immutable scalars: None, bools, numbers, str,
+/// bytes; never arrays).
+#[derive(Default)]
+struct Recent {
+    key_raw: Vec<u8>,
+    key: Option<Py<PyString>>,
+    value_raw: Vec<u8>,
+    value: Option<Py<PyAny>>,
 }
 
 impl Codec {
@@ -68,15 +86,14 @@ impl Codec {
             enc: FastMap::default(),
             dec: FastMap::default(),
             keys: FastMap::default(),
+            recent: Vec::new(),
+            scratch: None,
         })
     }
 
-    /// Learns how `dtype` is encoded (see `enc`); false when it is not encodable.
-    fn learn_dtype(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<bool> {
+    /// Learns how `dtype` (not in `enc` yet) is encoded.
+    fn learn_dtype(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<()> {
         let key = dtype.as_ptr() as usize;
-        if let Some((_, s)) = self.enc.get(&key) {
-            return Ok(s.is_some());
-        }
         let py = dtype.py();
         let ok = !dtype.getattr(intern!(py, "hasobject"))?.is_truthy()? && dtype.getattr(intern!(py, "names"))?.is_none();
         let s = if ok {
@@ -94,9 +111,8 @@ impl Codec {
         {
             self.dec.insert(k.clone(), (dtype.clone().unbind(), *n));
         }
-        let known = s.is_some();
         self.enc.insert(key, (dtype.clone().unbind(), s));
-        Ok(known)
+        Ok(())
     }
 
     fn value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Part>) -> PyResult<bool> {
@@ -128,9 +144,9 @@ impl Codec {
         } else if v.get_type().is(self.ndarray.bind(py)) {
             // (read from the array's fields: no buffer request, no shape tuple per frame)
             let Some(a) = crate::ndarray::contiguous(v) else { return Ok(false) };
-            let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
-            if !self.learn_dtype(&descr)? {
-                return Ok(false);
+            if !self.enc.contains_key(&(a.descr as usize)) {
+                let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
+                self.learn_dtype(&descr)?;
             }
             let Some((_, Some((dt, itemsize)))) = self.enc.get(&(a.descr as usize)) else { return Ok(false) };
             let nbytes = a.dims.iter().try_fold(*itemsize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
@@ -155,26 +171,47 @@ impl Codec {
 
     /// `(meta, buffers)` of a container frame, or None when `obj` is not one (then pickle it).
     /// A container without any array is not one either: small pickles are as fast.
+    /// Give the vectors of an [`Encoded`] back when done with it (the next frame reuses them).
     pub(crate) fn encode(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<Option<Encoded>> {
-        let mut meta = Vec::with_capacity(96);
-        let mut bufs = Vec::new();
+        let (mut meta, mut bufs) = self.scratch.take().unwrap_or_else(|| (Vec::with_capacity(96), Vec::new()));
+        meta.clear();
+        bufs.clear();
+        if self.encode_into(obj, &mut meta, &mut bufs)? {
+            Ok(Some((meta, bufs)))
+        } else {
+            self.recycle((meta, bufs));
+            Ok(None)
+        }
+    }
+
+    /// The vectors of a frame [`encode`](Self::encode) made, for its next frame (their
+    /// references to arrays dropped now: an array may view a received chunk).
+    pub(crate) fn recycle(&mut self, (mut meta, mut parts): Encoded) {
+        meta.clear();
+        parts.clear();
+        self.scratch = Some((meta, parts));
+    }
+
+    /// Appends `obj`'s encoding to `meta` and `bufs` (both empty); false when it is not a
+    /// container frame.
+    fn encode_into(&mut self, obj: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Part>) -> PyResult<bool> {
         meta.extend_from_slice(CT_TAG);
         if let Ok(d) = obj.cast_exact::<PyDict>() {
             if d.len() > MAX_ENTRIES {
-                return Ok(None);
+                return Ok(false);
             }
             meta.push(0);
             meta.extend_from_slice(&(d.len() as u32).to_le_bytes());
             for (k, v) in d.iter() {
-                let Ok(k) = k.cast_exact::<PyString>() else { return Ok(None) };
+                let Ok(k) = k.cast_exact::<PyString>() else { return Ok(false) };
                 let k = k.to_str()?;
                 if k.len() > u16::MAX as usize {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 meta.extend_from_slice(&(k.len() as u16).to_le_bytes());
                 meta.extend_from_slice(k.as_bytes());
-                if !self.value(&v, &mut meta, &mut bufs)? {
-                    return Ok(None);
+                if !self.value(&v, meta, bufs)? {
+                    return Ok(false);
                 }
             }
         } else {
@@ -183,20 +220,20 @@ impl Codec {
             } else if let Ok(l) = obj.cast_exact::<PyList>() {
                 (2, l.iter().collect())
             } else {
-                return Ok(None);
+                return Ok(false);
             };
             if items.len() > MAX_ENTRIES {
-                return Ok(None);
+                return Ok(false);
             }
             meta.push(kind);
             meta.extend_from_slice(&(items.len() as u32).to_le_bytes());
             for v in &items {
-                if !self.value(v, &mut meta, &mut bufs)? {
-                    return Ok(None);
+                if !self.value(v, meta, bufs)? {
+                    return Ok(false);
                 }
             }
         }
-        Ok(if bufs.is_empty() { None } else { Some((meta, bufs)) })
+        Ok(!bufs.is_empty())
     }
 
     /// Rebuilds a container frame; its arrays are read-only views on `source`, whose memory
@@ -222,14 +259,50 @@ impl Codec {
         }
         let dict = PyDict::new(py);
         let mut items: Vec<Py<PyAny>> = Vec::with_capacity(if kind == 0 { 0 } else { n });
-        for _ in 0..n {
+        if self.recent.len() < n {
+            self.recent.resize_with(n, Recent::default);
+        }
+        for i in 0..n {
             let key = if kind == 0 {
                 let len = r.u16().ok_or_else(bad)? as usize;
-                Some(self.key(py, r.take(len).ok_or_else(bad)?)?)
+                let raw = r.take(len).ok_or_else(bad)?;
+                let recent = &self.recent[i];
+                Some(match &recent.key {
+                    Some(k) if recent.key_raw == raw => k.clone_ref(py),
+                    _ => {
+                        let k = self.key(py, raw)?;
+                        let recent = &mut self.recent[i];
+                        recent.key_raw.clear();
+                        recent.key_raw.extend_from_slice(raw);
+                        recent.key = Some(k.clone_ref(py));
+                        k
+                    }
+                })
             } else {
                 None
             };
-            let v = self.read_value(py, &mut r, source, base, offsets).ok_or_else(bad)??;
+            let v = if r.b.get(r.i) == Some(&T_ARRAY) {
+                self.read_array(py, &mut r, source, base, offsets).ok_or_else(bad)??
+            } else {
+                // (a scalar: the same bytes as this entry of the last frame make the same
+                // immutable object)
+                let start = r.i;
+                let (tag, payload) = scalar(&mut r).ok_or_else(bad)?;
+                let raw = &meta[start..r.i];
+                let recent = &self.recent[i];
+                match &recent.value {
+                    Some(v) if recent.value_raw == raw => v.clone_ref(py),
+                    _ if raw.len() > RECENT_MAX => scalar_object(py, tag, payload).ok_or_else(bad)??,
+                    _ => {
+                        let v = scalar_object(py, tag, payload).ok_or_else(bad)??;
+                        let recent = &mut self.recent[i];
+                        recent.value_raw.clear();
+                        recent.value_raw.extend_from_slice(raw);
+                        recent.value = Some(v.clone_ref(py));
+                        v
+                    }
+                }
+            };
             match key {
                 Some(k) => dict.set_item(k.bind(py), v)?,
                 None => items.push(v),
@@ -258,32 +331,18 @@ impl Codec {
         Ok(k)
     }
 
-    fn read_value(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, base: usize, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
-        Some(match r.u8()? {
-            T_NONE => Ok(py.None()),
-            T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
-            T_TRUE => Ok(PyBool::new(py, true).to_owned().into_any().unbind()),
-            T_INT => Ok(i64::from_le_bytes(r.take(8)?.try_into().ok()?).into_pyobject(py).ok()?.into_any().unbind()),
-            T_FLOAT => Ok(PyFloat::new(py, f64::from_le_bytes(r.take(8)?.try_into().ok()?)).into_any().unbind()),
-            T_STR => {
-                let len = r.u32()? as usize;
-                Ok(PyString::new(py, std::str::from_utf8(r.take(len)?).ok()?).into_any().unbind())
-            }
-            T_BYTES => {
-                let len = r.u32()? as usize;
-                Ok(PyBytes::new(py, r.take(len)?).into_any().unbind())
-            }
-            T_ARRAY => {
-                let dlen = r.u8()? as usize;
-                let dt = r.take(dlen)?;
-                let ndim = r.u8()? as usize;
-                let shape = r.take(ndim.checked_mul(8)?)?; // (ndim little-endian i64)
-                let index = r.u32()? as usize;
-                let &(offset, nbytes) = offsets.get(index)?;
-                Some(self.array(py, dt, shape, source, base + offset, nbytes))?
-            }
-            _ => return None,
-        })
+    /// An array value (its tag next in `r`).
+    fn read_array(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, base: usize, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
+        if r.u8()? != T_ARRAY {
+            return None;
+        }
+        let dlen = r.u8()? as usize;
+        let dt = r.take(dlen)?;
+        let ndim = r.u8()? as usize;
+        let shape = r.take(ndim.checked_mul(8)?)?; // (ndim little-endian i64)
+        let index = r.u32()? as usize;
+        let &(offset, nbytes) = offsets.get(index)?;
+        Some(self.array(py, dt, shape, source, base + offset, nbytes))
     }
 
     /// An array of dtype `.str` `dt` and shape `shape` (`ndim` little-endian i64) over the
@@ -326,6 +385,35 @@ impl Codec {
         let arr = unsafe { crate::ndarray::view(dtype.bind(py), &dims[..ndim], data as *const u8, source.clone())? };
         Ok(arr.unbind())
     }
+}
+
+/// A scalar value's tag and payload bytes (for a str or bytes, without its length).
+fn scalar<'a>(r: &mut Reader<'a>) -> Option<(u8, &'a [u8])> {
+    let tag = r.u8()?;
+    let payload = match tag {
+        T_NONE | T_FALSE | T_TRUE => &[][..],
+        T_INT | T_FLOAT => r.take(8)?,
+        T_STR | T_BYTES => {
+            let len = r.u32()? as usize;
+            r.take(len)?
+        }
+        _ => return None,
+    };
+    Some((tag, payload))
+}
+
+/// The object of a scalar value (see `scalar`); None when malformed.
+fn scalar_object(py: Python<'_>, tag: u8, payload: &[u8]) -> Option<PyResult<Py<PyAny>>> {
+    Some(match tag {
+        T_NONE => Ok(py.None()),
+        T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
+        T_TRUE => Ok(PyBool::new(py, true).to_owned().into_any().unbind()),
+        T_INT => Ok(i64::from_le_bytes(payload.try_into().ok()?).into_pyobject(py).ok()?.into_any().unbind()),
+        T_FLOAT => Ok(PyFloat::new(py, f64::from_le_bytes(payload.try_into().ok()?)).into_any().unbind()),
+        T_STR => Ok(PyString::new(py, std::str::from_utf8(payload).ok()?).into_any().unbind()),
+        T_BYTES => Ok(PyBytes::new(py, payload).into_any().unbind()),
+        _ => return None,
+    })
 }
 
 struct Reader<'a> {

@@ -658,7 +658,6 @@ impl Subscriber {
             if let Some(codec) = guard.as_mut() {
                 let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
         self.last_len.store(sample.len, Ordering::Relaxed);
-                let meta = unsafe { std::slice::from_raw_parts((sample.ptr + m0) as *const u8, m1 - m0) }.to_vec();
                 let offsets = sample.buffers.clone();
                 let (source, base) = if copy {
                     self.copied.fetch_add(1, Ordering::Relaxed);
@@ -673,8 +672,10 @@ impl Subscriber {
                     let base = sample.ptr;
                     (Py::new(py, sample)?.into_bound(py).into_any(), base)
                 };
-                // (the offsets are the parsed layout's: inside the payload at `base`)
-                let obj = unsafe { codec.decode(py, &meta, &source, base, &offsets)? };
+                // (the meta and the offsets are the parsed layout's: inside the payload at
+                // `base`, which `source` holds)
+                let meta = unsafe { std::slice::from_raw_parts((base + m0) as *const u8, m1 - m0) };
+                let obj = unsafe { codec.decode(py, meta, &source, base, &offsets)? };
                 return Ok(Some(Taken::Decoded(obj, seq, origin, stream_id, created_ns, sent_ns)));
             }
         }

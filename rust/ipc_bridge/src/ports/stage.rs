@@ -517,13 +517,15 @@ impl StageLoop {
                     let meta = self.dumps.bind(py).call1((&result, self.protocol))?;
                     out.send_frame(py, KIND_DATA, &meta, Vec::new(), origin, stream_id, created_ns, false)?;
                     sent = true;
-                } else if let Some((meta, parts)) = self.codec.encode(&result)? {
+                } else if let Some(encoded) = self.codec.encode(&result)? {
                     // (a media frame: arrays next to a little metadata)
-                    if !out.try_send_encoded(py, &meta, &parts, origin, stream_id, created_ns)? {
-                        let meta = PyBytes::new(py, &meta).into_any();
-                        let bufs = parts.into_iter().map(|p| p.0).collect();
+                    let (meta, parts) = &encoded;
+                    if !out.try_send_encoded(py, meta, parts, origin, stream_id, created_ns)? {
+                        let meta = PyBytes::new(py, meta).into_any();
+                        let bufs = parts.iter().map(|p| p.0.clone_ref(py)).collect();
                         out.send_frame(py, KIND_DATA, &meta, bufs, origin, stream_id, created_ns, false)?;
                     }
+                    self.codec.recycle(encoded);
                     out.encoded_by_bridge += 1;
                     sent = true;
                 }
