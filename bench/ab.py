@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -37,33 +36,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from stats import median_ci  # noqa: E402
 
 #: What a run reports, and whether more is better.
 KEYS = {"fps_thr": True, "hop_p50_us": False, "hop_p99_us": False}
-
-
-def median_ci(xs: List[float], level: float = 0.95) -> Tuple[float, float, float, float]:
-    """``(median, low, high, coverage)``: the median of ``xs`` and the narrowest interval
-    between order statistics ``x(k) .. x(n+1-k)`` that covers the true median with probability
-    at least ``level`` (binomial, distribution-free), or the whole range when there are too few
-    values for ``level`` (then ``coverage`` says what it covers).
-
-    >>> median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])[1:3]
-    (2.0, 9.0)
-    """
-    s = sorted(xs)
-    n = len(s)
-    if not n:
-        raise ValueError("median_ci of no values")
-    mid = (s[(n - 1) // 2] + s[n // 2]) / 2
-
-    def coverage(k: int) -> float:  # P(x(k) <= median <= x(n+1-k)) = 1 - 2 P(Bin(n, 1/2) < k)
-        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
-        k += 1
-    return mid, s[k - 1], s[n - k], coverage(k)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -75,8 +53,7 @@ def child(args: argparse.Namespace) -> None:
     for package in (remotemedia, supervisor):
         if not os.path.realpath(package.__file__).startswith(tree + os.sep):
             raise SystemExit(f"ab child: {package.__name__} came from {package.__file__}, not from {tree}")
-    sys.path.insert(0, HERE)
-    import run as bench  # noqa: E402
+    import run as bench
 
     n_lat, interval, n_thr = bench.counts(args.size, False)
     got = bench.run_system("remotemedia_dict" if args.as_dict else "remotemedia", args.size, args.n_lat or n_lat, interval, args.n_thr or n_thr)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -43,6 +44,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "bench"))
+
+from stats import paired_summary  # noqa: E402  (bench/stats.py)
 
 LABEL = "remotemedia.host"
 SIZES = {"4 KiB": 4096, "6.2 MB": 1920 * 1080 * 3}
@@ -224,12 +228,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer frames (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6; the frames are split among them)")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"frames to measure, of: {', '.join(SIZES)} (default all)")
+    ap.add_argument("--no-parts", action="store_true", help="skip the parts of a lone frame's time")
     args = ap.parse_args()
+    sizes = {label.strip(): SIZES.get(label.strip()) for label in args.sizes.split(",")}
+    unknown = [label for label, size in sizes.items() if size is None]
+    if unknown:
+        ap.error(f"--sizes: unknown {', '.join(map(repr, unknown))}; choose among {', '.join(map(repr, SIZES))}")
+    if args.rounds < 2:
+        ap.error("--rounds: at least 2 (the chains take turns going first)")
     if not _private_network():
         if os.geteuid() != 0:
             print("run inside a private network namespace (as root: this script enters one itself)", file=sys.stderr)
             return 2
-        cmd = "ip link set lo up && exec " + " ".join([sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
+        cmd = "ip link set lo up && exec " + shlex.join([sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
         return subprocess.call(["unshare", "-n", "--", "bash", "-c", cmd])
 
     import ray
@@ -243,13 +256,13 @@ def main() -> int:
     results: Dict[str, Any] = {"stamp": time.strftime("%Y%m%d-%H%M%S"), "ray": ray.__version__, "cpus": os.cpu_count(), "sizes": {}, "parts": {}}
     try:
         with _Ours() as ours, _Plain() as plain:
-            for label, size in SIZES.items():
+            for label, size in sizes.items():
                 big = size > 1 << 20
                 # (p99 of 60 lone frames was their slowest one: one stall of the shared
                 # machine, which hits either chain at random, decided it; of 240, the third)
                 n_ping = (10 if big else 60) if args.quick else (240 if big else 600)
                 n_stream = (20 if big else 300) if args.quick else (120 if big else 3000)
-                got = measure([ours, plain], size, n_ping, n_stream, rounds=2 if args.quick else 6)
+                got = measure([ours, plain], size, n_ping, n_stream, rounds=2 if args.quick else args.rounds)
                 results["sizes"][label] = {"bytes": size, **got}
                 for name, r in got.items():
                     print(f"{label:7s} {name:12s} {r}", flush=True)
@@ -257,7 +270,7 @@ def main() -> int:
             # two chains again (p50s; latency only)
             with _LocalHop() as hop:
                 parts = [ours, plain, _RayCall(plain, "head"), _RayCall(plain, "gpu"), hop]
-                for label, size in SIZES.items():
+                for label, size in ({} if args.no_parts else sizes).items():
                     big = size > 1 << 20
                     n_ping = (10 if big else 60) if args.quick else (40 if big else 300)
                     got = measure(parts, size, n_ping, 0, rounds=2 if args.quick else 4)
@@ -273,13 +286,12 @@ def main() -> int:
         "(both \"hosts\" share the cores), driver -> a (head) -> b (gpu) -> driver in both systems. "
         "Ratio: remotemedia / ray (latency: lower is better; throughput: higher is better).",
         "",
-        "| frame | measure | remotemedia | plain Ray actor chain | ratio | ratio round by round |",
+        "| frame | measure | remotemedia | plain Ray actor chain | ratio | ratios round by round: median [confidence interval], range |",
         "|---|---|---|---|---|---|",
     ]
 
     def spread(a: List[float], b: List[float]) -> str:
-        rs = [x / y for x, y in zip(a, b) if y]
-        return f"{min(rs):.2f}–{max(rs):.2f}, median {_pct(rs, 0.5):.2f}" if rs else ""
+        return paired_summary([x / y for x, y in zip(a, b) if y])
 
     for label, r in results["sizes"].items():
         rm, rr = r["remotemedia"], r["ray"]

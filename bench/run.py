@@ -66,10 +66,12 @@ import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "bench"))  # (bench/stats.py, when imported from elsewhere)
 
 from remotemedia import Group, Node, Source, Supervisor  # noqa: E402
 from remotemedia.nodes import MapNode, PassThroughNode  # noqa: E402
 from remotemedia.serialization import serialize_node  # noqa: E402
+from stats import paired_summary  # noqa: E402  (bench/stats.py)
 
 SIZES = [64, 4096, 1080 * 1920 * 3, 64 << 20]
 SYSTEMS = ["remotemedia", "remotemedia_loaned", "remotemedia_dict", "mp_queue", "iox_raw", "shm_pipe", "dora"]
@@ -824,13 +826,14 @@ def round_ratios(r: Dict[str, Any], b: Dict[str, Any], key: str) -> List[float]:
 def ratio_cell(r: Dict[str, Any], b: Dict[str, Any], key: str, paired: bool = False) -> str:
     """The ratio of the medians, and the spread of the ratios round by round; ``paired``
     (systems run back to back every round, see PAIRED): also the median of those ratios,
-    each from two runs seconds apart."""
+    each from two runs seconds apart, with its confidence interval (bench/stats.py)."""
     cell = ratio(r[key], b[key])
     rs = round_ratios(r, b, key)
     if len(rs) < 2:
         return cell
-    mid = f", median {statistics.median(rs):.2f}" if paired else ""
-    return f"{cell} ({min(rs):.2f}–{max(rs):.2f}{mid})"
+    if paired:
+        return f"{cell} ({paired_summary(rs)})"
+    return f"{cell} ({min(rs):.2f}–{max(rs):.2f})"
 
 
 FLAT_INTERVAL = 0.02
@@ -972,8 +975,8 @@ def render(results: Dict[str, Any]) -> str:
         lines.append(
             "Media frames (`{\"t\", \"rate\", \"data\": array}` dicts) against bare arrays of the same size"
             + (
-                ", run back to back every round: the ratio of the medians, and in brackets the lowest, highest and median "
-                "of the ratios of each round's pair:"
+                ", run back to back every round: the ratio of the medians, and in brackets the median of the ratios of "
+                "each round's pair with its confidence interval (bench/stats.py) and their range:"
                 if paired
                 else ":"
             )
