@@ -3,9 +3,9 @@ sink, one worker each), run back to back, many times, with the median of the pai
 a confidence interval for it.
 
     # this checkout's runtime against another checkout's (say the commit before a change):
-    git worktree add /tmp/base REV && bash -c 'cd /tmp/base && PYO3_PYTHON=$PWD/../main/.venv/bin/python \\
-        cargo build --release -p ipc_bridge && cp target/release/lib_ipc_bridge.so \\
-        remotemedia/_ipc_bridge.cpython-311-x86_64-linux-gnu.so'
+    git worktree add /tmp/base REV          # (from this checkout; then build its bridge:)
+    (cd /tmp/base && PYO3_PYTHON=$OLDPWD/.venv/bin/python cargo build --release -p ipc_bridge \\
+        && cp target/release/lib_ipc_bridge.so remotemedia/_ipc_bridge.cpython-311-x86_64-linux-gnu.so)
     python bench/ab.py --base /tmp/base --size 6220800 --pairs 10
 
     # media dicts against bare arrays, same runtime:
@@ -27,6 +27,7 @@ rate back to back.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -98,6 +99,8 @@ def main() -> None:
         ap.error("nothing to compare: give --base DIR (another checkout) and/or --dict (dicts against bare arrays)")
     if args.base and not os.path.isdir(os.path.join(args.base, "remotemedia")):
         ap.error(f"--base {args.base}: no remotemedia/ package there (a checkout of this repository, bridge built)")
+    if args.base and not glob.glob(os.path.join(args.base, "remotemedia", "_ipc_bridge*.so")):
+        ap.error(f"--base {args.base}: its bridge is not built (no remotemedia/_ipc_bridge*.so): build it as this script's docstring shows")
     if args.pairs < 1:
         ap.error("--pairs must be at least 1")
     a = (args.base or ROOT, args.as_dict and bool(args.base))
