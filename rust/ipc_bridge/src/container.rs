@@ -170,8 +170,8 @@ impl Codec {
     }
 
     /// `(meta, buffers)` of a container frame, or None when `obj` is not one (then pickle it).
-    /// A container without any array is not one either: small pickles are as fast.
-    /// Give the vectors of an [`Encoded`] back when done with it (the next frame reuses them).
+    /// A container without any array is not one either: small pickles are as fast. Hand the
+    /// result to [`recycle`](Self::recycle) when done with it: the next frame reuses its vectors.
     pub(crate) fn encode(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<Option<Encoded>> {
         let (mut meta, mut bufs) = self.scratch.take().unwrap_or_else(|| (Vec::with_capacity(96), Vec::new()));
         meta.clear();
