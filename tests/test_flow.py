@@ -446,6 +446,36 @@ def test_media_frames_cross_decoded_and_encoded_by_the_bridge():
         assert e_in["decoded_by_bridge"] >= 60 - 2 * (e_out["resent"] + e_in["duplicates"]), (down, e_in, e_out)
 
 
+class ShiftingKeys(Source):
+    """Dicts whose keys change between frames: another key at the same place, the same keys
+    in another order, an equal key that is another str object, one entry more or less."""
+
+    def generate(self):
+        a = np.arange(8, dtype=np.int16)
+        other_t = "".join(["t"])  # (equal to "t", built at run time: another object)
+        yield {"t": 1, "data": a}
+        yield {"t": 2, "data": a}
+        yield {"u": 3, "data": a}
+        yield {"data": a, "u": 4}
+        yield {other_t: 5, "data": a}
+        yield {"t": 6, "data": a, "rate": 8000}
+        yield {"t": 7, "data": a}
+
+
+def test_media_frames_keep_their_keys_when_keys_change_between_frames():
+    # The stage loop's encoder reuses the encoding of the last dict's keys where the key at
+    # that place is the same object: any other key must be encoded anew.
+    nodes = [ShiftingKeys(name="src"), PassOn(name="a"), PassOn(name="b")]
+    report = Supervisor(nodes).run()
+    want = list(ShiftingKeys().generate())
+    assert [list(d) for d in report.outputs] == [list(w) for w in want]
+    for got, w in zip(report.outputs, want):
+        assert {k: v for k, v in got.items() if k != "data"} == {k: v for k, v in w.items() if k != "data"}
+        assert np.array_equal(got["data"], w["data"])
+    ((_, e_out),) = report.nodes["a"]["edges_out"].items()
+    assert e_out["encoded_by_bridge"] >= len(want) - e_out["resent"], e_out
+
+
 class StampedFrames(Source):
     def __init__(self, n, nbytes, **kw):
         super().__init__(**kw)

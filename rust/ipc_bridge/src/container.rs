@@ -17,6 +17,7 @@
 
 use crate::fasthash::FastMap;
 
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -63,6 +64,10 @@ pub(crate) struct Codec {
     recent: Vec<Recent>,
     /// the vectors of the last frame encoded, empty, for the next (see `recycle`)
     scratch: Option<Encoded>,
+    /// the keys of the last dict encoded, by position, with their encoding (u16 length,
+    /// utf-8): a stream's dicts repeat the same key objects (held here: an address names the
+    /// same str while it is)
+    enc_keys: Vec<(Py<PyString>, Vec<u8>)>,
 }
 
 /// An entry of the last frame decoded: its key's and value's bytes in the meta, and the
@@ -88,6 +93,7 @@ impl Codec {
             keys: FastMap::default(),
             recent: Vec::new(),
             scratch: None,
+            enc_keys: Vec::new(),
         })
     }
 
@@ -116,7 +122,10 @@ impl Codec {
     }
 
     fn value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Part>) -> PyResult<bool> {
-        let py = v.py();
+        // (a media frame's samples first: an exact ndarray, its type compared by address)
+        if unsafe { ffi::Py_TYPE(v.as_ptr()) } as *mut ffi::PyObject == self.ndarray.as_ptr() {
+            return self.array_value(v, meta, bufs);
+        }
         if v.is_none() {
             meta.push(T_NONE);
         } else if v.is_exact_instance_of::<PyBool>() {
@@ -141,31 +150,36 @@ impl Codec {
             meta.push(T_BYTES);
             meta.extend_from_slice(&(b.len() as u32).to_le_bytes());
             meta.extend_from_slice(b);
-        } else if v.get_type().is(self.ndarray.bind(py)) {
-            // (read from the array's fields: no buffer request, no shape tuple per frame)
-            let Some(a) = crate::ndarray::contiguous(v) else { return Ok(false) };
-            if !self.enc.contains_key(&(a.descr as usize)) {
-                let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
-                self.learn_dtype(&descr)?;
-            }
-            let Some((_, Some((dt, itemsize)))) = self.enc.get(&(a.descr as usize)) else { return Ok(false) };
-            let nbytes = a.dims.iter().try_fold(*itemsize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
-            let Some(nbytes) = nbytes.filter(|&n| n > 0) else { return Ok(false) };
-            if dt.len() > 255 || a.dims.len() > 255 {
-                return Ok(false);
-            }
-            meta.push(T_ARRAY);
-            meta.push(dt.len() as u8);
-            meta.extend_from_slice(dt);
-            meta.push(a.dims.len() as u8);
-            for &n in a.dims {
-                meta.extend_from_slice(&(n as i64).to_le_bytes());
-            }
-            meta.extend_from_slice(&(bufs.len() as u32).to_le_bytes());
-            bufs.push((v.clone().unbind(), a.data as usize, nbytes));
         } else {
             return Ok(false);
         }
+        Ok(true)
+    }
+
+    /// An exact ndarray's entry (see `value`).
+    fn array_value(&mut self, v: &Bound<'_, PyAny>, meta: &mut Vec<u8>, bufs: &mut Vec<Part>) -> PyResult<bool> {
+        let py = v.py();
+        // (read from the array's fields: no buffer request, no shape tuple per frame)
+        let Some(a) = crate::ndarray::contiguous(v) else { return Ok(false) };
+        if !self.enc.contains_key(&(a.descr as usize)) {
+            let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
+            self.learn_dtype(&descr)?;
+        }
+        let Some((_, Some((dt, itemsize)))) = self.enc.get(&(a.descr as usize)) else { return Ok(false) };
+        let nbytes = a.dims.iter().try_fold(*itemsize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
+        let Some(nbytes) = nbytes.filter(|&n| n > 0) else { return Ok(false) };
+        if dt.len() > 255 || a.dims.len() > 255 {
+            return Ok(false);
+        }
+        meta.push(T_ARRAY);
+        meta.push(dt.len() as u8);
+        meta.extend_from_slice(dt);
+        meta.push(a.dims.len() as u8);
+        for &n in a.dims {
+            meta.extend_from_slice(&(n as i64).to_le_bytes());
+        }
+        meta.extend_from_slice(&(bufs.len() as u32).to_le_bytes());
+        bufs.push((v.clone().unbind(), a.data as usize, nbytes));
         Ok(true)
     }
 
@@ -202,17 +216,41 @@ impl Codec {
             }
             meta.push(0);
             meta.extend_from_slice(&(d.len() as u32).to_le_bytes());
-            for (k, v) in d.iter() {
-                let Ok(k) = k.cast_exact::<PyString>() else { return Ok(false) };
-                let k = k.to_str()?;
-                if k.len() > u16::MAX as usize {
+            let py = obj.py();
+            let (mut pos, mut key, mut value): (ffi::Py_ssize_t, *mut ffi::PyObject, *mut ffi::PyObject) =
+                (0, std::ptr::null_mut(), std::ptr::null_mut());
+            let mut i = 0;
+            // (PyDict_Next: no iterator object; each value is held while it is encoded)
+            while unsafe { ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut key, &mut value) } != 0 {
+                match self.enc_keys.get(i) {
+                    Some((k, raw)) if k.as_ptr() == key => meta.extend_from_slice(raw),
+                    _ => {
+                        let k = unsafe { Bound::from_borrowed_ptr(py, key) };
+                        let Ok(k) = k.cast_exact::<PyString>() else { return Ok(false) };
+                        let s = k.to_str()?;
+                        if s.len() > u16::MAX as usize {
+                            return Ok(false);
+                        }
+                        let mut raw = Vec::with_capacity(2 + s.len());
+                        raw.extend_from_slice(&(s.len() as u16).to_le_bytes());
+                        raw.extend_from_slice(s.as_bytes());
+                        meta.extend_from_slice(&raw);
+                        if self.enc_keys.len() > i {
+                            self.enc_keys.truncate(i);
+                        }
+                        if i < MAX_ENTRIES {
+                            self.enc_keys.push((k.clone().unbind(), raw));
+                        }
+                    }
+                }
+                i += 1;
+                let value = unsafe { Bound::from_borrowed_ptr(py, value) };
+                if !self.value(&value, meta, bufs)? {
                     return Ok(false);
                 }
-                meta.extend_from_slice(&(k.len() as u16).to_le_bytes());
-                meta.extend_from_slice(k.as_bytes());
-                if !self.value(&v, meta, bufs)? {
-                    return Ok(false);
-                }
+            }
+            if i != d.len() {
+                return Ok(false); // (changed while encoded: pickle decides)
             }
         } else {
             let (kind, items): (u8, Vec<Bound<'_, PyAny>>) = if let Ok(t) = obj.cast_exact::<PyTuple>() {
