@@ -325,7 +325,7 @@ def test_media_frames_in_a_row_decode_each_its_own_values(node):
     # keys, its rate, its codec name): each frame must still get exactly its own values,
     # whatever changes between frames (a value of the same length, a key over the same value,
     # the kind of container, a long str, -0.0 after 0.0).
-    pub, sub = pair(node, max_borrowed=16)
+    pub, sub = pair(node, max_borrowed=32, buffer_size=32)
     sub.learn_containers()
     a = np.arange(4, dtype=np.int16)
     long1, long2 = "x" * 100, "x" * 99 + "y"
@@ -339,12 +339,29 @@ def test_media_frames_in_a_row_decode_each_its_own_values(node):
         (-0.0, a, 1),
         [-0.0, a, None, b"raw"],
         {"t": 1, "rate": 16000, "data": a, "codec": "pcm"},
+        {"t": 1, "rate": 16000, "data": a, "codec": "pcm"},  # (the same dict again: its copy)
+        {"t": 2, "rate": 16000, "data": a, "codec": "pcm"},
+        {"t": 2, "rate": 16000, "data": a, "codec": "pcm"},
+        {"t": 2, "rate": 44100, "data": a, "codec": long1},
+        (3, 4, a, long2),  # (another kind at the same places...)
+        {"t": 3, "rate": 4, "data": a, "codec": long2},  # (...then the dict with its values)
+        {"t": 3, "rate": 4, "data": a, "codec": long2},
+        {"t": 3, "data": a, "rate": 4, "codec": long2},  # (the same keys in another order)
+        {"t": 3, "data": a, "rate": 4},
+        {"t": 3, "data": a, "rate": 4},
+        {"x": 1, "d": a},
+        {"x": 1, "d": a},
+        (2, a),  # (changes what the last dicts held at place 0...)
+        {"x": 2, "d": a},  # (...which this dict's copy must not keep)
     ]
     got = []
     for seq, f in enumerate(frames):
         meta, bufs = b.encode_container(f)
         pub.send(seq, 0, meta, bufs)
-        got.append(sub.take(seq, 16)[0])
+        d = sub.take(seq, 32)[0]
+        got.append(dict(d) if isinstance(d, dict) else d)
+        if isinstance(d, dict):  # (what a node does to its frame changes no later frame)
+            d["t"], d["added"] = -1, True
     for g, f in zip(got, frames):
         assert type(g) is type(f)
         gv, fv = (list(g.items()), list(f.items())) if isinstance(f, dict) else (list(enumerate(g)), list(enumerate(f)))
