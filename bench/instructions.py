@@ -64,8 +64,7 @@ def one_run(kind: str, size: int, frames: int, stage: str, out: str) -> None:
     from remotemedia import Supervisor
 
     os.environ["RM_CALLGRIND_OUT"] = out
-    nodes = [bench.BenchSource(frames, size, 0.0, False, 0.2, kind == "dict", name="source")]
-    nodes += [bench.CopyStage(name=f"s{i}") for i in range(1, 4)] + [bench.BenchSink(name="sink")]
+    nodes = bench.copy_pipeline(frames, size, kind == "dict", 0.2)
     # (generous deadlines: the counted worker runs ~50x slower)
     sup = Supervisor(nodes, queue_depth=bench.QUEUE, control=False, start_method="spawn", init_timeout=600, heartbeat_timeout=600)
     report = sup.run()

@@ -168,6 +168,13 @@ class BenchSink(Node):
         return {"lat": self.lat, "first": self.first, "last": self.last}
 
 
+def copy_pipeline(n: int, size: int, as_dict: bool, idle: float) -> List[Any]:
+    """The nodes of the pipeline the benches share: a source of ``n`` frames back to back
+    (after ``idle`` s), three pass-through stages copying each frame on, a sink."""
+    nodes: List[Any] = [BenchSource(n, size, 0.0, False, idle, as_dict, name="source")]
+    return nodes + [CopyStage(name=f"s{i}") for i in range(1, 4)] + [BenchSink(name="sink")]
+
+
 def run_remotemedia(
     size: int, n: int, interval: float, loaned: bool, measure_idle: bool, grouped: bool = False, as_dict: bool = False
 ) -> Dict[str, Any]:

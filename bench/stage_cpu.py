@@ -85,8 +85,7 @@ class Sampler:
 
 
 def one_run(size: int, n: int, as_dict: bool, queue: int, perf: Optional[str], perf_who: str, spin_us: Optional[int] = None) -> None:
-    nodes = [bench.BenchSource(n, size, 0.0, False, 0.5, as_dict, name="source")]
-    nodes += [bench.CopyStage(name=f"s{i}") for i in range(1, 4)] + [bench.BenchSink(name="sink")]
+    nodes = bench.copy_pipeline(n, size, as_dict, 0.5)
     spin = {} if spin_us is None else {"spin_us": spin_us}
     sup = Supervisor(nodes, queue_depth=queue, control=False, **spin)
     sup.start()

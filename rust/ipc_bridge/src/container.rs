@@ -161,11 +161,16 @@ impl Codec {
         let py = v.py();
         // (read from the array's fields: no buffer request, no shape tuple per frame)
         let Some(a) = crate::ndarray::contiguous(v) else { return Ok(false) };
-        if !self.enc.contains_key(&(a.descr as usize)) {
-            let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
-            self.learn_dtype(&descr)?;
-        }
-        let Some((_, Some((dt, itemsize)))) = self.enc.get(&(a.descr as usize)) else { return Ok(false) };
+        let key = a.descr as usize;
+        let code = match self.enc.get(&key) {
+            Some(c) => c,
+            None => {
+                let descr = unsafe { Bound::from_borrowed_ptr(py, a.descr) };
+                self.learn_dtype(&descr)?;
+                &self.enc[&key]
+            }
+        };
+        let (_, Some((dt, itemsize))) = code else { return Ok(false) };
         let nbytes = a.dims.iter().try_fold(*itemsize, |n, &d| n.checked_mul(usize::try_from(d).ok()?));
         let Some(nbytes) = nbytes.filter(|&n| n > 0) else { return Ok(false) };
         if dt.len() > 255 || a.dims.len() > 255 {
@@ -235,9 +240,7 @@ impl Codec {
                         raw.extend_from_slice(&(s.len() as u16).to_le_bytes());
                         raw.extend_from_slice(s.as_bytes());
                         meta.extend_from_slice(&raw);
-                        if self.enc_keys.len() > i {
-                            self.enc_keys.truncate(i);
-                        }
+                        self.enc_keys.truncate(i);
                         if i < MAX_ENTRIES {
                             self.enc_keys.push((k.clone().unbind(), raw));
                         }
