@@ -3,6 +3,7 @@ stages -> sink), counted by valgrind's callgrind: a measure this machine's noise
 
     python bench/instructions.py                       # 4 KiB bare arrays and media dicts, stage s2
     python bench/instructions.py --kinds dict --size 64 --frames 500,3000
+    python bench/instructions.py --stage sink --keep /tmp/cg   # the sink; keep the outputs
 
 Timings on these shared VMs swing by a third from run to run and they have no hardware
 counters (`perf stat` cannot count instructions), so a change of a few hundred instructions
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=4096, help="payload bytes (default 4096)")
     ap.add_argument("--frames", default="500,3000", help="N1,N2: frames of the two runs of each kind (default 500,3000)")
     ap.add_argument("--stage", default="s2", help="the worker counted (default s2, the middle stage)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the callgrind outputs in DIR (KIND-FRAMES.out), for callgrind_annotate")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "FRAMES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -139,6 +141,9 @@ def main() -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--stage", args.stage, "--child", kind, str(frames), out]
                 subprocess.run(cmd, check=True, env=dict(os.environ, RM_WORKER_PYTHON=wrapper), timeout=1800)
                 got.append(counts(out))
+                if args.keep:
+                    os.makedirs(args.keep, exist_ok=True)
+                    shutil.copy(out, os.path.join(args.keep, f"{kind}-{frames}.out"))
             a, b = got
             per[kind] = {k: (b[k] - a.get(k, 0)) / (n2 - n1) for k in b}
             print(f"{kind:5s} {args.size} B, stage {args.stage}: " + "  ".join(f"{k} {v:7.0f}" for k, v in per[kind].items()) + "  instructions per frame", flush=True)
