@@ -47,6 +47,25 @@ def test_frames_cross_in_order_and_commits_free_the_retention():
     assert [f[0] for f in s.retained] == [3] and s.committed == 3
 
 
+def test_a_sender_given_a_list_hands_what_a_commit_releases_to_it():
+    # (the agent drops them when no frame waits on it: a frame's object in Ray's store is
+    # freed by a call into Ray)
+    released: List[Any] = []
+    s, r = EdgeSender(3, 1, window=8, released=released), EdgeReceiver(3, 1)
+    for i in range(5):
+        s.add(frame(i))
+    r.on_batch(1, s.batch(10), everything)
+    s.on_reply(r.reply())
+    assert released == []  # taken, not committed: still retained
+    r.set_committed(3)
+    s.on_reply(r.reply(), took=False)
+    assert released == [frame(0), frame(1), frame(2)]
+    assert [f[0] for f in s.retained] == [3, 4] and s.committed == 3
+    r.set_committed(3)
+    s.on_reply(r.reply(), took=False)  # nothing new committed: nothing released twice
+    assert len(released) == 3
+
+
 def test_the_receiver_takes_only_what_its_side_has_room_for_and_the_sender_resends_the_rest():
     s, r = EdgeSender(0, 1, window=8), EdgeReceiver(0, 1)
     for i in range(5):

@@ -79,8 +79,12 @@ class EdgeSender:
     limit, as the local runtime's producers retain what is not committed).
     """
 
-    def __init__(self, edge: int, incarnation: int, window: int, next_seq: int = 0) -> None:
+    def __init__(self, edge: int, incarnation: int, window: int, next_seq: int = 0, released: Optional[List[Frame]] = None) -> None:
         self.edge = edge
+        #: when a list, the frames a commit releases go there, for the owner to drop when a
+        #: frame is not waiting on it (a frame's value may be an object in Ray's store, which
+        #: its last reference frees with a call into Ray)
+        self.released = released
         self.incarnation = incarnation
         self.window = window
         self.next_seq = next_seq
@@ -167,8 +171,11 @@ class EdgeSender:
             took = True  # a new incarnation: its expected is the truth, even backwards
         if committed > self.committed:
             committed = min(committed, self.next_seq)
+            released = self.released
             while self.retained and self.retained[0][0] < committed:
-                self.retained.popleft()
+                f = self.retained.popleft()
+                if released is not None:
+                    released.append(f)
             self.committed = committed
         if took:
             self.cursor = min(max(expected, self.committed), self.next_seq)
