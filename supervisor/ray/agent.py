@@ -356,13 +356,19 @@ class _Agent:
         for local, (g, _src) in part.cut_in.items():
             self.receivers[g] = (local, EdgeReceiver(g, self.incarnation, in_committed.get(local, 0)))
         self.outs: Dict[int, _Out] = {}  # global edge -> its sending end
-        # Frames the receivers committed, and the answers of pushes (which may hold a frame
-        # pulled with them), dropped by the pump at the start and the end of its turn, not
-        # in its middle: freeing a big frame's object is a call into Ray, 0.3-0.5 ms each
-        # that a lone frame waited for between leaving its node and its push.
+        # What commits release on the edges this host pushes (frames whose big values are
+        # objects in Ray's store) and the answers of its pushes (which may hold a frame
+        # pulled with them): dropped by the pump at the start and the end of its turn, not
+        # in its middle, since freeing an object is a call into Ray, 0.3-0.5 ms each that a
+        # lone frame waited for between leaving its node and its push. (An edge the driver
+        # pulls retains views of shared memory: a commit frees those at once, so that the
+        # edge may take more.)
         self.released: List[Any] = []
         for local, (g, dst) in part.cut_out.items():
-            sender = EdgeSender(g, self.incarnation, spec.windows.get(g, spec.window), self.start_positions.get(local, 0), self.released)
+            pushed = not (dst == CALLER or dst is None)
+            sender = EdgeSender(
+                g, self.incarnation, spec.windows.get(g, spec.window), self.start_positions.get(local, 0), self.released if pushed else None
+            )
             self.outs[g] = _Out(local, g, dst, sender)
         self.out_by_local = {o.local: o for o in self.outs.values()}
         self.ins: Dict[int, _In] = {}  # (the driver's part) global edge -> its pulling end
@@ -411,7 +417,7 @@ class _Agent:
             if gw is None:
                 break
             try:
-                self._drop_released()  # (views a pull's commit released: the edge may take more)
+                self._drop_released()
                 big: List[Tuple[_Out, Any, Frame]] = []
                 with self.lock:
                     if not gw.closed and (gw._pump_inputs() | self._take_outputs(gw, big)):
