@@ -445,6 +445,7 @@ class _Agent:
                 time.sleep(0.02)  # (finished: only replies are left)
             else:
                 gw.wait(time.monotonic() + 0.05)
+        self._drop_released()  # (objects in Ray's store: not kept past the pump)
 
     def _checkpoints(self, arb: Any) -> None:
         """Every ``checkpoint_interval``, when the books moved: store them, then report the
