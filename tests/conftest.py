@@ -18,9 +18,11 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
-from typing import List, Set
+from typing import Callable, List, Optional, Set
 
 import psutil
 import pytest
@@ -125,6 +127,45 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def exit_status(proc: subprocess.Popen, timeout: float, stderr: Optional[Callable[[], str]] = None) -> int:
+    """``proc``'s exit status once it exits within ``timeout`` s; else the test fails with
+    what it was doing: its state and signal masks (/proc), then the Python stack of each of
+    its threads when it runs with ``PYTHONFAULTHANDLER=1`` (SIGABRT makes faulthandler print
+    them to its stderr as it dies). For a CLI that must exit on Ctrl-C: once, under load,
+    one did not within 30 s, and nothing said why.
+
+    Its pipes are drained meanwhile (``communicate``: a process blocked writing to a full
+    pipe never exits), unless the test's own threads read them: then ``stderr()`` returns
+    what they read of its stderr."""
+    try:
+        if stderr is None:
+            proc.communicate(timeout=timeout)
+        else:
+            proc.wait(timeout)
+        return proc.returncode
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            state = [line.strip() for line in f if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+    except OSError:
+        state = ["(no /proc entry)"]
+    proc.send_signal(signal.SIGABRT)
+    err = ""
+    try:
+        if stderr is None:
+            err = proc.communicate(timeout=15)[1] or ""
+        else:
+            proc.wait(15)
+            time.sleep(0.5)  # (the reading thread's last lines)
+            err = stderr()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    err = err.decode(errors="replace") if isinstance(err, bytes) else err
+    pytest.fail(f"{proc.args} did not exit within {timeout} s: {'; '.join(state)}\n{err[-8000:]}")
 
 
 class OnceFile:

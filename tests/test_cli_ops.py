@@ -23,6 +23,8 @@ import pytest
 
 from supervisor.control import NameInUseError, NameLock, find_endpoints
 
+from conftest import exit_status
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,8 +40,10 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def cli_proc(*args: str) -> subprocess.Popen:
+    # (faulthandler: a CLI that does not exit when it should is made to say where it is, see
+    # conftest.exit_status)
     return subprocess.Popen([sys.executable, "-m", "supervisor.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
 
 
 ENDLESS = textwrap.dedent(
@@ -325,8 +329,7 @@ def test_status_watch_prints_a_table_per_interval_with_whole_names(tmp_path):
     finally:
         if watcher is not None:
             watcher.send_signal(signal.SIGINT)  # Ctrl-C: exit 0
-            w = finish(watcher, 30)
-            assert w.returncode == 0, w.stderr
+            assert exit_status(watcher, 30) == 0
         assert cli("stop", "endless").returncode == 0
         r = finish(proc)
     assert r.returncode == 0, r.stderr

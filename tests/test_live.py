@@ -21,7 +21,7 @@ from remotemedia.errors import ReloadError, SupervisorError
 from remotemedia.serialization import node_fingerprint, serialize_node
 from supervisor.logring import LogRing
 
-from conftest import wait_for
+from conftest import exit_status, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,10 +324,12 @@ def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
         assert _cli(tmp_path, "reload", "live").stdout.strip() == "reloaded live: nothing changed"
         follower = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "logs", "live", "--node", "scale", "-n", "0", "-f"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(env, PYTHONFAULTHANDLER="1"),
         )  # fmt: skip
         followed: List[str] = []
+        follower_err: List[str] = []
         threading.Thread(target=lambda: followed.extend(follower.stdout), daemon=True).start()  # type: ignore[arg-type]
+        threading.Thread(target=lambda: follower_err.extend(follower.stderr), daemon=True).start()  # type: ignore[arg-type]
         # -n 0 shows what comes after the follower connected, and nothing says when it has: a
         # worker restarted before that (a forked one is READY within milliseconds) is not
         # shown. Restart until one is, then the reload's worker comes after.
@@ -343,7 +345,7 @@ def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith("reloaded live: replaced scale (pid "), r.stderr
         wait_for(lambda: any("scale k=1000 ready" in line for line in list(followed)), what="logs -f to show the new worker")
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(30) == 0
+        assert exit_status(follower, 30, stderr=lambda: "".join(follower_err)) == 0
         before = {e["pid"] for e in ready}  # (-n 0: only what came after, not the lines before)
         assert not any(f"[scale {pid}]" in line for line in followed for pid in before), followed
         path.write_text("pipeline = [")  # a broken file: refused, the pipeline goes on
