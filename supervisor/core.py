@@ -691,33 +691,15 @@ class Supervisor:
                     # stopped (a signal) while starting: a graceful stop of a run that had not begun
             arb = self._arbiter
             assert arb is not None
-            if inputs is not None:
-                if not self._input_edges:
-                    raise SupervisorError(
-                        f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs"
-                    )
-                if isinstance(inputs, (str, bytes, dict)):
-                    raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
-            elif not self._closed_by_user:
+            self._check_run_inputs(inputs)
+            if inputs is None and not self._closed_by_user:
                 self.close()
-            outputs: List[Tuple[int, int, Any]] = []
-            count = [0]
-
-            def deliver(value: Any, info: FrameInfo) -> None:
-                if on_output is not None:
-                    on_output(value, info)
-                else:
-                    outputs.append((info.origin, count[0], value))
-                count[0] += 1
-
-            _RunLoop(self, arb, iter(inputs) if inputs is not None else None, deliver).run()
+            outputs = _Outputs(on_output)
+            _RunLoop(self, arb, iter(inputs) if inputs is not None else None, outputs.deliver).run()
             self.join()
             if arb.error is not None:
                 raise arb.error
-            outputs.sort(key=lambda t: (t[0], t[1]))
-            report = self.report([v for _, _, v in outputs])
-            report.output_count = count[0]
-            return report
+            return outputs.report(self)
         except BaseException:
             if self.running:  # on_output raised: nothing may outlive the call
                 self.kill()
@@ -725,6 +707,16 @@ class Supervisor:
             raise
         finally:
             restore()
+
+    def _check_run_inputs(self, inputs: Optional[Iterable[Any]]) -> None:
+        """run()'s ``inputs`` (None: none), refused for a pipeline without input nodes and
+        when they are not an iterable of frames."""
+        if inputs is None:
+            return
+        if not self._input_edges:
+            raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs")
+        if isinstance(inputs, (str, bytes, dict)):
+            raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
 
     def report(self, outputs: Optional[List[Any]] = None) -> RunReport:
         """Statistics of the run so far."""
@@ -976,6 +968,30 @@ class Progress:
 
 #: An inputs iterator whose next() took longer than this (seconds) is treated as paced.
 _SLOW_NEXT = 50e-6
+
+
+class _Outputs:
+    """What run() returns of the outputs: each handed to ``on_output`` as it comes, or
+    collected and ordered by the input they derive from (then by arrival)."""
+
+    def __init__(self, on_output: Optional[Callable[[Any, FrameInfo], None]]) -> None:
+        self.on_output = on_output
+        self.got: List[Tuple[int, int, Any]] = []
+        self.count = 0
+
+    def deliver(self, value: Any, info: FrameInfo) -> None:
+        if self.on_output is not None:
+            self.on_output(value, info)
+        else:
+            self.got.append((info.origin, self.count, value))
+        self.count += 1
+
+    def report(self, sup: "Supervisor") -> RunReport:
+        """``sup``'s report, with the outputs collected and how many there were."""
+        self.got.sort(key=lambda t: (t[0], t[1]))
+        report = sup.report([v for _, _, v in self.got])
+        report.output_count = self.count
+        return report
 
 
 class _RunLoop:

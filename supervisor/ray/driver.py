@@ -32,13 +32,13 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from remotemedia.errors import EndOfStream, NodeTypeError, RemoteMediaError, SupervisorError
+from remotemedia.errors import EndOfStream, RemoteMediaError, SupervisorError
 from remotemedia.frames import FrameInfo
 from remotemedia.node import Source
 
 from ..channels import split_frame
 from ..control import ControlServer
-from ..core import Progress, RunReport, Supervisor, _encode_input
+from ..core import Progress, RunReport, Supervisor, _encode_input, _Outputs
 from ..systemd import SystemdNotifier
 from .agent import (
     BATCH_BYTES, BATCH_FRAMES, LONG_POLL, PIGGY_WAIT, PIGGY_WAIT_PER_BYTE, RETRY, HostAgent, HostSpec, _Agent, _frame_size, _frames_size, agent_name, pack,
@@ -513,22 +513,9 @@ class RaySupervisor(Supervisor):
         if self._run_called or self._finished.is_set():
             raise SupervisorError(f"run() works once per Supervisor, and the supervisor of {self.name!r} has already run")
         self._run_called = True
-        if inputs is not None:
-            if not self._input_edges:
-                raise SupervisorError(f"pipeline {self.name!r} has no input nodes (every root is a Source); run it without inputs")
-            if isinstance(inputs, (str, bytes, dict)):
-                raise NodeTypeError(f"inputs must be an iterable of frames (e.g. a list), got {type(inputs).__name__}")
+        self._check_run_inputs(inputs)
         restore: Callable[[], None] = lambda: None  # noqa: E731
-        outputs: List[Tuple[int, int, Any]] = []
-        count = [0]
-
-        def deliver(value: Any, info: FrameInfo) -> None:
-            if on_output is not None:
-                on_output(value, info)
-            else:
-                outputs.append((info.origin, count[0], value))
-            count[0] += 1
-
+        outputs = _Outputs(on_output)
         try:
             if self._thread is None:
                 self.start()
@@ -549,16 +536,13 @@ class RaySupervisor(Supervisor):
                     continue
                 except EndOfStream:
                     break
-                deliver(value, info)
+                outputs.deliver(value, info)
             self.join()
             if feeder is not None:
                 feeder.join(5.0)
             if self._error is not None:
                 raise self._error
-            outputs.sort(key=lambda t: (t[0], t[1]))
-            report = self.report([v for _, _, v in outputs])
-            report.output_count = count[0]
-            return report
+            return outputs.report(self)
         except BaseException:
             if self.running:
                 self.kill()
