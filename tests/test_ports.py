@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from remotemedia import _ipc_bridge as bridge
-from remotemedia.errors import TransportError
+from remotemedia.errors import ReceiveError, TransportError
 from remotemedia.frames import CT_TAG, Kind, decode, decode_bytes, encode
 from supervisor import channels
 from supervisor.channels import KIND_ACK, KIND_DATA, KIND_EOS, KIND_PROBE, InPort, OutPort
@@ -43,6 +43,11 @@ class FakeSample(bytes):
     @property
     def info(self) -> Tuple[int, int, int, int, int, int]:
         return (self.seq, self.origin, self.stream_id, self.created_ns, self.sent_ns, self.kind)
+
+    def __del__(self) -> None:
+        sub = getattr(self, "borrowed_from", None)
+        if sub is not None:  # (a subscriber that counts borrows, as iceoryx2 does)
+            sub.borrowed -= 1
 
 
 def make_sample(seq: int, kind: int, meta: Any, buffers: Any, origin: int, stream_id: int, created_ns: int) -> FakeSample:
@@ -75,6 +80,7 @@ class FakeSubscriber:
         self.capacity, self.safe_overflow = buffer_size, safe_overflow
         self.max_borrowed = max_borrowed
         self.borrowed = 0
+        self.count_borrows = False  # as iceoryx2: a receive with max_borrowed frames held fails
         self.queue: Deque[FakeSample] = deque()
         self.refuse = 0  # the next N deliveries are discarded (a full queue, a racing replay)
         self.lose = 0  # the next N deliveries count as delivered and vanish (a lost frame)
@@ -101,7 +107,16 @@ class FakeSubscriber:
         return True
 
     def receive(self) -> Optional[FakeSample]:
-        return self.queue.popleft() if self.queue else None
+        if not self.queue:
+            return None
+        if self.count_borrows:
+            if self.borrowed >= self.max_borrowed:
+                raise ReceiveError(f"receiving on {self.service!r} with {self.borrowed} of {self.max_borrowed} frames still held")
+            self.borrowed += 1
+            s = self.queue.popleft()
+            s.borrowed_from = self
+            return s
+        return self.queue.popleft()
 
     def take(self, expected: int, borrow_limit: int) -> Any:
         s = self.receive()
@@ -361,6 +376,27 @@ def test_unchanged_ack_is_not_resent_unless_forced() -> None:
     assert not e.out.ack_sub.queue
     e.inp.ack(1, 1, force=True)
     assert len(e.out.ack_sub.queue) == 1
+
+
+def test_a_frame_not_taken_gives_its_borrow_back_before_the_next_is_received() -> None:
+    # Every borrow but one held (the node keeps frame 0 zero-copy), then a duplicate arrives
+    # before frame 1: the duplicate must be let go before frame 1 is received (a worker of a
+    # node keeping its frames died of ExceedsMaxBorrows under load when it was not).
+    e = Edge()
+    sub = e.data_sub
+    sub.max_borrowed, sub.count_borrows = 2, True
+    frame = np.arange(8, dtype=np.int32)  # (an array: taken as the Sample, zero copy)
+    e.send(frame)
+    kept = e.inp.take()
+    assert kept.seq == 0 and sub.borrowed == 1
+    e.out.close()
+    e.out = e.producer(next_seq=0, committed=0)  # restarted: frame 0 again, then frame 1
+    e.send(frame)
+    e.send(frame)
+    got = e.inp.take()
+    assert got.seq == 1 and e.inp.duplicates == 1 and sub.borrowed == 2
+    del got, kept
+    assert sub.borrowed == 0
 
 
 def test_duplicates_from_a_restarted_producer_are_dropped_and_answered() -> None:

@@ -66,6 +66,9 @@ impl InPort {
         if self.accept(py, r.bind(py))? {
             return Ok(Some(Taken::Sample(r)));
         }
+        // (a frame not taken, a duplicate or past a gap, gives its borrow back before the
+        // next one is received: with every other borrow held, receiving first fails)
+        drop(r);
         Ok(self.receive_next(py)?.map(Taken::Sample))
     }
 
