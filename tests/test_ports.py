@@ -109,14 +109,13 @@ class FakeSubscriber:
     def receive(self) -> Optional[FakeSample]:
         if not self.queue:
             return None
+        if self.count_borrows and self.borrowed >= self.max_borrowed:
+            raise ReceiveError(f"receiving on {self.service!r} with {self.borrowed} of {self.max_borrowed} frames still held")
+        s = self.queue.popleft()
         if self.count_borrows:
-            if self.borrowed >= self.max_borrowed:
-                raise ReceiveError(f"receiving on {self.service!r} with {self.borrowed} of {self.max_borrowed} frames still held")
             self.borrowed += 1
-            s = self.queue.popleft()
             s.borrowed_from = self
-            return s
-        return self.queue.popleft()
+        return s
 
     def take(self, expected: int, borrow_limit: int) -> Any:
         s = self.receive()
