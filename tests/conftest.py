@@ -42,6 +42,12 @@ def pytest_configure(config: pytest.Config) -> None:
     global SESSION_RUNTIME_DIR
     SESSION_RUNTIME_DIR = tempfile.mkdtemp(prefix="rmc-")
     os.environ["REMOTEMEDIA_RUNTIME_DIR"] = SESSION_RUNTIME_DIR
+    # A runner started in the background by a non-interactive shell (`pytest ... &` in a
+    # script) inherits SIGINT ignored, and so would every CLI a test starts and then stops
+    # with Ctrl-C: it never exits (Python keeps an ignored SIGINT ignored). Tests run as from
+    # a terminal: a handler here is reset to the default in each child at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -152,6 +158,9 @@ def exit_status(proc: subprocess.Popen, timeout: float, stderr: Optional[Callabl
             state = [line.strip() for line in f if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
     except OSError:
         state = ["(no /proc entry)"]
+    ignored = next((int(s.split()[1], 16) for s in state if s.startswith("SigIgn")), 0)
+    if ignored & (1 << (signal.SIGINT - 1)):
+        state.insert(0, "it ignores SIGINT (inherited? see pytest_configure)")
     proc.send_signal(signal.SIGABRT)
     err = ""
     try:
