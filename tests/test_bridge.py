@@ -325,7 +325,7 @@ def test_media_frames_in_a_row_decode_each_its_own_values(node):
     # keys, its rate, its codec name): each frame must still get exactly its own values,
     # whatever changes between frames (a value of the same length, a key over the same value,
     # the kind of container, a long str, -0.0 after 0.0).
-    pub, sub = pair(node, max_borrowed=32, buffer_size=32)
+    pub, sub = pair(node, max_borrowed=48, buffer_size=48)
     sub.learn_containers()
     a = np.arange(4, dtype=np.int16)
     long1, long2 = "x" * 100, "x" * 99 + "y"
@@ -353,12 +353,22 @@ def test_media_frames_in_a_row_decode_each_its_own_values(node):
         {"x": 1, "d": a},
         (2, a),  # (changes what the last dicts held at place 0...)
         {"x": 2, "d": a},  # (...which this dict's copy must not keep)
+        {"x": 2, "d": a},
+        {"x": 3, "d": a},  # (a value that changes...)
+        {"x": 3, "d": a},  # (...then repeats: the dicts copied after hold it)
+        {"x": 3, "d": a},
+        {"x": 3, "d": a.astype(np.float32)},  # (another dtype at the same place)
+        {"x": a, "d": 3},  # (an array where a scalar was, and back)
+        {"x": 3, "d": a},
+        {"x": None, "d": a},
+        {"x": None, "d": a},
+        {"x": 3, "d": a},
     ]
     got = []
     for seq, f in enumerate(frames):
         meta, bufs = b.encode_container(f)
         pub.send(seq, 0, meta, bufs)
-        d = sub.take(seq, 32)[0]
+        d = sub.take(seq, 48)[0]
         got.append(dict(d) if isinstance(d, dict) else d)
         if isinstance(d, dict):  # (what a node does to its frame changes no later frame)
             d["t"], d["added"] = -1, True
@@ -373,6 +383,28 @@ def test_media_frames_in_a_row_decode_each_its_own_values(node):
                 assert type(x) is type(y) and x == y and str(x) == str(y), (x, y)  # (str: -0.0)
     assert got[1]["rate"] is got[0]["rate"] and got[1]["codec"] is got[0]["codec"]  # (reused)
     assert got[0]["data"] is not got[1]["data"]  # (arrays never: each views its own frame)
+
+
+def test_a_media_frame_naming_a_key_twice_decodes_as_a_dict_literal_would(node):
+    # (not what an encoder of a dict writes, but a sender may: the last value wins, as in
+    # {"k": 1, "k": 2}, frame after frame)
+    import struct
+
+    from remotemedia.frames import CT_TAG
+
+    pub, sub = pair(node)
+    sub.learn_containers()
+
+    def entry(key: bytes, value: int) -> bytes:
+        return struct.pack("<H", len(key)) + key + bytes([3]) + struct.pack("<q", value)
+
+    array = struct.pack("<H", 1) + b"d" + bytes([7, 3]) + b"<i2" + bytes([1]) + struct.pack("<qI", 4, 0)
+    for seq, (x, y) in enumerate([(1, 2), (1, 2), (1, 5), (7, 5)]):
+        meta = CT_TAG + struct.pack("<BI", 0, 3) + entry(b"k", x) + entry(b"k", y) + array
+        pub.send(seq, 0, meta, [np.arange(4, dtype=np.int16).tobytes()])
+        got = sub.take(seq, 3)[0]
+        assert list(got) == ["k", "d"] and got["k"] == y and got["d"].tolist() == [0, 1, 2, 3]
+        del got
 
 
 def test_notify_may_yield_and_still_wakes(node):

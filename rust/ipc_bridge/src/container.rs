@@ -68,6 +68,9 @@ pub(crate) struct Codec {
     /// utf-8): a stream's dicts repeat the same key objects (held here: an address names the
     /// same str while it is)
     enc_keys: Vec<(Py<PyString>, Vec<u8>)>,
+    /// the last dtype decoded: its `.str`, object and itemsize (a stream's arrays share one:
+    /// one compare, no hash)
+    last_dtype: Option<(Vec<u8>, Py<PyAny>, usize)>,
 }
 
 /// An entry of the last frame decoded: its key's and value's bytes in the meta, and the
@@ -94,6 +97,7 @@ impl Codec {
             recent: Vec::new(),
             scratch: None,
             enc_keys: Vec::new(),
+            last_dtype: None,
         })
     }
 
@@ -131,12 +135,19 @@ impl Codec {
         } else if v.is_exact_instance_of::<PyBool>() {
             meta.push(if v.is_truthy()? { T_TRUE } else { T_FALSE });
         } else if v.is_exact_instance_of::<PyInt>() {
-            let Ok(i) = v.extract::<i64>() else { return Ok(false) };
+            // (the C API directly: pyo3's extract costs as much as the rest of the entry)
+            let mut overflow = 0;
+            // SAFETY: an exact int; its only failure is overflow, which is reported
+            let i = unsafe { ffi::PyLong_AsLongLongAndOverflow(v.as_ptr(), &mut overflow) };
+            if overflow != 0 {
+                return Ok(false); // (beyond 64 bits: pickle it)
+            }
             meta.push(T_INT);
             meta.extend_from_slice(&i.to_le_bytes());
         } else if v.is_exact_instance_of::<PyFloat>() {
             meta.push(T_FLOAT);
-            meta.extend_from_slice(&v.extract::<f64>()?.to_le_bytes());
+            // SAFETY: an exact float
+            meta.extend_from_slice(&unsafe { ffi::PyFloat_AS_DOUBLE(v.as_ptr()) }.to_le_bytes());
         } else if let Ok(s) = v.cast_exact::<PyString>() {
             let s = s.to_str()?;
             meta.push(T_STR);
@@ -390,17 +401,24 @@ impl Codec {
     /// `nbytes` at `data`, which `source` owns.
     fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[u8], source: &Bound<'_, PyAny>, data: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
         let bad = |what: &str| pyo3::exceptions::PyValueError::new_err(format!("malformed container frame meta: {what}"));
-        let (dtype, itemsize) = match self.dec.get(dt) {
-            Some((d, n)) => (d.clone_ref(py), *n),
-            None => {
-                let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
-                // (an array of Python objects over received bytes would be pointers from another process)
-                if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
-                    return Err(bad("a dtype holding Python objects"));
-                }
-                let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
-                self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
-                (d.unbind(), n)
+        let (dtype, itemsize) = match &self.last_dtype {
+            Some((raw, d, n)) if raw.as_slice() == dt => (d.clone_ref(py), *n),
+            _ => {
+                let (d, n) = match self.dec.get(dt) {
+                    Some((d, n)) => (d.clone_ref(py), *n),
+                    None => {
+                        let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
+                        // (an array of Python objects over received bytes would be pointers from another process)
+                        if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
+                            return Err(bad("a dtype holding Python objects"));
+                        }
+                        let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
+                        self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
+                        (d.unbind(), n)
+                    }
+                };
+                self.last_dtype = Some((dt.to_vec(), d.clone_ref(py), n));
+                (d, n)
             }
         };
         let count = nbytes.checked_div(itemsize).unwrap_or(0);
