@@ -107,6 +107,17 @@ pub(crate) fn contiguous<'a>(obj: &'a Bound<'_, PyAny>) -> Option<Contiguous<'a>
     Some(Contiguous { data: f.data, descr: f.descr, dims })
 }
 
+/// `obj.base` of a numpy array (of any subclass), read from its fields (no attribute lookup);
+/// None when `obj` is not an array or owns its data.
+pub(crate) fn base<'py>(obj: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    if !is_array(obj) {
+        return None;
+    }
+    let f = unsafe { &*(obj.as_ptr() as *const Fields) };
+    // SAFETY: an array's base is NULL or a reference the array holds
+    (!f.base.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(obj.py(), f.base) })
+}
+
 /// True when `obj` is a numpy array (of any subclass).
 pub(crate) fn is_array(obj: &Bound<'_, PyAny>) -> bool {
     match api(obj.py()) {

@@ -141,15 +141,14 @@ pub(crate) fn views_chunk(obj: &Bound<'_, PyAny>) -> bool {
             return false;
         }
         let next = if let Ok(mv) = cur.cast::<PyMemoryView>() {
-            mv.getattr(intern!(py, "obj"))
-        } else if crate::ndarray::is_array(&cur) {
-            cur.getattr(intern!(py, "base"))
+            mv.getattr(intern!(py, "obj")).ok().filter(|n| !n.is_none())
         } else {
-            return false;
+            // (an array's base read from its fields: no attribute lookup per frame)
+            crate::ndarray::base(&cur)
         };
         match next {
-            Ok(n) if !n.is_none() => cur = n,
-            _ => return false,
+            Some(n) => cur = n,
+            None => return false,
         }
     }
     false
