@@ -255,8 +255,7 @@ impl Publisher {
         // The port lock is held to loan and to send, not across the copy: a big copy releases
         // the GIL, and another thread waiting for this lock with the GIL held would deadlock
         // with us (iceoryx2 ports are not thread-safe, so the lock itself must stay).
-        let mut sample = self.loan_reserved(py, lay.total, || format!("frame {seq} ({} bytes) on {:?}", lay.total, self.service))?;
-        let dst = sample.payload_mut().as_mut_ptr() as usize;
+        let (mut sample, dst) = self.loan_reserved(py, lay.total, || format!("frame {seq} ({} bytes) on {:?}", lay.total, self.service))?;
         unsafe { layout::write_table(dst as *mut u8, &lay, &lens) };
         let mut parts = layout::PerBuffer::with_capacity(bufs.len() + 1);
         parts.push((meta.0, lay.meta_offset, meta.1));
@@ -278,8 +277,10 @@ impl Publisher {
     }
 
     /// Loans a chunk for a payload of `total` bytes whose memory (header to end of payload)
-    /// is there to be written; `what` names the frame for the error.
-    fn loan_reserved(&self, py: Python<'_>, total: usize, what: impl FnOnce() -> String) -> PyResult<Uninit> {
+    /// is there to be written, and the payload's address (iceoryx2's `payload_mut()` takes
+    /// two locks, ~370 instructions: once per frame is enough); `what` names the frame for
+    /// the error.
+    fn loan_reserved(&self, py: Python<'_>, total: usize, what: impl FnOnce() -> String) -> PyResult<(Uninit, usize)> {
         let (sample, start, end, payload, plan) = {
             let mut guard = self.port.lock().expect("publisher mutex poisoned");
             let Port { publisher, reserver } = &mut *guard;
@@ -291,12 +292,12 @@ impl Publisher {
             let plan = reserver.plan(start, end);
             (sample, start, end, payload, plan)
         };
-        let Plan::Reserve(segment, from) = plan else { return Ok(sample) };
+        let Plan::Reserve(segment, from) = plan else { return Ok((sample, payload)) };
         // (first use of a chunk: the GIL is released, the system calls may wait for a lock)
         let result = py.detach(|| segment.reserve(from, end, reserve::page_up(payload)));
         self.port.lock().expect("publisher mutex poisoned").reserver.done(start, end, result.is_ok());
         result.map_err(|full| shm_full_err(&full, what(), total, &self.service))?;
-        Ok(sample)
+        Ok((sample, payload))
     }
 
     fn loan_uninit(&self, p: &IoxPublisher<Svc, [u8], FrameHeader>, total: usize) -> PyResult<Uninit> {
@@ -452,10 +453,9 @@ impl Publisher {
     pub(crate) fn loan(slf: Bound<'_, Self>, nbytes: usize, meta_reserve: usize) -> PyResult<Loan> {
         let this = slf.get();
         let lay = layout::compute(meta_reserve, &[nbytes]).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let mut sample = this.loan_reserved(slf.py(), lay.total, || {
+        let (sample, base) = this.loan_reserved(slf.py(), lay.total, || {
             format!("a loan of {nbytes} bytes (Node.allocate()) on {:?}", this.service)
         })?;
-        let base = sample.payload_mut().as_mut_ptr() as usize;
         Ok(Loan {
             inner: Mutex::new(Some(sample)),
             base,
