@@ -69,7 +69,10 @@ pub struct OutPort {
     /// Bytes of frames sent since the consumer was last woken.
     unwoken: u64,
     array_meta: Option<Py<PyAny>>,
+    /// a learned array's frame: meta and buffer
     array_nbytes: u64,
+    /// a learned array's buffer alone
+    array_buffer_nbytes: u64,
     /// Buffers for the copies of small retained frames (see retain.rs).
     pool: Pool,
     /// Retained frames kept as such copies.
@@ -206,8 +209,8 @@ impl OutPort {
         // costs a third of the retained copy)
         let bytes = crate::ndarray::contiguous(value).map(|a| {
             // SAFETY: send_array took it: a C-contiguous array of the learned dtype and shape,
-            // `array_nbytes` bytes at `data`, alive while `value` is
-            unsafe { std::slice::from_raw_parts(a.data, self.array_nbytes as usize) }
+            // `array_buffer_nbytes` bytes at `data`, alive while `value` is
+            unsafe { std::slice::from_raw_parts(a.data, self.array_buffer_nbytes as usize) }
         });
         let buffer = self.retainable(value, bytes, self.array_nbytes)?;
         let frame = Ret { kind: KIND_DATA, meta, buffers: vec![buffer], origin, stream_id, created_ns };
@@ -382,6 +385,7 @@ impl OutPort {
             unwoken: 0,
             array_meta: None,
             array_nbytes: 0,
+            array_buffer_nbytes: 0,
             pool: Pool::default(),
             retained_copies: 0,
         }
@@ -589,6 +593,7 @@ impl OutPort {
         self.pub_.call(py, "learn_array", (array_type, dtype, shape, meta.clone_ref(py), nbytes))?;
         self.array_meta = Some(meta);
         self.array_nbytes = meta_len + nbytes;
+        self.array_buffer_nbytes = nbytes;
         Ok(())
     }
 
