@@ -177,6 +177,19 @@ def exit_status(proc: subprocess.Popen, timeout: float, stderr: Optional[Callabl
     pytest.fail(f"{proc.args} did not exit within {timeout} s: {'; '.join(state)}\n{err[-8000:]}")
 
 
+@pytest.fixture
+def node():
+    """An iceoryx2 node of the bridge in a run of its own, closed after the test, which fails
+    if the run leaves anything in shared memory."""
+    from remotemedia import _ipc_bridge
+
+    run = resources.new_run()
+    n = _ipc_bridge.Node(run.prefix, "test", run.root)
+    yield n
+    n.close()  # (pytest holds the object until the test is torn down)
+    assert resources.purge(run.root) == []
+
+
 class OnceFile:
     """True the first time it is asked, across processes (a marker file)."""
 

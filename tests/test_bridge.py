@@ -15,18 +15,8 @@ import pytest
 from remotemedia import _ipc_bridge as b
 from remotemedia.errors import ServiceError, TransportError
 from remotemedia.frames import decode, encode
-from supervisor import resources
 
 from conftest import shm_mapping_of
-
-
-@pytest.fixture
-def node():
-    run = resources.new_run()
-    n = b.Node(run.prefix, "test", run.root)
-    yield n
-    n.close()  # (pytest holds the object until the test is torn down)
-    assert resources.purge(run.root) == []
 
 
 def pair(node, name="e/data", **kw):

@@ -17,18 +17,8 @@ from conftest import wait_for
 from remotemedia import Source, Supervisor
 from remotemedia import _ipc_bridge as b
 from remotemedia.nodes import MapNode
-from supervisor import resources
 from supervisor.arbiter import Arbiter
 from supervisor.doorbells import GATEWAY_SLOT, RunDoorbells, worker_slot
-
-
-@pytest.fixture
-def node():
-    run = resources.new_run()
-    n = b.Node(run.prefix, "test", run.root)
-    yield n
-    n.close()
-    assert resources.purge(run.root) == []
 
 
 @pytest.fixture

@@ -711,34 +711,24 @@ def test_send_array_books_like_send() -> None:
     assert all((v == a + i).all() for i, (_, v) in enumerate(got))
 
 
-def test_a_bare_array_viewing_a_received_chunk_is_retained_as_a_copy_of_its_bytes() -> None:
+def test_a_bare_array_viewing_a_received_chunk_is_retained_as_a_copy_of_its_bytes(node: Any) -> None:
     # (a pass-through stage's frame: the hot path keeps a copy for replay, so that the chunk
     # goes back upstream; the copy must be the array's bytes, not its frame's: a replay of
     # it is decoded by dtype and shape)
-    from supervisor import resources
-
-    run = resources.new_run()
-    node = bridge.Node(run.prefix, "test", run.root)
-    try:
-        pub, sub = bridge.Publisher(node, "e/data"), bridge.Subscriber(node, "e/data")
-        want = np.arange(12, dtype=np.float64).reshape(3, 4)
-        pub.send(0, 0, *encode(want))
-        view = decode(sub.receive())  # (its base, or its base's base, is the Sample)
-        e = Edge(depth=8)
-        meta, bufs = encode(want)
-        e.out.learn_array(want, meta, bufs[0])
-        assert e.out.send_array(view, 0, 0, 0)
-        assert e.out.retained_copies == 1
-        (kept,) = e.out.retained[-1].buffers
-        assert type(kept) is not bridge.Sample and bytes(kept) == want.tobytes()
-        e.clock.t += 1
-        e.data_sub.refuse = 0
-        assert e.out.replay(-1) is None
-        assert [(s, v.tolist()) for s, v in e.drain()][-1] == (0, want.tolist())
-        del view, kept, e
-    finally:
-        node.close()
-        assert resources.purge(run.root) == []
+    pub, sub = bridge.Publisher(node, "e/data"), bridge.Subscriber(node, "e/data")
+    want = np.arange(12, dtype=np.float64).reshape(3, 4)
+    pub.send(0, 0, *encode(want))
+    view = decode(sub.receive())  # (its base, or its base's base, is the Sample)
+    e = Edge(depth=8)
+    meta, bufs = encode(want)
+    e.out.learn_array(want, meta, bufs[0])
+    assert e.out.send_array(view, 0, 0, 0)
+    assert e.out.retained_copies == 1
+    (kept,) = e.out.retained[-1].buffers
+    assert type(kept) is not bridge.Sample and bytes(kept) == want.tobytes()
+    assert e.out.replay(-1) is None
+    assert [(s, v.tolist()) for s, v in e.drain()][-1] == (0, want.tolist())
+    del view, kept, e
 
 
 def test_take_decodes_learned_frames_and_passes_others_through() -> None:
