@@ -294,77 +294,80 @@ impl Codec {
     ///
     /// # Safety
     /// Every `(offset, len)` of `offsets` must lie in the memory `source` owns at `base`.
-    pub(crate) unsafe fn decode(
+    pub(crate) unsafe fn decode<'py>(
         &mut self,
-        py: Python<'_>,
+        py: Python<'py>,
         meta: &[u8],
-        source: &Bound<'_, PyAny>,
+        source: &Bound<'py, PyAny>,
         base: usize,
         offsets: &[(usize, usize)],
-    ) -> PyResult<Py<PyAny>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let bad = || pyo3::exceptions::PyValueError::new_err("malformed container frame meta");
         let mut r = Reader { b: meta, i: 4 };
         let kind = r.u8().ok_or_else(bad)?;
         let n = r.u32().ok_or_else(bad)? as usize;
-        if n > MAX_ENTRIES {
+        if n > MAX_ENTRIES || kind > 2 {
             return Err(bad());
         }
-        let dict = PyDict::new(py);
-        let mut items: Vec<Py<PyAny>> = Vec::with_capacity(if kind == 0 { 0 } else { n });
+        // (a dict's entries go into `dict`, a tuple's or list's into `items`)
+        let dict = (kind == 0).then(|| PyDict::new(py));
+        let mut items: Option<Vec<Bound<'py, PyAny>>> = (kind != 0).then(|| Vec::with_capacity(n));
         if self.recent.len() < n {
             self.recent.resize_with(n, Recent::default);
         }
+        // (keys and repeated scalars are lent from `recent`, which holds them: no reference
+        // counted per entry but the dict's own)
         for i in 0..n {
-            let key = if kind == 0 {
+            if kind == 0 {
                 let len = r.u16().ok_or_else(bad)? as usize;
                 let raw = r.take(len).ok_or_else(bad)?;
-                let recent = &self.recent[i];
-                Some(match &recent.key {
-                    Some(k) if recent.key_raw == raw => k.clone_ref(py),
-                    _ => {
-                        let k = self.key(py, raw)?;
-                        let recent = &mut self.recent[i];
-                        recent.key_raw.clear();
-                        recent.key_raw.extend_from_slice(raw);
-                        recent.key = Some(k.clone_ref(py));
-                        k
-                    }
-                })
-            } else {
-                None
-            };
-            let v = if r.b.get(r.i) == Some(&T_ARRAY) {
-                self.read_array(py, &mut r, source, base, offsets).ok_or_else(bad)??
+                if self.recent[i].key.is_none() || self.recent[i].key_raw != raw {
+                    let k = self.key(py, raw)?;
+                    let recent = &mut self.recent[i];
+                    recent.key_raw.clear();
+                    recent.key_raw.extend_from_slice(raw);
+                    recent.key = Some(k);
+                }
+            }
+            let fresh = if r.b.get(r.i) == Some(&T_ARRAY) {
+                Some(self.read_array(py, &mut r, source, base, offsets).ok_or_else(bad)??)
             } else {
                 // (a scalar: the same bytes as this entry of the last frame make the same
                 // immutable object)
                 let start = r.i;
                 let (tag, payload) = scalar(&mut r).ok_or_else(bad)?;
                 let raw = &meta[start..r.i];
-                let recent = &self.recent[i];
-                match &recent.value {
-                    Some(v) if recent.value_raw == raw => v.clone_ref(py),
-                    _ if raw.len() > RECENT_MAX => scalar_object(py, tag, payload).ok_or_else(bad)??,
-                    _ => {
-                        let v = scalar_object(py, tag, payload).ok_or_else(bad)??;
-                        let recent = &mut self.recent[i];
+                let recent = &mut self.recent[i];
+                if recent.value.is_some() && recent.value_raw == raw {
+                    None
+                } else {
+                    let v = scalar_object(py, tag, payload).ok_or_else(bad)??;
+                    if raw.len() > RECENT_MAX {
+                        Some(v)
+                    } else {
                         recent.value_raw.clear();
                         recent.value_raw.extend_from_slice(raw);
-                        recent.value = Some(v.clone_ref(py));
-                        v
+                        recent.value = Some(v.unbind());
+                        None
                     }
                 }
             };
-            match key {
-                Some(k) => dict.set_item(k.bind(py), v)?,
-                None => items.push(v),
+            let recent = &self.recent[i];
+            let v = match &fresh {
+                Some(v) => v,
+                None => recent.value.as_ref().expect("a recent scalar").bind(py),
+            };
+            match (&dict, &mut items, &recent.key) {
+                (Some(dict), _, Some(k)) => dict.set_item(k.bind(py), v)?,
+                (_, Some(items), _) => items.push(v.clone()),
+                _ => unreachable!("a dict's entries have keys"),
             }
         }
-        Ok(match kind {
-            0 => dict.into_any().unbind(),
-            1 => PyTuple::new(py, items)?.into_any().unbind(),
-            2 => PyList::new(py, items)?.into_any().unbind(),
-            _ => return Err(bad()),
+        Ok(match (dict, items) {
+            (Some(dict), _) => dict.into_any(),
+            (_, Some(items)) if kind == 1 => PyTuple::new(py, items)?.into_any(),
+            (_, Some(items)) => PyList::new(py, items)?.into_any(),
+            _ => unreachable!("a dict or a sequence"),
         })
     }
 
@@ -384,7 +387,7 @@ impl Codec {
     }
 
     /// An array value (its tag next in `r`).
-    fn read_array(&mut self, py: Python<'_>, r: &mut Reader<'_>, source: &Bound<'_, PyAny>, base: usize, offsets: &[(usize, usize)]) -> Option<PyResult<Py<PyAny>>> {
+    fn read_array<'py>(&mut self, py: Python<'py>, r: &mut Reader<'_>, source: &Bound<'py, PyAny>, base: usize, offsets: &[(usize, usize)]) -> Option<PyResult<Bound<'py, PyAny>>> {
         if r.u8()? != T_ARRAY {
             return None;
         }
@@ -399,50 +402,47 @@ impl Codec {
 
     /// An array of dtype `.str` `dt` and shape `shape` (`ndim` little-endian i64) over the
     /// `nbytes` at `data`, which `source` owns.
-    fn array(&mut self, py: Python<'_>, dt: &[u8], shape: &[u8], source: &Bound<'_, PyAny>, data: usize, nbytes: usize) -> PyResult<Py<PyAny>> {
+    fn array<'py>(&mut self, py: Python<'py>, dt: &[u8], shape: &[u8], source: &Bound<'py, PyAny>, data: usize, nbytes: usize) -> PyResult<Bound<'py, PyAny>> {
         let bad = |what: &str| pyo3::exceptions::PyValueError::new_err(format!("malformed container frame meta: {what}"));
-        let (dtype, itemsize) = match &self.last_dtype {
-            Some((raw, d, n)) if raw.as_slice() == dt => (d.clone_ref(py), *n),
-            _ => {
-                let (d, n) = match self.dec.get(dt) {
-                    Some((d, n)) => (d.clone_ref(py), *n),
-                    None => {
-                        let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
-                        // (an array of Python objects over received bytes would be pointers from another process)
-                        if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
-                            return Err(bad("a dtype holding Python objects"));
-                        }
-                        let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
-                        self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
-                        (d.unbind(), n)
+        if !matches!(&self.last_dtype, Some((raw, _, _)) if raw.as_slice() == dt) {
+            let (d, n) = match self.dec.get(dt) {
+                Some((d, n)) => (d.clone_ref(py), *n),
+                None => {
+                    let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
+                    // (an array of Python objects over received bytes would be pointers from another process)
+                    if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
+                        return Err(bad("a dtype holding Python objects"));
                     }
-                };
-                self.last_dtype = Some((dt.to_vec(), d.clone_ref(py), n));
-                (d, n)
-            }
-        };
+                    let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
+                    self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
+                    (d.unbind(), n)
+                }
+            };
+            self.last_dtype = Some((dt.to_vec(), d, n));
+        }
+        let Some((_, dtype, itemsize)) = &self.last_dtype else { unreachable!("set above") };
+        let (dtype, itemsize) = (dtype.bind(py), *itemsize);
         let count = nbytes.checked_div(itemsize).unwrap_or(0);
-        let mut dims = [0isize; 32];
         let ndim = shape.len() / 8;
+        // (count x itemsize <= nbytes: inside the buffer)
+        if ndim == 1 {
+            // (as frombuffer: the buffer's items; a stream's samples, most frames)
+            return unsafe { crate::ndarray::view(dtype, &[count as isize], data as *const u8, source.clone()) };
+        }
+        let mut dims = [0isize; 32];
         if ndim > dims.len() {
             return Err(bad("more than 32 dimensions"));
         }
-        if ndim == 1 {
-            dims[0] = count as isize; // (as frombuffer: the buffer's items)
-        } else {
-            let mut n = 1usize;
-            for (d, raw) in dims.iter_mut().zip(shape.chunks_exact(8)) {
-                let v = i64::from_le_bytes(raw.try_into().expect("8 bytes"));
-                *d = isize::try_from(v).map_err(|_| bad("shape"))?;
-                n = usize::try_from(v).ok().and_then(|v| n.checked_mul(v)).ok_or_else(|| bad("shape"))?;
-            }
-            if n != count {
-                return Err(bad("shape does not match the buffer"));
-            }
+        let mut n = 1usize;
+        for (d, raw) in dims.iter_mut().zip(shape.chunks_exact(8)) {
+            let v = i64::from_le_bytes(raw.try_into().expect("8 bytes"));
+            *d = isize::try_from(v).map_err(|_| bad("shape"))?;
+            n = usize::try_from(v).ok().and_then(|v| n.checked_mul(v)).ok_or_else(|| bad("shape"))?;
         }
-        // (count x itemsize <= nbytes: inside the buffer)
-        let arr = unsafe { crate::ndarray::view(dtype.bind(py), &dims[..ndim], data as *const u8, source.clone())? };
-        Ok(arr.unbind())
+        if n != count {
+            return Err(bad("shape does not match the buffer"));
+        }
+        unsafe { crate::ndarray::view(dtype, &dims[..ndim], data as *const u8, source.clone()) }
     }
 }
 
@@ -462,15 +462,15 @@ fn scalar<'a>(r: &mut Reader<'a>) -> Option<(u8, &'a [u8])> {
 }
 
 /// The object of a scalar value (see `scalar`); None when malformed.
-fn scalar_object(py: Python<'_>, tag: u8, payload: &[u8]) -> Option<PyResult<Py<PyAny>>> {
+fn scalar_object<'py>(py: Python<'py>, tag: u8, payload: &[u8]) -> Option<PyResult<Bound<'py, PyAny>>> {
     Some(match tag {
-        T_NONE => Ok(py.None()),
-        T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
-        T_TRUE => Ok(PyBool::new(py, true).to_owned().into_any().unbind()),
-        T_INT => Ok(i64::from_le_bytes(payload.try_into().ok()?).into_pyobject(py).ok()?.into_any().unbind()),
-        T_FLOAT => Ok(PyFloat::new(py, f64::from_le_bytes(payload.try_into().ok()?)).into_any().unbind()),
-        T_STR => Ok(PyString::new(py, std::str::from_utf8(payload).ok()?).into_any().unbind()),
-        T_BYTES => Ok(PyBytes::new(py, payload).into_any().unbind()),
+        T_NONE => Ok(py.None().into_bound(py)),
+        T_FALSE => Ok(PyBool::new(py, false).to_owned().into_any()),
+        T_TRUE => Ok(PyBool::new(py, true).to_owned().into_any()),
+        T_INT => Ok(i64::from_le_bytes(payload.try_into().ok()?).into_pyobject(py).ok()?.into_any()),
+        T_FLOAT => Ok(PyFloat::new(py, f64::from_le_bytes(payload.try_into().ok()?)).into_any()),
+        T_STR => Ok(PyString::new(py, std::str::from_utf8(payload).ok()?).into_any()),
+        T_BYTES => Ok(PyBytes::new(py, payload).into_any()),
         _ => return None,
     })
 }

@@ -194,6 +194,8 @@ pub struct Publisher {
 struct Port {
     publisher: Option<IoxPublisher<Svc, [u8], FrameHeader>>,
     reserver: Reserver,
+    /// whether `payload_address` was checked against iceoryx2's own
+    layout_checked: bool,
 }
 
 /// What `Publisher.send_array()` needs to encode an array by itself: the array type, dtype and
@@ -204,6 +206,31 @@ struct TxCache {
     dims: Vec<isize>,
     meta: Arc<[u8]>,
     nbytes: usize,
+}
+
+/// The address of a loaned chunk's payload: right after our user header, aligned as the
+/// service was built (`BUFFER_ALIGN`), which is how iceoryx2 lays a chunk out
+/// (`MessageTypeDetails::payload_ptr_from_header`). Not `payload_mut()`, which takes two
+/// locks to learn the slice's length (~360 instructions, a tenth of a send); the first loan
+/// of each publisher compares the two (`checked`), so that another layout is an error, not
+/// frames written to the wrong place.
+fn payload_address(sample: &mut Uninit, checked: &mut bool) -> PyResult<usize> {
+    let user_header = sample.user_header_mut() as *mut FrameHeader as usize;
+    let payload = (user_header + std::mem::size_of::<FrameHeader>()).next_multiple_of(layout::BUFFER_ALIGN);
+    if !*checked {
+        let actual = sample.payload_mut().as_mut_ptr() as usize;
+        if actual != payload {
+            return Err(transport_err(format!(
+                "iceoryx2 {} lays a chunk out differently than this bridge expects (payload at \
+                 user header + {}, not + {}): rebuild the bridge against the iceoryx2 release it names",
+                crate::ICEORYX2_VERSION,
+                actual - user_header,
+                payload - user_header
+            )));
+        }
+        *checked = true;
+    }
+    Ok(payload)
 }
 
 impl Publisher {
@@ -277,17 +304,16 @@ impl Publisher {
     }
 
     /// Loans a chunk for a payload of `total` bytes whose memory (header to end of payload)
-    /// is there to be written, and the payload's address (iceoryx2's `payload_mut()` takes
-    /// two locks, ~370 instructions: once per frame is enough); `what` names the frame for
-    /// the error.
+    /// is there to be written, and the payload's address; `what` names the frame for the
+    /// error.
     fn loan_reserved(&self, py: Python<'_>, total: usize, what: impl FnOnce() -> String) -> PyResult<(Uninit, usize)> {
         let (sample, start, end, payload, plan) = {
             let mut guard = self.port.lock().expect("publisher mutex poisoned");
-            let Port { publisher, reserver } = &mut *guard;
+            let Port { publisher, reserver, layout_checked } = &mut *guard;
             let p = publisher.as_ref().ok_or_else(|| transport_err(format!("publisher of {:?} is closed", self.service)))?;
             let mut sample = self.loan_uninit(p, total)?;
             let header = sample.header() as *const _ as usize;
-            let payload = sample.payload_mut().as_mut_ptr() as usize;
+            let payload = payload_address(&mut sample, layout_checked)?;
             let (start, end) = (reserve::page_down(header.min(payload)), reserve::page_up(payload + total.max(1)));
             let plan = reserver.plan(start, end);
             (sample, start, end, payload, plan)
@@ -391,7 +417,7 @@ impl Publisher {
             .create()
             .map_err(|e| port_err(format!("creating publisher on {service:?}"), e))?;
         Ok(Self {
-            port: Mutex::new(Port { publisher: Some(publisher), reserver: Reserver::default() }),
+            port: Mutex::new(Port { publisher: Some(publisher), reserver: Reserver::default(), layout_checked: false }),
             service: service.to_owned(),
             tx_cache: Mutex::new(None),
             anchor: Anchor::new(factory, node),
@@ -657,7 +683,7 @@ impl Subscriber {
             let mut guard = self.rx_container.lock().expect("subscriber cache poisoned");
             if let Some(codec) = guard.as_mut() {
                 let (seq, origin, stream_id, created_ns, sent_ns) = (h.seq, h.origin, h.stream_id, h.created_ns, h.sent_ns);
-        self.last_len.store(sample.len, Ordering::Relaxed);
+                self.last_len.store(sample.len, Ordering::Relaxed);
                 let offsets = sample.buffers.clone();
                 let (source, base) = if copy {
                     self.copied.fetch_add(1, Ordering::Relaxed);
@@ -676,7 +702,7 @@ impl Subscriber {
                 // `base`, which `source` holds)
                 let meta = unsafe { std::slice::from_raw_parts((base + m0) as *const u8, m1 - m0) };
                 let obj = unsafe { codec.decode(py, meta, &source, base, &offsets)? };
-                return Ok(Some(Taken::Decoded(obj, seq, origin, stream_id, created_ns, sent_ns)));
+                return Ok(Some(Taken::Decoded(obj.unbind(), seq, origin, stream_id, created_ns, sent_ns)));
             }
         }
         let loads = match self.rx_pickle.lock().expect("subscriber cache poisoned").as_ref() {
