@@ -119,49 +119,72 @@ _ND_HEAD = struct.Struct("<4sBB")  # tag, len(dtype str), ndim
 CT_TAG = _CT_TAG = b"RMC1"
 _CT_HEAD = struct.Struct("<4sBI")  # tag, kind (0 dict, 1 tuple, 2 list), count
 _CT_KINDS = (dict, tuple, list)
+_CT_MAX_ENTRIES = 64  # (as the bridge's MAX_ENTRIES: more is pickled)
 
 
 def _decode_container(meta: Any, bufs: List[Any]) -> Any:
-    """A container frame (see CT_TAG) from its meta and out-of-band buffers."""
-    meta = bytes(meta)
+    """A container frame (see CT_TAG) from its meta and out-of-band buffers; a ValueError
+    naming it malformed when its bytes are not one, as the bridge's decoder refuses them."""
+    try:
+        return _read_container(bytes(meta), bufs)
+    except (struct.error, IndexError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed container frame meta: {e}") from e
+
+
+def _plain_dtype(text: bytes) -> np.dtype:
+    """The dtype named by a received ``.str``: only what the encoder sends (no Python
+    objects, which would be another process's pointers; no records or sub-arrays)."""
+    try:
+        dtype = np.dtype(text.decode())
+    except Exception as e:  # (numpy's parser raises TypeError, SyntaxError, ...)
+        raise ValueError(f"dtype {text!r}: {e}") from None
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.itemsize == 0:
+        raise ValueError(f"dtype {text!r} is not a plain one")
+    return dtype
+
+
+def _read_container(meta: bytes, bufs: List[Any]) -> Any:
     _, kind, n = _CT_HEAD.unpack_from(meta)
+    if n > _CT_MAX_ENTRIES or kind >= len(_CT_KINDS):
+        raise ValueError(f"kind {kind} with {n} entries")
     i = _CT_HEAD.size
+
+    def take(k: int) -> bytes:
+        nonlocal i
+        if i + k > len(meta):
+            raise ValueError(f"{k} bytes at {i} of a {len(meta)}-byte meta")
+        i += k
+        return meta[i - k : i]
+
     keys: List[str] = []
     values: List[Any] = []
     for _ in range(n):
         if kind == 0:
-            (klen,) = struct.unpack_from("<H", meta, i)
-            keys.append(meta[i + 2 : i + 2 + klen].decode())
-            i += 2 + klen
-        tag = meta[i]
-        i += 1
+            (klen,) = struct.unpack("<H", take(2))
+            keys.append(take(klen).decode())
+        tag = take(1)[0]
         if tag == 0:
             v: Any = None
         elif tag in (1, 2):
             v = tag == 2
         elif tag == 3:
-            (v,) = struct.unpack_from("<q", meta, i)
-            i += 8
+            (v,) = struct.unpack("<q", take(8))
         elif tag == 4:
-            (v,) = struct.unpack_from("<d", meta, i)
-            i += 8
+            (v,) = struct.unpack("<d", take(8))
         elif tag in (5, 6):
-            (ln,) = struct.unpack_from("<I", meta, i)
-            raw = meta[i + 4 : i + 4 + ln]
+            (ln,) = struct.unpack("<I", take(4))
+            raw = take(ln)
             v = raw.decode() if tag == 5 else raw
-            i += 4 + ln
         elif tag == 7:
-            dlen = meta[i]
-            dtype = np.dtype(meta[i + 1 : i + 1 + dlen].decode())
-            i += 1 + dlen
-            ndim = meta[i]
-            shape = struct.unpack_from(f"<{ndim}q", meta, i + 1)
-            i += 1 + 8 * ndim
-            (index,) = struct.unpack_from("<I", meta, i)
-            i += 4
+            dtype = _plain_dtype(take(take(1)[0]))
+            ndim = take(1)[0]
+            shape = struct.unpack(f"<{ndim}q", take(8 * ndim))
+            if min(shape, default=0) < 0:
+                raise ValueError(f"shape {shape}")
+            (index,) = struct.unpack("<I", take(4))
             v = np.frombuffer(bufs[index], dtype=dtype).reshape(shape)
         else:
-            raise ValueError(f"malformed container frame: value tag {tag}")
+            raise ValueError(f"value tag {tag}")
         values.append(v)
     if kind == 0:
         return dict(zip(keys, values))

@@ -310,6 +310,71 @@ def test_a_hostile_media_frame_is_refused_not_mapped(node):
     assert got.shape == (2, 2) and type(got.base) is b.Sample and not got.any()
 
 
+def test_media_frames_with_random_damage_decode_or_are_refused_by_both_decoders(node):
+    # A frame's meta is read from shared memory: whatever its bytes, each decoder (the bridge's
+    # on receipt, Python's decode_bytes elsewhere) either makes an object of them or refuses
+    # them with "malformed container", never another error, a crash or a read past the frame.
+    import random
+
+    from remotemedia.frames import decode_bytes
+
+    pub, sub = pair(node, max_borrowed=4)
+    sub.learn_containers()
+    rng = random.Random(20261203)
+    frames = [
+        {"t": 1, "rate": 16000, "data": np.arange(16, dtype=np.int16)},
+        (0.5, np.zeros((2, 3), np.float32), "x", b"yy", None, True),
+        [np.arange(6, dtype=">f8").reshape(3, 2), np.array(3, np.int64)],
+        {"a": np.ones(4, "U2"), "b": np.arange(3, dtype=np.uint64)},
+    ]
+    n_taken = refused = 0
+
+    def taken(got):
+        return decode(got) if isinstance(got, b.Sample) else got[0]
+
+    for seq in range(1500):
+        meta, bufs = b.encode_container(rng.choice(frames))
+        meta = bytearray(meta)
+        bufs = [memoryview(np.ascontiguousarray(a)).cast("B") for a in bufs]
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            if op < 0.5 and len(meta) > 4:  # a byte changed
+                meta[rng.randrange(4, len(meta))] = rng.randrange(256)
+            elif op < 0.7 and len(meta) > 5:  # cut short
+                del meta[rng.randrange(5, len(meta)) :]
+            elif op < 0.9:  # bytes inserted
+                i = rng.randrange(4, len(meta) + 1)
+                meta[i:i] = rng.randbytes(rng.randint(1, 9))
+            else:  # other buffers
+                bufs = [bytes(rng.randrange(64)) for _ in range(rng.randint(0, 3))]
+        outcome = {}
+        for decoder in ("bridge", "python"):
+            try:
+                if decoder == "bridge":
+                    pub.send(seq, 0, bytes(meta), bufs)
+                    # (one without buffers is not decoded on receipt: the runtime's decode reads it)
+                    obj = taken(sub.take(seq, 3))
+                else:
+                    obj = decode_bytes(bytes(meta), bufs)
+            except ValueError as e:
+                assert "malformed container" in str(e), f"{decoder}: {e!r} for {bytes(meta)!r}"
+                refused += 1
+                outcome[decoder] = "refused"
+                continue
+            n_taken += 1
+            values = list(obj.values() if isinstance(obj, dict) else obj)
+            # (every array's bytes readable; the two decoders make the same object)
+            outcome[decoder] = (
+                type(obj),
+                list(obj) if isinstance(obj, dict) else None,
+                [(v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else (type(v), repr(v)) for v in values],
+            )
+        assert outcome["bridge"] == outcome["python"], f"the decoders disagree on {bytes(meta)!r}"
+    assert n_taken > 100 and refused > 1000, (n_taken, refused)  # (both outcomes were exercised)
+    obj = values = None  # (the last frame's arrays)
+    assert sub.borrowed == 0
+
+
 def test_media_frames_in_a_row_decode_each_its_own_values(node):
     # The decoder reuses the objects of the last frame's entries whose bytes repeat (a stream's
     # keys, its rate, its codec name): each frame must still get exactly its own values,

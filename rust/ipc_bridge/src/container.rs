@@ -408,10 +408,15 @@ impl Codec {
             let (d, n) = match self.dec.get(dt) {
                 Some((d, n)) => (d.clone_ref(py), *n),
                 None => {
-                    let d = self.dtype.bind(py).call1((std::str::from_utf8(dt).map_err(|_| bad("dtype"))?,))?;
-                    // (an array of Python objects over received bytes would be pointers from another process)
+                    let text = std::str::from_utf8(dt).map_err(|_| bad("dtype"))?;
+                    let d = self.dtype.bind(py).call1((text,)).map_err(|e| bad(&format!("dtype {text:?}: {e}")))?;
+                    // (an array of Python objects over received bytes would be pointers from another
+                    // process; records and sub-arrays are never sent: refused as Python's decoder does)
                     if d.getattr(intern!(py, "hasobject"))?.is_truthy()? {
                         return Err(bad("a dtype holding Python objects"));
+                    }
+                    if !d.getattr(intern!(py, "names"))?.is_none() || !d.getattr(intern!(py, "subdtype"))?.is_none() {
+                        return Err(bad(&format!("dtype {text:?} is not a plain one")));
                     }
                     let n: usize = d.getattr(intern!(py, "itemsize"))?.extract()?;
                     self.dec.insert(dt.to_vec(), (d.clone().unbind(), n));
@@ -422,11 +427,15 @@ impl Codec {
         }
         let Some((_, dtype, itemsize)) = &self.last_dtype else { unreachable!("set above") };
         let (dtype, itemsize) = (dtype.bind(py), *itemsize);
-        let count = nbytes.checked_div(itemsize).unwrap_or(0);
+        // (an encoder sends whole items, never of size 0: as Python's frombuffer, refuse others)
+        let count = nbytes.checked_div(itemsize).filter(|c| c * itemsize == nbytes).ok_or_else(|| bad("the buffer is not whole items"))?;
         let ndim = shape.len() / 8;
         // (count x itemsize <= nbytes: inside the buffer)
         if ndim == 1 {
-            // (as frombuffer: the buffer's items; a stream's samples, most frames)
+            // (a stream's samples, most frames: no scratch dims)
+            if i64::from_le_bytes(shape.try_into().expect("8 bytes")) != count as i64 {
+                return Err(bad("shape does not match the buffer"));
+            }
             return unsafe { crate::ndarray::view(dtype, &[count as isize], data as *const u8, source.clone()) };
         }
         let mut dims = [0isize; 32];
