@@ -216,14 +216,24 @@ def _decode_ndarray(meta: Any, buf: Any) -> np.ndarray:
     key = bytes(meta)
     hit = _DEC_CACHE.get(key)
     if hit is None:
-        _, dlen, ndim = _ND_HEAD.unpack_from(key)
-        off = _ND_HEAD.size
-        hit = (np.dtype(key[off : off + dlen].decode()), struct.unpack_from(f"<{ndim}q", key, off + dlen))
+        try:
+            _, dlen, ndim = _ND_HEAD.unpack_from(key)
+            off = _ND_HEAD.size
+            if len(key) != off + dlen + 8 * ndim:
+                raise ValueError(f"{len(key)} bytes for a {dlen}-byte dtype and {ndim} dimensions")
+            hit = (_plain_dtype(key[off : off + dlen]), struct.unpack_from(f"<{ndim}q", key, off + dlen))
+            if min(hit[1], default=0) < 0:
+                raise ValueError(f"shape {hit[1]}")
+        except (struct.error, ValueError) as e:
+            raise ValueError(f"malformed array frame meta: {e}") from e
         if len(_DEC_CACHE) > 256:
             _DEC_CACHE.clear()
         _DEC_CACHE[key] = hit
     dtype, shape = hit
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except ValueError as e:  # (a buffer of another size than the meta says)
+        raise ValueError(f"malformed array frame: {e}") from e
 
 
 def encode(obj: Any) -> Tuple[bytes, List[memoryview]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import pickle
@@ -373,6 +374,41 @@ def test_media_frames_with_random_damage_decode_or_are_refused_by_both_decoders(
     assert n_taken > 100 and refused > 1000, (n_taken, refused)  # (both outcomes were exercised)
     obj = values = None  # (the last frame's arrays)
     assert sub.borrowed == 0
+
+
+def test_bare_array_frames_with_random_damage_decode_or_are_refused():
+    # The same for a bare array's meta (tag, dtype, shape), which Python decodes until the
+    # bridge has learned it: an array of exactly what the meta says, or "malformed array".
+    import random
+
+    from remotemedia.frames import decode_bytes, encode
+
+    rng = random.Random(20261203)
+    arrays = [np.arange(16, dtype=np.int16), np.zeros((2, 3), ">f4"), np.array(3, np.int64), np.ones(2, "U2")]
+    outcomes = collections.Counter()
+    for _ in range(1500):
+        meta, bufs = encode(rng.choice(arrays))
+        meta, buf = bytearray(meta), bytes(bufs[0])
+        for _ in range(rng.randint(0, 3)):  # (0: intact, as a control)
+            op = rng.random()
+            if op < 0.5 and len(meta) > 4:
+                meta[rng.randrange(4, len(meta))] = rng.randrange(256)
+            elif op < 0.7 and len(meta) > 5:
+                del meta[rng.randrange(5, len(meta)) :]
+            elif op < 0.9:
+                i = rng.randrange(4, len(meta) + 1)
+                meta[i:i] = rng.randbytes(rng.randint(1, 9))
+            else:
+                buf = bytes(rng.randrange(64))
+        try:
+            got = decode_bytes(bytes(meta), [buf])
+        except ValueError as e:
+            assert "malformed array" in str(e), f"{e!r} for {bytes(meta)!r}"
+            outcomes["refused"] += 1
+            continue
+        assert got.nbytes == len(buf) and got.tobytes() == buf
+        outcomes["decoded"] += 1
+    assert outcomes["decoded"] > 200 and outcomes["refused"] > 1000, outcomes
 
 
 def test_media_frames_in_a_row_decode_each_its_own_values(node):
