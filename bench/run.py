@@ -69,7 +69,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "bench"))  # (bench/stats.py, when imported from elsewhere)
 
 from remotemedia import Group, Node, Source, Supervisor  # noqa: E402
-from remotemedia.nodes import MapNode, PassThroughNode  # noqa: E402
+from remotemedia.nodes import MapNode  # noqa: E402
 from remotemedia.serialization import serialize_node  # noqa: E402
 from stats import paired_summary  # noqa: E402  (bench/stats.py)
 

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from remotemedia import Node, Pipeline
 from remotemedia.media import VideoFileSink, VideoFileSource, VideoResizeNode

@@ -6,7 +6,6 @@ import collections
 import ctypes
 import os
 import pickle
-import secrets
 import threading
 import time
 

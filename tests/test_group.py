@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from remotemedia import Frame, Group, Node, Pipeline, Source, Supervisor
+from remotemedia import Frame, Group, Node, Pipeline, Supervisor
 from remotemedia.errors import ManifestError, NodeError, NodeInitError, NodeTypeError
 from remotemedia.nodes import BatchNode, FilterNode, MapNode, PassThroughNode, RangeSource
 

@@ -16,7 +16,7 @@ from remotemedia.errors import (
     UnknownNodeTypeError,
 )
 from remotemedia.manifest import MANIFEST_VERSION, load_manifest, parse_connections
-from remotemedia.nodes import BatchNode, GainNode, PassThroughNode, RMSNode, SineSource
+from remotemedia.nodes import GainNode, PassThroughNode, RMSNode, SineSource
 from remotemedia.registry import get_node_class, type_name_of, unregister_node
 
 MANIFEST = {

@@ -21,7 +21,7 @@ import pytest
 from remotemedia import Node, Supervisor, execute_pipeline_with_input
 from remotemedia.errors import NodeError, NodeInitError, RemoteMediaError, SupervisorError, TransportError
 from remotemedia.nodes import PassThroughNode
-from supervisor import arbiter, channels, resources
+from supervisor import channels, resources
 
 DEADLINE = 120.0  # generous: what matters is that it ends at all
 ARRAY = np.arange(50_000, dtype=np.float64)  # travels as an out-of-band buffer: received as a view

@@ -15,7 +15,6 @@ import pytest
 from remotemedia import (
     Node,
     Pipeline,
-    Source,
     Supervisor,
     execute_pipeline,
     execute_pipeline_with_input,
@@ -25,7 +24,6 @@ from remotemedia.errors import (
     ManifestError,
     NodeError,
     NodeInitError,
-    NodeTypeError,
     PipelineValidationError,
     RemoteMediaError,
     RemoteTraceback,

@@ -9,20 +9,18 @@ are skipped when not root.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pwd
 import re
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import psutil
 import pytest

@@ -18,11 +18,11 @@ import urllib.request
 
 import pytest
 
-from remotemedia import Node, Source, Supervisor
+from remotemedia import Source, Supervisor
 from remotemedia.nodes import PassThroughNode, RangeSource
 from supervisor.control import find_endpoints, request
 from supervisor.logs import LogSink, parse_worker_line
-from supervisor.systemd import SystemdNotifier, render_unit
+from supervisor.systemd import SystemdNotifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

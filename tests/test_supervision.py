@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from remotemedia import Node, Pipeline, Source, Supervisor
-from remotemedia.errors import NodeFatalError, RemoteMediaError, WorkerStartTimeout
+from remotemedia.errors import NodeFatalError, WorkerStartTimeout
 from remotemedia.nodes import MapNode, PassThroughNode, RangeSource
 from supervisor import resources
 from supervisor.states import TRANSITIONS, IllegalTransition, ProcessState, StateMachine
