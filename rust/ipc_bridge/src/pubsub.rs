@@ -224,7 +224,7 @@ fn payload_address(sample: &mut Uninit, checked: &mut bool) -> PyResult<usize> {
                 "iceoryx2 {} lays a chunk out differently than this bridge expects (payload at \
                  user header + {}, not + {}): rebuild the bridge against the iceoryx2 release it names",
                 crate::ICEORYX2_VERSION,
-                actual - user_header,
+                actual as isize - user_header as isize,
                 payload - user_header
             )));
         }
