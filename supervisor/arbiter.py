@@ -54,6 +54,7 @@ from .doorbells import RunDoorbells
 from .gateway import Gateway
 from .launch import Launcher, imported_modules, make_launcher
 from .tracebacks import forget_locals
+from .logring import logs_request_error
 from .logs import LogSink
 from .process import WorkerProcess
 from .protocol import (
@@ -649,7 +650,9 @@ class Arbiter:
             return {"ok": True}
         if cmd == "restart":
             node = req.get("node")
-            w = self.workers.get(node) if isinstance(node, str) else None
+            if not isinstance(node, str):
+                return {"ok": False, "error": f"restart: 'node' must be the name of a node of {self.name!r} (a string), got {node!r}"}
+            w = self.workers.get(node)
             pid = w.pid if w is not None else None
             self.replace_nodes({node: None}, "restart requested over the control socket")
             return {"ok": True, "node": node, "pid": pid}
@@ -671,9 +674,10 @@ class Arbiter:
 
     def _logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """The recent lines of one node (or all), after the given cursor (see LogRing)."""
+        error = logs_request_error(req, self.name, self.workers)
+        if error is not None:
+            return {"ok": False, "error": error}
         node = req.get("node")
-        if node is not None and node not in self.workers:
-            return {"ok": False, "error": f"pipeline {self.name!r} has no node named {node!r}; its nodes: {', '.join(self.workers)}"}
         after = req.get("after") or {}
         limit = req.get("lines")
         lines: List[Dict[str, Any]] = []

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Collection, Deque, Dict, List, Optional, Tuple
 
-__all__ = ["LogRing", "RING_LINES"]
+__all__ = ["LogRing", "RING_LINES", "logs_request_error"]
 
 #: Lines kept per node.
 RING_LINES = 2000
@@ -52,3 +52,16 @@ class LogRing:
         if limit is not None and len(out) > limit:
             out = out[-limit:] if limit > 0 else []
         return out, last, lost
+
+
+def logs_request_error(req: Dict[str, Any], pipeline: str, nodes: Collection[str]) -> Optional[str]:
+    """What is wrong with a ``logs`` request of the control socket (``node``: a node's name
+    or absent, ``after``: the ``cursor`` of an earlier answer, ``lines``: how many), or None."""
+    node, after, lines = req.get("node"), req.get("after") or {}, req.get("lines")
+    if node is not None and (not isinstance(node, str) or node not in nodes):
+        return f"pipeline {pipeline!r} has no node named {node!r}; its nodes: {', '.join(nodes)}"
+    if not isinstance(after, dict) or not all(type(v) is int for v in after.values()):
+        return f"logs: 'after' must be the 'cursor' of an earlier answer (node name -> line number), got {after!r}"
+    if lines is not None and type(lines) is not int:
+        return f"logs: 'lines' must be a whole number of lines, got {lines!r}"
+    return None

@@ -387,6 +387,36 @@ def test_second_user_cannot_connect(tmp_path_factory, monkeypatch):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_control_socket_answers_malformed_requests_with_what_is_wrong(runtime_dir):
+    # Requests are JSON from anyone scripting against the socket, not only from the CLI: each
+    # wrong one gets an answer saying what is wrong, and the supervisor runs on.
+    sup = Supervisor([PassThroughNode(name="src"), PassThroughNode(name="p")], name="ctlbad").start()
+    try:
+        ((_, path, _),) = find_endpoints("ctlbad")
+        for req, error in [
+            ({"cmd": "restart", "node": ["p"]}, "'node' must be the name of a node of 'ctlbad'"),
+            ({"cmd": "restart"}, "'node' must be the name"),
+            ({"cmd": "restart", "node": "nope"}, "has no node named 'nope'; its nodes: src, p"),
+            ({"cmd": "logs", "node": ["p"]}, "has no node named ['p']"),
+            ({"cmd": "logs", "after": [1]}, "'after' must be the 'cursor' of an earlier answer"),
+            ({"cmd": "logs", "after": {"p": "x"}}, "'after' must be the 'cursor'"),
+            ({"cmd": "logs", "lines": "5"}, "'lines' must be a whole number of lines, got '5'"),
+            ({"cmd": "bogus"}, "unknown command 'bogus'"),
+            ([1, 2], "request must be a JSON object"),
+        ]:
+            resp = request(path, req)
+            assert resp["ok"] is False and error in resp["error"], (req, resp)
+        with socket.socket(socket.AF_UNIX) as s:  # (not JSON at all)
+            s.connect(path)
+            s.sendall(b"status please\n")
+            assert b"JSONDecodeError" in s.recv(4096)
+        assert request(path, {"cmd": "logs", "node": "p", "after": {"p": 0}, "lines": 5})["ok"]
+        assert request(path, {"cmd": "status"})["ok"] and sup.running
+    finally:
+        sup.close()
+        sup.join()
+
+
 # --------------------------------------------------------------------------- metrics, logs, progress
 
 

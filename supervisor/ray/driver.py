@@ -38,6 +38,7 @@ from remotemedia.node import Source
 
 from ..channels import split_frame
 from ..control import ControlServer
+from ..logring import logs_request_error
 from ..core import Progress, RunReport, Supervisor, _encode_input, _Outputs
 from ..systemd import SystemdNotifier
 from .agent import (
@@ -908,9 +909,10 @@ class RaySupervisor(Supervisor):
 
     def _logs(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """Every host's recent lines of its nodes, merged by time (each line says its host)."""
+        error = logs_request_error(req, self.name, self.pipeline.order)
+        if error is not None:
+            return {"ok": False, "error": error}
         node = req.get("node")
-        if node is not None and node not in self.pipeline.order:
-            return {"ok": False, "error": f"pipeline {self.name!r} has no node named {node!r}; its nodes: {', '.join(self.pipeline.order)}"}
         after = req.get("after") or {}
         calls = []
         answers = []
