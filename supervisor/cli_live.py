@@ -128,7 +128,8 @@ def reload(name: str, timeout: float) -> None:
 def _format_line(e: Dict[str, Any]) -> str:
     ts = e.get("ts")
     when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}" if isinstance(ts, (int, float)) else "--:--:--"
-    return f"{when} {e.get('level', 'INFO'):<7} [{e.get('node')} {e.get('pid')}] {e.get('msg', '')}"
+    host = f" on {e['host']}" if e.get("host") else ""  # (backend ray: the host it ran on)
+    return f"{when} {e.get('level', 'INFO'):<7} [{e.get('node')} {e.get('pid')}{host}] {e.get('msg', '')}"
 
 
 @main.command()

@@ -329,6 +329,9 @@ import time
 from remotemedia import Node, Pipeline, Source
 
 class Ticks(Source):
+    def initialize(self):
+        print("ticks ready", flush=True)
+
     def generate(self):
         i = 0
         while True:
@@ -337,6 +340,9 @@ class Ticks(Source):
             i += 1
 
 class Double(Node):
+    def initialize(self):
+        print("double ready", flush=True)
+
     def process(self, x):
         return 2 * x
 
@@ -372,6 +378,12 @@ def test_the_cli_runs_across_hosts_shows_the_hosts_and_stop_drains(cluster, tmp_
         rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
         assert table.splitlines()[1].split()[:3] == ["node", "host", "state"]
         assert rows["ticks"][1:3] == ["gpu", "RUNNING"] and rows["double"][1:3] == ["(driver)", "RUNNING"]
+        # logs: every host's lines, merged, each with its host
+        got = subprocess.run(cli + ["logs", "across", "--json"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        said = {(e["node"], e["host"], e["msg"]) for e in map(json.loads, got.splitlines())}
+        assert {("ticks", "gpu", "ticks ready"), ("double", "(driver)", "double ready")} <= said, said
+        text = subprocess.run(cli + ["logs", "across", "--node", "ticks"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        assert " on gpu] ticks ready" in text and "double" not in text, text
         stop = subprocess.run(cli + ["stop", "across"], capture_output=True, text=True, cwd=ROOT, timeout=180)
         assert stop.returncode == 0, stop.stderr
         out, err = proc.communicate(timeout=180)
