@@ -176,6 +176,9 @@ class RunConfig:
     start_method: str = DEFAULTS.start_method
     #: Makes the caller's end of the edges (default: :class:`Gateway`); same arguments.
     gateway_factory: Optional[Callable[..., Gateway]] = None
+    #: Whether the run tells systemd ($NOTIFY_SOCKET) about itself: not a host's part of a
+    #: run across hosts, whose driver speaks for every host.
+    systemd: bool = True
 
 
 @dataclass
@@ -246,7 +249,7 @@ class Arbiter:
         self.on_reload: Optional[Callable[[], "Future[List[str]]"]] = None
         self._control: Optional[ControlServer] = None
         self._metrics_server: Any = None
-        self._notifier = SystemdNotifier()
+        self._notifier = SystemdNotifier() if config.systemd else SystemdNotifier(env={})
         self._next_status = 0.0
         self._next_watchdog = 0.0
         self._next_sample = 0.0

@@ -316,6 +316,7 @@ class Supervisor:
         # (the Ray backend's host agent: its gateway, and where its nodes resume)
         self._gateway_factory: Optional[Callable[..., Gateway]] = None
         self._resume: Dict[str, Any] = {}  # node -> RestoreState its first worker starts from
+        self._speaks_to_systemd = True  # (not a host's part: its Ray driver speaks for every host)
 
     # ================================================================== options
 
@@ -362,6 +363,7 @@ class Supervisor:
             metrics_host=self.metrics_host,
             start_method=self.start_method,
             gateway_factory=self._gateway_factory,
+            systemd=self._speaks_to_systemd,
         )
         arbiter = Arbiter(config, edges, nodes, self.status)
         for node_name, restore in self._resume.items():

@@ -29,17 +29,26 @@ __all__ = ["SystemdNotifier", "render_unit", "unit_name"]
 
 
 class SystemdNotifier:
-    """Sends sd_notify messages when run under systemd (``$NOTIFY_SOCKET`` set)."""
+    """Sends sd_notify messages when run under systemd (``$NOTIFY_SOCKET`` set), never
+    blocking the loop that calls it: when the socket's queue is full (systemd is not reading,
+    or the socket is not systemd's), a state change (``READY=1``, ``STOPPING=1``) is held and
+    sent first by the next call that gets through; ``WATCHDOG=1`` and ``STATUS=`` are dropped
+    (the next ones say as much)."""
+
+    #: Fields whose message may be dropped when systemd's queue is full.
+    DROPPABLE = ("WATCHDOG=", "STATUS=")
 
     def __init__(self, env: Optional[dict] = None) -> None:
         env = os.environ if env is None else env
         path = env.get("NOTIFY_SOCKET") or ""
         self.address: Optional[str] = None
         self.sock: Optional[socket.socket] = None
+        self._held: List[bytes] = []
+        self._full = False  # (the last send found the queue full)
         if path:
             # "@name" is an abstract socket
             self.address = "\0" + path[1:] if path.startswith("@") else path
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         usec = env.get("WATCHDOG_USEC")
         wd_pid = env.get("WATCHDOG_PID")
         self.watchdog_interval: Optional[float] = None
@@ -54,12 +63,27 @@ class SystemdNotifier:
         return self.sock is not None
 
     def notify(self, *fields: str) -> bool:
+        """Sends ``fields`` as one message; False when it did not go now (see the class)."""
         if self.sock is None or self.address is None:
             return False
-        try:
-            self.sock.sendto("\n".join(fields).encode(), self.address)
+        while self._held and self._send(self._held[0]):
+            self._held.pop(0)
+        msg = "\n".join(fields).encode()
+        if not self._held and self._send(msg):
             return True
-        except OSError:
+        if self._full and not all(f.startswith(self.DROPPABLE) for f in fields):
+            self._held.append(msg)  # (after what is held: systemd sees them in order)
+        return False
+
+    def _send(self, msg: bytes) -> bool:
+        self._full = False
+        try:
+            self.sock.sendto(msg, self.address)  # type: ignore[union-attr]
+            return True
+        except BlockingIOError:  # (the queue is full)
+            self._full = True
+            return False
+        except OSError:  # (no systemd there: nothing to wait for)
             return False
 
     def close(self) -> None:

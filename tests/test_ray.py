@@ -415,3 +415,53 @@ def test_a_host_silent_for_host_timeout_gets_its_agent_restarted(cluster):
     assert stopped
     assert got == [(i + 1, i + 1) for i in range(200)]
     assert sup.hosts()["gpu"]["incarnation"] == 2 and sup.status()["hosts"]["gpu"]["lost_kills"] >= 1
+
+
+def test_systemd_hears_the_driver_alone(cluster, tmp_path, monkeypatch):
+    """Under systemd the driver speaks for every host: one READY=1, and no WATCHDOG=1 while a
+    host is silent, also from the local Supervisor of the driver's own host part (same pid:
+    systemd's NotifyAccess=main takes its messages too)."""
+    import socket
+
+    sock_path = str(tmp_path / "notify.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # (WATCHDOG=1 every 0.2 s while healthy)
+    msgs: List[Any] = []
+    done = threading.Event()
+
+    def listen() -> None:  # (as systemd does, all along)
+        while not done.is_set():
+            try:
+                msgs.append((time.monotonic(), srv.recv(4096).decode()))
+            except socket.timeout:
+                pass
+
+    def dogs() -> List[float]:
+        return [t for t, m in list(msgs) if "WATCHDOG=1" in m]
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    sup = Supervisor(_hop_pipeline(), backend="ray", name="sd-ray", host_timeout=60.0)
+    pid = None
+    try:
+        with sup:
+            wait_for(lambda: sup.hosts()["gpu"].get("agent_pid"), 120, "the agent's status")
+            assert _stream(sup, 20) == [(i + 1, i + 1) for i in range(20)]
+            wait_for(lambda: len(dogs()) >= 3, 30, "WATCHDOG=1 while every host answers")
+            pid = sup.hosts()["gpu"]["agent_pid"]
+            os.kill(pid, signal.SIGSTOP)  # (silent, not dead: host_timeout is far away)
+            # the driver withholds WATCHDOG=1 once the host missed a few status rounds (~2 s)
+            wait_for(lambda: time.monotonic() - max(dogs()) > 2.0, 30, f"WATCHDOG=1 to stop while host gpu is silent ({len(dogs())} so far)")
+            os.kill(pid, signal.SIGCONT)
+            pid = None
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        done.set()
+        listener.join(5)
+        srv.close()
+    texts = [m for _, m in msgs]
+    assert sum("READY=1" in m for m in texts) == 1, texts  # (the driver's, once every host runs)

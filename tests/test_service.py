@@ -91,6 +91,36 @@ def test_notifier_disabled_without_socket():
 
 
 @pytest.mark.slow
+def test_notify_never_blocks_when_systemd_does_not_read(tmp_path):
+    # A notify socket whose queue is full (systemd busy, or a socket nobody reads) must not
+    # stall the loop that supervises the pipeline: watchdog and status messages are dropped,
+    # a state change is held and goes first once the socket takes messages again.
+    path = str(tmp_path / "notify.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+    n = SystemdNotifier(env={"NOTIFY_SOCKET": path})
+    results: list = []
+    t = threading.Thread(target=lambda: results.extend(n.notify("WATCHDOG=1") for _ in range(5000)), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "notify() blocked on a full socket"
+    assert results[0] and not all(results)  # (the queue filled up: the rest were dropped)
+    assert n.notify("READY=1", "STATUS=up") is False  # (held)
+    assert n.notify("WATCHDOG=1") is False  # (dropped: behind what is held)
+    srv.settimeout(0.2)
+    first = []
+    while True:  # systemd reads again
+        try:
+            first.append(srv.recv(4096))
+        except socket.timeout:
+            break
+    assert first and set(first) == {b"WATCHDOG=1"}
+    assert n.notify("STOPPING=1") is True
+    assert [srv.recv(4096), srv.recv(4096)] == [b"READY=1\nSTATUS=up", b"STOPPING=1"]
+    n.close()
+    srv.close()
+
+
 def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     sock_path = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -146,6 +146,7 @@ class HostSupervisor(Supervisor):
         super().__init__(pipeline, **spec.supervisor_options)
         self._blobs = blobs
         self._gateway_factory = gateway_factory
+        self._speaks_to_systemd = False  # (the driver tells systemd about every host at once)
         self._resume = resume
 
     def _serialize_nodes(self) -> Dict[str, bytes]:
