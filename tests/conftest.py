@@ -48,6 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # a terminal: a handler here is reset to the default in each child at exec.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A run stopped with SIGTERM (a CI timeout, `timeout`) ends as an interrupted one, so that
+    # pytest_unconfigure still removes the session's directories (a killed run's shared memory
+    # would stay on the host's tmpfs).
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
