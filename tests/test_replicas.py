@@ -8,6 +8,7 @@ import collections
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -309,10 +310,20 @@ def _chaos(pipeline, victims, n, min_kills=3, max_kills=8, period=(0.05, 0.25), 
 
 
 def _unfinished(sup) -> dict:
-    """The workers of a run that has not ended, with where they are."""
+    """The workers of a run that has not ended, with where they are (and their Python stacks
+    when py-spy is installed, as in the dev extra)."""
+    import shutil
+    import subprocess
+
     st = sup.status()
     keys = ("state", "pid", "restarts", "frames_in", "frames_out", "inputs")
-    return {n: {k: w.get(k) for k in keys} for n, w in st["nodes"].items() if w.get("state") != "EXITED"}
+    out = {n: {k: w.get(k) for k in keys} for n, w in st["nodes"].items() if w.get("state") != "EXITED"}
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    for w in out.values():
+        if spy and w["pid"]:
+            r = subprocess.run([spy, "dump", "--pid", str(w["pid"])], capture_output=True, text=True, timeout=30)
+            w["stack"] = r.stdout or r.stderr
+    return out
 
 
 def _chain(replicas=2):
