@@ -169,7 +169,6 @@ def test_fatal_node_exits_1_naming_node_status_and_traceback(tmp_path):
 @pytest.mark.slow
 def test_second_sigterm_kills_immediately(tmp_path):
     import signal
-    import time
 
     path = tmp_path / "slow.py"
     path.write_text(
@@ -178,16 +177,42 @@ def test_second_sigterm_kills_immediately(tmp_path):
         "class Stuck(Node):\n    def process(self, x):\n        time.sleep(600)\n"
         "pipeline = [Forever(name='src'), Stuck(name='stuck')]\n"
     )
+    import threading
+
+    from conftest import wait_for
+    from supervisor.control import find_endpoints, request
+
     p = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "start", str(path), "--stop-timeout", "600"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(2.0)
-    p.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)  # (as it comes)
+    reader.start()
+
+    def stuck_has_a_frame() -> bool:
+        eps = [path for name, path, pid in find_endpoints("slow") if pid == p.pid]
+        if p.poll() is not None:
+            pytest.fail(f"start exited early: {''.join(lines)}")
+        try:
+            nodes = request(eps[0], {"cmd": "status"})["status"]["nodes"] if eps else {}
+            return bool(nodes) and nodes["stuck"]["state"] == "RUNNING" and nodes["src"]["frames_out"] > 0
+        except (OSError, KeyError, ValueError):
+            return False
+
     try:
-        out, err = p.communicate(timeout=120)  # generous, and far below the 600 s stop timeout
+        # (events, not a schedule: a busy host is slow to start and to react)
+        wait_for(stuck_has_a_frame, 120, "the pipeline to run with a frame in flight")
+        p.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("draining (send it again to kill)" in line for line in lines), 60, "the first SIGTERM's drain")
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)  # generous, and far below the 600 s stop timeout
     except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
         pytest.fail("the second SIGTERM did not abort: the CLI waited for the stop timeout")
-    assert p.returncode == 1 and "SIGKILL to every worker" in err and "frames in flight were lost" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        reader.join(30)
+        p.stdout.close()
+        p.stderr.close()
+    err = "".join(lines)
+    assert p.returncode == 1 and "SIGKILL to every worker" in err and "frames in flight were lost" in err, err

@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 
+from conftest import wait_for
 from remotemedia import Source, Supervisor
 from remotemedia.nodes import PassThroughNode, RangeSource
 from supervisor.control import find_endpoints, request
@@ -90,7 +91,6 @@ def test_notifier_disabled_without_socket():
     assert not n.enabled and n.notify("READY=1") is False and n.watchdog_interval is None
 
 
-@pytest.mark.slow
 def test_notify_never_blocks_when_systemd_does_not_read(tmp_path):
     # A notify socket whose queue is full (systemd busy, or a socket nobody reads) must not
     # stall the loop that supervises the pipeline: watchdog and status messages are dropped,
@@ -121,6 +121,7 @@ def test_notify_never_blocks_when_systemd_does_not_read(tmp_path):
     srv.close()
 
 
+@pytest.mark.slow
 def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     sock_path = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -485,10 +486,23 @@ def test_prometheus_endpoint(runtime_dir):
 def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="logs")
     proc = cli_proc(["start", str(script), "--quiet", "--log-format", "json", "--log-level", "INFO"])
-    time.sleep(3.0)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # (as it comes)
+    reader.start()
+    try:
+        # (the event, not a schedule: a busy host is slow to start)
+        wait_for(lambda: any('"hello from print 3"' in line for line in lines) or proc.poll() is not None, 120, "print 3")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(30)
+        proc.stdout.close()
+        proc.stderr.close()
+    err = "".join(lines)
+    assert proc.returncode == 0, err
     records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
     work = [r for r in records if r.get("node") == "work"]
     assert any(r["msg"] == "hello from print 3" and r["logger"] == "stdout" for r in work)
