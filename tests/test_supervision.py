@@ -422,7 +422,12 @@ def test_stop_method_drains_cleanly():
 
     sup = Supervisor([Endless(name="endless"), PassThroughNode(name="p")])
     got = []
-    threading.Timer(1.0, sup.stop).start()
-    report = sup.run(on_output=lambda v, i: got.append(v))
+
+    def on_output(v, info):
+        got.append(v)
+        if len(got) == 51:  # (an event, not a time: a busy host is slow to start)
+            threading.Thread(target=sup.stop).start()
+
+    report = sup.run(on_output=on_output)
     assert report.stopped and len(got) > 50 and got == list(range(len(got)))
     assert all(s["state"] == "EXITED" for s in report.nodes.values())
