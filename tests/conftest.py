@@ -21,8 +21,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from typing import Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 
 import psutil
 import pytest
@@ -142,6 +143,21 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+class Lines(list):
+    """The lines of a child's text pipe as they come (a thread reads it to its end): for tests
+    that wait for what a process says, and so it never blocks writing to a full pipe.
+    ``text()`` once it has exited: every line, the pipe read to its end."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__()
+        self._reader = threading.Thread(target=lambda: self.extend(pipe), daemon=True)
+        self._reader.start()
+
+    def text(self, timeout: float = 30.0) -> str:
+        self._reader.join(timeout)
+        return "".join(self)
 
 
 def exit_status(proc: subprocess.Popen, timeout: float, stderr: Optional[Callable[[], str]] = None) -> int:

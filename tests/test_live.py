@@ -21,7 +21,7 @@ from remotemedia.errors import ReloadError, SupervisorError
 from remotemedia.serialization import node_fingerprint, serialize_node
 from supervisor.logring import LogRing
 
-from conftest import exit_status, wait_for
+from conftest import Lines, exit_status, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -326,10 +326,7 @@ def test_cli_restart_reload_logs_list_and_sighup(tmp_path):
             [sys.executable, "-m", "supervisor.cli", "logs", "live", "--node", "scale", "-n", "0", "-f"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(env, PYTHONFAULTHANDLER="1"),
         )  # fmt: skip
-        followed: List[str] = []
-        follower_err: List[str] = []
-        threading.Thread(target=lambda: followed.extend(follower.stdout), daemon=True).start()  # type: ignore[arg-type]
-        threading.Thread(target=lambda: follower_err.extend(follower.stderr), daemon=True).start()  # type: ignore[arg-type]
+        followed, follower_err = Lines(follower.stdout), Lines(follower.stderr)
         # -n 0 shows what comes after the follower connected, and nothing says when it has: a
         # worker restarted before that (a forked one is READY within milliseconds) is not
         # shown. Restart until one is, then the reload's worker comes after.

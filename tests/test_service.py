@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import wait_for
+from conftest import Lines, exit_status, wait_for
 from remotemedia import Source, Supervisor
 from remotemedia.nodes import PassThroughNode, RangeSource
 from supervisor.control import find_endpoints, request
@@ -486,22 +486,17 @@ def test_prometheus_endpoint(runtime_dir):
 def test_json_logs_parse_with_node_and_pid(tmp_path, runtime_dir):
     script = write_ticker(tmp_path, name="logs")
     proc = cli_proc(["start", str(script), "--quiet", "--log-format", "json", "--log-level", "INFO"])
-    lines: list = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # (as it comes)
-    reader.start()
+    lines = Lines(proc.stderr)
     try:
         # (the event, not a schedule: a busy host is slow to start)
         wait_for(lambda: any('"hello from print 3"' in line for line in lines) or proc.poll() is not None, 120, "print 3")
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        exit_status(proc, 60, stderr=lambda: "".join(lines))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        reader.join(30)
-        proc.stdout.close()
-        proc.stderr.close()
-    err = "".join(lines)
+    err = lines.text()
     assert proc.returncode == 0, err
     records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
     work = [r for r in records if r.get("node") == "work"]
