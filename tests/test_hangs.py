@@ -122,6 +122,58 @@ def test_heartbeat_kill_after_final_commit_ends_the_stream():
     assert node["exit_status"] == -signal.SIGKILL
 
 
+class DiesBeforeFinalCommit(Node):
+    """Passes frames through; in the worker, its first incarnation is SIGKILLed at the last
+    moment before its final commit (its own end committed downstream, its inputs' ends not
+    yet reported): where a chaos test's SIGKILL once landed under load."""
+
+    def __init__(self, marker: str, **kw):
+        super().__init__(**kw)
+        self.marker = marker
+        self.n = 0
+
+    def initialize(self):
+        from supervisor.worker.ledger import Ledger  # (the worker's own: this test reaches inside)
+
+        once, flush = OnceFile(self.marker), Ledger.flush
+
+        def flush_or_die(ledger, final=False):
+            if final and once.first():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return flush(ledger, final)
+
+        Ledger.flush = flush_or_die
+
+    def process(self, x):
+        self.n += 1
+        return x
+
+
+
+class DiesBeforeFinalCommitWithSnapshots(DiesBeforeFinalCommit):
+    """The same, committing with snapshots (by message, not in the status block)."""
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, n):
+        self.n = n
+
+
+@pytest.mark.parametrize("snapshots", [False, True], ids=["commits-in-status-block", "commits-with-snapshots"])
+@pytest.mark.parametrize("upstream", ["caller", "worker"])
+def test_killed_just_before_the_final_commit_is_restarted_and_ends(upstream, snapshots, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="remotemedia.supervisor")
+    cls = DiesBeforeFinalCommitWithSnapshots if snapshots else DiesBeforeFinalCommit
+    dies = cls(str(tmp_path / "killed"), name="dies")
+    nodes = [dies] if upstream == "caller" else [PassThroughNode(name="up"), dies]
+    sup = Supervisor(nodes, backoff_base=0.01)
+    report = run_bounded(sup, range(40))
+    assert report.outputs == list(range(40))
+    assert os.path.exists(tmp_path / "killed")
+    assert report.nodes["dies"]["restarts"] == 1 and report.nodes["dies"]["state"] == "EXITED"
+
+
 # --------------------------------------------------------------------------- 8: crash while another node initializes
 
 

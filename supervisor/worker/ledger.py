@@ -242,6 +242,17 @@ class Ledger:
             if p.dup_pending:
                 p.ack(self.processed[i] + 1, self.reported[i] + 1)
 
+    def final(self, ends: Dict[int, int]) -> None:
+        """The final commit, once every output (its end of stream included) is committed
+        downstream and no marker is pending: everything processed, and the end of stream of
+        each input that ended (``ends``: edge -> the seq of its end). Only this commit covers
+        those ends: see Runner.finish."""
+        self.processed.update(ends)
+        self.committed = dict(self.processed)
+        self.committed_position = self.source_position
+        self.commit_out_next = self.out_next()
+        self.flush(final=True)
+
     def flush(self, final: bool = False) -> None:
         """Report the commit to the supervisor (if it moved, or ``final``), then ack upstream."""
         if self.commit_dirty or final:
@@ -252,12 +263,6 @@ class Ledger:
             # by message when it must act on it (the final commit, relayed upstream).
             board = self.board
             via_board = board is not None and self.snapshot_interval is None
-            if via_board:
-                committed, out_next = self.committed, self.commit_out_next
-                board.write_commit(
-                    self.committed_position,
-                    [committed[i] for i in self._in_ids] + [out_next[i] for i in self._out_ids],
-                )
             if final or not via_board:
                 self.chan.send(
                     Commit(
@@ -267,6 +272,14 @@ class Ledger:
                         snapshot=snap,
                         final=final,
                     )
+                )
+            # (the final commit's message goes first: a status block that showed the inputs'
+            # ends without it would restart a worker killed in between, to wait for them)
+            if via_board:
+                committed, out_next = self.committed, self.commit_out_next
+                board.write_commit(
+                    self.committed_position,
+                    [committed[i] for i in self._in_ids] + [out_next[i] for i in self._out_ids],
                 )
             self.reported = self.committed
             if self.order_cap:

@@ -674,11 +674,6 @@ class Runner:
                     break
                 self.wait(0.05)
             port.send(KIND_EOS, b"", [], self.emitter.origin, 0, 0)
-        # The end of the inputs is committed only once our own end is committed downstream:
-        # a restart after this point must still see the end of its inputs.
-        for p in self.inputs:
-            if p.eos_seq is not None:
-                self.processed[p.spec.index] = p.eos_seq
         ledger = self.ledger
         ledger.mark(force_snapshot=True)
         while True:
@@ -687,7 +682,11 @@ class Runner:
             if all(p.fully_acked for p in self.outputs) and not ledger.markers:
                 break
             self.wait(0.1)
-        ledger.flush(final=True)
+        # Our own end is committed downstream: the final commit, and only it, commits the
+        # end of the inputs. Had an earlier commit done so, upstream would forget its end of
+        # stream (and a worker upstream exit), and this worker, killed before its final
+        # commit, would be restarted to wait for an end of stream nobody sends again.
+        ledger.final({p.spec.index: p.eos_seq for p in self.inputs if p.eos_seq is not None})
 
     def hand_over(self) -> None:
         """Handover (a restart or a reload replaces this worker): at a frame boundary, take
