@@ -7,6 +7,7 @@ workers, never as a suite that hangs.
 from __future__ import annotations
 
 import json
+import random
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import psutil
 import pytest
 
 from remotemedia import Node, Pipeline, Source, Supervisor
-from remotemedia.errors import FrameSerializationError, SerializationError, SupervisorError
+from remotemedia.errors import EndOfStream, FrameSerializationError, SerializationError, SupervisorError
 from remotemedia.nodes import PassThroughNode
 from supervisor import resources
 from supervisor.arbiter import Arbiter
@@ -172,6 +173,170 @@ def test_killed_just_before_the_final_commit_is_restarted_and_ends(upstream, sna
     assert report.outputs == list(range(40))
     assert os.path.exists(tmp_path / "killed")
     assert report.nodes["dies"]["restarts"] == 1 and report.nodes["dies"]["state"] == "EXITED"
+
+
+class Counted(Node):
+    """``(n, x)``: ``n`` counts the frames this node consumed (kept across restarts by
+    snapshots): every count once means it consumed every frame once."""
+
+    def initialize(self):
+        self.n = 0
+
+    def process(self, x):
+        self.n += 1
+        return (self.n - 1, x)
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, n):
+        self.n = n
+
+
+class FromWhere(Node):
+    """``(upstream node, x)``."""
+
+    def process(self, x):
+        return (self.current_frame.source, x)
+
+
+class Sleepy(Node):
+    def process(self, x):
+        time.sleep(0.0003)
+        return x
+
+
+def _end_topology(name: str, n: int):
+    """``(pipeline, victims, the outputs' keys expected)``."""
+    if name == "chain":
+        return Pipeline([PassThroughNode(name="a"), Sleepy(name="b"), Counted(name="c")]), ["a", "b", "c"], list(range(n))
+    if name == "fan-in":
+        p = Pipeline([Sleepy(name="b"), PassThroughNode(name="c"), FromWhere(name="d")], connections=[("b", "d"), ("c", "d")])
+        return p, ["b", "c", "d"], [(s, x) for s in ("b", "c") for x in range(n)]
+    if name == "diamond":  # a worker's outputs meet again: a -> b -> d, a -> c -> d
+        p = Pipeline(
+            [PassThroughNode(name="a"), Sleepy(name="b"), PassThroughNode(name="c"), FromWhere(name="d")],
+            connections=[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+        )
+        return p, ["a", "b", "c", "d"], [(s, x) for s in ("b", "c") for x in range(n)]
+    p = Pipeline([PassThroughNode(name="u"), Sleepy(name="x", options={"replicas": 2}), Counted(name="d")])
+    return p, ["u", "x[0]", "x[1]", "d"], list(range(n))
+
+
+class MarksItsEnd(Node):
+    """Passes frames through; its flush() (it has taken its end of stream) creates a file."""
+
+    def __init__(self, marker: str, **kw):
+        super().__init__(**kw)
+        self.marker = marker
+
+    def process(self, x):
+        return x
+
+    def flush(self):
+        open(self.marker, "a").close()
+
+
+class SlowSleepy(Node):
+    def process(self, x):
+        time.sleep(0.01)
+        return x
+
+
+def test_producer_restarted_after_one_consumer_ended_feeds_the_other(tmp_path):
+    # a -> b (slow) -> d, a -> c (fast) -> d; d commits only with rare snapshots, so every
+    # commit lags far behind. c ends; then b and a die. b's replacement needs its frames
+    # again, from a's replacement, which regenerates them from its old commit, sending c
+    # every frame again on the way. c must drop and answer those duplicates after its end,
+    # or a stops at a full window toward c, b never gets its frames, d never ends, nor c.
+    marker = tmp_path / "c-ended"
+    p = Pipeline(
+        [PassThroughNode(name="a"), SlowSleepy(name="b"), MarksItsEnd(str(marker), name="c"),
+         Counted(name="d", options={"snapshot_interval": 60.0})],
+        connections=[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+    )
+    sup = Supervisor(p, backoff_base=0.01)
+    sup.start()
+    try:
+        for x in range(300):
+            sup.send(x)
+        sup.close()
+        wait_for(marker.exists, 60, "c to take its end of stream")
+        pids = sup.worker_pids()
+        for victim in ("b", "a"):
+            os.kill(pids[victim], signal.SIGKILL)
+        got = []
+        deadline = time.monotonic() + 120
+        try:
+            while True:
+                got.append(sup.recv(timeout=max(0.1, deadline - time.monotonic())))
+        except EndOfStream:
+            pass
+        except TimeoutError:
+            pytest.fail(f"stalled after {len(got)} outputs: {sup.states()}")
+        assert sup.join(60), sup.states()
+    finally:
+        sup.kill()
+        sup.join(30)
+    assert sorted(o[1] for o in got) == sorted(list(range(300)) * 2)
+    assert sorted(o[0] for o in got) == list(range(600))
+    assert all(sup.status()["nodes"][v]["restarts"] == 1 for v in ("a", "b"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["chain", "fan-in", "diamond", "replicas"])
+def test_sigkills_around_the_end_of_the_stream_lose_nothing_and_end(topology):
+    # Kills land where workers finish: sending their end of stream, waiting for its commit,
+    # committing their inputs' ends, exiting. Every run must end, with every output once.
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "77")))
+    n = 300
+    for trial in range(4):
+        pipeline, victims, expected = _end_topology(topology, n)
+        sup = Supervisor(pipeline, max_restarts=10_000, backoff_base=0.01, backoff_max=0.05)
+        sup.start()
+        got: list = []
+        start_killing = len(expected) - rng.randint(0, 40)
+        kills = [(rng.uniform(0, 0.08), rng.choice(victims)) for _ in range(rng.randint(1, 3))]
+
+        def killer() -> None:
+            while sup.running and len(got) < start_killing:
+                time.sleep(0.001)
+            for pause, victim in kills:
+                time.sleep(pause)
+                pid = sup.worker_pids().get(victim)
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        def feed() -> None:
+            for x in range(n):
+                sup.send(x)
+            sup.close()
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feed, killer)]
+        for t in threads:
+            t.start()
+        what = f"trial {trial} (kills {kills} from output {start_killing})"
+        try:
+            deadline = time.monotonic() + 120  # (generous: a busy host restarts slowly)
+            while True:
+                got.append(sup.recv(timeout=max(0.1, deadline - time.monotonic())))
+        except EndOfStream:
+            for t in threads:
+                t.join(30)
+            assert sup.join(60), f"{what} did not end after its last output: {sup.states()}"
+        except TimeoutError:
+            pytest.fail(f"{what} stalled after {len(got)} outputs: {sup.states()}")
+        finally:
+            sup.kill()
+            sup.join(30)
+        tagged = topology in ("fan-in", "diamond")
+        keys = [tuple(o) for o in got] if tagged else [o[1] for o in got]
+        assert sorted(keys) == sorted(expected), f"{what}: outputs lost or duplicated"
+        if not tagged:
+            assert sorted(o[0] for o in got) == list(range(n)), f"trial {trial}: a frame consumed twice or never"
 
 
 # --------------------------------------------------------------------------- 8: crash while another node initializes

@@ -247,6 +247,9 @@ class Runner:
                 progress = True
             if p.undelivered is not None:
                 p.resend_due()
+        for p in self.inputs:
+            if p.eos:
+                self._drop_after_end(p)
         self.ledger.tick(progress, now)
         for p in self.inputs:
             if p.gap_since is not None:
@@ -342,6 +345,17 @@ class Runner:
             self._mark()
         self._advance()  # (the bridge took the acks: commits from downstream among them)
         return True
+
+    @staticmethod
+    def _drop_after_end(port: InPort) -> None:
+        """Read what arrives on an input after its end of stream: a restarted producer sends
+        again what it sent after its commit, and those duplicates must be dropped and answered
+        (the ack ``ledger.tick`` sends), or its window fills with them and it stops, with
+        frames for its other consumers behind them; on a diamond or toward replicas those are
+        what this worker's own end waits for. (Nothing past the end is ever taken: it could
+        only come from a node that emitted more after its restart than before.)"""
+        while port.receive() is not None:
+            pass
 
     def wait(self, timeout: float) -> None:
         timeout = self._timeout(timeout)
