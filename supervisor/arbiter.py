@@ -230,6 +230,7 @@ class Arbiter:
         self.ended_at: Optional[float] = None
         self._inputs_closed = False
         self._stop_deadline: Optional[float] = None
+        self._uncleanable_nodes = 0  # dead iceoryx2 nodes that failed to clean up (warned once each)
         self._cmds: "queue.SimpleQueue[Command]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -565,10 +566,15 @@ class Arbiter:
                 # bounded: every iceoryx2 storage of the run is file based, and opening one that
                 # is not (or no longer) initialized gives up after iceoryx2's creation_timeout
                 _cleaned, failed = self._iox.cleanup_dead_nodes()
-                if failed:
+                if failed > self._uncleanable_nodes:
+                    # Seen when a worker is SIGKILLed while it exits (iceoryx2 removing its
+                    # node): such a node fails again at every later reap, so say it once.
                     log.warning(
-                        "could not clean up %d dead iceoryx2 node(s) of run %s (a corrupt file?)", failed, self.config.run_id
+                        "%d dead iceoryx2 node(s) of run %s could not be cleaned up (seen when a worker is killed "
+                        "while it exits); their files are removed with the run's directory when the run ends",
+                        failed, self.config.run_id,
                     )
+                self._uncleanable_nodes = max(self._uncleanable_nodes, failed)
             except Exception as e:  # pragma: no cover - cleanup must not kill the arbiter
                 log.warning("dead-node cleanup failed: %s", e)
             w.finish(rc)
