@@ -352,8 +352,8 @@ class Runner:
         again what it sent after its commit, and those duplicates must be dropped and answered
         (the ack ``ledger.tick`` sends), or its window fills with them and it stops, with
         frames for its other consumers behind them; on a diamond or toward replicas those are
-        what this worker's own end waits for. (Nothing past the end is ever taken: it could
-        only come from a node that emitted more after its restart than before.)"""
+        what this worker's own end waits for. (A frame past the end, which only a node that
+        emits more after its restart than before could send, is dropped too.)"""
         while port.receive() is not None:
             pass
 
